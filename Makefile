@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh clone: each creates .venv when missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned to the release on this machine's disk (CPU and CUDA alike).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test setup setup-dev bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[report,data]'
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
+
+demo: setup
+	$(BIN)/medtune run configs/demo.yaml
+	$(BIN)/medtune results --store results/demo.sqlite
+
+test: setup-dev
+	$(BIN)/python -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,3 @@
+from medtune.cli import app
+
+app()

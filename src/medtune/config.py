@@ -1,0 +1,257 @@
+"""The experiment file: one YAML -> validated pydantic models, with errors that name the key.
+
+Unknown keys are errors (a typo must not silently fall back to a default). `--set a.b=value`
+overrides are applied to the raw YAML before validation, so they get the same checks.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medtune.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(Strict):
+    """A data set. `source: auto` infers folder / manifest (.csv) / npz from `path`."""
+
+    name: str | None = None
+    source: Literal["auto", "folder", "manifest", "npz", "synthetic", "dicom", "medmnist"] = "auto"
+    path: str | None = None
+    group_pattern: str | None = Field(None, description="regex whose first group reads a patient id from file names")
+    positive: str | None = Field(None, description="positive class for sensitivity/specificity/PPV/NPV")
+    duplicates: Literal["group", "error", "drop"] = "group"
+    options: dict[str, Any] = Field(default_factory=dict, description="loader-specific options (e.g. synthetic sizes)")
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "DatasetConfig":
+        if self.source not in ("synthetic", "medmnist") and not self.path:
+            raise ValueError(f"data set {self.name or ''!r} needs `path` (a folder, a .csv manifest or a .npz file)")
+        return self
+
+    def display_name(self) -> str:
+        return self.name or (Path(self.path).name if self.path else self.source)
+
+
+class BackboneConfig(Strict):
+    name: str
+    pretrained: bool = True
+    checkpoint: str | None = None
+    image_size: int | None = Field(None, ge=16, le=1024, description="default: the weights' own input size")
+
+
+class StrategyConfig(Strict):
+    """A strategy and its hyperparameters; a list value sweeps (`blocks: [1, 2, 3]`)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AugmentConfig(Strict):
+    hflip: bool = True
+    vflip: bool = False
+    degrees: float = Field(10.0, ge=0, le=180)
+    translate: float = Field(0.05, ge=0, le=0.5)
+    scale: float = Field(0.1, ge=0, le=0.9)
+    brightness: float = Field(0.1, ge=0, le=1)
+    contrast: float = Field(0.1, ge=0, le=1)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    patience: int = Field(5, ge=1)
+    val_fraction: float = Field(0.15, ge=0, lt=0.5)
+    class_weighted: bool = False
+    balanced_sampler: bool = False
+    views: int = Field(4, ge=1, description="augmented views per image in the frozen-prefix cache")
+    cache: bool = True
+    amp: Literal["auto", "on", "off"] = "auto"
+    channels_last: bool = True
+    train_bn: bool = False
+    grad_clip: float = Field(5.0, ge=0)
+    augment: AugmentConfig = AugmentConfig()
+
+
+class ExperimentConfig(Strict):
+    name: str = "experiment"
+    datasets: list[DatasetConfig]
+    backbones: list[BackboneConfig]
+    strategies: list[StrategyConfig]
+    heads: list[Literal["softmax", "svm"]] = ["softmax"]
+    folds: int = Field(5, ge=2, le=20)
+    seeds: list[int] = [0]
+    train: TrainConfig = TrainConfig()
+    store: str = "results/medtune.sqlite"
+    device: str = "auto"
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    gpus_per_cell: float = Field(0, ge=0)
+    cpus_per_cell: float = Field(1, gt=0)
+    max_retries: int = Field(2, ge=0)
+
+    @field_validator("backbones", mode="before")
+    @classmethod
+    def _backbone_names(cls, v: Any) -> Any:
+        return [{"name": b} if isinstance(b, str) else b for b in v] if isinstance(v, list) else v
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _strategy_specs(cls, v: Any) -> Any:
+        """`full_ft` or `{name: partial_ft, blocks: 2}` -> {name, params}."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for s in v:
+            if isinstance(s, str):
+                out.append({"name": s})
+            elif isinstance(s, dict) and "params" not in s:
+                out.append({"name": s.get("name"), "params": {k: x for k, x in s.items() if k != "name"}})
+            else:
+                out.append(s)
+        return out
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1])
+            model = _model_at(err["loc"][:-1])
+            close = difflib.get_close_matches(key, list(model.model_fields), n=1) if model else []
+            msg = f"unknown key{f' (did you mean {close[0]!r}?)' if close else ''}"
+            if model:
+                msg += f"; allowed here: {', '.join(model.model_fields)}"
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return f"{source}: invalid configuration:\n" + "\n".join(lines)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def parse_override(raw: dict, assignment: str) -> dict:
+    """Apply `a.b.0.c=value` (value parsed as YAML) to the raw config; unknown paths are errors
+    at validation time, list indices out of range are errors here."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. train.epochs=3")
+    path, value = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({exc})") from exc
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} has {len(node)} entries; {key!r} is not an index")
+            node = node[int(key)]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} is a value, not a section")
+            node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {path}: index {last!r} is out of range")
+        node[int(last)] = parsed
+    elif isinstance(node, dict):
+        node[last] = parsed
+    else:
+        raise ConfigError(f"--set {path}: {'.'.join(keys[:-1])} is a value, not a section")
+    return raw
+
+
+def normalise_raw(raw: dict) -> dict:
+    """Short forms to long ones before overrides, so `--set strategies.1.blocks=3` and
+    `--set backbones.0.name=resnet50` work on `- partial_ft` / `- efficientnet_lite0` entries."""
+    raw = dict(raw)
+    if isinstance(raw.get("backbones"), list):
+        raw["backbones"] = [{"name": b} if isinstance(b, str) else b for b in raw["backbones"]]
+    if isinstance(raw.get("strategies"), list):
+        raw["strategies"] = [{"name": s} if isinstance(s, str) else s for s in raw["strategies"]]
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> ExperimentConfig:
+    source = str(path) if path else "config"
+    if raw is None:
+        p = Path(path)  # type: ignore[arg-type]
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc}).") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (datasets, backbones, strategies, ...).")
+    raw = normalise_raw(raw)
+    for o in overrides or []:
+        raw = parse_override(raw, o)
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+    _check_names(cfg, source)
+    return cfg
+
+
+def _check_names(cfg: ExperimentConfig, source: str) -> None:
+    """Strategy and backbone names are checked here, before any data is loaded."""
+    from medtune.backbones import check_name
+    from medtune.strategies import create_strategy
+
+    for s in cfg.strategies:
+        for params in expand_params(s.params):
+            create_strategy(s.name, **params)
+    for b in cfg.backbones:
+        check_name(b.name)
+    names = [d.display_name() for d in cfg.datasets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: data set names must be unique; got {names}. Give each a `name`.")
+
+
+def expand_params(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """{blocks: [1, 2], decay: 0.5} -> [{blocks: 1, decay: 0.5}, {blocks: 2, decay: 0.5}].
+    `candidates` (auto_depth) is a list by nature and never swept."""
+    import itertools
+
+    keys = [k for k, v in params.items() if isinstance(v, list) and k != "candidates"]
+    if not keys:
+        return [dict(params)]
+    combos = itertools.product(*(params[k] for k in keys))
+    return [{**params, **dict(zip(keys, c))} for c in combos]

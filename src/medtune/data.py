@@ -1,0 +1,351 @@
+"""Data sets as one in-memory table: decode and resize once, slice batches from a uint8 tensor.
+
+Every loader returns an `ImageTable`; training never touches files again. Each bad file is
+collected and reported together with what to do, so a user fixes a folder in one pass instead of
+one traceback at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from medtune.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
+# Files that commonly sit next to images and are not data; skipped with a warning.
+SIDE_FILE_SUFFIXES = {".txt", ".md", ".csv", ".json", ".xml", ".yaml", ".yml", ".db", ".ini", ".pdf"}
+DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard: larger images are refused
+MAX_LISTED = 10
+
+
+@dataclass
+class ImageTable:
+    """Images decoded once: uint8 (N, 3, H, W) plus labels, class names, paths and groups.
+
+    `groups` holds patient ids (one per image, as strings) when the source has them; `split`
+    keeps an official train/val/test split where the source defines one (MedMNIST).
+    `digests` are content hashes of the decoded pixels, used to find duplicates.
+    """
+
+    images: torch.Tensor
+    labels: np.ndarray
+    class_names: list[str]
+    paths: list[str]
+    groups: np.ndarray | None = None
+    split: np.ndarray | None = None
+    name: str = "dataset"
+    digests: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.images.shape[0] != n or len(self.paths) != n:
+            raise ValueError("images, labels and paths must have the same length")
+        if not self.digests:
+            self.digests = [pixel_digest(img) for img in self.images]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        return {c: int(k) for c, k in zip(self.class_names, counts)}
+
+    def subset(self, index: np.ndarray) -> "ImageTable":
+        index = np.asarray(index)
+        return replace(
+            self,
+            images=self.images[torch.as_tensor(index)],
+            labels=self.labels[index],
+            paths=[self.paths[i] for i in index],
+            groups=None if self.groups is None else self.groups[index],
+            split=None if self.split is None else self.split[index],
+            digests=[self.digests[i] for i in index],
+        )
+
+    def fingerprint(self) -> str:
+        """Content hash of the whole table: keys caches and goes into every cell's record."""
+        h = hashlib.sha1()
+        h.update(repr((self.class_names, tuple(self.images.shape))).encode())
+        h.update(np.ascontiguousarray(self.labels).tobytes())
+        for d in self.digests:
+            h.update(d.encode())
+        return h.hexdigest()[:16]
+
+
+def pixel_digest(image: torch.Tensor | np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(np.asarray(image)).tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- decoding
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit and float images are min-max scaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read one image file as uint8 (3, size, size). Raises DataError naming the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
+    if not data:
+        raise DataError(f"{path}: the file is empty (0 bytes). Remove it or replace it with the image.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise DataError(
+                    f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels:,} (decompression-bomb "
+                    f"guard). Downscale the image, or raise `max_pixels` for this data set if it is genuine."
+                )
+            if getattr(img, "n_frames", 1) > 1 and img.format not in ("GIF",):
+                raise DataError(f"{path}: has {img.n_frames} frames; medtune expects one 2-D image per file.")
+            img.load()
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({exc}).") from exc
+    except UnidentifiedImageError as exc:
+        raise DataError(f"{path}: not an image file PIL can read. Remove it from the data folder.") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: truncated or corrupt image ({exc}). Re-export or remove it.") from exc
+    img = to_rgb(img).resize((size, size), Image.BICUBIC)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def decode_many(paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode in threads (PIL releases the GIL); every failure is collected into one error."""
+    if not paths:
+        raise DataError("no images to load.")
+    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    errors: list[str] = []
+
+    def work(i: int) -> None:
+        try:
+            out[i] = decode_image(paths[i], size, max_pixels)
+        except DataError as exc:
+            errors.append(str(exc))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(work, range(len(paths))))
+    if errors:
+        errors.sort()
+        shown = "\n  ".join(errors[:MAX_LISTED])
+        more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+        raise DataError(f"{len(errors)} of {len(paths)} image files cannot be used:\n  {shown}{more}")
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------- loaders
+def _check_classes(class_names: list[str], labels: np.ndarray, where: str) -> None:
+    counts = np.bincount(labels, minlength=len(class_names))
+    empty = [c for c, k in zip(class_names, counts) if k == 0]
+    if empty:
+        raise DataError(f"{where}: class {', '.join(map(repr, empty))} has no images. Add images or remove the class.")
+    if len(class_names) < 2:
+        raise DataError(
+            f"{where}: only one class ({class_names[0]!r}) was found; classification needs at least two. "
+            "A folder data set needs one sub-folder per class."
+        )
+
+
+def load_folder(root: str | Path, size: int, group_pattern: str | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageTable:
+    """One sub-folder per class. `group_pattern` (a regex with one group) reads a patient id
+    from each file name, e.g. `^(P\\d+)_` for `P012_left.png`."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist. Check `path` in the config (relative paths are "
+                        "relative to the directory you run medtune from).")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder. A folder data set needs one sub-folder per class.")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root} has no class sub-folders. Put the images of each class in their own sub-folder "
+                        f"(e.g. {root}/benign/*.png, {root}/malignant/*.png).")
+    paths: list[Path] = []
+    labels: list[int] = []
+    skipped: list[str] = []
+    for label, d in enumerate(class_dirs):
+        for f in sorted(d.rglob("*")):
+            if not f.is_file() or f.name.startswith(".") or f.name == "Thumbs.db":
+                continue
+            if f.suffix.lower() in SIDE_FILE_SUFFIXES:
+                skipped.append(str(f))
+                continue
+            paths.append(f)
+            labels.append(label)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} non-image side files, e.g. {skipped[0]}", stacklevel=2)
+    class_names = [d.name for d in class_dirs]
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    _check_classes(class_names, labels_arr, str(root))
+    groups = None
+    if group_pattern:
+        rx = re.compile(group_pattern)
+        ids = []
+        for f in paths:
+            m = rx.search(f.name)
+            if not m:
+                raise DataError(f"{f}: file name does not match group_pattern {group_pattern!r}; every file needs "
+                                "a patient id, or drop group_pattern.")
+            ids.append(m.group(1) if m.groups() else m.group(0))
+        groups = np.asarray(ids, dtype=object)
+    images = decode_many(paths, size, max_pixels)
+    return ImageTable(images, labels_arr, class_names, [str(p) for p in paths], groups, name=root.name)
+
+
+def load_manifest(csv_path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  classes: list[str] | None = None) -> ImageTable:
+    """CSV with columns path,label[,patient_id]; paths relative to the CSV's folder and never
+    outside it (a manifest must not reach into the rest of the file system)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"manifest {csv_path} does not exist.")
+    base = csv_path.parent.resolve()
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"manifest {csv_path} is not a readable UTF-8 CSV file ({exc}).") from exc
+    missing = [c for c in ("path", "label") if c not in columns]
+    if missing:
+        raise DataError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; found {columns or 'none'}. "
+                        "Expected a header line `path,label[,patient_id]`.")
+    if not rows:
+        raise DataError(f"manifest {csv_path} has a header but no rows.")
+    problems: list[str] = []
+    paths: list[Path] = []
+    for line, row in enumerate(rows, start=2):
+        if not row["path"] or not row["label"]:
+            problems.append(f"line {line}: empty path or label")
+            continue
+        p = (base / row["path"]).resolve()
+        if not p.is_relative_to(base):
+            problems.append(f"line {line}: path {row['path']!r} points outside the manifest's folder {base} (refused)")
+        elif not p.is_file():
+            problems.append(f"line {line}: file {row['path']!r} does not exist")
+        paths.append(p)
+    if problems:
+        shown = "\n  ".join(problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise DataError(f"manifest {csv_path}: {len(problems)} bad row(s):\n  {shown}{more}")
+    found = sorted({r["label"] for r in rows})
+    if classes is not None:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(f"manifest {csv_path}: unknown label(s) {unknown}; the config's classes are {classes}.")
+        class_names = list(classes)
+    else:
+        class_names = found
+    index = {c: i for i, c in enumerate(class_names)}
+    labels = np.asarray([index[r["label"]] for r in rows], dtype=np.int64)
+    _check_classes(class_names, labels, str(csv_path))
+    groups = None
+    if "patient_id" in columns:
+        ids = [r["patient_id"] for r in rows]
+        if any(not i for i in ids):
+            raise DataError(f"manifest {csv_path}: some rows have an empty patient_id; fill them or drop the column.")
+        groups = np.asarray(ids, dtype=object)
+    images = decode_many(paths, size, max_pixels)
+    return ImageTable(images, labels, class_names, [str(p) for p in paths], groups, name=csv_path.stem)
+
+
+def load_npz(npz_path: str | Path, size: int, class_names: list[str] | None = None) -> ImageTable:
+    """MedMNIST-style `.npz`: `{train,val,test}_images` and `_labels`, merged, the official split
+    kept in `split`."""
+    npz_path = Path(npz_path)
+    try:
+        npz = np.load(npz_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{npz_path}: not a readable .npz file ({exc}).") from exc
+    parts = [s for s in ("train", "val", "test") if f"{s}_images" in npz.files]
+    if not parts:
+        raise DataError(f"{npz_path}: no `train_images`/`val_images`/`test_images` arrays; found {npz.files}.")
+    images, labels, split = [], [], []
+    for s in parts:
+        if f"{s}_labels" not in npz.files:
+            raise DataError(f"{npz_path}: has `{s}_images` but no `{s}_labels`.")
+        x, y = npz[f"{s}_images"], np.asarray(npz[f"{s}_labels"])
+        if y.ndim == 2 and y.shape[1] > 1:
+            raise DataError(f"{npz_path}: `{s}_labels` is multi-label {y.shape}; medtune handles single-label tasks.")
+        images.append(x)
+        labels.append(y.reshape(-1).astype(np.int64))
+        split += [s] * len(y)
+    x = np.concatenate(images)
+    y = np.concatenate(labels)
+    if x.ndim == 3:
+        x = np.repeat(x[..., None], 3, axis=-1)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{npz_path}: images have shape {x.shape}; expected (N, H, W) or (N, H, W, 1|3).")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    if x.dtype != np.uint8:
+        raise DataError(f"{npz_path}: images are {x.dtype}; expected uint8.")
+    t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    if t.shape[-1] != size or t.shape[-2] != size:
+        t = torch.nn.functional.interpolate(t.float(), size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False).round().clamp(0, 255).to(torch.uint8)
+    n_classes = int(y.max()) + 1
+    names = class_names or [str(i) for i in range(n_classes)]
+    _check_classes(names, y, str(npz_path))
+    paths = [f"{npz_path}#{s}/{i}" for s, i in zip(split, range(len(y)))]
+    return ImageTable(t, y, names, paths, split=np.asarray(split, dtype=object), name=npz_path.stem)
+
+
+def load_dataset(path: str | Path | None = None, *, source: str = "auto", image_size: int = 224,
+                 name: str | None = None, **options) -> ImageTable:
+    """One way in: `source` is folder | manifest | npz | synthetic | auto (from the path)."""
+    if source == "synthetic":
+        from medtune.synthetic import make_ultrasound
+
+        table = make_ultrasound(size=image_size, **options)
+    else:
+        if path is None:
+            raise DataError(f"data set {name or ''!r}: `path` is required for source {source!r}.")
+        p = Path(path)
+        if source == "auto":
+            source = "manifest" if p.suffix.lower() == ".csv" else "npz" if p.suffix.lower() == ".npz" else "folder"
+        loaders = {"folder": load_folder, "manifest": load_manifest, "npz": load_npz}
+        if source not in loaders:
+            raise DataError(f"unknown data source {source!r}; use one of {sorted([*loaders, 'synthetic', 'auto'])}.")
+        table = loaders[source](p, image_size, **options)
+    if name:
+        table.name = name
+    return table

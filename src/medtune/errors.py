@@ -1,0 +1,25 @@
+"""One exception type for every problem the user can fix.
+
+The CLI prints a `MedtuneError` as a short paragraph (no traceback) and exits with status 2;
+anything else is a bug in medtune and keeps its traceback.
+"""
+
+
+class MedtuneError(Exception):
+    """A problem with the user's input, named, with what to do about it."""
+
+
+class DataError(MedtuneError):
+    """Unreadable, inconsistent or too-small data."""
+
+
+class ConfigError(MedtuneError):
+    """A bad key or value in the experiment file or a --set override."""
+
+
+class BackboneError(MedtuneError):
+    """An unknown backbone name or weights that cannot be had."""
+
+
+class TrainingError(MedtuneError):
+    """A cell that cannot train (NaN loss, out of memory); recorded, the grid goes on."""

@@ -1,0 +1,305 @@
+"""The grid: data set x backbone x strategy x head x seed x fold, one cell at a time, resumable.
+
+A cell is a plain JSON-serialisable dict; its id is a hash of its resolved configuration
+(including the data set's content fingerprint), so the same cell always gets the same id and a
+rerun skips every id the store already holds as done. Cells are executed by a local loop or by
+Ray (`executor: ray`); either way only this process writes the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from medtune import __version__
+from medtune.backbones import create_backbone, default_image_size
+from medtune.config import ExperimentConfig, expand_params
+from medtune.data import ImageTable, load_dataset
+from medtune.errors import MedtuneError, TrainingError
+from medtune.heads import fit_svm, full_proba
+from medtune.metrics import clinical_metrics
+from medtune.splits import apply_duplicate_policy, assert_disjoint, check_foldable, inner_split, kfold
+from medtune.store import Store
+from medtune.strategies import Strategy, create_strategy, parse_label
+from medtune.train import (Augment, FeatureCache, Runtime, TrainSettings, autocast_dtype, final_inputs, fit,
+                           predict_proba, resolve_device)
+
+
+# --------------------------------------------------------------------------- data preparation
+@dataclass
+class PreparedData:
+    """A data set at one image size, with its groups after the duplicate policy and its folds."""
+
+    table: ImageTable
+    groups: np.ndarray | None
+    duplicates: dict
+    positive: str | None
+    folds: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+
+    def splits(self, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if seed not in self.folds:
+            self.folds[seed] = kfold(self.table.labels, self.groups, n_folds, seed)
+        return self.folds[seed]
+
+
+def prepare(ds, image_size: int, n_folds: int) -> PreparedData:
+    opts = dict(ds.options)
+    if ds.group_pattern:
+        opts["group_pattern"] = ds.group_pattern
+    table = load_dataset(ds.path, source=ds.source, image_size=image_size, name=ds.display_name(), **opts)
+    if ds.positive is not None and ds.positive not in table.class_names:
+        raise MedtuneError(f"data set {ds.display_name()!r}: positive class {ds.positive!r} is not one of "
+                           f"{table.class_names}.")
+    table, groups, record = apply_duplicate_policy(table, ds.duplicates)
+    check_foldable(table.labels, groups, table.class_names, n_folds, ds.display_name())
+    return PreparedData(table, groups, record, ds.positive)
+
+
+# --------------------------------------------------------------------------- cells
+def settings_from(cfg: ExperimentConfig) -> TrainSettings:
+    t = cfg.train.model_dump()
+    t["augment"] = Augment(**t["augment"])
+    return TrainSettings(**t)
+
+
+def strategy_list(cfg: ExperimentConfig) -> list[Strategy]:
+    out = []
+    for s in cfg.strategies:
+        for params in expand_params(s.params):
+            out.append(create_strategy(s.name, **params))
+    return out
+
+
+def cell_id(config: dict) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> list[dict]:
+    """Every cell of the grid as a JSON-serialisable dict with its id."""
+    cells = []
+    train = cfg.train.model_dump()
+    for ds in cfg.datasets:
+        for bb in cfg.backbones:
+            size = bb.image_size or default_image_size(bb.name)
+            for strategy in strategy_list(cfg):
+                for head in cfg.heads:
+                    for seed in cfg.seeds:
+                        for fold in range(cfg.folds):
+                            config = {
+                                "dataset": {**ds.model_dump(), "fingerprint": fingerprints[f"{ds.display_name()}@{size}"]},
+                                "backbone": {**bb.model_dump(), "image_size": size},
+                                "strategy": {"name": strategy.name, **strategy.params()},
+                                "head": head, "fold": fold, "n_folds": cfg.folds, "seed": seed, "train": train,
+                            }
+                            cells.append({"cell_id": cell_id(config), "run_id": run_id, "dataset": ds.display_name(),
+                                          "backbone": bb.name, "strategy": strategy.label(), "head": head,
+                                          "fold": fold, "n_folds": cfg.folds, "seed": seed, "config": config})
+    return cells
+
+
+def model_key(cell: dict) -> tuple:
+    b = cell["config"]["backbone"]
+    return (b["name"], b["pretrained"], b["checkpoint"], b["image_size"])
+
+
+@dataclass
+class CellResult:
+    metrics: dict[str, float]
+    predictions: tuple
+    info: dict
+    seconds: float
+    state_dict: dict | None = None
+
+
+def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime, keep_model: bool = False) -> CellResult:
+    """Train and evaluate one cell: outer fold `fold` of `n_folds`, with the inner split for early
+    stopping (and the SVM's C). Everything that happens is recorded in `info`."""
+    t0 = time.perf_counter()
+    c = cell["config"]
+    table, groups = data.table, data.groups
+    train_idx, test_idx = data.splits(c["n_folds"], c["seed"])[c["fold"]]
+    assert_disjoint(train_idx, test_idx, table, groups)
+    strategy = create_strategy(c["strategy"]["name"], **{k: v for k, v in c["strategy"].items() if k != "name"})
+    info: dict[str, Any] = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
+    if strategy.name == "auto_depth":
+        strategy, info["auto_depth"] = pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt)
+    fit_idx, val_idx = inner_split(train_idx, table.labels, groups, settings.val_fraction, c["seed"])
+    bb = c["backbone"]
+    model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
+    head = c["head"]
+    skip_training = head == "svm" and not strategy.trains_backbone(settings.epochs)
+    if skip_training:  # SVM on frozen pretrained features: the softmax head would be thrown away
+        settings_used = TrainSettings(**{**asdict(settings), "augment": settings.augment, "epochs": 1})
+        result = fit(model, table, fit_idx, val_idx, strategy, settings_used, rt, seed=c["seed"])
+    else:
+        result = fit(model, table, fit_idx, val_idx, strategy, settings, rt, seed=c["seed"])
+    inputs = final_inputs(result, table, settings, rt)
+    if head == "svm":
+        feats = lambda idx: predict_proba(result.forward, inputs, idx, settings, rt, features=True)  # noqa: E731
+        svm = fit_svm(feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx],
+                      table.num_classes, seed=c["seed"])
+        probs = full_proba(svm, feats(test_idx), table.num_classes)
+        info["svm_C"] = svm.C
+    else:
+        probs = predict_proba(result.forward, inputs, test_idx, settings, rt)
+    y = table.labels[test_idx]
+    metrics = clinical_metrics(y, probs, table.class_names, positive=data.positive)
+    info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
+                 "strategy_label": strategy.label(), "trained_blocks_min": None})
+    if result.history:
+        info["trainable_blocks"] = [h["trainable_blocks"] for h in result.history]
+    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
+    preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
+    return CellResult(metrics, preds, info, time.perf_counter() - t0, state)
+
+
+def pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt) -> tuple[Strategy, dict]:
+    """Nested CV: each candidate is scored by `inner_folds`-fold CV inside the outer training fold
+    (balanced accuracy), and the best one is returned to be trained on the whole outer fold."""
+    labels = table.labels[train_idx]
+    g = groups[train_idx] if groups is not None else None
+    inner = kfold(labels, g, strategy.inner_folds, c["seed"])
+    scores: dict[str, float] = {}
+    bb = c["backbone"]
+    for label in strategy.candidates:
+        cand = parse_label(label)
+        fold_scores = []
+        for tr, te in inner:
+            tr_idx, te_idx = train_idx[tr], train_idx[te]
+            fit_idx, val_idx = inner_split(tr_idx, table.labels, groups, settings.val_fraction, c["seed"])
+            model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
+            res = fit(model, table, fit_idx, val_idx, cand, settings, rt, seed=c["seed"])
+            probs = predict_proba(res.forward, final_inputs(res, table, settings, rt), te_idx, settings, rt)
+            fold_scores.append(clinical_metrics(table.labels[te_idx], probs, table.class_names)["balanced_accuracy"])
+        scores[cand.label()] = float(np.mean(fold_scores))
+    best = max(scores, key=scores.get)
+    return parse_label(best), {"scores": scores, "picked": best}
+
+
+# --------------------------------------------------------------------------- environment
+def environment(device: torch.device) -> dict:
+    def git_commit() -> str | None:
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                 cwd=Path(__file__).parent)
+            return out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    import sklearn
+    import timm
+
+    return {"medtune": __version__, "torch": torch.__version__, "timm": timm.__version__, "sklearn": sklearn.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "git_commit": git_commit(),
+            "hostname": platform.node()}
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class RunSummary:
+    run_id: str
+    total: int
+    skipped: int
+    done: int
+    failed: int
+    seconds: float
+    store: str
+    duplicates: dict = field(default_factory=dict)
+
+
+def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = True,
+        on_cell: Callable[[dict, str], None] | None = None) -> RunSummary:
+    """Run (or resume) the grid of `cfg`; returns counts. Failed cells are recorded and skipped over."""
+    t0 = time.perf_counter()
+    store = Store(store_path or cfg.store)
+    device = resolve_device(cfg.device)
+    run_id = hashlib.sha1(f"{time.time()}-{os.getpid()}".encode()).hexdigest()[:12]
+    prepared: dict[str, PreparedData] = {}
+    fingerprints: dict[str, str] = {}
+    for ds in cfg.datasets:
+        for bb in cfg.backbones:
+            size = bb.image_size or default_image_size(bb.name)
+            key = f"{ds.display_name()}@{size}"
+            if key not in prepared:
+                prepared[key] = prepare(ds, size, cfg.folds)
+                fingerprints[key] = prepared[key].table.fingerprint()
+                store.add_dataset(ds.display_name(), prepared[key].table.class_names,
+                                  {"duplicates": prepared[key].duplicates, "n": len(prepared[key].table),
+                                   "class_counts": prepared[key].table.class_counts(),
+                                   "grouped": prepared[key].groups is not None, "positive": ds.positive})
+    cells = expand(cfg, run_id, fingerprints)
+    done = store.done_ids()
+    todo = [c for c in cells if c["cell_id"] not in done]
+    store.add_run(run_id, cfg.model_dump(), environment(device))
+    settings = settings_from(cfg)
+    summary = RunSummary(run_id, len(cells), len(cells) - len(todo), 0, 0, 0.0, str(store.path),
+                         {k: v.duplicates for k, v in prepared.items()})
+    data_of = {c["cell_id"]: prepared[f"{c['dataset']}@{c['config']['backbone']['image_size']}"] for c in todo}
+    if cfg.executor == "ray":
+        from medtune.distributed import run_ray
+
+        run_ray(cfg, todo, data_of, settings, store, summary, progress, on_cell)
+    else:
+        run_local(todo, data_of, settings, device, store, summary, progress, on_cell)
+    summary.seconds = time.perf_counter() - t0
+    store.close()
+    return summary
+
+
+def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSummary) -> str:
+    """Write one finished cell (or its error) to the store; the only place cells are written."""
+    if isinstance(outcome, CellResult):
+        store.save_cell(cell, "done", outcome.metrics, outcome.predictions, outcome.seconds, info=outcome.info)
+        summary.done += 1
+        return "done"
+    store.save_cell(cell, "failed", error=outcome)
+    summary.failed += 1
+    return "failed"
+
+
+def execute(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime) -> CellResult | str:
+    """Run a cell; a user-fixable problem or a crash inside the cell becomes its recorded error."""
+    try:
+        return run_cell(cell, data, settings, rt)
+    except torch.cuda.OutOfMemoryError:
+        return (f"out of memory on {rt.device} (batch_size {settings.batch_size}, image size "
+                f"{cell['config']['backbone']['image_size']}). Lower train.batch_size or the backbone's image_size.")
+    except MedtuneError as exc:
+        return str(exc)
+    except (RuntimeError, ValueError) as exc:
+        if "out of memory" in str(exc).lower():
+            return f"out of memory: {exc}. Lower train.batch_size or image_size."
+        return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
+
+
+def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: torch.device, store: Store,
+              summary: RunSummary, progress: bool, on_cell) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    cache = FeatureCache() if settings.cache else None
+    amp = autocast_dtype(device, settings.amp)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"{len(todo)} cells to run ({summary.skipped} already done)", total=len(todo))
+        for cell in todo:
+            bar.update(task, description=f"{cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} "
+                                         f"fold {cell['fold']}")
+            rt = Runtime(device, cache, model_key(cell), amp)
+            status = record(store, cell, execute(cell, data_of[cell["cell_id"]], settings, rt), summary)
+            if on_cell:
+                on_cell(cell, status)
+            bar.advance(task)

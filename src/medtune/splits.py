@@ -1,0 +1,136 @@
+"""Cross-validation splits that respect patients and duplicates.
+
+Images of one patient, and identical images (same decoded pixels), must sit on the same side
+of every split, or the estimate leaks. Groups come from the data (patient ids); exact
+duplicates are merged into one group (`duplicates: group`, the default), refused
+(`error`) or reduced to their first copy (`drop`). With groups, folds come from scikit-learn's
+StratifiedGroupKFold, else StratifiedKFold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from medtune.data import ImageTable
+from medtune.errors import DataError
+
+DUPLICATE_POLICIES = ("group", "error", "drop")
+
+
+@dataclass
+class DuplicateReport:
+    groups: list[list[int]]  # each a list of table positions with identical pixels
+    conflicting: list[list[int]]  # duplicate groups whose labels disagree
+
+    @property
+    def n_extra(self) -> int:
+        return sum(len(g) - 1 for g in self.groups)
+
+    def summary(self) -> dict:
+        return {"duplicate_groups": len(self.groups), "duplicate_images": self.n_extra,
+                "label_conflicts": len(self.conflicting)}
+
+
+def find_duplicates(table: ImageTable) -> DuplicateReport:
+    by_digest: dict[str, list[int]] = {}
+    for i, d in enumerate(table.digests):
+        by_digest.setdefault(d, []).append(i)
+    groups = [g for g in by_digest.values() if len(g) > 1]
+    conflicting = [g for g in groups if len(set(table.labels[g])) > 1]
+    return DuplicateReport(groups, conflicting)
+
+
+def effective_groups(table: ImageTable, dup: DuplicateReport) -> np.ndarray | None:
+    """Patient ids merged with duplicate groups (union-find): one id per image, or None when
+    there are neither patient ids nor duplicates."""
+    if table.groups is None and not dup.groups:
+        return None
+    base = table.groups if table.groups is not None else np.asarray([f"img{i}" for i in range(len(table))], dtype=object)
+    parent = {g: g for g in base}
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for g in dup.groups:
+        root = find(base[g[0]])
+        for i in g[1:]:
+            parent[find(base[i])] = root
+    return np.asarray([find(g) for g in base], dtype=object)
+
+
+def apply_duplicate_policy(table: ImageTable, policy: str) -> tuple[ImageTable, np.ndarray | None, dict]:
+    """The table to use (maybe with copies dropped), its groups, and a record of what was done."""
+    if policy not in DUPLICATE_POLICIES:
+        raise DataError(f"duplicates: {policy!r} is not one of {DUPLICATE_POLICIES}.")
+    dup = find_duplicates(table)
+    record = {"policy": policy, **dup.summary()}
+    if dup.groups and policy == "error":
+        first = dup.groups[0]
+        raise DataError(
+            f"{table.name}: {len(dup.groups)} groups of identical images ({dup.n_extra} extra copies), e.g. "
+            f"{table.paths[first[0]]} = {table.paths[first[1]]}. Remove them, or set `duplicates: group` "
+            "(keep copies in one fold) or `duplicates: drop` (keep the first copy)."
+        )
+    if dup.groups and policy == "drop":
+        extra = {i for g in dup.groups for i in g[1:]}
+        keep = np.asarray([i for i in range(len(table)) if i not in extra])
+        table = table.subset(keep)
+        dup = find_duplicates(table)
+    return table, effective_groups(table, dup), record
+
+
+def check_foldable(labels: np.ndarray, groups: np.ndarray | None, class_names: list[str], n_folds: int, where: str) -> None:
+    """Every class needs at least `n_folds` images (patients, with groups) to appear in every test fold."""
+    for c, name in enumerate(class_names):
+        mask = labels == c
+        units = len(set(groups[mask])) if groups is not None else int(mask.sum())
+        if units < n_folds:
+            what = "patients" if groups is not None else "images"
+            raise DataError(
+                f"{where}: class {name!r} has {units} {what}, fewer than the {n_folds} folds asked for. "
+                f"Use `folds: {max(2, units)}` or fewer, add data, or merge the class."
+            )
+
+
+def kfold(labels: np.ndarray, groups: np.ndarray | None, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs, stratified by label, grouped when groups are given."""
+    x = np.zeros(len(labels))
+    if groups is not None:
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        return [(tr, te) for tr, te in splitter.split(x, labels, groups)]
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return [(tr, te) for tr, te in splitter.split(x, labels)]
+
+
+def inner_split(train_idx: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, fraction: float,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split a training fold into (fit, validation) for early stopping and the SVM's C, grouped and
+    stratified like the outer folds. Returns an empty validation set when the fold is too small."""
+    if fraction <= 0:
+        return train_idx, train_idx[:0]
+    n_splits = max(2, round(1 / fraction))
+    y = labels[train_idx]
+    g = groups[train_idx] if groups is not None else None
+    units_min = min(len(set(g[y == c])) if g is not None else int(np.sum(y == c)) for c in np.unique(y))
+    if units_min < 2:
+        return train_idx, train_idx[:0]
+    n_splits = min(n_splits, units_min) if units_min < n_splits else n_splits
+    fit_pos, val_pos = kfold(y, g, n_splits, seed)[0]
+    return train_idx[fit_pos], train_idx[val_pos]
+
+
+def assert_disjoint(train_idx: np.ndarray, test_idx: np.ndarray, table: ImageTable, groups: np.ndarray | None) -> None:
+    """Leakage guard run for every cell: no image, patient or identical image on both sides."""
+    if set(train_idx) & set(test_idx):
+        raise DataError("internal error: a test image is also in the training fold")
+    if groups is not None and set(groups[train_idx]) & set(groups[test_idx]):
+        raise DataError("internal error: a patient is on both sides of a split")
+    leaked = {table.digests[i] for i in train_idx} & {table.digests[i] for i in test_idx}
+    if leaked:
+        raise DataError(f"{len(leaked)} identical image(s) are on both sides of a split; set `duplicates: group`.")

@@ -1,0 +1,497 @@
+"""The one training loop, read top to bottom, plus the frozen-prefix feature cache.
+
+Per epoch the strategy's `lr_scales` say which blocks train. Blocks 0..j that are frozen for the
+epoch are a pure function of the input view, so their output is looked up in a `FeatureCache`
+(computed once per backbone, data set, cut point and augmentation view, shared across epochs,
+folds and cells) and only the rest of the network runs. When only the head trains, the cache
+holds pooled features and an epoch costs a few matrix products.
+
+Augmentation works on batches of the uint8 table (flips, small affine, brightness/contrast),
+so nothing is decoded twice. With the cache, each image has `views` fixed augmented versions
+(view 0 = the plain image) and each epoch draws one of them per image; without it every batch
+gets fresh random augmentation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medtune.backbones import FeatureChain, blocks, feature_chain, preprocessing
+from medtune.data import ImageTable
+from medtune.errors import TrainingError
+from medtune.strategies import Strategy, is_norm
+
+POOLED = -1  # cut marker: cache after global pooling (only the classifier trains)
+
+
+# --------------------------------------------------------------------------- device & precision
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device {device!r} was asked for, but CUDA is not available here; use `device: auto` or `cpu`.")
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: where bf16 autocast on the CPU is faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """None = fp32. `amp` is auto | on | off; auto turns it on where it pays (CUDA, bf16 CPUs)."""
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "on" or cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# --------------------------------------------------------------------------- augmentation
+@dataclass(frozen=True)
+class Augment:
+    """Light augmentation suited to medical images. Vertical flips are off by default: depth
+    (ultrasound) and anatomy (X-ray) have a direction."""
+
+    hflip: bool = True
+    vflip: bool = False
+    degrees: float = 10.0
+    translate: float = 0.05
+    scale: float = 0.1
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """x: float (B, 3, H, W) in [0, 1] -> augmented, same shape."""
+        b = x.shape[0]
+
+        def u(lo: float, hi: float) -> torch.Tensor:
+            return torch.rand(b, generator=gen) * (hi - lo) + lo
+
+        if self.hflip:
+            flip = torch.rand(b, generator=gen) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+        if self.vflip:
+            flip = torch.rand(b, generator=gen) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-2), x)
+        if self.degrees or self.translate or self.scale:
+            ang = u(-self.degrees, self.degrees) * math.pi / 180
+            s = u(1 - self.scale, 1 + self.scale)
+            tx, ty = u(-self.translate, self.translate) * 2, u(-self.translate, self.translate) * 2
+            cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+            theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+            grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.brightness or self.contrast:
+            br = u(-self.brightness, self.brightness).view(-1, 1, 1, 1).to(x.device)
+            ct = u(1 - self.contrast, 1 + self.contrast).view(-1, 1, 1, 1).to(x.device)
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - mean) * ct + mean + br).clamp(0, 1)
+        return x
+
+
+def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x_uint8.float() / 255.0 - mean) / std
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class TrainSettings:
+    """Plain hyperparameters of one fit (mirrors `config.TrainConfig`)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    patience: int = 5
+    val_fraction: float = 0.15
+    class_weighted: bool = False
+    balanced_sampler: bool = False
+    views: int = 4
+    cache: bool = True
+    amp: str = "auto"
+    channels_last: bool = True
+    train_bn: bool = False
+    grad_clip: float = 5.0
+    augment: Augment = field(default_factory=Augment)
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Warm-up then cosine to zero; a pure function of the step within a phase (nanoGPT style)."""
+    if total <= 0:
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- feature cache
+class FeatureCache:
+    """Outputs of a frozen prefix, per (model key, data set, cut, view); bounded in bytes.
+
+    The model key must identify the pretrained weights (backbone name, source, image size):
+    every cell of the grid that shares them shares the cache, across folds and strategies.
+    """
+
+    def __init__(self, max_bytes: int = 3 * 2**30) -> None:
+        self.max_bytes = max_bytes
+        self.store: dict[tuple, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store.values())
+
+    def get(self, key: tuple, compute) -> torch.Tensor:
+        if key in self.store:
+            self.hits += 1
+            value = self.store.pop(key)  # re-insert: most recently used last
+        else:
+            self.misses += 1
+            value = compute()
+        self.store[key] = value
+        while self.nbytes() > self.max_bytes and len(self.store) > 1:
+            self.store.pop(next(iter(self.store)))
+        return value
+
+
+@dataclass
+class Runtime:
+    """What a fit needs beyond hyperparameters: device, cache and the key of the pretrained weights."""
+
+    device: torch.device
+    cache: FeatureCache | None
+    model_key: tuple
+    amp_dtype: torch.dtype | None = None
+
+
+class Forward:
+    """Runs a model from a cut point: cut 0 = raw images, cut k = after k chain units, POOLED =
+    after global pooling. `prefix(x)` computes the cached part, `rest(h)` the trained part."""
+
+    def __init__(self, model: nn.Module, chain: FeatureChain | None) -> None:
+        self.model = model
+        self.chain = chain
+
+    def prefix(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        if cut == POOLED:
+            return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.chain.run(x, 0, cut) if cut > 0 else x
+
+    def features(self, h: torch.Tensor, cut: int) -> torch.Tensor:
+        """Penultimate (pre-logits) features from the cut point."""
+        if cut == POOLED:
+            return h
+        f = self.chain.run(h, cut) if cut > 0 else self.model.forward_features(h)
+        return self.model.forward_head(f, pre_logits=True)
+
+    def rest(self, h: torch.Tensor, cut: int) -> torch.Tensor:
+        if cut == POOLED:
+            return self.model.get_classifier()(h)
+        f = self.chain.run(h, cut) if cut > 0 else self.model.forward_features(h)
+        return self.model.forward_head(f)
+
+
+def choose_cut(chain: FeatureChain | None, scales: list[float], enabled: bool) -> int:
+    """The deepest cut below which every block is frozen this epoch."""
+    n_frozen = next((i for i, s in enumerate(scales) if s > 0), len(scales))
+    if not enabled or n_frozen == 0:
+        return 0
+    if n_frozen >= len(scales) - 1:
+        return POOLED
+    return chain.frozen_units(n_frozen) if chain is not None else 0
+
+
+class Inputs:
+    """Training/eval inputs from a cut: raw uint8 images augmented per batch, or cached prefix
+    outputs (one of `views` fixed views per image per epoch)."""
+
+    def __init__(self, table: ImageTable, fwd: Forward, cut: int, settings: TrainSettings, rt: Runtime,
+                 mean: torch.Tensor, std: torch.Tensor, seed: int) -> None:
+        self.table, self.fwd, self.cut, self.s, self.rt = table, fwd, cut, settings, rt
+        self.mean, self.std, self.seed = mean, std, seed
+        self.cached: torch.Tensor | None = None
+        if cut != 0:
+            key = (*rt.model_key, table.fingerprint(), cut, settings.views, settings.augment)
+            compute = lambda: self._compute_all()  # noqa: E731
+            self.cached = rt.cache.get(key, compute) if rt.cache is not None else compute()
+
+    def _images(self, idx: torch.Tensor, view: int | None, gen: torch.Generator) -> torch.Tensor:
+        x = self.table.images[idx].to(self.rt.device, non_blocking=True).float() / 255.0
+        if view != 0:
+            x = self.s.augment(x, gen)
+        x = (x - self.mean) / self.std
+        if self.s.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @torch.no_grad()
+    def _compute_all(self) -> torch.Tensor:
+        """(views, N, ...) prefix outputs with the network in eval mode; view v uses seed v."""
+        model = self.fwd.model
+        was = model.training
+        model.eval()
+        out = []
+        bs = max(self.s.batch_size, 64)
+        for v in range(self.s.views):
+            gen = torch.Generator().manual_seed(1_000_003 * (v + 1))
+            parts = []
+            for start in range(0, len(self.table), bs):
+                idx = torch.arange(start, min(start + bs, len(self.table)))
+                with autocast(self.rt):
+                    h = self.fwd.prefix(self._images(idx, v, gen), self.cut)
+                parts.append(h.to("cpu", torch.bfloat16 if self.rt.amp_dtype else torch.float32))
+            out.append(torch.cat(parts))
+        model.train(was)
+        return torch.stack(out)
+
+    def batch(self, idx: np.ndarray, train: bool, gen: torch.Generator) -> torch.Tensor:
+        t = torch.as_tensor(idx)
+        if self.cached is None:
+            return self._images(t, None if train else 0, gen)
+        if train and self.s.views > 1:
+            views = torch.randint(0, self.s.views, (len(t),), generator=gen)
+        else:
+            views = torch.zeros(len(t), dtype=torch.long)
+        h = self.cached[views, t].to(self.rt.device, non_blocking=True)
+        return h.float() if self.rt.amp_dtype is None else h
+
+
+def autocast(rt: Runtime):
+    if rt.amp_dtype is None:
+        return torch.autocast(rt.device.type, enabled=False)
+    return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
+
+
+# --------------------------------------------------------------------------- fit
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict]
+    best_epoch: int
+    kept_prefix_blocks: int  # leading blocks never trained: still bit-identical to pretrained
+    seconds: float
+    forward: Forward = None  # type: ignore[assignment]
+    cache_hits: int = 0
+
+
+def build_optimizer(model: nn.Module, strategy: Strategy, settings: TrainSettings):
+    """One AdamW group per tensor, built once, so optimizer state survives unfreezing and per-tensor
+    strategies (Auto-RGN, BitFit) can act on single tensors."""
+    chain = blocks(model)
+    head_index = len(chain) - 1
+    by_name = dict(model.named_parameters())
+    groups = []
+    for bi, block in enumerate(chain):
+        for name in block.param_names:
+            p = by_name[name]
+            decay = settings.weight_decay if (p.ndim > 1 and strategy.uses_weight_decay()) else 0.0
+            groups.append({"params": [p], "name": name, "block": bi, "weight_decay": decay,
+                           "is_head": bi == head_index, "norm": is_norm(name, p, model)})
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=settings.lr, fused=fused or None), chain
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = counts.sum() / (n_classes * np.maximum(counts, 1))
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def epoch_order(labels: np.ndarray, balanced: bool, gen: torch.Generator) -> np.ndarray:
+    """A permutation of the training positions, or (balanced sampler) a draw with each class equally likely."""
+    n = len(labels)
+    if not balanced:
+        return torch.randperm(n, generator=gen).numpy()
+    w = 1.0 / np.bincount(labels)[labels]
+    return torch.multinomial(torch.tensor(w / w.sum()), n, replacement=True, generator=gen).numpy()
+
+
+def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.ndarray, strategy: Strategy,
+        settings: TrainSettings, rt: Runtime, seed: int = 0) -> FitResult:
+    """Train `model` on table[train_idx] with early stopping on table[val_idx]; returns the best epoch's model."""
+    t0 = time.perf_counter()
+    set_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(rt.device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    pre = preprocessing(model)
+    mean = torch.tensor(pre["mean"], device=rt.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"], device=rt.device).view(1, 3, 1, 1)
+    chain = feature_chain(model, image_size=min(64, table.image_size)) if settings.cache else None
+    fwd = Forward(model, chain)
+    optimizer, block_list = build_optimizer(model, strategy, settings)
+    n_blocks = len(block_list)
+    start_state = {n: p.detach().clone() for n, p in model.named_parameters()
+                   if not any(n in b.param_names for b in block_list[-1:])}
+    y_all = torch.as_tensor(table.labels, device=rt.device)
+    weight = class_weights(table.labels[train_idx], table.num_classes).to(rt.device) if settings.class_weighted else None
+    total = strategy.total_epochs(settings.epochs)
+    phases = strategy.phase_starts(settings.epochs) + [total]
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / settings.batch_size))
+    scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
+
+    history: list[dict] = []
+    best = (math.inf, -1, None)
+    bad_epochs = 0
+    kept = n_blocks
+    inputs: Inputs | None = None
+    for epoch in range(total):
+        scales = strategy.lr_scales(epoch, n_blocks)
+        if len(scales) != n_blocks:
+            raise TrainingError(f"strategy {strategy.label()} returned {len(scales)} scales for {n_blocks} blocks")
+        kept = min(kept, next((i for i, s in enumerate(scales) if s > 0), n_blocks))
+        cut = choose_cut(chain, scales, settings.cache)
+        if inputs is None or inputs.cut != cut:
+            inputs = Inputs(table, fwd, cut, settings, rt, mean, std, seed)
+        for g in optimizer.param_groups:
+            g["params"][0].requires_grad_(scales[g["block"]] > 0)
+        set_train_mode(model, settings.train_bn)
+        phase = max(i for i, s in enumerate(phases[:-1]) if s <= epoch)
+        phase_steps = (phases[phase + 1] - phases[phase]) * steps_per_epoch
+        warmup = int(settings.warmup_epochs * steps_per_epoch)
+
+        order = train_idx[epoch_order(table.labels[train_idx], settings.balanced_sampler, gen)]
+        running, seen = 0.0, 0
+        for step in range(steps_per_epoch):
+            idx = order[step * settings.batch_size:(step + 1) * settings.batch_size]
+            if len(idx) < 2 and step > 0:  # a trailing batch of one breaks BatchNorm; skip it
+                continue
+            x = inputs.batch(idx, train=True, gen=gen)
+            y = y_all[torch.as_tensor(idx, device=rt.device)]
+            with autocast(rt):
+                logits = fwd.rest(x, cut)
+                loss = F.cross_entropy(logits.float(), y, weight=weight)
+                penalty = strategy.penalty(model, start_state)
+                total_loss = loss + penalty
+            if not torch.isfinite(total_loss):
+                raise TrainingError(f"the loss became {total_loss.item()} at epoch {epoch}, step {step} "
+                                    f"(lr {settings.lr}); lower the learning rate or enable grad_clip.")
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(total_loss) if scaler else total_loss).backward()
+            lr_t = settings.lr * cosine_lr((epoch - phases[phase]) * steps_per_epoch + step, phase_steps, warmup)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_t * scales[g["block"]]
+            strategy.after_backward(optimizer.param_groups, step)
+            if scaler:
+                scaler.unscale_(optimizer)
+            if settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], settings.grad_clip)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            running += loss.item() * len(idx)
+            seen += len(idx)
+
+        val_loss, val_bacc = evaluate(fwd, inputs, table, val_idx, settings, rt, weight)
+        history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss,
+                        "val_balanced_accuracy": val_bacc, "cut": cut,
+                        "trainable_blocks": sum(1 for s in scales if s > 0)})
+        if val_loss < best[0] - 1e-6:
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        # Early stopping only inside the last phase: an LP phase must not end the run.
+        if epoch >= phases[-2] and bad_epochs >= settings.patience:
+            break
+    if best[2] is not None:
+        model.load_state_dict(best[2])
+    model.eval()
+    return FitResult(model, history, best[1], kept, time.perf_counter() - t0, fwd,
+                     rt.cache.hits if rt.cache else 0)
+
+
+def set_train_mode(model: nn.Module, train_bn: bool) -> None:
+    """Train mode, except BatchNorm whose parameters are all frozen: it keeps its pretrained
+    running statistics (unless `train_bn`), so a frozen block really is frozen."""
+    model.train()
+    if train_bn:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+@torch.no_grad()
+def evaluate(fwd: Forward, inputs: Inputs, table: ImageTable, idx: np.ndarray, settings: TrainSettings, rt: Runtime,
+             weight: torch.Tensor | None) -> tuple[float, float]:
+    """Validation loss and balanced accuracy (view 0, eval mode)."""
+    if len(idx) == 0:
+        return math.nan, math.nan
+    probs = predict_proba(fwd, inputs, idx, settings, rt)
+    y = table.labels[idx]
+    p = torch.as_tensor(probs)
+    loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), torch.as_tensor(y), weight=None if weight is None else weight.cpu())
+    pred = probs.argmax(1)
+    recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
+    return float(loss), float(np.mean(recalls))
+
+
+@torch.no_grad()
+def predict_proba(fwd: Forward, inputs: Inputs, idx: np.ndarray, settings: TrainSettings, rt: Runtime,
+                  features: bool = False) -> np.ndarray:
+    """Class probabilities (or penultimate features) for table[idx], view 0, eval mode."""
+    was = fwd.model.training
+    fwd.model.eval()
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    bs = max(settings.batch_size, 64)
+    for start in range(0, len(idx), bs):
+        part = idx[start:start + bs]
+        x = inputs.batch(part, train=False, gen=gen)
+        with autocast(rt):
+            if features:
+                out.append(fwd.features(x, inputs.cut).float().cpu())
+            else:
+                out.append(torch.softmax(fwd.rest(x, inputs.cut).float(), 1).cpu())
+    fwd.model.train(was)
+    return torch.cat(out).numpy()
+
+
+def final_inputs(result: FitResult, table: ImageTable, settings: TrainSettings, rt: Runtime) -> Inputs:
+    """Inputs for prediction with the trained model: only the never-trained prefix may be cached."""
+    fwd = result.forward
+    n_blocks = len(blocks(fwd.model))
+    scales = [0.0] * result.kept_prefix_blocks + [1.0] * (n_blocks - result.kept_prefix_blocks)
+    cut = choose_cut(fwd.chain, scales, settings.cache)
+    pre = preprocessing(fwd.model)
+    mean = torch.tensor(pre["mean"], device=rt.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"], device=rt.device).view(1, 3, 1, 1)
+    return Inputs(table, fwd, cut, settings, rt, mean, std, seed=0)
+
+
+def configure_threads(n: int | None = None) -> None:
+    """Use every core for intra-op work; one interop thread (cells run one at a time)."""
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
