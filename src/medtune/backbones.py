@@ -170,11 +170,12 @@ def blocks(model: nn.Module) -> list[Block]:
 
     head_names = {n for n, _ in model.get_classifier().named_parameters(prefix=_classifier_prefix(model))}
     groups = group_parameters(model, model.group_matcher(coarse=True))
+    all_names = [n for n, _ in model.named_parameters()]
     out: list[Block] = []
     for _, names in sorted(groups.items()):
         body = tuple(n for n in names if n not in head_names)
         if body:
-            out.append(Block(_block_name(body), body))
+            out.append(Block(_block_name(body, all_names), body))
     out.append(Block("head", tuple(n for n, _ in model.named_parameters() if n in head_names)))
     return out
 
@@ -187,17 +188,26 @@ def _classifier_prefix(model: nn.Module) -> str:
     raise BackboneError(f"{type(model).__name__}: classifier module not found")
 
 
-def _block_name(names: tuple[str, ...]) -> str:
-    """A readable block name: the common dotted prefix of its parameters (e.g. `blocks.3`)."""
-    parts = [n.split(".") for n in names]
-    common = []
+def _block_name(names: tuple[str, ...], all_names: list[str]) -> str:
+    """A readable block name: the module that holds exactly these parameters (`layer3`,
+    `Mixed_6a`), else the modules it spans in order (`conv1+bn1`, `blocks.6+conv_head+bn2`)."""
+    parts = [[t for t in n.split(".") if t not in ("weight", "bias")] for n in names]
+    common: list[str] = []
     for tokens in zip(*parts):
         if len(set(tokens)) != 1:
             break
         common.append(tokens[0])
-    if common and common[-1] in ("weight", "bias"):
-        common = common[:-1]
-    return ".".join(common) if common else "+".join(sorted({p[0] for p in parts}))
+    own = set(names)
+    if common and all(n in own for n in all_names if n.startswith(".".join(common) + ".")):
+        return ".".join(common)
+    depth = len(common) + 1
+    spans: list[str] = []
+    for p in parts:
+        cut = depth + 1 if len(p) > depth and p[depth].isdigit() else depth
+        head = ".".join(p[:cut])
+        if head not in spans:
+            spans.append(head)
+    return "+".join(spans)
 
 
 def _units(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:

@@ -33,7 +33,7 @@ from medtune.splits import apply_duplicate_policy, assert_disjoint, check_foldab
 from medtune.store import Store
 from medtune.strategies import Strategy, create_strategy, parse_label
 from medtune.train import (Augment, FeatureCache, Runtime, TrainSettings, autocast_dtype, final_inputs, fit,
-                           predict_proba, resolve_device)
+                           predict_proba, resolve_device, set_seed)
 
 
 # --------------------------------------------------------------------------- data preparation
@@ -136,6 +136,7 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         strategy, info["auto_depth"] = pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt)
     fit_idx, val_idx = inner_split(train_idx, table.labels, groups, settings.val_fraction, c["seed"])
     bb = c["backbone"]
+    set_seed(c["seed"])  # the new head's (and a random-init backbone's) weights depend on it
     model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
     head = c["head"]
     skip_training = head == "svm" and not strategy.trains_backbone(settings.epochs)

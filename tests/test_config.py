@@ -1,0 +1,43 @@
+import pytest
+
+from medtune.config import expand_params, load_config
+from medtune.errors import BackboneError, ConfigError
+
+
+def base():
+    return {"datasets": [{"source": "synthetic"}], "backbones": ["efficientnet_lite0"], "strategies": ["full_ft"]}
+
+
+def test_typo_is_an_error_naming_the_key_and_a_suggestion():
+    raw = base() | {"train": {"epochz": 3}}
+    with pytest.raises(ConfigError, match=r"train.epochz: unknown key \(did you mean 'epochs'\?\)"):
+        load_config(raw=raw)
+
+
+def test_set_overrides_are_typed_and_validated():
+    cfg = load_config(raw=base(), overrides=["train.epochs=3", "strategies.0.name=linear_probe", "folds=3"])
+    assert cfg.train.epochs == 3 and cfg.strategies[0].name == "linear_probe" and cfg.folds == 3
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(raw=base(), overrides=["train.epochs=many"])
+    with pytest.raises(ConfigError, match="train.nope"):
+        load_config(raw=base(), overrides=["train.nope=1"])
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        load_config(raw=base(), overrides=["train.epochs"])
+
+
+def test_unknown_strategy_and_backbone_names():
+    with pytest.raises(ConfigError, match=r"unknown strategy 'ful_ft'.*full_ft"):
+        load_config(raw=base() | {"strategies": ["ful_ft"]})
+    with pytest.raises(ConfigError, match=r"partial_ft.*no parameter depth"):
+        load_config(raw=base() | {"strategies": [{"name": "partial_ft", "depth": 2}]})
+    with pytest.raises(BackboneError, match="unknown backbone 'resnet5'"):
+        load_config(raw=base() | {"backbones": ["resnet5"]})
+
+
+def test_strategy_sweeps_expand():
+    assert expand_params({"blocks": [1, 2], "x": 0}) == [{"blocks": 1, "x": 0}, {"blocks": 2, "x": 0}]
+
+
+def test_shipped_configs_validate():
+    for name in ("configs/demo.yaml", "configs/smoke.yaml"):
+        load_config(name)

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from medtune.data import decode_image, load_dataset, load_folder, load_manifest, load_npz
+from medtune.errors import DataError
+
+
+def write_png(path, value=128, size=(20, 16), mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value).save(path)
+    return path
+
+
+def test_folder_loader_decodes_once_and_keeps_names(tmp_path):
+    for c, v in (("benign", 50), ("malignant", 200)):
+        for i in range(3):
+            write_png(tmp_path / c / f"P{i}_{c}.png", v + i)
+    t = load_folder(tmp_path, 32, group_pattern=r"^(P\d+)_")
+    assert t.images.shape == (6, 3, 32, 32) and t.class_names == ["benign", "malignant"]
+    assert list(t.labels) == [0, 0, 0, 1, 1, 1]
+    assert set(t.groups) == {"P0", "P1", "P2"}
+    assert int(t.images[3, 0, 0, 0]) == 200 and int(t.images[3, 2, 5, 5]) == 200  # gray -> 3 channels
+
+
+def test_manifest_loader_with_patients(tmp_path):
+    for i in range(4):
+        write_png(tmp_path / "img" / f"{i}.png", i * 40)
+    (tmp_path / "m.csv").write_text("path,label,patient_id\nimg/0.png,a,p1\nimg/1.png,b,p1\nimg/2.png,a,p2\nimg/3.png,b,p3\n")
+    t = load_manifest(tmp_path / "m.csv", 16)
+    assert t.class_names == ["a", "b"] and list(t.labels) == [0, 1, 0, 1] and list(t.groups) == ["p1", "p1", "p2", "p3"]
+
+
+def test_npz_merges_splits_and_keeps_the_official_split(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "m.npz", train_images=rng.integers(0, 255, (6, 28, 28), dtype=np.uint8),
+             train_labels=np.array([[0], [1], [0], [1], [0], [1]]), test_images=rng.integers(0, 255, (2, 28, 28), dtype=np.uint8),
+             test_labels=np.array([[0], [1]]))
+    t = load_dataset(tmp_path / "m.npz", image_size=32)
+    assert t.images.shape == (8, 3, 32, 32) and list(t.split) == ["train"] * 6 + ["test"] * 2
+
+
+def test_bad_files_are_collected_into_one_error_naming_each(tmp_path):
+    write_png(tmp_path / "a" / "ok.png")
+    write_png(tmp_path / "b" / "ok.png")
+    (tmp_path / "a" / "empty.png").write_bytes(b"")
+    (tmp_path / "b" / "notes.png").write_text("not an image")
+    with pytest.raises(DataError) as err:
+        load_folder(tmp_path, 16)
+    msg = str(err.value)
+    assert "2 of 4 image files" in msg and "empty.png" in msg and "0 bytes" in msg and "notes.png" in msg
+
+
+def test_missing_folder_and_single_class(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_folder(tmp_path / "nope", 16)
+    write_png(tmp_path / "only" / "x.png")
+    with pytest.raises(DataError, match="only one class"):
+        load_folder(tmp_path, 16)
+
+
+def test_manifest_refuses_paths_outside_its_folder(tmp_path):
+    write_png(tmp_path / "secret.png")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "m.csv").write_text("path,label\n../secret.png,a\n")
+    with pytest.raises(DataError, match="outside the manifest's folder"):
+        load_manifest(tmp_path / "d" / "m.csv", 16)
+
+
+def test_modes_are_converted_not_rejected(tmp_path):
+    arr16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    Image.fromarray(arr16).save(tmp_path / "x16.png")
+    out = decode_image(tmp_path / "x16.png", 8)
+    assert out.shape == (3, 8, 8) and out.max() == 255 and out.min() == 0
+    Image.new("RGBA", (8, 8), (255, 0, 0, 255)).save(tmp_path / "rgba.png")
+    assert tuple(decode_image(tmp_path / "rgba.png", 8)[:, 0, 0]) == (255, 0, 0)
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    assert decode_image(tmp_path / "c.jpg", 8)[0].mean() > 200

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+import torch
+
+from medtune.data import ImageTable
+from medtune.errors import DataError
+from medtune.splits import apply_duplicate_policy, check_foldable, inner_split, kfold
+
+
+def table_with_duplicates():
+    imgs = torch.randint(0, 255, (12, 3, 8, 8), dtype=torch.uint8)
+    imgs[5] = imgs[0]  # identical image filed twice
+    imgs[11] = imgs[6]
+    labels = np.array([0] * 6 + [1] * 6)
+    return ImageTable(imgs, labels, ["a", "b"], [f"f{i}.png" for i in range(12)])
+
+
+def test_group_policy_keeps_duplicates_in_one_fold():
+    t, groups, rec = apply_duplicate_policy(table_with_duplicates(), "group")
+    assert rec["duplicate_groups"] == 2 and rec["duplicate_images"] == 2
+    assert groups[0] == groups[5] and groups[6] == groups[11]
+    for tr, te in kfold(t.labels, groups, 3, seed=0):
+        assert not ({t.digests[i] for i in tr} & {t.digests[i] for i in te})
+
+
+def test_error_and_drop_policies():
+    with pytest.raises(DataError, match=r"2 groups of identical images.*f0.png = f5.png"):
+        apply_duplicate_policy(table_with_duplicates(), "error")
+    t, _, _ = apply_duplicate_policy(table_with_duplicates(), "drop")
+    assert len(t) == 10
+
+
+def test_patients_never_straddle_folds_and_every_image_is_tested_once():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1] * 2)
+    groups = np.array([f"p{i // 2}" for i in range(24)], dtype=object)
+    seen = []
+    for tr, te in kfold(labels, groups, 3, seed=1):
+        assert not set(groups[tr]) & set(groups[te])
+        seen += list(te)
+    assert sorted(seen) == list(range(24))
+    fit, val = inner_split(np.arange(24), labels, groups, 0.25, seed=0)
+    assert not set(groups[fit]) & set(groups[val]) and len(val) > 0
+
+
+def test_class_smaller_than_folds_is_refused_with_advice():
+    with pytest.raises(DataError, match=r"class 'b' has 2 images, fewer than the 5 folds.*folds: 2"):
+        check_foldable(np.array([0] * 10 + [1] * 2), None, ["a", "b"], 5, "mydata")
