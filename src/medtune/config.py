@@ -29,7 +29,7 @@ class DatasetConfig(Strict):
     group_pattern: str | None = Field(None, description="regex whose first group reads a patient id from file names")
     positive: str | None = Field(None, description="positive class for sensitivity/specificity/PPV/NPV")
     duplicates: Literal["group", "error", "drop"] = "group"
-    options: dict[str, Any] = Field(default_factory=dict, description="loader-specific options (e.g. synthetic sizes)")
+    options: dict[str, Any] = Field(default_factory=dict, description="loader-specific options: synthetic (n_patients, images_per_patient, seed), dicom (frame: N of multi-frame files), medmnist (flag, size: 28|64|128|224, root), any source with an official split (split: official|merged)")
 
     @model_validator(mode="after")
     def _needs_path(self) -> "DatasetConfig":
