@@ -435,10 +435,26 @@ def _download_medmnist(flag: str, size: int, folder: Path, target: Path) -> None
 def load_dataset(path: str | Path | None = None, *, source: str = "auto", image_size: int = 224,
                  name: str | None = None, **options) -> ImageTable:
     """One way in: `source` is folder | manifest | npz | dicom | medmnist | synthetic | auto (from the path)."""
+    try:
+        table = _load(path, source, image_size, name, options)
+    except TypeError as exc:  # an option the loader does not take: a typo in the YAML's `options`
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise DataError(f"data set {name or path!r}: {str(exc).split('() ', 1)[-1]}; check its `options` "
+                        f"for source {source!r} (docs/config.md lists them).") from exc
+    if name:
+        table.name = name
+    return table
+
+
+def _load(path, source: str, image_size: int, name: str | None, options: dict) -> ImageTable:
     if source == "synthetic":
         from medtune.synthetic import make_ultrasound
 
-        table = make_ultrasound(size=image_size, **options)
+        try:
+            table = make_ultrasound(size=image_size, **options)
+        except ValueError as exc:
+            raise DataError(f"data set {name or 'synthetic'!r}: {exc}.") from exc
     elif source == "medmnist":
         table = load_medmnist(path, image_size, **options)
     else:
@@ -452,6 +468,4 @@ def load_dataset(path: str | Path | None = None, *, source: str = "auto", image_
             raise DataError(f"unknown data source {source!r}; use one of "
                             f"{sorted([*loaders, 'medmnist', 'synthetic', 'auto'])}.")
         table = loaders[source](p, image_size, **options)
-    if name:
-        table.name = name
     return table
