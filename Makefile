@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the release on this machine's disk (CPU and CUDA alike).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup setup-dev bench clean
+.PHONY: demo test setup setup-dev bench clean install-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: setup
 
 test: setup-dev
 	$(BIN)/python -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# `pip install .` into an empty venv, then the smoke grid from that install (~10 min, most of it torch).
+install-check:
+	PY=$(PY) bash scripts/install_check.sh
 
 clean:
 	rm -rf $(VENV) results

@@ -115,6 +115,10 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     own = model.state_dict()
     head = {f"{model.default_cfg.get('classifier', 'fc')}.weight", f"{model.default_cfg.get('classifier', 'fc')}.bias"}
     state = {k: v for k, v in state.items() if not (k in head and k in own and own[k].shape != v.shape)}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:  # torch would raise a RuntimeError; this is the user's file, so say which one
+        raise BackboneError(f"checkpoint {path} does not match the architecture {type(model).__name__}: shapes differ "
+                            f"for {', '.join(wrong[:3])}{'...' if len(wrong) > 3 else ''}. Check the backbone name.")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in head]
     if missing or unexpected:

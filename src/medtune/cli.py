@@ -19,7 +19,9 @@ from medtune.errors import MedtuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medtune: compare fine-tuning strategies x backbones x data sets under patient-grouped "
-                       "k-fold cross-validation, with clinical metrics.")
+                       "k-fold cross-validation, with clinical metrics.",
+                  epilog="Start with `medtune run configs/smoke.yaml` (seconds) or `medtune run configs/demo.yaml`; "
+                         "documentation in docs/quickstart.md.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect a data set before training.")
 app.add_typer(data_app, name="data")
 # Results tables are wide: when output is not a terminal (CI logs, pipes) do not wrap them at 80.
@@ -45,13 +47,16 @@ class What(str, Enum):
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Experiment YAML file (see configs/demo.yaml)."),
-    store: Optional[Path] = typer.Option(None, "--store", help="SQLite results store; default: `store` in the config."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.epochs=3 "
+    config: Path = typer.Argument(..., help="Experiment YAML file (see configs/demo.yaml, docs/config.md)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="SQLite results store to write; default: `store` "
+                                                               "in the config."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config value without editing the file; the value "
+                                                    "is YAML, list entries are numbered from 0: --set train.epochs=3 "
                                                     "--set datasets.0.path=../data/busi (repeatable)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", help="Hide the progress bar (the summary is still printed)."),
 ) -> None:
-    """Run (or resume) the grid in CONFIG. Finished cells are skipped, so an interrupted run continues."""
+    """Train and evaluate every cell (data set x backbone x strategy x head x seed x fold) of CONFIG,
+    writing each finished cell to the results store. Run it again to resume: finished cells are skipped."""
     from medtune.config import load_config
     from medtune.runner import run as run_grid
 
@@ -73,11 +78,14 @@ def run(
 
 @app.command()
 def results(
-    store: Path = typer.Option(Path("results/medtune.sqlite"), "--store", help="SQLite results store."),
-    format: Fmt = typer.Option(Fmt.table, "--format", help="table, csv or json."),
+    store: Path = typer.Option(Path("results/medtune.sqlite"), "--store",
+                               help="SQLite results store: the `store` of the config you ran (e.g. "
+                                    "results/demo.sqlite for configs/demo.yaml)."),
+    format: Fmt = typer.Option(Fmt.table, "--format", help="Output format: table to read, csv or json for other tools."),
     failed: bool = typer.Option(False, "--failed", help="List failed cells and their errors instead."),
 ) -> None:
-    """Mean ± sd over folds (and seeds) per data set, backbone, strategy and head."""
+    """Print a store's results: mean ± sd of each metric over folds (and seeds), one row per data set,
+    backbone, strategy and head."""
     try:
         print_results(store, format, failed)
     except MedtuneError as exc:
@@ -118,8 +126,9 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
 
 
 @app.command("list")
-def list_(what: What = typer.Argument(..., help="backbones or strategies.")) -> None:
-    """List the registered strategies (with citation) or the studies' backbones."""
+def list_(what: What = typer.Argument(..., help="What to list: backbones or strategies.")) -> None:
+    """List the fine-tuning strategies (the names to use in a config, with their papers) or the studies'
+    backbones (with where their weights come from)."""
     if what == What.strategies:
         from medtune.strategies import REGISTRY
 

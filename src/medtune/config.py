@@ -23,9 +23,10 @@ class Strict(BaseModel):
 class DatasetConfig(Strict):
     """A data set. `source: auto` infers folder / manifest (.csv) / npz from `path`."""
 
-    name: str | None = None
-    source: Literal["auto", "folder", "manifest", "npz", "synthetic", "dicom", "medmnist"] = "auto"
-    path: str | None = None
+    name: str | None = Field(None, description="name in the store and reports; default: the last part of `path`")
+    source: Literal["auto", "folder", "manifest", "npz", "synthetic", "dicom", "medmnist"] = Field(
+        "auto", description="where images come from; docs/data.md lists each source's `options`")
+    path: str | None = Field(None, description="folder (one sub-folder per class), .csv manifest, or .npz file")
     group_pattern: str | None = Field(None, description="regex whose first group reads a patient id from file names")
     positive: str | None = Field(None, description="positive class for sensitivity/specificity/PPV/NPV")
     duplicates: Literal["group", "error", "drop"] = "group"
@@ -42,59 +43,59 @@ class DatasetConfig(Strict):
 
 
 class BackboneConfig(Strict):
-    name: str
-    pretrained: bool = True
-    checkpoint: str | None = None
+    name: str = Field(description="timm model name or a study alias (`medtune list backbones`)")
+    pretrained: bool = Field(True, description="false = random init, asked for knowingly; true never falls back silently")
+    checkpoint: str | None = Field(None, description="local .pth/.pt/.bin/.safetensors state dict to start from")
     image_size: int | None = Field(None, ge=16, le=1024, description="default: the weights' own input size")
 
 
 class StrategyConfig(Strict):
     """A strategy and its hyperparameters; a list value sweeps (`blocks: [1, 2, 3]`)."""
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="registry key (`medtune list strategies`, docs/strategies.md)")
+    params: dict[str, Any] = Field(default_factory=dict, description="hyperparameters; a list value sweeps")
 
 
 class AugmentConfig(Strict):
-    hflip: bool = True
-    vflip: bool = False
-    degrees: float = Field(10.0, ge=0, le=180)
-    translate: float = Field(0.05, ge=0, le=0.5)
-    scale: float = Field(0.1, ge=0, le=0.9)
-    brightness: float = Field(0.1, ge=0, le=1)
-    contrast: float = Field(0.1, ge=0, le=1)
+    hflip: bool = Field(True, description="random horizontal flip")
+    vflip: bool = Field(False, description="random vertical flip (off: anatomy usually has an up)")
+    degrees: float = Field(10.0, ge=0, le=180, description="random rotation range, +- degrees")
+    translate: float = Field(0.05, ge=0, le=0.5, description="random shift, fraction of the image size")
+    scale: float = Field(0.1, ge=0, le=0.9, description="random zoom, +- fraction")
+    brightness: float = Field(0.1, ge=0, le=1, description="random brightness change, +- fraction")
+    contrast: float = Field(0.1, ge=0, le=1, description="random contrast change, +- fraction")
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=2)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)
-    patience: int = Field(5, ge=1)
-    val_fraction: float = Field(0.15, ge=0, lt=0.5)
-    class_weighted: bool = False
-    balanced_sampler: bool = False
+    epochs: int = Field(10, ge=1, description="maximum epochs per cell")
+    batch_size: int = Field(32, ge=2, description="images per step; lower it on out-of-memory errors")
+    lr: float = Field(1e-3, gt=0, description="base learning rate (strategies scale it per block)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
+    patience: int = Field(5, ge=1, description="early stopping: epochs without improvement on the inner validation split")
+    val_fraction: float = Field(0.15, ge=0, lt=0.5, description="share of each training fold held out (by patient) for early stopping")
+    class_weighted: bool = Field(False, description="weight the loss by inverse class frequency")
+    balanced_sampler: bool = Field(False, description="sample batches with equal class frequency")
     views: int = Field(4, ge=1, description="augmented views per image in the frozen-prefix cache")
-    cache: bool = True
-    amp: Literal["auto", "on", "off"] = "auto"
-    channels_last: bool = True
-    train_bn: bool = False
-    grad_clip: float = Field(5.0, ge=0)
-    augment: AugmentConfig = AugmentConfig()
+    cache: bool = Field(True, description="cache the output of frozen leading blocks (same results, much faster)")
+    amp: Literal["auto", "on", "off"] = Field("auto", description="mixed precision: auto = on for CUDA and bf16-capable CPUs")
+    channels_last: bool = Field(True, description="channels-last memory layout (faster convolutions on GPU)")
+    train_bn: bool = Field(False, description="let BatchNorm statistics of frozen blocks update")
+    grad_clip: float = Field(5.0, ge=0, description="clip the gradient norm to this value; 0 = off")
+    augment: AugmentConfig = Field(AugmentConfig(), description="training-time augmentation")
 
 
 class ExperimentConfig(Strict):
-    name: str = "experiment"
-    datasets: list[DatasetConfig]
-    backbones: list[BackboneConfig]
-    strategies: list[StrategyConfig]
-    heads: list[Literal["softmax", "svm"]] = ["softmax"]
-    folds: int = Field(5, ge=2, le=20)
-    seeds: list[int] = [0]
-    train: TrainConfig = TrainConfig()
-    store: str = "results/medtune.sqlite"
-    device: str = "auto"
+    name: str = Field("experiment", description="name of the experiment, saved with each run")
+    datasets: list[DatasetConfig] = Field(description="data sets; the grid's first axis")
+    backbones: list[BackboneConfig] = Field(description="backbones: a timm name or a mapping; the second axis")
+    strategies: list[StrategyConfig] = Field(description="strategies: a name or {name: ..., param: value}; the third axis")
+    heads: list[Literal["softmax", "svm"]] = Field(["softmax"], description="softmax = the trained classifier; svm = linear SVM on the tuned network's features")
+    folds: int = Field(5, ge=2, le=20, description="k of the outer stratified (patient-grouped) k-fold")
+    seeds: list[int] = Field([0], description="repeat the whole CV with these seeds (folds and initialisation)")
+    train: TrainConfig = Field(TrainConfig(), description="training settings shared by every cell")
+    store: str = Field("results/medtune.sqlite", description="SQLite results store (`--store` overrides)")
+    device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     gpus_per_cell: float = Field(0, ge=0)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from medtune.dicom import decode_dicom, is_dicom, patient_ids
 from medtune.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
@@ -113,8 +114,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read one image file as uint8 (3, size, size). Raises DataError naming the file."""
+def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 frame: int | None = None) -> np.ndarray:
+    """Read one image file as uint8 (3, size, size). Raises DataError naming the file.
+    DICOM files (by suffix or magic bytes) go through `medtune.dicom`; `frame` picks one frame
+    of a multi-frame DICOM file."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -122,6 +126,13 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
     if not data:
         raise DataError(f"{path}: the file is empty (0 bytes). Remove it or replace it with the image.")
+    if is_dicom(path, data[:132]):
+        img = decode_dicom(path, data, frame)
+        w, h = img.size
+        if w * h > max_pixels:
+            raise DataError(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels:,}; raise `max_pixels` if genuine.")
+        img = to_rgb(img).resize((size, size), Image.BICUBIC)
+        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -147,7 +158,8 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
-def decode_many(paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def decode_many(paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                frame: int | None = None) -> torch.Tensor:
     """Decode in threads (PIL releases the GIL); every failure is collected into one error."""
     if not paths:
         raise DataError("no images to load.")
@@ -156,7 +168,7 @@ def decode_many(paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXE
 
     def work(i: int) -> None:
         try:
-            out[i] = decode_image(paths[i], size, max_pixels)
+            out[i] = decode_image(paths[i], size, max_pixels, frame)
         except DataError as exc:
             errors.append(str(exc))
 
@@ -184,9 +196,10 @@ def _check_classes(class_names: list[str], labels: np.ndarray, where: str) -> No
 
 
 def load_folder(root: str | Path, size: int, group_pattern: str | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageTable:
+                max_pixels: int = DEFAULT_MAX_PIXELS, frame: int | None = None) -> ImageTable:
     """One sub-folder per class. `group_pattern` (a regex with one group) reads a patient id
-    from each file name, e.g. `^(P\\d+)_` for `P012_left.png`."""
+    from each file name, e.g. `^(P\\d+)_` for `P012_left.png`; without it, DICOM files are
+    grouped by the PatientID in their headers."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder {root} does not exist. Check `path` in the config (relative paths are "
@@ -225,14 +238,17 @@ def load_folder(root: str | Path, size: int, group_pattern: str | None = None,
                                 "a patient id, or drop group_pattern.")
             ids.append(m.group(1) if m.groups() else m.group(0))
         groups = np.asarray(ids, dtype=object)
-    images = decode_many(paths, size, max_pixels)
+    images = decode_many(paths, size, max_pixels, frame)
+    if groups is None:
+        groups = _dicom_groups(paths)
     return ImageTable(images, labels_arr, class_names, [str(p) for p in paths], groups, name=root.name)
 
 
 def load_manifest(csv_path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  classes: list[str] | None = None) -> ImageTable:
+                  classes: list[str] | None = None, frame: int | None = None) -> ImageTable:
     """CSV with columns path,label[,patient_id]; paths relative to the CSV's folder and never
-    outside it (a manifest must not reach into the rest of the file system)."""
+    outside it (a manifest must not reach into the rest of the file system). Without a
+    patient_id column, DICOM files are grouped by the PatientID in their headers."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} does not exist.")
@@ -283,8 +299,28 @@ def load_manifest(csv_path: str | Path, size: int, max_pixels: int = DEFAULT_MAX
         if any(not i for i in ids):
             raise DataError(f"manifest {csv_path}: some rows have an empty patient_id; fill them or drop the column.")
         groups = np.asarray(ids, dtype=object)
-    images = decode_many(paths, size, max_pixels)
+    images = decode_many(paths, size, max_pixels, frame)
+    if groups is None:
+        groups = _dicom_groups(paths)
     return ImageTable(images, labels, class_names, [str(p) for p in paths], groups, name=csv_path.stem)
+
+
+def _dicom_groups(paths: list[Path]) -> np.ndarray | None:
+    """Patient ids from DICOM headers when every file is DICOM (the images decoded already, so
+    the headers are readable); None for other data."""
+    if not all(is_dicom(p) or _has_dicom_magic(p) for p in paths):
+        return None
+    return patient_ids(paths)
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return is_dicom(path, fh.read(132))
+
+
+def load_dicom(path: str | Path, size: int, **options) -> ImageTable:
+    """`source: dicom`: a folder per class or a .csv manifest of DICOM files (options: frame)."""
+    return (load_manifest if Path(path).suffix.lower() == ".csv" else load_folder)(path, size, **options)
 
 
 def load_npz(npz_path: str | Path, size: int, class_names: list[str] | None = None) -> ImageTable:
@@ -329,23 +365,107 @@ def load_npz(npz_path: str | Path, size: int, class_names: list[str] | None = No
     return ImageTable(t, y, names, paths, split=np.asarray(split, dtype=object), name=npz_path.stem)
 
 
+MEDMNIST_SIZES = (28, 64, 128, 224)
+
+
+def _medmnist_info(flag: str | None) -> dict | None:
+    """The `medmnist` package's record of a data set (URLs, label names), or None when not installed."""
+    if flag is None:
+        return None
+    try:
+        from medmnist.info import INFO
+    except ImportError:
+        return None
+    if flag not in INFO:
+        flags = sorted(f for f in INFO if not f.endswith("3d"))
+        raise DataError(f"MedMNIST flag {flag!r} is unknown; 2-D flags are {', '.join(flags)}.")
+    return INFO[flag]
+
+
+def load_medmnist(path: str | Path | None, image_size: int, flag: str | None = None, size: int | None = None,
+                  root: str | None = None) -> ImageTable:
+    """`source: medmnist`: a MedMNIST `.npz` given by `path`, found in a folder, or downloaded.
+
+    `size` is the MedMNIST resolution to read (28, 64, 128 or 224; default: the smallest one at
+    least `image_size`, so no detail is invented by upsampling). Without a `.npz` path the file
+    `{flag}_{size}.npz` is looked for in `path` (a folder) or `root` (default ~/.medmnist), and
+    fetched with the `medmnist` package's own download when it is missing.
+    """
+    size = size or next((s for s in MEDMNIST_SIZES if s >= image_size), 224)
+    if size not in MEDMNIST_SIZES:
+        raise DataError(f"MedMNIST option size: {size} is not one of {MEDMNIST_SIZES}.")
+    p = Path(path).expanduser() if path else None
+    if p is not None and p.suffix.lower() == ".npz":
+        if not p.is_file():
+            raise DataError(f"MedMNIST file {p} does not exist. Check `path` in the config.")
+        flag = flag or re.sub(r"_\d+$", "", p.stem)
+    else:
+        if not flag:
+            raise DataError("MedMNIST needs `options: {flag: NAME}` (e.g. breastmnist) or `path` to a .npz file.")
+        folder = p or Path(root or "~/.medmnist").expanduser()
+        p = folder / f"{flag}{'' if size == 28 else f'_{size}'}.npz"
+        if not p.is_file():
+            _download_medmnist(flag, size, folder, p)
+    info = _medmnist_info(flag) if flag else None
+    names = [info["label"][k] for k in sorted(info["label"], key=int)] if info else None
+    return load_npz(p, image_size, class_names=names)
+
+
+def _download_medmnist(flag: str, size: int, folder: Path, target: Path) -> None:
+    """The medmnist package's own download; any failure becomes one message saying where the file goes."""
+    info = _medmnist_info(flag)
+    url = info[f"url{'' if size == 28 else f'_{size}'}"] if info else "https://zenodo.org/records/10519652"
+    how = (f"Download {target.name} from {url} and put it at {target}, or set the data set's `path` to the .npz "
+           f"file (e.g. --set datasets.0.path=/data/{target.name}).")
+    if info is None:
+        raise DataError(f"MedMNIST {flag!r} is not at {target} and cannot be downloaded without the medmnist "
+                        f"package (`pip install 'medtune[medmnist]'`). {how}")
+    try:
+        import medmnist.dataset
+
+        folder.mkdir(parents=True, exist_ok=True)
+        getattr(medmnist.dataset, info["python_class"])(split="test", download=True, size=size, root=str(folder))
+    except Exception as exc:  # noqa: BLE001 - offline, proxy, checksum: the remedy is the same
+        raise DataError(f"MedMNIST {flag!r} ({size} px) could not be downloaded ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else 'no detail'}). {how}") from exc
+    if not target.is_file():
+        raise DataError(f"MedMNIST download finished but {target} is missing. {how}")
+
+
 def load_dataset(path: str | Path | None = None, *, source: str = "auto", image_size: int = 224,
                  name: str | None = None, **options) -> ImageTable:
-    """One way in: `source` is folder | manifest | npz | synthetic | auto (from the path)."""
+    """One way in: `source` is folder | manifest | npz | dicom | medmnist | synthetic | auto (from the path)."""
+    try:
+        table = _load(path, source, image_size, name, options)
+    except TypeError as exc:  # an option the loader does not take: a typo in the YAML's `options`
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise DataError(f"data set {name or path!r}: {str(exc).split('() ', 1)[-1]}; check its `options` "
+                        f"for source {source!r} (docs/config.md lists them).") from exc
+    if name:
+        table.name = name
+    return table
+
+
+def _load(path, source: str, image_size: int, name: str | None, options: dict) -> ImageTable:
     if source == "synthetic":
         from medtune.synthetic import make_ultrasound
 
-        table = make_ultrasound(size=image_size, **options)
+        try:
+            table = make_ultrasound(size=image_size, **options)
+        except ValueError as exc:
+            raise DataError(f"data set {name or 'synthetic'!r}: {exc}.") from exc
+    elif source == "medmnist":
+        table = load_medmnist(path, image_size, **options)
     else:
         if path is None:
             raise DataError(f"data set {name or ''!r}: `path` is required for source {source!r}.")
         p = Path(path)
         if source == "auto":
             source = "manifest" if p.suffix.lower() == ".csv" else "npz" if p.suffix.lower() == ".npz" else "folder"
-        loaders = {"folder": load_folder, "manifest": load_manifest, "npz": load_npz}
+        loaders = {"folder": load_folder, "manifest": load_manifest, "npz": load_npz, "dicom": load_dicom}
         if source not in loaders:
-            raise DataError(f"unknown data source {source!r}; use one of {sorted([*loaders, 'synthetic', 'auto'])}.")
+            raise DataError(f"unknown data source {source!r}; use one of "
+                            f"{sorted([*loaders, 'medmnist', 'synthetic', 'auto'])}.")
         table = loaders[source](p, image_size, **options)
-    if name:
-        table.name = name
     return table

@@ -46,15 +46,27 @@ class PreparedData:
     duplicates: dict
     positive: str | None
     folds: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    official: bool = False  # `split: official`: the source's own train+val vs test, one "fold"
 
     def splits(self, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.official:
+            s = self.table.split
+            return [(np.flatnonzero(s != "test"), np.flatnonzero(s == "test"))]
         if seed not in self.folds:
             self.folds[seed] = kfold(self.table.labels, self.groups, n_folds, seed)
         return self.folds[seed]
 
 
+def n_folds_of(ds, folds: int) -> int:
+    """An official train/test split is a single fold; otherwise the config's k."""
+    return 1 if ds.options.get("split") == "official" else folds
+
+
 def prepare(ds, image_size: int, n_folds: int) -> PreparedData:
     opts = dict(ds.options)
+    split = opts.pop("split", "merged")
+    if split not in ("official", "merged"):
+        raise MedtuneError(f"data set {ds.display_name()!r}: options.split must be official or merged, not {split!r}.")
     if ds.group_pattern:
         opts["group_pattern"] = ds.group_pattern
     table = load_dataset(ds.path, source=ds.source, image_size=image_size, name=ds.display_name(), **opts)
@@ -62,6 +74,16 @@ def prepare(ds, image_size: int, n_folds: int) -> PreparedData:
         raise MedtuneError(f"data set {ds.display_name()!r}: positive class {ds.positive!r} is not one of "
                            f"{table.class_names}.")
     table, groups, record = apply_duplicate_policy(table, ds.duplicates)
+    if split == "official":
+        if table.split is None or not (table.split == "test").any() or (table.split == "test").all():
+            raise MedtuneError(f"data set {ds.display_name()!r}: `split: official` needs a source with its own "
+                               "train/test split (a MedMNIST .npz); use `split: merged` for k-fold CV.")
+        train, test = (table.split != "test"), (table.split == "test")
+        leaked = {table.digests[i] for i in np.flatnonzero(train)} & {table.digests[i] for i in np.flatnonzero(test)}
+        if leaked:
+            raise MedtuneError(f"data set {ds.display_name()!r}: the official split has {len(leaked)} identical "
+                               "image(s) in both train/val and test; set `duplicates: drop` or use `split: merged`.")
+        return PreparedData(table, groups, record, ds.positive, official=True)
     check_foldable(table.labels, groups, table.class_names, n_folds, ds.display_name())
     return PreparedData(table, groups, record, ds.positive)
 
@@ -95,16 +117,17 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> 
             for strategy in strategy_list(cfg):
                 for head in cfg.heads:
                     for seed in cfg.seeds:
-                        for fold in range(cfg.folds):
+                        n_folds = n_folds_of(ds, cfg.folds)
+                        for fold in range(n_folds):
                             config = {
                                 "dataset": {**ds.model_dump(), "fingerprint": fingerprints[f"{ds.display_name()}@{size}"]},
                                 "backbone": {**bb.model_dump(), "image_size": size},
                                 "strategy": {"name": strategy.name, **strategy.params()},
-                                "head": head, "fold": fold, "n_folds": cfg.folds, "seed": seed, "train": train,
+                                "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": train,
                             }
                             cells.append({"cell_id": cell_id(config), "run_id": run_id, "dataset": ds.display_name(),
                                           "backbone": bb.name, "strategy": strategy.label(), "head": head,
-                                          "fold": fold, "n_folds": cfg.folds, "seed": seed, "config": config})
+                                          "fold": fold, "n_folds": n_folds, "seed": seed, "config": config})
     return cells
 
 
