@@ -462,6 +462,8 @@ def evaluate(fwd: Forward, inputs: Inputs, table: ImageTable, idx: np.ndarray, s
 def predict_proba(fwd: Forward, inputs: Inputs, idx: np.ndarray, settings: TrainSettings, rt: Runtime,
                   features: bool = False) -> np.ndarray:
     """Class probabilities (or penultimate features) for table[idx], view 0, eval mode."""
+    if len(idx) == 0:  # keep the shape: run one image, return none
+        return predict_proba(fwd, inputs, np.arange(1), settings, rt, features)[:0]
     was = fwd.model.training
     fwd.model.eval()
     out = []

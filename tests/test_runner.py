@@ -1,0 +1,99 @@
+"""The grid end to end on the smoke configuration: store contents, resume, SVM head, auto_depth."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import medtune
+from medtune.config import load_config
+from medtune.heads import fit_svm, full_proba
+from medtune.runner import expand, prepare, settings_from
+from medtune.store import Store
+from medtune.train import set_seed
+from tests.conftest import TINY, smoke_raw
+
+
+def test_grid_runs_stores_everything_and_resumes_without_redoing(tmp_path):
+    raw = smoke_raw(tmp_path)
+    first = medtune.run(raw, progress=False)
+    assert (first.total, first.done, first.failed, first.skipped) == (6, 6, 0, 0)
+    with Store(raw["store"]) as s:
+        cells = s.cells()
+        preds = s.predictions()
+        metrics = s.metrics()
+        assert s.integrity_ok()
+    assert len(cells) == 6 and set(cells.status) == {"done"}
+    # every image is predicted exactly once per strategy (out of fold)
+    for strategy, group in cells.groupby("strategy"):
+        samples = preds[preds.cell_id.isin(group.cell_id)]["sample"]
+        assert sorted(samples) == list(range(24)), strategy
+    assert {"accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "auc"} <= set(metrics.columns)
+    again = medtune.run(raw, progress=False)
+    assert (again.done, again.skipped) == (0, 6)
+    with Store(raw["store"]) as s:
+        assert len(s.cells()) == 6 and len(s.predictions()) == len(preds)
+
+
+def test_cell_ids_depend_on_config_and_data_not_on_run():
+    cfg = load_config(raw=smoke_raw(__import__("pathlib").Path("/tmp")))
+    a = expand(cfg, "run1", {"syn@48": "f1"})
+    b = expand(cfg, "run2", {"syn@48": "f1"})
+    c = expand(cfg, "run1", {"syn@48": "f2"})
+    assert [x["cell_id"] for x in a] == [x["cell_id"] for x in b]
+    assert not {x["cell_id"] for x in a} & {x["cell_id"] for x in c}
+    assert len({x["cell_id"] for x in a}) == 6
+
+
+def test_svm_head_predictions_come_from_an_svm_on_network_features(tmp_path):
+    """Recompute the SVM by hand from the pretrained network's pre-logits features."""
+    raw = smoke_raw(tmp_path, amp="off", val_fraction=0.3)
+    raw["strategies"] = ["linear_probe"]
+    raw["heads"] = ["svm"]
+    raw["datasets"][0]["options"]["n_patients"] = 24
+    cfg = load_config(raw=raw)
+    medtune.run(cfg, progress=False)
+    with Store(raw["store"]) as s:
+        cells = s.cells()
+        preds = s.predictions()
+    cell = cells[cells.fold == 0].iloc[0]
+    stored = np.array(preds[preds.cell_id == cell.cell_id].sort_values("sample")["probs"].tolist())
+    data = prepare(cfg.datasets[0], 48, 2)
+    tr, te = data.splits(2, 0)[0]
+    from medtune.splits import inner_split
+
+    fit_idx, val_idx = inner_split(tr, data.table.labels, data.groups, 0.3, 0)
+    assert len(val_idx) > 0  # C is chosen on a real inner split
+    set_seed(0)
+    model = medtune.create_backbone(TINY, pretrained=False, num_classes=3).eval()
+    from medtune.backbones import preprocessing
+
+    pre = preprocessing(model)
+    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    x = (data.table.images.float() / 255 - mean) / std
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+    y = data.table.labels
+    svm = fit_svm(feats[fit_idx], y[fit_idx], feats[val_idx], y[val_idx], 3, seed=0)
+    expected = full_proba(svm, feats[np.sort(te)], 3)
+    assert np.allclose(stored, expected, atol=1e-4)
+
+
+def test_auto_depth_picks_by_inner_cv_and_records_it(tmp_path):
+    raw = smoke_raw(tmp_path)
+    raw["strategies"] = [{"name": "auto_depth", "candidates": ["linear_probe", "full_ft"], "inner_folds": 2}]
+    summary = medtune.run(raw, progress=False)
+    assert summary.done == 2
+    with Store(raw["store"]) as s:
+        infos = [__import__("json").loads(i) for i in s.cells().info_json]
+    for info in infos:
+        assert info["auto_depth"]["picked"] in ("linear_probe", "full_ft")
+        assert set(info["auto_depth"]["scores"]) == {"linear_probe", "full_ft"}
+        assert info["strategy_label"] == info["auto_depth"]["picked"]
+
+
+def test_settings_round_trip_from_config(tmp_path):
+    cfg = load_config(raw=smoke_raw(tmp_path, lr=0.01))
+    s = settings_from(cfg)
+    assert s.lr == 0.01 and s.views == 2 and s.augment.hflip is True
