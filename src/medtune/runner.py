@@ -33,7 +33,7 @@ from medtune.splits import apply_duplicate_policy, assert_disjoint, check_foldab
 from medtune.store import Store
 from medtune.strategies import Strategy, create_strategy, parse_label
 from medtune.train import (Augment, FeatureCache, Runtime, TrainSettings, autocast_dtype, final_inputs, fit,
-                           predict_proba, resolve_device)
+                           predict_proba, resolve_device, set_seed)
 
 
 # --------------------------------------------------------------------------- data preparation
@@ -136,6 +136,9 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         strategy, info["auto_depth"] = pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt)
     fit_idx, val_idx = inner_split(train_idx, table.labels, groups, settings.val_fraction, c["seed"])
     bb = c["backbone"]
+    # Seed before building the model: a random head (or a random-init backbone) must not depend on
+    # which cells ran earlier in this process, or a cell's result would depend on the executor.
+    set_seed(c["seed"])
     model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
     head = c["head"]
     skip_training = head == "svm" and not strategy.trains_backbone(settings.epochs)
@@ -225,7 +228,8 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     """Run (or resume) the grid of `cfg`; returns counts. Failed cells are recorded and skipped over."""
     t0 = time.perf_counter()
     store = Store(store_path or cfg.store)
-    device = resolve_device(cfg.device)
+    # Under Ray the workers pick their devices; a driver without a GPU (a laptop, a login node) is fine.
+    device = resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu")
     run_id = hashlib.sha1(f"{time.time()}-{os.getpid()}".encode()).hexdigest()[:12]
     prepared: dict[str, PreparedData] = {}
     fingerprints: dict[str, str] = {}

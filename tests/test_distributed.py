@@ -1,0 +1,181 @@
+"""The Ray executor: same results as the local loop, survives dead workers and a killed driver.
+
+One local Ray instance (CPU only) is shared by the whole module; the grids are tiny
+(test_efficientnet at 32 px, 2 folds, 1 epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from medtune.config import load_config  # noqa: E402
+from medtune.distributed import CRASH_ONCE_ENV, check_devices  # noqa: E402
+from medtune.errors import ConfigError  # noqa: E402
+from medtune.runner import run  # noqa: E402
+from medtune.store import Store  # noqa: E402
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def grid(store: Path, strategies=("linear_probe", "full_ft"), seeds=(0,), **extra) -> dict:
+    return {
+        "name": "ray-test",
+        "datasets": [{"name": "synthetic", "source": "synthetic",
+                      "options": {"n_patients": 12, "images_per_patient": 2, "seed": 0}}],
+        "backbones": [{"name": "test_efficientnet", "pretrained": False, "image_size": 32}],
+        "strategies": list(strategies),
+        "folds": 2,
+        "seeds": list(seeds),
+        "train": {"epochs": 1, "batch_size": 8, "views": 2, "patience": 1, "amp": "off"},
+        "device": "cpu",
+        "store": str(store),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance for the module; workers inherit PYTHONPATH so they import this medtune."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, old) if p)
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+                   logging_level="WARNING", log_to_driver=False)
+    yield ctx.address_info["address"]
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = old
+
+
+def store_rows(path: Path) -> dict[str, dict]:
+    with Store(path) as s:
+        cells = s.cells()
+        m = s.metrics().set_index("cell_id")
+        preds = s.predictions()
+    out = {}
+    for _, c in cells.iterrows():
+        p = preds[preds.cell_id == c.cell_id]
+        metrics = m.loc[c.cell_id].drop(["dataset", "backbone", "strategy", "head", "fold", "seed", "seconds"]) \
+            if c.cell_id in m.index else None
+        out[c.cell_id] = {"status": c.status, "error": c.error, "info": json.loads(c.info_json),
+                          "metrics": metrics, "samples": list(p["sample"]), "probs": np.array(list(p["probs"]))}
+    return out
+
+
+def test_ray_gives_the_same_store_as_local(ray_cluster, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers use cpus_per_cell = 1 thread
+    try:
+        local = run(load_config(raw=grid(tmp_path / "local.sqlite")), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    remote = run(load_config(raw=grid(tmp_path / "ray.sqlite", executor="ray")), progress=False)
+    assert (local.done, local.failed, remote.done, remote.failed) == (4, 0, 4, 0)
+    a, b = store_rows(tmp_path / "local.sqlite"), store_rows(tmp_path / "ray.sqlite")
+    assert set(a) == set(b) and len(a) == 4
+    worst_metric = worst_prob = 0.0
+    for cid in a:
+        assert a[cid]["samples"] == b[cid]["samples"]
+        assert list(a[cid]["metrics"].index) == list(b[cid]["metrics"].index)
+        ma, mb = a[cid]["metrics"].astype(float).to_numpy(), b[cid]["metrics"].astype(float).to_numpy()
+        assert np.array_equal(np.isnan(ma), np.isnan(mb))
+        worst_metric = max(worst_metric, float(np.nanmax(np.abs(ma - mb))))
+        worst_prob = max(worst_prob, float(np.abs(a[cid]["probs"] - b[cid]["probs"]).max()))
+        assert b[cid]["info"]["worker"]["device"] == "cpu" and "worker" not in a[cid]["info"]
+    print(f"max |metric diff| = {worst_metric:.3g}, max |prob diff| = {worst_prob:.3g}")
+    assert worst_metric <= 1e-6 and worst_prob <= 1e-5
+
+
+def test_killed_worker_is_retried_and_every_cell_lands_once(ray_cluster, tmp_path, monkeypatch):
+    markers = tmp_path / "crashed"
+    markers.mkdir()
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(markers))  # forwarded to the workers by run_ray
+    summary = run(load_config(raw=grid(tmp_path / "s.sqlite", strategies=["linear_probe"], executor="ray",
+                                       max_retries=2)), progress=False)
+    assert (summary.done, summary.failed) == (2, 0)
+    rows = store_rows(tmp_path / "s.sqlite")
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows.values())
+    crashed = {p.name: int(p.read_text()) for p in markers.iterdir()}
+    assert set(crashed) == set(rows)  # each cell's first attempt really died
+    for cid, r in rows.items():
+        assert r["info"]["worker"]["pid"] != crashed[cid]  # the result came from the retry
+        assert len(r["samples"]) == len(set(r["samples"])) == 12
+
+
+def test_cell_whose_worker_always_dies_is_failed_and_the_grid_goes_on(ray_cluster, tmp_path, monkeypatch):
+    markers = tmp_path / "crashed"
+    markers.mkdir()
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(markers))
+    cfg = grid(tmp_path / "s.sqlite", strategies=["linear_probe"], executor="ray", max_retries=0)
+    summary = run(load_config(raw=cfg), progress=False)
+    assert (summary.done, summary.failed) == (0, 2)
+    rows = store_rows(tmp_path / "s.sqlite")
+    assert all(r["status"] == "failed" and "worker died on each of 1 attempts" in r["error"] for r in rows.values())
+    monkeypatch.delenv(CRASH_ONCE_ENV)
+    again = run(load_config(raw=cfg), progress=False)  # failed cells are not "done": a rerun retries them
+    assert (again.skipped, again.done, again.failed) == (0, 2, 0)
+    assert {r["status"] for r in store_rows(tmp_path / "s.sqlite").values()} == {"done"}
+
+
+def test_driver_killed_and_restarted_loses_and_duplicates_nothing(ray_cluster, tmp_path):
+    store = tmp_path / "s.sqlite"
+    cfg_path = tmp_path / "grid.yaml"
+    cfg_path.write_text(yaml.safe_dump(grid(store, strategies=["linear_probe", "full_ft", "bitfit"], seeds=[0, 1],
+                                            executor="ray", ray_address=ray_cluster)))
+    cmd = [sys.executable, "-m", "medtune", "run", str(cfg_path), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": os.environ["PYTHONPATH"]}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def n_done() -> int:
+        if not store.exists():
+            return 0
+        with sqlite3.connect(store, timeout=30) as conn:
+            try:
+                return conn.execute("SELECT COUNT(*) FROM cells WHERE status='done'").fetchone()[0]
+            except sqlite3.OperationalError:  # schema not created yet
+                return 0
+
+    deadline = time.time() + 90
+    while n_done() == 0 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = n_done()
+    assert 1 <= before < 12  # killed mid-grid
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"12 cells: {12 - before} run, {before} already done, 0 failed" in out.stdout
+    rows = store_rows(store)
+    assert len(rows) == 12 and all(r["status"] == "done" for r in rows.values())
+    for r in rows.values():
+        assert len(r["samples"]) == len(set(r["samples"])) == 12  # each cell's predictions exactly once
+    with Store(store) as s:
+        assert s.integrity_ok()
+        cells = s.cells()
+        assert cells.cell_id.is_unique and cells.run_id.nunique() == 2  # cells of both runs kept
+
+
+def test_device_rules_under_ray():
+    base = grid(Path("unused.sqlite"), executor="ray")
+    with pytest.raises(ConfigError, match="gpus_per_cell"):
+        check_devices(load_config(raw={**base, "device": "cuda"}))
+    with pytest.raises(ConfigError, match="Ray assigns"):
+        check_devices(load_config(raw={**base, "device": "cuda:1", "gpus_per_cell": 1}))
+    check_devices(load_config(raw={**base, "device": "cuda", "gpus_per_cell": 0.5}))
