@@ -32,11 +32,9 @@ from medtune.runner import CellResult, PreparedData, RunSummary, execute, model_
 from medtune.store import Store
 from medtune.train import FeatureCache, Runtime, TrainSettings, autocast_dtype
 
-# Environment variables with this prefix are forwarded from the driver to the workers, so that
-# settings (and the test-only crash switch below) reach a Ray instance that was started earlier.
-FORWARD_PREFIX = "MEDTUNE_"
-# Test-only: a directory; the first attempt of each cell writes a marker there and SIGKILLs its
-# own worker process after computing the result, so Ray's retry path is exercised for real.
+# Test-only, read by the workers (set it before Ray starts): a directory. While it holds a file `armed`,
+# the first task to claim the marker `crashed` there SIGKILLs its own worker process, so Ray's retry
+# path is exercised for real.
 CRASH_ONCE_ENV = "MEDTUNE_TEST_CRASH_ONCE"
 
 _CACHE: FeatureCache | None = None  # one per worker process, reused by every task it runs
@@ -68,13 +66,21 @@ def cell_task(cell: dict, data: PreparedData, settings: TrainSettings, requested
         outcome.info["worker"] = {"pid": os.getpid(), "node": ctx.get_node_id(), "device": str(device),
                                   "cache_hits": _CACHE.hits if _CACHE else 0,
                                   "cache_misses": _CACHE.misses if _CACHE else 0}
-    crash_dir = os.environ.get(CRASH_ONCE_ENV)
-    if crash_dir:
-        marker = Path(crash_dir) / cell["cell_id"]
-        if not marker.exists():
-            marker.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(CRASH_ONCE_ENV) and (Path(os.environ[CRASH_ONCE_ENV]) / "armed").exists():
+        crash_once(Path(os.environ[CRASH_ONCE_ENV]), cell["cell_id"])
     return outcome
+
+
+def crash_once(folder: Path, cell_id: str) -> None:
+    """Test-only: the first task to get here (O_EXCL marker, so exactly one) records its cell id and pid, then
+    SIGKILLs its own worker after the result is computed but before it is returned."""
+    try:
+        fd = os.open(folder / "crashed", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{cell_id} {os.getpid()}".encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_devices(cfg: ExperimentConfig) -> None:
@@ -104,10 +110,6 @@ def connect(cfg: ExperimentConfig) -> bool:
     return True
 
 
-def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIX)}
-
-
 def run_ray(cfg: ExperimentConfig, todo: list[dict], data_of: dict[str, PreparedData], settings: TrainSettings,
             store: Store, summary: RunSummary, progress: bool, on_cell) -> None:
     """Run `todo` as Ray tasks; record each cell in `store` as its task finishes."""
@@ -131,9 +133,6 @@ def run_ray(cfg: ExperimentConfig, todo: list[dict], data_of: dict[str, Prepared
             refs[id(data)] = ray.put(data)
         options: dict = dict(num_cpus=cfg.cpus_per_cell, num_gpus=cfg.gpus_per_cell, max_retries=cfg.max_retries,
                              retry_exceptions=False)
-        env = forwarded_env()
-        if env:
-            options["runtime_env"] = {"env_vars": env}
         task = ray.remote(cell_task).options(**options)
         threads = max(1, int(cfg.cpus_per_cell))
         pending = {}
