@@ -17,16 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray  # in the `dev` extra: these tests must run, not skip
 import torch
 import yaml
 
-ray = pytest.importorskip("ray")
-
-from medtune.config import load_config  # noqa: E402
-from medtune.distributed import CRASH_ONCE_ENV, check_devices  # noqa: E402
-from medtune.errors import ConfigError  # noqa: E402
-from medtune.runner import run  # noqa: E402
-from medtune.store import Store  # noqa: E402
+from medtune.config import load_config
+from medtune.distributed import CRASH_ONCE_ENV, check_devices
+from medtune.errors import ConfigError
+from medtune.runner import run
+from medtune.store import Store
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
