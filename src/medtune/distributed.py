@@ -61,6 +61,8 @@ def cell_task(cell: dict, data: PreparedData, settings: TrainSettings, requested
         _CACHE = FeatureCache()
     rt = Runtime(device, _CACHE if settings.cache else None, model_key(cell), autocast_dtype(device, settings.amp))
     outcome = execute(cell, data, settings, rt)
+    if device.type == "cuda":  # give back cached blocks: with gpus_per_cell < 1 another worker shares this GPU
+        torch.cuda.empty_cache()
     if isinstance(outcome, CellResult):
         ctx = ray.get_runtime_context()
         outcome.info["worker"] = {"pid": os.getpid(), "node": ctx.get_node_id(), "device": str(device),
