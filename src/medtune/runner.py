@@ -159,7 +159,9 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         strategy, info["auto_depth"] = pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt)
     fit_idx, val_idx = inner_split(train_idx, table.labels, groups, settings.val_fraction, c["seed"])
     bb = c["backbone"]
-    set_seed(c["seed"])  # the new head's (and a random-init backbone's) weights depend on it
+    # Seed before building the model: a random head (or a random-init backbone) must not depend on
+    # which cells ran earlier in this process, or a cell's result would depend on the executor.
+    set_seed(c["seed"])
     model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
     head = c["head"]
     skip_training = head == "svm" and not strategy.trains_backbone(settings.epochs)
@@ -249,7 +251,8 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     """Run (or resume) the grid of `cfg`; returns counts. Failed cells are recorded and skipped over."""
     t0 = time.perf_counter()
     store = Store(store_path or cfg.store)
-    device = resolve_device(cfg.device)
+    # Under Ray the workers pick their devices; a driver without a GPU (a laptop, a login node) is fine.
+    device = resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu")
     run_id = hashlib.sha1(f"{time.time()}-{os.getpid()}".encode()).hexdigest()[:12]
     prepared: dict[str, PreparedData] = {}
     fingerprints: dict[str, str] = {}
