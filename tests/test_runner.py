@@ -97,3 +97,16 @@ def test_settings_round_trip_from_config(tmp_path):
     cfg = load_config(raw=smoke_raw(tmp_path, lr=0.01))
     s = settings_from(cfg)
     assert s.lr == 0.01 and s.views == 2 and s.augment.hflip is True
+
+
+def test_heads_share_one_training_run(tmp_path):
+    raw = smoke_raw(tmp_path)
+    raw["strategies"] = ["full_ft"]
+    raw["heads"] = ["softmax", "svm"]
+    assert medtune.run(raw, progress=False).done == 4
+    with Store(raw["store"]) as s:
+        cells = s.cells()
+    import json
+
+    shared = {(r.head, r.fold): json.loads(r.info_json).get("shared_training_with_other_head", False) for r in cells.itertuples()}
+    assert shared == {("softmax", 0): False, ("softmax", 1): False, ("svm", 0): True, ("svm", 1): True}

@@ -84,6 +84,12 @@ class TrainConfig(Strict):
     grad_clip: float = Field(5.0, ge=0, description="clip the gradient norm to this value; 0 = off")
     augment: AugmentConfig = Field(AugmentConfig(), description="training-time augmentation")
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v: Any) -> Any:
+        """YAML reads `amp: off` as False and `amp: on` as True."""
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
+
 
 class ExperimentConfig(Strict):
     name: str = Field("experiment", description="name of the experiment, saved with each run")

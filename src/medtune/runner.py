@@ -115,10 +115,10 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> 
         for bb in cfg.backbones:
             size = bb.image_size or default_image_size(bb.name)
             for strategy in strategy_list(cfg):
-                for head in cfg.heads:
-                    for seed in cfg.seeds:
-                        n_folds = n_folds_of(ds, cfg.folds)
-                        for fold in range(n_folds):
+                for seed in cfg.seeds:
+                    n_folds = n_folds_of(ds, cfg.folds)
+                    for fold in range(n_folds):
+                        for head in cfg.heads:  # innermost: cells differing only in head share training
                             config = {
                                 "dataset": {**ds.model_dump(), "fingerprint": fingerprints[f"{ds.display_name()}@{size}"]},
                                 "backbone": {**bb.model_dump(), "image_size": size},
@@ -153,23 +153,22 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     table, groups = data.table, data.groups
     train_idx, test_idx = data.splits(c["n_folds"], c["seed"])[c["fold"]]
     assert_disjoint(train_idx, test_idx, table, groups)
-    strategy = create_strategy(c["strategy"]["name"], **{k: v for k, v in c["strategy"].items() if k != "name"})
     info: dict[str, Any] = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
-    if strategy.name == "auto_depth":
-        strategy, info["auto_depth"] = pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt)
-    fit_idx, val_idx = inner_split(train_idx, table.labels, groups, settings.val_fraction, c["seed"])
-    bb = c["backbone"]
-    # Seed before building the model: a random head (or a random-init backbone) must not depend on
-    # which cells ran earlier in this process, or a cell's result would depend on the executor.
-    set_seed(c["seed"])
-    model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
     head = c["head"]
-    skip_training = head == "svm" and not strategy.trains_backbone(settings.epochs)
-    if skip_training:  # SVM on frozen pretrained features: the softmax head would be thrown away
-        settings_used = TrainSettings(**{**asdict(settings), "augment": settings.augment, "epochs": 1})
-        result = fit(model, table, fit_idx, val_idx, strategy, settings_used, rt, seed=c["seed"])
+    # The head is an orthogonal axis: cells that differ only in `head` share one training run.
+    fit_key = cell_id({k: v for k, v in c.items() if k != "head"})
+    memo = rt.fit_memo if rt.fit_memo is not None else {}
+    if fit_key in memo:
+        strategy, result, picked = memo[fit_key]
+        info["shared_training_with_other_head"] = True
     else:
-        result = fit(model, table, fit_idx, val_idx, strategy, settings, rt, seed=c["seed"])
+        strategy, result, picked = train_for_cell(c, data, train_idx, settings, rt, head)
+        memo.clear()  # keep one: the next cell with the same training is the next head
+        if not (head == "svm" and not strategy.trains_backbone(settings.epochs)):
+            memo[fit_key] = (strategy, result, picked)
+    if picked:
+        info["auto_depth"] = picked
+    fit_idx, val_idx = inner_split(train_idx, table.labels, groups, settings.val_fraction, c["seed"])
     inputs = final_inputs(result, table, settings, rt)
     if head == "svm":
         feats = lambda idx: predict_proba(result.forward, inputs, idx, settings, rt, features=True)  # noqa: E731
@@ -182,12 +181,32 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     y = table.labels[test_idx]
     metrics = clinical_metrics(y, probs, table.class_names, positive=data.positive)
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
-                 "strategy_label": strategy.label(), "trained_blocks_min": None})
+                 "strategy_label": strategy.label()})
     if result.history:
         info["trainable_blocks"] = [h["trainable_blocks"] for h in result.history]
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
     preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
     return CellResult(metrics, preds, info, time.perf_counter() - t0, state)
+
+
+def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings: TrainSettings, rt: Runtime,
+                   head: str):
+    """The training part of a cell: (strategy used, FitResult, auto_depth record or None)."""
+    table, groups = data.table, data.groups
+    strategy = create_strategy(c["strategy"]["name"], **{k: v for k, v in c["strategy"].items() if k != "name"})
+    picked = None
+    if strategy.name == "auto_depth":
+        strategy, picked = pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt)
+    fit_idx, val_idx = inner_split(train_idx, table.labels, groups, settings.val_fraction, c["seed"])
+    bb = c["backbone"]
+    # Seed before building the model: a random head (or a random-init backbone) must not depend on
+    # which cells ran earlier in this process, or a cell's result would depend on the executor.
+    set_seed(c["seed"])
+    model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
+    if head == "svm" and not strategy.trains_backbone(settings.epochs):
+        # SVM on frozen pretrained features: a softmax head would be thrown away, train it one epoch only
+        settings = TrainSettings(**{**asdict(settings), "augment": settings.augment, "epochs": 1})
+    return strategy, fit(model, table, fit_idx, val_idx, strategy, settings, rt, seed=c["seed"]), picked
 
 
 def pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt) -> tuple[Strategy, dict]:
@@ -318,6 +337,7 @@ def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: 
 
     cache = FeatureCache() if settings.cache else None
     amp = autocast_dtype(device, settings.amp)
+    memo: dict = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
@@ -325,7 +345,7 @@ def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: 
         for cell in todo:
             bar.update(task, description=f"{cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} "
                                          f"fold {cell['fold']}")
-            rt = Runtime(device, cache, model_key(cell), amp)
+            rt = Runtime(device, cache, model_key(cell), amp, memo)
             status = record(store, cell, execute(cell, data_of[cell["cell_id"]], settings, rt), summary)
             if on_cell:
                 on_cell(cell, status)

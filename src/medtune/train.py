@@ -188,6 +188,7 @@ class Runtime:
     cache: FeatureCache | None
     model_key: tuple
     amp_dtype: torch.dtype | None = None
+    fit_memo: dict | None = None  # runner: one finished training, shared by cells that differ only in head
 
 
 class Forward:

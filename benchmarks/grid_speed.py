@@ -1,0 +1,239 @@
+"""One strategy grid two ways in one process: medtune vs a plain reference loop.
+
+(a) medtune: decode once, frozen-prefix feature cache shared across folds and cells, bf16
+    autocast on CPUs with AVX512-BF16/AMX (and CUDA), channels_last.
+(b) the loop a researcher would write: timm model with the same weights, a DataLoader over PIL
+    images (decode + resize + augment per item, every epoch), full forward every step, fp32.
+
+Same data, same folds (patient/duplicate groups from medtune's splitter), same epochs, same
+inner validation split, same SVM fitting code. Prints seconds per cell kind for both, the
+ratio, peak resident memory of the medtune part, and the mean metrics of both.
+
+    python benchmarks/grid_speed.py                # 224 px, 5 folds, 3 epochs
+    python benchmarks/grid_speed.py --quick        # 128 px, 2 folds, 3 epochs (< 10 min here)
+Results go to benchmarks/results/grid_speed[_quick].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+import medtune
+from medtune.backbones import create_backbone
+from medtune.config import load_config
+from medtune.heads import fit_svm, full_proba
+from medtune.metrics import clinical_metrics
+from medtune.runner import prepare
+from medtune.splits import inner_split
+from medtune.store import Store
+
+ROOT = Path(__file__).resolve().parent
+KINDS = ["linear_probe", "svm", "partial_ft", "lp_ft", "full_ft"]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# --------------------------------------------------------------------------- (a) medtune
+def medtune_grid(data: str, size: int, folds: int, epochs: int, views: int, store: str) -> dict:
+    base = {
+        "name": "grid_speed",
+        "datasets": [{"name": "busi", "path": data}],
+        "backbones": [{"name": "efficientnet_lite0", "image_size": size}],
+        "folds": folds, "seeds": [0], "store": store,
+        "train": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "patience": epochs, "views": views},
+    }
+    t0 = time.perf_counter()
+    medtune.run({**base, "strategies": ["linear_probe", {"name": "partial_ft", "blocks": 2},
+                                        {"name": "lp_ft", "lp_epochs": epochs}, "full_ft"]}, progress=False)
+    medtune.run({**base, "strategies": ["linear_probe"], "heads": ["svm"]}, progress=False)
+    wall = time.perf_counter() - t0
+    with Store(store) as s:
+        m = s.metrics()
+    kind = m.apply(lambda r: "svm" if r["head"] == "svm" else r["strategy"].split("(")[0], axis=1)
+    out = {"wall_seconds": wall, "kinds": {}}
+    cell_total = m["seconds"].sum()
+    for k in KINDS:
+        rows = m[kind == k]
+        out["kinds"][k] = {"seconds": float(rows["seconds"].sum()),
+                           "balanced_accuracy": float(rows["balanced_accuracy"].mean()),
+                           "balanced_accuracy_sd": float(rows["balanced_accuracy"].std(ddof=1)),
+                           "auc": float(rows["auc"].mean())}
+    # time outside cells (decoding the data set once, building configs) is spread over kinds by cell time
+    overhead = wall - cell_total
+    for k in KINDS:
+        out["kinds"][k]["seconds_with_overhead"] = out["kinds"][k]["seconds"] * (1 + overhead / cell_total)
+    out["overhead_seconds"] = overhead
+    return out
+
+
+# --------------------------------------------------------------------------- (b) reference loop
+class Images(Dataset):
+    def __init__(self, paths, labels, size, train, mean, std):
+        self.paths, self.labels, self.size, self.train = paths, labels, size, train
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img = Image.open(self.paths[i]).convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if self.train and torch.rand(1) < 0.5:
+            x = x.flip(-1)
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
+def ref_model(n_classes):
+    model = create_backbone("efficientnet_lite0", num_classes=n_classes)  # the same ImageNet weights
+    return model
+
+
+def set_trainable(model, mode):
+    head = set(n for n, _ in model.get_classifier().named_parameters(prefix="classifier"))
+    for n, p in model.named_parameters():
+        if mode == "head":
+            p.requires_grad = n in head
+        elif mode == "top2":
+            p.requires_grad = n in head or n.startswith(("blocks.5", "blocks.6", "conv_head", "bn2"))
+        else:
+            p.requires_grad = True
+
+
+def ref_train(model, loader, epochs, lr, val_loader):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
+    best, best_state = float("inf"), None
+    for _ in range(epochs):
+        model.train()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        model.eval()
+        with torch.no_grad():
+            vl = sum(F.cross_entropy(model(x), y, reduction="sum").item() for x, y in val_loader)
+        if vl < best:
+            best, best_state = vl, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return model
+
+
+@torch.no_grad()
+def ref_predict(model, loader, features=False):
+    model.eval()
+    out = []
+    for x, _ in loader:
+        out.append(model.forward_head(model.forward_features(x), pre_logits=True) if features else model(x).softmax(1))
+    return torch.cat(out).numpy()
+
+
+def reference_grid(prepared, size, folds, epochs) -> dict:
+    table = prepared.table
+    paths, labels, names = table.paths, table.labels, table.class_names
+    mean, std = [0.5] * 3, [0.5] * 3
+    kinds = {k: {"seconds": 0.0, "bacc": [], "auc": []} for k in KINDS}
+
+    def loaders(fit_idx, val_idx, test_idx):
+        mk = lambda idx, train: DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std),  # noqa: E731
+                                           batch_size=32, shuffle=train, num_workers=2, persistent_workers=False)
+        return mk(fit_idx, True), mk(val_idx, False), mk(test_idx, False)
+
+    for fold, (tr, te) in enumerate(prepared.splits(folds, 0)):
+        fit_idx, val_idx = inner_split(tr, labels, prepared.groups, 0.15, 0)
+        train_l, val_l, test_l = loaders(fit_idx, val_idx, te)
+        for kind in KINDS:
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            model = ref_model(len(names))
+            if kind == "svm":
+                set_trainable(model, "head")
+                plain_fit = DataLoader(Images([paths[i] for i in fit_idx], labels[fit_idx], size, False, mean, std),
+                                       batch_size=32, num_workers=2)
+                svm = fit_svm(ref_predict(model, plain_fit, True), labels[fit_idx], ref_predict(model, val_l, True),
+                              labels[val_idx], len(names))
+                probs = full_proba(svm, ref_predict(model, test_l, True), len(names))
+            else:
+                if kind == "lp_ft":
+                    set_trainable(model, "head")
+                    ref_train(model, train_l, epochs, 1e-3, val_l)
+                    set_trainable(model, "all")
+                    ref_train(model, train_l, epochs, 1e-4, val_l)
+                else:
+                    set_trainable(model, {"linear_probe": "head", "partial_ft": "top2", "full_ft": "all"}[kind])
+                    ref_train(model, train_l, epochs, 1e-3, val_l)
+                probs = ref_predict(model, test_l)
+            kinds[kind]["seconds"] += time.perf_counter() - t0
+            m = clinical_metrics(labels[te], probs, names)
+            kinds[kind]["bacc"].append(m["balanced_accuracy"])
+            kinds[kind]["auc"].append(m["auc"])
+            print(f"  reference fold {fold} {kind}: {kinds[kind]['seconds']:.0f} s so far", flush=True)
+    return {"kinds": {k: {"seconds": v["seconds"], "balanced_accuracy": float(np.mean(v["bacc"])),
+                          "balanced_accuracy_sd": float(np.std(v["bacc"], ddof=1)), "auc": float(np.mean(v["auc"]))}
+                      for k, v in kinds.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="128 px, 2 folds, 3 epochs")
+    ap.add_argument("--data", default=str(ROOT.parent.parent / "shared" / "data" / "busi"))
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--views", type=int, default=2, help="augmented views per image in medtune's cache")
+    ap.add_argument("--skip-reference", action="store_true")
+    args = ap.parse_args()
+    size, folds = (128, 2) if args.quick else (224, 5)
+    torch.set_num_threads(os.cpu_count() or 1)
+    store = os.path.join(tempfile.mkdtemp(), "grid.sqlite")
+    print(f"medtune: {args.data} @ {size}px, {folds} folds, {args.epochs} epochs", flush=True)
+    ours = medtune_grid(args.data, size, folds, args.epochs, args.views, store)
+    ours["peak_rss_gb"] = peak_rss_gb()
+    print(json.dumps(ours, indent=1), flush=True)
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "size": size, "folds": folds,
+              "epochs": args.epochs, "views": args.views, "medtune": ours, "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    if not args.skip_reference:
+        cfg = load_config(raw={"datasets": [{"name": "busi", "path": args.data}], "backbones": ["efficientnet_lite0"],
+                               "strategies": ["full_ft"], "folds": folds})
+        prepared = prepare(cfg.datasets[0], size, folds)
+        t0 = time.perf_counter()
+        ref = reference_grid(prepared, size, folds, args.epochs)
+        ref["wall_seconds"] = time.perf_counter() - t0
+        result["reference"] = ref
+        rows = []
+        for k in KINDS:
+            a, b = ours["kinds"][k], ref["kinds"][k]
+            ratio = b["seconds"] / max(a["seconds_with_overhead"], 1e-9)
+            agree = abs(a["balanced_accuracy"] - b["balanced_accuracy"]) <= max(a["balanced_accuracy_sd"], b["balanced_accuracy_sd"])
+            rows.append({"kind": k, "medtune_s": round(a["seconds_with_overhead"], 1), "reference_s": round(b["seconds"], 1),
+                         "ratio": round(ratio, 1), "bacc_medtune": round(a["balanced_accuracy"], 3),
+                         "bacc_reference": round(b["balanced_accuracy"], 3), "agree_within_sd": bool(agree)})
+        result["table"] = rows
+        result["whole_grid_ratio"] = ref["wall_seconds"] / ours["wall_seconds"]
+        for r in rows:
+            print(r)
+        print(f"whole grid: reference {ref['wall_seconds']:.0f} s / medtune {ours['wall_seconds']:.0f} s = "
+              f"{result['whole_grid_ratio']:.1f}x; medtune peak RSS {ours['peak_rss_gb']:.2f} GB")
+    out = ROOT / "results" / f"grid_speed{'_quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
