@@ -25,7 +25,6 @@ setup-dev: $(VENV)/.installed-dev
 
 demo: setup
 	$(BIN)/medtune run configs/demo.yaml
-	$(BIN)/medtune results --store results/demo.sqlite
 
 test: setup-dev
 	$(BIN)/python -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
