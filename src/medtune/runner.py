@@ -61,7 +61,7 @@ def prepare(ds, image_size: int, n_folds: int) -> PreparedData:
     if ds.positive is not None and ds.positive not in table.class_names:
         raise MedtuneError(f"data set {ds.display_name()!r}: positive class {ds.positive!r} is not one of "
                            f"{table.class_names}.")
-    table, groups, record = apply_duplicate_policy(table, ds.duplicates)
+    table, groups, record = apply_duplicate_policy(table, ds.duplicates, ds.near_duplicates)
     check_foldable(table.labels, groups, table.class_names, n_folds, ds.display_name())
     return PreparedData(table, groups, record, ds.positive)
 
@@ -129,7 +129,7 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     c = cell["config"]
     table, groups = data.table, data.groups
     train_idx, test_idx = data.splits(c["n_folds"], c["seed"])[c["fold"]]
-    assert_disjoint(train_idx, test_idx, table, groups)
+    assert_disjoint(train_idx, test_idx, table, groups, duplicates=data.duplicates.get("policy") != "ignore")
     strategy = create_strategy(c["strategy"]["name"], **{k: v for k, v in c["strategy"].items() if k != "name"})
     info: dict[str, Any] = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
     if strategy.name == "auto_depth":
