@@ -241,7 +241,7 @@ def test_missing_data_folder(tmp_path):
 
 
 def test_group_pattern_not_matching(image_folder):
-    with pytest.raises(DataError, match=r"benign_0\.png: file name does not match group_pattern '\^P\(\\d\+\)'"):
+    with pytest.raises(DataError, match=r"benign_0\.png: file name does not match group_pattern '\^P.*every file needs a patient id"):
         load_folder(image_folder, 16, group_pattern=r"^P(\d+)")
 
 
@@ -270,7 +270,7 @@ def test_bad_set_override(tmp_path):
         load_config(cfg, ["train.epochs"])
     with pytest.raises(ConfigError, match=r"train\.epochs: Input should be a valid integer"):
         load_config(cfg, ["train.epochs=many"])
-    with pytest.raises(ConfigError, match=r"--set strategies\.5\.blocks: index"):
+    with pytest.raises(ConfigError, match=r"--set strategies\.5\.blocks: strategies has 1 entries; '5' is not an index"):
         load_config(cfg, ["strategies.5.blocks=2"])
 
 
@@ -289,19 +289,34 @@ def test_cli_prints_one_paragraph_and_exits_2(tmp_path):
 
 
 # --------------------------------------------------------------------------- training and store
-def test_exploding_loss_recorded_and_grid_continues(tmp_path):
-    """A loss that overflows to inf/NaN fails its cell with the reason; the other cells still run."""
+def test_nan_loss_recorded_and_grid_continues(tmp_path, monkeypatch):
+    """A non-finite loss fails its cell with the reason; the other cells of the grid still run.
+    (A NaN penalty stands in for a diverged model: a real learning rate does not reliably get
+    there on a toy model in one epoch.)"""
     from medtune.runner import run
+    from medtune.strategies import FullFT
 
-    cfg = load_config(tiny_config(tmp_path, strategies=["linear_probe", "full_ft"]),
-                      ["train.lr=1e30", "train.warmup_epochs=0", "train.epochs=2"])
+    monkeypatch.setattr(FullFT, "penalty", lambda self, model, start: torch.tensor(float("nan")))
+    cfg = load_config(tiny_config(tmp_path, strategies=["full_ft", "linear_probe"]))
     summary = run(cfg, progress=False)
-    assert summary.total == 4 and summary.done + summary.failed == 4 and summary.failed >= 1
+    assert (summary.total, summary.done, summary.failed) == (4, 2, 2)
     with Store(cfg.store) as s:
         cells = s.cells()
     failed = cells[cells.status == "failed"]
-    assert len(cells) == 4
-    assert all("the loss became" in e and "lower the learning rate" in e for e in failed.error)
+    assert set(failed.strategy) == {"full_ft"} and set(cells[cells.status == "done"].strategy) == {"linear_probe"}
+    assert all("the loss became nan at epoch 0" in e and "lower the learning rate" in e for e in failed.error)
+
+
+def test_absurd_learning_rate_recorded_with_advice(tmp_path):
+    """lr=1e38 overflows inside the optimizer; the cell fails with advice, not a bare traceback."""
+    from medtune.runner import run
+
+    cfg = load_config(tiny_config(tmp_path), ["train.lr=1e38", "train.warmup_epochs=0"])
+    summary = run(cfg, progress=False)
+    assert (summary.done, summary.failed) == (0, 2)
+    with Store(cfg.store) as s:
+        errors = s.cells().error.tolist()
+    assert all(e.startswith("numeric overflow while training (lr 1e+38)") and "lower train.lr" in e for e in errors)
 
 
 def test_incompatible_store_schema(tmp_path):

@@ -282,6 +282,9 @@ def execute(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime
     except (RuntimeError, ValueError) as exc:
         if "out of memory" in str(exc).lower():
             return f"out of memory: {exc}. Lower train.batch_size or image_size."
+        if "overflow" in str(exc).lower():
+            return (f"numeric overflow while training (lr {settings.lr:g}): {exc}. The run diverged; "
+                    "lower train.lr or keep train.grad_clip on.")
         return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
 
 
