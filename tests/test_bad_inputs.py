@@ -349,3 +349,15 @@ def test_out_of_memory_recorded_with_advice(tmp_path, monkeypatch):
         errors = s.cells().error.tolist()
     assert all("out of memory" in e and "batch_size 8" in e and "image size 32" in e
                and "Lower train.batch_size or the backbone's image_size" in e for e in errors)
+
+
+def test_store_info_json_is_strict_json(tmp_path):
+    """A NaN in a cell's history (e.g. no validation split) must not make the row unreadable to
+    SQLite's JSON functions and other strict JSON readers."""
+    cell = {"cell_id": "c1", "run_id": "r", "dataset": "d", "backbone": "b", "strategy": "s", "head": "softmax",
+            "fold": 0, "n_folds": 2, "seed": 0, "config": {}}
+    with Store(tmp_path / "s.sqlite") as s:
+        s.save_cell(cell, "done", info={"history": [{"val_loss": float("nan"), "train_loss": 0.5}], "n_test": 3})
+        row = s.conn.execute("SELECT json_extract(info_json, '$.history[0].val_loss'), "
+                             "json_extract(info_json, '$.n_test') FROM cells").fetchone()
+    assert row == (None, 3)
