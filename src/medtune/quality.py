@@ -28,8 +28,11 @@ DEFAULT_NEAR_THRESHOLD = 8  # bits of 64; on BUSI re-exported frames sit at 0-8,
 # --------------------------------------------------------------------------- hashing and grouping
 def phash_bits(img: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     """64 booleans: the perceptual hash of one image (PIL image, or uint8 (3, H, W) array)."""
-    import imagehash
-
+    try:
+        import imagehash
+    except ImportError as exc:
+        raise DataError("near-duplicate search needs the `imagehash` package: pip install 'medtune[data]' "
+                        "(or use --exact-only / drop near_duplicates).") from exc
     if not isinstance(img, Image.Image):
         arr = np.asarray(img, dtype=np.uint8)
         img = Image.fromarray(arr.transpose(1, 2, 0) if arr.ndim == 3 and arr.shape[0] in (1, 3) else arr)
