@@ -155,5 +155,73 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones or stra
         console.print(table)
 
 
+@data_app.command("check")
+def data_check(
+    target: Path = typer.Argument(..., help="A data folder (one sub-folder per class), a .csv manifest, or an "
+                                            "experiment YAML (every data set in it is checked)."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Folds to plan (default: the config's, else 5)."),
+    near: int = typer.Option(8, "--near", help="Near-duplicate threshold: max differing bits of the 64-bit "
+                                               "perceptual hash (default 8; the config's near_duplicates wins)."),
+    exact_only: bool = typer.Option(False, "--exact-only", help="Skip the perceptual-hash near-duplicate search."),
+    group_pattern: Optional[str] = typer.Option(None, "--group-pattern", help="Regex reading a patient id from "
+                                                                               "file names (folders only)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+    show: int = typer.Option(5, "--show", help="How many unreadable files / duplicate groups to list."),
+) -> None:
+    """Report on a data set before any training: classes, sizes and modes, unreadable files, exact and
+    near duplicates, label conflicts, and duplicates the planned folds would split across train/test."""
+    from medtune.quality import check_targets
+
+    try:
+        reports = check_targets(target, folds, None if exact_only else near, group_pattern)
+    except MedtuneError as exc:
+        fail(exc)
+    if json_out:
+        import json
+
+        sys.stdout.write(json.dumps([r.summary() for r in reports], indent=2) + "\n")
+        return
+    for r in reports:
+        print_quality(r, show)
+
+
+def print_quality(r, show: int) -> None:
+    from rich.markup import escape  # file names such as "benign (1).png [malignant]" are not markup
+
+    s = r.summary()
+    table = Table(title=f"data check: {s['dataset']} ({s['n_files']} files)", show_header=False)
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    table.add_row("classes", ", ".join(f"{c} {n}" for c, n in s["class_counts"].items()))
+    table.add_row("sizes (most common)", ", ".join(f"{k} ×{v}" for k, v in s["sizes"].items()))
+    table.add_row("modes", ", ".join(f"{k} ×{v}" for k, v in s["modes"].items()))
+    table.add_row("unreadable", str(s["unreadable"]))
+    table.add_row("exact duplicates", f"{s['exact_groups']} groups ({s['exact_extra_images']} extra copies), "
+                                      f"{s['exact_label_conflicts']} with conflicting labels")
+    if s["near_threshold"] is not None:
+        table.add_row(f"near duplicates (≤{s['near_threshold']} bits)",
+                      f"{s['near_groups']} groups ({s['near_extra_images']} extra images), "
+                      f"{s['near_label_conflicts']} with conflicting labels")
+    table.add_row(f"{s['folds']}-fold plan, duplicates ignored",
+                  f"{s['exact_groups_straddling_folds']} exact and {s['near_groups_straddling_folds']} near groups "
+                  f"would sit on both sides of a split" + (" (patient-grouped)" if s["grouped_by_patient"] else ""))
+    console.print(table)
+    bad = [f for f in r.files if f.error]
+    for f in bad[:show]:
+        console.print(f"[red]unreadable:[/] {escape(f.error)}", highlight=False)
+    if len(bad) > show:
+        console.print(f"... and {len(bad) - show} more unreadable files")
+    for kind, groups in (("exact", r.exact), ("near", r.near)):
+        conflicts = r.conflicts(groups)
+        for g in conflicts[:show]:
+            members = escape(", ".join(f"{r.files[i].path} [{r.class_names[r.files[i].label]}]" for i in g))
+            console.print(f"[yellow]{kind} duplicates with conflicting labels:[/] {members}", highlight=False)
+        for g in [g for g in groups if g not in conflicts][:show]:
+            console.print(f"{kind} duplicates: " + escape(", ".join(r.files[i].path for i in g)), highlight=False)
+    if r.exact or r.near:
+        console.print("Keep copies on one side of every split with `duplicates: group` (exact copies) and "
+                      "`near_duplicates: N` (perceptual), or remove them; resolve conflicting labels by hand.")
+
+
 def main() -> None:  # pragma: no cover - console-script entry point
     app()

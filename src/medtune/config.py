@@ -29,7 +29,10 @@ class DatasetConfig(Strict):
     path: str | None = Field(None, description="folder (one sub-folder per class), .csv manifest, or .npz file")
     group_pattern: str | None = Field(None, description="regex whose first group reads a patient id from file names")
     positive: str | None = Field(None, description="positive class for sensitivity/specificity/PPV/NPV")
-    duplicates: Literal["group", "error", "drop"] = "group"
+    duplicates: Literal["group", "error", "drop", "ignore"] = Field(
+        "group", description="identical images: one group (default) | error | drop copies | ignore (leaky; to measure)")
+    near_duplicates: int | None = Field(None, ge=0, le=32, description="also treat images within this many bits of "
+                                        "perceptual hash (of 64) as duplicates; null = exact copies only")
     options: dict[str, Any] = Field(default_factory=dict, description="loader-specific options (e.g. synthetic sizes)")
 
     @model_validator(mode="after")

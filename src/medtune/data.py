@@ -200,6 +200,17 @@ def load_folder(root: str | Path, size: int, group_pattern: str | None = None,
     """One sub-folder per class. `group_pattern` (a regex with one group) reads a patient id
     from each file name, e.g. `^(P\\d+)_` for `P012_left.png`; without it, DICOM files are
     grouped by the PatientID in their headers."""
+    paths, labels_arr, class_names, groups = list_folder(root, group_pattern)
+    images = decode_many(paths, size, max_pixels, frame)
+    if groups is None:
+        groups = _dicom_groups(paths)
+    return ImageTable(images, labels_arr, class_names, [str(p) for p in paths], groups, name=Path(root).name)
+
+
+def list_folder(root: str | Path, group_pattern: str | None = None
+                ) -> tuple[list[Path], np.ndarray, list[str], np.ndarray | None]:
+    """The files of a folder data set without decoding them: (paths, labels, class names, groups).
+    Shared by `load_folder` and `medtune data check`, which must list files it cannot decode."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder {root} does not exist. Check `path` in the config (relative paths are "
@@ -238,10 +249,7 @@ def load_folder(root: str | Path, size: int, group_pattern: str | None = None,
                                 "a patient id, or drop group_pattern.")
             ids.append(m.group(1) if m.groups() else m.group(0))
         groups = np.asarray(ids, dtype=object)
-    images = decode_many(paths, size, max_pixels, frame)
-    if groups is None:
-        groups = _dicom_groups(paths)
-    return ImageTable(images, labels_arr, class_names, [str(p) for p in paths], groups, name=root.name)
+    return paths, labels_arr, class_names, groups
 
 
 def load_manifest(csv_path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -249,6 +257,16 @@ def load_manifest(csv_path: str | Path, size: int, max_pixels: int = DEFAULT_MAX
     """CSV with columns path,label[,patient_id]; paths relative to the CSV's folder and never
     outside it (a manifest must not reach into the rest of the file system). Without a
     patient_id column, DICOM files are grouped by the PatientID in their headers."""
+    paths, labels, class_names, groups = read_manifest(csv_path, classes)
+    images = decode_many(paths, size, max_pixels, frame)
+    if groups is None:
+        groups = _dicom_groups(paths)
+    return ImageTable(images, labels, class_names, [str(p) for p in paths], groups, name=Path(csv_path).stem)
+
+
+def read_manifest(csv_path: str | Path, classes: list[str] | None = None
+                  ) -> tuple[list[Path], np.ndarray, list[str], np.ndarray | None]:
+    """The rows of a manifest, validated, without decoding: (paths, labels, class names, groups)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} does not exist.")
@@ -299,10 +317,7 @@ def load_manifest(csv_path: str | Path, size: int, max_pixels: int = DEFAULT_MAX
         if any(not i for i in ids):
             raise DataError(f"manifest {csv_path}: some rows have an empty patient_id; fill them or drop the column.")
         groups = np.asarray(ids, dtype=object)
-    images = decode_many(paths, size, max_pixels, frame)
-    if groups is None:
-        groups = _dicom_groups(paths)
-    return ImageTable(images, labels, class_names, [str(p) for p in paths], groups, name=csv_path.stem)
+    return paths, labels, class_names, groups
 
 
 def _dicom_groups(paths: list[Path]) -> np.ndarray | None:

@@ -73,7 +73,7 @@ def prepare(ds, image_size: int, n_folds: int) -> PreparedData:
     if ds.positive is not None and ds.positive not in table.class_names:
         raise MedtuneError(f"data set {ds.display_name()!r}: positive class {ds.positive!r} is not one of "
                            f"{table.class_names}.")
-    table, groups, record = apply_duplicate_policy(table, ds.duplicates)
+    table, groups, record = apply_duplicate_policy(table, ds.duplicates, ds.near_duplicates)
     if split == "official":
         if table.split is None or not (table.split == "test").any() or (table.split == "test").all():
             raise MedtuneError(f"data set {ds.display_name()!r}: `split: official` needs a source with its own "
@@ -152,7 +152,7 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     c = cell["config"]
     table, groups = data.table, data.groups
     train_idx, test_idx = data.splits(c["n_folds"], c["seed"])[c["fold"]]
-    assert_disjoint(train_idx, test_idx, table, groups)
+    assert_disjoint(train_idx, test_idx, table, groups, duplicates=data.duplicates.get("policy") != "ignore")
     info: dict[str, Any] = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
     head = c["head"]
     # The head is an orthogonal axis: cells that differ only in `head` share one training run.
@@ -328,6 +328,9 @@ def execute(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime
     except (RuntimeError, ValueError) as exc:
         if "out of memory" in str(exc).lower():
             return f"out of memory: {exc}. Lower train.batch_size or image_size."
+        if "overflow" in str(exc).lower():
+            return (f"numeric overflow while training (lr {settings.lr:g}): {exc}. The run diverged; "
+                    "lower train.lr or keep train.grad_clip on.")
         return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
 
 

@@ -3,8 +3,10 @@
 Images of one patient, and identical images (same decoded pixels), must sit on the same side
 of every split, or the estimate leaks. Groups come from the data (patient ids); exact
 duplicates are merged into one group (`duplicates: group`, the default), refused
-(`error`) or reduced to their first copy (`drop`). With groups, folds come from scikit-learn's
-StratifiedGroupKFold, else StratifiedKFold.
+(`error`) or reduced to their first copy (`drop`); `ignore` only counts them (to measure how
+much leakage inflates the metrics, never for a result you report). `near_duplicates: N` extends
+the policy to images whose perceptual hashes differ in at most N bits (`medtune.quality`).
+With groups, folds come from scikit-learn's StratifiedGroupKFold, else StratifiedKFold.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from medtune.data import ImageTable
 from medtune.errors import DataError
 
-DUPLICATE_POLICIES = ("group", "error", "drop")
+DUPLICATE_POLICIES = ("group", "error", "drop", "ignore")
 
 
 @dataclass
 class DuplicateReport:
-    groups: list[list[int]]  # each a list of table positions with identical pixels
+    groups: list[list[int]]  # each a list of table positions with identical (or near-identical) pixels
     conflicting: list[list[int]]  # duplicate groups whose labels disagree
+    n_exact_groups: int = 0
+    near_threshold: int | None = None
 
     @property
     def n_extra(self) -> int:
@@ -31,16 +35,22 @@ class DuplicateReport:
 
     def summary(self) -> dict:
         return {"duplicate_groups": len(self.groups), "duplicate_images": self.n_extra,
-                "label_conflicts": len(self.conflicting)}
+                "label_conflicts": len(self.conflicting), "exact_groups": self.n_exact_groups,
+                "near_duplicates": self.near_threshold}
 
 
-def find_duplicates(table: ImageTable) -> DuplicateReport:
-    by_digest: dict[str, list[int]] = {}
-    for i, d in enumerate(table.digests):
-        by_digest.setdefault(d, []).append(i)
-    groups = [g for g in by_digest.values() if len(g) > 1]
+def find_duplicates(table: ImageTable, near_threshold: int | None = None) -> DuplicateReport:
+    """Exact copies (same decoded pixels) and, with `near_threshold`, perceptual near-copies,
+    merged transitively into groups."""
+    from medtune.quality import exact_groups, near_duplicate_groups, table_phashes, union_groups
+
+    exact = exact_groups(table.digests)
+    groups = exact
+    if near_threshold is not None:
+        near = near_duplicate_groups(table_phashes(table.images), near_threshold)
+        groups = union_groups(len(table), [(g[0], i) for g in exact + near for i in g[1:]])
     conflicting = [g for g in groups if len(set(table.labels[g])) > 1]
-    return DuplicateReport(groups, conflicting)
+    return DuplicateReport(groups, conflicting, len(exact), near_threshold)
 
 
 def effective_groups(table: ImageTable, dup: DuplicateReport) -> np.ndarray | None:
@@ -64,12 +74,15 @@ def effective_groups(table: ImageTable, dup: DuplicateReport) -> np.ndarray | No
     return np.asarray([find(g) for g in base], dtype=object)
 
 
-def apply_duplicate_policy(table: ImageTable, policy: str) -> tuple[ImageTable, np.ndarray | None, dict]:
+def apply_duplicate_policy(table: ImageTable, policy: str,
+                           near_duplicates: int | None = None) -> tuple[ImageTable, np.ndarray | None, dict]:
     """The table to use (maybe with copies dropped), its groups, and a record of what was done."""
     if policy not in DUPLICATE_POLICIES:
         raise DataError(f"duplicates: {policy!r} is not one of {DUPLICATE_POLICIES}.")
-    dup = find_duplicates(table)
+    dup = find_duplicates(table, near_duplicates)
     record = {"policy": policy, **dup.summary()}
+    if policy == "ignore":  # counted and recorded, folds see patient ids only
+        return table, table.groups, record
     if dup.groups and policy == "error":
         first = dup.groups[0]
         raise DataError(
@@ -81,7 +94,7 @@ def apply_duplicate_policy(table: ImageTable, policy: str) -> tuple[ImageTable, 
         extra = {i for g in dup.groups for i in g[1:]}
         keep = np.asarray([i for i in range(len(table)) if i not in extra])
         table = table.subset(keep)
-        dup = find_duplicates(table)
+        dup = find_duplicates(table, near_duplicates)
     return table, effective_groups(table, dup), record
 
 
@@ -125,12 +138,16 @@ def inner_split(train_idx: np.ndarray, labels: np.ndarray, groups: np.ndarray | 
     return train_idx[fit_pos], train_idx[val_pos]
 
 
-def assert_disjoint(train_idx: np.ndarray, test_idx: np.ndarray, table: ImageTable, groups: np.ndarray | None) -> None:
-    """Leakage guard run for every cell: no image, patient or identical image on both sides."""
+def assert_disjoint(train_idx: np.ndarray, test_idx: np.ndarray, table: ImageTable, groups: np.ndarray | None,
+                    duplicates: bool = True) -> None:
+    """Leakage guard run for every cell: no image, patient or (unless `duplicates` is False, as under
+    `duplicates: ignore`) identical image on both sides."""
     if set(train_idx) & set(test_idx):
         raise DataError("internal error: a test image is also in the training fold")
     if groups is not None and set(groups[train_idx]) & set(groups[test_idx]):
         raise DataError("internal error: a patient is on both sides of a split")
+    if not duplicates:
+        return
     leaked = {table.digests[i] for i in train_idx} & {table.digests[i] for i in test_idx}
     if leaked:
         raise DataError(f"{len(leaked)} identical image(s) are on both sides of a split; set `duplicates: group`.")

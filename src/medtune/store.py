@@ -39,6 +39,21 @@ CREATE TABLE IF NOT EXISTS datasets (
 """
 
 
+def strict_json(obj) -> str:
+    """JSON without NaN/Infinity (which Python writes but SQLite's json_extract, pandas' readers in
+    strict mode and JavaScript reject): non-finite floats become null."""
+    def clean(x):
+        if isinstance(x, float) and not np.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), default=str, allow_nan=False)
+
+
 class Store:
     """A thin layer over the SQLite file; every write of a cell is one transaction."""
 
@@ -78,7 +93,7 @@ class Store:
     def add_dataset(self, name: str, class_names: list[str], info: dict) -> None:
         with self.conn:
             self.conn.execute("INSERT OR REPLACE INTO datasets VALUES (?,?,?)",
-                              (name, json.dumps(class_names), json.dumps(info, default=str)))
+                              (name, json.dumps(class_names), strict_json(info)))
 
     def save_cell(self, cell: dict, status: str, metrics: dict[str, float] | None = None,
                   predictions: tuple[np.ndarray, list[str], np.ndarray, np.ndarray] | None = None,
@@ -93,7 +108,7 @@ class Store:
                 "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (cid, cell["run_id"], cell["dataset"], cell["backbone"], cell["strategy"], cell["head"], cell["fold"],
                  cell["n_folds"], cell["seed"], json.dumps(cell["config"], sort_keys=True, default=str), status, error,
-                 seconds, time.time(), json.dumps(info or {}, default=str)))
+                 seconds, time.time(), strict_json(info or {})))
             if metrics:
                 self.conn.executemany("INSERT INTO metrics VALUES (?,?,?)",
                                       [(cid, k, None if v is None or np.isnan(v) else float(v)) for k, v in metrics.items()])

@@ -1,0 +1,262 @@
+"""Data quality before training: what is in the folder, what cannot be read, what is duplicated.
+
+Near-duplicates (the same lesion re-exported, cropped a little, or with a burnt-in caliper) leak
+across folds just as exact copies do, and exact content hashes miss them. A 64-bit perceptual
+hash (`imagehash.phash`, a DCT of the 32x32 grey image) changes little under such edits, so
+images whose hashes differ in at most `threshold` bits are put in one group. The same grouping
+serves `medtune data check` (a report) and `splits.apply_duplicate_policy` (`near_duplicates:`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from medtune.errors import DataError
+
+DEFAULT_NEAR_THRESHOLD = 8  # bits of 64; on BUSI re-exported frames sit at 0-8, other frames of a patient at 10+
+
+
+# --------------------------------------------------------------------------- hashing and grouping
+def phash_bits(img: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
+    """64 booleans: the perceptual hash of one image (PIL image, or uint8 (3, H, W) array)."""
+    try:
+        import imagehash
+    except ImportError as exc:
+        raise DataError("near-duplicate search needs the `imagehash` package: pip install 'medtune[data]' "
+                        "(or use --exact-only / drop near_duplicates).") from exc
+    if not isinstance(img, Image.Image):
+        arr = np.asarray(img, dtype=np.uint8)
+        img = Image.fromarray(arr.transpose(1, 2, 0) if arr.ndim == 3 and arr.shape[0] in (1, 3) else arr)
+    return np.asarray(imagehash.phash(img).hash, dtype=bool).reshape(-1)
+
+
+def table_phashes(images: torch.Tensor) -> np.ndarray:
+    """(N, 64) perceptual hashes of a uint8 (N, 3, H, W) image tensor."""
+    return np.stack([phash_bits(im.numpy()) for im in images]) if len(images) else np.zeros((0, 64), bool)
+
+
+def union_groups(n: int, pairs) -> list[list[int]]:
+    """Connected components (size > 1) of the graph on 0..n-1 with edges `pairs`."""
+    parent = list(range(n))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in pairs:
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    comps: dict[int, list[int]] = {}
+    for i in range(n):
+        comps.setdefault(find(i), []).append(i)
+    return [g for g in comps.values() if len(g) > 1]
+
+
+def near_duplicate_groups(bits: np.ndarray, threshold: int, chunk: int = 1024) -> list[list[int]]:
+    """Groups of images whose perceptual hashes are within `threshold` bits (transitively).
+    Hamming distances by matrix products, in row chunks so 10^4 images stay in memory."""
+    if threshold < 0:
+        raise DataError(f"near-duplicate threshold {threshold} must be >= 0 (bits of a 64-bit hash).")
+    b = bits.astype(np.float32)
+    nb = 1.0 - b
+    pairs = []
+    for s in range(0, len(b), chunk):
+        d = b[s:s + chunk] @ nb.T + nb[s:s + chunk] @ b.T
+        rows, cols = np.nonzero(d <= threshold + 0.5)
+        keep = cols > rows + s
+        pairs += list(zip(rows[keep] + s, cols[keep]))
+    return union_groups(len(b), pairs)
+
+
+def exact_groups(digests: list[str]) -> list[list[int]]:
+    by: dict[str, list[int]] = {}
+    for i, d in enumerate(digests):
+        by.setdefault(d, []).append(i)
+    return [g for g in by.values() if len(g) > 1]
+
+
+def straddling(groups: list[list[int]], folds: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """How many groups have members in both the training and the test side of at least one fold."""
+    n = 0
+    for g in groups:
+        for _, test in folds:
+            inside = np.isin(g, test)
+            if inside.any() and not inside.all():
+                n += 1
+                break
+    return n
+
+
+# --------------------------------------------------------------------------- the report
+@dataclass
+class FileInfo:
+    path: str
+    label: int
+    size: tuple[int, int] | None = None
+    mode: str | None = None
+    digest: str | None = None
+    phash: np.ndarray | None = None
+    error: str | None = None
+
+
+def inspect_file(path: str | Path, label: int, max_pixels: int) -> FileInfo:
+    """Size and mode as stored (before any resize), a pixel digest and a perceptual hash; a file
+    that cannot be decoded gets its error text instead of raising."""
+    from medtune.data import decode_image, to_rgb
+
+    info = FileInfo(str(path), label)
+    try:
+        decode_image(path, 8, max_pixels)  # the loader's own checks and error texts
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(Path(path).read_bytes()))
+            info.size, info.mode = img.size, img.mode
+            rgb = to_rgb(img)
+    except DataError as exc:
+        info.error = str(exc)
+        return info
+    arr = np.asarray(rgb)
+    info.digest = hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+    info.phash = phash_bits(rgb)
+    return info
+
+
+@dataclass
+class QualityReport:
+    name: str
+    class_names: list[str]
+    files: list[FileInfo]
+    threshold: int | None
+    n_folds: int
+    exact: list[list[int]] = field(default_factory=list)
+    near: list[list[int]] = field(default_factory=list)
+    exact_straddling: int = 0
+    near_straddling: int = 0
+    grouped_by_patient: bool = False
+
+    @property
+    def readable(self) -> list[int]:
+        return [i for i, f in enumerate(self.files) if f.error is None]
+
+    def conflicts(self, groups: list[list[int]]) -> list[list[int]]:
+        return [g for g in groups if len({self.files[i].label for i in g}) > 1]
+
+    def summary(self) -> dict:
+        counts = Counter(self.class_names[f.label] for f in self.files)
+        return {
+            "dataset": self.name, "n_files": len(self.files), "unreadable": len(self.files) - len(self.readable),
+            "class_counts": {c: counts.get(c, 0) for c in self.class_names},
+            "sizes": dict(Counter(f"{f.size[0]}x{f.size[1]}" for f in self.files if f.size).most_common(5)),
+            "modes": dict(Counter(f.mode for f in self.files if f.mode)),
+            "exact_groups": len(self.exact), "exact_extra_images": sum(len(g) - 1 for g in self.exact),
+            "exact_label_conflicts": len(self.conflicts(self.exact)),
+            "near_threshold": self.threshold, "near_groups": len(self.near),
+            "near_extra_images": sum(len(g) - 1 for g in self.near),
+            "near_label_conflicts": len(self.conflicts(self.near)),
+            "folds": self.n_folds, "grouped_by_patient": self.grouped_by_patient,
+            "exact_groups_straddling_folds": self.exact_straddling,
+            "near_groups_straddling_folds": self.near_straddling,
+        }
+
+
+def check_files(paths: list[str], labels: list[int], class_names: list[str], n_folds: int = 5,
+                threshold: int | None = DEFAULT_NEAR_THRESHOLD, groups: np.ndarray | None = None,
+                name: str = "dataset", max_pixels: int | None = None, seed: int = 0) -> QualityReport:
+    """Inspect every file, group exact and near duplicates, and count how many groups the planned
+    folds (patient-grouped if `groups`, duplicates ignored) would split across train and test."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medtune.data import DEFAULT_MAX_PIXELS
+    from medtune.splits import kfold
+
+    mp = max_pixels or DEFAULT_MAX_PIXELS
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        files = list(pool.map(lambda a: inspect_file(a[0], int(a[1]), mp), zip(paths, labels)))
+    report = QualityReport(name, class_names, files, threshold, n_folds, grouped_by_patient=groups is not None)
+    ok = report.readable
+    report.exact = [[ok[i] for i in g] for g in exact_groups([files[i].digest for i in ok])]
+    if threshold is not None and ok:
+        report.near = [[ok[i] for i in g] for g in near_duplicate_groups(np.stack([files[i].phash for i in ok]),
+                                                                         threshold)]
+    y = np.asarray([files[i].label for i in ok])
+    g = None if groups is None else np.asarray(groups)[ok]
+    counts = np.bincount(y, minlength=len(class_names)) if len(y) else np.zeros(1, int)
+    if len(y) and counts.min() >= n_folds:
+        folds = kfold(y, g, n_folds, seed)
+        pos = {j: k for k, j in enumerate(ok)}
+        local = lambda gs: [[pos[i] for i in grp] for grp in gs]  # noqa: E731
+        report.exact_straddling = straddling(local(report.exact), folds)
+        report.near_straddling = straddling(local(report.near), folds)
+    return report
+
+
+def check_table(table, n_folds: int = 5, threshold: int | None = DEFAULT_NEAR_THRESHOLD, seed: int = 0) -> QualityReport:
+    """The same report for an in-memory table (synthetic, .npz): sizes are the decoded ones."""
+    from medtune.splits import kfold
+
+    h, w = table.images.shape[-2:]
+    files = [FileInfo(p, int(y), (int(w), int(h)), "RGB", d) for p, y, d in zip(table.paths, table.labels, table.digests)]
+    report = QualityReport(table.name, table.class_names, files, threshold, n_folds,
+                           grouped_by_patient=table.groups is not None)
+    report.exact = exact_groups(table.digests)
+    if threshold is not None:
+        report.near = near_duplicate_groups(table_phashes(table.images), threshold)
+    if np.bincount(table.labels).min() >= n_folds:
+        folds = kfold(table.labels, table.groups, n_folds, seed)
+        report.exact_straddling = straddling(report.exact, folds)
+        report.near_straddling = straddling(report.near, folds)
+    return report
+
+
+def check_targets(target: str | Path, n_folds: int | None = None, threshold: int | None = DEFAULT_NEAR_THRESHOLD,
+                  group_pattern: str | None = None) -> list[QualityReport]:
+    """`medtune data check TARGET`: a folder, a .csv manifest, or an experiment YAML."""
+    from medtune.data import load_dataset
+
+    target = Path(target)
+    if target.suffix.lower() in (".yaml", ".yml"):
+        from medtune.backbones import default_image_size
+        from medtune.config import load_config
+
+        cfg = load_config(target)
+        k = n_folds or cfg.folds
+        size = cfg.backbones[0].image_size or default_image_size(cfg.backbones[0].name)
+        reports = []
+        for ds in cfg.datasets:
+            t = ds.near_duplicates if ds.near_duplicates is not None else threshold
+            source = ds.source
+            if source == "auto" and ds.path:
+                source = "manifest" if ds.path.lower().endswith(".csv") else "npz" if ds.path.lower().endswith(".npz") else "folder"
+            if source in ("folder", "manifest"):
+                reports.append(_check_path(Path(ds.path), k, t, ds.group_pattern, ds.display_name(),
+                                           ds.options.get("max_pixels"), ds.options.get("classes")))
+            else:
+                table = load_dataset(ds.path, source=ds.source, image_size=size, name=ds.display_name(), **ds.options)
+                reports.append(check_table(table, k, t))
+        return reports
+    if not target.exists():
+        raise DataError(f"{target} does not exist; give a data folder, a .csv manifest or an experiment .yaml.")
+    return [_check_path(target, n_folds or 5, threshold, group_pattern, target.stem if target.is_file() else target.name)]
+
+
+def _check_path(path: Path, n_folds: int, threshold: int | None, group_pattern: str | None, name: str,
+                max_pixels: int | None = None, classes: list[str] | None = None) -> QualityReport:
+    from medtune.data import list_folder, read_manifest
+
+    if path.suffix.lower() == ".csv":
+        paths, labels, class_names, groups = read_manifest(path, classes)
+    else:
+        paths, labels, class_names, groups = list_folder(path, group_pattern)
+    return check_files([str(p) for p in paths], list(labels), class_names, n_folds, threshold, groups, name, max_pixels)
