@@ -15,39 +15,48 @@ import pandas as pd
 import torch
 
 from medtune.bundle import Bundle, load_bundle
-from medtune.data import IMAGE_SUFFIXES, decode_image, load_folder, load_manifest
+from medtune.data import IMAGE_SUFFIXES, decode_image
 from medtune.errors import DataError
 
 
+def _manifest(csv_path: Path) -> list[tuple[Path, str | None]]:
+    """`path[,label]` rows, paths relative to the CSV's folder; unlike a training manifest any
+    subset of classes (or no label column) is fine."""
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    df.columns = [c.strip() for c in df.columns]
+    if "path" not in df.columns:
+        raise DataError(f"manifest {csv_path} has no `path` column; found {list(df.columns)}. "
+                        "Expected a header line `path[,label]`.")
+    labels = df["label"] if "label" in df.columns else [None] * len(df)
+    return [(csv_path.parent / p.strip(), (lab.strip() or None) if lab is not None else None)
+            for p, lab in zip(df["path"], labels)]
+
+
+def _folder(root: Path) -> list[tuple[Path, str | None]]:
+    """Image files under `root`; a file in a sub-folder gets that sub-folder's name as its true label."""
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    if not files:
+        raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder.")
+    return [(f, f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else None) for f in files]
+
+
 def read_inputs(inputs: list[str | Path], size: int) -> tuple[torch.Tensor, list[str], list[str | None]]:
-    """(uint8 images, paths, true labels or None) from files, folders and manifests, in the given order."""
-    images, paths, labels = [], [], []
+    """(uint8 images, paths, true labels or None) from files, folders and manifests, in the given order;
+    decoded by `medtune.data.decode_image`, exactly as for training."""
+    items: list[tuple[Path, str | None]] = []
     for raw in inputs:
         p = Path(raw)
         if p.suffix.lower() == ".csv" and p.is_file():
-            t = load_manifest(p, size)
-            images.append(t.images)
-            paths += t.paths
-            labels += [t.class_names[y] for y in t.labels]
-        elif p.is_dir() and any(d.is_dir() and not d.name.startswith(".") for d in p.iterdir()):
-            t = load_folder(p, size)
-            images.append(t.images)
-            paths += t.paths
-            labels += [t.class_names[y] for y in t.labels]
+            items += _manifest(p)
         elif p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise DataError(f"{p}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder.")
-            images.append(torch.from_numpy(np.stack([decode_image(f, size) for f in files])))
-            paths += [str(f) for f in files]
-            labels += [None] * len(files)
+            items += _folder(p)
         elif p.is_file():
-            images.append(torch.from_numpy(decode_image(p, size))[None])
-            paths.append(str(p))
-            labels.append(None)
+            items.append((p, None))
         else:
             raise DataError(f"{p} does not exist: give image files, folders or a .csv manifest.")
-    return torch.cat(images), paths, labels
+    images = torch.from_numpy(np.stack([decode_image(f, size) for f, _ in items]))
+    return images, [str(f) for f, _ in items], [lab for _, lab in items]
 
 
 def predict(model_dir: str | Path, inputs: list[str | Path], out: str | Path | None = None,

@@ -129,7 +129,7 @@ def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str) -> pd.DataFrame:
     m = ev.metrics[ev.metrics.dataset == dataset]
     best = tuple(t[(t.dataset == dataset) & t.best].iloc[0][GROUP])
     info = ev.cells.set_index("cell_id")["info"]
-    score = m.set_index(GROUP + ["seed", "fold"])[MAIN]
+    score = m.set_index(GROUP + ["seed", "fold"])[MAIN].sort_index()
     rows = []
     for keys, g in m.groupby(GROUP, sort=False):
         if keys == best:
