@@ -173,6 +173,12 @@ def _plt():
     return plt
 
 
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def png(fig) -> str:
     """A figure as a base64 PNG data URI (the HTML stays one self-contained file)."""
     buf = io.BytesIO()
@@ -202,6 +208,7 @@ def fig_depth(ev: Evidence, t: pd.DataFrame, dataset: str):
                     label=bb + ("" if head == "softmax" else f" · {head}"))
         for _, r in g.iterrows():
             ax.annotate(r.strategy, (r.blocks, r[MAIN]), textcoords="offset points", xytext=(6, 6), fontsize=FONT - 2)
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("trainable blocks (of the network's stem → head chain; head = 1)")
     ax.set_ylabel("balanced accuracy (mean ± sd over folds)")
     ax.set_title(f"{dataset}: how deep to fine-tune")
@@ -306,6 +313,7 @@ def fig_curves(ev: Evidence, keys: tuple, title: str):
         val = [e["val_loss"] for e in h]
         if not all(v is None or np.isnan(v) for v in val):
             ax.plot(ep, val, color=colour, marker="s", ls="--", label=f"fold {r.fold} validation")
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(title)
