@@ -441,15 +441,19 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         tex.append(to_latex(table, f"{ds}: balanced accuracy, mean over folds [95% bootstrap CI]; best marked", "strategy"))
         body.append(f"<h2>{html.escape(ds)}</h2>")
         body.append(f"<p>{int(info.get('n', 0))} images, classes {html.escape(str(info.get('class_counts', class_names)))}"
-                    f"{'; patient-grouped folds' if info.get('grouped') else '; no patient ids: folds by image'}"
-                    f"{f'; positive class for sensitivity/specificity: <b>{html.escape(positive)}</b>' if positive else ''}.</p>")
+                    f"{f'; positive class for sensitivity/specificity/PPV/NPV: <b>{html.escape(positive)}</b>' if positive else ''}."
+                    f" {patient_note(ev, ds)}</p>")
         body.append("<h3>Balanced accuracy: strategy × backbone</h3>" + html_table(table, "strategy"))
+        of = f" ({html.escape(positive)})" if positive else " (macro mean over classes)"
         body.append(f"<p>Best: <b>{html.escape(label(best_row))}</b>, balanced accuracy {best_row[MAIN]:.3f} "
                     f"± {best_row[f'{MAIN}_sd']:.3f} (sd over {int(best_row.n_cells)} folds), AUC "
-                    f"{best_row.get('auc', np.nan):.3f}, sensitivity {best_row.get('sensitivity', np.nan):.3f}, "
-                    f"specificity {best_row.get('specificity', np.nan):.3f}.</p>")
+                    f"{best_row.get('auc', np.nan):.3f}, sensitivity{of} {best_row.get('sensitivity', np.nan):.3f}, "
+                    f"specificity{of} {best_row.get('specificity', np.nan):.3f}.</p>")
         detail = format_pm(sub.reset_index(drop=True))
-        body.append("<h3>All clinical metrics (mean ± sd over folds)</h3>" + html_table(detail.drop(columns=["dataset"])))
+        body.append("<h3>All clinical metrics (mean ± sd over folds)</h3>"
+                    f"<p class=note>acc = accuracy, bal_acc = balanced accuracy, sens/spec/PPV/NPV{of}, "
+                    "F1 = macro F1, AUC = area under the ROC curve, folds = cells averaged, seconds = training time.</p>"
+                    + html_table(detail.drop(columns=["dataset"])))
         tests = paired_tests(ev, t, ds)
         if not tests.empty:
             body.append("<h3>Is the best really better? Paired tests on the same folds</h3>"
@@ -475,8 +479,10 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         body.append("<h3>Duplicates and leakage</h3><p>Identical images (after decoding) found: "
                     f"<b>{dup.get('duplicate_groups', 0)}</b> groups, {dup.get('duplicate_images', 0)} extra copies, "
                     f"{dup.get('label_conflicts', 0)} with conflicting labels; policy <b>{html.escape(str(dup.get('policy', '?')))}</b> "
-                    "(group: copies are kept in the same fold, so no image is both trained and tested on).</p>"
-                    f"<pre>{html.escape(json.dumps(info, indent=1, default=str))}</pre>")
+                    "(group: copies are kept in the same fold, so no image is both trained and tested on)."
+                    + (f" <b style='color:#b00'>{dup['label_conflicts']} set(s) of identical images carry different "
+                       "labels</b>: check them at the source (<code>medtune data check</code>)." if dup.get("label_conflicts") else "")
+                    + f"</p><pre>{html.escape(json.dumps(info, default=str))}</pre>")
     if t.dataset.nunique() >= 2:
         wide, what = cd_blocks(ev, None)
         body.append("<h2>Across data sets</h2>" + cd_section(wide, what, "all data sets"))
@@ -493,6 +499,26 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
     paths["md"].write_text("\n".join(md) + "\n", encoding="utf-8")
     paths["tex"].write_text("\n".join(tex), encoding="utf-8")
     return paths
+
+
+def patient_note(ev: Evidence, dataset: str) -> str:
+    """Where the fold grouping came from, from the resolved config: without patient ids, images of
+    one patient can sit in train and test at once, and every metric is then optimistic."""
+    for cfg in ev.runs.config_json.map(json.loads):
+        for d in cfg.get("datasets", []):
+            name = d.get("name") or (Path(d["path"]).name if d.get("path") else d.get("source"))
+            if name != dataset:
+                continue
+            if d.get("group_pattern"):
+                return f"Folds grouped by patient id (file-name pattern <code>{html.escape(d['group_pattern'])}</code>)."
+            if d.get("source") == "synthetic":
+                return "Folds grouped by (generated) patient id."
+            if str(d.get("path", "")).lower().endswith(".csv"):
+                return "Folds grouped by the manifest's patient_id column where it has one."
+            return ("<b>No patient ids were given</b> (no <code>group_pattern</code>): images of one patient may "
+                    "be in both training and test folds, which makes every figure here optimistic. Only identical "
+                    "images are kept together (see Duplicates and leakage).")
+    return ""
 
 
 def cd_section(wide: pd.DataFrame, what: str, where: str) -> str:
