@@ -12,6 +12,7 @@ probabilities (softmax head) or features (SVM head), with `preprocessing.json` b
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,12 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
         data = prepared[f"{ds}@{cell['config']['backbone']['image_size']}"]
         rt = Runtime(device, FeatureCache() if settings.cache else None, model_key(cell),
                      autocast_dtype(device, settings.amp))
-        result = run_cell(cell, data, settings, rt, keep_model=True)
+        try:
+            result = run_cell(cell, data, settings, rt, keep_model=True)
+        except (MedtuneError, RuntimeError, ValueError) as exc:  # the grid's results stand without it
+            warnings.warn(f"{ds}: the best model ({cell['strategy']}, fold {cell['fold']}) could not be retrained "
+                          f"and was not saved: {exc}", stacklevel=2)
+            continue
         store.save_cell(cell, "done", result.metrics, result.predictions, result.seconds, info=result.info)
         table = data.table
         model_for_pre = load_state(cell, table.num_classes, result.state_dict)
