@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ from typer.testing import CliRunner
 
 from medtune.bundle import load_bundle, save_bundle
 from medtune.cli import app
-from medtune.errors import MedtuneError
 from medtune.store import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
