@@ -68,6 +68,8 @@ def run(
                           f"({d['duplicate_images']} extra copies), policy {d['policy']!r}.[/]")
     if summary.failed:
         console.print("[red]Some cells failed; `medtune results --failed` shows their errors.[/]")
+    for path in summary.best_models:
+        console.print(f"best model: {path} (`medtune predict {path} IMAGES`, `medtune export {path}`)")
     print_results(Path(summary.store), Fmt.table, failed=False)
 
 
