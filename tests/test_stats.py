@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medtune.metrics import (average_ranks, balanced_accuracy, bootstrap_ci, corrected_ttest, friedman, nemenyi_cd,
-                             wilcoxon)
+from medtune.metrics import (average_ranks, balanced_accuracy, bootstrap_ci, cd_cliques, corrected_ttest, friedman,
+                             nemenyi_cd, wilcoxon)
 
 # Five data sets x three methods, ranked by hand (rank 1 = best; ties share the mean rank).
 SCORES = np.array([[0.90, 0.85, 0.80], [0.70, 0.75, 0.60], [0.88, 0.88, 0.70], [0.95, 0.90, 0.91],
@@ -84,3 +84,21 @@ def test_bootstrap_ci_contains_point_narrows_with_n_and_is_seeded():
     assert hi2 - lo2 < (hi - lo) / 2  # 25x the samples: about 1/5 of the width
     # the normal approximation of a proportion's 95% interval: about 2 * 1.96 * sqrt(.16/200) = 0.11
     assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(0.16 / 200), rel=0.25)
+
+
+def test_cd_cliques_on_demsars_ranks():
+    ranks = sorted([3.143, 2.000, 2.893, 1.964])  # m+cf, m, cf, C4.5
+    assert cd_cliques(ranks, 1.25) == [(0, 3)]  # alpha 0.05: no pair differs significantly
+    # alpha 0.10 (CD 1.12): C4.5 (3.143) is significantly worse than C4.5+m+cf and C4.5+m
+    assert cd_cliques(ranks, 1.12) == [(0, 2), (2, 3)]
+    assert cd_cliques([1.0, 2.0, 3.0], 0.5) == []
+
+
+def test_cd_diagram_draws_one_bar_per_clique():
+    from medtune.report import fig_cd
+
+    fig = fig_cd({"C4.5": 3.143, "C4.5+m": 2.0, "C4.5+cf": 2.893, "C4.5+m+cf": 1.964}, 1.12, "Demšar")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "C4.5+m+cf  (1.96)" in texts and any("CD = 1.12" in t for t in texts)
+    bars = [c for c in fig.axes[0].collections if c.get_linewidth()[0] == 5]
+    assert len(bars) == 2

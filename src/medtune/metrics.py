@@ -175,3 +175,17 @@ def nemenyi_cd(k: int, n_blocks: int, alpha: float = 0.05) -> float:
 
     q = studentized_range.ppf(1 - alpha, k, np.inf) / np.sqrt(2)
     return float(q * np.sqrt(k * (k + 1) / (6.0 * n_blocks)))
+
+
+def cd_cliques(sorted_ranks: list[float], cd: float) -> list[tuple[int, int]]:
+    """Maximal runs (first, last index) of methods, sorted by average rank, whose ranks differ by
+    less than CD: the groups a critical-difference diagram joins as not significantly different."""
+    cliques: list[tuple[int, int]] = []
+    k = len(sorted_ranks)
+    for i in range(k):
+        j = i
+        while j + 1 < k and sorted_ranks[j + 1] - sorted_ranks[i] < cd:
+            j += 1
+        if j > i and not any(a <= i and j <= b for a, b in cliques):
+            cliques.append((i, j))
+    return cliques

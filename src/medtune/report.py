@@ -54,8 +54,8 @@ import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from medtune.metrics import (balanced_accuracy, bootstrap_ci, confusion, corrected_ttest, friedman,  # noqa: E402
-                             nemenyi_cd, wilcoxon)
+from medtune.metrics import (balanced_accuracy, bootstrap_ci, cd_cliques, confusion, corrected_ttest,  # noqa: E402
+                             friedman, nemenyi_cd, wilcoxon)
 
 MAIN = "balanced_accuracy"
 FONT = 13  # points: readable when the page is printed
@@ -260,41 +260,37 @@ def fig_confusion(y: np.ndarray, p: np.ndarray, class_names: list[str], title: s
 
 def fig_cd(ranks: dict[str, float], cd: float, title: str):
     """Critical-difference diagram (Demšar 2006): average ranks on an axis, best on the left; methods
-    whose ranks differ by less than CD are joined by a bar (not significantly different)."""
+    whose ranks differ by less than CD are joined by a thick grey bar (not significantly different)."""
     plt = _plt()
     names = sorted(ranks, key=ranks.get)
     k = len(names)
     lo, hi = 1, max(k, 2)
-    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.45 * k))
-    ax.set_xlim(lo - 0.3, hi + 0.3)
-    ax.set_ylim(-(k + 2), 2.2)
-    ax.axis("off")
-    ax.hlines(0, lo, hi, color="black")
-    for r in range(lo, hi + 1):
-        ax.vlines(r, 0, 0.25, color="black")
-        ax.text(r, 0.4, str(r), ha="center", va="bottom")
-    ax.hlines(1.6, lo, lo + cd, color="crimson", lw=3)
-    ax.text(lo + cd / 2, 1.75, f"CD = {cd:.2f}", ha="center", va="bottom", color="crimson")
     half = (k + 1) // 2
+    step = 0.55
+    rows = max(half, k - half)
+    fig, ax = plt.subplots(figsize=(11, 1.8 + 0.5 * rows))
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(-(rows + 1) * step, 1.2)
+    ax.axis("off")
+    ax.hlines(0, lo, hi, color="black", lw=1.5)
+    for r in range(lo, hi + 1):
+        ax.vlines(r, 0, 0.12, color="black")
+        ax.text(r, 0.18, str(r), ha="center", va="bottom")
+    ax.hlines(0.85, lo, lo + cd, color="crimson", lw=3)
+    ax.vlines([lo, lo + cd], 0.78, 0.92, color="crimson", lw=2)
+    ax.text(lo + cd + 0.05, 0.85, f"critical difference CD = {cd:.2f}", ha="left", va="center", color="crimson")
     for i, n in enumerate(names):
         r = ranks[n]
         left = i < half
-        y = -(i + 1) if left else -(k - i)
-        x_text = lo - 0.25 if left else hi + 0.25
-        ax.plot([r, r, x_text], [0, y, y], color="black", lw=1)
-        ax.text(x_text, y, f"{n} ({r:.2f})", ha="right" if not left else "left", va="bottom")
-    # cliques: maximal runs of methods within CD of each other
-    cliques, start = [], 0
-    for i in range(k):
-        j = i
-        while j + 1 < k and ranks[names[j + 1]] - ranks[names[i]] < cd:
-            j += 1
-        if j > i and not any(a <= i and j <= b for a, b in cliques):
-            cliques.append((i, j))
-    for n_c, (a, b) in enumerate(cliques):
-        y = -0.35 - 0.3 * n_c
-        ax.hlines(y, ranks[names[a]] - 0.03, ranks[names[b]] + 0.03, color="dimgrey", lw=4)
-    ax.set_title(title)
+        y = -(i + 1) * step if left else -(k - i) * step
+        x_end = lo - 0.05 if left else hi + 0.05
+        ax.plot([r, r, x_end], [0, y, y], color="black", lw=1, clip_on=False)
+        ax.text(x_end + (-0.04 if left else 0.04), y, f"{n}  ({r:.2f})", ha="right" if left else "left",
+                va="center")
+    for n_c, (a, b) in enumerate(cd_cliques([ranks[n] for n in names], cd)):
+        y = -0.22 - 0.14 * n_c
+        ax.hlines(y, ranks[names[a]] - 0.03, ranks[names[b]] + 0.03, color="dimgrey", lw=5)
+    ax.set_title(title, pad=4)
     return fig
 
 
@@ -371,7 +367,7 @@ def html_table(df: pd.DataFrame, index_name: str | None = None, digits: int = 3)
 
     head = ([index_name] if index_name is not None else []) + [str(c) for c in df.columns]
     rows = []
-    for i, row in zip(df.index, df.values):
+    for i, row in zip(df.index, df.astype(object).values):
         cells = [f"<th>{html.escape(str(i))}</th>"] if index_name is not None else []
         for v in row:
             best = isinstance(v, str) and v.startswith("★")
@@ -425,7 +421,8 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
     tex = []
     body = [f"<h1>medtune report: {html.escape(ev.store.name)}</h1>",
             "<p>Each cell of the grid (data set × backbone × strategy × head) was trained and tested under "
-            "patient-grouped stratified k-fold cross-validation; every number and figure below is computed "
+            "stratified k-fold cross-validation, grouped by patient where the data set gives patient ids (each "
+            "data set's section says whether it does); every number and figure below is computed "
             "from the stored out-of-fold predictions. <b>Main metric: balanced accuracy</b> (mean recall over "
             "classes, chance = 1/number of classes). Tables show the mean over folds with the 95% bootstrap "
             "confidence interval of the pooled out-of-fold predictions; ★ marks the best mean.</p>"]
@@ -450,6 +447,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                     f"{best_row.get('auc', np.nan):.3f}, sensitivity{of} {best_row.get('sensitivity', np.nan):.3f}, "
                     f"specificity{of} {best_row.get('specificity', np.nan):.3f}.</p>")
         detail = format_pm(sub.reset_index(drop=True))
+        detail["seconds"] = detail["seconds"].round().astype(int)
         body.append("<h3>All clinical metrics (mean ± sd over folds)</h3>"
                     f"<p class=note>acc = accuracy, bal_acc = balanced accuracy, sens/spec/PPV/NPV{of}, "
                     "F1 = macro F1, AUC = area under the ROC curve, folds = cells averaged, seconds = training time.</p>"
