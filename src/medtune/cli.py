@@ -206,7 +206,8 @@ def predict(
                   + (f"; Grad-CAM overlays in {out / 'cam'}" if cam else ""))
     if df["true"].notna().any():
         known = df[df["true"].notna()]
-        console.print(f"accuracy on the {len(known)} labelled images: {(known.true == known.predicted).mean():.3f}")
+        console.print(f"accuracy on the {len(known)} labelled images: {(known.true == known.predicted).mean():.3f} "
+                      "(optimistic if they include the model's own training images)")
 
 
 def main() -> None:  # pragma: no cover - console-script entry point
