@@ -347,7 +347,7 @@ def to_latex(df: pd.DataFrame, caption: str, index_name: str = "") -> str:
 CSS = """
 body { font-family: Helvetica, Arial, sans-serif; font-size: 15px; max-width: 1250px; margin: 2em auto; color: #111; }
 h1 { font-size: 26px; } h2 { font-size: 21px; border-bottom: 2px solid #ccc; margin-top: 2em; } h3 { font-size: 17px; }
-table { border-collapse: collapse; margin: 0.8em 0; } td, th { border: 1px solid #bbb; padding: 5px 9px; text-align: left; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 14px; } td, th { border: 1px solid #bbb; padding: 4px 7px; text-align: left; }
 th { background: #eef; } td.best { font-weight: bold; background: #fff4c2; }
 img { max-width: 100%; } .row { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 figure { margin: 0; } figcaption { font-size: 14px; color: #333; max-width: 260px; }
