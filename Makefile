@@ -18,6 +18,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]'
+	# the report test renders the HTML in headless Chromium (skipped, with the reason, where it cannot be had)
+	command -v chromium || (apt-get install -y -q chromium || true)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -73,6 +73,8 @@ def run(
                           f"({d['duplicate_images']} extra copies), policy {d['policy']!r}.[/]")
     if summary.failed:
         console.print("[red]Some cells failed; `medtune results --failed` shows their errors.[/]")
+    for path in summary.best_models:
+        console.print(f"best model: {path} (`medtune predict {path} IMAGES`, `medtune export {path}`)")
     print_results(Path(summary.store), Fmt.table, failed=False)
 
 
@@ -221,6 +223,68 @@ def print_quality(r, show: int) -> None:
     if r.exact or r.near:
         console.print("Keep copies on one side of every split with `duplicates: group` (exact copies) and "
                       "`near_duplicates: N` (perceptual), or remove them; resolve conflicting labels by hand.")
+
+
+@app.command()
+def report(
+    store: Path = typer.Option(Path("results/medtune.sqlite"), "--store", help="SQLite results store."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder; default: <store>.report/ beside the store."),
+) -> None:
+    """One self-contained HTML report (tables with 95% CIs, depth plot, ROC, confusion, critical-difference
+    diagram, training curves, Grad-CAM gallery, config) plus results.csv, results.md and results.tex."""
+    from medtune.report import build_report
+
+    try:
+        paths = build_report(store, out or Path(f"{store}.report"))
+    except MedtuneError as exc:
+        fail(exc)
+    for kind, path in paths.items():
+        console.print(f"{kind:>4}: {path}")
+
+
+class ExportFormat(str, Enum):
+    torchscript = "torchscript"
+    onnx = "onnx"
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="A model directory, e.g. results/demo.sqlite.models/best."),
+    format: list[ExportFormat] = typer.Option([ExportFormat.torchscript, ExportFormat.onnx], "--format",
+                                              help="torchscript and/or onnx (repeatable; default both)."),
+) -> None:
+    """Write TorchScript / ONNX of the saved model (input: RGB in [0, 1]; normalisation inside) and
+    preprocessing.json beside it."""
+    from medtune.bundle import export as export_model
+
+    try:
+        for f in format:
+            console.print(f"{f.value}: {export_model(model_dir, f.value)}")
+    except MedtuneError as exc:
+        fail(exc)
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="A model directory, e.g. results/demo.sqlite.models/best."),
+    images: list[Path] = typer.Argument(..., help="Image files, folders (plain or one sub-folder per class) or "
+                                                  "CSV manifests (path,label)."),
+    out: Path = typer.Option(Path("predictions"), "--out", help="Folder for predictions.csv (and cam/)."),
+    cam: bool = typer.Option(False, "--cam", help="Also save Grad-CAM overlays for the predicted class."),
+) -> None:
+    """Class probabilities for each image to OUT/predictions.csv; Grad-CAM overlays with --cam."""
+    from medtune.predict import predict as run_predict
+
+    try:
+        df = run_predict(model, images, out, cam=cam)
+    except MedtuneError as exc:
+        fail(exc)
+    console.print(f"{len(df)} images -> {out / 'predictions.csv'}"
+                  + (f"; Grad-CAM overlays in {out / 'cam'}" if cam else ""))
+    if df["true"].notna().any():
+        known = df[df["true"].notna()]
+        console.print(f"accuracy on the {len(known)} labelled images: {(known.true == known.predicted).mean():.3f} "
+                      "(optimistic if they include the model's own training images)")
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -110,6 +110,8 @@ class ExperimentConfig(Strict):
     gpus_per_cell: float = Field(0, ge=0)
     cpus_per_cell: float = Field(1, gt=0)
     max_retries: int = Field(2, ge=0)
+    keep_best: bool = Field(True, description="after the grid, save the best cell group's fold-0 model (weights, "
+                                                "preprocessing, SVM head) to <store>.models/best/ for predict/export")
 
     @field_validator("backbones", mode="before")
     @classmethod

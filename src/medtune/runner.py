@@ -143,6 +143,7 @@ class CellResult:
     info: dict
     seconds: float
     state_dict: dict | None = None
+    head_model: Any = None  # the fitted SVM head, kept with the state dict (keep_model)
 
 
 def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime, keep_model: bool = False) -> CellResult:
@@ -186,7 +187,8 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         info["trainable_blocks"] = [h["trainable_blocks"] for h in result.history]
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
     preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
-    return CellResult(metrics, preds, info, time.perf_counter() - t0, state)
+    return CellResult(metrics, preds, info, time.perf_counter() - t0, state,
+                      svm if keep_model and head == "svm" else None)
 
 
 def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings: TrainSettings, rt: Runtime,
@@ -263,6 +265,7 @@ class RunSummary:
     seconds: float
     store: str
     duplicates: dict = field(default_factory=dict)
+    best_models: list[str] = field(default_factory=list)
 
 
 def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = True,
@@ -300,6 +303,10 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
         run_ray(cfg, todo, data_of, settings, store, summary, progress, on_cell)
     else:
         run_local(todo, data_of, settings, device, store, summary, progress, on_cell)
+    if cfg.keep_best:
+        from medtune.bundle import keep_best
+
+        summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store)]
     summary.seconds = time.perf_counter() - t0
     store.close()
     return summary

@@ -165,3 +165,22 @@ def open_store(path: str | Path, must_exist: bool = False) -> Store:
     if must_exist and not p.exists():
         raise MedtuneError(f"no results store at {p}. Run `medtune run CONFIG` first, or pass --store PATH.")
     return Store(p)
+
+
+def _json_cols(df: pd.DataFrame, cols: dict[str, str]) -> pd.DataFrame:
+    for src, dst in cols.items():
+        df[dst] = df.pop(src).map(json.loads)
+    return df
+
+
+def read_datasets(store: Store) -> pd.DataFrame:
+    """One row per data set: class names and the loader's record (duplicates, counts, grouping)."""
+    df = pd.read_sql_query("SELECT * FROM datasets ORDER BY dataset", store.conn)
+    return _json_cols(df, {"class_names_json": "class_names", "info_json": "info"})
+
+
+def read_cells(store: Store) -> pd.DataFrame:
+    """Done cells with `info` (history, trainable blocks, strategy label) parsed from JSON."""
+    df = store.cells()
+    df = df[df.status == "done"].copy()
+    return _json_cols(df, {"info_json": "info"})

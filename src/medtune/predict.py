@@ -1,0 +1,84 @@
+"""`medtune predict`: class probabilities for new images from a saved model directory.
+
+Images are decoded exactly as for training (`medtune.data`), at the model's image size, so the
+same file gets the same probabilities it got as an out-of-fold test image in the store.
+Inputs may be image files, folders (plain, or one sub-folder per class: the folder name is then
+kept as the true label) and CSV manifests (`path,label`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medtune.bundle import Bundle, load_bundle
+from medtune.data import IMAGE_SUFFIXES, decode_image
+from medtune.errors import DataError
+
+
+def _manifest(csv_path: Path) -> list[tuple[Path, str | None]]:
+    """`path[,label]` rows, paths relative to the CSV's folder; unlike a training manifest any
+    subset of classes (or no label column) is fine."""
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    df.columns = [c.strip() for c in df.columns]
+    if "path" not in df.columns:
+        raise DataError(f"manifest {csv_path} has no `path` column; found {list(df.columns)}. "
+                        "Expected a header line `path[,label]`.")
+    labels = df["label"] if "label" in df.columns else [None] * len(df)
+    return [(csv_path.parent / p.strip(), (lab.strip() or None) if lab is not None else None)
+            for p, lab in zip(df["path"], labels)]
+
+
+def _folder(root: Path) -> list[tuple[Path, str | None]]:
+    """Image files under `root`; a file in a sub-folder gets that sub-folder's name as its true label."""
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    if not files:
+        raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder.")
+    return [(f, f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else None) for f in files]
+
+
+def read_inputs(inputs: list[str | Path], size: int) -> tuple[torch.Tensor, list[str], list[str | None]]:
+    """(uint8 images, paths, true labels or None) from files, folders and manifests, in the given order;
+    decoded by `medtune.data.decode_image`, exactly as for training."""
+    items: list[tuple[Path, str | None]] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.suffix.lower() == ".csv" and p.is_file():
+            items += _manifest(p)
+        elif p.is_dir():
+            items += _folder(p)
+        elif p.is_file():
+            items.append((p, None))
+        else:
+            raise DataError(f"{p} does not exist: give image files, folders or a .csv manifest.")
+    images = torch.from_numpy(np.stack([decode_image(f, size) for f, _ in items]))
+    return images, [str(f) for f, _ in items], [lab for _, lab in items]
+
+
+def predict(model_dir: str | Path, inputs: list[str | Path], out: str | Path | None = None,
+            cam: bool = False) -> pd.DataFrame:
+    """Probabilities per class for every input image; `predictions.csv` (and Grad-CAM overlays in
+    `cam/` when asked) written to `out` if given."""
+    bundle: Bundle = load_bundle(model_dir)
+    images, paths, labels = read_inputs(inputs, bundle.image_size)
+    probs = bundle.predict_proba(images)
+    names = bundle.meta["class_names"]
+    df = pd.DataFrame({"path": paths, "true": labels, "predicted": [names[i] for i in probs.argmax(1)]})
+    for j, name in enumerate(names):
+        df[f"p_{name}"] = probs[:, j]
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if cam:
+            from medtune.explain import cam_maps, normalise, save_overlay
+
+            maps = cam_maps(bundle.model, normalise(images, bundle.meta["mean"], bundle.meta["std"]),
+                            list(probs.argmax(1)))
+            df["cam"] = [str(save_overlay(out / "cam" / f"{i:04d}_{Path(p).stem}.png", img, m))
+                         for i, (p, img, m) in enumerate(zip(paths, images, maps))]
+        df.to_csv(out / "predictions.csv", index=False)
+    return df

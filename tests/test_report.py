@@ -1,0 +1,175 @@
+"""The report, best-model bundle, predict and export, on a tiny finished grid (see conftest.py)."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medtune.bundle import load_bundle, save_bundle
+from medtune.cli import app
+from medtune.store import Store
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run, tmp_path_factory):
+    store, _ = tiny_run
+    out = tmp_path_factory.mktemp("report")
+    res = CliRunner().invoke(app, ["report", "--store", str(store), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_report_writes_tables_with_cis_and_one_best(report):
+    df = pd.read_csv(report / "results.csv")
+    assert set(df.strategy) == {"linear_probe", "partial_ft(blocks=1)"}
+    assert df.best.sum() == 1
+    assert df.loc[df.best, "balanced_accuracy"].item() == df.balanced_accuracy.max()
+    assert (df.ci_low <= df.pooled_balanced_accuracy).all() and (df.pooled_balanced_accuracy <= df.ci_high).all()
+    assert (df.ci_high - df.ci_low > 0).any()
+    md = (report / "results.md").read_text()
+    assert "| strategy | test_efficientnet |" in md and md.count("| ★") == 1
+    tex = (report / "results.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"partial\_ft(blocks=1)" in tex and r"$\star$" in tex
+
+
+def test_report_html_is_self_contained(report):
+    page = (report / "report.html").read_text()
+    assert "src=\"data:image/png;base64," in page
+    assert "file://" not in page and "<script" not in page
+    for section in ("Balanced accuracy: strategy × backbone", "Depth of fine-tuning", "ROC and confusion matrix",
+                    "Training curves", "Grad-CAM gallery", "Duplicates and leakage", "Configuration and environment",
+                    "Paired tests"):
+        assert section in page, section
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (make setup-dev installs it with apt-get where it can)")
+    url = (report / "report.html").resolve().as_uri()
+    dom = subprocess.run([CHROMIUM, *HEADLESS, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<table") == 3  # main table (strategy x backbone), all metrics, paired tests
+    assert "★" in dom
+    # depth, ROC, confusion, curves and the Grad-CAM overlays are all decoded images
+    assert dom.count("data:image/png;base64,") >= 4 + 2
+    shot = tmp_path / "page.png"
+    subprocess.run([CHROMIUM, *HEADLESS, f"--screenshot={shot}", "--window-size=1300,2400", url],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.shape == (2400, 1300)
+    assert img.std() > 20  # not a blank page
+
+
+def test_report_on_empty_store_says_what_to_do(tmp_path):
+    Store(tmp_path / "empty.sqlite").close()
+    res = CliRunner().invoke(app, ["report", "--store", str(tmp_path / "empty.sqlite")])
+    assert res.exit_code == 2 and "medtune run" in res.output
+
+
+def _best_cell_predictions(store: Path, model_dir: Path) -> pd.DataFrame:
+    cell_id = json.loads((model_dir / "model.json").read_text())["cell_id"]
+    with Store(store) as s:
+        p = s.predictions([cell_id])
+    assert len(p) > 0
+    return p
+
+
+def test_predict_reproduces_the_stores_predictions(tiny_run, tmp_path):
+    store, data = tiny_run
+    model_dir = Path(f"{store}.models/best")
+    stored = _best_cell_predictions(store, model_dir)
+    res = CliRunner().invoke(app, ["predict", str(model_dir), str(data), "--out", str(tmp_path), "--cam"])
+    assert res.exit_code == 0, res.output
+    pred = pd.read_csv(tmp_path / "predictions.csv")
+    names = json.loads((model_dir / "model.json").read_text())["class_names"]
+    assert len(pred) == len(list(data.rglob("*.png")))
+    merged = stored.merge(pred, on="path")
+    assert len(merged) == len(stored)
+    ours = merged[[f"p_{n}" for n in names]].to_numpy()
+    np.testing.assert_allclose(ours, np.array(merged.probs.tolist()), atol=1e-4)
+    assert (merged.true == [names[y] for y in merged.y_true]).all()
+    assert all(Path(c).is_file() for c in pred.cam)
+
+
+def test_predict_single_files_and_manifest(tiny_run, tmp_path):
+    store, data = tiny_run
+    from medtune.predict import predict
+
+    files = sorted(data.rglob("*.png"))[:3]
+    manifest = data / "few.csv"
+    manifest.write_text("path,label\n" + "".join(f"{f.relative_to(data)},{f.parent.name}\n" for f in files))
+    by_file = predict(f"{store}.models/best", files)
+    by_csv = predict(f"{store}.models/best", [manifest])
+    manifest.unlink()
+    assert by_file["true"].isna().all() and list(by_csv["true"]) == [f.parent.name for f in files]
+    np.testing.assert_allclose(by_file.filter(like="p_").to_numpy(), by_csv.filter(like="p_").to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(by_file.filter(like="p_").sum(1), 1.0, atol=1e-5)
+
+
+def test_predict_on_a_folder_that_is_not_a_model(tmp_path):
+    res = CliRunner().invoke(app, ["predict", str(tmp_path), str(tmp_path)])
+    assert res.exit_code == 2 and "keep_best" in res.output
+
+
+def test_export_torchscript_and_onnx_match_the_model(tiny_run):
+    store, _ = tiny_run
+    model_dir = Path(f"{store}.models/best")
+    res = CliRunner().invoke(app, ["export", str(model_dir), "--format", "torchscript", "--format", "onnx"])
+    assert res.exit_code == 0, res.output
+    b = load_bundle(model_dir)
+    pre = json.loads((model_dir / "preprocessing.json").read_text())
+    assert pre["image_size"] == b.image_size and pre["class_names"] == b.meta["class_names"]
+    images = torch.randint(0, 256, (3, 3, b.image_size, b.image_size), dtype=torch.uint8)
+    ref = b.predict_proba(images)
+    x = images.float() / 255.0
+    ts = torch.jit.load(str(model_dir / "model.torchscript.pt"))
+    np.testing.assert_allclose(ts(x).detach().numpy(), ref, atol=1e-5)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"image": x.numpy()})[0], ref, atol=1e-4)
+
+
+def test_svm_bundle_round_trips_its_sklearn_head(tmp_path):
+    import timm
+
+    from medtune.heads import fit_svm, full_proba
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=2).eval()
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    labels = np.array([0, 1] * 6)
+    from medtune.explain import normalise
+
+    mean, std = [0.5] * 3, [0.25] * 3
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(normalise(images, mean, std)), pre_logits=True).numpy()
+    svm = fit_svm(feats[:8], labels[:8], feats[8:], labels[8:], 2)
+    meta = {"backbone": "test_efficientnet", "class_names": ["a", "b"], "image_size": 32, "mean": mean, "std": std,
+            "strategy": "linear_probe", "head": "svm"}
+    save_bundle(tmp_path, model.state_dict(), meta, svm)
+    b = load_bundle(tmp_path)
+    np.testing.assert_allclose(b.predict_proba(images), full_proba(svm, feats, 2), atol=1e-5)
+
+
+def test_rerun_keeps_the_saved_model(tiny_run):
+    """Resuming a finished grid must not retrain the best model (its cell is already saved)."""
+    import medtune
+    from conftest import tiny_png_config
+
+    store, data = tiny_run
+    weights = Path(f"{store}.models/best/weights.pt")
+    before = weights.stat().st_mtime_ns
+    summary = medtune.run(tiny_png_config(data, store), progress=False)
+    assert summary.skipped == summary.total and summary.best_models
+    assert weights.stat().st_mtime_ns == before
