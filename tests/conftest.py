@@ -59,6 +59,7 @@ def tiny_config(tmp_path: Path, **overrides) -> Path:
         "train": {"epochs": 1, "batch_size": 8, "views": 1, "patience": 1},
         "store": str(tmp_path / "store.sqlite"),
         "device": "cpu",
+        "keep_best": False,
     }
     cfg.update(overrides)
     path = tmp_path / "tiny.yaml"
@@ -86,6 +87,7 @@ def smoke_raw(tmp_path, **train) -> dict:
         "folds": 2,
         "train": {"epochs": 1, "batch_size": 8, "views": 2, "patience": 1, **train},
         "store": str(tmp_path / "store.sqlite"),
+        "keep_best": False,
     }
 
 

@@ -42,6 +42,7 @@ def grid(store: Path, strategies=("linear_probe", "full_ft"), seeds=(0,), **extr
         "train": {"epochs": 1, "batch_size": 8, "views": 2, "patience": 1, "amp": "off"},
         "device": "cpu",
         "store": str(store),
+        "keep_best": False,  # the best-model retrain runs on the driver; this file compares executors
         **extra,
     }
 
