@@ -304,7 +304,20 @@ def test_nan_loss_recorded_and_grid_continues(tmp_path, monkeypatch):
         cells = s.cells()
     failed = cells[cells.status == "failed"]
     assert set(failed.strategy) == {"full_ft"} and set(cells[cells.status == "done"].strategy) == {"linear_probe"}
-    assert all("the loss became nan at epoch 0" in e and "lower the learning rate" in e for e in failed.error)
+    assert all("the loss diverged to nan at epoch 0" in e and "Lower train.lr" in e for e in failed.error)
+
+
+def test_exploding_finite_loss_is_stopped_as_diverged(tmp_path):
+    """A huge learning rate gives a finite but exploding loss: the cell fails as diverged, the grid goes on."""
+    from medtune.runner import run
+
+    cfg = load_config(tiny_config(tmp_path, strategies=["full_ft"]),
+                      ["train.lr=1e6", "train.warmup_epochs=0", "train.grad_clip=0", "train.epochs=3"])
+    summary = run(cfg, progress=False)
+    assert summary.failed == 2
+    with Store(cfg.store) as s:
+        errors = s.cells().error.tolist()
+    assert all("the loss diverged to" in e and "Lower train.lr" in e for e in errors)
 
 
 def test_absurd_learning_rate_recorded_with_advice(tmp_path):

@@ -137,6 +137,7 @@ class TrainSettings:
     channels_last: bool = True
     train_bn: bool = False
     grad_clip: float = 5.0
+    head_lr_scale: float = 10.0
     augment: Augment = field(default_factory=Augment)
 
 
@@ -359,6 +360,7 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
 
     history: list[dict] = []
+    first_loss: float | None = None
     best = (math.inf, -1, None)
     bad_epochs = 0
     kept = n_blocks
@@ -391,14 +393,17 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
                 loss = F.cross_entropy(logits.float(), y, weight=weight)
                 penalty = strategy.penalty(model, start_state)
                 total_loss = loss + penalty
-            if not torch.isfinite(total_loss):
-                raise TrainingError(f"the loss became {total_loss.item()} at epoch {epoch}, step {step} "
-                                    f"(lr {settings.lr}); lower the learning rate or enable grad_clip.")
+            value = float(total_loss.detach())
+            first_loss = value if first_loss is None else first_loss
+            # NaN, inf, or a finite loss 100x above where training started: the run diverged.
+            if not math.isfinite(value) or value > 100 * max(first_loss, 1.0):
+                raise TrainingError(f"the loss diverged to {value:.4g} at epoch {epoch}, step {step} (it started at "
+                                    f"{first_loss:.4g}; lr {settings.lr}). Lower train.lr or keep train.grad_clip on.")
             optimizer.zero_grad(set_to_none=True)
             (scaler.scale(total_loss) if scaler else total_loss).backward()
             lr_t = settings.lr * cosine_lr((epoch - phases[phase]) * steps_per_epoch + step, phase_steps, warmup)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_t * scales[g["block"]]
+            for g in optimizer.param_groups:  # the new, randomly initialised head learns faster
+                g["lr"] = lr_t * scales[g["block"]] * (settings.head_lr_scale if g["is_head"] else 1.0)
             strategy.after_backward(optimizer.param_groups, step)
             if scaler:
                 scaler.unscale_(optimizer)
@@ -416,6 +421,8 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
         history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss,
                         "val_balanced_accuracy": val_bacc, "cut": cut,
                         "trainable_blocks": sum(1 for s in scales if s > 0)})
+        if len(val_idx) == 0:  # no validation split (tiny data): no early stopping, the last epoch is kept
+            continue
         if val_loss < best[0] - 1e-6:
             best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
             bad_epochs = 0
