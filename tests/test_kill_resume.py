@@ -54,8 +54,8 @@ def wait_for(proc, condition, timeout: float = 120) -> None:
 
 
 def test_sigkill_and_resume(tmp_path):
-    # 24 cells, enough that ten kills land before the grid can finish
-    cfg = tiny_config(tmp_path, strategies=["linear_probe", "bitfit", "full_ft"], seeds=[0, 1, 2, 3], folds=2,
+    # 48 cells, enough that ten kills land before the grid can finish
+    cfg = tiny_config(tmp_path, strategies=["linear_probe", "bitfit", "full_ft"], seeds=list(range(8)), folds=2,
                       train={"epochs": 2, "batch_size": 8, "views": 1, "patience": 2})
     store = tmp_path / "store.sqlite"
     cmd = [PYTHON, "-m", "medtune", "run", str(cfg), "--quiet"]
@@ -88,6 +88,6 @@ def test_sigkill_and_resume(tmp_path):
     final = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
     done = store_state(store)
-    assert len(done) == 24
+    assert len(done) == 48
     with sqlite3.connect(store) as conn:
         assert conn.execute("SELECT count(*) FROM cells WHERE status != 'done'").fetchone()[0] == 0
