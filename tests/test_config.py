@@ -41,3 +41,11 @@ def test_strategy_sweeps_expand():
 def test_shipped_configs_validate():
     for name in ("configs/demo.yaml", "configs/smoke.yaml"):
         load_config(name)
+
+
+def test_a_path_on_the_synthetic_demo_set_is_refused_not_ignored():
+    raw = base() | {"datasets": [{"source": "synthetic", "options": {"n_patients": 6}}]}
+    with pytest.raises(ConfigError, match=r"source: synthetic.*and a `path`.*datasets.0=\{path: DIR\}"):
+        load_config(raw=raw, overrides=["datasets.0.path=/data/busi"])
+    cfg = load_config(raw=raw, overrides=["datasets.0={path: /data/busi, positive: malignant}"])
+    assert cfg.datasets[0].source == "auto" and cfg.datasets[0].path == "/data/busi"

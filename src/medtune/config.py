@@ -39,6 +39,11 @@ class DatasetConfig(Strict):
     def _needs_path(self) -> "DatasetConfig":
         if self.source not in ("synthetic", "medmnist") and not self.path:
             raise ValueError(f"data set {self.name or ''!r} needs `path` (a folder, a .csv manifest or a .npz file)")
+        if self.source == "synthetic" and self.path:
+            # e.g. `--set datasets.0.path=...` on the demo: training on generated images instead would be silent
+            raise ValueError(f"data set {self.name or ''!r} has `source: synthetic` and a `path`; generated data "
+                             "ignores paths. For your images set `source: auto` (or folder/manifest) and drop "
+                             "`options`, e.g. --set 'datasets.0={path: DIR}'")
         return self
 
     def display_name(self) -> str:
