@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
 import medtune
 from medtune.backbones import create_backbone
@@ -55,7 +56,7 @@ def medtune_grid(data: str, size: int, folds: int, epochs: int, views: int, stor
         "name": "grid_speed",
         "datasets": [{"name": "busi", "path": data}],
         "backbones": [{"name": "efficientnet_lite0", "image_size": size}],
-        "folds": folds, "seeds": [0], "store": store,
+        "folds": folds, "seeds": [0], "store": store, "keep_best": False,
         "train": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "patience": epochs, "views": views},
     }
     t0 = time.perf_counter()
@@ -91,11 +92,15 @@ class Images(Dataset):
     def __len__(self):
         return len(self.paths)
 
+    # the same light augmentation as medtune's, the torchvision way, per image
+    augment = T.Compose([T.RandomHorizontalFlip(), T.RandomAffine(10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+                         T.ColorJitter(brightness=0.1, contrast=0.1)])
+
     def __getitem__(self, i):
         img = Image.open(self.paths[i]).convert("RGB").resize((self.size, self.size), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        if self.train and torch.rand(1) < 0.5:
-            x = x.flip(-1)
+        if self.train:
+            x = self.augment(x)
         return (x - self.mean) / self.std, int(self.labels[i])
 
 
@@ -171,14 +176,15 @@ def reference_grid(prepared, size, folds, epochs) -> dict:
                               labels[val_idx], len(names))
                 probs = full_proba(svm, ref_predict(model, test_l, True), len(names))
             else:
+                # the same learning rates as medtune: a probe at 10x (probe_lr_scale), LP-FT's FT phase at 0.1x
                 if kind == "lp_ft":
                     set_trainable(model, "head")
-                    ref_train(model, train_l, epochs, 1e-3, val_l)
+                    ref_train(model, train_l, epochs, 1e-2, val_l)
                     set_trainable(model, "all")
                     ref_train(model, train_l, epochs, 1e-4, val_l)
                 else:
                     set_trainable(model, {"linear_probe": "head", "partial_ft": "top2", "full_ft": "all"}[kind])
-                    ref_train(model, train_l, epochs, 1e-3, val_l)
+                    ref_train(model, train_l, epochs, 1e-2 if kind == "linear_probe" else 1e-3, val_l)
                 probs = ref_predict(model, test_l)
             kinds[kind]["seconds"] += time.perf_counter() - t0
             m = clinical_metrics(labels[te], probs, names)

@@ -154,7 +154,7 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
     from medtune.explain import gallery
     from medtune.report import GROUP
     from medtune.runner import model_key, run_cell
-    from medtune.train import FeatureCache, Runtime, autocast_dtype
+    from medtune.train import Runtime, autocast_dtype, shared_cache
 
     m = store.metrics()
     if m.empty:
@@ -175,7 +175,7 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
             saved.append(out)
             continue
         data = prepared[f"{ds}@{cell['config']['backbone']['image_size']}"]
-        rt = Runtime(device, FeatureCache() if settings.cache else None, model_key(cell),
+        rt = Runtime(device, shared_cache() if settings.cache else None, model_key(cell),
                      autocast_dtype(device, settings.amp))
         try:
             result = run_cell(cell, data, settings, rt, keep_model=True)

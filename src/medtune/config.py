@@ -90,8 +90,8 @@ class TrainConfig(Strict):
     channels_last: bool = Field(True, description="channels-last memory layout (faster convolutions on GPU)")
     train_bn: bool = Field(False, description="let BatchNorm statistics of frozen blocks update")
     grad_clip: float = Field(5.0, ge=0, description="clip the gradient norm to this value; 0 = off")
-    head_lr_scale: float = Field(10.0, gt=0, description="learning-rate multiplier of the new classifier head, "
-                                                         "which starts from random weights")
+    probe_lr_scale: float = Field(10.0, gt=0, description="learning-rate multiplier for epochs in which only the "
+                                                          "head trains (linear probe, the LP phase of lp_ft)")
     augment: AugmentConfig = Field(AugmentConfig(), description="training-time augmentation")
 
     @field_validator("amp", mode="before")

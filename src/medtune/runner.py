@@ -32,8 +32,8 @@ from medtune.metrics import clinical_metrics
 from medtune.splits import apply_duplicate_policy, assert_disjoint, check_foldable, inner_split, kfold
 from medtune.store import Store
 from medtune.strategies import Strategy, create_strategy, parse_label
-from medtune.train import (Augment, FeatureCache, Runtime, TrainSettings, autocast_dtype, final_inputs, fit,
-                           predict_proba, resolve_device, set_seed)
+from medtune.train import (Augment, Runtime, TrainSettings, autocast_dtype, final_inputs, fit,
+                           predict_proba, resolve_device, set_seed, shared_cache)
 
 
 # --------------------------------------------------------------------------- data preparation
@@ -132,8 +132,11 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> 
 
 
 def model_key(cell: dict) -> tuple:
+    """What the frozen weights depend on: the cache key of a backbone. Random-init weights depend on
+    the cell's seed (the model is built right after `set_seed`), pretrained ones do not."""
     b = cell["config"]["backbone"]
-    return (b["name"], b["pretrained"], b["checkpoint"], b["image_size"])
+    random_init = not b["pretrained"] and not b["checkpoint"]
+    return (b["name"], b["pretrained"], b["checkpoint"], b["image_size"], cell["config"]["seed"] if random_init else None)
 
 
 @dataclass
@@ -345,7 +348,7 @@ def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: 
               summary: RunSummary, progress: bool, on_cell) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    cache = FeatureCache() if settings.cache else None
+    cache = shared_cache() if settings.cache else None
     amp = autocast_dtype(device, settings.amp)
     memo: dict = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -137,7 +137,7 @@ class TrainSettings:
     channels_last: bool = True
     train_bn: bool = False
     grad_clip: float = 5.0
-    head_lr_scale: float = 10.0
+    probe_lr_scale: float = 10.0
     augment: Augment = field(default_factory=Augment)
 
 
@@ -179,6 +179,17 @@ class FeatureCache:
         while self.nbytes() > self.max_bytes and len(self.store) > 1:
             self.store.pop(next(iter(self.store)))
         return value
+
+
+_SHARED_CACHE: FeatureCache | None = None
+
+
+def shared_cache() -> FeatureCache:
+    """The process-wide cache: every grid run in this process (and the best-model retrain) shares it."""
+    global _SHARED_CACHE
+    if _SHARED_CACHE is None:
+        _SHARED_CACHE = FeatureCache()
+    return _SHARED_CACHE
 
 
 @dataclass
@@ -375,6 +386,9 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
             inputs = Inputs(table, fwd, cut, settings, rt, mean, std, seed)
         for g in optimizer.param_groups:
             g["params"][0].requires_grad_(scales[g["block"]] > 0)
+        # A linear probe (only the head trains) is a convex problem on fixed features and takes a larger
+        # learning rate than fine-tuning a network: the probe phases get `probe_lr_scale` times the rate.
+        head_boost = settings.probe_lr_scale if cut == POOLED or all(x == 0 for x in scales[:-1]) else 1.0
         set_train_mode(model, settings.train_bn)
         phase = max(i for i, s in enumerate(phases[:-1]) if s <= epoch)
         phase_steps = (phases[phase + 1] - phases[phase]) * steps_per_epoch
@@ -402,8 +416,8 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
             optimizer.zero_grad(set_to_none=True)
             (scaler.scale(total_loss) if scaler else total_loss).backward()
             lr_t = settings.lr * cosine_lr((epoch - phases[phase]) * steps_per_epoch + step, phase_steps, warmup)
-            for g in optimizer.param_groups:  # the new, randomly initialised head learns faster
-                g["lr"] = lr_t * scales[g["block"]] * (settings.head_lr_scale if g["is_head"] else 1.0)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_t * scales[g["block"]] * head_boost
             strategy.after_backward(optimizer.param_groups, step)
             if scaler:
                 scaler.unscale_(optimizer)
