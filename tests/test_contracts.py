@@ -183,3 +183,10 @@ def test_auto_snr_freezes_low_signal_tensors():
 def test_every_strategy_has_a_summary_and_citation():
     for name, cls in REGISTRY.items():
         assert cls.summary and cls.citation and cls.__doc__, name
+
+
+def test_gradient_criteria_leave_the_new_head_at_the_base_rate():
+    groups = groups_with([([3.0, 4.0], [3.0, 4.0]), ([100.0], [1.0])])
+    groups[1]["is_head"] = True  # a random head with a huge relative gradient
+    AutoRGN(measure_batches=1).after_backward(groups, 0)
+    assert groups[0]["lr"] == pytest.approx(0.1) and groups[1]["lr"] == pytest.approx(0.1)

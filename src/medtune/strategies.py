@@ -294,7 +294,7 @@ class _GradientCriterion(Strategy):
     """Shared by Auto-RGN and Auto-SNR (Lee et al., ICLR 2023): a per-tensor statistic of the
     gradient, averaged over the first `measure_batches` minibatches of every epoch, decides each
     tensor's learning rate for the epoch. Normalisation layers are left out (frozen), as in the
-    authors' reference code."""
+    authors' reference code; the new head is left out too and trains at the base rate."""
 
     measure_batches: int = 5
 
@@ -312,6 +312,10 @@ class _GradientCriterion(Strategy):
         raise NotImplementedError
 
     def after_backward(self, groups: list[dict], step_in_epoch: int) -> None:
+        # The new head is not a pretrained tensor to be judged: it trains at the base rate. (Left in,
+        # a random head's statistic can dominate the normalisation; on BUSI, Auto-RGN then starved
+        # the head and predicted the majority class in every fold.)
+        groups = [g for g in groups if not g.get("is_head")]
         if step_in_epoch < self.measure_batches:
             for g in groups:
                 p = g["params"][0]
