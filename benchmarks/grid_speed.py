@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image

@@ -12,11 +12,11 @@ import yaml
 from PIL import Image, ImageEnhance
 from typer.testing import CliRunner
 
-from conftest import tiny_config, write_png
+from conftest import tiny_config
 from medtune.cli import app
 from medtune.data import ImageTable
 from medtune.errors import DataError
-from medtune.quality import check_files, check_targets, near_duplicate_groups, straddling
+from medtune.quality import check_targets, near_duplicate_groups, straddling
 from medtune.splits import apply_duplicate_policy, assert_disjoint, kfold
 
 

@@ -26,7 +26,7 @@ from medtune import __version__
 from medtune.backbones import create_backbone, default_image_size
 from medtune.config import ExperimentConfig, expand_params
 from medtune.data import ImageTable, load_dataset
-from medtune.errors import MedtuneError, TrainingError
+from medtune.errors import MedtuneError
 from medtune.heads import fit_svm, full_proba
 from medtune.metrics import clinical_metrics
 from medtune.splits import apply_duplicate_policy, assert_disjoint, check_foldable, inner_split, kfold

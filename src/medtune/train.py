@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -354,9 +353,7 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
     model.to(rt.device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
-    pre = preprocessing(model)
-    mean = torch.tensor(pre["mean"], device=rt.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre["std"], device=rt.device).view(1, 3, 1, 1)
+    mean, std = norm_tensors(model, rt.device)
     chain = feature_chain(model, image_size=min(64, table.image_size)) if settings.cache else None
     fwd = Forward(model, chain)
     optimizer, block_list = build_optimizer(model, strategy, settings)
@@ -509,13 +506,12 @@ def final_inputs(result: FitResult, table: ImageTable, settings: TrainSettings, 
     n_blocks = len(blocks(fwd.model))
     scales = [0.0] * result.kept_prefix_blocks + [1.0] * (n_blocks - result.kept_prefix_blocks)
     cut = choose_cut(fwd.chain, scales, settings.cache)
-    pre = preprocessing(fwd.model)
-    mean = torch.tensor(pre["mean"], device=rt.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre["std"], device=rt.device).view(1, 3, 1, 1)
+    mean, std = norm_tensors(fwd.model, rt.device)
     return Inputs(table, fwd, cut, settings, rt, mean, std, seed=0)
 
 
-def configure_threads(n: int | None = None) -> None:
-    """Use every core for intra-op work; one interop thread (cells run one at a time)."""
-    n = n or os.cpu_count() or 1
-    torch.set_num_threads(n)
+def norm_tensors(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights' normalisation mean and std as (1, 3, 1, 1) tensors on `device`."""
+    pre = preprocessing(model)
+    return (torch.tensor(pre["mean"], device=device).view(1, 3, 1, 1),
+            torch.tensor(pre["std"], device=device).view(1, 3, 1, 1))
