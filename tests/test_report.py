@@ -173,3 +173,23 @@ def test_rerun_keeps_the_saved_model(tiny_run):
     summary = medtune.run(tiny_png_config(data, store), progress=False)
     assert summary.skipped == summary.total and summary.best_models
     assert weights.stat().st_mtime_ns == before
+
+
+def test_minimal_install_without_grad_cam_keeps_the_model_and_says_how_to_get_cams(tmp_path, monkeypatch):
+    """`pip install medtune` leaves out the report extra: the best model is still saved (no gallery),
+    and `predict --cam` refuses up front with the install line instead of a ModuleNotFoundError."""
+    import sys
+
+    import medtune
+    from conftest import tiny_png_config, write_pngs
+
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # import now raises ImportError
+    data = write_pngs(tmp_path / "data")
+    store = tmp_path / "s.sqlite"
+    summary = medtune.run(tiny_png_config(data, store), progress=False)
+    model_dir = Path(f"{store}.models/best")
+    assert summary.failed == 0 and (model_dir / "weights.pt").is_file()
+    assert not (model_dir / "gallery").exists()
+    res = CliRunner().invoke(app, ["predict", str(model_dir), str(data), "--cam", "--out", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "pip install 'medtune[report]'" in res.output
+    assert not (tmp_path / "p" / "predictions.csv").exists()

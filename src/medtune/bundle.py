@@ -151,7 +151,7 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
     model's predictions) and save the bundle plus a Grad-CAM gallery of its test fold.
     Skipped when the directory already holds that cell's model."""
     from medtune.backbones import preprocessing
-    from medtune.explain import gallery
+    from medtune.explain import gallery, grad_cam_installed
     from medtune.report import GROUP
     from medtune.runner import model_key, run_cell
     from medtune.train import Runtime, autocast_dtype, shared_cache
@@ -193,6 +193,10 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
                 "positive": data.positive, "config": cell["config"]}
         save_bundle(out, result.state_dict, meta, result.head_model)
         test_idx, paths, y, probs = result.predictions
+        if not grad_cam_installed():
+            print(f"{ds}: best model saved to {out}; no Grad-CAM gallery (pip install 'medtune[report]' for one)")
+            saved.append(out)
+            continue
         gallery(model_for_pre, table.images[torch.as_tensor(test_idx)], np.asarray(y), np.asarray(probs), paths,
                 table.class_names, meta["mean"], meta["std"], out / "gallery")
         saved.append(out)

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medtune.errors import MedtuneError
@@ -30,7 +31,7 @@ err_console = Console(stderr=True)
 
 
 def fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -105,7 +106,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
             if bad.empty:
                 console.print("no failed cells.")
             for _, r in bad.iterrows():
-                console.print(f"[red]{r.dataset} {r.backbone} {r.strategy} {r.head} fold {r.fold}:[/] {r.error}")
+                console.print(f"[red]{r.dataset} {r.backbone} {r.strategy} {r.head} fold {r.fold}:[/] {escape(str(r.error))}")
             return
         m = s.metrics()
     if m.empty:
@@ -188,7 +189,6 @@ def data_check(
 
 
 def print_quality(r, show: int) -> None:
-    from rich.markup import escape  # file names such as "benign (1).png [malignant]" are not markup
 
     s = r.summary()
     table = Table(title=f"data check: {s['dataset']} ({s['n_files']} files)", show_header=False)

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from medtune.errors import ConfigError
+
 # forward_features of these families ends with a module after the last stage; CAM it instead.
 TAIL_MODULES = ("bn2", "norm")
 
@@ -50,8 +52,24 @@ def normalise(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return (images.float() / 255.0 - m) / s
 
 
+def grad_cam_installed() -> bool:
+    """Grad-CAM comes with the `report` extra; a minimal install trains and predicts without it."""
+    try:
+        import pytorch_grad_cam  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_grad_cam() -> None:
+    if not grad_cam_installed():
+        raise ConfigError("Grad-CAM needs the `grad-cam` package, which comes with the report extra: "
+                          "pip install 'medtune[report]' (or run without --cam).")
+
+
 def cam_maps(model: nn.Module, x: torch.Tensor, classes: list[int], batch_size: int = 16) -> np.ndarray:
     """Grad-CAM maps in [0, 1], (N, H, W), for class `classes[i]` of image `x[i]` (normalised input)."""
+    require_grad_cam()
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 

@@ -63,6 +63,10 @@ def predict(model_dir: str | Path, inputs: list[str | Path], out: str | Path | N
             cam: bool = False) -> pd.DataFrame:
     """Probabilities per class for every input image; `predictions.csv` (and Grad-CAM overlays in
     `cam/` when asked) written to `out` if given."""
+    if cam:
+        from medtune.explain import require_grad_cam
+
+        require_grad_cam()  # before any work, not after the probabilities
     bundle: Bundle = load_bundle(model_dir)
     images, paths, labels = read_inputs(inputs, bundle.image_size)
     probs = bundle.predict_proba(images)
