@@ -109,7 +109,7 @@ def ref_model(n_classes):
 
 
 def set_trainable(model, mode):
-    head = set(n for n, _ in model.get_classifier().named_parameters(prefix="classifier"))
+    head = {n for n, _ in model.get_classifier().named_parameters(prefix="classifier")}
     for n, p in model.named_parameters():
         if mode == "head":
             p.requires_grad = n in head
@@ -156,7 +156,7 @@ def reference_grid(prepared, size, folds, epochs) -> dict:
     kinds = {k: {"seconds": 0.0, "bacc": [], "auc": []} for k in KINDS}
 
     def loaders(fit_idx, val_idx, test_idx):
-        mk = lambda idx, train: DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std),  # noqa: E731
+        mk = lambda idx, train: DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std),
                                            batch_size=32, shuffle=train, num_workers=2, persistent_workers=False)
         return mk(fit_idx, True), mk(val_idx, False), mk(test_idx, False)
 
@@ -195,6 +195,16 @@ def reference_grid(prepared, size, folds, epochs) -> dict:
                       for k, v in kinds.items()}}
 
 
+def run_reference(data: str, size: int, folds: int, epochs: int) -> dict:
+    cfg = load_config(raw={"datasets": [{"name": "busi", "path": data}], "backbones": ["efficientnet_lite0"],
+                           "strategies": ["full_ft"], "folds": folds})
+    prepared = prepare(cfg.datasets[0], size, folds)
+    t0 = time.perf_counter()
+    ref = reference_grid(prepared, size, folds, epochs)
+    ref["wall_seconds"] = time.perf_counter() - t0
+    return ref
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="128 px, 2 folds, 3 epochs")
@@ -202,6 +212,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--views", type=int, default=2, help="augmented views per image in medtune's cache")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--reuse-reference", action="store_true",
+                    help="take the reference half from the existing results JSON (same size, folds, epochs) "
+                         "instead of rerunning it; for re-measuring medtune after a change")
     args = ap.parse_args()
     size, folds = (128, 2) if args.quick else (224, 5)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -212,15 +225,20 @@ def main() -> None:
     print(json.dumps(ours, indent=1), flush=True)
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "size": size, "folds": folds,
               "epochs": args.epochs, "views": args.views, "medtune": ours, "torch": torch.__version__,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+    out = ROOT / "results" / f"grid_speed{'_quick' if args.quick else ''}.json"
+    previous = json.loads(out.read_text()) if args.reuse_reference and out.is_file() else {}
+    same = all(previous.get(k) == result[k] for k in ("size", "folds", "epochs"))
+    if args.reuse_reference and (not same or "reference" not in previous):
+        sys.exit(f"--reuse-reference: {out} holds no reference run with size {size}, {folds} folds, {args.epochs} epochs")
     if not args.skip_reference:
-        cfg = load_config(raw={"datasets": [{"name": "busi", "path": args.data}], "backbones": ["efficientnet_lite0"],
-                               "strategies": ["full_ft"], "folds": folds})
-        prepared = prepare(cfg.datasets[0], size, folds)
-        t0 = time.perf_counter()
-        ref = reference_grid(prepared, size, folds, args.epochs)
-        ref["wall_seconds"] = time.perf_counter() - t0
-        result["reference"] = ref
+        if args.reuse_reference:
+            result["reference"] = previous["reference"]
+            result["reference_measured_at"] = previous.get("reference_measured_at", previous.get("measured_at"))
+        else:
+            result["reference_measured_at"] = time.strftime("%Y-%m-%d %H:%M")
+            result["reference"] = run_reference(args.data, size, folds, args.epochs)
+        ref = result["reference"]
         rows = []
         for k in KINDS:
             a, b = ours["kinds"][k], ref["kinds"][k]
@@ -235,7 +253,6 @@ def main() -> None:
             print(r)
         print(f"whole grid: reference {ref['wall_seconds']:.0f} s / medtune {ours['wall_seconds']:.0f} s = "
               f"{result['whole_grid_ratio']:.1f}x; medtune peak RSS {ours['peak_rss_gb']:.2f} GB")
-    out = ROOT / "results" / f"grid_speed{'_quick' if args.quick else ''}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 

@@ -132,6 +132,18 @@ def test_lp_ft_switches_from_head_only_to_everything(tiny_table):
     assert [h["cut"] for h in result.history][:2] == [-1, -1] and result.history[2]["cut"] == 0
 
 
+def test_lp_ft_fine_tunes_with_the_statistics_the_probe_was_fitted_on(tiny_table):
+    """LP-FT's fine-tuning phase must start from the probed function: BatchNorm keeps its running
+    statistics (full_ft, for contrast, updates them), while its affine parameters do train."""
+    settings = dataclasses.replace(SETTINGS, epochs=1)
+    stats = lambda names: {k for k in names if k.endswith(("running_mean", "running_var"))}  # noqa: E731
+    model, start, _ = train(create_strategy("lp_ft", lp_epochs=1), tiny_table, settings)
+    assert not stats(changed(model, start))
+    assert any(k.endswith("bn1.weight") for k in changed(model, start))
+    model, start, _ = train(create_strategy("full_ft"), tiny_table, settings)
+    assert stats(changed(model, start))
+
+
 def test_l2_sp_penalty_is_zero_at_start_and_grows_with_distance():
     model = create_backbone(TINY, pretrained=False, num_classes=2)
     head = set(blocks(model)[-1].param_names)

@@ -110,3 +110,26 @@ def test_heads_share_one_training_run(tmp_path):
 
     shared = {(r.head, r.fold): json.loads(r.info_json).get("shared_training_with_other_head", False) for r in cells.itertuples()}
     assert shared == {("softmax", 0): False, ("softmax", 1): False, ("svm", 0): True, ("svm", 1): True}
+
+
+def test_svm_head_probabilities_follow_the_balanced_svm_not_the_prevalence():
+    """Calibration alone brings the training prevalence back (argmax leans to the majority class);
+    the head's probabilities use equal priors, so their argmax matches the class-balanced SVM."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    counts, d = (300, 60, 30), 20
+    centres = rng.normal(0, 0.6, (3, d))
+    x = np.concatenate([rng.normal(centres[k], 1.0, (n, d)) for k, n in enumerate(counts)])
+    y = np.repeat(np.arange(3), counts)
+    order = rng.permutation(len(y))
+    x, y = x[order], y[order]
+    fit_, val_, test_ = slice(0, 200), slice(200, 280), slice(280, None)
+    svm = fit_svm(x[fit_], y[fit_], x[val_], y[val_], 3)
+    ours = full_proba(svm, x[test_], 3).argmax(1)
+    raw = svm.pipeline.predict_proba(x[test_]).argmax(1)  # calibrated, prevalence-weighted
+    decision = svm.pipeline.steps[-1][1].calibrated_classifiers_[0].estimator.predict(
+        svm.pipeline.steps[0][1].transform(x[test_]))
+    assert np.allclose(full_proba(svm, x[test_], 3).sum(1), 1.0)
+    assert (ours == decision).mean() > (raw == decision).mean()
+    assert balanced_accuracy_score(y[test_], ours) > balanced_accuracy_score(y[test_], raw) + 0.05

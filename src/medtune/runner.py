@@ -209,8 +209,8 @@ def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings:
     set_seed(c["seed"])
     model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
     if head == "svm" and not strategy.trains_backbone(settings.epochs):
-        # SVM on frozen pretrained features: a softmax head would be thrown away, train it one epoch only
-        settings = TrainSettings(**{**asdict(settings), "augment": settings.augment, "epochs": 1})
+        # SVM on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
+        settings = TrainSettings(**{**asdict(settings), "augment": settings.augment, "epochs": 0})
     return strategy, fit(model, table, fit_idx, val_idx, strategy, settings, rt, seed=c["seed"]), picked
 
 

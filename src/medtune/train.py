@@ -252,6 +252,14 @@ class Inputs:
             key = (*rt.model_key, table.fingerprint(), cut, settings.views, settings.augment)
             compute = lambda: self._compute_all()  # noqa: E731
             self.cached = rt.cache.get(key, compute) if rt.cache is not None else compute()
+        # precision of everything after the cut (training steps, validation, prediction), judged by
+        # the widest feature map the trained part computes: the stem's output (half the image side)
+        # when training starts from pixels, else the cached maps (pooled features: 1)
+        if self.cached is None:
+            side = table.image_size // 2
+        else:
+            side = self.cached.shape[-1] if self.cached.ndim > 3 else 1
+        self.dtype = trained_part_dtype(rt, fwd.model, side) if settings.amp == "auto" else rt.amp_dtype
 
     def _images(self, idx: torch.Tensor, view: int | None, gen: torch.Generator) -> torch.Tensor:
         x = self.table.images[idx].to(self.rt.device, non_blocking=True).float() / 255.0
@@ -269,7 +277,7 @@ class Inputs:
         was = model.training
         model.eval()
         out = []
-        bs = max(self.s.batch_size, 64)
+        bs = inference_batch_size(self.rt.device, self.table.image_size)
         for v in range(self.s.views):
             gen = torch.Generator().manual_seed(1_000_003 * (v + 1))
             parts = []
@@ -291,7 +299,51 @@ class Inputs:
         else:
             views = torch.zeros(len(t), dtype=torch.long)
         h = self.cached[views, t].to(self.rt.device, non_blocking=True)
-        return h.float() if self.rt.amp_dtype is None else h
+        return h.float() if self.dtype is None else h
+
+    def autocast(self):
+        """Autocast for the part of the network after the cut."""
+        if self.dtype is None:
+            return torch.autocast(self.rt.device.type, enabled=False)
+        return torch.autocast(self.rt.device.type, dtype=self.dtype)
+
+
+# Below this feature-map side, depthwise-convolution networks train faster in fp32 than in bf16
+# on a CPU; dense-convolution networks gain from bf16 at every size (benchmarks/results/precision.json).
+BF16_MIN_SIDE_DEPTHWISE = 96
+
+
+def has_depthwise_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+def trained_part_dtype(rt: Runtime, model: nn.Module, side: int) -> torch.dtype | None:
+    """Autocast dtype for the network after a cut whose output maps are `side` pixels wide.
+
+    Mixed precision where it pays: on CUDA always; on a CPU with bf16, except for networks built
+    from depthwise convolutions (EfficientNet, MobileNet, ...) at small feature maps, where bf16
+    measured slower than fp32 (EfficientNet-Lite0, batch 32: top two blocks on 14x14 cached maps
+    238 vs 196 ms per step; blocks 1-6 on 64x64 maps, i.e. a 128 px image, 365 vs 283 ms; on
+    112x112 maps, a 224 px image, bf16 is 2x faster). ResNet-50's layer4 is 1.6x faster in bf16,
+    so dense networks always get it. The rule is deterministic: a cell's numbers never depend
+    on timing.
+    """
+    if rt.amp_dtype is None or rt.device.type != "cpu" or side >= BF16_MIN_SIDE_DEPTHWISE:
+        return rt.amp_dtype
+    return None if has_depthwise_conv(model) else rt.amp_dtype
+
+
+def inference_batch_size(device: torch.device, image_size: int) -> int:
+    """Images per no-grad forward (filling the cache, validation, prediction); results do not depend on it.
+
+    On a CPU small batches are faster: EfficientNet-Lite0 at 224 px, bf16, 2 cores, ran at about
+    250 img/s in batches of 8-16 and 115 img/s in batches of 64 (benchmarks/README.md), since a
+    small batch's activations stay in cache. About 16 images of 224 x 224, scaled by pixel count.
+    A GPU wants large batches. Results agree up to floating-point rounding.
+    """
+    if device.type != "cpu":
+        return 256
+    return int(min(256, max(8, 16 * (224 / image_size) ** 2)))
 
 
 def autocast(rt: Runtime):
@@ -386,7 +438,7 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
         # A linear probe (only the head trains) is a convex problem on fixed features and takes a larger
         # learning rate than fine-tuning a network: the probe phases get `probe_lr_scale` times the rate.
         head_boost = settings.probe_lr_scale if cut == POOLED or all(x == 0 for x in scales[:-1]) else 1.0
-        set_train_mode(model, settings.train_bn)
+        set_train_mode(model, settings.train_bn, strategy.keeps_bn_statistics())
         phase = max(i for i, s in enumerate(phases[:-1]) if s <= epoch)
         phase_steps = (phases[phase + 1] - phases[phase]) * steps_per_epoch
         warmup = int(settings.warmup_epochs * steps_per_epoch)
@@ -399,7 +451,7 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
                 continue
             x = inputs.batch(idx, train=True, gen=gen)
             y = y_all[torch.as_tensor(idx, device=rt.device)]
-            with autocast(rt):
+            with inputs.autocast():
                 logits = fwd.rest(x, cut)
                 loss = F.cross_entropy(logits.float(), y, weight=weight)
                 penalty = strategy.penalty(model, start_state)
@@ -431,6 +483,7 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
         val_loss, val_bacc = evaluate(fwd, inputs, table, val_idx, settings, rt, weight)
         history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss,
                         "val_balanced_accuracy": val_bacc, "cut": cut,
+                        "precision": str(inputs.dtype).removeprefix("torch.") if inputs.dtype else "float32",
                         "trainable_blocks": sum(1 for s in scales if s > 0)})
         if len(val_idx) == 0:  # no validation split (tiny data): no early stopping, the last epoch is kept
             continue
@@ -449,16 +502,17 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
                      rt.cache.hits if rt.cache else 0)
 
 
-def set_train_mode(model: nn.Module, train_bn: bool) -> None:
+def set_train_mode(model: nn.Module, train_bn: bool, keep_bn_statistics: bool = False) -> None:
     """Train mode, except BatchNorm whose parameters are all frozen: it keeps its pretrained
-    running statistics (unless `train_bn`), so a frozen block really is frozen."""
+    running statistics (unless `train_bn`), so a frozen block really is frozen. With
+    `keep_bn_statistics` (the strategy's choice, e.g. LP-FT) every BatchNorm stays in eval mode."""
     model.train()
     if train_bn:
         return
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if keep_bn_statistics or (params and not any(p.requires_grad for p in params)):
                 m.eval()
 
 
@@ -487,11 +541,11 @@ def predict_proba(fwd: Forward, inputs: Inputs, idx: np.ndarray, settings: Train
     fwd.model.eval()
     out = []
     gen = torch.Generator().manual_seed(0)
-    bs = max(settings.batch_size, 64)
+    bs = inference_batch_size(rt.device, inputs.table.image_size)
     for start in range(0, len(idx), bs):
         part = idx[start:start + bs]
         x = inputs.batch(part, train=False, gen=gen)
-        with autocast(rt):
+        with inputs.autocast():
             if features:
                 out.append(fwd.features(x, inputs.cut).float().cpu())
             else:

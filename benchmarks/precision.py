@@ -1,0 +1,112 @@
+"""Where bf16 and small batches pay on this CPU: the figures behind two of medtune's defaults.
+
+1. Inference batch size (`train.inference_batch_size`): EfficientNet-Lite0 `forward_features`
+   at 224 px, bf16 autocast, channels_last, in batches of 8 to 64 (no grad: filling the
+   frozen-prefix cache, validation, prediction).
+2. bf16 autocast against fp32 for one training step (batch 32, channels_last) of the part of
+   the network a strategy trains: the top blocks on cached features, or the whole network,
+   for EfficientNet-Lite0 (depthwise convolutions) and ResNet-50 (dense convolutions).
+
+    python benchmarks/precision.py        # about 3 minutes on 2 cores
+Results go to benchmarks/results/precision.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medtune.backbones import create_backbone
+
+ROOT = Path(__file__).resolve().parent
+CL = torch.channels_last
+
+
+def images_per_second(fn, x: torch.Tensor, total: int = 256) -> float:
+    reps = max(2, total // len(x))
+    with torch.no_grad():
+        fn(x)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn(x)
+    return reps * len(x) / (time.perf_counter() - t0)
+
+
+def inference_batches(model: nn.Module, size: int) -> dict:
+    model = model.eval().to(memory_format=CL)
+    out = {}
+    for bs in (8, 16, 32, 64):
+        x = torch.randn(bs, 3, size, size).contiguous(memory_format=CL)
+        with torch.autocast("cpu", torch.bfloat16):
+            out[bs] = round(images_per_second(model.forward_features, x), 1)
+        print(f"  inference batch {bs}: {out[bs]} img/s", flush=True)
+    return out
+
+
+def step_ms(part: nn.Module, x: torch.Tensor, amp: bool, reps: int = 3) -> float:
+    part = copy.deepcopy(part).train().to(memory_format=CL)
+    x = x.contiguous(memory_format=CL)
+    y = torch.randint(0, 3, (len(x),))
+    opt = torch.optim.AdamW(part.parameters(), 1e-3)
+
+    def step():
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(part(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    return (time.perf_counter() - t0) / reps * 1000
+
+
+def training_parts() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    lite = create_backbone("efficientnet_lite0", num_classes=3)
+    rn = timm.create_model("resnet50", pretrained=False, num_classes=3)
+
+    def top(m, names):
+        return nn.Sequential(*[m.get_submodule(n) for n in names], m.global_pool, m.get_classifier())
+
+    tail = ["conv_head", "bn2"]
+    return [
+        ("lite0 blocks.5-6 @224 (partial_ft blocks=2)", top(lite, ["blocks.5", "blocks.6", *tail]), (112, 14)),
+        ("lite0 blocks.5-6 @128", top(lite, ["blocks.5", "blocks.6", *tail]), (112, 8)),
+        ("lite0 whole network @224 (full_ft)", lite, (3, 224)),
+        ("lite0 whole network @128", lite, (3, 128)),
+        ("resnet50 layer4 @224", top(rn, ["layer4"]), (1024, 14)),
+        ("resnet50 layer3-4 @224", top(rn, ["layer3", "layer4"]), (512, 28)),
+    ]
+
+
+def main() -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    result = {"command": "python benchmarks/precision.py", "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+    print("EfficientNet-Lite0 forward_features @224, bf16, img/s by batch size", flush=True)
+    result["inference_img_per_s_by_batch"] = inference_batches(create_backbone("efficientnet_lite0", num_classes=3), 224)
+    result["train_step_ms_batch32"] = {}
+    for name, part, (ch, hw) in training_parts():
+        x = torch.randn(32, ch, hw, hw)
+        row = {"bf16": round(step_ms(part, x, True)), "fp32": round(step_ms(part, x, False))}
+        row["bf16_speedup"] = round(row["fp32"] / row["bf16"], 2)
+        result["train_step_ms_batch32"][name] = row
+        print(f"  {name}: {row}", flush=True)
+    out = ROOT / "results" / "precision.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
