@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medtune.metrics import (average_ranks, balanced_accuracy, bootstrap_ci, cd_cliques, corrected_ttest, friedman,
-                             nemenyi_cd, wilcoxon)
+from medtune.metrics import (
+    average_ranks,
+    balanced_accuracy,
+    bootstrap_ci,
+    cd_cliques,
+    corrected_ttest,
+    friedman,
+    nemenyi_cd,
+    wilcoxon,
+)
 
 # Five data sets x three methods, ranked by hand (rank 1 = best; ties share the mean rank).
 SCORES = np.array([[0.90, 0.85, 0.80], [0.70, 0.75, 0.60], [0.88, 0.88, 0.70], [0.95, 0.90, 0.91],

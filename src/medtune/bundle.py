@@ -193,12 +193,11 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
                 "positive": data.positive, "config": cell["config"]}
         save_bundle(out, result.state_dict, meta, result.head_model)
         test_idx, paths, y, probs = result.predictions
-        if not grad_cam_installed():
+        if grad_cam_installed():
+            gallery(model_for_pre, table.images[torch.as_tensor(test_idx)], np.asarray(y), np.asarray(probs), paths,
+                    table.class_names, meta["mean"], meta["std"], out / "gallery")
+        else:
             print(f"{ds}: best model saved to {out}; no Grad-CAM gallery (pip install 'medtune[report]' for one)")
-            saved.append(out)
-            continue
-        gallery(model_for_pre, table.images[torch.as_tensor(test_idx)], np.asarray(y), np.asarray(probs), paths,
-                table.class_names, meta["mean"], meta["std"], out / "gallery")
         saved.append(out)
     return saved
 

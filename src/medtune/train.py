@@ -283,7 +283,7 @@ class Inputs:
             parts = []
             for start in range(0, len(self.table), bs):
                 idx = torch.arange(start, min(start + bs, len(self.table)))
-                with autocast(self.rt):
+                with autocast(self.rt.device, self.rt.amp_dtype):
                     h = self.fwd.prefix(self._images(idx, v, gen), self.cut)
                 parts.append(h.to("cpu", torch.bfloat16 if self.rt.amp_dtype else torch.float32))
             out.append(torch.cat(parts))
@@ -303,9 +303,7 @@ class Inputs:
 
     def autocast(self):
         """Autocast for the part of the network after the cut."""
-        if self.dtype is None:
-            return torch.autocast(self.rt.device.type, enabled=False)
-        return torch.autocast(self.rt.device.type, dtype=self.dtype)
+        return autocast(self.rt.device, self.dtype)
 
 
 # Below this feature-map side, depthwise-convolution networks train faster in fp32 than in bf16
@@ -337,7 +335,7 @@ def inference_batch_size(device: torch.device, image_size: int) -> int:
     """Images per no-grad forward (filling the cache, validation, prediction); results do not depend on it.
 
     On a CPU small batches are faster: EfficientNet-Lite0 at 224 px, bf16, 2 cores, ran at about
-    250 img/s in batches of 8-16 and 115 img/s in batches of 64 (benchmarks/README.md), since a
+    250 img/s in batches of 8-16 and 115 img/s in batches of 64 (benchmarks/precision.py), since a
     small batch's activations stay in cache. About 16 images of 224 x 224, scaled by pixel count.
     A GPU wants large batches. Results agree up to floating-point rounding.
     """
@@ -346,10 +344,11 @@ def inference_batch_size(device: torch.device, image_size: int) -> int:
     return int(min(256, max(8, 16 * (224 / image_size) ** 2)))
 
 
-def autocast(rt: Runtime):
-    if rt.amp_dtype is None:
-        return torch.autocast(rt.device.type, enabled=False)
-    return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`; None = full precision."""
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- fit
