@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -133,3 +135,40 @@ def test_svm_head_probabilities_follow_the_balanced_svm_not_the_prevalence():
     assert np.allclose(full_proba(svm, x[test_], 3).sum(1), 1.0)
     assert (ours == decision).mean() > (raw == decision).mean()
     assert balanced_accuracy_score(y[test_], ours) > balanced_accuracy_score(y[test_], raw) + 0.05
+
+
+def test_best_model_is_the_grids_own_fold0_model_not_a_retrain(tmp_path, monkeypatch):
+    """keep_best saves the fold-0 model the grid trained (no extra cell); a store whose models were not
+    kept (resumed from an older run) gets that cell retrained instead, and either way the bundle
+    reproduces the stored predictions."""
+    import medtune.runner as runner
+    from medtune.bundle import fold_models_dir, load_bundle
+
+    calls = []
+    real = runner.run_cell
+    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: calls.append(a[0]["cell_id"]) or real(*a, **k))
+    raw = {**smoke_raw(tmp_path, amp="off"), "keep_best": True, "heads": ["softmax", "svm"]}
+    summary = medtune.run(raw, progress=False)
+    assert summary.done == len(calls) == 12  # 3 strategies x 2 heads x 2 folds, and nothing retrained
+    best = Path(f"{raw['store']}.models/best")
+    assert not fold_models_dir(raw["store"]).exists()  # the other groups' fold-0 models are cleaned up
+
+    def bundle_reproduces_store():
+        import json
+
+        meta = json.loads((best / "model.json").read_text())
+        with Store(raw["store"]) as s:
+            p = s.predictions([meta["cell_id"]])
+            table = prepare(load_config(raw=raw).datasets[0], meta["image_size"], 2).table
+        probs = load_bundle(best).predict_proba(table.images[torch.as_tensor(p["sample"].to_numpy())])
+        np.testing.assert_allclose(probs, np.array(p["probs"].tolist()), atol=1e-4)
+        return meta["cell_id"]
+
+    kept_id = bundle_reproduces_store()
+    import shutil
+
+    shutil.rmtree(best)
+    calls.clear()
+    again = medtune.run(raw, progress=False)  # every cell is done; the best model is gone and was not kept
+    assert again.done == 0 and calls == [kept_id]
+    assert bundle_reproduces_store() == kept_id

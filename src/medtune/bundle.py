@@ -12,6 +12,7 @@ probabilities (softmax head) or features (SVM head), with `preprocessing.json` b
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,36 @@ def models_dir(store_path: str | Path) -> Path:
 def best_dir(store_path: str | Path, dataset: str, first: bool) -> Path:
     """`best/` for the first data set of the config, `best-<data set>/` for the others."""
     return models_dir(store_path) / ("best" if first else f"best-{dataset}")
+
+
+def fold_models_dir(store_path: str | Path) -> Path:
+    """Where the grid keeps each group's fold-0 model until `keep_best` has picked the best one."""
+    return models_dir(store_path) / "fold0"
+
+
+def save_fold_model(store_path: str | Path, cell_id: str, state_dict: dict, svm: Any = None) -> None:
+    """Keep a fold-0 cell's trained weights (and SVM head) so the best one needs no retraining."""
+    out = fold_models_dir(store_path) / cell_id
+    out.mkdir(parents=True, exist_ok=True)
+    if svm is not None:
+        import joblib
+
+        joblib.dump(svm, out / "svm.joblib")
+    torch.save(state_dict, out / "weights.tmp")
+    (out / "weights.tmp").replace(out / "weights.pt")  # a kill mid-write leaves no half file behind
+
+
+def load_fold_model(store_path: str | Path, cell_id: str) -> tuple[dict, Any] | None:
+    """The kept (state dict, SVM or None) of a fold-0 cell, or None when the grid did not keep it."""
+    out = fold_models_dir(store_path) / cell_id
+    if not (out / "weights.pt").is_file():
+        return None
+    svm = None
+    if (out / "svm.joblib").is_file():
+        import joblib
+
+        svm = joblib.load(out / "svm.joblib")
+    return torch.load(out / "weights.pt", map_location="cpu", weights_only=True), svm
 
 
 def save_bundle(out: str | Path, state_dict: dict, meta: dict, svm: Any = None) -> Path:
@@ -146,10 +177,12 @@ def export(path: str | Path, fmt: str) -> Path:
 
 
 def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device, store) -> list[Path]:
-    """After the grid: per data set, retrain the fold-0 cell of the group with the best mean balanced
-    accuracy with `keep_model`, rewrite that cell in the store (so the store holds exactly this
-    model's predictions) and save the bundle plus a Grad-CAM gallery of its test fold.
-    Skipped when the directory already holds that cell's model."""
+    """After the grid: per data set, save the fold-0 model of the group with the best mean balanced
+    accuracy as a bundle, plus a Grad-CAM gallery of its test fold. The local grid keeps every
+    group's fold-0 model (`save_fold_model`), so the best one is the very model whose predictions
+    are in the store; when it was not kept (a store resumed from an older run, Ray) that cell is
+    retrained with `keep_model` and rewritten in the store, so the store again holds exactly this
+    model's predictions. Skipped when the directory already holds that cell's model."""
     from medtune.backbones import preprocessing
     from medtune.explain import gallery, grad_cam_installed
     from medtune.report import GROUP
@@ -175,30 +208,38 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
             saved.append(out)
             continue
         data = prepared[f"{ds}@{cell['config']['backbone']['image_size']}"]
-        rt = Runtime(device, shared_cache() if settings.cache else None, model_key(cell),
-                     autocast_dtype(device, settings.amp))
-        try:
-            result = run_cell(cell, data, settings, rt, keep_model=True)
-        except (MedtuneError, RuntimeError, ValueError) as exc:  # the grid's results stand without it
-            warnings.warn(f"{ds}: the best model ({cell['strategy']}, fold {cell['fold']}) could not be retrained "
-                          f"and was not saved: {exc}", stacklevel=2)
-            continue
-        store.save_cell(cell, "done", result.metrics, result.predictions, result.seconds, info=result.info)
+        kept = load_fold_model(store.path, cell["cell_id"])
+        if kept is not None:  # the grid kept this cell's model: its predictions are already in the store
+            state_dict, svm = kept
+            p = store.predictions([cell["cell_id"]])
+            predictions = (p["sample"].to_numpy(), list(p["path"]), p["y_true"].to_numpy(), np.array(p["probs"].tolist()))
+        else:  # resumed from a store whose models were not kept (or Ray): retrain that cell
+            rt = Runtime(device, shared_cache() if settings.cache else None, model_key(cell),
+                         autocast_dtype(device, settings.amp))
+            try:
+                result = run_cell(cell, data, settings, rt, keep_model=True)
+            except (MedtuneError, RuntimeError, ValueError) as exc:  # the grid's results stand without it
+                warnings.warn(f"{ds}: the best model ({cell['strategy']}, fold {cell['fold']}) could not be retrained "
+                              f"and was not saved: {exc}", stacklevel=2)
+                continue
+            store.save_cell(cell, "done", result.metrics, result.predictions, result.seconds, info=result.info)
+            state_dict, svm, predictions = result.state_dict, result.head_model, result.predictions
         table = data.table
-        model_for_pre = load_state(cell, table.num_classes, result.state_dict)
+        model_for_pre = load_state(cell, table.num_classes, state_dict)
         meta = {"dataset": ds, "backbone": cell["backbone"], "strategy": cell["strategy"], "head": cell["head"],
                 "class_names": table.class_names, "image_size": table.image_size, **_mean_std(preprocessing(model_for_pre)),
                 "cell_id": cell["cell_id"], "fold": cell["fold"], "n_folds": cell["n_folds"], "seed": cell["seed"],
                 "group_mean_balanced_accuracy": float(means[best]), "store": str(store.path),
                 "positive": data.positive, "config": cell["config"]}
-        save_bundle(out, result.state_dict, meta, result.head_model)
-        test_idx, paths, y, probs = result.predictions
+        save_bundle(out, state_dict, meta, svm)
+        test_idx, paths, y, probs = predictions
         if grad_cam_installed():
             gallery(model_for_pre, table.images[torch.as_tensor(test_idx)], np.asarray(y), np.asarray(probs), paths,
                     table.class_names, meta["mean"], meta["std"], out / "gallery")
         else:
             print(f"{ds}: best model saved to {out}; no Grad-CAM gallery (pip install 'medtune[report]' for one)")
         saved.append(out)
+    shutil.rmtree(fold_models_dir(store.path), ignore_errors=True)  # the best is saved; the others go
     return saved
 
 

@@ -305,7 +305,9 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
 
         run_ray(cfg, todo, data_of, settings, store, summary, progress, on_cell)
     else:
-        run_local(todo, data_of, settings, device, store, summary, progress, on_cell)
+        # with keep_best, each group's fold-0 model is kept so the best one needs no retraining
+        keep_seed = min(cfg.seeds) if cfg.keep_best else None
+        run_local(todo, data_of, settings, device, store, summary, progress, on_cell, keep_seed)
     if cfg.keep_best:
         from medtune.bundle import keep_best
 
@@ -326,10 +328,11 @@ def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSumm
     return "failed"
 
 
-def execute(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime) -> CellResult | str:
+def execute(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime,
+            keep_model: bool = False) -> CellResult | str:
     """Run a cell; a user-fixable problem or a crash inside the cell becomes its recorded error."""
     try:
-        return run_cell(cell, data, settings, rt)
+        return run_cell(cell, data, settings, rt, keep_model)
     except torch.cuda.OutOfMemoryError:
         return (f"out of memory on {rt.device} (batch_size {settings.batch_size}, image size "
                 f"{cell['config']['backbone']['image_size']}). Lower train.batch_size or the backbone's image_size.")
@@ -345,7 +348,7 @@ def execute(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime
 
 
 def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: torch.device, store: Store,
-              summary: RunSummary, progress: bool, on_cell) -> None:
+              summary: RunSummary, progress: bool, on_cell, keep_seed: int | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     cache = shared_cache() if settings.cache else None
@@ -359,7 +362,13 @@ def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: 
             bar.update(task, description=f"{cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} "
                                          f"fold {cell['fold']}")
             rt = Runtime(device, cache, model_key(cell), amp, memo)
-            status = record(store, cell, execute(cell, data_of[cell["cell_id"]], settings, rt), summary)
+            keep = cell["fold"] == 0 and cell["seed"] == keep_seed
+            outcome = execute(cell, data_of[cell["cell_id"]], settings, rt, keep_model=keep)
+            if keep and isinstance(outcome, CellResult):
+                from medtune.bundle import save_fold_model
+
+                save_fold_model(store.path, cell["cell_id"], outcome.state_dict, outcome.head_model)
+            status = record(store, cell, outcome, summary)
             if on_cell:
                 on_cell(cell, status)
             bar.advance(task)
