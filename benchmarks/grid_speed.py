@@ -4,6 +4,10 @@
     autocast on CPUs with AVX512-BF16/AMX (and CUDA), channels_last.
 (b) the loop a researcher would write: timm model with the same weights, a DataLoader over PIL
     images (decode + resize + augment per item, every epoch), full forward every step, fp32.
+    It trains the same recipe as medtune so that the metrics can be compared: frozen BatchNorm
+    layers in eval mode (all of them in LP-FT, which keeps the pretrained statistics), one epoch
+    of linear warm-up then cosine per phase, gradient-norm clipping at 5, the best validation
+    epoch kept across LP-FT's two phases. Only the execution differs.
 
 Same data, same folds (patient/duplicate groups from medtune's splitter), same epochs, same
 inner validation split, same SVM fitting code. Prints seconds per cell kind for both, the
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -119,25 +124,38 @@ def set_trainable(model, mode):
             p.requires_grad = True
 
 
-def ref_train(model, loader, epochs, lr, val_loader):
+def freeze_bn(model, every=False):
+    """model.train(), but BatchNorm layers whose parameters are frozen (or all of them) stay in eval."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            if every or not any(p.requires_grad for p in m.parameters(recurse=False)):
+                m.eval()
+
+
+def ref_train(model, loader, epochs, lr, val_loader, keep_bn=False, best=None):
+    """Train with warm-up + cosine, clip at 5, keep the best validation epoch (`best` carries it across phases)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
-    best, best_state = float("inf"), None
+    warmup, total = len(loader), epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup))))
+    best = best or [float("inf"), None]
     for _ in range(epochs):
-        model.train()
+        freeze_bn(model, every=keep_bn)
         for x, y in loader:
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 5.0)
             opt.step()
             sched.step()
         model.eval()
         with torch.no_grad():
             vl = sum(F.cross_entropy(model(x), y, reduction="sum").item() for x, y in val_loader)
-        if vl < best:
-            best, best_state = vl, {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    return model
+        if vl < best[0]:
+            best[:] = [vl, {k: v.clone() for k, v in model.state_dict().items()}]
+    model.load_state_dict(best[1])
+    return best
 
 
 @torch.no_grad()
@@ -178,9 +196,9 @@ def reference_grid(prepared, size, folds, epochs) -> dict:
                 # the same learning rates as medtune: a probe at 10x (probe_lr_scale), LP-FT's FT phase at 0.1x
                 if kind == "lp_ft":
                     set_trainable(model, "head")
-                    ref_train(model, train_l, epochs, 1e-2, val_l)
+                    best = ref_train(model, train_l, epochs, 1e-2, val_l, keep_bn=True)
                     set_trainable(model, "all")
-                    ref_train(model, train_l, epochs, 1e-4, val_l)
+                    ref_train(model, train_l, epochs, 1e-4, val_l, keep_bn=True, best=best)
                 else:
                     set_trainable(model, {"linear_probe": "head", "partial_ft": "top2", "full_ft": "all"}[kind])
                     ref_train(model, train_l, epochs, 1e-2 if kind == "linear_probe" else 1e-3, val_l)
