@@ -3,11 +3,15 @@
 1. Inference batch size (`train.inference_batch_size`): EfficientNet-Lite0 `forward_features`
    at 224 px, bf16 autocast, channels_last, in batches of 8 to 64 (no grad: filling the
    frozen-prefix cache, validation, prediction).
-2. bf16 autocast against fp32 for one training step (batch 32, channels_last) of the part of
-   the network a strategy trains: the top blocks on cached features, or the whole network,
-   for EfficientNet-Lite0 (depthwise convolutions) and ResNet-50 (dense convolutions).
+2. Each depthwise convolution of EfficientNet-Lite0 at 224 px alone, forward + backward, bf16
+   against fp32 (batch 32, channels_last): the strided and 5x5 ones are several times slower in
+   bf16, which is why `amp: auto` keeps them in fp32 on a CPU (`train.depthwise_in_fp32`).
+3. One training step (batch 32, channels_last) of the part of the network a strategy trains (the
+   top blocks on cached features, or the whole network) for EfficientNet-Lite0 (depthwise
+   convolutions) and ResNet-50 (dense convolutions): fp32, bf16 everywhere (`amp: on`), and
+   medtune's `amp: auto` (bf16 with those depthwise convolutions in fp32).
 
-    python benchmarks/precision.py        # about 3 minutes on 2 cores
+    python benchmarks/precision.py        # about 4 minutes on 2 cores
 Results go to benchmarks/results/precision.json.
 """
 
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.backbones import create_backbone
+from medtune.train import FP32_DEPTHWISE_MAX_SIDE, depthwise_in_fp32, slow_bf16_depthwise
 
 ROOT = Path(__file__).resolve().parent
 CL = torch.channels_last
@@ -51,8 +56,10 @@ def inference_batches(model: nn.Module, size: int) -> dict:
     return out
 
 
-def step_ms(part: nn.Module, x: torch.Tensor, amp: bool, reps: int = 3) -> float:
+def step_ms(part: nn.Module, x: torch.Tensor, amp: bool, reps: int = 3, fp32_depthwise: bool = False) -> float:
     part = copy.deepcopy(part).train().to(memory_format=CL)
+    if fp32_depthwise:
+        depthwise_in_fp32(part)
     x = x.contiguous(memory_format=CL)
     y = torch.randint(0, 3, (len(x),))
     opt = torch.optim.AdamW(part.parameters(), 1e-3)
@@ -69,6 +76,40 @@ def step_ms(part: nn.Module, x: torch.Tensor, amp: bool, reps: int = 3) -> float
     for _ in range(reps):
         step()
     return (time.perf_counter() - t0) / reps * 1000
+
+
+def depthwise_layers() -> dict:
+    """fwd + bwd ms of each depthwise convolution of Lite0 at 224 px, alone, bf16 vs fp32."""
+    lite = create_backbone("efficientnet_lite0", num_classes=3)
+    inputs = {}
+    def remember(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].shape
+        return hook
+
+    hooks = [m.register_forward_hook(remember(n))
+             for n, m in lite.named_modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]
+    with torch.no_grad():
+        lite(torch.randn(32, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, shape in inputs.items():
+        conv = lite.get_submodule(name)
+        row = {}
+        for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            c = copy.deepcopy(conv).to(dtype).to(memory_format=CL)
+            x = torch.randn(shape, dtype=dtype).contiguous(memory_format=CL).requires_grad_()
+            c(x).sum().backward()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                c(x).sum().backward()
+            row[label] = round((time.perf_counter() - t0) / 3 * 1000, 1)
+        row.update(kernel=conv.kernel_size[0], stride=conv.stride[0], side=shape[-1],
+                   kept_in_fp32_by_auto=slow_bf16_depthwise(conv) and shape[-1] <= FP32_DEPTHWISE_MAX_SIDE)
+        out[name] = row
+        print(f"  {name}: {row}", flush=True)
+    return out
 
 
 def training_parts() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
@@ -96,11 +137,14 @@ def main() -> None:
               "measured_at": time.strftime("%Y-%m-%d %H:%M")}
     print("EfficientNet-Lite0 forward_features @224, bf16, img/s by batch size", flush=True)
     result["inference_img_per_s_by_batch"] = inference_batches(create_backbone("efficientnet_lite0", num_classes=3), 224)
+    print("EfficientNet-Lite0 depthwise convolutions @224, fwd + bwd ms, batch 32", flush=True)
+    result["depthwise_fwd_bwd_ms_batch32"] = depthwise_layers()
     result["train_step_ms_batch32"] = {}
     for name, part, (ch, hw) in training_parts():
         x = torch.randn(32, ch, hw, hw)
-        row = {"bf16": round(step_ms(part, x, True)), "fp32": round(step_ms(part, x, False))}
-        row["bf16_speedup"] = round(row["fp32"] / row["bf16"], 2)
+        row = {"fp32": round(step_ms(part, x, False)), "bf16": round(step_ms(part, x, True)),
+               "auto": round(step_ms(part, x, True, fp32_depthwise=True))}
+        row["auto_speedup_over_fp32"] = round(row["fp32"] / row["auto"], 2)
         result["train_step_ms_batch32"][name] = row
         print(f"  {name}: {row}", flush=True)
     out = ROOT / "results" / "precision.json"

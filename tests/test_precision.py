@@ -2,45 +2,69 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from medtune.backbones import create_backbone
 from medtune.strategies import create_strategy
-from medtune.train import FeatureCache, Runtime, TrainSettings, fit, has_depthwise_conv, trained_part_dtype
-
-CPU_BF16 = Runtime(torch.device("cpu"), None, (), torch.bfloat16)
-
+from medtune.train import (FP32_DEPTHWISE_MAX_SIDE, FeatureCache, Runtime, TrainSettings, depthwise_in_fp32, fit,
+                           slow_bf16_depthwise)
 
 @pytest.fixture(scope="module")
 def nets():
     return {name: create_backbone(name, pretrained=False, num_classes=3) for name in ("test_efficientnet", "test_resnet")}
 
 
-def test_depthwise_networks_train_small_maps_in_fp32_on_a_cpu(nets):
-    lite, resnet = nets["test_efficientnet"], nets["test_resnet"]
-    assert has_depthwise_conv(lite) and not has_depthwise_conv(resnet)
-    assert trained_part_dtype(CPU_BF16, lite, 7) is None          # top blocks on cached 7x7 maps
-    assert trained_part_dtype(CPU_BF16, lite, 64) is None         # a 128 px image after the stem
-    assert trained_part_dtype(CPU_BF16, lite, 112) is torch.bfloat16  # a 224 px image after the stem
-    assert trained_part_dtype(CPU_BF16, resnet, 7) is torch.bfloat16
-    cuda = Runtime(torch.device("cuda"), None, (), torch.bfloat16)
-    assert trained_part_dtype(cuda, lite, 7) is torch.bfloat16
-    off = Runtime(torch.device("cpu"), None, (), None)
-    assert trained_part_dtype(off, resnet, 112) is None
+def conv_output_dtypes(model, x, amp):
+    """Output dtype of every convolution in one forward (bf16 autocast when `amp`)."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, o.dtype))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return seen
 
 
-@pytest.mark.parametrize("name, amp, expected", [("test_efficientnet", "auto", "float32"),
-                                                ("test_resnet", "auto", "bfloat16"),
-                                                ("test_efficientnet", "on", "bfloat16")])  # `on` = everywhere
-def test_a_fit_on_bf16_cached_features_records_and_uses_the_phase_precision(name, amp, expected, tiny_table):
-    """The cache holds bf16 maps; a phase judged fp32 must convert them and still train."""
+def test_strided_and_wide_depthwise_convolutions_run_in_fp32_under_bf16_autocast(nets):
+    lite = copy.deepcopy(nets["test_efficientnet"])
+    slow = {n for n, m in lite.named_modules() if slow_bf16_depthwise(m)}
+    assert slow and all(".conv_dw" in n for n in slow)
+    assert depthwise_in_fp32(lite) == len(slow)
+    assert depthwise_in_fp32(lite) == 0  # idempotent
+    assert depthwise_in_fp32(copy.deepcopy(nets["test_resnet"])) == 0  # no depthwise convolutions
+
+    small = conv_output_dtypes(lite, torch.randn(2, 3, 32, 32), amp=True)
+    assert {n for n, d in small.items() if d == torch.float32} == slow
+    assert all(d == torch.bfloat16 for n, d in small.items() if n not in slow)
+    # above FP32_DEPTHWISE_MAX_SIDE the casts cost more than they save: everything stays bf16
+    side = 32 * FP32_DEPTHWISE_MAX_SIDE  # the slow convolutions sit after at least 4 stride-2 steps
+    big = conv_output_dtypes(lite, torch.randn(1, 3, side, side), amp=True)
+    assert all(d == torch.bfloat16 for d in big.values())
+
+    # outside autocast the switched network computes exactly what the plain one does
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(lite.eval()(x), nets["test_efficientnet"].eval()(x))
+
+
+@pytest.mark.parametrize("name, amp, expected, switched", [("test_efficientnet", "auto", "bfloat16", True),
+                                                          ("test_resnet", "auto", "bfloat16", False),
+                                                          ("test_efficientnet", "on", "bfloat16", False),
+                                                          ("test_efficientnet", "off", "float32", False)])
+def test_a_fit_on_cached_features_records_and_uses_the_precision(name, amp, expected, switched, tiny_table):
+    """`auto` on a bf16 CPU: bf16 with the slow depthwise convolutions in fp32; `on`: bf16 everywhere."""
     settings = TrainSettings(epochs=2, batch_size=8, val_fraction=0.0, views=2, amp=amp, warmup_epochs=0)
     model = create_backbone(name, pretrained=False, num_classes=tiny_table.num_classes)
-    rt = Runtime(torch.device("cpu"), FeatureCache(), (name, tiny_table.image_size), torch.bfloat16)
+    rt = Runtime(torch.device("cpu"), FeatureCache(), (name, tiny_table.image_size),
+                 None if amp == "off" else torch.bfloat16)
     idx = np.arange(len(tiny_table))
     result = fit(model, tiny_table, idx, idx[:0], create_strategy("partial_ft", blocks=1), settings, rt)
     assert [h["precision"] for h in result.history] == [expected, expected]
     assert all(h["cut"] != 0 for h in result.history)  # the prefix came from the cache
     assert all(np.isfinite(h["train_loss"]) for h in result.history)
+    assert any("forward" in vars(m) for m in result.model.modules()) == switched

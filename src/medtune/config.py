@@ -86,9 +86,9 @@ class TrainConfig(Strict):
     balanced_sampler: bool = Field(False, description="sample batches with equal class frequency")
     views: int = Field(4, ge=1, description="augmented views per image in the frozen-prefix cache")
     cache: bool = Field(True, description="cache the output of frozen leading blocks (same results, much faster)")
-    amp: Literal["auto", "on", "off"] = Field("auto", description="mixed precision: auto = on for CUDA and bf16-capable CPUs, "
-                                                        "except depthwise-conv networks on small feature maps on a CPU "
-                                                        "(measured slower there); on = everywhere")
+    amp: Literal["auto", "on", "off"] = Field("auto", description="mixed precision: auto = bf16 on CUDA and bf16-capable CPUs, "
+                                                        "with strided or wide depthwise convolutions kept in fp32 on a CPU "
+                                                        "(measured faster there); on = bf16 everywhere")
     channels_last: bool = Field(True, description="channels-last memory layout (faster convolutions on GPU)")
     train_bn: bool = Field(False, description="let BatchNorm statistics of frozen blocks update")
     grad_clip: float = Field(5.0, ge=0, description="clip the gradient norm to this value; 0 = off")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -252,14 +253,8 @@ class Inputs:
             key = (*rt.model_key, table.fingerprint(), cut, settings.views, settings.augment)
             compute = lambda: self._compute_all()  # noqa: E731
             self.cached = rt.cache.get(key, compute) if rt.cache is not None else compute()
-        # precision of everything after the cut (training steps, validation, prediction), judged by
-        # the widest feature map the trained part computes: the stem's output (half the image side)
-        # when training starts from pixels, else the cached maps (pooled features: 1)
-        if self.cached is None:
-            side = table.image_size // 2
-        else:
-            side = self.cached.shape[-1] if self.cached.ndim > 3 else 1
-        self.dtype = trained_part_dtype(rt, fwd.model, side) if settings.amp == "auto" else rt.amp_dtype
+        # precision of everything after the cut (training steps, validation, prediction)
+        self.dtype = rt.amp_dtype
 
     def _images(self, idx: torch.Tensor, view: int | None, gen: torch.Generator) -> torch.Tensor:
         x = self.table.images[idx].to(self.rt.device, non_blocking=True).float() / 255.0
@@ -306,29 +301,39 @@ class Inputs:
         return autocast(self.rt.device, self.dtype)
 
 
-# Below this feature-map side, depthwise-convolution networks train faster in fp32 than in bf16
-# on a CPU; dense-convolution networks gain from bf16 at every size (benchmarks/results/precision.json).
-BF16_MIN_SIDE_DEPTHWISE = 96
+def slow_bf16_depthwise(conv: nn.Module) -> bool:
+    """A depthwise convolution that oneDNN runs slower in bf16 than in fp32 on a CPU: strided or
+    wider than 3x3. EfficientNet-Lite0 at 224 px, batch 32, 2 cores, forward + backward
+    (benchmarks/precision.py): the 5x5 stride-2 one in block 2 takes 142 ms in bf16 and
+    22 ms in fp32, block 5's 97 vs 6 ms, the 5x5 stride-1 ones 2-3x longer in bf16; the 3x3
+    stride-1 ones and all pointwise convolutions are about 2x faster in bf16."""
+    return (isinstance(conv, nn.Conv2d) and conv.groups > 1 and conv.groups == conv.in_channels
+            and (max(conv.stride) > 1 or max(conv.kernel_size) > 3))
 
 
-def has_depthwise_conv(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+# Above this input side the bf16 -> fp32 -> bf16 casts around the convolution cost more than the
+# fp32 convolution saves (Lite0 at 224 px: block 1's 112 x 112 depthwise stays in bf16).
+FP32_DEPTHWISE_MAX_SIDE = 64
 
 
-def trained_part_dtype(rt: Runtime, model: nn.Module, side: int) -> torch.dtype | None:
-    """Autocast dtype for the network after a cut whose output maps are `side` pixels wide.
+def _fp32_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] > FP32_DEPTHWISE_MAX_SIDE or not torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x)
+    with torch.autocast(x.device.type, enabled=False):
+        return type(self).forward(self, x.float())
 
-    Mixed precision where it pays: on CUDA always; on a CPU with bf16, except for networks built
-    from depthwise convolutions (EfficientNet, MobileNet, ...) at small feature maps, where bf16
-    measured slower than fp32 (EfficientNet-Lite0, batch 32: top two blocks on 14x14 cached maps
-    238 vs 196 ms per step; blocks 1-6 on 64x64 maps, i.e. a 128 px image, 365 vs 283 ms; on
-    112x112 maps, a 224 px image, bf16 is 2x faster). ResNet-50's layer4 is 1.6x faster in bf16,
-    so dense networks always get it. The rule is deterministic: a cell's numbers never depend
-    on timing.
-    """
-    if rt.amp_dtype is None or rt.device.type != "cpu" or side >= BF16_MIN_SIDE_DEPTHWISE:
-        return rt.amp_dtype
-    return None if has_depthwise_conv(model) else rt.amp_dtype
+
+def depthwise_in_fp32(model: nn.Module) -> int:
+    """Run the depthwise convolutions that are slow in bf16 (see `slow_bf16_depthwise`) in fp32
+    while the rest of the network autocasts to bf16: on this machine a Lite0 training step drops
+    from about 1.2 to 0.8 s. Only the forward of those modules changes (an instance attribute, so
+    copies and state dicts are unaffected). Returns how many convolutions were switched."""
+    n = 0
+    for m in model.modules():
+        if slow_bf16_depthwise(m) and "forward" not in vars(m):
+            m.forward = types.MethodType(_fp32_forward, m)
+            n += 1
+    return n
 
 
 def inference_batch_size(device: torch.device, image_size: int) -> int:
@@ -404,6 +409,8 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
     model.to(rt.device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
+    if settings.amp == "auto" and rt.device.type == "cpu" and rt.amp_dtype == torch.bfloat16:
+        depthwise_in_fp32(model)
     mean, std = norm_tensors(model, rt.device)
     chain = feature_chain(model, image_size=min(64, table.image_size)) if settings.cache else None
     fwd = Forward(model, chain)
