@@ -47,6 +47,7 @@ class PreparedData:
     positive: str | None
     folds: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     official: bool = False  # `split: official`: the source's own train+val vs test, one "fold"
+    inner: dict[tuple, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def splits(self, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
         if self.official:
@@ -55,6 +56,15 @@ class PreparedData:
         if seed not in self.folds:
             self.folds[seed] = kfold(self.table.labels, self.groups, n_folds, seed)
         return self.folds[seed]
+
+    def fit_val(self, n_folds: int, seed: int, fold: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """The (fit, validation) inner split of an outer training fold, computed once: every cell of
+        the fold shares it (a grouped split of BUSI takes 0.2 s, paid twice per cell before)."""
+        key = (n_folds, seed, fold, fraction)
+        if key not in self.inner:
+            train_idx = self.splits(n_folds, seed)[fold][0]
+            self.inner[key] = inner_split(train_idx, self.table.labels, self.groups, fraction, seed)
+        return self.inner[key]
 
 
 def n_folds_of(ds, folds: int) -> int:
@@ -172,7 +182,7 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
             memo[fit_key] = (strategy, result, picked)
     if picked:
         info["auto_depth"] = picked
-    fit_idx, val_idx = inner_split(train_idx, table.labels, groups, settings.val_fraction, c["seed"])
+    fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
     inputs = final_inputs(result, table, settings, rt)
     if head == "svm":
         feats = lambda idx: predict_proba(result.forward, inputs, idx, settings, rt, features=True)  # noqa: E731
@@ -202,7 +212,7 @@ def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings:
     picked = None
     if strategy.name == "auto_depth":
         strategy, picked = pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt)
-    fit_idx, val_idx = inner_split(train_idx, table.labels, groups, settings.val_fraction, c["seed"])
+    fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
     bb = c["backbone"]
     # Seed before building the model: a random head (or a random-init backbone) must not depend on
     # which cells ran earlier in this process, or a cell's result would depend on the executor.
