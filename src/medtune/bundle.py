@@ -234,7 +234,7 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
         save_bundle(out, state_dict, meta, svm)
         test_idx, paths, y, probs = predictions
         if grad_cam_installed():
-            gallery(model_for_pre, table.images[torch.as_tensor(test_idx)], np.asarray(y), np.asarray(probs), paths,
+            gallery(model_for_pre, table.images[torch.as_tensor(np.array(test_idx))], np.asarray(y), np.asarray(probs), paths,
                     table.class_names, meta["mean"], meta["std"], out / "gallery")
         else:
             print(f"{ds}: best model saved to {out}; no Grad-CAM gallery (pip install 'medtune[report]' for one)")
