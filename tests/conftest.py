@@ -28,6 +28,13 @@ def cli_env() -> dict:
 
 PYTHON = sys.executable
 
+# The suite runs on the CPU (CI has no GPU); MEDTUNE_TEST_DEVICE=cuda runs its grids and training
+# contracts on a GPU instead, to check the CUDA paths (device placement, AMP) on a machine that has one.
+DEVICE = os.environ.get("MEDTUNE_TEST_DEVICE", "cpu")
+# Probabilities recomputed outside the grid match the store to this: on a GPU, TF32 convolutions and
+# batch-size-dependent bf16 kernels move them by about 1e-3.
+PROB_ATOL = 1e-4 if DEVICE == "cpu" else 5e-3
+
 
 def write_png(path: Path, seed: int, size: int = 24) -> Path:
     rng = np.random.default_rng(seed)
@@ -58,7 +65,7 @@ def tiny_config(tmp_path: Path, **overrides) -> Path:
         "seeds": [0],
         "train": {"epochs": 1, "batch_size": 8, "views": 1, "patience": 1},
         "store": str(tmp_path / "store.sqlite"),
-        "device": "cpu",
+        "device": DEVICE,
         "keep_best": False,
     }
     cfg.update(overrides)
@@ -87,6 +94,7 @@ def smoke_raw(tmp_path, **train) -> dict:
         "folds": 2,
         "train": {"epochs": 1, "batch_size": 8, "views": 2, "patience": 1, **train},
         "store": str(tmp_path / "store.sqlite"),
+        "device": DEVICE,
         "keep_best": False,
     }
 
@@ -113,6 +121,7 @@ def tiny_png_config(data: Path, store: Path, heads=("softmax",)) -> dict:
         "heads": list(heads), "folds": 2, "seeds": [0],
         "train": {"epochs": 1, "batch_size": 8, "views": 1, "patience": 1, "amp": "off"},
         "store": str(store),
+        "device": DEVICE,
     }
 
 

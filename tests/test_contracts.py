@@ -8,6 +8,7 @@ each method's own rule (L2-SP's penalty, Auto-RGN's learning rates, BitFit's ten
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 from medtune.backbones import blocks, create_backbone
 from medtune.strategies import REGISTRY, AutoRGN, AutoSNR, L2SP, create_strategy, is_norm
 from medtune.train import Augment, FeatureCache, Runtime, TrainSettings, fit, set_seed
-from tests.conftest import TINY
+from tests.conftest import DEVICE, TINY
 
 SETTINGS = TrainSettings(epochs=2, batch_size=8, lr=3e-3, val_fraction=0.0, views=2, amp="off", patience=10,
                          warmup_epochs=0)
@@ -58,14 +59,14 @@ def train(strategy, table, settings=SETTINGS, seed=0):
     model = create_backbone(TINY, pretrained=False, num_classes=table.num_classes)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     idx = np.arange(len(table))
-    rt = Runtime(torch.device("cpu"), FeatureCache(), (TINY, table.image_size), None)
+    rt = Runtime(torch.device(DEVICE), FeatureCache(), (TINY, table.image_size), None)
     result = fit(model, table, idx, idx[:0], strategy, settings, rt, seed=seed)
     return model, start, result
 
 
 def changed(model, start):
     now = model.state_dict()
-    return {k for k in start if not torch.equal(now[k], start[k])}
+    return {k for k in start if not torch.equal(now[k].cpu(), start[k])}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in REGISTRY if n not in DEFAULTS))
@@ -202,3 +203,19 @@ def test_gradient_criteria_leave_the_new_head_at_the_base_rate():
     groups[1]["is_head"] = True  # a random head with a huge relative gradient
     AutoRGN(measure_batches=1).after_backward(groups, 0)
     assert groups[0]["lr"] == pytest.approx(0.1) and groups[1]["lr"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("criterion", [AutoRGN(measure_batches=2), AutoSNR(measure_batches=2, threshold=0.0)])
+def test_gradient_criteria_skip_an_overflowed_fp16_step(criterion):
+    """Under fp16 the GradScaler's first steps often overflow (inf gradients, step skipped); measured,
+    they made every Auto-RGN rate NaN and the weights NaN (seen on a GPU). The next finite step counts."""
+    groups = groups_with([([3.0, 4.0], [3.0, 4.0]), ([1.0, 1.0], [1.0, 2.0])])
+    groups[0]["params"][0].grad = torch.tensor([float("inf"), 1.0])
+    criterion.after_backward(groups, 0)
+    assert all(math.isfinite(g["lr"]) for g in groups)
+    for g, grad in zip(groups, ([3.0, 4.0], [1.0, 2.0])):
+        g["lr"] = 0.1
+        g["params"][0].grad = torch.tensor(grad)
+    criterion.after_backward(groups, 1)
+    assert all(math.isfinite(g["lr"]) and g["lr"] > 0 for g in groups)
+    assert groups[0]["criterion_n"] == 1 and groups[1]["criterion_n"] == 2

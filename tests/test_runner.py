@@ -13,7 +13,7 @@ from medtune.heads import fit_svm, full_proba
 from medtune.runner import expand, prepare, settings_from
 from medtune.store import Store
 from medtune.train import set_seed
-from tests.conftest import TINY, smoke_raw
+from tests.conftest import PROB_ATOL, TINY, smoke_raw
 
 
 def test_grid_runs_stores_everything_and_resumes_without_redoing(tmp_path):
@@ -79,7 +79,7 @@ def test_svm_head_predictions_come_from_an_svm_on_network_features(tmp_path):
     y = data.table.labels
     svm = fit_svm(feats[fit_idx], y[fit_idx], feats[val_idx], y[val_idx], 3, seed=0)
     expected = full_proba(svm, feats[np.sort(te)], 3)
-    assert np.allclose(stored, expected, atol=1e-4)
+    assert np.allclose(stored, expected, atol=PROB_ATOL)
 
 
 def test_auto_depth_picks_by_inner_cv_and_records_it(tmp_path):
@@ -160,8 +160,8 @@ def test_best_model_is_the_grids_own_fold0_model_not_a_retrain(tmp_path, monkeyp
         with Store(raw["store"]) as s:
             p = s.predictions([meta["cell_id"]])
             table = prepare(load_config(raw=raw).datasets[0], meta["image_size"], 2).table
-        probs = load_bundle(best).predict_proba(table.images[torch.as_tensor(p["sample"].to_numpy())])
-        np.testing.assert_allclose(probs, np.array(p["probs"].tolist()), atol=1e-4)
+        probs = load_bundle(best).predict_proba(table.images[torch.as_tensor(p["sample"].to_numpy().copy())])
+        np.testing.assert_allclose(probs, np.array(p["probs"].tolist()), atol=PROB_ATOL)
         return meta["cell_id"]
 
     kept_id = bundle_reproduces_store()

@@ -261,7 +261,8 @@ def _feature_chain_cached(model: nn.Module, image_size: int) -> FeatureChain | N
     model.eval()
     try:
         with torch.no_grad():
-            x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+            device = next(model.parameters()).device
+            x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
             target = model.forward_features(x)
             h = x
             for k, (_, unit) in enumerate(units):

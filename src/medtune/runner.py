@@ -26,7 +26,7 @@ from medtune import __version__
 from medtune.backbones import create_backbone, default_image_size
 from medtune.config import ExperimentConfig, expand_params
 from medtune.data import ImageTable, load_dataset
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, TrainingError
 from medtune.heads import fit_svm, full_proba
 from medtune.metrics import clinical_metrics
 from medtune.splits import apply_duplicate_policy, assert_disjoint, check_foldable, inner_split, kfold
@@ -192,6 +192,9 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         info["svm_C"] = svm.C
     else:
         probs = predict_proba(result.forward, inputs, test_idx, settings, rt)
+    if not np.isfinite(probs).all():  # never metrics of NaN predictions
+        raise TrainingError(f"the trained model predicts inf/NaN probabilities (lr {settings.lr:g}): the run "
+                            "diverged. Lower train.lr or keep train.grad_clip on.")
     y = table.labels[test_idx]
     metrics = clinical_metrics(y, probs, table.class_names, positive=data.positive)
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from medtune.errors import ConfigError
@@ -334,9 +335,13 @@ class _GradientCriterion(Strategy):
                 p = g["params"][0]
                 if g.get("norm") or p.grad is None:
                     continue
-                k = step_in_epoch
-                value = self.statistic(p.grad.detach().float(), p.detach().float())
+                grad = p.grad.detach().float()
+                if not bool(torch.isfinite(grad).all()):
+                    continue  # an overflowed fp16 step (the GradScaler skips it) is no measurement
+                value = self.statistic(grad, p.detach().float())
+                k = g.get("criterion_n", 0) if step_in_epoch > 0 else 0
                 g["criterion"] = value if k == 0 else (g["criterion"] * k + value) / (k + 1)
+                g["criterion_n"] = k + 1
             measured = [g for g in groups if "criterion" in g and not g.get("norm")]
             for g, w in zip(measured, self.weights([g["criterion"] for g in measured])):
                 g["criterion_weight"] = w

@@ -473,9 +473,9 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
             lr_t = settings.lr * cosine_lr((epoch - phases[phase]) * steps_per_epoch + step, phase_steps, warmup)
             for g in optimizer.param_groups:
                 g["lr"] = lr_t * scales[g["block"]] * head_boost
-            strategy.after_backward(optimizer.param_groups, step)
-            if scaler:
+            if scaler:  # strategies and clipping see the true gradients, not fp16-scaled ones
                 scaler.unscale_(optimizer)
+            strategy.after_backward(optimizer.param_groups, step)
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], settings.grad_clip)
             if scaler:
@@ -486,6 +486,11 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
             running += loss.item() * len(idx)
             seen += len(idx)
 
+        # A step can overflow the weights without raising (CUDA's fused AdamW takes any lr): the next
+        # loss would be NaN, but after the last step there is no next loss to look at.
+        if not all(bool(torch.isfinite(g["params"][0]).all()) for g in optimizer.param_groups if scales[g["block"]] > 0):
+            raise TrainingError(f"the weights became inf/NaN at epoch {epoch} (lr {settings.lr:g}): the run diverged. "
+                                "Lower train.lr or keep train.grad_clip on.")
         val_loss, val_bacc = evaluate(fwd, inputs, table, val_idx, settings, rt, weight)
         history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss,
                         "val_balanced_accuracy": val_bacc, "cut": cut,
