@@ -7,7 +7,9 @@
     It trains the same recipe as medtune so that the metrics can be compared: frozen BatchNorm
     layers in eval mode (all of them in LP-FT, which keeps the pretrained statistics), one epoch
     of linear warm-up then cosine per phase, gradient-norm clipping at 5, the best validation
-    epoch kept across LP-FT's two phases. Only the execution differs.
+    epoch kept across LP-FT's two phases, and the same augmentation policy (each drawn training
+    image augmented with probability 1 - 1/views, freshly here, from views - 1 cached versions in
+    medtune's frozen phases). Only the execution differs.
 
 Same data, same folds (patient/duplicate groups from medtune's splitter), same epochs, same
 inner validation split, same SVM fitting code. Prints seconds per cell kind for both, the
@@ -89,16 +91,16 @@ def medtune_grid(data: str, size: int, folds: int, epochs: int, views: int, stor
 
 # --------------------------------------------------------------------------- (b) reference loop
 class Images(Dataset):
-    def __init__(self, paths, labels, size, train, mean, std):
+    def __init__(self, paths, labels, size, train, mean, std, views=2):
         self.paths, self.labels, self.size, self.train = paths, labels, size, train
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+        # the same light augmentation as medtune's, the torchvision way, per image, applied as often
+        self.augment = T.RandomApply([T.Compose([
+            T.RandomHorizontalFlip(), T.RandomAffine(10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+            T.ColorJitter(brightness=0.1, contrast=0.1)])], p=1 - 1 / views)
 
     def __len__(self):
         return len(self.paths)
-
-    # the same light augmentation as medtune's, the torchvision way, per image
-    augment = T.Compose([T.RandomHorizontalFlip(), T.RandomAffine(10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
-                         T.ColorJitter(brightness=0.1, contrast=0.1)])
 
     def __getitem__(self, i):
         img = Image.open(self.paths[i]).convert("RGB").resize((self.size, self.size), Image.BICUBIC)
@@ -167,14 +169,14 @@ def ref_predict(model, loader, features=False):
     return torch.cat(out).numpy()
 
 
-def reference_grid(prepared, size, folds, epochs) -> dict:
+def reference_grid(prepared, size, folds, epochs, views) -> dict:
     table = prepared.table
     paths, labels, names = table.paths, table.labels, table.class_names
     mean, std = [0.5] * 3, [0.5] * 3
     kinds = {k: {"seconds": 0.0, "bacc": [], "auc": []} for k in KINDS}
 
     def loaders(fit_idx, val_idx, test_idx):
-        mk = lambda idx, train: DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std),
+        mk = lambda idx, train: DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std, views),
                                            batch_size=32, shuffle=train, num_workers=2, persistent_workers=False)
         return mk(fit_idx, True), mk(val_idx, False), mk(test_idx, False)
 
@@ -213,12 +215,12 @@ def reference_grid(prepared, size, folds, epochs) -> dict:
                       for k, v in kinds.items()}}
 
 
-def run_reference(data: str, size: int, folds: int, epochs: int) -> dict:
+def run_reference(data: str, size: int, folds: int, epochs: int, views: int) -> dict:
     cfg = load_config(raw={"datasets": [{"name": "busi", "path": data}], "backbones": ["efficientnet_lite0"],
                            "strategies": ["full_ft"], "folds": folds})
     prepared = prepare(cfg.datasets[0], size, folds)
     t0 = time.perf_counter()
-    ref = reference_grid(prepared, size, folds, epochs)
+    ref = reference_grid(prepared, size, folds, epochs, views)
     ref["wall_seconds"] = time.perf_counter() - t0
     return ref
 
@@ -246,7 +248,7 @@ def main() -> None:
               "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%d %H:%M")}
     out = ROOT / "results" / f"grid_speed{'_quick' if args.quick else ''}.json"
     previous = json.loads(out.read_text()) if args.reuse_reference and out.is_file() else {}
-    same = all(previous.get(k) == result[k] for k in ("size", "folds", "epochs"))
+    same = all(previous.get(k) == result[k] for k in ("size", "folds", "epochs", "views"))
     if args.reuse_reference and (not same or "reference" not in previous):
         sys.exit(f"--reuse-reference: {out} holds no reference run with size {size}, {folds} folds, {args.epochs} epochs")
     if not args.skip_reference:
@@ -255,7 +257,7 @@ def main() -> None:
             result["reference_measured_at"] = previous.get("reference_measured_at", previous.get("measured_at"))
         else:
             result["reference_measured_at"] = time.strftime("%Y-%m-%d %H:%M")
-            result["reference"] = run_reference(args.data, size, folds, args.epochs)
+            result["reference"] = run_reference(args.data, size, folds, args.epochs, args.views)
         ref = result["reference"]
         rows = []
         for k in KINDS:

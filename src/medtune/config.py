@@ -84,7 +84,8 @@ class TrainConfig(Strict):
     val_fraction: float = Field(0.15, ge=0, lt=0.5, description="share of each training fold held out (by patient) for early stopping")
     class_weighted: bool = Field(False, description="weight the loss by inverse class frequency")
     balanced_sampler: bool = Field(False, description="sample batches with equal class frequency")
-    views: int = Field(4, ge=1, description="augmented views per image in the frozen-prefix cache")
+    views: int = Field(4, ge=1, description="a training image is shown plain with probability 1/views, else augmented; "
+                       "the frozen-prefix cache holds the plain view and views-1 fixed augmented ones (1 = no augmentation)")
     cache: bool = Field(True, description="cache the output of frozen leading blocks (same results, much faster)")
     amp: Literal["auto", "on", "off"] = Field("auto", description="mixed precision: auto = bf16 on CUDA and bf16-capable CPUs, "
                                                         "with strided or wide depthwise convolutions kept in fp32 on a CPU "

@@ -7,9 +7,10 @@ folds and cells) and only the rest of the network runs. When only the head train
 holds pooled features and an epoch costs a few matrix products.
 
 Augmentation works on batches of the uint8 table (flips, small affine, brightness/contrast),
-so nothing is decoded twice. With the cache, each image has `views` fixed augmented versions
-(view 0 = the plain image) and each epoch draws one of them per image; without it every batch
-gets fresh random augmentation.
+so nothing is decoded twice. One policy for every strategy, so that depths are compared on equal
+terms: each time a training image is drawn it is shown plain with probability 1/`views` and
+augmented otherwise. With the cache the augmented versions are `views - 1` fixed ones (view 0 =
+the plain image, each epoch draws one view per image); without it they are fresh per draw.
 """
 
 from __future__ import annotations
@@ -250,15 +251,24 @@ class Inputs:
         self.mean, self.std, self.seed = mean, std, seed
         self.cached: torch.Tensor | None = None
         if cut != 0:
-            key = (*rt.model_key, table.fingerprint(), cut, settings.views, settings.augment)
+            # the precision is part of the key: features computed in fp32 and in bf16 differ (by ~1e-3)
+            key = (*rt.model_key, table.fingerprint(), cut, settings.views, settings.augment, str(rt.amp_dtype),
+                   settings.amp)
             compute = lambda: self._compute_all()  # noqa: E731
             self.cached = rt.cache.get(key, compute) if rt.cache is not None else compute()
         # precision of everything after the cut (training steps, validation, prediction)
         self.dtype = rt.amp_dtype
 
     def _images(self, idx: torch.Tensor, view: int | None, gen: torch.Generator) -> torch.Tensor:
+        """Normalised images: view 0 plain, view v > 0 a fixed augmentation, None = the training policy
+        (plain with probability 1/views, else freshly augmented)."""
         x = self.table.images[idx].to(self.rt.device, non_blocking=True).float() / 255.0
-        if view != 0:
+        if view is None:
+            augmented = torch.rand(len(idx), generator=gen) >= 1.0 / self.s.views
+            if augmented.any():
+                sel = augmented.to(x.device)
+                x[sel] = self.s.augment(x[sel], gen)
+        elif view != 0:
             x = self.s.augment(x, gen)
         x = (x - self.mean) / self.std
         if self.s.channels_last:
