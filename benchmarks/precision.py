@@ -11,12 +11,19 @@
    convolutions) and ResNet-50 (dense convolutions): fp32, bf16 everywhere (`amp: on`), and
    medtune's `amp: auto` (bf16 with those depthwise convolutions in fp32).
 
-    python benchmarks/precision.py        # about 4 minutes on 2 cores
+4. No-grad passes in lanes (`train.in_lanes`): 320 images of 224 px through the whole
+   EfficientNet-Lite0 as medtune fills its cache under `amp: auto` (batches of 16), with the
+   threads splitting each batch's operations, against batches running side by side, one per
+   lane, each on its share of the threads (medtune's default on a CPU).
+
+    python benchmarks/precision.py              # about 4 minutes on 2 cores
+    python benchmarks/precision.py --part lanes # part 4 alone, merged into the existing JSON
 Results go to benchmarks/results/precision.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.backbones import create_backbone
-from medtune.train import FP32_DEPTHWISE_MAX_SIDE, depthwise_in_fp32, slow_bf16_depthwise
+from medtune.train import FP32_DEPTHWISE_MAX_SIDE, cpu_lanes, depthwise_in_fp32, in_lanes, slow_bf16_depthwise
 
 ROOT = Path(__file__).resolve().parent
 CL = torch.channels_last
@@ -53,6 +60,27 @@ def inference_batches(model: nn.Module, size: int) -> dict:
         with torch.autocast("cpu", torch.bfloat16):
             out[bs] = round(images_per_second(model.forward_features, x), 1)
         print(f"  inference batch {bs}: {out[bs]} img/s", flush=True)
+    return out
+
+
+def inference_lanes(size: int = 224, n: int = 320, batch: int = 16) -> dict:
+    model = create_backbone("efficientnet_lite0", num_classes=3).eval().to(memory_format=CL)
+    depthwise_in_fp32(model)
+    batches = list(torch.randn(n, 3, size, size).contiguous(memory_format=CL).split(batch))
+
+    def one(x):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            return model.forward_head(model.forward_features(x), pre_logits=True)
+
+    lanes = cpu_lanes(torch.device("cpu"))
+    out = {"threads": torch.get_num_threads(), "lanes": lanes}
+    for name, run in (("intra_op", lambda: [one(x) for x in batches]), ("lanes", lambda: in_lanes(one, batches, lanes))):
+        run()  # warm-up
+        t0 = time.perf_counter()
+        run()
+        out[f"{name}_img_per_s"] = round(n / (time.perf_counter() - t0), 1)
+    out["speedup"] = round(out["lanes_img_per_s"] / out["intra_op_img_per_s"], 2)
+    print(f"  {out}", flush=True)
     return out
 
 
@@ -131,8 +159,20 @@ def training_parts() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["all", "lanes"], default="all")
+    args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
+    out = ROOT / "results" / "precision.json"
+    if args.part == "lanes":
+        result = json.loads(out.read_text()) if out.is_file() else {}
+        print("EfficientNet-Lite0 @224 to pooled features, amp auto, batch 16: intra-op threads vs lanes", flush=True)
+        result["inference_lanes"] = {**inference_lanes(), "measured_at": time.strftime("%Y-%m-%d %H:%M"),
+                                     "command": "python benchmarks/precision.py --part lanes"}
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+        return
     result = {"command": "python benchmarks/precision.py", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "measured_at": time.strftime("%Y-%m-%d %H:%M")}
     print("EfficientNet-Lite0 forward_features @224, bf16, img/s by batch size", flush=True)
@@ -147,7 +187,8 @@ def main() -> None:
         row["auto_speedup_over_fp32"] = round(row["fp32"] / row["auto"], 2)
         result["train_step_ms_batch32"][name] = row
         print(f"  {name}: {row}", flush=True)
-    out = ROOT / "results" / "precision.json"
+    print("EfficientNet-Lite0 @224 to pooled features, amp auto, batch 16: intra-op threads vs lanes", flush=True)
+    result["inference_lanes"] = inference_lanes()
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 

@@ -19,6 +19,7 @@ import copy
 import math
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -275,23 +276,25 @@ class Inputs:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    @torch.no_grad()
     def _compute_all(self) -> torch.Tensor:
-        """(views, N, ...) prefix outputs with the network in eval mode; view v uses seed v."""
+        """(views, N, ...) prefix outputs with the network in eval mode. Each batch of view v draws its
+        augmentation from its own seed, so the result does not depend on how batches run in lanes."""
         model = self.fwd.model
         was = model.training
         model.eval()
-        out = []
+        n = len(self.table)
         bs = inference_batch_size(self.rt.device, self.table.image_size)
-        for v in range(self.s.views):
-            gen = torch.Generator().manual_seed(1_000_003 * (v + 1))
-            parts = []
-            for start in range(0, len(self.table), bs):
-                idx = torch.arange(start, min(start + bs, len(self.table)))
-                with autocast(self.rt.device, self.rt.amp_dtype):
-                    h = self.fwd.prefix(self._images(idx, v, gen), self.cut)
-                parts.append(h.to("cpu", torch.bfloat16 if self.rt.amp_dtype else torch.float32))
-            out.append(torch.cat(parts))
+        keep = torch.bfloat16 if self.rt.amp_dtype else torch.float32
+
+        def prefix(view_start: tuple[int, int]) -> torch.Tensor:
+            v, start = view_start
+            gen = torch.Generator().manual_seed(1_000_003 * (v + 1) + start)
+            with torch.no_grad(), autocast(self.rt.device, self.rt.amp_dtype):  # both are per thread
+                x = self._images(torch.arange(start, min(start + bs, n)), v, gen)
+                return self.fwd.prefix(x, self.cut).to("cpu", keep)
+
+        lanes = cpu_lanes(self.rt.device)
+        out = [torch.cat(in_lanes(prefix, [(v, s) for s in range(0, n, bs)], lanes)) for v in range(self.s.views)]
         model.train(was)
         return torch.stack(out)
 
@@ -357,6 +360,38 @@ def inference_batch_size(device: torch.device, image_size: int) -> int:
     if device.type != "cpu":
         return 256
     return int(min(256, max(8, 16 * (224 / image_size) ** 2)))
+
+
+def cpu_lanes(device: torch.device) -> int:
+    """How many batches of a no-grad pass run side by side, each on its share of the threads. On a
+    CPU this beats splitting each small batch's operations over all threads (EfficientNet-Lite0 at
+    224 px on 2 cores: see benchmarks/precision.py); at most 4 lanes, so that a many-core machine
+    still splits each batch. A GPU runs one batch at a time."""
+    return min(4, max(1, torch.get_num_threads())) if device.type == "cpu" else 1
+
+
+_LANES: ThreadPoolExecutor | None = None
+
+
+def in_lanes(fn, items: list, lanes: int) -> list:
+    """[fn(x) for x in items] in order, with up to `lanes` calls at once (torch releases the GIL)."""
+    global _LANES
+    if lanes <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    if _LANES is None or _LANES._max_workers < lanes:
+        _LANES = ThreadPoolExecutor(lanes, thread_name_prefix="medtune-lane")
+    threads = torch.get_num_threads()
+    share = max(1, threads // lanes)
+
+    def on_share(x):
+        if torch.get_num_threads() != share:  # OpenMP's thread count is per thread
+            torch.set_num_threads(share)
+        return fn(x)
+
+    try:
+        return list(_LANES.map(on_share, items))
+    finally:
+        torch.set_num_threads(threads)  # the count seen by the caller's thread stays as it was
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -560,17 +595,17 @@ def predict_proba(fwd: Forward, inputs: Inputs, idx: np.ndarray, settings: Train
         return predict_proba(fwd, inputs, np.arange(1), settings, rt, features)[:0]
     was = fwd.model.training
     fwd.model.eval()
-    out = []
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # view 0 draws nothing from it
     bs = inference_batch_size(rt.device, inputs.table.image_size)
-    for start in range(0, len(idx), bs):
-        part = idx[start:start + bs]
+
+    def one(part: np.ndarray) -> torch.Tensor:
         x = inputs.batch(part, train=False, gen=gen)
-        with inputs.autocast():
+        with torch.no_grad(), inputs.autocast():  # both are per thread
             if features:
-                out.append(fwd.features(x, inputs.cut).float().cpu())
-            else:
-                out.append(torch.softmax(fwd.rest(x, inputs.cut).float(), 1).cpu())
+                return fwd.features(x, inputs.cut).float().cpu()
+            return torch.softmax(fwd.rest(x, inputs.cut).float(), 1).cpu()
+
+    out = in_lanes(one, [idx[s:s + bs] for s in range(0, len(idx), bs)], cpu_lanes(rt.device))
     fwd.model.train(was)
     return torch.cat(out).numpy()
 
