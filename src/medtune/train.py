@@ -16,6 +16,7 @@ the plain image, each epoch draws one view per image); without it they are fresh
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 import time
 import types
@@ -392,6 +393,25 @@ def in_lanes(fn, items: list, lanes: int) -> list:
         return list(_LANES.map(on_share, items))
     finally:
         torch.set_num_threads(threads)  # the count seen by the caller's thread stays as it was
+        release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Hand memory that glibc keeps in the lane threads' own arenas back to the system. Without it
+    the BUSI grid benchmark peaked at 4.29 GB resident instead of 3.81 GB: the freed activations
+    of no-grad passes stayed in those arenas while the main thread trained."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
