@@ -219,3 +219,9 @@ def test_gradient_criteria_skip_an_overflowed_fp16_step(criterion):
     criterion.after_backward(groups, 1)
     assert all(math.isfinite(g["lr"]) and g["lr"] > 0 for g in groups)
     assert groups[0]["criterion_n"] == 1 and groups[1]["criterion_n"] == 2
+    # the next epoch's average starts afresh even when its first step overflows
+    groups[1]["params"][0].grad = torch.tensor([float("inf"), 1.0])
+    criterion.after_backward(groups, 0)
+    groups[1]["params"][0].grad = torch.tensor([1.0, 2.0])
+    criterion.after_backward(groups, 1)
+    assert groups[1]["criterion_n"] == 1

@@ -330,6 +330,9 @@ class _GradientCriterion(Strategy):
         # a random head's statistic can dominate the normalisation; on BUSI, Auto-RGN then starved
         # the head and predicted the majority class in every fold.)
         groups = [g for g in groups if not g.get("is_head")]
+        if step_in_epoch == 0:  # a new epoch's average starts here, even if this step is not measured
+            for g in groups:
+                g["criterion_n"] = 0
         if step_in_epoch < self.measure_batches:
             for g in groups:
                 p = g["params"][0]
@@ -339,7 +342,7 @@ class _GradientCriterion(Strategy):
                 if not bool(torch.isfinite(grad).all()):
                     continue  # an overflowed fp16 step (the GradScaler skips it) is no measurement
                 value = self.statistic(grad, p.detach().float())
-                k = g.get("criterion_n", 0) if step_in_epoch > 0 else 0
+                k = g["criterion_n"]
                 g["criterion"] = value if k == 0 else (g["criterion"] * k + value) / (k + 1)
                 g["criterion_n"] = k + 1
             measured = [g for g in groups if "criterion" in g and not g.get("norm")]

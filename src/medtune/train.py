@@ -371,16 +371,14 @@ def cpu_lanes(device: torch.device) -> int:
     return min(4, max(1, torch.get_num_threads())) if device.type == "cpu" else 1
 
 
-_LANES: ThreadPoolExecutor | None = None
+_LANES: dict[int, ThreadPoolExecutor] = {}  # one pool per lane count, made on first use
 
 
 def in_lanes(fn, items: list, lanes: int) -> list:
     """[fn(x) for x in items] in order, with up to `lanes` calls at once (torch releases the GIL)."""
-    global _LANES
     if lanes <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
-    if _LANES is None or _LANES._max_workers < lanes:
-        _LANES = ThreadPoolExecutor(lanes, thread_name_prefix="medtune-lane")
+    pool = _LANES.get(lanes) or _LANES.setdefault(lanes, ThreadPoolExecutor(lanes, thread_name_prefix="medtune-lane"))
     threads = torch.get_num_threads()
     share = max(1, threads // lanes)
 
@@ -390,7 +388,7 @@ def in_lanes(fn, items: list, lanes: int) -> list:
         return fn(x)
 
     try:
-        return list(_LANES.map(on_share, items))
+        return list(pool.map(on_share, items))
     finally:
         torch.set_num_threads(threads)  # the count seen by the caller's thread stays as it was
         release_free_memory()
@@ -553,7 +551,8 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
 
         # A step can overflow the weights without raising (CUDA's fused AdamW takes any lr): the next
         # loss would be NaN, but after the last step there is no next loss to look at.
-        if not all(bool(torch.isfinite(g["params"][0]).all()) for g in optimizer.param_groups if scales[g["block"]] > 0):
+        trained = [g["params"][0].detach() for g in optimizer.param_groups if scales[g["block"]] > 0]
+        if trained and not bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()):  # one sync
             raise TrainingError(f"the weights became inf/NaN at epoch {epoch} (lr {settings.lr:g}): the run diverged. "
                                 "Lower train.lr or keep train.grad_clip on.")
         val_loss, val_bacc = evaluate(fwd, inputs, table, val_idx, settings, rt, weight)
