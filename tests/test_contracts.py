@@ -145,6 +145,28 @@ def test_lp_ft_fine_tunes_with_the_statistics_the_probe_was_fitted_on(tiny_table
     assert stats(changed(model, start))
 
 
+def test_bn_statistics_update_keep_and_update_all(tiny_table):
+    """`update` (the default) re-estimates the statistics of trained blocks only; `keep` never moves
+    them while the affine parameters still train; `update_all` moves frozen blocks' too, and then the
+    frozen body cannot be cached."""
+    settings = dataclasses.replace(SETTINGS, epochs=1)
+    stats = lambda names: {k for k in names if k.endswith(("running_mean", "running_var"))}  # noqa: E731
+
+    def run(strategy, bn):
+        model, start, res = train(strategy, tiny_table, dataclasses.replace(settings, bn_statistics=bn))
+        return stats(changed(model, start)), changed(model, start), res
+
+    moved, _, res = run(create_strategy("full_ft"), "update")
+    assert moved and res.bn_statistics == "update"
+    moved, everything, res = run(create_strategy("full_ft"), "keep")
+    assert not moved and res.bn_statistics == "keep"
+    assert any(k.endswith("bn1.weight") for k in everything)  # the affine parameters train
+    moved, _, res = run(create_strategy("linear_probe"), "update")
+    assert not moved and res.history[0]["cut"] == -1  # frozen body: cached pooled features
+    moved, _, res = run(create_strategy("linear_probe"), "update_all")
+    assert {k for k in moved if k.startswith("bn1.")} and res.history[0]["cut"] == 0  # nothing cached
+
+
 def test_l2_sp_penalty_is_zero_at_start_and_grows_with_distance():
     model = create_backbone(TINY, pretrained=False, num_classes=2)
     head = set(blocks(model)[-1].param_names)

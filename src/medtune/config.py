@@ -91,7 +91,12 @@ class TrainConfig(Strict):
                                                         "with strided or wide depthwise convolutions kept in fp32 on a CPU "
                                                         "(measured faster there); on = bf16 everywhere")
     channels_last: bool = Field(True, description="channels-last memory layout (faster convolutions on GPU)")
-    train_bn: bool = Field(False, description="let BatchNorm statistics of frozen blocks update")
+    bn_statistics: Literal["update", "keep", "update_all"] = Field(
+        "update", description="BatchNorm while training: update = a trained block's BatchNorm normalises with "
+        "batch statistics (PyTorch's default), frozen blocks keep their pretrained ones; keep = every BatchNorm "
+        "keeps its running statistics (eval mode; scale and shift still train), the Keras fine-tuning recipe, "
+        "which pairs with lower learning rates (docs/strategies.md); update_all = frozen blocks update too "
+        "(turns the feature cache off)")
     grad_clip: float = Field(5.0, ge=0, description="clip the gradient norm to this value; 0 = off")
     probe_lr_scale: float = Field(10.0, gt=0, description="learning-rate multiplier for epochs in which only the "
                                                           "head trains (linear probe, the LP phase of lp_ft)")

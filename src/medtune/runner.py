@@ -198,7 +198,7 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     y = table.labels[test_idx]
     metrics = clinical_metrics(y, probs, table.class_names, positive=data.positive)
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
-                 "strategy_label": strategy.label()})
+                 "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics})
     if result.history:
         info["trainable_blocks"] = [h["trainable_blocks"] for h in result.history]
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
