@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medtune.store import Store
@@ -42,7 +43,8 @@ def run(extra: list[str]) -> dict:
     per = {}
     for strategy, rows in m.groupby("strategy"):
         per[strategy] = {"seconds": round(float(rows["seconds"].sum()), 1),
-                         **{k: f"{rows[k].mean():.3f}±{rows[k].std(ddof=1):.3f}" for k in METRICS}}
+                         **{k: f"{rows[k].mean():.3f}±{rows[k].std(ddof=1):.3f}" for k in METRICS},
+                         "balanced_accuracy_folds": [round(float(v), 3) for v in rows.sort_values("fold")["balanced_accuracy"]]}
     return {"command": " ".join(["medtune", "run", "configs/demo.yaml", *extra]), "wall_seconds": round(wall, 1),
             "cell_seconds": round(float(m["seconds"].sum()), 1), "strategies": per}
 
@@ -58,6 +60,16 @@ def main() -> None:
               "threads": torch.get_num_threads(), "shipped": fast, "baseline": base,
               "wall_ratio": round(base["wall_seconds"] / fast["wall_seconds"], 2),
               "cell_ratio": round(base["cell_seconds"] / fast["cell_seconds"], 2)}
+    # "the same table": per strategy, the two mean balanced accuracies differ by at most one fold-sd
+    # (the criterion of grid_speed.py), and the strategies rank in the same order
+    same = {}
+    for strategy in fast["strategies"]:
+        a, b = (np.array(r["strategies"][strategy]["balanced_accuracy_folds"]) for r in (fast, base))
+        same[strategy] = {"shipped": round(float(a.mean()), 3), "baseline": round(float(b.mean()), 3),
+                          "within_one_fold_sd": bool(abs(a.mean() - b.mean()) <= max(a.std(ddof=1), b.std(ddof=1)))}
+    rank = lambda key: sorted(same, key=lambda k: -same[k][key])  # noqa: E731
+    result["same_table"] = {"strategies": same, "same_ranking": rank("shipped") == rank("baseline")}
+    print(json.dumps(result["same_table"], indent=1))
     print(f"demo: baseline {base['wall_seconds']:.0f} s / shipped {fast['wall_seconds']:.0f} s = {result['wall_ratio']}x "
           f"(cells only {result['cell_ratio']}x)")
     out = ROOT / "results" / "demo_speed.json"
