@@ -17,7 +17,12 @@ ratio, peak resident memory of the medtune part, and the mean metrics of both.
 
     python benchmarks/grid_speed.py                # 224 px, 5 folds, 3 epochs
     python benchmarks/grid_speed.py --quick        # 128 px, 2 folds, 3 epochs (< 10 min here)
-Results go to benchmarks/results/grid_speed[_quick].json.
+    python benchmarks/grid_speed.py --every 5      # 224 px, 5 folds, 3 epochs on every 5th image of each class
+Results go to benchmarks/results/grid_speed[_quick|_every5].json. A short run compares its ratios with
+the full mode's (from grid_speed.json). `--quick` cannot track the cached kinds: their cache is filled
+once and amortised over folds x epochs, so with 2 folds instead of 5 their ratio is 2-4x smaller.
+`--every N` keeps folds, epochs and resolution and shrinks only the data, which every cost of both
+halves scales with, so its ratios are those of the full grid.
 """
 
 from __future__ import annotations
@@ -225,9 +230,21 @@ def run_reference(data: str, size: int, folds: int, epochs: int, views: int) -> 
     return ref
 
 
+def every_nth(data: str, n: int) -> str:
+    """A folder of links to every n-th image (sorted by name) of each class folder of `data`."""
+    out = Path(tempfile.mkdtemp()) / f"{Path(data).name}_every{n}"
+    for cls in sorted(p for p in Path(data).iterdir() if p.is_dir()):
+        (out / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[::n]:
+            (out / cls.name / f.name).symlink_to(f.resolve())
+    return str(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="128 px, 2 folds, 3 epochs")
+    ap.add_argument("--every", type=int, default=1, help="use every N-th image of each class (a smaller grid "
+                    "with the full mode's folds, epochs and resolution)")
     ap.add_argument("--data", default=str(ROOT.parent.parent / "shared" / "data" / "busi"))
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--views", type=int, default=2, help="augmented views per image in medtune's cache")
@@ -237,6 +254,8 @@ def main() -> None:
                          "instead of rerunning it; for re-measuring medtune after a change")
     args = ap.parse_args()
     size, folds = (128, 2) if args.quick else (224, 5)
+    if args.every > 1:
+        args.data = every_nth(args.data, args.every)
     torch.set_num_threads(os.cpu_count() or 1)
     store = os.path.join(tempfile.mkdtemp(), "grid.sqlite")
     print(f"medtune: {args.data} @ {size}px, {folds} folds, {args.epochs} epochs", flush=True)
@@ -244,11 +263,12 @@ def main() -> None:
     ours["peak_rss_gb"] = peak_rss_gb()
     print(json.dumps(ours, indent=1), flush=True)
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "size": size, "folds": folds,
-              "epochs": args.epochs, "views": args.views, "medtune": ours, "torch": torch.__version__,
+              "epochs": args.epochs, "views": args.views, "every": args.every, "medtune": ours, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%d %H:%M")}
-    out = ROOT / "results" / f"grid_speed{'_quick' if args.quick else ''}.json"
+    suffix = ("_quick" if args.quick else "") + (f"_every{args.every}" if args.every > 1 else "")
+    out = ROOT / "results" / f"grid_speed{suffix}.json"
     previous = json.loads(out.read_text()) if args.reuse_reference and out.is_file() else {}
-    same = all(previous.get(k) == result[k] for k in ("size", "folds", "epochs", "views"))
+    same = all(previous.get(k, 1 if k == "every" else None) == result[k] for k in ("size", "folds", "epochs", "views", "every"))
     if args.reuse_reference and (not same or "reference" not in previous):
         sys.exit(f"--reuse-reference: {out} holds no reference run with size {size}, {folds} folds, {args.epochs} epochs")
     if not args.skip_reference:
@@ -264,11 +284,18 @@ def main() -> None:
             a, b = ours["kinds"][k], ref["kinds"][k]
             ratio = b["seconds"] / max(a["seconds_with_overhead"], 1e-9)
             agree = abs(a["balanced_accuracy"] - b["balanced_accuracy"]) <= max(a["balanced_accuracy_sd"], b["balanced_accuracy_sd"])
-            rows.append({"kind": k, "medtune_s": round(a["seconds_with_overhead"], 1), "reference_s": round(b["seconds"], 1),
-                         "ratio": round(ratio, 1), "bacc_medtune": round(a["balanced_accuracy"], 3),
+            rows.append({"kind": k, "medtune_s": round(float(a["seconds_with_overhead"]), 1), "reference_s": round(b["seconds"], 1),
+                         "ratio": round(float(ratio), 1), "bacc_medtune": round(a["balanced_accuracy"], 3),
                          "bacc_reference": round(b["balanced_accuracy"], 3), "agree_within_sd": bool(agree)})
         result["table"] = rows
         result["whole_grid_ratio"] = ref["wall_seconds"] / ours["wall_seconds"]
+        full = ROOT / "results" / "grid_speed.json"
+        if suffix and full.is_file():  # a short mode: how far its ratios are from the full mode's
+            full_ratio = {r["kind"]: r["ratio"] for r in json.loads(full.read_text())["table"]}
+            full_ratio["whole"] = json.loads(full.read_text())["whole_grid_ratio"]
+            for r in rows:
+                r["ratio_vs_full"] = round(r["ratio"] / full_ratio[r["kind"]], 2)
+            result["whole_vs_full"] = round(result["whole_grid_ratio"] / full_ratio["whole"], 2)
         for r in rows:
             print(r)
         print(f"whole grid: reference {ref['wall_seconds']:.0f} s / medtune {ours['wall_seconds']:.0f} s = "
