@@ -291,8 +291,8 @@ def main() -> None:
         result["whole_grid_ratio"] = ref["wall_seconds"] / ours["wall_seconds"]
         full = ROOT / "results" / "grid_speed.json"
         if suffix and full.is_file():  # a short mode: how far its ratios are from the full mode's
-            full_ratio = {r["kind"]: r["ratio"] for r in json.loads(full.read_text())["table"]}
-            full_ratio["whole"] = json.loads(full.read_text())["whole_grid_ratio"]
+            full_run = json.loads(full.read_text())
+            full_ratio = {r["kind"]: r["ratio"] for r in full_run["table"]} | {"whole": full_run["whole_grid_ratio"]}
             for r in rows:
                 r["ratio_vs_full"] = round(r["ratio"] / full_ratio[r["kind"]], 2)
             result["whole_vs_full"] = round(result["whole_grid_ratio"] / full_ratio["whole"], 2)
