@@ -72,7 +72,8 @@ def auc(y_true: np.ndarray, probs: np.ndarray, positive: int | None = None) -> f
     k = probs.shape[1]
     try:
         if k == 2:
-            return float(roc_auc_score(y_true == (positive if positive is not None else 1), probs[:, positive or 1]))
+            pos = 1 if positive is None else positive  # not `positive or 1`: class 0 can be the positive one
+            return float(roc_auc_score(y_true == pos, probs[:, pos]))
         if positive is not None:
             return float(roc_auc_score(y_true == positive, probs[:, positive]))
         if len(np.unique(y_true)) < k:

@@ -34,6 +34,7 @@ from medtune.store import Store
 from medtune.strategies import Strategy, create_strategy, parse_label
 from medtune.train import (Augment, Runtime, TrainSettings, autocast_dtype, final_inputs, fit,
                            predict_proba, resolve_device, set_seed, shared_cache)
+from medtune.version import RESULTS_VERSION
 
 
 # --------------------------------------------------------------------------- data preparation
@@ -134,6 +135,7 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> 
                                 "backbone": {**bb.model_dump(), "image_size": size},
                                 "strategy": {"name": strategy.name, **strategy.params()},
                                 "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": train,
+                                "results_version": RESULTS_VERSION,
                             }
                             cells.append({"cell_id": cell_id(config), "run_id": run_id, "dataset": ds.display_name(),
                                           "backbone": bb.name, "strategy": strategy.label(), "head": head,
@@ -289,6 +291,10 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     """Run (or resume) the grid of `cfg`; returns counts. Failed cells are recorded and skipped over."""
     t0 = time.perf_counter()
     store = Store(store_path or cfg.store)
+    if (note := store.version_warning()) is not None:
+        import warnings
+
+        warnings.warn(f"resuming: {note}", stacklevel=2)
     # Under Ray the workers pick their devices; a driver without a GPU (a laptop, a login node) is fine.
     device = resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu")
     run_id = hashlib.sha1(f"{time.time()}-{os.getpid()}".encode()).hexdigest()[:12]
@@ -333,6 +339,7 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
 def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSummary) -> str:
     """Write one finished cell (or its error) to the store; the only place cells are written."""
     if isinstance(outcome, CellResult):
+        outcome.info.setdefault("medtune_version", __version__)
         store.save_cell(cell, "done", outcome.metrics, outcome.predictions, outcome.seconds, info=outcome.info)
         summary.done += 1
         return "done"
