@@ -6,7 +6,8 @@ rerun after a bump recomputes every cell instead of keeping numbers from older c
 stored with each cell so `medtune results` / `report` can flag a store that mixes versions.
 
 History: 1 = cells written before the version existed (no `results_version` in their config);
-2 = binary AUC scored on the declared positive class (it used column 1 whatever `positive` said).
+2 = binary AUC scored on the declared positive class (it used column 1 whatever `positive` said);
+    macro PPV/NPV count an undefined class as 0 (they skipped it); PR-AUC, Brier score and ECE stored.
 """
 
 RESULTS_VERSION = 2
