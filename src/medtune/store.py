@@ -36,6 +36,10 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS predictions (
     cell_id TEXT NOT NULL REFERENCES cells(cell_id), sample INTEGER NOT NULL, path TEXT NOT NULL,
     y_true INTEGER NOT NULL, probs_json TEXT NOT NULL, PRIMARY KEY (cell_id, sample));
+CREATE TABLE IF NOT EXISTS extra_predictions (
+    cell_id TEXT NOT NULL REFERENCES cells(cell_id), kind TEXT NOT NULL, dataset TEXT NOT NULL,
+    sample INTEGER NOT NULL, y_true INTEGER NOT NULL, probs_json TEXT NOT NULL,
+    PRIMARY KEY (cell_id, kind, dataset, sample));
 CREATE TABLE IF NOT EXISTS datasets (
     dataset TEXT PRIMARY KEY, class_names_json TEXT NOT NULL, info_json TEXT NOT NULL);
 """
@@ -154,13 +158,18 @@ class Store:
 
     def save_cell(self, cell: dict, status: str, metrics: dict[str, float] | None = None,
                   predictions: tuple[np.ndarray, list[str], np.ndarray, np.ndarray] | None = None,
-                  seconds: float | None = None, error: str | None = None, info: dict | None = None) -> None:
+                  seconds: float | None = None, error: str | None = None, info: dict | None = None,
+                  extra: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]] | None = None) -> None:
         """Write a finished (or failed) cell with everything that belongs to it, atomically.
-        `predictions` = (sample indices, paths, y_true, probabilities)."""
+        `predictions` = (sample indices, paths, y_true, probabilities) on the outer test fold;
+        `extra` = (kind, data set, sample indices, y_true, probabilities) for the other sets a cell
+        predicts: kind "inner_val" (its inner validation split, where operating points are chosen)
+        or "external" (a `test_datasets` entry, predicted without refitting)."""
         with self.conn:
             cid = cell["cell_id"]
             self.conn.execute("DELETE FROM metrics WHERE cell_id=?", (cid,))
             self.conn.execute("DELETE FROM predictions WHERE cell_id=?", (cid,))
+            self.conn.execute("DELETE FROM extra_predictions WHERE cell_id=?", (cid,))
             self.conn.execute(
                 "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (cid, cell["run_id"], cell["dataset"], cell["backbone"], cell["strategy"], cell["head"], cell["fold"],
@@ -175,6 +184,11 @@ class Store:
                     "INSERT INTO predictions VALUES (?,?,?,?,?)",
                     [(cid, int(i), p, int(t), json.dumps([round(float(v), 6) for v in pr]))
                      for i, p, t, pr in zip(idx, paths, y, probs)])
+            for kind, dataset, idx, y, probs in extra or []:
+                self.conn.executemany(
+                    "INSERT INTO extra_predictions VALUES (?,?,?,?,?,?)",
+                    [(cid, kind, dataset, int(i), int(t), json.dumps([round(float(v), 6) for v in pr]))
+                     for i, t, pr in zip(idx, y, probs)])
 
     # ------------------------------------------------------------------ reads
     def done_ids(self) -> set[str]:
@@ -219,6 +233,15 @@ class Store:
             q += f" WHERE cell_id IN ({','.join('?' * len(cell_ids))})"
             args = tuple(cell_ids)
         df = pd.read_sql_query(q + " ORDER BY cell_id, sample", self.conn, params=args)
+        df["probs"] = df.pop("probs_json").map(json.loads)
+        return df
+
+    def extra_predictions(self, kind: str | None = None) -> pd.DataFrame:
+        """Inner-validation ("inner_val") or external-set ("external") predictions of done cells."""
+        q, args = "SELECT * FROM extra_predictions", ()
+        if kind is not None:
+            q, args = q + " WHERE kind=?", (kind,)
+        df = pd.read_sql_query(q + " ORDER BY cell_id, dataset, sample", self.conn, params=args)
         df["probs"] = df.pop("probs_json").map(json.loads)
         return df
 
