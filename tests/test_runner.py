@@ -13,7 +13,7 @@ from medtune.heads import fit_svm, full_proba
 from medtune.runner import expand, prepare, settings_from
 from medtune.store import Store
 from medtune.train import set_seed
-from tests.conftest import PROB_ATOL, TINY, smoke_raw
+from conftest import PROB_ATOL, TINY, smoke_raw
 
 
 def test_grid_runs_stores_everything_and_resumes_without_redoing(tmp_path):
