@@ -62,3 +62,31 @@ def test_results_failed_on_a_store_without_failures_says_so(tmp_path):
                      "fold": 0, "n_folds": 2, "seed": 0, "config": {}}, "done", {"balanced_accuracy": 0.5})
     res = CliRunner().invoke(app, ["results", "--store", str(path), "--failed"])
     assert res.exit_code == 0 and "no failed cells" in res.output
+
+
+def test_run_under_a_file_prints_one_line_per_finished_cell_before_the_grid_ends(tmp_path):
+    """stdout to a file (not a terminal): each finished cell's line is flushed as it finishes, so the
+    first one is in the file while later cells are still to run."""
+    cfg = tiny_config(tmp_path, strategies=["linear_probe", {"name": "partial_ft", "blocks": 1}, "full_ft"])
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        proc = subprocess.Popen([PYTHON, "-m", "medtune", "run", str(cfg)], stdout=out,
+                                stderr=subprocess.PIPE, env=cli_env(), text=True)
+        first, cells_done_then = None, None
+        while proc.poll() is None and first is None:
+            lines = [line for line in log.read_text().splitlines() if line.startswith("[")]
+            if lines:
+                first = lines[0]
+                with Store(tmp_path / "store.sqlite") as s:  # how far the grid was when the line was there
+                    cells_done_then = len(s.done_ids())
+            time.sleep(0.05)
+        _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert first is not None, "no per-cell line appeared while the grid ran"
+    assert first.startswith("[1/6] syn test_efficientnet linear_probe softmax seed 0 fold 0: balanced_accuracy ")
+    assert cells_done_then < 6, "the first cell's line only appeared once the grid had ended"
+    final = [line for line in log.read_text().splitlines() if line.startswith("[")]
+    assert len(final) == 6
+    assert all(" balanced_accuracy 0." in line or " balanced_accuracy 1." in line for line in final), final
+    assert final[-1].startswith("[6/6]") and final[-1].endswith("ETA done")
+    assert all("ETA" in line and " s;" in line for line in final)

@@ -54,7 +54,8 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a config value without editing the file; the value "
                                                     "is YAML, list entries are numbered from 0: --set train.epochs=3 "
                                                     "--set datasets.0.path=../data/busi (repeatable)."),
-    quiet: bool = typer.Option(False, "--quiet", help="Hide the progress bar (the summary is still printed)."),
+    quiet: bool = typer.Option(False, "--quiet", help="Hide the progress: the bar on a terminal, one line per finished cell "
+                                                 "elsewhere (the summary is still printed)."),
 ) -> None:
     """Train and evaluate every cell (data set x backbone x strategy x head x seed x fold) of CONFIG,
     writing each finished cell to the results store. Run it again to resume: finished cells are skipped."""
