@@ -126,8 +126,8 @@ def test_predict_on_a_folder_that_is_not_a_model(tmp_path):
     assert res.exit_code == 2 and "keep_best" in res.output
 
 
-def test_export_torchscript_and_onnx_match_the_model(tiny_run):
-    store, _ = tiny_run
+def test_export_torchscript_and_onnx_match_the_model(tiny_run_copy):
+    store, _ = tiny_run_copy
     model_dir = Path(f"{store}.models/best")
     res = CliRunner().invoke(app, ["export", str(model_dir), "--format", "torchscript", "--format", "onnx"])
     assert res.exit_code == 0, res.output
@@ -167,12 +167,12 @@ def test_svm_bundle_round_trips_its_sklearn_head(tmp_path):
     np.testing.assert_allclose(b.predict_proba(images), full_proba(svm, feats, 2), atol=1e-5)
 
 
-def test_rerun_keeps_the_saved_model(tiny_run):
+def test_rerun_keeps_the_saved_model(tiny_run_copy):
     """Resuming a finished grid must not retrain the best model (its cell is already saved)."""
     import medtune
     from conftest import tiny_png_config
 
-    store, data = tiny_run
+    store, data = tiny_run_copy
     weights = Path(f"{store}.models/best/weights.pt")
     before = weights.stat().st_mtime_ns
     summary = medtune.run(tiny_png_config(data, store), progress=False)

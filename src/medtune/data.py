@@ -483,10 +483,18 @@ def _load(path, source: str, image_size: int, name: str | None, options: dict) -
     if source == "synthetic":
         from medtune.synthetic import make_ultrasound
 
+        if "size" in options:
+            raise DataError(f"data set {name or 'synthetic'!r}: `options: size` is not a synthetic option; the "
+                            "image size is the backbone's `image_size`.")
         try:
             table = make_ultrasound(size=image_size, **options)
         except ValueError as exc:
             raise DataError(f"data set {name or 'synthetic'!r}: {exc}.") from exc
+        except TypeError as exc:
+            if "unexpected keyword argument" in str(exc):
+                raise
+            raise DataError(f"data set {name or 'synthetic'!r}: an option has the wrong type ({exc}); options "
+                            f"{options} should be numbers (docs/config.md lists them).") from exc
     elif source == "medmnist":
         table = load_medmnist(path, image_size, **options)
     else:

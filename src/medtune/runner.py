@@ -431,20 +431,79 @@ def execute(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime
         return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
 
 
+class GridProgress:
+    """Progress that fits where it runs. On a terminal, rich's live bar. Anywhere else (a pipe, a file,
+    a CI log), where a live bar prints nothing until it stops, one flushed line per finished cell:
+    its labels, status, balanced accuracy, seconds, cells done / total and the ETA, so a log of a
+    long grid is never silent. Both executors report through this one class."""
+
+    def __init__(self, total: int, title: str, enabled: bool = True, stream=None) -> None:
+        import sys
+
+        self.total, self.title, self.enabled = total, title, enabled
+        self.stream = stream or sys.stdout
+        self.live = enabled and self.stream.isatty()
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def __enter__(self) -> "GridProgress":
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(self.title, total=self.total)
+        elif self.enabled:
+            print(self.title, file=self.stream, flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.bar.stop()
+
+    def starting(self, cell: dict) -> None:
+        if self.live:
+            self.bar.update(self.task, description=labels(cell))
+
+    def finished(self, cell: dict, outcome: "CellResult | str") -> None:
+        now = time.perf_counter()
+        seconds = outcome.seconds if isinstance(outcome, CellResult) else now - self.last
+        self.last, self.done = now, self.done + 1
+        if self.live:
+            self.bar.update(self.task, advance=1, description=f"{labels(cell)}: {status_text(outcome)}")
+        elif self.enabled:
+            left = self.total - self.done
+            eta = (now - self.t0) / self.done * left
+            print(f"[{self.done}/{self.total}] {labels(cell)}: {status_text(outcome)}, {seconds:.1f} s; "
+                  f"ETA {format_seconds(eta) if left else 'done'}", file=self.stream, flush=True)
+
+
+def labels(cell: dict) -> str:
+    return (f"{cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} seed {cell['seed']} "
+            f"fold {cell['fold']}")
+
+
+def status_text(outcome: "CellResult | str") -> str:
+    if isinstance(outcome, CellResult):
+        return f"balanced_accuracy {outcome.metrics.get('balanced_accuracy', float('nan')):.3f}"
+    first = next((line for line in outcome.splitlines() if line.strip()), "")
+    return f"FAILED: {first[:160]}"
+
+
+def format_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
 def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: torch.device, store: Store,
               summary: RunSummary, progress: bool, on_cell, keep_seed: int | None = None) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     cache = shared_cache() if settings.cache else None
     amp = autocast_dtype(device, settings.amp)
     memo: dict = {}
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"{len(todo)} cells to run ({summary.skipped} already done)", total=len(todo))
+    with GridProgress(len(todo), f"{len(todo)} cells to run ({summary.skipped} already done)", progress) as bar:
         for cell in todo:
-            bar.update(task, description=f"{cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} "
-                                         f"fold {cell['fold']}")
+            bar.starting(cell)
             rt = Runtime(device, cache, model_key(cell), amp, memo)
             keep = cell["fold"] == 0 and cell["seed"] == keep_seed
             outcome = execute(cell, data_of[cell["cell_id"]], settings, rt, keep_model=keep)
@@ -455,4 +514,4 @@ def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: 
             status = record(store, cell, outcome, summary)
             if on_cell:
                 on_cell(cell, status)
-            bar.advance(task)
+            bar.finished(cell, outcome)

@@ -115,12 +115,25 @@ def strict_json(obj) -> str:
     return json.dumps(clean(obj), default=str, allow_nan=False)
 
 
+def _is_sqlite(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
+
+
 class Store:
     """A thin layer over the SQLite file; every write of a cell is one transaction."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MedtuneError(f"cannot create the folder of the results store {self.path} ({exc.strerror}). "
+                               "Give another --store path (or `store:` in the config).") from exc
+        if self.path.is_file() and self.path.stat().st_size and not _is_sqlite(self.path):
+            # SQLite would take a small non-database file for an empty database and overwrite it
+            raise MedtuneError(f"{self.path} is not a medtune results store (not an SQLite file). Give another "
+                               "--store path.")
         try:
             self.conn = sqlite3.connect(self.path, timeout=30)
             self.conn.execute("PRAGMA journal_mode=WAL")
