@@ -77,7 +77,9 @@ def test_svm_head_predictions_come_from_an_svm_on_network_features(tmp_path):
     with torch.no_grad():
         feats = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
     y = data.table.labels
-    svm = fit_svm(feats[fit_idx], y[fit_idx], feats[val_idx], y[val_idx], 3, seed=0)
+    # calibration folds grouped by patient, as the runner does (heads.py)
+    svm = fit_svm(feats[fit_idx], y[fit_idx], feats[val_idx], y[val_idx], 3, seed=0,
+                  groups=data.groups[np.concatenate([fit_idx, val_idx])])
     expected = full_proba(svm, feats[np.sort(te)], 3)
     assert np.allclose(stored, expected, atol=PROB_ATOL)
 

@@ -97,7 +97,8 @@ def results(
 
 def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     from medtune.report import format_pm, summary_table
-    from medtune.store import open_store
+    from medtune.diagnose import collapsed_cells
+    from medtune.store import open_store, read_cells
 
     with open_store(store, must_exist=True) as s:
         if failed:
@@ -109,6 +110,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
                 console.print(f"[red]{r.dataset} {r.backbone} {r.strategy} {r.head} fold {r.fold}:[/] {escape(str(r.error))}")
             return
         m = s.metrics()
+        collapsed = collapsed_cells(read_cells(s)) if not m.empty else []
     if m.empty:
         console.print(f"{store}: no finished cells yet.")
         return
@@ -126,6 +128,8 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     for _, r in shown.iterrows():
         table.add_row(*[str(v) for v in r])
     console.print(table)
+    for line in collapsed:  # diagnose.py: a model that predicts one class
+        console.print(f"[yellow]{escape(line)}[/]")
 
 
 @app.command("list")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from medtune.diagnose import collapsed_cells
 from medtune.metrics import MAIN_METRICS
 
 GROUP = ["dataset", "backbone", "strategy", "head"]
@@ -446,6 +447,10 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                     f"± {best_row[f'{MAIN}_sd']:.3f} (sd over {int(best_row.n_cells)} folds), AUC "
                     f"{best_row.get('auc', np.nan):.3f}, sensitivity{of} {best_row.get('sensitivity', np.nan):.3f}, "
                     f"specificity{of} {best_row.get('specificity', np.nan):.3f}.</p>")
+        collapsed = collapsed_cells(ev.cells[ev.cells.dataset == ds])  # diagnose.py (select helper's lines)
+        if collapsed:
+            body.append("<h3 style='color:#b00'>Collapsed cells: one class predicted</h3><ul>"
+                        + "".join(f"<li>{html.escape(line)}</li>" for line in collapsed) + "</ul>")
         detail = format_pm(sub.reset_index(drop=True))
         detail["seconds"] = detail["seconds"].round().astype(int)
         body.append("<h3>All clinical metrics (mean ± sd over folds)</h3>"
