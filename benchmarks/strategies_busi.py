@@ -99,7 +99,7 @@ def logreg_reference(cfg, size: int, folds: int, cache: Path) -> pd.DataFrame:
             probs = model(best).fit(feats[both], y[both]).predict_proba(feats[test_idx])
         m = clinical_metrics(y[test_idx], probs, data.table.class_names, positive=cfg.datasets[0].positive)
         rows.append({"dataset": cfg.datasets[0].display_name(), "backbone": "efficientnet_lite0", "strategy": REFERENCE,
-                     "head": f"logreg (C={best:g})" if folds == 1 else "logreg", "fold": fold, "seed": 0,
+                     "head": "logreg", "fold": fold, "seed": 0,
                      "seconds": (time.perf_counter() - t0) / folds, "C": best, **m})
     cache.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
     return pd.DataFrame(rows)
