@@ -2,7 +2,7 @@
 at 224 px, 5 folds, the learning rate chosen per outer fold on its inner split; plus a reference row:
 scikit-learn's LogisticRegression on the same frozen Lite0 features and the same folds.
 
-    python benchmarks/strategies_busi.py                 # the full benchmark (hours on 2 cores)
+    python benchmarks/strategies_busi.py --data ../shared/data/busi   # the full benchmark (hours on 2 cores)
     python benchmarks/strategies_busi.py --every 10      # every 10th image of each class: a check
     python benchmarks/strategies_busi.py --skip auto_depth bitfit
 
@@ -31,7 +31,7 @@ import medtune
 from medtune.backbones import create_backbone, preprocessing
 from medtune.config import load_config
 from medtune.metrics import clinical_metrics
-from medtune.report import format_pm, summary_table
+from medtune.report import format_pm, summary_table, to_markdown
 from medtune.runner import prepare
 from medtune.store import Store
 from medtune.strategies import list_strategies
@@ -46,12 +46,14 @@ REFERENCE = "sklearn_logreg (frozen features)"
 
 
 def every_nth(data: str, n: int) -> str:
-    """A folder of links to every n-th image (sorted by name) of each class folder of `data`."""
-    out = Path(tempfile.mkdtemp()) / f"{Path(data).name}_every{n}"
+    """A folder of links to every n-th image (sorted by name) of each class folder of `data`, at a fixed
+    path (the path is part of each cell's id, so a rerun resumes)."""
+    out = Path(tempfile.gettempdir()) / f"medtune_{Path(data).name}_every{n}"
     for cls in sorted(p for p in Path(data).iterdir() if p.is_dir()):
-        (out / cls.name).mkdir(parents=True)
+        (out / cls.name).mkdir(parents=True, exist_ok=True)
         for f in sorted(cls.iterdir())[::n]:
-            (out / cls.name / f.name).symlink_to(f.resolve())
+            if not (out / cls.name / f.name).exists():
+                (out / cls.name / f.name).symlink_to(f.resolve())
     return str(out)
 
 
@@ -131,6 +133,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     with Store(store) as s:
         metrics = s.metrics()
+    reference = reference.assign(group=REFERENCE, variant="")  # the store's group keys (evidence.summary_table)
     table = summary_table(pd.concat([metrics, reference.drop(columns=["C"])], ignore_index=True))
     shown = format_pm(table)
     command = " ".join(["python", *sys.argv])
@@ -143,7 +146,7 @@ def main() -> None:
           f"(fp32, plain images) and folds, C from {list(LOGREG_C)} on the same inner split (chosen C per fold: "
           f"{reference.C.tolist()}). Positive class for sensitivity/specificity/PPV/NPV: malignant. "
           "Mean ± sd over folds.", "",
-          shown.drop(columns=["dataset", "backbone"]).to_markdown(index=False)]
+          to_markdown(shown.drop(columns=["dataset", "backbone"]).set_index("strategy"), "strategy")]
     if summary.collapsed:
         md += ["", "Collapsed cells (diagnose.py):", *[f"- {line}" for line in summary.collapsed]]
     (ROOT / "results" / f"strategies_busi{suffix}.md").write_text("\n".join(md) + "\n")
