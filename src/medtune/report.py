@@ -17,6 +17,7 @@ from medtune.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters
                               fold_ranks, short_strategy, group_cells, group_table, headline_row, label, main_table,
                               operating_points, operating_table, paired_tests, pooled, positive_index, rank_blocks,
                               read_evidence, subgroup_table, summary_table)
+from medtune.diagnose import collapsed_cells
 from medtune.headline import HOW, OPTIMISTIC
 from medtune.metrics import MAIN_METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
 from medtune.version import RESULTS_VERSION
@@ -533,6 +534,10 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         body.append("<h3>Balanced accuracy: strategy × backbone (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
                     + html_table(table, "strategy"))
         of = f" ({html.escape(positive)})" if positive else " (macro mean over classes)"
+        collapsed = collapsed_cells(ev.cells[ev.cells.dataset == ds])  # diagnose.py (select helper's lines)
+        if collapsed:
+            body.append("<h3 class=warn>Collapsed cells: one class predicted</h3><ul>"
+                        + "".join(f"<li>{html.escape(line)}</li>" for line in collapsed) + "</ul>")
         detail = format_pm(sub.reset_index(drop=True))
         detail["seconds"] = detail["seconds"].round().astype(int)
         undefined = [c for c in ("ppv_undefined", "npv_undefined") if c in ev.metrics.columns]
