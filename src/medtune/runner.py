@@ -195,8 +195,9 @@ def model_key(cell: dict) -> tuple:
     """What the frozen weights depend on: the cache key of a backbone. Random-init weights depend on
     the cell's seed (the model is built right after `set_seed`), pretrained ones do not."""
     b = cell["config"]["backbone"]
-    random_init = not b["pretrained"] and not b["checkpoint"]
-    return (b["name"], b["pretrained"], b["checkpoint"], b["image_size"], cell["config"]["seed"] if random_init else None)
+    random_init = not b["pretrained"] and not b["checkpoint"] and not b.get("weights")
+    return (b["name"], b["pretrained"], b["checkpoint"], b.get("weights"), b.get("sha256"), b["image_size"],
+            cell["config"]["seed"] if random_init else None)
 
 
 @dataclass
@@ -280,7 +281,7 @@ def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings:
     # Seed before building the model: a random head (or a random-init backbone) must not depend on
     # which cells ran earlier in this process, or a cell's result would depend on the executor.
     set_seed(c["seed"])
-    model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
+    model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"], bb.get("weights"), bb.get("sha256"))
     if head == "svm" and not strategy.trains_backbone(settings.epochs):
         # SVM on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
         settings = TrainSettings(**{**asdict(settings), "augment": settings.augment, "epochs": 0})
@@ -301,7 +302,7 @@ def pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt) -> tup
         for tr, te in inner:
             tr_idx, te_idx = train_idx[tr], train_idx[te]
             fit_idx, val_idx = inner_split(tr_idx, table.labels, groups, settings.val_fraction, c["seed"])
-            model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
+            model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"], bb.get("weights"), bb.get("sha256"))
             res = fit(model, table, fit_idx, val_idx, cand, settings, rt, seed=c["seed"])
             probs = predict_proba(res.forward, final_inputs(res, table, settings, rt), te_idx, settings, rt)
             fold_scores.append(clinical_metrics(table.labels[te_idx], probs, table.class_names)["balanced_accuracy"])
@@ -355,6 +356,8 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
         warnings.warn(f"resuming: {note}", stacklevel=2)
     # Under Ray the workers pick their devices; a driver without a GPU (a laptop, a login node) is fine.
     device = resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu")
+    # Every backbone's weights, once, before any data or cell: missing weights fail here in seconds.
+    cfg, weights_record = check_weights(cfg)
     run_id = hashlib.sha1(f"{time.time()}-{os.getpid()}".encode()).hexdigest()[:12]
     prepared: dict[str, PreparedData] = {}
     fingerprints: dict[str, str] = {}
@@ -377,7 +380,7 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     cells = expand(cfg, run_id, fingerprints, n_folds_by)
     done = store.done_ids()
     todo = [c for c in cells if c["cell_id"] not in done]
-    store.add_run(run_id, cfg.model_dump(), environment(device))
+    store.add_run(run_id, cfg.model_dump(), {**environment(device), "weights": weights_record})
     settings = settings_from(cfg)
     summary = RunSummary(run_id, len(cells), len(cells) - len(todo), 0, 0, 0.0, str(store.path),
                          {k: v.duplicates for k, v in prepared.items()})
@@ -397,6 +400,18 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     summary.seconds = time.perf_counter() - t0
     store.close()
     return summary
+
+
+def check_weights(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict]:
+    """Resolve every backbone (medtune.weights.check_grid) and pin each local file's sha256 into the
+    config, so a cell id changes when the file behind a path does."""
+    from medtune.backbones import check_name
+    from medtune.weights import check_grid, label
+
+    resolved = check_grid(cfg.backbones, check_name)
+    pinned = [b.model_copy(update={"sha256": resolved[label(b)].sha256})
+              if resolved[label(b)].kind == "file" else b for b in cfg.backbones]
+    return cfg.model_copy(update={"backbones": pinned}), {k: r.record() for k, r in resolved.items()}
 
 
 def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSummary) -> str:
