@@ -31,8 +31,11 @@ def report(tiny_run, tmp_path_factory):
 def test_report_writes_tables_with_cis_and_one_best(report):
     df = pd.read_csv(report / "results.csv")
     assert set(df.strategy) == {"linear_probe", "partial_ft(blocks=1)"}
-    assert df.best.sum() == 1
-    assert df.loc[df.best, "balanced_accuracy"].item() == df.balanced_accuracy.max()
+    assert df.best_on_test_folds.sum() == 1 and df.headline.sum() == 1
+    assert df.loc[df.best_on_test_folds, "balanced_accuracy"].item() == df.balanced_accuracy.max()
+    # no primary and no auto_depth: the headline falls back to the optimistic view and says so
+    assert df.loc[df.headline, "headline_how"].item() == "optimistic"
+    assert {"ece", "brier", "pr_auc", "ece_sd"} <= set(df.columns) and df.brier.between(0, 2).all()
     assert (df.ci_low <= df.pooled_balanced_accuracy).all() and (df.pooled_balanced_accuracy <= df.ci_high).all()
     assert (df.ci_high - df.ci_low > 0).any()
     md = (report / "results.md").read_text()
@@ -47,7 +50,8 @@ def test_report_html_is_self_contained(report):
     assert "file://" not in page and "<script" not in page
     for section in ("Balanced accuracy: strategy × backbone", "Depth of fine-tuning", "ROC and confusion matrix",
                     "Training curves", "Grad-CAM gallery", "Duplicates and leakage", "Configuration and environment",
-                    "Paired tests"):
+                    "Paired tests", "Calibration and PR-AUC", "Decision curve", "Accuracy against training cost",
+                    "TRIPOD+AI / CLAIM", "optimistic view"):
         assert section in page, section
 
 
@@ -56,7 +60,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         pytest.skip("chromium is not installed (make setup-dev installs it with apt-get where it can)")
     url = (report / "report.html").resolve().as_uri()
     dom = subprocess.run([CHROMIUM, *HEADLESS, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<table") == 3  # main table (strategy x backbone), all metrics, paired tests
+    # main table, all metrics, paired tests, descriptive ranks, calibration, TRIPOD+AI appendix
+    assert dom.count("<table") == 6
     assert "★" in dom
     # depth, ROC, confusion, curves and the Grad-CAM overlays are all decoded images
     assert dom.count("data:image/png;base64,") >= 4 + 2
