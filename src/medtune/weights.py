@@ -312,6 +312,13 @@ def preprocessing_of(res: Resolved) -> dict:
     return {"mean": list(mean), "std": list(std), "input_size": size}
 
 
+def named_preprocessing(arch: str, weights: str | None) -> dict:
+    """The preprocessing of named weights without loading them (a bundle rebuilt from a state dict)."""
+    src = REGISTRY.get(weights) if weights else None
+    tag = None if src or not weights else f"{arch.split('.')[0]}.{weights}"
+    return preprocessing_of(Resolved(arch, "random", source=src, hub=tag if tag and hub_tag(tag) else None))
+
+
 def rows() -> list[dict]:
     """For `medtune list weights`: each registry entry, whether it resolves here, and if not, how."""
     out = []
