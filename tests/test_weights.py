@@ -183,3 +183,21 @@ def test_a_bundle_rebuilt_from_a_state_dict_keeps_the_named_weights_preprocessin
     assert tuple(model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
     plain = load_state({"backbone": "resnet50", "config": {"backbone": {"name": "resnet50"}}}, 2, state)
     assert tuple(plain.pretrained_cfg["mean"]) == tuple(timm.get_pretrained_cfg("resnet50").mean)
+
+
+def test_hub_weights_in_the_cache_load_without_network(no_network, tmp_path):
+    """A filled Hugging Face cache (its real layout: refs/main -> snapshots/<commit>/file) is used
+    offline: the model gets exactly the cached tensors."""
+    from safetensors.torch import save_file
+
+    tag = timm.get_pretrained_cfg("resnet10t").hf_hub_id  # e.g. timm/resnet10t.c3_in1k
+    torch.manual_seed(1)
+    state = timm.create_model("resnet10t", pretrained=False).state_dict()
+    repo = tmp_path / "hf" / f"models--{tag.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(state, str(repo / "snapshots" / ("0" * 40) / "model.safetensors"))
+    model = create_backbone("resnet10t", num_classes=2)
+    assert torch.equal(model.state_dict()["layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
+    assert model.get_classifier().out_features == 2
