@@ -17,7 +17,7 @@ import hashlib
 import importlib
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -88,7 +88,6 @@ class Resolved:
     hub: str | None = None          # the timm tag for hub weights
     problem: str | None = None      # set when the weights cannot be had here
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         """What the run record keeps about the weights (provenance and the file hash)."""
