@@ -54,7 +54,8 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a config value without editing the file; the value "
                                                     "is YAML, list entries are numbered from 0: --set train.epochs=3 "
                                                     "--set datasets.0.path=../data/busi (repeatable)."),
-    quiet: bool = typer.Option(False, "--quiet", help="Hide the progress bar (the summary is still printed)."),
+    quiet: bool = typer.Option(False, "--quiet", help="Hide the progress: the bar on a terminal, one line per finished cell "
+                                                 "elsewhere (the summary is still printed)."),
 ) -> None:
     """Train and evaluate every cell (data set x backbone x strategy x head x seed x fold) of CONFIG,
     writing each finished cell to the results store. Run it again to resume: finished cells are skipped."""
@@ -73,7 +74,8 @@ def run(
             console.print(f"[yellow]{name}: {d['duplicate_groups']} groups of identical images "
                           f"({d['duplicate_images']} extra copies), policy {d['policy']!r}.[/]")
     if summary.failed:
-        console.print("[red]Some cells failed; `medtune results --failed` shows their errors.[/]")
+        console.print(f"[red]Some cells failed; `medtune results --store {escape(summary.store)} --failed` shows "
+                      "their errors.[/]")
     for path in summary.best_models:
         console.print(f"best model: {path} (`medtune predict {path} IMAGES`, `medtune export {path}`)")
     print_results(Path(summary.store), Fmt.table, failed=False)
@@ -95,18 +97,39 @@ def results(
         fail(exc)
 
 
+LABELS = ["dataset", "backbone", "strategy", "head", "seed", "fold"]
+
+
+def print_failed(cells, fmt: Fmt) -> None:
+    """Failed cells: a table with each error's first line (the message; the traceback follows it), or
+    csv/json records with the whole error."""
+    bad = cells[cells.status == "failed"][["cell_id", *LABELS, "error"]].copy()
+    bad["error"] = bad["error"].fillna("").astype(str)
+    if fmt == Fmt.json:
+        sys.stdout.write(bad.to_json(orient="records", indent=2) + "\n")
+        return
+    if fmt == Fmt.csv:
+        sys.stdout.write(bad.to_csv(index=False))
+        return
+    if bad.empty:
+        console.print("no failed cells.")
+        return
+    table = Table(title=f"{len(bad)} failed cells (`--format json` for the whole errors)")
+    for c in [*LABELS, "error"]:
+        table.add_column(c, overflow="fold")
+    for r in bad.itertuples(index=False):
+        first = next((line for line in r.error.splitlines() if line.strip()), "")
+        table.add_row(*[escape(str(getattr(r, c))) for c in LABELS], escape(first))
+    console.print(table)
+
+
 def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     from medtune.report import format_pm, summary_table
     from medtune.store import open_store
 
     with open_store(store, must_exist=True) as s:
         if failed:
-            cells = s.cells()
-            bad = cells[cells.status == "failed"]
-            if bad.empty:
-                console.print("no failed cells.")
-            for _, r in bad.iterrows():
-                console.print(f"[red]{r.dataset} {r.backbone} {r.strategy} {r.head} fold {r.fold}:[/] {escape(str(r.error))}")
+            print_failed(s.cells(), fmt)
             return
         m = s.metrics()
     if m.empty:

@@ -128,6 +128,19 @@ class ExperimentConfig(Strict):
     gpus_per_cell: float = Field(0, ge=0)
     cpus_per_cell: float = Field(1, gt=0)
     max_retries: int = Field(2, ge=0)
+    primary: str | None = Field(None, description="the strategy (its label, e.g. partial_ft(blocks=2), or name) declared "
+                                "before the run as the one to headline; default: auto_depth's nested choice if the "
+                                "grid has it, else the report says its best row is an optimistic view")
+    operating_points: list[dict[Literal["sensitivity", "specificity"], float]] = Field(
+        default_factory=list, description="thresholds chosen on each outer fold's inner validation split, e.g. "
+        "[{sensitivity: 0.95}, {specificity: 0.90}]; the report gives the outer folds' sensitivity, specificity, "
+        "PPV and NPV at each (binary, or the data set's positive class)")
+    test_datasets: list[DatasetConfig] = Field(default_factory=list, description="external test sets: each outer "
+                                               "fold's model predicts them without refitting (same classes)")
+    cv: Literal["kfold", "by_site"] = Field("kfold", description="kfold = stratified (patient-grouped) k-fold; "
+                                            "by_site = leave one site out (a manifest `site` column)")
+    subgroups: list[str] = Field(default_factory=list, description="manifest columns (sex, age_band, device, site) "
+                                 "to report metrics per value of, with CIs")
     keep_best: bool = Field(True, description="after the grid, save the best cell group's fold-0 model (weights, "
                                                 "preprocessing, SVM head) to <store>.models/best/ for predict/export")
 
@@ -151,6 +164,17 @@ class ExperimentConfig(Strict):
             else:
                 out.append(s)
         return out
+
+    @field_validator("operating_points")
+    @classmethod
+    def _operating_points(cls, v: list) -> list:
+        for point in v:
+            if len(point) != 1:
+                raise ValueError(f"each operating point names one target, e.g. {{sensitivity: 0.95}}; got {point}")
+            (target, value), = point.items()
+            if not 0 < value <= 1:
+                raise ValueError(f"operating point {target}: {value} must be in (0, 1], e.g. 0.95")
+        return v
 
     @field_validator("seeds", "heads")
     @classmethod
@@ -286,7 +310,7 @@ def _check_names(cfg: ExperimentConfig, source: str) -> None:
         check_name(b.name)
         if b.image_size is not None:
             _check_fixed_input_size(b.name, b.image_size, source)
-    names = [d.display_name() for d in cfg.datasets]
+    names = [d.display_name() for d in cfg.datasets + cfg.test_datasets]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: data set names must be unique; got {names}. Give each a `name`.")
 
