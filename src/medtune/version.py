@@ -8,8 +8,10 @@ stored with each cell so `medtune results` / `report` can flag a store that mixe
 History: 1 = cells written before the version existed (no `results_version` in their config);
 2 = binary AUC scored on the declared positive class (it used column 1 whatever `positive` said);
     macro PPV/NPV count an undefined class as 0 (they skipped it); PR-AUC, Brier score and ECE stored.
+3 = at `views: 1` the uncached path (cache: false, or nothing frozen as in full_ft) no longer draws from
+    the training generator, so its epoch order from epoch 2 on is the cached path's.
 """
 
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 
 UNVERSIONED = 1  # what a cell without a recorded version counts as
