@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from medtune.cli import app
 from medtune.store import Store
-from tests.conftest import PYTHON, cli_env, tiny_config
+from conftest import PYTHON, cli_env, tiny_config
 
 TRACEBACK = ("RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x1280 and 64x2)\n"
              "Traceback (most recent call last):\n  File \"train.py\", line 1, in fit\n")

@@ -146,7 +146,9 @@ class TrainConfig(Strict):
         "argmax under the training fold's class frequencies")
     views: int = Field(4, ge=1, description="a training image is shown plain with probability 1/views, else augmented; "
                        "the frozen-prefix cache holds the plain view and views-1 fixed augmented ones (1 = no augmentation)")
-    cache: bool = Field(True, description="cache the output of frozen leading blocks (same results, much faster)")
+    cache: bool = Field(True, description="cache the output of frozen leading blocks, much faster: the same predictions "
+                       "as false at views 1; with more views the frozen part sees views-1 fixed augmentations of each "
+                       "image instead of fresh ones")
     amp: Literal["auto", "on", "off"] = Field("auto", description="mixed precision: auto = bf16 on CUDA and bf16-capable CPUs, "
                                                         "with strided or wide depthwise convolutions kept in fp32 on a CPU "
                                                         "(measured faster there); on = bf16 everywhere")

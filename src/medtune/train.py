@@ -266,8 +266,10 @@ class Inputs:
         (plain with probability 1/views, else freshly augmented)."""
         x = self.table.images[idx].to(self.rt.device, non_blocking=True).float() / 255.0
         if view is None:
-            augmented = torch.rand(len(idx), generator=gen) >= 1.0 / self.s.views
-            if augmented.any():
+            # views 1 is always plain: draw nothing, so the generator (the next epoch's order) stays
+            # where the cached path leaves it and `cache: true` trains exactly like `cache: false`
+            augmented = torch.rand(len(idx), generator=gen) >= 1.0 / self.s.views if self.s.views > 1 else None
+            if augmented is not None and augmented.any():
                 sel = augmented.to(x.device)
                 x[sel] = self.s.augment(x[sel], gen)
         elif view != 0:

@@ -11,6 +11,8 @@ History: 1 = cells written before the version existed (no `results_version` in t
 3 = `train.class_weight: balanced` by default for both heads (the softmax loss was unweighted), the
     SVM's calibration folds grouped by patient, `{choose: [...]}` choices and auto_depth in select.py
     (ties to the lower inner loss).
+    Also: at `views: 1` the uncached path (cache: false, or nothing frozen as in full_ft) no longer draws from
+    the training generator, so its epoch order from epoch 2 on is the cached path's.
 """
 
 RESULTS_VERSION = 3
