@@ -361,5 +361,27 @@ def predict(
                       "(optimistic if they include the model's own training images)")
 
 
+@app.command()
+def track(
+    store: Path = typer.Option(Path("results/medtune.sqlite"), "--store", help="SQLite results store to copy."),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI (a server, sqlite:///FILE, or "
+                                                                 "a folder); default sqlite:///mlflow.db here."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment; default: the config's "
+                                                                        "name."),
+    no_report: bool = typer.Option(False, "--no-report", help="Do not build and attach the HTML report."),
+) -> None:
+    """Copy a store's finished cells to MLflow: one run per cell (resolved config as params, final and
+    per-epoch metrics, the kept model as artifacts) and one run with the report. Runs already there
+    (tagged with the cell id) are kept, so tracking again adds only new cells."""
+    from medtune.tracking import track_store
+
+    try:
+        s = track_store(store, mlflow, experiment, report=not no_report)
+    except MedtuneError as exc:
+        fail(exc)
+    console.print(f"MLflow {s.uri}, experiment {s.experiment!r}: {s.created} runs created, {s.existing} already "
+                  f"there. `mlflow ui --backend-store-uri {s.uri}` to browse.", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console-script entry point
     app()

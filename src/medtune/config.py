@@ -125,8 +125,16 @@ class ExperimentConfig(Strict):
     gpus_per_cell: float = Field(0, ge=0)
     cpus_per_cell: float = Field(1, gt=0)
     max_retries: int = Field(2, ge=0)
-    keep_best: bool = Field(True, description="after the grid, save the best cell group's fold-0 model (weights, "
-                                                "preprocessing, SVM head) to <store>.models/best/ for predict/export")
+    keep_best: bool = Field(True, description="after the grid, save the deployable model of the best cell group "
+                                                "(weights, preprocessing, SVM head, MODEL_CARD.md) to "
+                                                "<store>.models/best/ for predict/export")
+    final_model: Literal["folds", "refit"] = Field(
+        "folds", description="what keep_best saves: folds = the group's k fold models, averaged by `predict` "
+        "(each scored in the store); refit = one model retrained on all the data (no held-out score of its own)")
+    tracking: Literal["none", "mlflow"] = Field("none", description="mlflow = log each cell to MLflow as it "
+                                                "finishes (pip install 'medtune[tracking]'); the store stays the source")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db in the "
+                                                       "current folder (artifacts in ./mlruns), offline")
 
     @field_validator("backbones", mode="before")
     @classmethod

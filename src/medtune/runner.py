@@ -313,6 +313,10 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     summary = RunSummary(run_id, len(cells), len(cells) - len(todo), 0, 0, 0.0, str(store.path),
                          {k: v.duplicates for k, v in prepared.items()})
     data_of = {c["cell_id"]: prepared[f"{c['dataset']}@{c['config']['backbone']['image_size']}"] for c in todo}
+    if cfg.tracking == "mlflow":  # each done cell goes to MLflow as it finishes
+        from medtune.tracking import live
+
+        on_cell = live(cfg.tracking_uri, cfg.name, store, on_cell)
     if cfg.executor == "ray":
         from medtune.distributed import run_ray
 
@@ -325,6 +329,10 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
         from medtune.bundle import keep_best
 
         summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store)]
+    if cfg.tracking == "mlflow" and cfg.keep_best:  # the saved models, as artifacts of their cells' runs
+        from medtune.tracking import track_store
+
+        track_store(store.path, cfg.tracking_uri, cfg.name, report=False)
     summary.seconds = time.perf_counter() - t0
     store.close()
     return summary
