@@ -157,6 +157,9 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
             print_failed(s.cells(), fmt)
             return
         m = s.metrics()
+        note = s.version_warning()
+    if note:
+        err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if m.empty:
         console.print(f"{store}: no finished cells yet.")
         return
@@ -308,7 +311,13 @@ def report(
     diagram, training curves, Grad-CAM gallery, config) plus results.csv, results.md and results.tex."""
     from medtune.report import build_report
 
+    from medtune.store import open_store
+
     try:
+        with open_store(store, must_exist=True) as s:
+            note = s.version_warning()
+        if note:
+            err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
         paths = build_report(store, out or Path(f"{store}.report"))
     except MedtuneError as exc:
         fail(exc)

@@ -25,15 +25,16 @@ import torch
 from medtune import __version__
 from medtune.backbones import create_backbone, default_image_size
 from medtune.config import ExperimentConfig, expand_params
-from medtune.data import ImageTable, load_dataset
+from medtune.data import ImageTable, load_dataset, manifest_columns
 from medtune.errors import MedtuneError, TrainingError
 from medtune.heads import fit_svm, full_proba
 from medtune.metrics import clinical_metrics
-from medtune.splits import apply_duplicate_policy, assert_disjoint, check_foldable, inner_split, kfold
+from medtune.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
 from medtune.store import Store
 from medtune.strategies import Strategy, create_strategy, parse_label
 from medtune.train import (Augment, Runtime, TrainSettings, autocast_dtype, final_inputs, fit,
                            predict_proba, resolve_device, set_seed, shared_cache)
+from medtune.version import RESULTS_VERSION
 
 
 # --------------------------------------------------------------------------- data preparation
@@ -48,8 +49,15 @@ class PreparedData:
     folds: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     official: bool = False  # `split: official`: the source's own train+val vs test, one "fold"
     inner: dict[tuple, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    sites: np.ndarray | None = None  # `cv: by_site`: leave-one-site-out folds instead of k-fold
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)  # manifest columns per image (subgroups)
+    external: dict[str, ImageTable] = field(default_factory=dict)  # `test_datasets`, predicted without refitting
 
     def splits(self, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.sites is not None:
+            if "by_site" not in self.folds:
+                self.folds["by_site"] = by_site(self.table.labels, self.groups, self.sites, self.table.name)
+            return self.folds["by_site"]
         if self.official:
             s = self.table.split
             return [(np.flatnonzero(s != "test"), np.flatnonzero(s == "test"))]
@@ -72,7 +80,32 @@ def n_folds_of(ds, folds: int) -> int:
     return 1 if ds.options.get("split") == "official" else folds
 
 
-def prepare(ds, image_size: int, n_folds: int) -> PreparedData:
+def record_of(data: PreparedData, positive: str | None, role: str = "train") -> dict:
+    """The store's record of a data set: counts, duplicates, and per sample (by table position) the
+    patient cluster for the bootstrap and the subgroup columns."""
+    t = data.table
+    clusters = (np.unique(data.groups.astype(str), return_inverse=True)[1].tolist() if data.groups is not None
+                else None)
+    return {"duplicates": data.duplicates, "n": len(t), "class_counts": t.class_counts(),
+            "grouped": data.groups is not None, "positive": positive, "role": role, "clusters": clusters,
+            "subgroups": {k: [str(x) for x in v] for k, v in data.attributes.items()}}
+
+
+def prepare_external(ext, image_size: int, class_names: list[str]) -> PreparedData:
+    """A `test_datasets` entry at one image size: same classes in the same order as the training set,
+    its own duplicate policy, no folds (it is only ever predicted)."""
+    opts = dict(ext.options)
+    if ext.group_pattern:
+        opts["group_pattern"] = ext.group_pattern
+    table = load_dataset(ext.path, source=ext.source, image_size=image_size, name=ext.display_name(), **opts)
+    if table.class_names != class_names:
+        raise MedtuneError(f"test data set {ext.display_name()!r} has classes {table.class_names}; the training data "
+                           f"has {class_names}. An external set must use the same class names.")
+    table, groups, record = apply_duplicate_policy(table, ext.duplicates, ext.near_duplicates)
+    return PreparedData(table, groups, record, ext.positive)
+
+
+def prepare(ds, image_size: int, n_folds: int, columns: list[str] = (), cv: str = "kfold") -> PreparedData:
     opts = dict(ds.options)
     split = opts.pop("split", "merged")
     if split not in ("official", "merged"):
@@ -94,8 +127,17 @@ def prepare(ds, image_size: int, n_folds: int) -> PreparedData:
             raise MedtuneError(f"data set {ds.display_name()!r}: the official split has {len(leaked)} identical "
                                "image(s) in both train/val and test; set `duplicates: drop` or use `split: merged`.")
         return PreparedData(table, groups, record, ds.positive, official=True)
+    names = list(dict.fromkeys([*columns, *(["site"] if cv == "by_site" else [])]))
+    attrs: dict[str, np.ndarray] = {}
+    if names:
+        values = manifest_columns(ds.path, names)
+        attrs = {n: np.asarray([values[n].get(p, "") for p in table.paths], dtype=object) for n in names}
+    if cv == "by_site":
+        data = PreparedData(table, groups, record, ds.positive, sites=attrs["site"], attributes=attrs)
+        data.splits(0, 0)  # checks the sites now, before any training
+        return data
     check_foldable(table.labels, groups, table.class_names, n_folds, ds.display_name())
-    return PreparedData(table, groups, record, ds.positive)
+    return PreparedData(table, groups, record, ds.positive, attributes=attrs)
 
 
 # --------------------------------------------------------------------------- cells
@@ -117,8 +159,10 @@ def cell_id(config: dict) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> list[dict]:
-    """Every cell of the grid as a JSON-serialisable dict with its id."""
+def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
+           n_folds_by: dict[str, int] | None = None) -> list[dict]:
+    """Every cell of the grid as a JSON-serialisable dict with its id. `n_folds_by` gives the fold
+    count of data sets whose folds come from the data (`cv: by_site`: one per site)."""
     cells = []
     train = cfg.train.model_dump()
     for ds in cfg.datasets:
@@ -126,7 +170,7 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> 
             size = bb.image_size or default_image_size(bb.name)
             for strategy in strategy_list(cfg):
                 for seed in cfg.seeds:
-                    n_folds = n_folds_of(ds, cfg.folds)
+                    n_folds = (n_folds_by or {}).get(f"{ds.display_name()}@{size}") or n_folds_of(ds, cfg.folds)
                     for fold in range(n_folds):
                         for head in cfg.heads:  # innermost: cells differing only in head share training
                             config = {
@@ -134,7 +178,13 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> 
                                 "backbone": {**bb.model_dump(), "image_size": size},
                                 "strategy": {"name": strategy.name, **strategy.params()},
                                 "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": train,
+                                "results_version": RESULTS_VERSION,
                             }
+                            if cfg.test_datasets:  # what a cell predicts besides its test fold is part of it
+                                config["test_datasets"] = [{**t.model_dump(), "fingerprint": fingerprints[
+                                    f"{t.display_name()}@{size}"]} for t in cfg.test_datasets]
+                            if cfg.cv != "kfold":
+                                config["cv"] = cfg.cv
                             cells.append({"cell_id": cell_id(config), "run_id": run_id, "dataset": ds.display_name(),
                                           "backbone": bb.name, "strategy": strategy.label(), "head": head,
                                           "fold": fold, "n_folds": n_folds, "seed": seed, "config": config})
@@ -157,6 +207,7 @@ class CellResult:
     seconds: float
     state_dict: dict | None = None
     head_model: Any = None  # the fitted SVM head, kept with the state dict (keep_model)
+    extra: list = field(default_factory=list)  # (kind, data set, idx, y, probs): inner_val and external predictions
 
 
 def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime, keep_model: bool = False) -> CellResult:
@@ -190,8 +241,17 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
                       table.num_classes, seed=c["seed"])
         probs = full_proba(svm, feats(test_idx), table.num_classes)
         info["svm_C"] = svm.C
+        other = lambda inp, idx: full_proba(svm, predict_proba(result.forward, inp, idx, settings, rt, features=True),  # noqa: E731
+                                            table.num_classes)
     else:
         probs = predict_proba(result.forward, inputs, test_idx, settings, rt)
+        other = lambda inp, idx: predict_proba(result.forward, inp, idx, settings, rt)  # noqa: E731
+    # the inner validation split's predictions (operating points are chosen there, never on the test
+    # fold) and each external set's, by the same model without refitting
+    extra = [("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(inputs, val_idx))] if len(val_idx) else []
+    for name, ext in data.external.items():
+        every = np.arange(len(ext))
+        extra.append(("external", name, every, ext.labels, other(final_inputs(result, ext, settings, rt), every)))
     if not np.isfinite(probs).all():  # never metrics of NaN predictions
         raise TrainingError(f"the trained model predicts inf/NaN probabilities (lr {settings.lr:g}): the run "
                             "diverged. Lower train.lr or keep train.grad_clip on.")
@@ -204,7 +264,7 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
     preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
     return CellResult(metrics, preds, info, time.perf_counter() - t0, state,
-                      svm if keep_model and head == "svm" else None)
+                      svm if keep_model and head == "svm" else None, extra)
 
 
 def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings: TrainSettings, rt: Runtime,
@@ -289,6 +349,10 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     """Run (or resume) the grid of `cfg`; returns counts. Failed cells are recorded and skipped over."""
     t0 = time.perf_counter()
     store = Store(store_path or cfg.store)
+    if (note := store.version_warning()) is not None:
+        import warnings
+
+        warnings.warn(f"resuming: {note}", stacklevel=2)
     # Under Ray the workers pick their devices; a driver without a GPU (a laptop, a login node) is fine.
     device = resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu")
     run_id = hashlib.sha1(f"{time.time()}-{os.getpid()}".encode()).hexdigest()[:12]
@@ -299,13 +363,18 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
             size = bb.image_size or default_image_size(bb.name)
             key = f"{ds.display_name()}@{size}"
             if key not in prepared:
-                prepared[key] = prepare(ds, size, cfg.folds)
+                prepared[key] = prepare(ds, size, cfg.folds, cfg.subgroups, cfg.cv)
                 fingerprints[key] = prepared[key].table.fingerprint()
                 store.add_dataset(ds.display_name(), prepared[key].table.class_names,
-                                  {"duplicates": prepared[key].duplicates, "n": len(prepared[key].table),
-                                   "class_counts": prepared[key].table.class_counts(),
-                                   "grouped": prepared[key].groups is not None, "positive": ds.positive})
-    cells = expand(cfg, run_id, fingerprints)
+                                  record_of(prepared[key], ds.positive))
+                for ext in cfg.test_datasets:
+                    e = prepare_external(ext, size, prepared[key].table.class_names)
+                    prepared[key].external[ext.display_name()] = e.table
+                    fingerprints[f"{ext.display_name()}@{size}"] = e.table.fingerprint()
+                    store.add_dataset(ext.display_name(), e.table.class_names,
+                                      record_of(e, ext.positive or ds.positive, role=f"external to {ds.display_name()}"))
+    n_folds_by = {k: len(p.splits(0, 0)) for k, p in prepared.items() if p.sites is not None}
+    cells = expand(cfg, run_id, fingerprints, n_folds_by)
     done = store.done_ids()
     todo = [c for c in cells if c["cell_id"] not in done]
     store.add_run(run_id, cfg.model_dump(), environment(device))
@@ -341,7 +410,9 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
 def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSummary) -> str:
     """Write one finished cell (or its error) to the store; the only place cells are written."""
     if isinstance(outcome, CellResult):
-        store.save_cell(cell, "done", outcome.metrics, outcome.predictions, outcome.seconds, info=outcome.info)
+        outcome.info.setdefault("medtune_version", __version__)
+        store.save_cell(cell, "done", outcome.metrics, outcome.predictions, outcome.seconds, info=outcome.info,
+                        extra=outcome.extra)
         summary.done += 1
         return "done"
     store.save_cell(cell, "failed", error=outcome)
