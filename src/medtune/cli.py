@@ -325,6 +325,11 @@ def report(
         console.print(f"{kind:>4}: {path}")
 
 
+class TTA(str, Enum):
+    none = "none"
+    flip = "flip"
+
+
 class ExportFormat(str, Enum):
     torchscript = "torchscript"
     onnx = "onnx"
@@ -335,14 +340,15 @@ def export(
     model_dir: Path = typer.Argument(..., help="A model directory, e.g. results/demo.sqlite.models/best."),
     format: list[ExportFormat] = typer.Option([ExportFormat.torchscript, ExportFormat.onnx], "--format",
                                               help="torchscript and/or onnx (repeatable; default both)."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Export one fold's model; default: the fold ensemble."),
 ) -> None:
-    """Write TorchScript / ONNX of the saved model (input: RGB in [0, 1]; normalisation inside) and
-    preprocessing.json beside it."""
+    """Write TorchScript / ONNX of the saved model, the fold ensemble as one graph (input: RGB in [0, 1];
+    normalisation and the average over folds inside) and preprocessing.json beside it."""
     from medtune.bundle import export as export_model
 
     try:
         for f in format:
-            console.print(f"{f.value}: {export_model(model_dir, f.value)}")
+            console.print(f"{f.value}: {export_model(model_dir, f.value, fold)}")
     except MedtuneError as exc:
         fail(exc)
 
@@ -354,12 +360,17 @@ def predict(
                                                   "CSV manifests (path,label)."),
     out: Path = typer.Option(Path("predictions"), "--out", help="Folder for predictions.csv (and cam/)."),
     cam: bool = typer.Option(False, "--cam", help="Also save Grad-CAM overlays for the predicted class."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Use one fold's model; default: the mean of the fold "
+                                                            "models' probabilities."),
+    tta: TTA = typer.Option(TTA.none, "--tta", help="Test-time augmentation: flip also averages over each image's "
+                                                   "horizontal mirror."),
 ) -> None:
-    """Class probabilities for each image to OUT/predictions.csv; Grad-CAM overlays with --cam."""
+    """Class probabilities for each image to OUT/predictions.csv (the mean over the fold models by
+    default); Grad-CAM overlays with --cam."""
     from medtune.predict import predict as run_predict
 
     try:
-        df = run_predict(model, images, out, cam=cam)
+        df = run_predict(model, images, out, cam=cam, fold=fold, tta=tta.value)
     except MedtuneError as exc:
         fail(exc)
     console.print(f"{len(df)} images -> {out / 'predictions.csv'}"

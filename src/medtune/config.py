@@ -142,9 +142,6 @@ class ExperimentConfig(Strict):
     keep_best: bool = Field(True, description="after the grid, save the deployable model of the best cell group "
                                                 "(weights, preprocessing, SVM head, MODEL_CARD.md) to "
                                                 "<store>.models/best/ for predict/export")
-    final_model: Literal["folds", "refit"] = Field(
-        "folds", description="what keep_best saves: folds = the group's k fold models, averaged by `predict` "
-        "(each scored in the store); refit = one model retrained on all the data (no held-out score of its own)")
     tracking: Literal["none", "mlflow"] = Field("none", description="mlflow = log each cell to MLflow as it "
                                                 "finishes (pip install 'medtune[tracking]'); the store stays the source")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db in the "

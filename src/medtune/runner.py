@@ -391,13 +391,14 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
 
         run_ray(cfg, todo, data_of, settings, store, summary, progress, on_cell)
     else:
-        # with keep_best, each group's fold-0 model is kept so the best one needs no retraining
+        # with keep_best, each cell's model (first seed) is kept so the deployed group needs no retraining
         keep_seed = min(cfg.seeds) if cfg.keep_best else None
         run_local(todo, data_of, settings, device, store, summary, progress, on_cell, keep_seed)
     if cfg.keep_best:
         from medtune.bundle import keep_best
 
-        summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store)]
+        summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store,
+                                                                    primary=cfg.primary)]
     if cfg.tracking == "mlflow" and cfg.keep_best:  # the saved models, as artifacts of their cells' runs
         from medtune.tracking import track_store
 
@@ -513,7 +514,7 @@ def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: 
         for cell in todo:
             bar.starting(cell)
             rt = Runtime(device, cache, model_key(cell), amp, memo)
-            keep = cell["fold"] == 0 and cell["seed"] == keep_seed
+            keep = cell["seed"] == keep_seed
             outcome = execute(cell, data_of[cell["cell_id"]], settings, rt, keep_model=keep)
             if keep and isinstance(outcome, CellResult):
                 from medtune.bundle import save_fold_model

@@ -104,7 +104,8 @@ class Tracker:
         rid = run.info.run_id
         params = [Param(k, v) for k, v in flatten(json.loads(row["config_json"])).items()]
         ts = finished or 0
-        values = [Metric(mlflow_name(k), float(v), ts, 0) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        values = [Metric(mlflow_name(k), float(v), ts, 0) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         values.append(Metric("seconds", float(row.get("seconds") or 0.0), ts, 0))
         for h in info.get("history", []):
             for k in EPOCH_METRICS:
@@ -145,16 +146,19 @@ class Tracker:
 
 
 def model_dirs(store_path: Path) -> dict[str, Path]:
-    """cell id -> its kept model directory (every `best*/` bundle and its fold models)."""
+    """cell id -> what to attach to its run: the whole bundle (card, model.json, every fold) for the
+    deployed group's first fold, that fold's own directory for the others."""
     from medtune.bundle import models_dir
 
     out: dict[str, Path] = {}
     root = models_dir(store_path)
-    for meta in root.glob("**/model.json") if root.is_dir() else []:
+    for meta_path in root.glob("*/model.json") if root.is_dir() else []:
         try:
-            out[json.loads(meta.read_text())["cell_id"]] = meta.parent
-        except (ValueError, KeyError):
+            folds = json.loads(meta_path.read_text()).get("folds", [])
+        except ValueError:
             continue
+        for i, entry in enumerate(folds):
+            out[entry["cell_id"]] = meta_path.parent if i == 0 else meta_path.parent / entry["dir"]
     return out
 
 
