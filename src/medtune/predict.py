@@ -1,7 +1,8 @@
 """`medtune predict`: class probabilities for new images from a saved model directory.
 
-Images are decoded exactly as for training (`medtune.data`), at the model's image size, so the
-same file gets the same probabilities it got as an out-of-fold test image in the store.
+Images are decoded exactly as for training (`medtune.data`), at the model's image size. The
+default is the mean over the bundle's fold models; with `fold=N` a file of that fold's test set
+gets the very probabilities the store holds for it.
 Inputs may be image files, folders (plain, or one sub-folder per class: the folder name is then
 kept as the true label) and CSV manifests (`path,label`).
 """
