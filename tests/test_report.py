@@ -93,7 +93,8 @@ def test_predict_reproduces_the_stores_predictions(tiny_run, tmp_path):
     store, data = tiny_run
     model_dir = Path(f"{store}.models/best")
     stored = _best_cell_predictions(store, model_dir)
-    res = CliRunner().invoke(app, ["predict", str(model_dir), str(data), "--out", str(tmp_path), "--cam"])
+    res = CliRunner().invoke(app, ["predict", str(model_dir), str(data), "--out", str(tmp_path), "--cam",
+                                   "--fold", "0"])  # the fold-0 network alone: the stored cell's own model
     assert res.exit_code == 0, res.output
     pred = pd.read_csv(tmp_path / "predictions.csv")
     names = json.loads((model_dir / "model.json").read_text())["class_names"]
@@ -162,7 +163,7 @@ def test_svm_bundle_round_trips_its_sklearn_head(tmp_path):
     svm = fit_svm(feats[:8], labels[:8], feats[8:], labels[8:], 2)
     meta = {"backbone": "test_efficientnet", "class_names": ["a", "b"], "image_size": 32, "mean": mean, "std": std,
             "strategy": "linear_probe", "head": "svm"}
-    save_bundle(tmp_path, model.state_dict(), meta, svm)
+    save_bundle(tmp_path, [(model.state_dict(), svm)], {**meta, "folds": [{"fold": 0, "cell_id": "c", "dir": "fold0"}]})
     b = load_bundle(tmp_path)
     np.testing.assert_allclose(b.predict_proba(images), full_proba(svm, feats, 2), atol=1e-5)
 
@@ -173,7 +174,7 @@ def test_rerun_keeps_the_saved_model(tiny_run_copy):
     from conftest import tiny_png_config
 
     store, data = tiny_run_copy
-    weights = Path(f"{store}.models/best/weights.pt")
+    weights = Path(f"{store}.models/best/fold0/weights.pt")
     before = weights.stat().st_mtime_ns
     summary = medtune.run(tiny_png_config(data, store), progress=False)
     assert summary.skipped == summary.total and summary.best_models
@@ -193,7 +194,7 @@ def test_minimal_install_without_grad_cam_keeps_the_model_and_says_how_to_get_ca
     store = tmp_path / "s.sqlite"
     summary = medtune.run(tiny_png_config(data, store), progress=False)
     model_dir = Path(f"{store}.models/best")
-    assert summary.failed == 0 and (model_dir / "weights.pt").is_file()
+    assert summary.failed == 0 and (model_dir / "fold0" / "weights.pt").is_file()
     assert not (model_dir / "gallery").exists()
     res = CliRunner().invoke(app, ["predict", str(model_dir), str(data), "--cam", "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "pip install 'medtune[report]'" in res.output

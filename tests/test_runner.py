@@ -196,15 +196,15 @@ def test_best_model_is_the_grids_own_fold0_model_not_a_retrain(tmp_path, monkeyp
         with Store(raw["store"]) as s:
             p = s.predictions([meta["cell_id"]])
             table = prepare(load_config(raw=raw).datasets[0], meta["image_size"], 2).table
-        probs = load_bundle(best).predict_proba(table.images[torch.as_tensor(p["sample"].to_numpy().copy())])
+        probs = load_bundle(best).select(0).predict_proba(table.images[torch.as_tensor(p["sample"].to_numpy().copy())])
         np.testing.assert_allclose(probs, np.array(p["probs"].tolist()), atol=PROB_ATOL)
-        return meta["cell_id"]
+        return meta["cell_id"], [e["cell_id"] for e in meta["folds"]]
 
-    kept_id = bundle_reproduces_store()
+    kept_id, fold_ids = bundle_reproduces_store()
     import shutil
 
     shutil.rmtree(best)
     calls.clear()
     again = medtune.run(raw, progress=False)  # every cell is done; the best model is gone and was not kept
-    assert again.done == 0 and calls == [kept_id]
-    assert bundle_reproduces_store() == kept_id
+    assert again.done == 0 and calls == fold_ids  # each fold model of the deployed group, retrained once
+    assert bundle_reproduces_store() == (kept_id, fold_ids)

@@ -83,8 +83,10 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="Hide the progress: the bar on a terminal, one line per finished cell "
                                                  "elsewhere (the summary is still printed)."),
 ) -> None:
-    """Train and evaluate every cell (data set x backbone x strategy x head x seed x fold) of CONFIG,
-    writing each finished cell to the results store. Run it again to resume: finished cells are skipped."""
+    """Train and evaluate every cell of an experiment; rerun to resume.
+
+    Every cell (data set x backbone x strategy x head x seed x fold) of CONFIG is written to the results
+    store as it finishes; running again skips finished cells."""
     from medtune.config import load_config
     from medtune.runner import run as run_grid
 
@@ -115,8 +117,10 @@ def results(
     format: Fmt = typer.Option(Fmt.table, "--format", help="Output format: table to read, csv or json for other tools."),
     failed: bool = typer.Option(False, "--failed", help="List failed cells and their errors instead."),
 ) -> None:
-    """Print a store's results: mean ± sd of each metric over folds (and seeds), one row per data set,
-    backbone, strategy and head."""
+    """Print a store's results table, or its failed cells.
+
+    Mean ± sd of each metric over folds (and seeds), one row per data set, backbone, strategy and head;
+    --failed lists the failed cells with their errors."""
     try:
         print_results(store, format, failed)
     except MedtuneError as exc:
@@ -186,8 +190,10 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
 
 @app.command("list")
 def list_(what: What = typer.Argument(..., help="What to list: backbones, strategies or weights.")) -> None:
-    """List the fine-tuning strategies (the names to use in a config, with their papers) or the studies'
-    backbones (with where their weights come from)."""
+    """List the strategies, the backbones or the weight sources.
+
+    Strategies: the names to use in a config, with their papers. Backbones: the studies' networks, with
+    where their weights come from. Weights: the named pretrained sources and whether they resolve here."""
     if what == What.strategies:
         from medtune.strategies import REGISTRY
 
@@ -236,8 +242,10 @@ def data_check(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     show: int = typer.Option(5, "--show", help="How many unreadable files / duplicate groups to list."),
 ) -> None:
-    """Report on a data set before any training: classes, sizes and modes, unreadable files, exact and
-    near duplicates, label conflicts, and duplicates the planned folds would split across train/test."""
+    """Check a data set before training: classes, unreadable files, duplicates.
+
+    Classes, sizes and modes, unreadable files, exact and near duplicates, label conflicts, and
+    duplicates the planned folds would split across train/test."""
     from medtune.quality import check_targets
 
     try:
@@ -299,9 +307,11 @@ def init(
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     exact_only: bool = typer.Option(False, "--exact-only", help="Skip the perceptual-hash near-duplicate search."),
 ) -> None:
-    """Inspect DATA and write a commented experiment file for it: classes and counts, a suggested positive
-    class, the patient ids found, the duplicates, and a grid sized to the data and this machine with its
-    expected run time. `medtune run OUT` runs it as written."""
+    """Write a commented experiment file for a data set.
+
+    Inspects DATA: classes and counts, a suggested positive class, the patient ids found, the duplicates,
+    and a grid sized to the data and this machine with its expected run time. `medtune run OUT` runs it
+    as written."""
     from medtune.starter import write_starter
 
     target = out or Path(f"{(data.stem if data.is_file() else data.resolve().name) or 'experiment'}.yaml")
@@ -321,7 +331,9 @@ def report(
     store: Path = typer.Option(Path("results/medtune.sqlite"), "--store", help="SQLite results store."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder; default: <store>.report/ beside the store."),
 ) -> None:
-    """One self-contained HTML report (tables with 95% CIs, depth plot, ROC, confusion, critical-difference
+    """Write the HTML report of a store, and CSV/Markdown/LaTeX tables.
+
+    One self-contained HTML file (tables with 95% CIs, depth plot, ROC, confusion, critical-difference
     diagram, training curves, Grad-CAM gallery, config) plus results.csv, results.md and results.tex."""
     from medtune.report import build_report
 
@@ -339,6 +351,11 @@ def report(
         console.print(f"{kind:>4}: {path}")
 
 
+class TTA(str, Enum):
+    none = "none"
+    flip = "flip"
+
+
 class ExportFormat(str, Enum):
     torchscript = "torchscript"
     onnx = "onnx"
@@ -349,14 +366,17 @@ def export(
     model_dir: Path = typer.Argument(..., help="A model directory, e.g. results/demo.sqlite.models/best."),
     format: list[ExportFormat] = typer.Option([ExportFormat.torchscript, ExportFormat.onnx], "--format",
                                               help="torchscript and/or onnx (repeatable; default both)."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Export one fold's model; default: the fold ensemble."),
 ) -> None:
-    """Write TorchScript / ONNX of the saved model (input: RGB in [0, 1]; normalisation inside) and
-    preprocessing.json beside it."""
+    """Export the deployed model to TorchScript and ONNX.
+
+    The fold ensemble becomes one graph (input: RGB in [0, 1]; normalisation and the average over folds
+    inside), with preprocessing.json beside it."""
     from medtune.bundle import export as export_model
 
     try:
         for f in format:
-            console.print(f"{f.value}: {export_model(model_dir, f.value)}")
+            console.print(f"{f.value}: {export_model(model_dir, f.value, fold)}")
     except MedtuneError as exc:
         fail(exc)
 
@@ -368,12 +388,18 @@ def predict(
                                                   "CSV manifests (path,label)."),
     out: Path = typer.Option(Path("predictions"), "--out", help="Folder for predictions.csv (and cam/)."),
     cam: bool = typer.Option(False, "--cam", help="Also save Grad-CAM overlays for the predicted class."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Use one fold's model; default: the mean of the fold "
+                                                            "models' probabilities."),
+    tta: TTA = typer.Option(TTA.none, "--tta", help="Test-time augmentation: flip also averages over each image's "
+                                                   "horizontal mirror."),
 ) -> None:
-    """Class probabilities for each image to OUT/predictions.csv; Grad-CAM overlays with --cam."""
+    """Class probabilities for new images from a deployed model.
+
+    Writes OUT/predictions.csv: by default the mean over the fold models; Grad-CAM overlays with --cam."""
     from medtune.predict import predict as run_predict
 
     try:
-        df = run_predict(model, images, out, cam=cam)
+        df = run_predict(model, images, out, cam=cam, fold=fold, tta=tta.value)
     except MedtuneError as exc:
         fail(exc)
     console.print(f"{len(df)} images -> {out / 'predictions.csv'}"
@@ -382,6 +408,30 @@ def predict(
         known = df[df["true"].notna()]
         console.print(f"accuracy on the {len(known)} labelled images: {(known.true == known.predicted).mean():.3f} "
                       "(optimistic if they include the model's own training images)")
+
+
+@app.command()
+def track(
+    store: Path = typer.Option(Path("results/medtune.sqlite"), "--store", help="SQLite results store to copy."),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI (a server, sqlite:///FILE, or "
+                                                                 "a folder); default sqlite:///mlflow.db here."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment; default: the config's "
+                                                                        "name."),
+    no_report: bool = typer.Option(False, "--no-report", help="Do not build and attach the HTML report."),
+) -> None:
+    """Copy a store's finished cells to MLflow.
+
+    One run per cell (resolved config as params, final and per-epoch metrics, the kept model as
+    artifacts) and one run with the report. Runs already there (tagged with the cell id) are kept, so
+    tracking again adds only new cells."""
+    from medtune.tracking import track_store
+
+    try:
+        s = track_store(store, mlflow, experiment, report=not no_report)
+    except MedtuneError as exc:
+        fail(exc)
+    console.print(f"MLflow {s.uri}, experiment {s.experiment!r}: {s.created} runs created, {s.existing} already "
+                  f"there. `mlflow ui --backend-store-uri {s.uri}` to browse.", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -221,8 +221,13 @@ class ExperimentConfig(Strict):
                                             "by_site = leave one site out (a manifest `site` column)")
     subgroups: list[str] = Field(default_factory=list, description="manifest columns (sex, age_band, device, site) "
                                  "to report metrics per value of, with CIs")
-    keep_best: bool = Field(True, description="after the grid, save the best cell group's fold-0 model (weights, "
-                                                "preprocessing, SVM head) to <store>.models/best/ for predict/export")
+    keep_best: bool = Field(True, description="after the grid, save the deployable model of the best cell group "
+                                                "(weights, preprocessing, SVM head, MODEL_CARD.md) to "
+                                                "<store>.models/best/ for predict/export")
+    tracking: Literal["none", "mlflow"] = Field("none", description="mlflow = log each cell to MLflow as it "
+                                                "finishes (pip install 'medtune[tracking]'); the store stays the source")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db in the "
+                                                       "current folder (artifacts in ./mlruns), offline")
 
     @field_validator("backbones", mode="before")
     @classmethod

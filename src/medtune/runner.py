@@ -372,18 +372,27 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     summary = RunSummary(run_id, len(cells), len(cells) - len(todo), 0, 0, 0.0, str(store.path),
                          {k: v.duplicates for k, v in prepared.items()})
     data_of = {c["cell_id"]: prepared[f"{c['dataset']}@{c['config']['backbone']['image_size']}"] for c in todo}
+    if cfg.tracking == "mlflow":  # each done cell goes to MLflow as it finishes
+        from medtune.tracking import live
+
+        on_cell = live(cfg.tracking_uri, cfg.name, store, on_cell)
     if cfg.executor == "ray":
         from medtune.distributed import run_ray
 
         run_ray(cfg, todo, data_of, settings, store, summary, progress, on_cell)
     else:
-        # with keep_best, each group's fold-0 model is kept so the best one needs no retraining
+        # with keep_best, each cell's model (first seed) is kept so the deployed group needs no retraining
         keep_seed = min(cfg.seeds) if cfg.keep_best else None
         run_local(todo, data_of, settings, device, store, summary, progress, on_cell, keep_seed)
     if cfg.keep_best:
         from medtune.bundle import keep_best
 
-        summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store)]
+        summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store,
+                                                                    primary=cfg.primary)]
+    if cfg.tracking == "mlflow" and cfg.keep_best:  # the saved models, as artifacts of their cells' runs
+        from medtune.tracking import track_store
+
+        track_store(store.path, cfg.tracking_uri, cfg.name, report=False)
     summary.seconds = time.perf_counter() - t0
     store.close()
     return summary
@@ -510,7 +519,7 @@ def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: 
         for cell in todo:
             bar.starting(cell)
             rt = Runtime(device, cache, model_key(cell), amp, memo)
-            keep = cell["fold"] == 0 and cell["seed"] == keep_seed
+            keep = cell["seed"] == keep_seed
             outcome = execute(cell, data_of[cell["cell_id"]], settings, rt, keep_model=keep)
             if keep and isinstance(outcome, CellResult):
                 from medtune.bundle import save_fold_model

@@ -185,7 +185,12 @@ def render(insp: Inspection, grid: dict, data_path: str) -> str:
                      "labels)" + (f", e.g. {', '.join(d['near_examples'][0])}" if d["near_examples"] else "") + ".")
     else:
         lines.append("# Near duplicates: not searched (pip install 'medtune[data]' for the perceptual hash).")
-    lines.append("# `medtune data check` on this folder lists every duplicate group.")
+    lines.append("# `medtune data check` on this folder lists every duplicate group. `duplicates: group` keeps "
+                 "identical images on one side of every split" + (", `near_duplicates` near copies too." if
+                                                                   d.get("near_groups") else "."))
+    lines.append(f"# Positive class: {positive} ({why})." if positive else f"# Positive class: none suggested ({why}).")
+    if insp.group_pattern:
+        lines.append(f"# group_pattern reads the patient id from file names, e.g. {Path(insp.paths[0]).name}.")
     ds: dict = {"name": name, "path": data_path}
     if insp.source in ("dicom", "npz"):
         ds["source"] = insp.source
@@ -203,10 +208,6 @@ def render(insp: Inspection, grid: dict, data_path: str) -> str:
            "train": {"epochs": grid["epochs"], "batch_size": 32, "patience": 3}, "store": f"results/{name}.sqlite"}
     body = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=110)
     notes = {
-        "  positive:": f"  # positive: {why}",
-        "  duplicates:": "  # duplicates: identical images share a group, so copies never straddle a split",
-        "  near_duplicates:": "  # near_duplicates: near copies (re-exported frames) grouped as well",
-        "  group_pattern:": f"  # group_pattern: reads the patient id from file names, e.g. {Path(insp.paths[0]).name}",
         "backbones:": "# EfficientNet-Lite0 with ImageNet weights ships with medtune (works offline); "
                       "`medtune list backbones` for others",
         "strategies:": "# three depths of fine-tuning (`medtune list strategies`); expected time on "
@@ -222,7 +223,7 @@ def render(insp: Inspection, grid: dict, data_path: str) -> str:
     out = []
     for line in body.splitlines():
         for prefix, note in notes.items():
-            if line.startswith(prefix) or line.startswith("- " + prefix.strip()) and prefix.startswith("  "):
+            if line.startswith(prefix):
                 out.append(note)
         out.append(line)
     return "\n".join(lines) + "\n" + "\n".join(out) + "\n"
