@@ -137,7 +137,15 @@ def render_config() -> str:
              "`--set train.epochs=3 --set datasets.0.path=/data/busi`.\n\n",
              "Short forms: a backbone may be written as its name (`- resnet50`), a strategy as its name "
              "(`- full_ft`) or as a mapping of its parameters (`- {name: partial_ft, blocks: [1, 2]}`; a list "
-             "sweeps). The loaders' `options` are described in [data.md](data.md).\n\n"]
+             "sweeps). The loaders' `options` are described in [data.md](data.md).\n\n",
+             "Sweep or choose: a list is a grid axis (`blocks: [1, 2, 3]` makes three cells, the depth curve); "
+             "`{choose: [...]}` (for `train.lr`, a strategy's `lr` or any strategy parameter, e.g. "
+             "`{name: l2_sp, alpha: {choose: [0.001, 0.01, 0.1]}}`) makes one cell that picks its value per outer "
+             "fold on the inner validation split of the training fold, so the test fold never takes part; the "
+             "candidates' inner scores and the pick are stored in the cell's info. "
+             "`{name: auto_depth, candidates: [linear_probe, 'partial_ft(blocks=2)', full_ft], inner_folds: 3}` "
+             "chooses among whole strategies (each with its own choices) by an inner k-fold CV inside each outer "
+             "training fold (nested CV, Varma & Simon 2006), then trains the pick on the outer fold.\n\n"]
     for where, model in models_in_order():
         lines.append(f"## {section_name(model)}\n\n")
         if where:

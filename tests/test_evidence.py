@@ -118,3 +118,14 @@ def test_subgroup_table_splits_the_pooled_predictions_by_manifest_column(tmp_pat
     ev = read_evidence(tmp_path / "s.sqlite")
     sg = subgroup_table(ev, group_table(ev, n_boot=50), "syn", n_boot=50)
     assert list(sg.value) == ["F", "M"] and list(sg.n) == [40, 40]
+
+
+def test_primary_declared_in_the_config_is_the_headline_of_the_report_table(tmp_path):
+    with Store(tmp_path / "s.sqlite") as s:
+        plant_dataset(s), plant_run(s, primary="partial_ft")
+        _grid(s, [({"strategy": {"name": "full_ft"}}, "full_ft", 3.0),
+                  ({"strategy": {"name": "partial_ft", "blocks": 1}}, "partial_ft(blocks=1)", 0.5)])
+    ev = read_evidence(tmp_path / "s.sqlite")
+    t = group_table(ev, n_boot=50).set_index("strategy")
+    assert t.loc["partial_ft(blocks=1)", "headline"] and t.loc["partial_ft(blocks=1)", "headline_how"] == PRIMARY
+    assert t.loc["full_ft", "best_on_test_folds"] and not t.loc["full_ft", "headline"]

@@ -154,13 +154,15 @@ def print_failed(cells, fmt: Fmt) -> None:
 
 def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     from medtune.report import format_pm, summary_table
-    from medtune.store import open_store
+    from medtune.diagnose import collapsed_cells
+    from medtune.store import open_store, read_cells
 
     with open_store(store, must_exist=True) as s:
         if failed:
             print_failed(s.cells(), fmt)
             return
         m = s.metrics()
+        collapsed = collapsed_cells(read_cells(s)) if not m.empty else []
         note = s.version_warning()
     if note:
         err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
@@ -181,6 +183,8 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     for _, r in shown.iterrows():
         table.add_row(*[str(v) for v in r])
     console.print(table)
+    for line in collapsed:  # diagnose.py: a model that predicts one class
+        console.print(f"[yellow]{escape(line)}[/]")
 
 
 @app.command("list")

@@ -67,9 +67,18 @@ def read_evidence(store_path: str | Path) -> Evidence:
                         Path(store_path), s.version_warning())
 
 
+def short_strategy(label: str) -> str:
+    """A strategy label short enough for a table cell or a plot: auto_depth's candidate list (in the
+    configuration record) becomes its count."""
+    if str(label).startswith("auto_depth("):
+        n = str(label).count("'") // 2 or str(label).count('"') // 2
+        return f"auto_depth (nested, {n} candidates)" if n else "auto_depth (nested)"
+    return str(label)
+
+
 def label(row) -> str:
     """One readable name per cell group within a data set."""
-    name = f"{row['backbone']} · {row['strategy']}" + ("" if row["head"] == "softmax" else f" · {row['head']}")
+    name = f"{row['backbone']} · {short_strategy(row['strategy'])}" + ("" if row["head"] == "softmax" else f" · {row['head']}")
     return name + (f" [{row['variant']}]" if row.get("variant") else "")
 
 
@@ -160,6 +169,7 @@ def main_table(t: pd.DataFrame, dataset: str) -> pd.DataFrame:
                      + np.where(sub.variant == "", "", " [" + sub.variant + "]"))
     sub["cell"] = [("★ " if h else "") + fmt_ci(m, lo, hi) + (" †" if b and not h else "") for m, lo, hi, h, b in
                    zip(sub.pooled_balanced_accuracy, sub.ci_low, sub.ci_high, sub.headline, sub.best_on_test_folds)]
+    sub["strategy"] = sub.strategy.map(short_strategy)
     out = sub.pivot(index="strategy", columns="column", values="cell").fillna("–")
     return out.loc[list(dict.fromkeys(sub.strategy))]
 
@@ -300,7 +310,7 @@ def external_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int = 50
                          "external bal. acc. (fold models, mean ± sd)":
                              f"{per_fold[:, 0].mean():.3f} ± {per_fold[:, 0].std(ddof=1) if len(per_fold) > 1 else 0:.3f}",
                          "external bal. acc. (fold-average model)": fmt_ci(*ci(ev, name, y, p, s, balanced_accuracy, n_boot)),
-                         "internal AUC (fold mean)": r.get("auc", np.nan),
+                         "internal AUC (out-of-fold)": auc(*pooled(ev, r.group)[:2], pos),
                          "external AUC (fold-average model)": auc(y, p, pos), "external n": len(y)})
     return pd.DataFrame(rows)
 

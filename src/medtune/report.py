@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 
 from medtune.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters, external_table, fmt_ci,  # noqa: F401
-                              fold_ranks, group_cells, group_table, headline_row, label, main_table,
+                              fold_ranks, short_strategy, group_cells, group_table, headline_row, label, main_table,
                               operating_points, operating_table, paired_tests, pooled, positive_index, rank_blocks,
                               read_evidence, subgroup_table, summary_table)
+from medtune.diagnose import collapsed_cells
 from medtune.headline import HOW, OPTIMISTIC
 from medtune.metrics import MAIN_METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
 from medtune.version import RESULTS_VERSION
@@ -38,6 +39,8 @@ def format_pm(table: pd.DataFrame, columns: list[str] | None = None, digits: int
     out = table[[c for c in GROUP if c in table.columns]].copy()
     if "variant" in out.columns and not out["variant"].astype(bool).any():
         out = out.drop(columns=["variant"])
+    if "strategy" in out.columns:
+        out["strategy"] = out["strategy"].map(short_strategy)
     for c in columns:
         out[SHORT.get(c, c)] = [pm(m, s, digits) for m, s in zip(table[c], table[f"{c}_sd"])]
     out["folds"] = table["n_cells"]
@@ -91,7 +94,8 @@ def fig_depth(ev: Evidence, t: pd.DataFrame, dataset: str):
         ax.errorbar(g.blocks, g[MAIN], yerr=g[f"{MAIN}_sd"].fillna(0), marker="o", capsize=4,
                     label=bb + ("" if head == "softmax" else f" · {head}") + (f" [{variant}]" if variant else ""))
         for _, r in g.iterrows():
-            ax.annotate(r.strategy, (r.blocks, r[MAIN]), textcoords="offset points", xytext=(6, 6), fontsize=FONT - 2)
+            ax.annotate(short_strategy(r.strategy), (r.blocks, r[MAIN]), textcoords="offset points",
+                        xytext=(6, 6 if "auto_depth" not in r.strategy else -14), fontsize=FONT - 2)
     ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("trainable blocks (of the network's stem → head chain; head = 1)")
     ax.set_ylabel("balanced accuracy (mean ± sd over folds)")
@@ -229,7 +233,7 @@ def fig_reliability(ev: Evidence, t: pd.DataFrame, dataset: str, n_bins: int = 1
     ax.set_ylabel("observed frequency (95% Wilson interval)")
     ax.set_xlim(0, 1), ax.set_ylim(0, 1)
     ax.set_title(f"{dataset}: calibration ({n_bins} equal-mass bins)")
-    ax.legend(loc="upper left", fontsize=FONT - 3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=FONT - 3)  # below: never over the data
     ax.grid(alpha=0.3)
     return fig
 
@@ -255,7 +259,7 @@ def fig_decision(ev: Evidence, rows: list, dataset: str):
     ax.set_ylabel("net benefit")
     ax.set_title(f"{dataset}: decision curve (pooled out-of-fold)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=FONT - 3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=FONT - 3, ncol=2)
     return fig
 
 
@@ -406,6 +410,10 @@ def cd_section(wide: pd.DataFrame, what: str, where: str) -> str:
 
 
 # --------------------------------------------------------------------------- the page
+TRAIN_SHOWN = ("epochs", "batch_size", "lr", "weight_decay", "patience", "val_fraction", "class_weighted",
+               "balanced_sampler", "bn_statistics", "amp")
+
+
 def tripod_appendix(ev: Evidence) -> pd.DataFrame:
     """TRIPOD+AI / CLAIM items this run can fill from its configuration and data record, and what
     the user must still state (the store cannot know eligibility, reference standard or ethics)."""
@@ -425,6 +433,9 @@ def tripod_appendix(ev: Evidence) -> pd.DataFrame:
                           f"{', ' + str(b['image_size']) + ' px' if b.get('image_size') else ''})"
                           for b in cfg.get("backbones", []))
     ops = ", ".join(f"{k} ≥ {v}" for p in cfg.get("operating_points", []) for k, v in p.items()) or "none declared"
+    headline_rule = (f"the strategy declared primary before the run ({cfg['primary']})" if cfg.get("primary") else
+                     "auto_depth's nested choice where the grid has it, else the best row on the test folds, "
+                     "labelled optimistic")
     rows = [
         ("Data source and participants (TRIPOD 5, 6; CLAIM 7-9)", data,
          "Where and when the images were acquired, eligibility criteria, how patients were selected."),
@@ -435,10 +446,11 @@ def tripod_appendix(ev: Evidence) -> pd.DataFrame:
         ("Missing data (TRIPOD 9)", "images that fail to decode are refused with an error; none are imputed",
          "Images excluded before the manifest was written, and why."),
         ("Model (TRIPOD 10; CLAIM 22-24)", f"backbones {backbones}; fine-tuning strategies {strategies}; heads "
-         f"{cfg.get('heads')}; training {json.dumps(cfg.get('train', {}), default=str)[:300]}", "—"),
+         f"{cfg.get('heads')}; training "
+         + ", ".join(f"{k} {v}" for k, v in (cfg.get("train") or {}).items() if k in TRAIN_SHOWN), "—"),
         ("Model selection (TRIPOD 10d; CLAIM 26)", "epochs by early stopping on an inner validation split; depth "
          "by auto_depth's inner folds where used; operating points on inner validation splits; no choice uses a "
-         f"test fold. Headline: primary = {cfg.get('primary')!r}", "—"),
+         f"test fold. Headline: {headline_rule}", "—"),
         ("Validation (TRIPOD 10e, 12; CLAIM 29-32)", validation, "Whether the external set is a different site, "
          "time period or device, and how it differs (case mix, prevalence)."),
         ("Performance measures (TRIPOD 10d, 16; CLAIM 28, 37)", "balanced accuracy, sensitivity, specificity, PPV, "
@@ -522,6 +534,10 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         body.append("<h3>Balanced accuracy: strategy × backbone (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
                     + html_table(table, "strategy"))
         of = f" ({html.escape(positive)})" if positive else " (macro mean over classes)"
+        collapsed = collapsed_cells(ev.cells[ev.cells.dataset == ds])  # diagnose.py (select helper's lines)
+        if collapsed:
+            body.append("<h3 class=warn>Collapsed cells: one class predicted</h3><ul>"
+                        + "".join(f"<li>{html.escape(line)}</li>" for line in collapsed) + "</ul>")
         detail = format_pm(sub.reset_index(drop=True))
         detail["seconds"] = detail["seconds"].round().astype(int)
         undefined = [c for c in ("ppv_undefined", "npv_undefined") if c in ev.metrics.columns]
@@ -593,14 +609,20 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         y, p, _ = pooled(ev, head.group)
         if len(class_names) and len(y):
             name = label(head)
-            body.append("<h3>Headline model: ROC and confusion matrix (pooled out-of-fold)</h3><div class=row>"
-                        + img(png(fig_roc(y, p, class_names, positive, f"ROC: {name}")), f"ROC {ds}")
-                        + img(png(fig_confusion(y, p, class_names, f"Confusion: {name}")), f"confusion {ds}")
+            body.append(f"<h3>Headline model ({html.escape(name)}): ROC and confusion matrix (pooled out-of-fold)</h3>"
+                        "<div class=row>"
+                        + img(png(fig_roc(y, p, class_names, positive, "ROC: headline model")), f"ROC {ds}")
+                        + img(png(fig_confusion(y, p, class_names, "Confusion: headline model")), f"confusion {ds}")
                         + "</div>")
         body.append("<h3>Training curves of the headline group</h3>"
                     + img(png(fig_curves(ev, head.group, f"{label(head)}: loss per epoch")), f"training curves {ds}"))
         if ds in models and (models[ds] / "gallery" / "gallery.json").is_file():
-            body.append("<h3>Grad-CAM gallery of the saved model</h3>" + gallery_html(models[ds]))
+            saved = json.loads((models[ds] / "model.json").read_text()).get("cell_id")
+            same = saved in set(group_cells(ev, head.group, first_seed=False).cell_id)
+            body.append("<h3>Grad-CAM gallery of the saved model</h3>"
+                        + ("" if same else "<p class=warn>The saved model is not from the headline group (it was kept "
+                           "by an older rule: best mean on the test folds); read its pictures with that in mind.</p>")
+                        + gallery_html(models[ds]))
         dup = info.get("duplicates", {})
         record = {k: v for k, v in info.items() if k not in ("clusters", "subgroups")}
         body.append("<h3>Duplicates and leakage</h3><p>Identical images (after decoding) found: "

@@ -8,14 +8,16 @@ Ray (`executor: ray`); either way only this process writes the store.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,17 +25,18 @@ import numpy as np
 import torch
 
 from medtune import __version__
-from medtune.backbones import create_backbone, default_image_size
-from medtune.config import ExperimentConfig, expand_params
+from medtune.backbones import default_image_size
+from medtune.config import AUTO_DEPTH, ExperimentConfig
 from medtune.data import ImageTable, load_dataset, manifest_columns
+from medtune.diagnose import collapse, describe
 from medtune.errors import MedtuneError, TrainingError
-from medtune.heads import fit_svm, full_proba
+from medtune.heads import DECISION_RULES, fit_svm, full_proba
 from medtune.metrics import clinical_metrics
+from medtune.select import candidates, cell_strategies, strategy_label, train_cell
 from medtune.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
 from medtune.store import Store
-from medtune.strategies import Strategy, create_strategy, parse_label
-from medtune.train import (Augment, Runtime, TrainSettings, autocast_dtype, final_inputs, fit,
-                           predict_proba, resolve_device, set_seed, shared_cache)
+from medtune.train import (Augment, Runtime, TrainSettings, autocast_dtype, final_inputs, predict_proba,
+                           resolve_device, shared_cache)
 from medtune.version import RESULTS_VERSION
 
 
@@ -142,17 +145,16 @@ def prepare(ds, image_size: int, n_folds: int, columns: list[str] = (), cv: str 
 
 # --------------------------------------------------------------------------- cells
 def settings_from(cfg: ExperimentConfig) -> TrainSettings:
+    """The loop's settings. A chosen `lr` is NaN here: each candidate replaces it (select.py), so a
+    path that forgot to would fail loudly instead of training at a guessed rate."""
     t = cfg.train.model_dump()
     t["augment"] = Augment(**t["augment"])
+    if isinstance(t["lr"], dict):
+        t["lr"] = math.nan
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    if "class_weight" not in known:  # the loop before the core split reads a bool
+        t["class_weighted"] = t.pop("class_weight") == "balanced"
     return TrainSettings(**t)
-
-
-def strategy_list(cfg: ExperimentConfig) -> list[Strategy]:
-    out = []
-    for s in cfg.strategies:
-        for params in expand_params(s.params):
-            out.append(create_strategy(s.name, **params))
-    return out
 
 
 def cell_id(config: dict) -> str:
@@ -168,7 +170,7 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
     for ds in cfg.datasets:
         for bb in cfg.backbones:
             size = bb.image_size or default_image_size(bb.name)
-            for strategy in strategy_list(cfg):
+            for strategy in cell_strategies(cfg):
                 for seed in cfg.seeds:
                     n_folds = (n_folds_by or {}).get(f"{ds.display_name()}@{size}") or n_folds_of(ds, cfg.folds)
                     for fold in range(n_folds):
@@ -176,7 +178,7 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
                             config = {
                                 "dataset": {**ds.model_dump(), "fingerprint": fingerprints[f"{ds.display_name()}@{size}"]},
                                 "backbone": {**bb.model_dump(), "image_size": size},
-                                "strategy": {"name": strategy.name, **strategy.params()},
+                                "strategy": strategy,
                                 "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": train,
                                 "results_version": RESULTS_VERSION,
                             }
@@ -186,7 +188,7 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
                             if cfg.cv != "kfold":
                                 config["cv"] = cfg.cv
                             cells.append({"cell_id": cell_id(config), "run_id": run_id, "dataset": ds.display_name(),
-                                          "backbone": bb.name, "strategy": strategy.label(), "head": head,
+                                          "backbone": bb.name, "strategy": strategy_label(strategy), "head": head,
                                           "fold": fold, "n_folds": n_folds, "seed": seed, "config": config})
     return cells
 
@@ -232,13 +234,18 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         if not (head == "svm" and not strategy.trains_backbone(settings.epochs)):
             memo[fit_key] = (strategy, result, picked)
     if picked:
-        info["auto_depth"] = picked
+        info["auto_depth" if c["strategy"]["name"] == AUTO_DEPTH else "choice"] = picked
     fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
     inputs = final_inputs(result, table, settings, rt)
+    class_weight = c["train"]["class_weight"]
+    # one rule for both heads (heads.py): the same class weighting, argmax under the same priors
+    info.update({"class_weight": class_weight, "decision_rule": DECISION_RULES[class_weight]})
     if head == "svm":
         feats = lambda idx: predict_proba(result.forward, inputs, idx, settings, rt, features=True)  # noqa: E731
+        both = np.concatenate([fit_idx, val_idx])
         svm = fit_svm(feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx],
-                      table.num_classes, seed=c["seed"])
+                      table.num_classes, seed=c["seed"], class_weight=class_weight,
+                      groups=None if groups is None else groups[both])
         probs = full_proba(svm, feats(test_idx), table.num_classes)
         info["svm_C"] = svm.C
         other = lambda inp, idx: full_proba(svm, predict_proba(result.forward, inp, idx, settings, rt, features=True),  # noqa: E731
@@ -257,6 +264,9 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
                             "diverged. Lower train.lr or keep train.grad_clip on.")
     y = table.labels[test_idx]
     metrics = clinical_metrics(y, probs, table.class_names, positive=data.positive)
+    collapsed = collapse(y, probs, table.class_names)
+    if collapsed:
+        info["collapsed"] = collapsed
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
                  "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics})
     if result.history:
@@ -269,45 +279,14 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
 
 def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings: TrainSettings, rt: Runtime,
                    head: str):
-    """The training part of a cell: (strategy used, FitResult, auto_depth record or None)."""
-    table, groups = data.table, data.groups
-    strategy = create_strategy(c["strategy"]["name"], **{k: v for k, v in c["strategy"].items() if k != "name"})
-    picked = None
-    if strategy.name == "auto_depth":
-        strategy, picked = pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt)
+    """The training part of a cell: (strategy used, FitResult, record of the choice made on inner splits
+    or None). Choices and auto_depth live in select.py."""
     fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
-    bb = c["backbone"]
-    # Seed before building the model: a random head (or a random-init backbone) must not depend on
-    # which cells ran earlier in this process, or a cell's result would depend on the executor.
-    set_seed(c["seed"])
-    model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
-    if head == "svm" and not strategy.trains_backbone(settings.epochs):
-        # SVM on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
-        settings = TrainSettings(**{**asdict(settings), "augment": settings.augment, "epochs": 0})
-    return strategy, fit(model, table, fit_idx, val_idx, strategy, settings, rt, seed=c["seed"]), picked
-
-
-def pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt) -> tuple[Strategy, dict]:
-    """Nested CV: each candidate is scored by `inner_folds`-fold CV inside the outer training fold
-    (balanced accuracy), and the best one is returned to be trained on the whole outer fold."""
-    labels = table.labels[train_idx]
-    g = groups[train_idx] if groups is not None else None
-    inner = kfold(labels, g, strategy.inner_folds, c["seed"])
-    scores: dict[str, float] = {}
-    bb = c["backbone"]
-    for label in strategy.candidates:
-        cand = parse_label(label)
-        fold_scores = []
-        for tr, te in inner:
-            tr_idx, te_idx = train_idx[tr], train_idx[te]
-            fit_idx, val_idx = inner_split(tr_idx, table.labels, groups, settings.val_fraction, c["seed"])
-            model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
-            res = fit(model, table, fit_idx, val_idx, cand, settings, rt, seed=c["seed"])
-            probs = predict_proba(res.forward, final_inputs(res, table, settings, rt), te_idx, settings, rt)
-            fold_scores.append(clinical_metrics(table.labels[te_idx], probs, table.class_names)["balanced_accuracy"])
-        scores[cand.label()] = float(np.mean(fold_scores))
-    best = max(scores, key=scores.get)
-    return parse_label(best), {"scores": scores, "picked": best}
+    # SVM on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
+    frozen_svm = head == "svm" and c["strategy"]["name"] != AUTO_DEPTH and not any(
+        cand.strategy.trains_backbone(settings.epochs) for cand in candidates(c["strategy"], c["train"]["lr"]))
+    return train_cell(c, data.table, data.groups, train_idx, fit_idx, val_idx, settings, rt,
+                      only_head_features=frozen_svm)
 
 
 # --------------------------------------------------------------------------- environment
@@ -342,6 +321,14 @@ class RunSummary:
     store: str
     duplicates: dict = field(default_factory=dict)
     best_models: list[str] = field(default_factory=list)
+    collapsed: list[str] = field(default_factory=list)  # diagnose.describe of each flagged cell
+
+
+def _warn(line: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(line)}")
 
 
 def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = True,
@@ -415,6 +402,9 @@ def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSumm
         store.save_cell(cell, "done", outcome.metrics, outcome.predictions, outcome.seconds, info=outcome.info,
                         extra=outcome.extra)
         summary.done += 1
+        if outcome.info.get("collapsed"):  # said where the run is watched, not only in the store
+            summary.collapsed.append(describe(cell, outcome.info["collapsed"]))
+            _warn(summary.collapsed[-1])
         return "done"
     store.save_cell(cell, "failed", error=outcome)
     summary.failed += 1

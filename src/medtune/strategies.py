@@ -449,30 +449,6 @@ class BitFit(Strategy):
             g["params"][0].grad = None  # AdamW skips tensors without a gradient: no decay either
 
 
-@register
-@dataclass(frozen=True)
-class AutoDepth(Strategy):
-    """Not in the four studies: picks among `candidates` (strategy labels) by an inner
-    cross-validation inside each outer training fold (nested CV), so the outer estimate of the
-    whole selection procedure stays unbiased. The runner does the inner CV and records the pick;
-    the schedule here is only a placeholder that is never trained directly."""
-
-    name: ClassVar[str] = "auto_depth"
-    summary: ClassVar[str] = "Chooses strategy and depth per data set by nested CV inside each outer fold."
-    citation: ClassVar[str] = "medtune (nested CV; Varma & Simon 2006 on selection bias)"
-    candidates: tuple[str, ...] = ("linear_probe", "partial_ft(blocks=1)", "partial_ft(blocks=2)", "full_ft")
-    inner_folds: int = 3
-
-    def validate(self) -> None:
-        if self.inner_folds < 2 or not self.candidates:
-            raise ValueError("auto_depth needs inner_folds >= 2 and at least one candidate")
-        for c in self.candidates:
-            parse_label(c)
-
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return [1.0] * n_blocks
-
-
 def parse_label(label: str) -> Strategy:
     """`partial_ft(blocks=2)` -> PartialFT(blocks=2): the inverse of `Strategy.label()`."""
     import ast

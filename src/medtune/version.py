@@ -8,8 +8,11 @@ stored with each cell so `medtune results` / `report` can flag a store that mixe
 History: 1 = cells written before the version existed (no `results_version` in their config);
 2 = binary AUC scored on the declared positive class (it used column 1 whatever `positive` said);
     macro PPV/NPV count an undefined class as 0 (they skipped it); PR-AUC, Brier score and ECE stored.
+3 = `train.class_weight: balanced` by default for both heads (the softmax loss was unweighted), the
+    SVM's calibration folds grouped by patient, `{choose: [...]}` choices and auto_depth in select.py
+    (ties to the lower inner loss).
 """
 
-RESULTS_VERSION = 2
+RESULTS_VERSION = 3
 
 UNVERSIONED = 1  # what a cell without a recorded version counts as
