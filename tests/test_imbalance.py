@@ -48,7 +48,9 @@ def test_flags_reach_the_trainer(tmp_path, monkeypatch):
     """The YAML flags arrive in TrainSettings and `fit` asks for weights and balanced orders."""
     from medtune.runner import run
 
-    cfg = load_config(tiny_config(tmp_path), ["train.class_weighted=true", "train.balanced_sampler=true"])
+    # partial_ft: a linear probe is a convex fit with no epochs to order (it takes balanced class weights)
+    cfg = load_config(tiny_config(tmp_path, strategies=[{"name": "partial_ft", "blocks": 1}]),
+                      ["train.class_weighted=true", "train.balanced_sampler=true"])
     s = settings_from(cfg)
     assert s.class_weighted and s.balanced_sampler
     calls = {"weights": 0, "balanced": []}

@@ -98,8 +98,6 @@ class TrainConfig(Strict):
         "which pairs with lower learning rates (docs/strategies.md); update_all = frozen blocks update too "
         "(turns the feature cache off)")
     grad_clip: float = Field(5.0, ge=0, description="clip the gradient norm to this value; 0 = off")
-    probe_lr_scale: float = Field(10.0, gt=0, description="learning-rate multiplier for epochs in which only the "
-                                                          "head trains (linear probe, the LP phase of lp_ft)")
     augment: AugmentConfig = Field(AugmentConfig(), description="training-time augmentation")
 
     @field_validator("amp", mode="before")

@@ -15,7 +15,7 @@ import platform
 import subprocess
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,8 +32,7 @@ from medtune.metrics import clinical_metrics
 from medtune.splits import apply_duplicate_policy, assert_disjoint, check_foldable, inner_split, kfold
 from medtune.store import Store
 from medtune.strategies import Strategy, create_strategy, parse_label
-from medtune.train import (Augment, Runtime, TrainSettings, autocast_dtype, final_inputs, fit,
-                           predict_proba, resolve_device, set_seed, shared_cache)
+from medtune.train import Runtime, TrainSettings, autocast_dtype, fit, resolve_device, set_seed, shared_cache
 
 
 # --------------------------------------------------------------------------- data preparation
@@ -100,9 +99,7 @@ def prepare(ds, image_size: int, n_folds: int) -> PreparedData:
 
 # --------------------------------------------------------------------------- cells
 def settings_from(cfg: ExperimentConfig) -> TrainSettings:
-    t = cfg.train.model_dump()
-    t["augment"] = Augment(**t["augment"])
-    return TrainSettings(**t)
+    return cfg.train
 
 
 def strategy_list(cfg: ExperimentConfig) -> list[Strategy]:
@@ -178,27 +175,26 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     else:
         strategy, result, picked = train_for_cell(c, data, train_idx, settings, rt, head)
         memo.clear()  # keep one: the next cell with the same training is the next head
-        if not (head == "svm" and not strategy.trains_backbone(settings.epochs)):
-            memo[fit_key] = (strategy, result, picked)
+        memo[fit_key] = (strategy, result, picked)
     if picked:
         info["auto_depth"] = picked
     fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
-    inputs = final_inputs(result, table, settings, rt)
     if head == "svm":
-        feats = lambda idx: predict_proba(result.forward, inputs, idx, settings, rt, features=True)  # noqa: E731
+        feats = lambda idx: result.features(table, idx)  # noqa: E731
         svm = fit_svm(feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx],
                       table.num_classes, seed=c["seed"])
         probs = full_proba(svm, feats(test_idx), table.num_classes)
         info["svm_C"] = svm.C
     else:
-        probs = predict_proba(result.forward, inputs, test_idx, settings, rt)
+        probs = result.predict_proba(table, test_idx)
     if not np.isfinite(probs).all():  # never metrics of NaN predictions
         raise TrainingError(f"the trained model predicts inf/NaN probabilities (lr {settings.lr:g}): the run "
                             "diverged. Lower train.lr or keep train.grad_clip on.")
     y = table.labels[test_idx]
     metrics = clinical_metrics(y, probs, table.class_names, positive=data.positive)
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
-                 "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics})
+                 "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics,
+                 "trainable_fraction": result.trainable_fraction})
     if result.history:
         info["trainable_blocks"] = [h["trainable_blocks"] for h in result.history]
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
@@ -221,9 +217,6 @@ def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings:
     # which cells ran earlier in this process, or a cell's result would depend on the executor.
     set_seed(c["seed"])
     model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
-    if head == "svm" and not strategy.trains_backbone(settings.epochs):
-        # SVM on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
-        settings = TrainSettings(**{**asdict(settings), "augment": settings.augment, "epochs": 0})
     return strategy, fit(model, table, fit_idx, val_idx, strategy, settings, rt, seed=c["seed"]), picked
 
 
@@ -243,7 +236,7 @@ def pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt) -> tup
             fit_idx, val_idx = inner_split(tr_idx, table.labels, groups, settings.val_fraction, c["seed"])
             model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
             res = fit(model, table, fit_idx, val_idx, cand, settings, rt, seed=c["seed"])
-            probs = predict_proba(res.forward, final_inputs(res, table, settings, rt), te_idx, settings, rt)
+            probs = res.predict_proba(table, te_idx)
             fold_scores.append(clinical_metrics(table.labels[te_idx], probs, table.class_names)["balanced_accuracy"])
         scores[cand.label()] = float(np.mean(fold_scores))
     best = max(scores, key=scores.get)
