@@ -4,7 +4,10 @@ with a tiny random-init timm model: every test runs in seconds."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 import torch
+from hypothesis import HealthCheck, settings
 
 from medtune.synthetic import make_ultrasound
 
@@ -74,9 +78,74 @@ def tiny_config(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+TEST_THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(TEST_THREADS)
 
 TINY = "test_efficientnet"
+
+# Hypothesis: the same examples on every run (derandomised, no example database), a bounded number of
+# them and no per-example deadline (a loaded CI runner is slow, not wrong). HYPOTHESIS_PROFILE=explore
+# searches afresh with more examples, for a local bug hunt.
+settings.register_profile("medtune", derandomize=True, database=None, deadline=None, max_examples=40,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("explore", derandomize=False, database=None, deadline=None, max_examples=500,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "medtune"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_global_state():
+    """Each test starts from the same process-wide state, whatever ran before it: an empty shared
+    feature cache (a warm cache would hide a wrong key and make results depend on test order), no
+    memoised feature chains, and the suite's torch thread count."""
+
+    def reset() -> None:
+        for name in ("medtune.features", "medtune.train", "medtune.distributed"):
+            module = sys.modules.get(name)
+            for attr in ("_SHARED_CACHE", "_CACHE"):
+                if module is not None and hasattr(module, attr):
+                    setattr(module, attr, None)
+        backbones = sys.modules.get("medtune.backbones")
+        chain = getattr(backbones, "_feature_chain_cached", None)
+        if chain is not None and hasattr(chain, "cache_clear"):
+            chain.cache_clear()
+        torch.set_num_threads(TEST_THREADS)
+
+    reset()
+    yield
+    reset()
+
+
+# --------------------------------------------------------------------------- no silent skips in CI
+def _optional_extras() -> set[str]:
+    """Extras of pyproject.toml that the `dev` extra (what `make test` installs) does not cover."""
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = meta["project"]["optional-dependencies"]
+    dev = set(extras.get("dev", []))
+    return {name for name, reqs in extras.items() if name != "dev" and not set(reqs) <= dev}
+
+
+OPTIONAL_EXTRAS = _optional_extras()
+STRICT_SKIPS = os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("MEDTUNE_STRICT_SKIPS") == "1"
+
+
+def skip_is_allowed(reason: str) -> bool:
+    """A skip is honest in CI only when it names an optional extra `make test` does not install,
+    as `medtune[extra]`: everything else it skips over is installed, so a skip means a broken install."""
+    return any(extra in OPTIONAL_EXTRAS for extra in re.findall(r"medtune\[(\w+)\]", reason))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if STRICT_SKIPS and rep.skipped and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        if not skip_is_allowed(reason):
+            rep.outcome = "failed"
+            rep.longrepr = (f"unexpected skip under CI/MEDTUNE_STRICT_SKIPS: {reason}\n"
+                            f"Only a skip naming an optional extra outside `dev` ({', '.join(sorted(OPTIONAL_EXTRAS))}) "
+                            "as medtune[extra] is allowed; install what is missing (make setup-dev).")
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +196,8 @@ def tiny_png_config(data: Path, store: Path, heads=("softmax",)) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """(store path, data folder) of a finished 2-strategy x 2-fold grid with its best models."""
+    """(store path, data folder) of a finished 2-strategy x 2-fold grid with its best models.
+    Shared by the session, so read-only: a test that writes to the store uses `tiny_run_copy`."""
     import medtune
 
     root = tmp_path_factory.mktemp("tiny")
@@ -136,3 +206,15 @@ def tiny_run(tmp_path_factory):
     summary = medtune.run(tiny_png_config(data, store), progress=False)
     assert summary.failed == 0, summary
     return store, data
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run, tmp_path):
+    """A private copy of `tiny_run`'s store and saved models (the data folder stays shared, read-only)."""
+    store, data = tiny_run
+    copy = tmp_path / store.name
+    shutil.copy2(store, copy)
+    models = Path(f"{store}.models")
+    if models.exists():
+        shutil.copytree(models, Path(f"{copy}.models"))
+    return copy, data

@@ -1,4 +1,7 @@
 import pytest
+import yaml
+
+from conftest import tiny_config
 
 from medtune.config import expand_params, load_config
 from medtune.errors import BackboneError, ConfigError
@@ -49,3 +52,21 @@ def test_a_path_on_the_synthetic_demo_set_is_refused_not_ignored():
         load_config(raw=raw, overrides=["datasets.0.path=/data/busi"])
     cfg = load_config(raw=raw, overrides=["datasets.0={path: /data/busi, positive: malignant}"])
     assert cfg.datasets[0].source == "auto" and cfg.datasets[0].path == "/data/busi"
+
+
+@pytest.mark.parametrize("key", ["datasets", "backbones", "strategies", "heads", "seeds"])
+def test_an_empty_axis_is_a_config_error_not_a_grid_of_no_cells(tmp_path, key):
+    """`seeds: []` used to escape as `ValueError: min() arg is an empty sequence`, and an empty data
+    set, backbone, strategy or head list ran 0 cells and reported success."""
+    raw = yaml.safe_load(tiny_config(tmp_path).read_text())
+    raw[key] = []
+    with pytest.raises(ConfigError, match=rf"{key}: List should have at least 1 item"):
+        load_config(raw=raw)
+
+
+def test_repeated_or_negative_seeds_are_config_errors(tmp_path):
+    raw = yaml.safe_load(tiny_config(tmp_path).read_text())
+    with pytest.raises(ConfigError, match=r"seeds: .*\[0, 0\] repeats an entry"):
+        load_config(raw={**raw, "seeds": [0, 0]})
+    with pytest.raises(ConfigError, match=r"seeds: .*from 0 to 2\*\*32 - 1"):
+        load_config(raw={**raw, "seeds": [-1]})

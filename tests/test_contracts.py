@@ -18,7 +18,7 @@ from medtune.backbones import blocks, chain, classifier_param_names, create_back
 from medtune.config import AugmentConfig
 from medtune.strategies import REGISTRY, AutoRGN, AutoSNR, L2SP, create_strategy, depth, is_norm
 from medtune.train import FeatureCache, Runtime, TrainSettings, fit, set_seed
-from tests.conftest import DEVICE, TINY
+from conftest import DEVICE, TINY
 
 SETTINGS = TrainSettings(epochs=2, batch_size=8, lr=3e-3, val_fraction=0.0, views=2, amp="off", patience=10,
                          warmup_epochs=0)

@@ -11,7 +11,7 @@ import torch
 
 from medtune.backbones import blocks, create_backbone, layers, stages
 from medtune.strategies import create_strategy, depth, scheduled_params
-from tests.conftest import PYTHON, cli_env
+from conftest import PYTHON, cli_env
 
 
 def list_depths(name: str) -> dict[str, dict]:
@@ -92,3 +92,16 @@ def test_transformer_blocks_embedding_each_block_norm_head(name, first):
         assert names[1:13] == [f"blocks.{i}" for i in range(12)] and names[13] == "norm"
     with torch.no_grad():  # at a size other than the weights' 224
         assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 2)
+
+
+def test_docs_depth_table_is_current_for_resnet50(resnet50):
+    """docs/depths.json (rendered into docs/strategies.md) is what the code computes today."""
+    from pathlib import Path
+
+    from medtune.strategies import STANDARD_DEPTHS, parse_label
+
+    stored = json.loads((Path(__file__).resolve().parents[1] / "docs" / "depths.json").read_text())
+    assert set(stored) == {"vgg16", "vgg19", "resnet50", "resnet101", "inception_v3", "densenet121", "resnetv2_50",
+                           "efficientnet_lite0"}
+    now = [{**depth(parse_label(label), resnet50), "strategy": label} for label in STANDARD_DEPTHS]
+    assert stored["resnet50"] == now, "stale: run scripts/gen_depth_table.py, then gen_config_docs.py"

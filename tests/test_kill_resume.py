@@ -1,18 +1,19 @@
-"""`medtune run` killed with SIGKILL at random moments, then restarted: the store must stay a valid
-SQLite file holding every finished cell exactly once, complete, and the last run must finish."""
+"""`medtune run` killed with SIGKILL at known points of the grid (observed by polling the store), then
+restarted: the store must stay a valid SQLite file holding every finished cell exactly once, complete,
+and the last run must finish."""
 
 from __future__ import annotations
 
 import json
-import random
 import signal
 import sqlite3
 import subprocess
 import time
 
+import pytest
+
 from conftest import PYTHON, cli_env, tiny_config
 
-KILLS = 10
 
 
 def store_state(path) -> set[str]:
@@ -47,47 +48,53 @@ def count(store, table: str) -> int:
         return 0
 
 
-def wait_for(proc, condition, timeout: float = 120) -> None:
+def wait_until(proc, condition, what: str, log, timeout: float = 300) -> None:
+    """Poll until `condition()` holds; fail loudly (with the child's output) if the child exits first
+    or the condition never comes. Only the failure path depends on time, never the test's outcome."""
     t0 = time.monotonic()
-    while proc.poll() is None and not condition() and time.monotonic() - t0 < timeout:
-        time.sleep(0.05)
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"medtune run exited (rc {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"no {what} after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
 
 
-def test_sigkill_and_resume(tmp_path):
-    # 48 cells, enough that ten kills land before the grid can finish
-    cfg = tiny_config(tmp_path, strategies=["linear_probe", "bitfit", "full_ft"], seeds=list(range(8)), folds=2,
+# Where each run is killed: ("run", 0) as soon as its run row is written (data preparation or the first
+# cell), ("cells", n) right after the store shows n more finished cells than when it started (inside the
+# next cell's training, or its write). Each run adds at most 2 cells, so 8 kills leave the 24-cell grid
+# unfinished and the final run has real work left.
+KILL_POINTS = [("run", 0), ("cells", 1), ("cells", 2), ("run", 0), ("cells", 1), ("run", 0), ("cells", 2), ("cells", 1)]
+TOTAL = 24
+
+
+def test_sigkill_at_known_points_and_resume(tmp_path):
+    cfg = tiny_config(tmp_path, strategies=["linear_probe", "bitfit", "full_ft"], seeds=list(range(4)), folds=2,
                       train={"epochs": 2, "batch_size": 8, "views": 1, "patience": 2})
     store = tmp_path / "store.sqlite"
     cmd = [PYTHON, "-m", "medtune", "run", str(cfg), "--quiet"]
-    rng = random.Random(7)
     done: set[str] = set()
-    kills = 0
-    for attempt in range(3 * KILLS):
+    for n, (what, more) in enumerate(KILL_POINTS):
+        log = tmp_path / f"run{n}.log"
         runs_before, done_before = count(store, "runs"), count(store, "cells WHERE status='done'")
-        proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if attempt % 2:
-            # right after a cell is written: lands in the next cell's training or its write
-            wait_for(proc, lambda: count(store, "cells WHERE status='done'") > done_before)
-            time.sleep(rng.uniform(0.0, 0.1))
-        else:
-            # anywhere from data preparation (the run row is written first) to a few cells later
-            wait_for(proc, lambda: count(store, "runs") > runs_before)
-            time.sleep(rng.uniform(0.0, 0.5))
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read().decode()
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
+        with log.open("w") as out:  # a file, not a pipe: the child can never block on a full pipe
+            proc = subprocess.Popen(cmd, env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+            if what == "run":
+                wait_until(proc, lambda: count(store, "runs") > runs_before, "run row", log)
+            else:
+                wait_until(proc, lambda: count(store, "cells WHERE status='done'") >= done_before + more,
+                           f"{more} more finished cells", log)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
         now = store_state(store)
-        assert done <= now  # nothing finished is ever lost
+        assert done <= now, f"kill {n} lost finished cells"  # nothing finished is ever lost
+        assert len(now) >= done_before + (more if what == "cells" else 0)
         done = now
-        if kills >= KILLS:
-            break
-    assert kills >= KILLS
-    final = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert len(done) < TOTAL  # the kills really left work for the final run
+    final = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr
-    done = store_state(store)
-    assert len(done) == 48
+    assert store_state(store) >= done and len(store_state(store)) == TOTAL
     with sqlite3.connect(store) as conn:
         assert conn.execute("SELECT count(*) FROM cells WHERE status != 'done'").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == len(KILL_POINTS) + 1

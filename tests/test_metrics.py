@@ -60,3 +60,19 @@ def test_auc_is_nan_when_a_class_is_absent():
     y = np.array([0, 0, 1])
     p = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])
     assert np.isnan(auc(y, p))
+
+
+@pytest.mark.parametrize("classes,positive", [(["malignant", "normal"], "malignant"), (["benign", "malignant"], "malignant"),
+                                              (["malignant", "normal"], "normal"), (["benign", "malignant"], "benign")])
+def test_binary_auc_scores_the_positive_class_in_either_class_order(classes, positive):
+    """A perfect classifier has AUC 1 whether the positive class sorts first or last (the old
+    `probs[:, positive or 1]` scored column 1 when positive was class 0, giving 0.0)."""
+    pos = classes.index(positive)
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p1 = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])  # P(class 1): ranks class 1 perfectly
+    probs = np.stack([1 - p1, p1], 1)
+    m = clinical_metrics(y, probs, classes, positive=positive)
+    assert m["auc"] == pytest.approx(1.0)
+    assert auc(y, probs, positive=pos) == pytest.approx(1.0)
+    # a classifier that ranks the positive class worst scores 0, in both orders too
+    assert auc(y, probs[:, ::-1], positive=pos) == pytest.approx(0.0)

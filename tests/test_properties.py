@@ -127,6 +127,25 @@ def test_metrics_bounded(case):
 
 
 @FAST
+@given(predictions())
+def test_metrics_agree_with_scikit_learn(case):
+    """Accuracy, balanced accuracy and AUC against scikit-learn on the same inputs (binary: the second
+    class is positive by default; more classes: one-vs-rest macro AUC)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    y, probs, names = case
+    m = clinical_metrics(y, probs, names)
+    pred = probs.argmax(1)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
+    if len(names) == 2:
+        expected_auc = roc_auc_score(y == 1, probs[:, 1])
+    else:
+        expected_auc = roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(len(names))))
+    assert m["auc"] == pytest.approx(expected_auc, abs=1e-12)
+
+
+@FAST
 @given(predictions(), st.integers(0, 2**16))
 def test_metrics_permutation_invariant(case, seed):
     y, probs, names = case

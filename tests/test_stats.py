@@ -110,3 +110,89 @@ def test_cd_diagram_draws_one_bar_per_clique():
     assert "C4.5+m+cf  (1.96)" in texts and any("CD = 1.12" in t for t in texts)
     bars = [c for c in fig.axes[0].collections if c.get_linewidth()[0] == 5]
     assert len(bars) == 2
+
+
+# --------------------------------------------------------------------------- issue 16: evidence
+from medtune.metrics import (at_threshold, bootstrap_ci as _boot, calibration, clinical_metrics, ece, holm,  # noqa: E402
+                             net_benefit,
+                             threshold_for)
+
+
+def test_holm_matches_hand_computed_adjusted_p_values():
+    # p sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.04 (x1 -> max(0.06, 0.04) = 0.06)
+    p = [0.03, 0.01, 0.04, 0.02]
+    assert holm(p) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    # capped at 1, NaN left out of the family: m = 2
+    out = holm([0.6, float("nan"), 0.5])
+    assert out[0] == pytest.approx(1.0) and out[2] == pytest.approx(1.0) and np.isnan(out[1])
+    assert holm([0.01, 0.04]) == pytest.approx([0.02, 0.04])
+
+
+def test_cluster_bootstrap_widens_the_interval_when_patients_repeat_images():
+    """40 patients, each imaged 10 times identically: the information is that of 40 cases, so the
+    patient-level interval must be much wider than the image-level one (about sqrt(10) times)."""
+    rng = np.random.default_rng(0)
+    y_pat = np.array([0, 1] * 20)
+    correct = rng.random(40) < 0.75
+    pred = np.where(correct, y_pat, 1 - y_pat)
+    y, p = np.repeat(y_pat, 10), np.eye(2)[np.repeat(pred, 10)]
+    patients = np.repeat(np.arange(40), 10)
+    _, lo_i, hi_i = _boot(y, p, n_boot=500, seed=0)
+    _, lo_c, hi_c = _boot(y, p, n_boot=500, seed=0, clusters=patients)
+    assert (hi_c - lo_c) > 2.0 * (hi_i - lo_i)
+    # the patient-level interval is that of the 40 distinct cases
+    _, lo_d, hi_d = _boot(y_pat, np.eye(2)[pred], n_boot=500, seed=0)
+    assert (hi_c - lo_c) == pytest.approx(hi_d - lo_d, rel=0.35)
+
+
+def test_ece_brier_pr_auc_against_hand_values():
+    y = np.array([0, 0, 1, 1])
+    p1 = np.array([0.1, 0.4, 0.35, 0.8])
+    probs = np.stack([1 - p1, p1], 1)
+    m = calibration(y, probs, positive=1, n_bins=2)
+    # Brier: mean((p - y)^2) = (0.01 + 0.16 + 0.4225 + 0.04) / 4
+    assert m["brier"] == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
+    # equal-mass bins of 2 (sorted p: 0.1, 0.35 | 0.4, 0.8): |0.225 - 0.5| / 2 + |0.6 - 0.5| / 2
+    assert m["ece"] == pytest.approx(0.5 * 0.275 + 0.5 * 0.1)
+    # average precision: ranks 0.8(+), 0.4(-), 0.35(+), 0.1(-): AP = 0.5 * 1 + 0.5 * 2/3
+    assert m["pr_auc"] == pytest.approx(0.5 + 1 / 3)
+    # positive = class 0 scores the other column, in either class order
+    m0 = calibration(1 - y, probs[:, ::-1], positive=0, n_bins=2)
+    assert m0["pr_auc"] == pytest.approx(m["pr_auc"]) and m0["brier"] == pytest.approx(m["brier"])
+    assert ece(np.ones(5), np.ones(5)) == 0.0
+
+
+def test_macro_ppv_counts_an_undefined_class_as_sklearn_zero_division():
+    """An always-majority model on 3 classes: PPV of the never-predicted classes is 0/0. Counted as
+    0 (as precision_score(zero_division=0)) and flagged, not skipped (which gave 0.60 here)."""
+    from sklearn.metrics import precision_score
+
+    y = np.array([0] * 6 + [1] * 2 + [2] * 2)
+    probs = np.tile([0.8, 0.1, 0.1], (10, 1))
+    m = clinical_metrics(y, probs, ["a", "b", "c"])
+    assert m["ppv"] == pytest.approx(precision_score(y, probs.argmax(1), average="macro", zero_division=0))
+    assert m["ppv"] == pytest.approx(0.2)
+    assert m["ppv_undefined"] == 2
+
+
+def test_threshold_for_reaches_the_target_on_the_predictions_it_is_given():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.6, 0.3, 0.5, 0.4, 0.2, 0.1])
+    t = threshold_for(y, p, "sensitivity", 0.75)  # 3 of 4 positives: threshold 0.6
+    assert t == pytest.approx(0.6)
+    c = at_threshold(y, p, t)
+    assert c == {"tp": 3, "fn": 1, "tn": 4, "fp": 0}
+    t = threshold_for(y, p, "specificity", 0.5)  # 2 of 4 negatives below it: just above 0.2
+    c = at_threshold(y, p, t)
+    assert c["tn"] == 2 and t > 0.2 and t < 0.3
+
+
+def test_net_benefit_against_hand_values():
+    y = np.array([1, 1, 0, 0, 0])
+    p = np.array([0.9, 0.4, 0.6, 0.2, 0.1])
+    model, all_ = net_benefit(y, p, np.array([0.5]))
+    # at 0.5: TP = 1, FP = 1 of n = 5, weight 1 -> 0; treat all: 0.4 - 0.6 = -0.2
+    assert model[0] == pytest.approx(0.0) and all_[0] == pytest.approx(-0.2)
+    model, all_ = net_benefit(y, p, np.array([0.25]))
+    # at 0.25: TP = 2, FP = 1, weight 1/3 -> 2/5 - 1/15; treat all 0.4 - 0.6/3
+    assert model[0] == pytest.approx(0.4 - 1 / 15) and all_[0] == pytest.approx(0.2)

@@ -12,7 +12,10 @@ def test_deterministic_by_seed_and_grouped_by_patient():
     assert len(set(a.groups)) == 8 and len(a) == 24
     for g in set(a.groups):  # one class per patient
         assert len(set(a.labels[a.groups == g])) == 1
-    assert set(np.bincount(a.labels)) and min(np.bincount(a.labels)) >= 2 * 3
+    counts = np.bincount(a.labels, minlength=len(CLASS_NAMES))
+    assert len(counts) == len(CLASS_NAMES) and counts.sum() == 24
+    # every class has patients, and whole patients (3 images each) make up each class
+    assert counts.min() >= 3 and all(c % 3 == 0 for c in counts), counts
 
 
 def test_lesion_classes_differ_from_normal_in_the_centre():

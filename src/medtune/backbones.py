@@ -200,7 +200,7 @@ def blocks(model: nn.Module) -> list[Block]:
     return list(_blocks_cached(model))
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=8)
 def _blocks_cached(model: nn.Module) -> tuple[Block, ...]:
     if isinstance(model, timm.models.vgg.VGG):
         out = _vgg_conv_blocks(model)
@@ -216,7 +216,7 @@ def stages(model: nn.Module) -> list[Block]:
     return list(_stages_cached(model))
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=8)
 def _stages_cached(model: nn.Module) -> tuple[Block, ...]:
     if isinstance(model, timm.models.vgg.VGG):
         return tuple(blocks(model))
@@ -295,7 +295,7 @@ def layers(model: nn.Module) -> list[Block]:
     return list(_layers_cached(model))
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=8)
 def _layers_cached(model: nn.Module) -> tuple[Block, ...]:
     head = head_param_names(model)
     order: list[str] = []

@@ -222,7 +222,8 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
                 warnings.warn(f"{ds}: the best model ({cell['strategy']}, fold {cell['fold']}) could not be retrained "
                               f"and was not saved: {exc}", stacklevel=2)
                 continue
-            store.save_cell(cell, "done", result.metrics, result.predictions, result.seconds, info=result.info)
+            store.save_cell(cell, "done", result.metrics, result.predictions, result.seconds, info=result.info,
+                            extra=result.extra)
             state_dict, svm, predictions = result.state_dict, result.head_model, result.predictions
         table = data.table
         model_for_pre = load_state(cell, table.num_classes, state_dict)

@@ -1,4 +1,4 @@
-"""The `medtune` command: run | results | list | data check | report | predict | explain | export.
+"""The `medtune` command: run | results | list | data check | init | report | predict | export | track.
 
 A `MedtuneError` (anything the user can fix) is printed as one paragraph and exits with status 2;
 other exceptions keep their traceback because they are medtune's bugs.
@@ -21,7 +21,8 @@ from medtune.errors import MedtuneError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medtune: compare fine-tuning strategies x backbones x data sets under patient-grouped "
                        "k-fold cross-validation, with clinical metrics.",
-                  epilog="Start with `medtune run configs/smoke.yaml` (seconds) or `medtune run configs/demo.yaml`; "
+                  epilog="Start with `medtune run smoke` (seconds) or `medtune run demo` (minutes; the embedded demo), "
+                         "then `medtune init YOUR_DATA` to write an experiment file for your images; "
                          "documentation in docs/quickstart.md.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect a data set before training.")
 app.add_typer(data_app, name="data")
@@ -47,15 +48,40 @@ class What(str, Enum):
     depths = "depths"
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The example experiment files by name: inside the installed package (`medtune/configs/`, put
+    there by pyproject's package-dir mapping), or the checkout's `configs/` when run from source."""
+    from importlib.resources import files
+
+    here = Path(str(files("medtune"))) / "configs"
+    folder = here if here.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def config_path(config: Path) -> Path:
+    """A path to an experiment file, or the bare name of a shipped one (`demo`, `smoke`)."""
+    if config.exists() or config.suffix or len(config.parts) > 1:
+        return config
+    shipped = shipped_configs()
+    if str(config) in shipped:
+        return shipped[str(config)]
+    names = ", ".join(shipped) or "none installed"
+    raise MedtuneError(f"{config}: no such file, and not a shipped configuration ({names}). Give a YAML file, "
+                       "or write one for your images with `medtune init DATA_FOLDER`.")
+
+
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Experiment YAML file (see configs/demo.yaml, docs/config.md)."),
+    config: Path = typer.Argument(..., help="Experiment YAML file, or a shipped one by name: `demo` (the embedded "
+                                            "demo, minutes), `smoke` (seconds). `medtune init DATA` writes one "
+                                            "for your images; docs/config.md."),
     store: Optional[Path] = typer.Option(None, "--store", help="SQLite results store to write; default: `store` "
                                                                "in the config."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value without editing the file; the value "
                                                     "is YAML, list entries are numbered from 0: --set train.epochs=3 "
                                                     "--set datasets.0.path=../data/busi (repeatable)."),
-    quiet: bool = typer.Option(False, "--quiet", help="Hide the progress bar (the summary is still printed)."),
+    quiet: bool = typer.Option(False, "--quiet", help="Hide the progress: the bar on a terminal, one line per finished cell "
+                                                 "elsewhere (the summary is still printed)."),
 ) -> None:
     """Train and evaluate every cell (data set x backbone x strategy x head x seed x fold) of CONFIG,
     writing each finished cell to the results store. Run it again to resume: finished cells are skipped."""
@@ -63,7 +89,7 @@ def run(
     from medtune.runner import run as run_grid
 
     try:
-        cfg = load_config(config, set_)
+        cfg = load_config(config_path(config), set_)
         summary = run_grid(cfg, str(store) if store else None, progress=not quiet)
     except MedtuneError as exc:
         fail(exc)
@@ -74,7 +100,8 @@ def run(
             console.print(f"[yellow]{name}: {d['duplicate_groups']} groups of identical images "
                           f"({d['duplicate_images']} extra copies), policy {d['policy']!r}.[/]")
     if summary.failed:
-        console.print("[red]Some cells failed; `medtune results --failed` shows their errors.[/]")
+        console.print(f"[red]Some cells failed; `medtune results --store {escape(summary.store)} --failed` shows "
+                      "their errors.[/]")
     for path in summary.best_models:
         console.print(f"best model: {path} (`medtune predict {path} IMAGES`, `medtune export {path}`)")
     print_results(Path(summary.store), Fmt.table, failed=False)
@@ -96,20 +123,44 @@ def results(
         fail(exc)
 
 
+LABELS = ["dataset", "backbone", "strategy", "head", "seed", "fold"]
+
+
+def print_failed(cells, fmt: Fmt) -> None:
+    """Failed cells: a table with each error's first line (the message; the traceback follows it), or
+    csv/json records with the whole error."""
+    bad = cells[cells.status == "failed"][["cell_id", *LABELS, "error"]].copy()
+    bad["error"] = bad["error"].fillna("").astype(str)
+    if fmt == Fmt.json:
+        sys.stdout.write(bad.to_json(orient="records", indent=2) + "\n")
+        return
+    if fmt == Fmt.csv:
+        sys.stdout.write(bad.to_csv(index=False))
+        return
+    if bad.empty:
+        console.print("no failed cells.")
+        return
+    table = Table(title=f"{len(bad)} failed cells (`--format json` for the whole errors)")
+    for c in [*LABELS, "error"]:
+        table.add_column(c, overflow="fold")
+    for r in bad.itertuples(index=False):
+        first = next((line for line in r.error.splitlines() if line.strip()), "")
+        table.add_row(*[escape(str(getattr(r, c))) for c in LABELS], escape(first))
+    console.print(table)
+
+
 def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     from medtune.report import format_pm, summary_table
     from medtune.store import open_store
 
     with open_store(store, must_exist=True) as s:
         if failed:
-            cells = s.cells()
-            bad = cells[cells.status == "failed"]
-            if bad.empty:
-                console.print("no failed cells.")
-            for _, r in bad.iterrows():
-                console.print(f"[red]{r.dataset} {r.backbone} {r.strategy} {r.head} fold {r.fold}:[/] {escape(str(r.error))}")
+            print_failed(s.cells(), fmt)
             return
         m = s.metrics()
+        note = s.version_warning()
+    if note:
+        err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if m.empty:
         console.print(f"{store}: no finished cells yet.")
         return
@@ -255,6 +306,32 @@ def print_quality(r, show: int) -> None:
 
 
 @app.command()
+def init(
+    data: Path = typer.Argument(..., help="A folder (one sub-folder per class), a .csv manifest "
+                                          "(path,label[,patient_id]), a DICOM tree or a .npz file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Experiment file to write; default: <data name>.yaml "
+                                                           "in the current folder."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    exact_only: bool = typer.Option(False, "--exact-only", help="Skip the perceptual-hash near-duplicate search."),
+) -> None:
+    """Inspect DATA and write a commented experiment file for it: classes and counts, a suggested positive
+    class, the patient ids found, the duplicates, and a grid sized to the data and this machine with its
+    expected run time. `medtune run OUT` runs it as written."""
+    from medtune.starter import write_starter
+
+    target = out or Path(f"{(data.stem if data.is_file() else data.resolve().name) or 'experiment'}.yaml")
+    try:
+        if target.exists() and not force:
+            raise MedtuneError(f"{target} exists; pass --force to overwrite it, or --out another file.")
+        path, insp, grid = write_starter(data, target, None if exact_only else 8)
+    except MedtuneError as exc:
+        fail(exc)
+    console.print(f"{path}: {insp.n} images, {len(insp.class_names)} classes, {grid['folds']} folds, "
+                  f"{len(grid['strategies'])} strategies, expected ~{sum(grid['seconds'].values()) / 60:.0f} min. "
+                  f"Read its comments, then `medtune run {path}`.", highlight=False)
+
+
+@app.command()
 def report(
     store: Path = typer.Option(Path("results/medtune.sqlite"), "--store", help="SQLite results store."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder; default: <store>.report/ beside the store."),
@@ -263,7 +340,13 @@ def report(
     diagram, training curves, Grad-CAM gallery, config) plus results.csv, results.md and results.tex."""
     from medtune.report import build_report
 
+    from medtune.store import open_store
+
     try:
+        with open_store(store, must_exist=True) as s:
+            note = s.version_warning()
+        if note:
+            err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
         paths = build_report(store, out or Path(f"{store}.report"))
     except MedtuneError as exc:
         fail(exc)

@@ -109,12 +109,13 @@ class TrainConfig(Strict):
 
 class ExperimentConfig(Strict):
     name: str = Field("experiment", description="name of the experiment, saved with each run")
-    datasets: list[DatasetConfig] = Field(description="data sets; the grid's first axis")
-    backbones: list[BackboneConfig] = Field(description="backbones: a timm name or a mapping; the second axis")
-    strategies: list[StrategyConfig] = Field(description="strategies: a name or {name: ..., param: value}; the third axis")
-    heads: list[Literal["softmax", "svm"]] = Field(["softmax"], description="softmax = the trained classifier; svm = linear SVM on the tuned network's features")
+    # Every axis needs at least one entry: an empty one would make a grid of 0 cells that "succeeds".
+    datasets: list[DatasetConfig] = Field(min_length=1, description="data sets; the grid's first axis")
+    backbones: list[BackboneConfig] = Field(min_length=1, description="backbones: a timm name or a mapping; the second axis")
+    strategies: list[StrategyConfig] = Field(min_length=1, description="strategies: a name or {name: ..., param: value}; the third axis")
+    heads: list[Literal["softmax", "svm"]] = Field(["softmax"], min_length=1, description="softmax = the trained classifier; svm = linear SVM on the tuned network's features")
     folds: int = Field(5, ge=2, le=20, description="k of the outer stratified (patient-grouped) k-fold")
-    seeds: list[int] = Field([0], description="repeat the whole CV with these seeds (folds and initialisation)")
+    seeds: list[int] = Field([0], min_length=1, description="repeat the whole CV with these seeds (folds and initialisation)")
     train: TrainConfig = Field(TrainConfig(), description="training settings shared by every cell")
     store: str = Field("results/medtune.sqlite", description="SQLite results store (`--store` overrides)")
     device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -123,6 +124,19 @@ class ExperimentConfig(Strict):
     gpus_per_cell: float = Field(0, ge=0)
     cpus_per_cell: float = Field(1, gt=0)
     max_retries: int = Field(2, ge=0)
+    primary: str | None = Field(None, description="the strategy (its label, e.g. partial_ft(blocks=2), or name) declared "
+                                "before the run as the one to headline; default: auto_depth's nested choice if the "
+                                "grid has it, else the report says its best row is an optimistic view")
+    operating_points: list[dict[Literal["sensitivity", "specificity"], float]] = Field(
+        default_factory=list, description="thresholds chosen on each outer fold's inner validation split, e.g. "
+        "[{sensitivity: 0.95}, {specificity: 0.90}]; the report gives the outer folds' sensitivity, specificity, "
+        "PPV and NPV at each (binary, or the data set's positive class)")
+    test_datasets: list[DatasetConfig] = Field(default_factory=list, description="external test sets: each outer "
+                                               "fold's model predicts them without refitting (same classes)")
+    cv: Literal["kfold", "by_site"] = Field("kfold", description="kfold = stratified (patient-grouped) k-fold; "
+                                            "by_site = leave one site out (a manifest `site` column)")
+    subgroups: list[str] = Field(default_factory=list, description="manifest columns (sex, age_band, device, site) "
+                                 "to report metrics per value of, with CIs")
     keep_best: bool = Field(True, description="after the grid, save the best cell group's fold-0 model (weights, "
                                                 "preprocessing, SVM head) to <store>.models/best/ for predict/export")
 
@@ -146,6 +160,26 @@ class ExperimentConfig(Strict):
             else:
                 out.append(s)
         return out
+
+    @field_validator("operating_points")
+    @classmethod
+    def _operating_points(cls, v: list) -> list:
+        for point in v:
+            if len(point) != 1:
+                raise ValueError(f"each operating point names one target, e.g. {{sensitivity: 0.95}}; got {point}")
+            (target, value), = point.items()
+            if not 0 < value <= 1:
+                raise ValueError(f"operating point {target}: {value} must be in (0, 1], e.g. 0.95")
+        return v
+
+    @field_validator("seeds", "heads")
+    @classmethod
+    def _no_repeats(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} repeats an entry; each must appear once")
+        if any(isinstance(x, int) and not 0 <= x < 2**32 for x in v):  # numpy's seeds
+            raise ValueError(f"{v}: seeds must be integers from 0 to 2**32 - 1")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -261,13 +295,42 @@ def _check_names(cfg: ExperimentConfig, source: str) -> None:
     from medtune.strategies import create_strategy
 
     for s in cfg.strategies:
-        for params in expand_params(s.params):
+        combos = expand_params(s.params)
+        if not combos:
+            empty = [k for k, v in s.params.items() if v == []]
+            raise ConfigError(f"{source}: strategy {s.name!r}: `{empty[0]}: []` sweeps no values; give at least one "
+                              f"(e.g. `{empty[0]}: [1]`) or drop the key.")
+        for params in combos:
             create_strategy(s.name, **params)
     for b in cfg.backbones:
         check_name(b.name)
-    names = [d.display_name() for d in cfg.datasets]
+        if b.image_size is not None:
+            _check_fixed_input_size(b.name, b.image_size, source)
+    names = [d.display_name() for d in cfg.datasets + cfg.test_datasets]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: data set names must be unique; got {names}. Give each a `name`.")
+
+
+def _check_fixed_input_size(name: str, image_size: int, source: str) -> None:
+    """Vision transformers built with a fixed patch grid (timm's default for ViT, DeiT, BEiT, ...) take one
+    input size only; any other `image_size` would fail inside the first cell with timm's assertion. The
+    architecture is built on the meta device (no memory, no weights) to read its patch embedding."""
+    import timm
+    import torch
+
+    from medtune.backbones import timm_name
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(timm_name(name), pretrained=False)
+    except Exception:  # noqa: BLE001 - not buildable this way (e.g. embedded weights): the cell will say
+        return
+    embed = getattr(model, "patch_embed", None)
+    fixed = getattr(embed, "img_size", None)
+    if fixed and getattr(embed, "strict_img_size", False) and not getattr(model, "dynamic_img_size", False) \
+            and tuple(fixed) != (image_size, image_size):
+        raise ConfigError(f"{source}: backbone {name!r} takes {fixed[0]}x{fixed[1]} images only (a fixed grid of "
+                          f"patches), not image_size {image_size}. Set `image_size: {fixed[0]}` or leave it out.")
 
 
 def expand_params(params: dict[str, Any]) -> list[dict[str, Any]]:

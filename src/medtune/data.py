@@ -320,6 +320,23 @@ def read_manifest(csv_path: str | Path, classes: list[str] | None = None
     return paths, labels, class_names, groups
 
 
+def manifest_columns(csv_path: str | Path, names: list[str]) -> dict[str, dict[str, str]]:
+    """{column: {resolved image path: value}} for extra manifest columns (site, sex, age band...),
+    read beside the images so subgroup reports and `cv: by_site` can look them up per image."""
+    csv_path = Path(csv_path)
+    if csv_path.suffix.lower() != ".csv" or not csv_path.is_file():
+        raise DataError(f"{csv_path}: columns {names} (subgroups / cv: by_site) come from a .csv manifest; this data "
+                        "set is not one. Write a manifest with those columns (docs/data.md).")
+    base = csv_path.parent.resolve()
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(fh)]
+    missing = [n for n in names if rows and n not in rows[0]]
+    if missing:
+        raise DataError(f"manifest {csv_path} lacks column(s) {missing} named in the config (subgroups / cv: by_site); "
+                        f"it has {list(rows[0]) if rows else []}.")
+    return {n: {str((base / r["path"]).resolve()): r[n] for r in rows} for n in names}
+
+
 def _dicom_groups(paths: list[Path]) -> np.ndarray | None:
     """Patient ids from DICOM headers when every file is DICOM (the images decoded already, so
     the headers are readable); None for other data."""
@@ -466,10 +483,18 @@ def _load(path, source: str, image_size: int, name: str | None, options: dict) -
     if source == "synthetic":
         from medtune.synthetic import make_ultrasound
 
+        if "size" in options:
+            raise DataError(f"data set {name or 'synthetic'!r}: `options: size` is not a synthetic option; the "
+                            "image size is the backbone's `image_size`.")
         try:
             table = make_ultrasound(size=image_size, **options)
         except ValueError as exc:
             raise DataError(f"data set {name or 'synthetic'!r}: {exc}.") from exc
+        except TypeError as exc:
+            if "unexpected keyword argument" in str(exc):
+                raise
+            raise DataError(f"data set {name or 'synthetic'!r}: an option has the wrong type ({exc}); options "
+                            f"{options} should be numbers (docs/config.md lists them).") from exc
     elif source == "medmnist":
         table = load_medmnist(path, image_size, **options)
     else:

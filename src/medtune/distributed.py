@@ -28,7 +28,7 @@ import torch
 
 from medtune.config import ExperimentConfig
 from medtune.errors import ConfigError
-from medtune.runner import CellResult, PreparedData, RunSummary, execute, model_key, record
+from medtune.runner import CellResult, GridProgress, PreparedData, RunSummary, execute, model_key, record
 from medtune.store import Store
 from medtune.train import FeatureCache, Runtime, TrainSettings, autocast_dtype
 
@@ -116,7 +116,6 @@ def run_ray(cfg: ExperimentConfig, todo: list[dict], data_of: dict[str, Prepared
             store: Store, summary: RunSummary, progress: bool, on_cell) -> None:
     """Run `todo` as Ray tasks; record each cell in `store` as its task finishes."""
     import ray
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     check_devices(cfg)
     if not todo:
@@ -141,19 +140,16 @@ def run_ray(cfg: ExperimentConfig, todo: list[dict], data_of: dict[str, Prepared
         for cell in sorted(todo, key=lambda c: tuple(str(k) for k in model_key(c))):  # stable: grid order within a key
             ref = task.remote(cell, refs[id(data_of[cell["cell_id"]])], settings, cfg.device, threads)
             pending[ref] = cell
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn()]
-        with Progress(*columns, disable=not progress, transient=False) as bar:
-            job = bar.add_task(f"{len(todo)} cells on Ray ({summary.skipped} already done)", total=len(todo))
+        with GridProgress(len(todo), f"{len(todo)} cells on Ray ({summary.skipped} already done)", progress) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     cell = pending.pop(ref)
-                    status = record(store, cell, outcome_of(ref, cfg.max_retries), summary)
+                    outcome = outcome_of(ref, cfg.max_retries)
+                    status = record(store, cell, outcome, summary)
                     if on_cell:
                         on_cell(cell, status)
-                    bar.update(job, advance=1, description=f"{cell['dataset']} {cell['backbone']} {cell['strategy']} "
-                                                           f"{cell['head']} fold {cell['fold']}: {status}")
+                    bar.finished(cell, outcome)
     finally:
         if started:
             ray.shutdown()

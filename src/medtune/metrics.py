@@ -8,9 +8,11 @@ and reported per class too (`sensitivity[benign]`, ...).
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+from sklearn.metrics import (average_precision_score, brier_score_loss, confusion_matrix, f1_score,
+                             roc_auc_score)
 
-MAIN_METRICS = ["accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "auc"]
+MAIN_METRICS = ["accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "auc",
+                "pr_auc", "brier", "ece"]
 
 
 def _ratio(a: float, b: float) -> float:
@@ -61,10 +63,102 @@ def clinical_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[st
         for key in ("sensitivity", "specificity", "ppv", "npv"):
             out[key] = per_class[class_names[pos]][key]
     else:
+        # as scikit-learn's zero_division=0: an undefined class (never predicted: PPV 0/0; always
+        # predicted: NPV 0/0) counts as 0 in the macro mean, and the count is flagged beside it,
+        # so an always-majority model cannot score a macro PPV from the one class it predicts
         for key in ("sensitivity", "specificity", "ppv", "npv"):
-            out[key] = float(np.nanmean([per_class[n][key] for n in class_names]))
-    out["auc"] = auc(y_true, probs, positive=class_names.index(positive) if positive else None)
+            vals = np.array([per_class[n][key] for n in class_names])
+            out[key] = float(np.mean(np.nan_to_num(vals, nan=0.0)))
+            if key in ("ppv", "npv"):
+                out[f"{key}_undefined"] = float(np.isnan(vals).sum())
+    pos = class_names.index(positive) if positive is not None else (1 if k == 2 else None)
+    out["auc"] = auc(y_true, probs, positive=pos)
+    out.update(calibration(y_true, probs, pos))
     return out
+
+
+# --------------------------------------------------------------------------- calibration
+def calibration(y_true: np.ndarray, probs: np.ndarray, positive: int | None, n_bins: int = 10) -> dict[str, float]:
+    """PR-AUC (average precision), Brier score and ECE. With a positive class: of its probability
+    (scikit-learn's binary `brier_score_loss`, `average_precision_score`); without one: the
+    multiclass Brier score, macro one-vs-rest average precision and the top-label ECE."""
+    y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
+    k = probs.shape[1]
+    out = {"pr_auc": float("nan"), "brier": float("nan"), "ece": float("nan")}
+    if positive is not None:
+        t = y_true == positive
+        if t.any():
+            out["pr_auc"] = float(average_precision_score(t, probs[:, positive]))
+        out["brier"] = float(brier_score_loss(t, probs[:, positive], pos_label=True))
+        out["ece"] = ece(t.astype(float), probs[:, positive], n_bins)
+        return out
+    present = [c for c in range(k) if (y_true == c).any()]
+    if present:
+        out["pr_auc"] = float(np.mean([average_precision_score(y_true == c, probs[:, c]) for c in present]))
+    out["brier"] = float(brier_score_loss(y_true, probs, labels=list(range(k))))
+    out["ece"] = ece((probs.argmax(1) == y_true).astype(float), probs.max(1), n_bins)
+    return out
+
+
+def equal_mass_bins(p: np.ndarray, n_bins: int) -> list[np.ndarray]:
+    """Indices of `p` sorted and cut into n_bins bins of (nearly) equal count: every bin has data,
+    which equal-width bins over [0, 1] do not once a model is confident."""
+    order = np.argsort(p, kind="stable")
+    return [b for b in np.array_split(order, min(n_bins, len(p))) if len(b)]
+
+
+def ece(outcome: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
+    """Expected calibration error over equal-mass bins: sum_b (n_b / n) |mean(p_b) - mean(outcome_b)|,
+    with `outcome` the event (binary: the positive class; multiclass: the top label was right)."""
+    outcome, p = np.asarray(outcome, dtype=float), np.asarray(p, dtype=float)
+    if not len(p):
+        return float("nan")
+    return float(sum(len(b) / len(p) * abs(p[b].mean() - outcome[b].mean()) for b in equal_mass_bins(p, n_bins)))
+
+
+# --------------------------------------------------------------------------- operating points
+def threshold_for(y_pos: np.ndarray, p: np.ndarray, target: str, value: float) -> float:
+    """The decision threshold on P(positive) that reaches `target` (sensitivity or specificity) >=
+    `value` on these predictions, as strict as it can be: for sensitivity the highest threshold,
+    for specificity the lowest. Predicted positive means p >= threshold. Meant for inner
+    validation predictions: the test fold is then scored at a threshold it never influenced."""
+    y_pos, p = np.asarray(y_pos, dtype=bool), np.asarray(p, dtype=float)
+    if target == "sensitivity":
+        pos = np.sort(p[y_pos])[::-1]
+        if not len(pos):
+            return float("nan")
+        need = int(np.ceil(value * len(pos) - 1e-9))  # positives that must score >= threshold
+        return float(pos[max(need, 1) - 1])
+    if target == "specificity":
+        neg = np.sort(p[~y_pos])
+        if not len(neg):
+            return float("nan")
+        need = int(np.ceil(value * len(neg) - 1e-9))  # negatives that must score < threshold
+        if need <= 0:
+            return float(neg[0])
+        return float(np.nextafter(neg[need - 1], np.inf))
+    raise ValueError(f"operating point target must be sensitivity or specificity, not {target!r}")
+
+
+def at_threshold(y_pos: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, int]:
+    """The 2x2 counts when p >= threshold is called positive."""
+    y_pos, pred = np.asarray(y_pos, dtype=bool), np.asarray(p, dtype=float) >= threshold
+    return {"tp": int(np.sum(y_pos & pred)), "fn": int(np.sum(y_pos & ~pred)),
+            "tn": int(np.sum(~y_pos & ~pred)), "fp": int(np.sum(~y_pos & pred))}
+
+
+def net_benefit(y_pos: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(model, treat-all) net benefit at each threshold probability pt, as the dcurves package
+    defines it (Vickers & Elkin 2006): TP/n - FP/n * pt / (1 - pt), predicted positive = p >= pt;
+    treat-all calls everyone positive; treat-none is 0."""
+    y_pos, p = np.asarray(y_pos, dtype=bool), np.asarray(p, dtype=float)
+    n = len(y_pos)
+    pt = np.asarray(thresholds, dtype=float)
+    w = pt / (1 - pt)
+    tp = np.array([np.sum(y_pos & (p >= t)) for t in pt])
+    fp = np.array([np.sum(~y_pos & (p >= t)) for t in pt])
+    prev = y_pos.mean()
+    return tp / n - fp / n * w, prev - (1 - prev) * w
 
 
 def auc(y_true: np.ndarray, probs: np.ndarray, positive: int | None = None) -> float:
@@ -72,7 +166,8 @@ def auc(y_true: np.ndarray, probs: np.ndarray, positive: int | None = None) -> f
     k = probs.shape[1]
     try:
         if k == 2:
-            return float(roc_auc_score(y_true == (positive if positive is not None else 1), probs[:, positive or 1]))
+            pos = 1 if positive is None else positive  # not `positive or 1`: class 0 can be the positive one
+            return float(roc_auc_score(y_true == pos, probs[:, pos]))
         if positive is not None:
             return float(roc_auc_score(y_true == positive, probs[:, positive]))
         if len(np.unique(y_true)) < k:
@@ -98,9 +193,11 @@ def balanced_accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
 
 
 def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, metric=balanced_accuracy, n_boot: int = 2000,
-                 level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-    """(point, low, high): percentile bootstrap over samples of the pooled out-of-fold predictions.
+                 level: float = 0.95, seed: int = 0, clusters: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(point, low, high): percentile bootstrap of the pooled out-of-fold predictions.
 
+    With `clusters` (a patient id per prediction) whole patients are resampled, since images of
+    one patient are not independent: resampling images would make the interval too narrow.
     Pooling the folds' test predictions uses every sample once, so the interval reflects the
     data set's size rather than the number of folds; resampling is seeded so reports are stable.
     """
@@ -108,9 +205,15 @@ def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, metric=balanced_accuracy
     point = metric(y_true, probs)
     rng = np.random.default_rng(seed)
     n = len(y_true)
+    if clusters is not None:
+        _, cid = np.unique(np.asarray(clusters), return_inverse=True)
+        members = [np.flatnonzero(cid == c) for c in range(cid.max() + 1)]
     stats = np.empty(n_boot)
     for b in range(n_boot):
-        i = rng.integers(0, n, n)
+        if clusters is None:
+            i = rng.integers(0, n, n)
+        else:
+            i = np.concatenate([members[c] for c in rng.integers(0, len(members), len(members))])
         stats[b] = metric(y_true[i], probs[i])
     stats = stats[~np.isnan(stats)]
     if not len(stats):
@@ -134,6 +237,22 @@ def corrected_ttest(a: np.ndarray, b: np.ndarray, n_train: float, n_test: float)
         return (0.0, 1.0) if mean == 0 else (float(np.sign(mean) * np.inf), 0.0)
     t = mean / np.sqrt((1.0 / j + n_test / n_train) * var)
     return float(t), float(2 * stats.t.sf(abs(t), j - 1))
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm (1979) step-down adjusted p-values for a family of tests: sort ascending, multiply the
+    i-th smallest (0-based) by (m - i), carry the running maximum, cap at 1. NaN stays NaN and is
+    not counted in m."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    order = ok[np.argsort(p[ok], kind="stable")]
+    running = 0.0
+    for i, j in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[j]))
+        out[j] = running
+    return out
 
 
 def wilcoxon(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

@@ -25,14 +25,15 @@ import torch
 from medtune import __version__
 from medtune.backbones import create_backbone, default_image_size
 from medtune.config import ExperimentConfig, expand_params
-from medtune.data import ImageTable, load_dataset
+from medtune.data import ImageTable, load_dataset, manifest_columns
 from medtune.errors import MedtuneError, TrainingError
 from medtune.heads import fit_svm, full_proba
 from medtune.metrics import clinical_metrics
-from medtune.splits import apply_duplicate_policy, assert_disjoint, check_foldable, inner_split, kfold
+from medtune.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
 from medtune.store import Store
 from medtune.strategies import Strategy, create_strategy, parse_label
 from medtune.train import Runtime, TrainSettings, autocast_dtype, fit, resolve_device, set_seed, shared_cache
+from medtune.version import RESULTS_VERSION
 
 
 # --------------------------------------------------------------------------- data preparation
@@ -47,8 +48,15 @@ class PreparedData:
     folds: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     official: bool = False  # `split: official`: the source's own train+val vs test, one "fold"
     inner: dict[tuple, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    sites: np.ndarray | None = None  # `cv: by_site`: leave-one-site-out folds instead of k-fold
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)  # manifest columns per image (subgroups)
+    external: dict[str, ImageTable] = field(default_factory=dict)  # `test_datasets`, predicted without refitting
 
     def splits(self, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.sites is not None:
+            if "by_site" not in self.folds:
+                self.folds["by_site"] = by_site(self.table.labels, self.groups, self.sites, self.table.name)
+            return self.folds["by_site"]
         if self.official:
             s = self.table.split
             return [(np.flatnonzero(s != "test"), np.flatnonzero(s == "test"))]
@@ -71,7 +79,32 @@ def n_folds_of(ds, folds: int) -> int:
     return 1 if ds.options.get("split") == "official" else folds
 
 
-def prepare(ds, image_size: int, n_folds: int) -> PreparedData:
+def record_of(data: PreparedData, positive: str | None, role: str = "train") -> dict:
+    """The store's record of a data set: counts, duplicates, and per sample (by table position) the
+    patient cluster for the bootstrap and the subgroup columns."""
+    t = data.table
+    clusters = (np.unique(data.groups.astype(str), return_inverse=True)[1].tolist() if data.groups is not None
+                else None)
+    return {"duplicates": data.duplicates, "n": len(t), "class_counts": t.class_counts(),
+            "grouped": data.groups is not None, "positive": positive, "role": role, "clusters": clusters,
+            "subgroups": {k: [str(x) for x in v] for k, v in data.attributes.items()}}
+
+
+def prepare_external(ext, image_size: int, class_names: list[str]) -> PreparedData:
+    """A `test_datasets` entry at one image size: same classes in the same order as the training set,
+    its own duplicate policy, no folds (it is only ever predicted)."""
+    opts = dict(ext.options)
+    if ext.group_pattern:
+        opts["group_pattern"] = ext.group_pattern
+    table = load_dataset(ext.path, source=ext.source, image_size=image_size, name=ext.display_name(), **opts)
+    if table.class_names != class_names:
+        raise MedtuneError(f"test data set {ext.display_name()!r} has classes {table.class_names}; the training data "
+                           f"has {class_names}. An external set must use the same class names.")
+    table, groups, record = apply_duplicate_policy(table, ext.duplicates, ext.near_duplicates)
+    return PreparedData(table, groups, record, ext.positive)
+
+
+def prepare(ds, image_size: int, n_folds: int, columns: list[str] = (), cv: str = "kfold") -> PreparedData:
     opts = dict(ds.options)
     split = opts.pop("split", "merged")
     if split not in ("official", "merged"):
@@ -93,8 +126,17 @@ def prepare(ds, image_size: int, n_folds: int) -> PreparedData:
             raise MedtuneError(f"data set {ds.display_name()!r}: the official split has {len(leaked)} identical "
                                "image(s) in both train/val and test; set `duplicates: drop` or use `split: merged`.")
         return PreparedData(table, groups, record, ds.positive, official=True)
+    names = list(dict.fromkeys([*columns, *(["site"] if cv == "by_site" else [])]))
+    attrs: dict[str, np.ndarray] = {}
+    if names:
+        values = manifest_columns(ds.path, names)
+        attrs = {n: np.asarray([values[n].get(p, "") for p in table.paths], dtype=object) for n in names}
+    if cv == "by_site":
+        data = PreparedData(table, groups, record, ds.positive, sites=attrs["site"], attributes=attrs)
+        data.splits(0, 0)  # checks the sites now, before any training
+        return data
     check_foldable(table.labels, groups, table.class_names, n_folds, ds.display_name())
-    return PreparedData(table, groups, record, ds.positive)
+    return PreparedData(table, groups, record, ds.positive, attributes=attrs)
 
 
 # --------------------------------------------------------------------------- cells
@@ -114,8 +156,10 @@ def cell_id(config: dict) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> list[dict]:
-    """Every cell of the grid as a JSON-serialisable dict with its id."""
+def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
+           n_folds_by: dict[str, int] | None = None) -> list[dict]:
+    """Every cell of the grid as a JSON-serialisable dict with its id. `n_folds_by` gives the fold
+    count of data sets whose folds come from the data (`cv: by_site`: one per site)."""
     cells = []
     train = cfg.train.model_dump()
     for ds in cfg.datasets:
@@ -123,7 +167,7 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> 
             size = bb.image_size or default_image_size(bb.name)
             for strategy in strategy_list(cfg):
                 for seed in cfg.seeds:
-                    n_folds = n_folds_of(ds, cfg.folds)
+                    n_folds = (n_folds_by or {}).get(f"{ds.display_name()}@{size}") or n_folds_of(ds, cfg.folds)
                     for fold in range(n_folds):
                         for head in cfg.heads:  # innermost: cells differing only in head share training
                             config = {
@@ -131,7 +175,13 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str]) -> 
                                 "backbone": {**bb.model_dump(), "image_size": size},
                                 "strategy": {"name": strategy.name, **strategy.params()},
                                 "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": train,
+                                "results_version": RESULTS_VERSION,
                             }
+                            if cfg.test_datasets:  # what a cell predicts besides its test fold is part of it
+                                config["test_datasets"] = [{**t.model_dump(), "fingerprint": fingerprints[
+                                    f"{t.display_name()}@{size}"]} for t in cfg.test_datasets]
+                            if cfg.cv != "kfold":
+                                config["cv"] = cfg.cv
                             cells.append({"cell_id": cell_id(config), "run_id": run_id, "dataset": ds.display_name(),
                                           "backbone": bb.name, "strategy": strategy.label(), "head": head,
                                           "fold": fold, "n_folds": n_folds, "seed": seed, "config": config})
@@ -154,6 +204,7 @@ class CellResult:
     seconds: float
     state_dict: dict | None = None
     head_model: Any = None  # the fitted SVM head, kept with the state dict (keep_model)
+    extra: list = field(default_factory=list)  # (kind, data set, idx, y, probs): inner_val and external predictions
 
 
 def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime, keep_model: bool = False) -> CellResult:
@@ -185,8 +236,16 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
                       table.num_classes, seed=c["seed"])
         probs = full_proba(svm, feats(test_idx), table.num_classes)
         info["svm_C"] = svm.C
+        other = lambda tbl, idx: full_proba(svm, result.features(tbl, idx), table.num_classes)  # noqa: E731
     else:
         probs = result.predict_proba(table, test_idx)
+        other = result.predict_proba
+    # the inner validation split's predictions (operating points are chosen there, never on the test
+    # fold) and each external set's, by the same model without refitting
+    extra = [("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(table, val_idx))] if len(val_idx) else []
+    for name, ext in data.external.items():
+        every = np.arange(len(ext))
+        extra.append(("external", name, every, ext.labels, other(ext, every)))
     if not np.isfinite(probs).all():  # never metrics of NaN predictions
         raise TrainingError(f"the trained model predicts inf/NaN probabilities (lr {settings.lr:g}): the run "
                             "diverged. Lower train.lr or keep train.grad_clip on.")
@@ -200,7 +259,7 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
     preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
     return CellResult(metrics, preds, info, time.perf_counter() - t0, state,
-                      svm if keep_model and head == "svm" else None)
+                      svm if keep_model and head == "svm" else None, extra)
 
 
 def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings: TrainSettings, rt: Runtime,
@@ -282,6 +341,10 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     """Run (or resume) the grid of `cfg`; returns counts. Failed cells are recorded and skipped over."""
     t0 = time.perf_counter()
     store = Store(store_path or cfg.store)
+    if (note := store.version_warning()) is not None:
+        import warnings
+
+        warnings.warn(f"resuming: {note}", stacklevel=2)
     # Under Ray the workers pick their devices; a driver without a GPU (a laptop, a login node) is fine.
     device = resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu")
     run_id = hashlib.sha1(f"{time.time()}-{os.getpid()}".encode()).hexdigest()[:12]
@@ -292,13 +355,18 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
             size = bb.image_size or default_image_size(bb.name)
             key = f"{ds.display_name()}@{size}"
             if key not in prepared:
-                prepared[key] = prepare(ds, size, cfg.folds)
+                prepared[key] = prepare(ds, size, cfg.folds, cfg.subgroups, cfg.cv)
                 fingerprints[key] = prepared[key].table.fingerprint()
                 store.add_dataset(ds.display_name(), prepared[key].table.class_names,
-                                  {"duplicates": prepared[key].duplicates, "n": len(prepared[key].table),
-                                   "class_counts": prepared[key].table.class_counts(),
-                                   "grouped": prepared[key].groups is not None, "positive": ds.positive})
-    cells = expand(cfg, run_id, fingerprints)
+                                  record_of(prepared[key], ds.positive))
+                for ext in cfg.test_datasets:
+                    e = prepare_external(ext, size, prepared[key].table.class_names)
+                    prepared[key].external[ext.display_name()] = e.table
+                    fingerprints[f"{ext.display_name()}@{size}"] = e.table.fingerprint()
+                    store.add_dataset(ext.display_name(), e.table.class_names,
+                                      record_of(e, ext.positive or ds.positive, role=f"external to {ds.display_name()}"))
+    n_folds_by = {k: len(p.splits(0, 0)) for k, p in prepared.items() if p.sites is not None}
+    cells = expand(cfg, run_id, fingerprints, n_folds_by)
     done = store.done_ids()
     todo = [c for c in cells if c["cell_id"] not in done]
     store.add_run(run_id, cfg.model_dump(), environment(device))
@@ -326,7 +394,9 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
 def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSummary) -> str:
     """Write one finished cell (or its error) to the store; the only place cells are written."""
     if isinstance(outcome, CellResult):
-        store.save_cell(cell, "done", outcome.metrics, outcome.predictions, outcome.seconds, info=outcome.info)
+        outcome.info.setdefault("medtune_version", __version__)
+        store.save_cell(cell, "done", outcome.metrics, outcome.predictions, outcome.seconds, info=outcome.info,
+                        extra=outcome.extra)
         summary.done += 1
         return "done"
     store.save_cell(cell, "failed", error=outcome)
@@ -353,20 +423,79 @@ def execute(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime
         return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
 
 
+class GridProgress:
+    """Progress that fits where it runs. On a terminal, rich's live bar. Anywhere else (a pipe, a file,
+    a CI log), where a live bar prints nothing until it stops, one flushed line per finished cell:
+    its labels, status, balanced accuracy, seconds, cells done / total and the ETA, so a log of a
+    long grid is never silent. Both executors report through this one class."""
+
+    def __init__(self, total: int, title: str, enabled: bool = True, stream=None) -> None:
+        import sys
+
+        self.total, self.title, self.enabled = total, title, enabled
+        self.stream = stream or sys.stdout
+        self.live = enabled and self.stream.isatty()
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def __enter__(self) -> "GridProgress":
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(self.title, total=self.total)
+        elif self.enabled:
+            print(self.title, file=self.stream, flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.bar.stop()
+
+    def starting(self, cell: dict) -> None:
+        if self.live:
+            self.bar.update(self.task, description=labels(cell))
+
+    def finished(self, cell: dict, outcome: "CellResult | str") -> None:
+        now = time.perf_counter()
+        seconds = outcome.seconds if isinstance(outcome, CellResult) else now - self.last
+        self.last, self.done = now, self.done + 1
+        if self.live:
+            self.bar.update(self.task, advance=1, description=f"{labels(cell)}: {status_text(outcome)}")
+        elif self.enabled:
+            left = self.total - self.done
+            eta = (now - self.t0) / self.done * left
+            print(f"[{self.done}/{self.total}] {labels(cell)}: {status_text(outcome)}, {seconds:.1f} s; "
+                  f"ETA {format_seconds(eta) if left else 'done'}", file=self.stream, flush=True)
+
+
+def labels(cell: dict) -> str:
+    return (f"{cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} seed {cell['seed']} "
+            f"fold {cell['fold']}")
+
+
+def status_text(outcome: "CellResult | str") -> str:
+    if isinstance(outcome, CellResult):
+        return f"balanced_accuracy {outcome.metrics.get('balanced_accuracy', float('nan')):.3f}"
+    first = next((line for line in outcome.splitlines() if line.strip()), "")
+    return f"FAILED: {first[:160]}"
+
+
+def format_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
 def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: torch.device, store: Store,
               summary: RunSummary, progress: bool, on_cell, keep_seed: int | None = None) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     cache = shared_cache() if settings.cache else None
     amp = autocast_dtype(device, settings.amp)
     memo: dict = {}
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"{len(todo)} cells to run ({summary.skipped} already done)", total=len(todo))
+    with GridProgress(len(todo), f"{len(todo)} cells to run ({summary.skipped} already done)", progress) as bar:
         for cell in todo:
-            bar.update(task, description=f"{cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} "
-                                         f"fold {cell['fold']}")
+            bar.starting(cell)
             rt = Runtime(device, cache, model_key(cell), amp, memo)
             keep = cell["fold"] == 0 and cell["seed"] == keep_seed
             outcome = execute(cell, data_of[cell["cell_id"]], settings, rt, keep_model=keep)
@@ -377,4 +506,4 @@ def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: 
             status = record(store, cell, outcome, summary)
             if on_cell:
                 on_cell(cell, status)
-            bar.advance(task)
+            bar.finished(cell, outcome)

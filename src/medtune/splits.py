@@ -151,3 +151,30 @@ def assert_disjoint(train_idx: np.ndarray, test_idx: np.ndarray, table: ImageTab
     leaked = {table.digests[i] for i in train_idx} & {table.digests[i] for i in test_idx}
     if leaked:
         raise DataError(f"{len(leaked)} identical image(s) are on both sides of a split; set `duplicates: group`.")
+
+
+def by_site(labels: np.ndarray, groups: np.ndarray | None, sites: np.ndarray, where: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Leave-one-site-out folds (`cv: by_site`): fold i tests on site i (sorted by name) and trains on
+    every other site, so the estimate is of a model meeting a hospital it has never seen. A
+    patient imaged at two sites, or a training side missing a class, is refused."""
+    from sklearn.model_selection import LeaveOneGroupOut
+
+    sites = np.asarray(sites, dtype=object)
+    names = sorted(set(sites))
+    if len(names) < 2:
+        raise DataError(f"{where}: `cv: by_site` needs at least 2 sites in the manifest's `site` column; found "
+                        f"{names}. Use `cv: kfold`.")
+    if groups is not None:
+        spans = {g for g in set(groups) if len(set(sites[groups == g])) > 1}
+        if spans:
+            raise DataError(f"{where}: {len(spans)} patient(s) appear at more than one site (e.g. {sorted(spans)[0]!r}); "
+                            "fix the `site` or `patient_id` column, since leave-one-site-out would leak them.")
+    code = np.asarray([names.index(s) for s in sites])
+    folds = [(tr, te) for tr, te in LeaveOneGroupOut().split(np.zeros(len(labels)), labels, code)]
+    folds.sort(key=lambda f: code[f[1][0]])
+    for tr, te in folds:
+        missing = sorted(set(labels) - set(labels[tr]))
+        if missing:
+            raise DataError(f"{where}: without site {names[code[te[0]]]!r} the training side lacks class(es) "
+                            f"{missing}; every class must be seen at other sites. Use `cv: kfold`.")
+    return folds

@@ -7,6 +7,7 @@ cells, and rerunning skips them. Reports read this file and never touch a model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from medtune.errors import MedtuneError
+from medtune.version import RESULTS_VERSION, UNVERSIONED
 
 SCHEMA_VERSION = 1
 
@@ -34,9 +36,68 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS predictions (
     cell_id TEXT NOT NULL REFERENCES cells(cell_id), sample INTEGER NOT NULL, path TEXT NOT NULL,
     y_true INTEGER NOT NULL, probs_json TEXT NOT NULL, PRIMARY KEY (cell_id, sample));
+CREATE TABLE IF NOT EXISTS extra_predictions (
+    cell_id TEXT NOT NULL REFERENCES cells(cell_id), kind TEXT NOT NULL, dataset TEXT NOT NULL,
+    sample INTEGER NOT NULL, y_true INTEGER NOT NULL, probs_json TEXT NOT NULL,
+    PRIMARY KEY (cell_id, kind, dataset, sample));
 CREATE TABLE IF NOT EXISTS datasets (
     dataset TEXT PRIMARY KEY, class_names_json TEXT NOT NULL, info_json TEXT NOT NULL);
 """
+
+
+DISPLAY = ["dataset", "backbone", "strategy", "head"]  # how a group is named; `variant` tells apart the rest
+NOT_GROUPED = ("fold", "seed")  # the only settings a group's cells may differ in
+
+
+def group_key(config: dict) -> str:
+    """A cell group's identity: the hash of its whole resolved configuration except fold and seed.
+    Two image sizes of one backbone, with and without pretraining, or two training settings are
+    two groups, never one row averaged over both."""
+    rest = {k: v for k, v in config.items() if k not in NOT_GROUPED}
+    return hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the leaves two configurations can differ in."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True, default=str) if isinstance(v, list) else v
+    return out
+
+
+def variant_labels(configs: dict[str, dict]) -> dict[str, str]:
+    """For groups that share a display name: a short label of the settings in which they differ
+    (e.g. 'backbone.image_size=224'); '' for a group whose name is already unique."""
+    if len(configs) < 2:
+        return {g: "" for g in configs}
+    flat = {g: flatten({k: v for k, v in c.items() if k not in NOT_GROUPED}) for g, c in configs.items()}
+    keys = sorted(set().union(*flat.values()))
+    differing = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flat.values()}) > 1]
+    return {g: ", ".join(f"{k}={f.get(k)}" for k in differing) for g, f in flat.items()}
+
+
+def add_groups(df: pd.DataFrame) -> pd.DataFrame:
+    """Add `group` (group_key) and `variant` columns to done cells with a `config_json` column, and
+    refuse a group holding the same (seed, fold) twice (a paired test would then pair repeats)."""
+    df = df.copy()
+    configs = df["config_json"].map(json.loads)
+    df["group"] = configs.map(group_key)
+    df["variant"] = ""
+    first = dict(zip(df["group"], configs))
+    for _, sub in df.groupby(DISPLAY, sort=False):
+        labels = variant_labels({g: first[g] for g in dict.fromkeys(sub["group"])})
+        df.loc[sub.index, "variant"] = sub["group"].map(labels)
+    dup = df[df.duplicated(["group", "seed", "fold"], keep=False)]
+    if not dup.empty:
+        r = dup.iloc[0]
+        raise MedtuneError(f"cell group {r.dataset} · {r.backbone} · {r.strategy} · {r['head']} holds seed {r.seed} "
+                           f"fold {r.fold} more than once ({len(dup)} cells); its folds cannot be paired. "
+                           "Rebuild the store from one config.")
+    return df
 
 
 def strict_json(obj) -> str:
@@ -54,12 +115,25 @@ def strict_json(obj) -> str:
     return json.dumps(clean(obj), default=str, allow_nan=False)
 
 
+def _is_sqlite(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
+
+
 class Store:
     """A thin layer over the SQLite file; every write of a cell is one transaction."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MedtuneError(f"cannot create the folder of the results store {self.path} ({exc.strerror}). "
+                               "Give another --store path (or `store:` in the config).") from exc
+        if self.path.is_file() and self.path.stat().st_size and not _is_sqlite(self.path):
+            # SQLite would take a small non-database file for an empty database and overwrite it
+            raise MedtuneError(f"{self.path} is not a medtune results store (not an SQLite file). Give another "
+                               "--store path.")
         try:
             self.conn = sqlite3.connect(self.path, timeout=30)
             self.conn.execute("PRAGMA journal_mode=WAL")
@@ -97,13 +171,18 @@ class Store:
 
     def save_cell(self, cell: dict, status: str, metrics: dict[str, float] | None = None,
                   predictions: tuple[np.ndarray, list[str], np.ndarray, np.ndarray] | None = None,
-                  seconds: float | None = None, error: str | None = None, info: dict | None = None) -> None:
+                  seconds: float | None = None, error: str | None = None, info: dict | None = None,
+                  extra: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]] | None = None) -> None:
         """Write a finished (or failed) cell with everything that belongs to it, atomically.
-        `predictions` = (sample indices, paths, y_true, probabilities)."""
+        `predictions` = (sample indices, paths, y_true, probabilities) on the outer test fold;
+        `extra` = (kind, data set, sample indices, y_true, probabilities) for the other sets a cell
+        predicts: kind "inner_val" (its inner validation split, where operating points are chosen)
+        or "external" (a `test_datasets` entry, predicted without refitting)."""
         with self.conn:
             cid = cell["cell_id"]
             self.conn.execute("DELETE FROM metrics WHERE cell_id=?", (cid,))
             self.conn.execute("DELETE FROM predictions WHERE cell_id=?", (cid,))
+            self.conn.execute("DELETE FROM extra_predictions WHERE cell_id=?", (cid,))
             self.conn.execute(
                 "INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (cid, cell["run_id"], cell["dataset"], cell["backbone"], cell["strategy"], cell["head"], cell["fold"],
@@ -118,6 +197,11 @@ class Store:
                     "INSERT INTO predictions VALUES (?,?,?,?,?)",
                     [(cid, int(i), p, int(t), json.dumps([round(float(v), 6) for v in pr]))
                      for i, p, t, pr in zip(idx, paths, y, probs)])
+            for kind, dataset, idx, y, probs in extra or []:
+                self.conn.executemany(
+                    "INSERT INTO extra_predictions VALUES (?,?,?,?,?,?)",
+                    [(cid, kind, dataset, int(i), int(t), json.dumps([round(float(v), 6) for v in pr]))
+                     for i, t, pr in zip(idx, y, probs)])
 
     # ------------------------------------------------------------------ reads
     def done_ids(self) -> set[str]:
@@ -126,18 +210,34 @@ class Store:
     def cells(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM cells ORDER BY dataset, backbone, strategy, head, seed, fold", self.conn)
 
+    def current_ids(self) -> set[str] | None:
+        """Done cells of this medtune's results version, or None when the store holds no older ones
+        (nothing to filter). A store mixing versions is read as its current cells only, so one group
+        never averages numbers computed by two versions of the code."""
+        versions = self.results_versions()
+        if set(versions) <= {RESULTS_VERSION} or RESULTS_VERSION not in versions:
+            return None
+        rows = self.conn.execute("SELECT cell_id FROM cells WHERE status='done' AND "
+                                 "json_extract(config_json, '$.results_version') = ?", (RESULTS_VERSION,))
+        return {r[0] for r in rows}
+
     def metrics(self) -> pd.DataFrame:
         """One row per done cell, one column per metric, with the cell's grid coordinates."""
         long = pd.read_sql_query(
-            "SELECT c.cell_id, c.dataset, c.backbone, c.strategy, c.head, c.fold, c.seed, c.seconds, m.name, m.value "
+            "SELECT c.cell_id, c.dataset, c.backbone, c.strategy, c.head, c.fold, c.seed, c.seconds, c.config_json, "
+            "m.name, m.value "
             "FROM cells c JOIN metrics m USING (cell_id) WHERE c.status='done'", self.conn)
+        current = self.current_ids()
+        if current is not None:
+            long = long[long.cell_id.isin(current)]
         if long.empty:
             return long
         keys = ["cell_id", "dataset", "backbone", "strategy", "head", "fold", "seed"]
         wide = long.pivot(index="cell_id", columns="name", values="value")
         wide.columns.name = None
-        cells = long.drop_duplicates("cell_id").set_index("cell_id")[keys[1:] + ["seconds"]]
-        return cells.join(wide).reset_index()
+        cells = long.drop_duplicates("cell_id").set_index("cell_id")[keys[1:] + ["seconds", "config_json"]]
+        out = add_groups(cells.join(wide).reset_index())
+        return out.drop(columns=["config_json"])
 
     def predictions(self, cell_ids: list[str] | None = None) -> pd.DataFrame:
         q = "SELECT * FROM predictions"
@@ -149,12 +249,47 @@ class Store:
         df["probs"] = df.pop("probs_json").map(json.loads)
         return df
 
+    def extra_predictions(self, kind: str | None = None) -> pd.DataFrame:
+        """Inner-validation ("inner_val") or external-set ("external") predictions of done cells."""
+        q, args = "SELECT * FROM extra_predictions", ()
+        if kind is not None:
+            q, args = q + " WHERE kind=?", (kind,)
+        df = pd.read_sql_query(q + " ORDER BY cell_id, dataset, sample", self.conn, params=args)
+        df["probs"] = df.pop("probs_json").map(json.loads)
+        return df
+
     def class_names(self, dataset: str) -> list[str]:
         row = self.conn.execute("SELECT class_names_json FROM datasets WHERE dataset=?", (dataset,)).fetchone()
         return json.loads(row[0]) if row else []
 
     def runs(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM runs ORDER BY started", self.conn)
+
+    def results_versions(self) -> dict[int, int]:
+        """{results version: number of done cells}; a cell written before versions existed counts as
+        version 1 (its config has no `results_version`)."""
+        rows = self.conn.execute(
+            "SELECT json_extract(config_json, '$.results_version'), COUNT(*) FROM cells WHERE status='done' GROUP BY 1")
+        return {int(v) if v is not None else UNVERSIONED: int(n) for v, n in rows}
+
+    def medtune_versions(self) -> list[str]:
+        """The medtune versions of the runs that wrote this store (from each run's environment)."""
+        rows = self.conn.execute("SELECT DISTINCT json_extract(env_json, '$.medtune') FROM runs ORDER BY started")
+        return [str(v) for (v,) in rows if v is not None]
+
+    def version_warning(self) -> str | None:
+        """A sentence for `results`, `report` and a resumed `run` when the store holds cells computed
+        by other code than this medtune's (results version != RESULTS_VERSION), else None."""
+        versions = self.results_versions()
+        old = {v: n for v, n in versions.items() if v != RESULTS_VERSION}
+        if not old:
+            return None
+        what = ", ".join(f"{n} cell(s) of results version {v}" for v, n in sorted(old.items()))
+        mixed = " mixed with newer ones" if RESULTS_VERSION in versions else ""
+        return (f"{self.path} holds {what}{mixed}; this medtune computes results version {RESULTS_VERSION}, so "
+                "those numbers come from older code (docs/report.md lists what changed). A rerun of the config "
+                "recomputes them under new cell ids; tables here include only version "
+                f"{RESULTS_VERSION} cells when there are any.")
 
     def integrity_ok(self) -> bool:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -183,4 +318,9 @@ def read_cells(store: Store) -> pd.DataFrame:
     """Done cells with `info` (history, trainable blocks, strategy label) parsed from JSON."""
     df = store.cells()
     df = df[df.status == "done"].copy()
+    current = store.current_ids()
+    if current is not None:
+        df = df[df.cell_id.isin(current)]
+    if not df.empty:
+        df = add_groups(df)
     return _json_cols(df, {"info_json": "info"})
