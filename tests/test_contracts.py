@@ -310,3 +310,24 @@ def test_gradient_criteria_skip_an_overflowed_fp16_step(criterion):
     groups[1]["params"][0].grad = torch.tensor([1.0, 2.0])
     criterion.after_backward(groups, 1)
     assert groups[1]["criterion_n"] == 1
+
+
+def test_no_import_cycles_in_the_core():
+    """Imports point one way, also inside functions: no module of the core (data, synthetic, splits,
+    quality, backbones, strategies, features, precision, probe, train) is on an import cycle."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "medtune"
+    graph = {}
+    for f in src.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        graph[f.stem] = {n.module.split(".")[1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                         and n.module and n.module.startswith("medtune.")}
+
+    def reaches(start, goal, seen=()):
+        return any(m == goal or (m not in seen and reaches(m, goal, (*seen, m))) for m in graph.get(start, ()))
+
+    core = ["data", "synthetic", "table", "folds", "splits", "quality", "backbones", "strategies", "features",
+            "precision", "probe", "train"]
+    assert [m for m in core if reaches(m, m)] == []
