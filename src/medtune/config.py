@@ -315,14 +315,13 @@ def _check_fixed_input_size(name: str, image_size: int, source: str) -> None:
     """Vision transformers built with a fixed patch grid (timm's default for ViT, DeiT, BEiT, ...) take one
     input size only; any other `image_size` would fail inside the first cell with timm's assertion. The
     architecture is built on the meta device (no memory, no weights) to read its patch embedding."""
-    import timm
     import torch
 
-    from medtune.backbones import timm_name
+    from medtune.backbones import create_architecture, timm_name
 
-    try:
+    try:  # as create_backbone builds it: timm's ViTs with a patch grid that follows the input
         with torch.device("meta"):
-            model = timm.create_model(timm_name(name), pretrained=False)
+            model = create_architecture(timm_name(name), pretrained=False)
     except Exception:  # noqa: BLE001 - not buildable this way (e.g. embedded weights): the cell will say
         return
     embed = getattr(model, "patch_embed", None)
