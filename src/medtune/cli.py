@@ -46,6 +46,7 @@ class What(str, Enum):
     backbones = "backbones"
     strategies = "strategies"
     weights = "weights"
+    depths = "depths"
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -189,12 +190,18 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
 
 
 @app.command("list")
-def list_(what: What = typer.Argument(..., help="What to list: backbones, strategies or weights.")) -> None:
-    """List the strategies, the backbones or the weight sources.
+def list_(what: What = typer.Argument(..., help="What to list: backbones, strategies, weights, or depths BACKBONE."),
+          backbone: Optional[str] = typer.Argument(None, help="For `depths`: a backbone name."),
+          random_init: bool = typer.Option(False, "--random-init", help="For `depths`: no weights needed."),
+          json_out: bool = typer.Option(False, "--json", help="For `depths`: print JSON.")) -> None:
+    """List the strategies, the backbones, the weight sources, or the depths of a backbone.
 
     Strategies: the names to use in a config, with their papers. Backbones: the studies' networks, with
-    where their weights come from. Weights: the named pretrained sources and whether they resolve here."""
-    if what == What.strategies:
+    where their weights come from. Weights: the named pretrained sources and whether they resolve here.
+    Depths: what the standard depth settings train (`medtune list depths resnet50 --random-init`)."""
+    if what == What.depths:
+        list_depths(backbone, random_init, json_out)
+    elif what == What.strategies:
         from medtune.strategies import REGISTRY
 
         table = Table(title="strategies (registry keys usable in YAML)")
@@ -227,6 +234,28 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones, strate
                 src = "timm hub, or `checkpoint: FILE`"
             table.add_row(name, timm_name(name), src)
         console.print(table)
+
+
+def list_depths(backbone: str | None, random_init: bool, json_out: bool) -> None:
+    """The standard depth settings on one backbone: trained blocks and fraction of parameters."""
+    import json
+
+    from medtune.backbones import create_backbone
+    from medtune.strategies import STANDARD_DEPTHS, depth, parse_label
+
+    if not backbone:
+        raise typer.BadParameter("`medtune list depths` needs a backbone, e.g. `medtune list depths resnet50 --random-init`.")
+    model = create_backbone(backbone, pretrained=not random_init, num_classes=2)
+    rows = [{**depth(parse_label(label), model), "strategy": label} for label in STANDARD_DEPTHS]
+    if json_out:
+        sys.stdout.write(json.dumps({"backbone": backbone, "depths": rows}, indent=2) + "\n")
+        return
+    table = Table(title=f"{backbone}: what each depth setting trains")
+    for col in ("strategy", "params trained", "trainable blocks"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["strategy"], f"{100 * r['trainable_fraction']:.1f}%", ", ".join(r["trainable_blocks"]))
+    console.print(table)
 
 
 @data_app.command("check")

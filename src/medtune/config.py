@@ -160,8 +160,6 @@ class TrainConfig(Strict):
         "which pairs with lower learning rates (docs/strategies.md); update_all = frozen blocks update too "
         "(turns the feature cache off)")
     grad_clip: float = Field(5.0, ge=0, description="clip the gradient norm to this value; 0 = off")
-    probe_lr_scale: float = Field(10.0, gt=0, description="learning-rate multiplier for epochs in which only the "
-                                                          "head trains (linear probe, the LP phase of lp_ft)")
     augment: AugmentConfig = Field(AugmentConfig(), description="training-time augmentation")
 
     @model_validator(mode="before")
@@ -402,14 +400,13 @@ def _check_fixed_input_size(name: str, image_size: int, source: str) -> None:
     """Vision transformers built with a fixed patch grid (timm's default for ViT, DeiT, BEiT, ...) take one
     input size only; any other `image_size` would fail inside the first cell with timm's assertion. The
     architecture is built on the meta device (no memory, no weights) to read its patch embedding."""
-    import timm
     import torch
 
-    from medtune.backbones import timm_name
+    from medtune.backbones import create_architecture, timm_name
 
-    try:
+    try:  # as create_backbone builds it: timm's ViTs with a patch grid that follows the input
         with torch.device("meta"):
-            model = timm.create_model(timm_name(name), pretrained=False)
+            model = create_architecture(timm_name(name), pretrained=False)
     except Exception:  # noqa: BLE001 - not buildable this way (e.g. embedded weights): the cell will say
         return
     embed = getattr(model, "patch_embed", None)

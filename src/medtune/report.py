@@ -410,8 +410,8 @@ def cd_section(wide: pd.DataFrame, what: str, where: str) -> str:
 
 
 # --------------------------------------------------------------------------- the page
-TRAIN_SHOWN = ("epochs", "batch_size", "lr", "weight_decay", "patience", "val_fraction", "class_weighted",
-               "balanced_sampler", "bn_statistics", "amp")
+TRAIN_SHOWN = ("epochs", "batch_size", "lr", "weight_decay", "patience", "val_fraction", "class_weight",
+               "bn_statistics", "amp")
 
 
 def tripod_appendix(ev: Evidence) -> pd.DataFrame:

@@ -33,10 +33,10 @@ from medtune.errors import MedtuneError, TrainingError
 from medtune.heads import DECISION_RULES, fit_svm, full_proba
 from medtune.metrics import clinical_metrics
 from medtune.select import candidates, cell_strategies, strategy_label, train_cell
+from medtune.strategies import trains_backbone
 from medtune.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
 from medtune.store import Store
-from medtune.train import (Augment, Runtime, TrainSettings, autocast_dtype, final_inputs, predict_proba,
-                           resolve_device, shared_cache)
+from medtune.train import Runtime, TrainSettings, autocast_dtype, resolve_device, shared_cache
 from medtune.version import RESULTS_VERSION
 
 
@@ -147,14 +147,7 @@ def prepare(ds, image_size: int, n_folds: int, columns: list[str] = (), cv: str 
 def settings_from(cfg: ExperimentConfig) -> TrainSettings:
     """The loop's settings. A chosen `lr` is NaN here: each candidate replaces it (select.py), so a
     path that forgot to would fail loudly instead of training at a guessed rate."""
-    t = cfg.train.model_dump()
-    t["augment"] = Augment(**t["augment"])
-    if isinstance(t["lr"], dict):
-        t["lr"] = math.nan
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    if "class_weight" not in known:  # the loop before the core split reads a bool
-        t["class_weighted"] = t.pop("class_weight") == "balanced"
-    return TrainSettings(**t)
+    return cfg.train.model_copy(update={"lr": math.nan}) if isinstance(cfg.train.lr, dict) else cfg.train
 
 
 def cell_id(config: dict) -> str:
@@ -232,34 +225,31 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     else:
         strategy, result, picked = train_for_cell(c, data, train_idx, settings, rt, head)
         memo.clear()  # keep one: the next cell with the same training is the next head
-        if not (head == "svm" and not strategy.trains_backbone(settings.epochs)):
-            memo[fit_key] = (strategy, result, picked)
+        memo[fit_key] = (strategy, result, picked)
     if picked:
         info["auto_depth" if c["strategy"]["name"] == AUTO_DEPTH else "choice"] = picked
     fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
-    inputs = final_inputs(result, table, settings, rt)
     class_weight = c["train"]["class_weight"]
     # one rule for both heads (heads.py): the same class weighting, argmax under the same priors
     info.update({"class_weight": class_weight, "decision_rule": DECISION_RULES[class_weight]})
     if head == "svm":
-        feats = lambda idx: predict_proba(result.forward, inputs, idx, settings, rt, features=True)  # noqa: E731
+        feats = lambda idx: result.features(table, idx)  # noqa: E731
         both = np.concatenate([fit_idx, val_idx])
         svm = fit_svm(feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx],
                       table.num_classes, seed=c["seed"], class_weight=class_weight,
                       groups=None if groups is None else groups[both])
         probs = full_proba(svm, feats(test_idx), table.num_classes)
         info["svm_C"] = svm.C
-        other = lambda inp, idx: full_proba(svm, predict_proba(result.forward, inp, idx, settings, rt, features=True),  # noqa: E731
-                                            table.num_classes)
+        other = lambda tbl, idx: full_proba(svm, result.features(tbl, idx), table.num_classes)  # noqa: E731
     else:
-        probs = predict_proba(result.forward, inputs, test_idx, settings, rt)
-        other = lambda inp, idx: predict_proba(result.forward, inp, idx, settings, rt)  # noqa: E731
+        probs = result.predict_proba(table, test_idx)
+        other = result.predict_proba
     # the inner validation split's predictions (operating points are chosen there, never on the test
     # fold) and each external set's, by the same model without refitting
-    extra = [("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(inputs, val_idx))] if len(val_idx) else []
+    extra = [("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(table, val_idx))] if len(val_idx) else []
     for name, ext in data.external.items():
         every = np.arange(len(ext))
-        extra.append(("external", name, every, ext.labels, other(final_inputs(result, ext, settings, rt), every)))
+        extra.append(("external", name, every, ext.labels, other(ext, every)))
     if not np.isfinite(probs).all():  # never metrics of NaN predictions
         raise TrainingError(f"the trained model predicts inf/NaN probabilities (lr {settings.lr:g}): the run "
                             "diverged. Lower train.lr or keep train.grad_clip on.")
@@ -269,7 +259,8 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     if collapsed:
         info["collapsed"] = collapsed
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
-                 "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics})
+                 "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics,
+                 "trainable_fraction": result.trainable_fraction})
     if result.history:
         info["trainable_blocks"] = [h["trainable_blocks"] for h in result.history]
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
@@ -285,7 +276,7 @@ def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings:
     fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
     # SVM on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
     frozen_svm = head == "svm" and c["strategy"]["name"] != AUTO_DEPTH and not any(
-        cand.strategy.trains_backbone(settings.epochs) for cand in candidates(c["strategy"], c["train"]["lr"]))
+        trains_backbone(cand.strategy, settings.epochs) for cand in candidates(c["strategy"], c["train"]["lr"]))
     return train_cell(c, data.table, data.groups, train_idx, fit_idx, val_idx, settings, rt,
                       only_head_features=frozen_svm)
 

@@ -27,7 +27,7 @@ from medtune.data import ImageTable
 from medtune.errors import ConfigError
 from medtune.splits import inner_split, kfold
 from medtune.strategies import Strategy, create_strategy
-from medtune.train import FitResult, Runtime, TrainSettings, final_inputs, fit, predict_proba, set_seed
+from medtune.train import FitResult, Runtime, TrainSettings, fit, set_seed
 
 
 # --------------------------------------------------------------------------- specs (grid side)
@@ -135,14 +135,14 @@ def fit_candidate(cand: Candidate, c: dict, table: ImageTable, fit_idx: np.ndarr
     bb = c["backbone"]
     set_seed(c["seed"])  # before building the model: a random head must not depend on earlier cells
     model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"], bb.get("weights"), bb.get("sha256"))
-    return fit(model, table, fit_idx, val_idx, cand.strategy, dataclasses.replace(settings, lr=cand.lr), rt,
+    return fit(model, table, fit_idx, val_idx, cand.strategy, settings.model_copy(update={"lr": cand.lr}), rt,
                seed=c["seed"])
 
 
 def inner_score(result: FitResult, table: ImageTable, idx: np.ndarray, settings: TrainSettings,
                 rt: Runtime) -> tuple[float, float]:
     """(balanced accuracy, class-balanced log loss) of a trained candidate on inner indices."""
-    probs = predict_proba(result.forward, final_inputs(result, table, settings, rt), idx, settings, rt)
+    probs = result.predict_proba(table, idx)
     y = table.labels[idx]
     present = np.unique(y)
     pred = probs.argmax(1)
@@ -171,7 +171,7 @@ def train_cell(c: dict, table: ImageTable, groups: np.ndarray | None, train_idx:
         record = None if len(cands) == 1 else {"picked": cand.key(), "chosen": cand.chosen, "scores": {},
                                                "note": "nothing trains (SVM on frozen features): no choice"}
         if only_head_features:
-            settings = dataclasses.replace(settings, epochs=0)
+            settings = settings.model_copy(update={"epochs": 0})
         return cand.strategy, fit_candidate(cand, c, table, fit_idx, val_idx, settings, rt), record
     if len(val_idx) == 0 or len(np.unique(table.labels[val_idx])) < 2:
         raise ConfigError(f"{strategy_label(c['strategy'])}: choosing needs an inner validation split with at "

@@ -13,6 +13,10 @@ History: 1 = cells written before the version existed (no `results_version` in t
     (ties to the lower inner loss).
     Also: at `views: 1` the uncached path (cache: false, or nothing frozen as in full_ft) no longer draws from
     the training generator, so its epoch order from epoch 2 on is the cached path's.
+    And: depth in the papers' units (blocks per bottleneck/dense block/MBConv stage, VGG's conv blocks,
+    partial_ft(fraction) over layers); the linear probe fitted to convergence (logistic regression);
+    LP-FT under the experiment's BatchNorm rule; one fixed-view augmentation regime for every
+    strategy; Auto-SNR's unbiased variance.
 """
 
 RESULTS_VERSION = 3
