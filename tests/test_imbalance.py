@@ -84,19 +84,20 @@ def test_a_planted_collapsed_cell_reaches_the_store_and_results(tmp_path, monkey
     in the run's output and in `medtune results`; the spread cells are not."""
     import medtune.runner as runner
     from medtune.cli import Fmt, print_results
+    from medtune.train import FitResult
 
-    real = runner.predict_proba
+    real = FitResult.predict_proba
 
-    def planted(fwd, inputs, idx, settings, rt, features=False):
-        out = real(fwd, inputs, idx, settings, rt, features)
-        if features or len(idx) < 4:
+    def planted(self, table, idx):
+        out = real(self, table, idx)
+        if len(idx) < 4:
             return out
         p = np.zeros_like(out)
         p[:, 0] = 1.0
         return p
 
     cfg = load_config(tiny_config(tmp_path, strategies=["linear_probe"]))
-    monkeypatch.setattr(runner, "predict_proba", planted)
+    monkeypatch.setattr(FitResult, "predict_proba", planted)
     summary = runner.run(cfg, progress=False)
     assert summary.done == 2 and len(summary.collapsed) == 2
     assert "collapsed" in capsys.readouterr().err
