@@ -87,7 +87,7 @@ def test_a_choice_is_made_without_the_test_fold(tmp_path):
     table, test0 = _planted_table()
     raw = smoke_raw(tmp_path, epochs=4, val_fraction=0.3, views=1)
     raw["backbones"][0]["image_size"] = 32
-    raw["strategies"] = [{"name": "linear_probe", "lr": {"choose": [1e-9, 0.03]}}]
+    raw["strategies"] = [{"name": "full_ft", "lr": {"choose": [1e-9, 0.03]}}]
     cfg = load_config(raw=raw)
     cell = next(c for c in expand(cfg, "run", {"syn@32": table.fingerprint()}) if c["fold"] == 0)
     data = PreparedData(table, table.groups, {"policy": "group"}, None)
@@ -95,7 +95,7 @@ def test_a_choice_is_made_without_the_test_fold(tmp_path):
     rt = Runtime(torch.device(DEVICE), None, model_key(cell))
     result = run_cell(cell, data, settings, rt)
     choice = result.info["choice"]
-    assert set(choice["scores"]) == {"linear_probe lr=1e-09", "linear_probe lr=0.03"}
+    assert set(choice["scores"]) == {"full_ft lr=1e-09", "full_ft lr=0.03"}
     assert choice["picked"] == max(choice["scores"], key=lambda k: (choice["scores"][k], -choice["losses"][k]))
     # What each candidate would score on the test fold: a choice made there would pick the other one.
     train_idx = data.splits(2, 0)[0][0]
@@ -107,8 +107,8 @@ def test_a_choice_is_made_without_the_test_fold(tmp_path):
         on_test[cand.key()] = inner_score(res, table, test0, settings, rt)
     # the same rule (balanced accuracy, then the lower loss) applied to the test fold
     leaked_pick = max(on_test, key=lambda k: (on_test[k][0], -on_test[k][1]))
-    assert leaked_pick == "linear_probe lr=1e-09" != choice["picked"], (on_test, choice)
-    assert choice["picked"] == "linear_probe lr=0.03" and choice["chosen"] == {"lr": 0.03}
+    assert leaked_pick == "full_ft lr=1e-09" != choice["picked"], (on_test, choice)
+    assert choice["picked"] == "full_ft lr=0.03" and choice["chosen"] == {"lr": 0.03}
     assert not set(fit_idx) & set(test0) and not set(val_idx) & set(test0) and set(train_idx) >= set(val_idx)
     # the cell's score is the test fold's, which the plant makes poor for the chosen (cue-learning) rate
     assert result.metrics["balanced_accuracy"] == pytest.approx(on_test[choice["picked"]][0], abs=1e-9)
