@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import sys
 import textwrap
 import typing
@@ -35,12 +36,14 @@ WHEN = {
     "`partial_ft` and `l2_sp` before trusting its fold means.",
     "partial_ft": "The practical middle ground and the main question of medtune: how many top blocks to tune. "
     "Bal-Ghaoui et al. found the last ~15% of layers best for ResNet50 and InceptionV3 on breast ultrasound; "
-    "sweep `blocks: [1, 2, 3, ...]` (or `fraction`) and read the depth plot.",
+    "sweep `fraction: [0.05, 0.15, 0.3]` (layers, as the paper counts them) or `blocks: [1, 2, 3]` (the papers' "
+    "blocks) and read the depth plot, whose x axis is the share of parameters trained.",
     "blockwise_ft": "To reproduce Kandel & Castelli's depth study under its own name: a grid over `blocks` draws "
-    "accuracy against the number of tuned blocks. Same schedule as `partial_ft(blocks=N)`.",
+    "accuracy against the number of tuned blocks (on VGG: the fc block plus the last N of the five conv blocks). "
+    "Same schedule as `partial_ft(blocks=N)`.",
     "gradual_unfreeze": "Small data sets with a large domain shift, where unfreezing everything at once under a "
     "random head damages the pretrained features. Needs enough epochs for the schedule to reach the lower "
-    "blocks (about `every` x number of blocks).",
+    "stages (about `every` x number of stages).",
     "lp_ft": "When full fine-tuning is accurate in distribution but you care about other scanners or sites: "
     "probing first keeps the features from being distorted by a random head. Cheap with the feature cache.",
     "discriminative_lr": "When every block should adapt but generic low-level features should move less: a "
@@ -53,8 +56,8 @@ WHEN = {
     "auto_snr": "Like `auto_rgn`, but freezes tensors whose gradients are mostly noise for the epoch; worth "
     "trying on small, noisy data sets.",
     "surgical": "To diagnose where the shift between ImageNet and your data lies: Lee et al. show that "
-    "input-level shifts (contrast, scanner, noise) favour tuning the first block and label-level shifts the "
-    "last. Run `block: [first, middle, last]` and compare.",
+    "input-level shifts (contrast, scanner, noise) favour tuning the first block (the stem and first stage) and "
+    "label-level shifts the last. Run `block: [first, middle, last]` and compare.",
     "bitfit": "When few trainable parameters matter (many models to store, tiny data sets). On CNNs with a large "
     "domain shift it is rarely the most accurate, but it is a strong regulariser.",
     "auto_depth": "When the choice of strategy or depth should be made per data set without biasing the "
@@ -137,7 +140,15 @@ def render_config() -> str:
              "`--set train.epochs=3 --set datasets.0.path=/data/busi`.\n\n",
              "Short forms: a backbone may be written as its name (`- resnet50`), a strategy as its name "
              "(`- full_ft`) or as a mapping of its parameters (`- {name: partial_ft, blocks: [1, 2]}`; a list "
-             "sweeps). The loaders' `options` are described in [data.md](data.md).\n\n"]
+             "sweeps). The loaders' `options` are described in [data.md](data.md).\n\n",
+             "Sweep or choose: a list is a grid axis (`blocks: [1, 2, 3]` makes three cells, the depth curve); "
+             "`{choose: [...]}` (for `train.lr`, a strategy's `lr` or any strategy parameter, e.g. "
+             "`{name: l2_sp, alpha: {choose: [0.001, 0.01, 0.1]}}`) makes one cell that picks its value per outer "
+             "fold on the inner validation split of the training fold, so the test fold never takes part; the "
+             "candidates' inner scores and the pick are stored in the cell's info. "
+             "`{name: auto_depth, candidates: [linear_probe, 'partial_ft(blocks=2)', full_ft], inner_folds: 3}` "
+             "chooses among whole strategies (each with its own choices) by an inner k-fold CV inside each outer "
+             "training fold (nested CV, Varma & Simon 2006), then trains the pick on the outer fold.\n\n"]
     for where, model in models_in_order():
         lines.append(f"## {section_name(model)}\n\n")
         if where:
@@ -169,7 +180,16 @@ def render_strategies() -> str:
              "Which is better depends on the learning rate. Balanced accuracy over 5 folds: on the demo grid "
              "(160 training images a fold, lr 3e-4) full_ft 0.53 +- 0.09 with `update` and 0.96 +- 0.06 with "
              "`keep` (partial_ft 0.88 and 0.80); on BUSI at lr 1e-3 (3 epochs) full_ft 0.80 +- 0.01 with "
-             "`update` and 0.64 +- 0.20 with `keep` (partial_ft 0.83 and 0.76). LP-FT always keeps (below).\n\n",
+             "`update` and 0.64 +- 0.20 with `keep` (partial_ft 0.83 and 0.76). Every strategy, LP-FT included, "
+             "follows that setting unless its own parameter `bn_statistics` names another (recorded per cell).\n\n",
+             "Depth is counted in the studies' units (`medtune list depths BACKBONE`; the tables at the end): "
+             "`blocks` are residual bottlenecks (ResNet, ResNetV2), dense block + transition (DenseNet), Inception "
+             "mixed modules, MBConv stages (EfficientNet), transformer blocks (ViT), and VGG's five "
+             "max-pool-delimited conv blocks with the fc block (fc6, fc7, classifier) as VGG's head; `stages` "
+             "are timm's coarse groups (ResNet's layer1..4), the units of surgical fine-tuning, gradual "
+             "unfreezing and discriminative rates; `partial_ft(fraction=p)` counts parameterised layers (conv, "
+             "linear, norm) in forward order, as Keras counts a model's layers. A stage after the last block "
+             "(EfficientNet's conv_head, a final norm) trains with the block below it.\n\n",
              "| key | what it does | source |\n|---|---|---|\n"]
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
@@ -186,7 +206,31 @@ def render_strategies() -> str:
         if params:
             lines.append("Parameters: " + ", ".join(f"`{k}` (default `{_yaml(v)}`)" for k, v in params) + ".\n\n")
         lines.append(f"**When to use it.** {WHEN.get(name, 'No guidance written yet.')}\n\n")
+    lines.append(render_depths())
     return "".join(lines).rstrip() + "\n"
+
+
+def render_depths() -> str:
+    """The depth table of docs/depths.json (written by scripts/gen_depth_table.py)."""
+    table = json.loads((ROOT / "docs" / "depths.json").read_text())
+    lines = ["## Depths on the studies' backbones\n\n",
+             "Generated by `scripts/gen_depth_table.py` (random init; the block structure does not depend on "
+             "the weights) into `docs/depths.json`, the same rows `medtune list depths BACKBONE --json` prints. "
+             "The share of parameters trained is the depth plot's x axis.\n\n",
+             "| setting | " + " | ".join(table) + " |\n|---|" + "---|" * len(table) + "\n"]
+    labels = [r["strategy"] for r in next(iter(table.values()))]
+    for i, label in enumerate(labels):
+        cells = [f"{100 * rows[i]['trainable_fraction']:.1f}%" for rows in table.values()]
+        lines.append(f"| `{label}` | " + " | ".join(cells) + " |\n")
+    lines.append("\n")
+    for name, rows in table.items():
+        lines.append(f"### {name}\n\n| setting | parameters trained | blocks trained |\n|---|---|---|\n")
+        for r in rows:
+            blocks = r["trainable_blocks"]
+            shown = f"all {len(blocks)} blocks" if len(blocks) == r["n_blocks"] else ", ".join(blocks)
+            lines.append(f"| `{r['strategy']}` | {100 * r['trainable_fraction']:.1f}% | {shown} |\n")
+        lines.append("\n")
+    return "".join(lines)
 
 
 def _yaml(value) -> str:

@@ -2,7 +2,8 @@
 # Does `pip install .` into an EMPTY venv give a working `medtune`? Creates a fresh venv in a
 # temporary folder, installs the pinned torch, then this checkout (not editable, so a file
 # missing from the package shows up here), and runs the smoke grid and the embedded-default
-# backbone from that install, outside the source tree. Prints the time of each step.
+# backbone from that install, outside the source tree, then `medtune run demo` (the demo config
+# shipped inside the package) for one short fold pair. Prints the time of each step.
 set -euo pipefail
 PY=${PY:-python3.11}
 TORCH=${TORCH:-"torch==2.14.1 torchvision==0.29.1"}
@@ -32,4 +33,10 @@ step "medtune run configs/smoke.yaml"
 "$BIN/medtune" run "$WORK/src/configs/smoke.yaml" --store "$WORK/smoke.sqlite" --quiet
 "$BIN/medtune" results --store "$WORK/smoke.sqlite" --format csv | tail -n +2 | grep -q . \
   || { echo "the smoke run left no results"; exit 1; }
+step "medtune run demo: the embedded demo config, from the installed package (1 fold pair, 1 epoch, linear probe)"
+"$BIN/python" -c "import medtune.cli as c; p = c.shipped_configs()['demo']; assert 'site-packages' in str(p), p; print('demo config:', p)"
+"$BIN/medtune" run demo --store "$WORK/demo.sqlite" --set folds=2 --set train.epochs=1 --set 'strategies=[linear_probe]' \
+  > "$WORK/demo.log"
+grep "^\[2/2\] synthetic_ultrasound efficientnet_lite0 linear_probe" "$WORK/demo.log" \
+  || { cat "$WORK/demo.log"; echo "medtune run demo did not run the embedded demo"; exit 1; }
 step "OK: pip install . gives a working medtune"

@@ -28,7 +28,8 @@ def merge(base: dict, change: dict) -> dict:
 
 def plant_cell(store: Store, change: dict, fold: int, seed: int, y: np.ndarray, probs: np.ndarray,
                samples: np.ndarray | None = None, paths: list[str] | None = None, seconds: float = 1.0,
-               info: dict | None = None, label: str | None = None, metrics: dict | None = None) -> dict:
+               info: dict | None = None, label: str | None = None, metrics: dict | None = None,
+               extra: list | None = None) -> dict:
     """Write one done cell whose config is BASE updated by `change` (nested dicts merge)."""
     from medtune.metrics import clinical_metrics
 
@@ -44,7 +45,7 @@ def plant_cell(store: Store, change: dict, fold: int, seed: int, y: np.ndarray, 
     samples = np.arange(len(y)) if samples is None else samples
     paths = paths or [f"img{i}.png" for i in samples]
     store.save_cell(cell, "done", m, (samples, paths, y, probs), seconds,
-                    info={"n_train": 100, "n_test": len(y), **(info or {})})
+                    info={"n_train": 100, "n_test": len(y), **(info or {})}, extra=extra)
     return cell
 
 
@@ -52,3 +53,13 @@ def noisy_probs(y: np.ndarray, skill: float, rng: np.random.Generator) -> np.nda
     """Binary probabilities that rank class 1 above class 0 more often as `skill` grows."""
     score = 1 / (1 + np.exp(-(skill * (2 * y - 1) + rng.normal(0, 1, len(y)))))
     return np.stack([1 - score, score], 1)
+
+
+def plant_dataset(store: Store, name: str = "syn", class_names=("benign", "malignant"), positive="malignant",
+                  clusters=None, subgroups=None, role: str = "train") -> None:
+    store.add_dataset(name, list(class_names), {"n": 0, "positive": positive, "clusters": clusters, "role": role,
+                                                "subgroups": subgroups or {}, "grouped": clusters is not None})
+
+
+def plant_run(store: Store, **config) -> None:
+    store.add_run("r", {"datasets": [], "backbones": [], **config}, {"medtune": "test"})

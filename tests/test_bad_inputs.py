@@ -325,7 +325,8 @@ def test_absurd_learning_rate_recorded_with_advice(tmp_path):
     advice, not a bare traceback, and never with metrics of a broken model."""
     from medtune.runner import run
 
-    cfg = load_config(tiny_config(tmp_path), ["train.lr=1e38", "train.warmup_epochs=0"])
+    # full_ft: the linear probe is a convex fit that takes no learning rate
+    cfg = load_config(tiny_config(tmp_path, strategies=["full_ft"]), ["train.lr=1e38", "train.warmup_epochs=0"])
     summary = run(cfg, progress=False)
     assert (summary.done, summary.failed) == (0, 2)
     with Store(cfg.store) as s:

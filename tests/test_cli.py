@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import yaml
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from medtune.cli import app
@@ -90,3 +92,107 @@ def test_run_under_a_file_prints_one_line_per_finished_cell_before_the_grid_ends
     assert all(" balanced_accuracy 0." in line or " balanced_accuracy 1." in line for line in final), final
     assert final[-1].startswith("[6/6]") and final[-1].endswith("ETA done")
     assert all("ETA" in line and " s;" in line for line in final)
+
+
+# --------------------------------------------------------------------------- init, shipped configs
+BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "busi"
+if not BUSI.is_dir():
+    BUSI = Path("/work/shared/data/busi")
+
+
+def test_init_on_a_folder_with_patient_ids_writes_a_file_the_grid_runs(tmp_path):
+    import medtune
+    from medtune.config import load_config
+    from tests.conftest import DEVICE, write_pngs
+
+    data = write_pngs(tmp_path / "scans", n_patients=12, images_per_patient=2, size=32)
+    out = tmp_path / "exp.yaml"
+    res = CliRunner().invoke(app, ["init", str(data), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    cfg = load_config(out)
+    ds = cfg.datasets[0]
+    names = sorted(f.name for f in data.rglob("*.png"))
+    # the pattern reads the patient part of `P003_img1.png`: 12 patients, 2 images each
+    import re
+
+    ids = {re.search(ds.group_pattern, n).group(1) for n in names}
+    assert len(ids) == 12 and all(n.startswith(i + "_") for n in names for i in [re.search(ds.group_pattern, n).group(1)])
+    assert ds.positive == "malignant" and ds.path == str(data)
+    counts = {c: len(list((data / c).glob("*.png"))) for c in ("benign", "malignant", "normal")}
+    assert f"24 images in 3 classes: benign {counts['benign']}, malignant {counts['malignant']}, " \
+           f"normal {counts['normal']}." in text
+    assert "Patients: 12 ids read from file names" in text
+    per_class = {c: len({f.name.split("_")[0] for f in (data / c).glob("*.png")}) for c in counts}
+    assert cfg.folds == max(2, min(5, min(per_class.values())))  # the class with fewest patients bounds k
+    # The data part runs as written; the tiny backbone and one epoch only keep the test short.
+    raw = yaml.safe_load(text)
+    raw.update(backbones=[{"name": "test_efficientnet", "pretrained": False, "image_size": 32}],
+               strategies=["linear_probe"], train={"epochs": 1, "batch_size": 8, "views": 1},
+               store=str(tmp_path / "s.sqlite"), device=DEVICE, keep_best=False)
+    summary = medtune.run(raw, progress=False)
+    assert (summary.done, summary.failed) == (cfg.folds, 0)
+
+
+def test_init_refuses_to_overwrite_and_explains_a_missing_folder(tmp_path):
+    out = tmp_path / "x.yaml"
+    out.write_text("keep me")
+    res = CliRunner().invoke(app, ["init", str(tmp_path), "--out", str(out)])
+    assert res.exit_code == 2 and "--force" in res.output and out.read_text() == "keep me"
+    res = CliRunner().invoke(app, ["init", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_expected_run_time_scales_the_measured_demo_figures():
+    """The constants are the benchmark's recorded seconds; the estimate scales them by the work."""
+    from medtune.starter import DEMO_CPU_SECONDS, Inspection, plan
+
+    rec = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/demo_speed.json").read_text())
+    assert DEMO_CPU_SECONDS == {k: v["seconds"] for k, v in rec["shipped"]["strategies"].items()}
+    counts = {"a": 300, "b": 300}
+    insp = Inspection(Path("x"), "folder", ["a", "b"], counts, ["f"] * 600, ["a"] * 300 + ["b"] * 300)
+    grid = plan(insp, cuda=False, cpus=2)
+    assert (grid["folds"], grid["epochs"]) == (5, 10)
+    # 600 images x 4 training folds x 10 epochs against the demo's 240 x 4 x 8: 3.125 times the work
+    assert abs(grid["seconds"]["full_ft"] - 159.1 * 3.125) < 1e-9
+    assert abs(grid["seconds"]["linear_probe"] - 7.6 * 3.125) < 1e-9
+
+
+@pytest.mark.skipif(not BUSI.is_dir(), reason="the BUSI folder (../shared/data/busi) is not on this machine")
+def test_init_on_busi_writes_a_file_medtune_run_accepts_unchanged(tmp_path):
+    from medtune.config import load_config
+
+    out = tmp_path / "busi.yaml"
+    res = CliRunner().invoke(app, ["init", str(BUSI), "--out", str(out), "--exact-only"])
+    assert res.exit_code == 0, res.output
+    cfg = load_config(out)  # what `medtune run` does first, before any data is loaded
+    ds = cfg.datasets[0]
+    assert ds.positive == "malignant" and ds.group_pattern is None and cfg.folds == 5
+    text = out.read_text()
+    assert "780 images in 3 classes: benign 437, malignant 210, normal 133." in text
+    assert "no patient ids found" in text
+
+
+def test_run_resolves_a_shipped_config_by_name_and_explains_an_unknown_one():
+    from medtune.cli import config_path
+    from medtune.config import load_config
+
+    assert load_config(config_path(Path("demo"))).name == "demo"
+    res = CliRunner().invoke(app, ["run", "dmeo"])
+    assert res.exit_code == 2 and "not a shipped configuration" in res.output and "demo" in res.output
+
+
+def test_the_wheel_ships_the_example_configs(tmp_path):
+    """`pip wheel .` (what `pip install .` builds): the configs are package data inside medtune/."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([PYTHON, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                           str(tmp_path), str(root)], capture_output=True, text=True, cwd=tmp_path)
+    if proc.returncode != 0 and "No module named" in proc.stderr:
+        pytest.skip(f"cannot build a wheel here: {proc.stderr[-200:]}")
+    assert proc.returncode == 0, proc.stderr
+    names = zipfile.ZipFile(next(tmp_path.glob("medtune-*.whl"))).namelist()
+    shipped = {p.name for p in (root / "configs").glob("*.yaml")}
+    assert {"demo.yaml", "smoke.yaml"} <= shipped
+    assert {f"medtune/configs/{n}" for n in shipped} <= set(names)

@@ -14,14 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from medtune.backbones import blocks, create_backbone
-from medtune.strategies import REGISTRY, AutoRGN, AutoSNR, L2SP, create_strategy, is_norm
-from medtune.train import Augment, FeatureCache, Runtime, TrainSettings, fit, set_seed
+from medtune.backbones import blocks, chain, classifier_param_names, create_backbone
+from medtune.config import AugmentConfig
+from medtune.strategies import REGISTRY, AutoRGN, AutoSNR, L2SP, create_strategy, depth, is_norm
+from medtune.train import FeatureCache, Runtime, TrainSettings, fit, set_seed
 from conftest import DEVICE, TINY
 
 SETTINGS = TrainSettings(epochs=2, batch_size=8, lr=3e-3, val_fraction=0.0, views=2, amp="off", patience=10,
                          warmup_epochs=0)
 DEFAULTS = {"auto_depth": None}  # runner-level strategy: tested in test_runner.py
+BACKBONES = [TINY, "vit_tiny_patch16_224"]  # a CNN and a transformer
+
+
+def replace(settings, **changes):
+    return settings.model_copy(update=changes)
 
 
 def make(name: str):
@@ -54,14 +60,25 @@ def epochs_of(log):
     return out
 
 
-def train(strategy, table, settings=SETTINGS, seed=0):
+def train(strategy, table, settings=SETTINGS, seed=0, backbone=TINY):
     set_seed(seed)
-    model = create_backbone(TINY, pretrained=False, num_classes=table.num_classes)
+    model = create_backbone(backbone, pretrained=False, num_classes=table.num_classes)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     idx = np.arange(len(table))
-    rt = Runtime(torch.device(DEVICE), FeatureCache(), (TINY, table.image_size), None)
+    rt = Runtime(torch.device(DEVICE), FeatureCache(), (backbone, table.image_size), None)
     result = fit(model, table, idx, idx[:0], strategy, settings, rt, seed=seed)
     return model, start, result
+
+
+def schedule(strategy, model, epochs):
+    """Per epoch: (only the classifier trains, the set of tensors the schedule trains)."""
+    out = []
+    for phase in strategy.phases(epochs):
+        units = chain(model, phase.unit)
+        for e in range(phase.epochs):
+            names = {n for b, s in zip(units, phase.scales(e, units)) if s > 0 for n in b.param_names}
+            out.append((names <= classifier_param_names(model), names))
+    return out
 
 
 def changed(model, start):
@@ -69,30 +86,30 @@ def changed(model, start):
     return {k for k in start if not torch.equal(now[k].cpu(), start[k])}
 
 
+@pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("name", sorted(n for n in REGISTRY if n not in DEFAULTS))
-def test_frozen_blocks_are_bit_identical_and_gradients_follow_the_schedule(name, tiny_table):
+def test_frozen_blocks_are_bit_identical_and_gradients_follow_the_schedule(name, backbone, tiny_table):
     strategy, log = recording(make(name))
-    model, start, result = train(strategy, tiny_table)
+    model, start, result = train(strategy, tiny_table, backbone=backbone)
     bl = blocks(model)
-    n = len(bl)
-    total = strategy.total_epochs(SETTINGS.epochs)
-    schedule = [strategy.lr_scales(e, n) for e in range(total)]
-    assert all(len(s) == n for s in schedule)
+    plan = schedule(strategy, model, SETTINGS.epochs)
     moved = changed(model, start)
-    for bi, block in enumerate(bl):
-        frozen_all_along = all(s[bi] == 0 for s in schedule)
-        if frozen_all_along:
+    scheduled = set().union(*(names for _, names in plan))
+    for block in bl:
+        if not set(block.param_names) & scheduled:
             # parameters and BatchNorm running statistics of a frozen block stay as they were
             prefix = {p.rsplit(".", 1)[0] for p in block.param_names}
             touched = {k for k in moved if k.rsplit(".", 1)[0] in prefix}
             assert not touched, f"{name}: frozen block {block.name} changed: {sorted(touched)[:3]}"
     assert bl[-1].param_names[0] in moved, "the head always trains"
-    # per epoch, the tensors with a gradient are exactly those of the blocks the schedule trains
+    # a head-only stretch is one convex probe fit (no SGD steps); in every other epoch the tensors
+    # with a gradient are exactly those the schedule trains
+    sgd = [names for i, (probe, names) in enumerate(plan) if not probe]
     per_epoch = epochs_of(log)
-    assert len(per_epoch) == len(result.history) == total
+    n_probes = sum(1 for i, (probe, _) in enumerate(plan) if probe and (i == 0 or not plan[i - 1][0]))
+    assert len(per_epoch) == len(sgd) and len(result.history) == len(sgd) + n_probes
     by_name = dict(model.named_parameters())
-    for e, names in enumerate(per_epoch):
-        expected = {p for bi, b in enumerate(bl) if schedule[e][bi] > 0 for p in b.param_names}
+    for e, (names, expected) in enumerate(zip(per_epoch, sgd)):
         if name == "bitfit":
             expected = {p for p in expected if p.endswith("bias") or is_norm(p, by_name[p], model) or p in bl[-1].param_names}
         if name in ("auto_rgn", "auto_snr"):
@@ -102,58 +119,67 @@ def test_frozen_blocks_are_bit_identical_and_gradients_follow_the_schedule(name,
                 assert names == expected
             continue
         assert names == expected, f"{name} epoch {e}: {sorted(names ^ expected)[:4]}"
+    # the trained fraction recorded for the cell is what `medtune list depths` shows for the schedule
+    if name not in ("bitfit", "auto_rgn", "auto_snr"):
+        assert result.trainable_fraction == pytest.approx(depth(strategy, model, SETTINGS.epochs)["trainable_fraction"])
 
 
 def test_training_lowers_the_loss(tiny_table):
-    plain = Augment(hflip=False, degrees=0, translate=0, scale=0, brightness=0, contrast=0)
-    settings = dataclasses.replace(SETTINGS, epochs=6, lr=1e-3, augment=plain, views=1)
-    for name in ("linear_probe", "full_ft", "partial_ft"):
+    plain = AugmentConfig(hflip=False, degrees=0, translate=0, scale=0, brightness=0, contrast=0)
+    settings = replace(SETTINGS, epochs=6, lr=1e-3, augment=plain, views=1)
+    for name in ("full_ft", "partial_ft"):
         _, _, result = train(make(name), tiny_table, settings)
         losses = [h["train_loss"] for h in result.history]
         assert losses[-1] < losses[0], f"{name}: {losses}"
 
 
-def test_gradual_unfreeze_adds_one_block_per_epoch_from_the_top(tiny_table):
+def test_gradual_unfreeze_adds_one_stage_per_epoch_from_the_top(tiny_table):
     strategy, log = recording(create_strategy("gradual_unfreeze", every=1))
-    model, _, _ = train(strategy, tiny_table, dataclasses.replace(SETTINGS, epochs=3))
-    bl = blocks(model)
-    per_epoch = epochs_of(log)
-    for e, names in enumerate(per_epoch):
-        trained_blocks = {bi for bi, b in enumerate(bl) if set(b.param_names) & names}
-        assert trained_blocks == set(range(len(bl) - 1 - e, len(bl)))
+    model, _, result = train(strategy, tiny_table, replace(SETTINGS, epochs=3))
+    st = chain(model, "stages")
+    per_epoch = epochs_of(log)  # epoch 0 (head only) is the probe fit: no SGD steps
+    assert result.history[0]["cut"] == -1 and "probe_C" in result.history[0]
+    real = [i for i, b in enumerate(st[:-1]) if not b.neck]  # conv_head+bn2 trains with the stage below it
+    assert [b.name for b in st if b.neck] == ["conv_head+bn2"]
+    for e, names in enumerate(per_epoch, start=1):
+        trained_stages = {bi for bi, b in enumerate(st) if set(b.param_names) & names}
+        assert trained_stages == set(range(real[-e], len(st)))
 
 
-def test_lp_ft_switches_from_head_only_to_everything(tiny_table):
+def test_lp_ft_probes_then_trains_everything(tiny_table):
     strategy, log = recording(create_strategy("lp_ft", lp_epochs=2, ft_lr_scale=0.1))
-    model, _, result = train(strategy, tiny_table, dataclasses.replace(SETTINGS, epochs=1))
-    head = set(blocks(model)[-1].param_names)
+    model, _, result = train(strategy, tiny_table, replace(SETTINGS, epochs=1))
     per_epoch = epochs_of(log)
-    assert [len(e) for e in per_epoch][:2] == [len(head)] * 2 and per_epoch[0] == head
-    assert per_epoch[2] == {n for n, _ in model.named_parameters()}
-    assert [h["cut"] for h in result.history][:2] == [-1, -1] and result.history[2]["cut"] == 0
+    assert result.history[0]["cut"] == -1 and "probe_C" in result.history[0]  # one convex fit for the LP phase
+    assert len(per_epoch) == 1 and per_epoch[0] == {n for n, _ in model.named_parameters()}
+    assert result.history[1]["cut"] == 0
 
 
-def test_lp_ft_fine_tunes_with_the_statistics_the_probe_was_fitted_on(tiny_table):
-    """LP-FT's fine-tuning phase must start from the probed function: BatchNorm keeps its running
-    statistics (full_ft, for contrast, updates them), while its affine parameters do train."""
-    settings = dataclasses.replace(SETTINGS, epochs=1)
+def test_lp_ft_and_full_ft_use_the_same_batchnorm_rule_by_default(tiny_table):
+    """Equal terms: LP-FT follows the experiment's bn_statistics like full_ft; a strategy parameter
+    `bn_statistics` names a different rule for that strategy alone, and the cell records it."""
     stats = lambda names: {k for k in names if k.endswith(("running_mean", "running_var"))}  # noqa: E731
-    model, start, _ = train(create_strategy("lp_ft", lp_epochs=1), tiny_table, settings)
-    assert not stats(changed(model, start))
-    assert any(k.endswith("bn1.weight") for k in changed(model, start))
-    model, start, _ = train(create_strategy("full_ft"), tiny_table, settings)
-    assert stats(changed(model, start))
+    for bn in ("update", "keep"):
+        settings = replace(SETTINGS, epochs=1, bn_statistics=bn)
+        m1, s1, lp = train(create_strategy("lp_ft", lp_epochs=1), tiny_table, settings)
+        m2, s2, full = train(create_strategy("full_ft"), tiny_table, settings)
+        assert lp.bn_statistics == full.bn_statistics == bn
+        assert bool(stats(changed(m1, s1))) == bool(stats(changed(m2, s2))) == (bn == "update")
+    model, start, res = train(create_strategy("lp_ft", lp_epochs=1, bn_statistics="keep"), tiny_table,
+                              replace(SETTINGS, epochs=1, bn_statistics="update"))
+    assert res.bn_statistics == "keep" and not stats(changed(model, start))
+    assert any(k.endswith("bn1.weight") for k in changed(model, start))  # the affine parameters still train
 
 
 def test_bn_statistics_update_keep_and_update_all(tiny_table):
     """`update` (the default) re-estimates the statistics of trained blocks only; `keep` never moves
     them while the affine parameters still train; `update_all` moves frozen blocks' too, and then the
     frozen body cannot be cached."""
-    settings = dataclasses.replace(SETTINGS, epochs=1)
+    settings = replace(SETTINGS, epochs=1)
     stats = lambda names: {k for k in names if k.endswith(("running_mean", "running_var"))}  # noqa: E731
 
     def run(strategy, bn):
-        model, start, res = train(strategy, tiny_table, dataclasses.replace(settings, bn_statistics=bn))
+        model, start, res = train(strategy, tiny_table, replace(settings, bn_statistics=bn))
         return stats(changed(model, start)), changed(model, start), res
 
     moved, _, res = run(create_strategy("full_ft"), "update")
@@ -215,6 +241,43 @@ def test_auto_snr_freezes_low_signal_tensors():
     assert groups[1]["params"][0].grad is None
 
 
+def test_auto_snr_uses_the_unbiased_variance_of_the_reference_code():
+    """Lee et al.'s code divides by torch.var (unbiased). For the gradient rows (1, -1) the unbiased
+    variance is 2, so SNR = mean(1/2, 1/2) = 0.5 and the default 0.95 threshold freezes the tensor;
+    the biased variance (1) would give SNR 1.0 and train it."""
+    g = torch.tensor([[1.0], [-1.0]])
+    assert AutoSNR().statistic(g, g) == pytest.approx(0.5, rel=1e-6)
+    groups = groups_with([([[1.0], [-1.0]], [[1.0], [1.0]])])
+    AutoSNR(measure_batches=1).after_backward(groups, 0)
+    assert groups[0]["lr"] == 0.0
+
+
+def test_frozen_and_unfrozen_strategies_draw_the_same_views(tiny_table):
+    """Equal terms: a cached (frozen-prefix) strategy and one that trains from the input see, for the
+    same seed, the same training images: the cached prefix output of a batch is the prefix applied to
+    the images the uncached path draws, and view 0 is the plain image."""
+    from medtune.features import Forward, Inputs
+
+    model = create_backbone(TINY, pretrained=False, num_classes=tiny_table.num_classes).eval()
+    from medtune.backbones import feature_chain
+
+    fwd = Forward(model, feature_chain(model, 48))
+    settings = replace(SETTINGS, views=4, channels_last=False)
+    rt = Runtime(torch.device("cpu"), FeatureCache(), (TINY, tiny_table.image_size), None)
+    cut = 3
+    raw, cached = Inputs(tiny_table, fwd, 0, settings, rt), Inputs(tiny_table, fwd, cut, settings, rt)
+    idx = np.arange(len(tiny_table))[::2]
+    x = raw.batch(idx, train=True, gen=torch.Generator().manual_seed(7))
+    h = cached.batch(idx, train=True, gen=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(fwd.prefix(x, cut), h, atol=1e-4, rtol=1e-4)
+    views = torch.randint(0, 4, (len(idx),), generator=torch.Generator().manual_seed(7))
+    assert (views > 0).any() and (views == 0).any()  # the batch mixes plain and augmented views
+    plain = (tiny_table.images[idx].float() / 255 - raw.mean) / raw.std
+    same = torch.isclose(x, plain, atol=1e-6).flatten(1).all(1)
+    assert torch.equal(same, views == 0)  # view 0 is the plain image; views > 0 are augmented
+
+
 def test_every_strategy_has_a_summary_and_citation():
     for name, cls in REGISTRY.items():
         assert cls.summary and cls.citation and cls.__doc__, name
@@ -247,3 +310,40 @@ def test_gradient_criteria_skip_an_overflowed_fp16_step(criterion):
     groups[1]["params"][0].grad = torch.tensor([1.0, 2.0])
     criterion.after_backward(groups, 1)
     assert groups[1]["criterion_n"] == 1
+
+
+def test_no_import_cycles_in_the_core():
+    """Imports point one way, also inside functions: no module of the core (data, synthetic, splits,
+    quality, backbones, strategies, features, precision, probe, train) is on an import cycle."""
+    import ast
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "medtune"
+    graph = {}
+    for f in src.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        graph[f.stem] = {n.module.split(".")[1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                         and n.module and n.module.startswith("medtune.")}
+
+    def reaches(start, goal, seen=()):
+        return any(m == goal or (m not in seen and reaches(m, goal, (*seen, m))) for m in graph.get(start, ()))
+
+    core = ["data", "synthetic", "table", "folds", "splits", "quality", "backbones", "strategies", "features",
+            "precision", "probe", "train"]
+    assert [m for m in core if reaches(m, m)] == []
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny_patch16_224", "convnext_atto"])
+def test_transformers_cache_their_frozen_prefix_at_the_configured_size(backbone, tiny_table):
+    """Token maps are cached like feature maps: a frozen prefix of a ViT (or ConvNeXt) at 48 px is
+    computed once and reused by the next fit of the same backbone."""
+    cache = FeatureCache()
+    rt = Runtime(torch.device(DEVICE), cache, (backbone, tiny_table.image_size), None)
+    idx = np.arange(len(tiny_table))
+    cuts = []
+    for _ in range(2):
+        set_seed(0)
+        model = create_backbone(backbone, pretrained=False, num_classes=tiny_table.num_classes)
+        res = fit(model, tiny_table, idx, idx[:0], create_strategy("partial_ft", blocks=1), SETTINGS, rt)
+        cuts.append(res.history[0]["cut"])
+    assert cuts[0] == cuts[1] > 0 and cache.misses == 1 and cache.hits >= 1

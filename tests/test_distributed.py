@@ -74,7 +74,8 @@ def store_rows(path: Path) -> dict[str, dict]:
     out = {}
     for _, c in cells.iterrows():
         p = preds[preds.cell_id == c.cell_id]
-        metrics = m.loc[c.cell_id].drop(["dataset", "backbone", "strategy", "head", "fold", "seed", "seconds"]) \
+        metrics = m.loc[c.cell_id].drop(["dataset", "backbone", "strategy", "head", "fold", "seed", "seconds",
+                                              "group", "variant"]) \
             if c.cell_id in m.index else None
         out[c.cell_id] = {"status": c.status, "error": c.error, "info": json.loads(c.info_json),
                           "metrics": metrics, "samples": list(p["sample"]), "probs": np.array(list(p["probs"]))}

@@ -10,8 +10,9 @@ import torch
 
 from medtune.backbones import create_backbone
 from medtune.strategies import create_strategy
-from medtune.train import (FP32_DEPTHWISE_MAX_SIDE, FeatureCache, Runtime, TrainSettings, depthwise_in_fp32, fit,
-                           slow_bf16_depthwise)
+from medtune.features import FeatureCache, Runtime
+from medtune.precision import FP32_DEPTHWISE_MAX_SIDE, depthwise_in_fp32, slow_bf16_depthwise
+from medtune.train import TrainSettings, fit
 
 @pytest.fixture(scope="module")
 def nets():
@@ -73,20 +74,20 @@ def test_a_fit_on_cached_features_records_and_uses_the_precision(name, amp, expe
 def test_no_grad_passes_in_lanes_give_the_same_features_in_order(tiny_table, monkeypatch):
     """Cache filling and prediction run batches side by side on a CPU; the result must not depend on it:
     same order, same augmentation draws, same numbers, and the caller's thread count is restored."""
-    import medtune.train as train
+    import medtune.features as features
+    import medtune.precision as precision
 
     settings = TrainSettings(epochs=1, batch_size=8, val_fraction=0.0, views=3, amp="off", warmup_epochs=0)
     model = create_backbone("test_efficientnet", pretrained=False, num_classes=tiny_table.num_classes)
-    monkeypatch.setattr(train, "inference_batch_size", lambda device, size: 5)  # several batches per view
+    monkeypatch.setattr(features, "inference_batch_size", lambda device, size: 5)  # several batches per view
     torch.set_num_threads(2)
     outputs = []
     for lanes in (1, 2):
-        monkeypatch.setattr(train, "cpu_lanes", lambda device, n=lanes: n)
+        monkeypatch.setattr(features, "cpu_lanes", lambda device, n=lanes: n)
         rt = Runtime(torch.device("cpu"), FeatureCache(), ("test_efficientnet", tiny_table.image_size), None)
         result = fit(copy.deepcopy(model), tiny_table, np.arange(len(tiny_table)), np.arange(0),
                      create_strategy("linear_probe"), settings, rt, seed=0)
-        inputs = train.final_inputs(result, tiny_table, settings, rt)
-        feats = train.predict_proba(result.forward, inputs, np.arange(len(tiny_table)), settings, rt, features=True)
+        feats = result.features(tiny_table, np.arange(len(tiny_table)))
         outputs.append((rt.cache.store, feats))
         assert torch.get_num_threads() == 2
     (cache1, feats1), (cache2, feats2) = outputs
@@ -94,4 +95,4 @@ def test_no_grad_passes_in_lanes_give_the_same_features_in_order(tiny_table, mon
     for k in cache1:
         assert cache1[k].shape[0] == 3 and torch.allclose(cache1[k], cache2[k], atol=1e-5)
     np.testing.assert_allclose(feats1, feats2, atol=1e-5)
-    assert train.in_lanes(lambda x: x * x, list(range(7)), 2) == [x * x for x in range(7)]
+    assert precision.in_lanes(lambda x: x * x, list(range(7)), 2) == [x * x for x in range(7)]

@@ -31,8 +31,11 @@ def report(tiny_run, tmp_path_factory):
 def test_report_writes_tables_with_cis_and_one_best(report):
     df = pd.read_csv(report / "results.csv")
     assert set(df.strategy) == {"linear_probe", "partial_ft(blocks=1)"}
-    assert df.best.sum() == 1
-    assert df.loc[df.best, "balanced_accuracy"].item() == df.balanced_accuracy.max()
+    assert df.best_on_test_folds.sum() == 1 and df.headline.sum() == 1
+    assert df.loc[df.best_on_test_folds, "balanced_accuracy"].item() == df.balanced_accuracy.max()
+    # no primary and no auto_depth: the headline falls back to the optimistic view and says so
+    assert df.loc[df.headline, "headline_how"].item() == "optimistic"
+    assert {"ece", "brier", "pr_auc", "ece_sd"} <= set(df.columns) and df.brier.between(0, 2).all()
     assert (df.ci_low <= df.pooled_balanced_accuracy).all() and (df.pooled_balanced_accuracy <= df.ci_high).all()
     assert (df.ci_high - df.ci_low > 0).any()
     md = (report / "results.md").read_text()
@@ -47,7 +50,8 @@ def test_report_html_is_self_contained(report):
     assert "file://" not in page and "<script" not in page
     for section in ("Balanced accuracy: strategy × backbone", "Depth of fine-tuning", "ROC and confusion matrix",
                     "Training curves", "Grad-CAM gallery", "Duplicates and leakage", "Configuration and environment",
-                    "Paired tests"):
+                    "Paired tests", "Calibration and PR-AUC", "Decision curve", "Accuracy against training cost",
+                    "TRIPOD+AI / CLAIM", "optimistic view"):
         assert section in page, section
 
 
@@ -56,7 +60,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         pytest.skip("chromium is not installed (make setup-dev installs it with apt-get where it can)")
     url = (report / "report.html").resolve().as_uri()
     dom = subprocess.run([CHROMIUM, *HEADLESS, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<table") == 3  # main table (strategy x backbone), all metrics, paired tests
+    # main table, all metrics, paired tests, descriptive ranks, calibration, TRIPOD+AI appendix
+    assert dom.count("<table") == 6
     assert "★" in dom
     # depth, ROC, confusion, curves and the Grad-CAM overlays are all decoded images
     assert dom.count("data:image/png;base64,") >= 4 + 2
@@ -88,7 +93,8 @@ def test_predict_reproduces_the_stores_predictions(tiny_run, tmp_path):
     store, data = tiny_run
     model_dir = Path(f"{store}.models/best")
     stored = _best_cell_predictions(store, model_dir)
-    res = CliRunner().invoke(app, ["predict", str(model_dir), str(data), "--out", str(tmp_path), "--cam"])
+    res = CliRunner().invoke(app, ["predict", str(model_dir), str(data), "--out", str(tmp_path), "--cam",
+                                   "--fold", "0"])  # the fold-0 network alone: the stored cell's own model
     assert res.exit_code == 0, res.output
     pred = pd.read_csv(tmp_path / "predictions.csv")
     names = json.loads((model_dir / "model.json").read_text())["class_names"]
@@ -157,7 +163,7 @@ def test_svm_bundle_round_trips_its_sklearn_head(tmp_path):
     svm = fit_svm(feats[:8], labels[:8], feats[8:], labels[8:], 2)
     meta = {"backbone": "test_efficientnet", "class_names": ["a", "b"], "image_size": 32, "mean": mean, "std": std,
             "strategy": "linear_probe", "head": "svm"}
-    save_bundle(tmp_path, model.state_dict(), meta, svm)
+    save_bundle(tmp_path, [(model.state_dict(), svm)], {**meta, "folds": [{"fold": 0, "cell_id": "c", "dir": "fold0"}]})
     b = load_bundle(tmp_path)
     np.testing.assert_allclose(b.predict_proba(images), full_proba(svm, feats, 2), atol=1e-5)
 
@@ -168,7 +174,7 @@ def test_rerun_keeps_the_saved_model(tiny_run_copy):
     from conftest import tiny_png_config
 
     store, data = tiny_run_copy
-    weights = Path(f"{store}.models/best/weights.pt")
+    weights = Path(f"{store}.models/best/fold0/weights.pt")
     before = weights.stat().st_mtime_ns
     summary = medtune.run(tiny_png_config(data, store), progress=False)
     assert summary.skipped == summary.total and summary.best_models
@@ -188,7 +194,7 @@ def test_minimal_install_without_grad_cam_keeps_the_model_and_says_how_to_get_ca
     store = tmp_path / "s.sqlite"
     summary = medtune.run(tiny_png_config(data, store), progress=False)
     model_dir = Path(f"{store}.models/best")
-    assert summary.failed == 0 and (model_dir / "weights.pt").is_file()
+    assert summary.failed == 0 and (model_dir / "fold0" / "weights.pt").is_file()
     assert not (model_dir / "gallery").exists()
     res = CliRunner().invoke(app, ["predict", str(model_dir), str(data), "--cam", "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "pip install 'medtune[report]'" in res.output

@@ -77,14 +77,17 @@ def test_svm_head_predictions_come_from_an_svm_on_network_features(tmp_path):
     with torch.no_grad():
         feats = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
     y = data.table.labels
-    expected = balanced_svm_by_hand(feats[fit_idx], y[fit_idx], feats[val_idx], y[val_idx], feats[np.sort(te)])
+    both = np.concatenate([fit_idx, val_idx])
+    expected = balanced_svm_by_hand(feats[fit_idx], y[fit_idx], feats[val_idx], y[val_idx], feats[np.sort(te)],
+                                    groups=data.groups[both])
     assert np.allclose(stored, expected, atol=PROB_ATOL)
 
 
-def balanced_svm_by_hand(fit_x, fit_y, val_x, val_y, test_x):
+def balanced_svm_by_hand(fit_x, fit_y, val_x, val_y, test_x, groups=None):
     """The head as heads.py documents it, written here with scikit-learn alone: C from the grid
     1e-4..1e-2 by inner balanced accuracy (first best wins), refit on fit + validation with 3-fold
-    sigmoid calibration, probabilities divided by the training class frequencies and renormalised."""
+    sigmoid calibration (folds grouped by patient: `groups` of fit + validation), probabilities
+    divided by the training class frequencies and renormalised."""
     import warnings
 
     from sklearn.calibration import CalibratedClassifierCV
@@ -101,7 +104,10 @@ def balanced_svm_by_hand(fit_x, fit_y, val_x, val_y, test_x):
                   for C in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)}
         best = next(C for C, v in scores.items() if v == max(scores.values()))
         x, y = np.concatenate([fit_x, val_x]), np.concatenate([fit_y, val_y])
-        calibrated = make_pipeline(StandardScaler(), CalibratedClassifierCV(svc(best), method="sigmoid", cv=3)).fit(x, y)
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        cv = 3 if groups is None else list(StratifiedGroupKFold(3).split(x, y, groups))
+        calibrated = make_pipeline(StandardScaler(), CalibratedClassifierCV(svc(best), method="sigmoid", cv=cv)).fit(x, y)
     p = calibrated.predict_proba(test_x) / (np.bincount(y, minlength=3)[calibrated.classes_] / len(y))
     out = np.zeros((len(test_x), 3))
     out[:, calibrated.classes_] = p / p.sum(1, keepdims=True)
@@ -119,9 +125,9 @@ def test_auto_depth_picks_by_inner_cv_and_records_it(tmp_path):
         scores = info["auto_depth"]["scores"]
         assert set(scores) == {"linear_probe", "full_ft"}
         assert all(0.0 <= v <= 1.0 for v in scores.values())  # inner balanced accuracies
-        # the pick is the best inner score (ties: the first candidate), and that strategy is what trained
-        best = max(scores.values())
-        assert info["auto_depth"]["picked"] == next(k for k in ("linear_probe", "full_ft") if scores[k] == best)
+        # the pick is the best inner score (ties: the lower inner loss, select.py), and that strategy is what trained
+        losses = info["auto_depth"]["losses"]
+        assert info["auto_depth"]["picked"] == max(("linear_probe", "full_ft"), key=lambda k: (scores[k], -losses[k]))
         assert info["strategy_label"] == info["auto_depth"]["picked"]
 
 
@@ -190,15 +196,15 @@ def test_best_model_is_the_grids_own_fold0_model_not_a_retrain(tmp_path, monkeyp
         with Store(raw["store"]) as s:
             p = s.predictions([meta["cell_id"]])
             table = prepare(load_config(raw=raw).datasets[0], meta["image_size"], 2).table
-        probs = load_bundle(best).predict_proba(table.images[torch.as_tensor(p["sample"].to_numpy().copy())])
+        probs = load_bundle(best).select(0).predict_proba(table.images[torch.as_tensor(p["sample"].to_numpy().copy())])
         np.testing.assert_allclose(probs, np.array(p["probs"].tolist()), atol=PROB_ATOL)
-        return meta["cell_id"]
+        return meta["cell_id"], [e["cell_id"] for e in meta["folds"]]
 
-    kept_id = bundle_reproduces_store()
+    kept_id, fold_ids = bundle_reproduces_store()
     import shutil
 
     shutil.rmtree(best)
     calls.clear()
     again = medtune.run(raw, progress=False)  # every cell is done; the best model is gone and was not kept
-    assert again.done == 0 and calls == [kept_id]
-    assert bundle_reproduces_store() == kept_id
+    assert again.done == 0 and calls == fold_ids  # each fold model of the deployed group, retrained once
+    assert bundle_reproduces_store() == (kept_id, fold_ids)

@@ -45,3 +45,26 @@ def test_patients_never_straddle_folds_and_every_image_is_tested_once():
 def test_class_smaller_than_folds_is_refused_with_advice():
     with pytest.raises(DataError, match=r"class 'b' has 2 images, fewer than the 5 folds.*folds: 2"):
         check_foldable(np.array([0] * 10 + [1] * 2), None, ["a", "b"], 5, "mydata")
+
+
+# --------------------------------------------------------------------------- cv: by_site
+from medtune.splits import by_site  # noqa: E402
+
+
+def test_by_site_leaves_each_site_out_once():
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
+    sites = np.array(["b", "b", "a", "a", "c", "c", "a", "b", "c", "a"], dtype=object)
+    folds = by_site(labels, None, sites, "t")
+    assert [sorted(set(sites[te])) for _, te in folds] == [["a"], ["b"], ["c"]]
+    for tr, te in folds:
+        assert not set(sites[tr]) & set(sites[te]) and len(tr) + len(te) == len(labels)
+
+
+def test_by_site_refuses_a_patient_at_two_sites_and_a_site_holding_a_whole_class():
+    labels = np.array([0, 1, 0, 1])
+    with pytest.raises(DataError, match="more than one site"):
+        by_site(labels, np.array(["p1", "p2", "p1", "p3"], dtype=object), np.array(["a", "a", "b", "b"], dtype=object), "t")
+    with pytest.raises(DataError, match="lacks class"):
+        by_site(np.array([0, 0, 1, 0]), None, np.array(["a", "a", "b", "a"], dtype=object), "t")
+    with pytest.raises(DataError, match="at least 2 sites"):
+        by_site(labels, None, np.array(["a"] * 4, dtype=object), "t")

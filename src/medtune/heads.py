@@ -6,6 +6,22 @@ features of the training fold: C is chosen on the inner validation split (balanc
 then the SVM is refitted on train + validation with probabilities from Platt-style sigmoid
 calibration, so AUC and the probability-based report work for both heads.
 
+Both heads follow one rule (`train.class_weight`, stored per cell with the decision rule):
+- balanced (default): the softmax head's cross-entropy and the SVM's hinge loss weight each class
+  by n / (k * n_class) (scikit-learn's `class_weight="balanced"`, `train.class_weights`), and both
+  predict the argmax of probabilities under equal class priors: a class-weighted cross-entropy
+  fits the posterior of a class-balanced population, and the SVM's calibrated probabilities are
+  divided by the training frequencies and renormalised (below).
+- none: unweighted losses, argmax of probabilities under the training fold's class frequencies.
+Measured on generated 1:5 ultrasound (benchmarks/results/imbalance_synthetic.md, Lite0 96 px, 3
+folds): the softmax head's balanced accuracy (linear probe / partial / full) was 0.51 / 0.50 /
+0.52 unweighted, 0.49 / 0.56 / 0.59 with a class-balanced sampler and 0.62 / 0.64 / 0.65 with
+the class-weighted loss, which is therefore what `balanced` means.
+
+The calibration folds are grouped by patient (StratifiedGroupKFold on the table's groups), as
+every other split: images of one patient in both the part an SVM is fitted on and the part its
+sigmoid is calibrated on would make the calibration optimistic.
+
 Two choices measured on BUSI (Lite0 features at 224 px, fold 0 of 5):
 - The calibrated probabilities carry the training prevalence back in: their argmax fell to
   balanced accuracy 0.64 where the class-balanced SVM's own decision reached 0.80. The head
@@ -26,22 +42,26 @@ import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 HEADS = ("softmax", "svm")
 C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+CLASS_WEIGHTS = ("balanced", "none")
+DECISION_RULES = {"balanced": "argmax of probabilities under equal class priors",
+                  "none": "argmax of probabilities under the training class frequencies"}
 
 
 @dataclass
 class SVMHead:
     pipeline: Pipeline
     C: float
-    priors: np.ndarray | None = None  # training frequency of each class in `pipeline.classes_`
+    priors: np.ndarray | None = None  # training frequency of each class in `pipeline.classes_`; None: keep them
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities under equal class priors (see the module docstring)."""
+        """Calibrated probabilities, under equal class priors when `priors` is set (module docstring)."""
         p = self.pipeline.predict_proba(features)
         if self.priors is None:
             return p
@@ -49,28 +69,49 @@ class SVMHead:
         return p / p.sum(axis=1, keepdims=True)
 
 
-def _svm(C: float) -> LinearSVC:
-    return LinearSVC(C=C, class_weight="balanced", max_iter=5000, dual="auto")
+def _svm(C: float, class_weight: str) -> LinearSVC:
+    return LinearSVC(C=C, class_weight="balanced" if class_weight == "balanced" else None, max_iter=5000,
+                     dual="auto")
+
+
+def calibration_folds(y: np.ndarray, groups: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """2-3 stratified folds for the sigmoid calibration, grouped by patient where groups exist. Folds
+    whose fitting part lacks a class are dropped (a small class of few patients); at least one remains."""
+    n_classes = len(np.unique(y))
+    k = int(max(2, min(3, np.bincount(y)[np.unique(y)].min())))
+    if groups is not None:
+        k = int(max(2, min(k, len(np.unique(groups)))))
+        splits = list(StratifiedGroupKFold(k).split(y, y, groups))
+    else:  # what CalibratedClassifierCV(cv=k) does
+        splits = list(StratifiedKFold(k).split(y, y))
+    kept = [(tr, te) for tr, te in splits if len(np.unique(y[tr])) == n_classes and len(te)]
+    return kept or splits[:1]
 
 
 def fit_svm(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-            n_classes: int, seed: int = 0) -> SVMHead:
-    """C from the inner split, refit on both parts, calibrated probabilities (3-fold sigmoid)."""
+            n_classes: int, seed: int = 0, class_weight: str = "balanced",
+            groups: np.ndarray | None = None) -> SVMHead:
+    """C from the inner split, refit on both parts, calibrated probabilities (sigmoid, patient-grouped
+    folds). `groups`: the patient of each row of train + val, in that order."""
+    if class_weight not in CLASS_WEIGHTS:
+        raise ValueError(f"class_weight must be one of {CLASS_WEIGHTS}, got {class_weight!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         best_c, best_score = C_GRID[0], -1.0
         if len(val_y) and len(np.unique(val_y)) > 1:
             for C in C_GRID:
-                clf = make_pipeline(StandardScaler(), _svm(C)).fit(train_x, train_y)
+                clf = make_pipeline(StandardScaler(), _svm(C, class_weight)).fit(train_x, train_y)
                 score = balanced_accuracy_score(val_y, clf.predict(val_x))
                 if score > best_score + 1e-9:
                     best_c, best_score = C, score
         x = np.concatenate([train_x, val_x]) if len(val_y) else train_x
         y = np.concatenate([train_y, val_y]) if len(val_y) else train_y
-        folds = int(max(2, min(3, np.bincount(y, minlength=n_classes).min())))
-        calibrated = CalibratedClassifierCV(_svm(best_c), method="sigmoid", cv=folds)
+        if groups is not None and len(groups) != len(y):
+            raise ValueError(f"groups has {len(groups)} entries for {len(y)} training rows")
+        folds = calibration_folds(y, groups)
+        calibrated = CalibratedClassifierCV(_svm(best_c, class_weight), method="sigmoid", cv=folds)
         pipe = make_pipeline(StandardScaler(), calibrated).fit(x, y)
-    priors = np.bincount(y, minlength=n_classes)[pipe.classes_] / len(y)
+    priors = np.bincount(y, minlength=n_classes)[pipe.classes_] / len(y) if class_weight == "balanced" else None
     return SVMHead(pipe, best_c, priors)
 
 

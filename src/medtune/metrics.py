@@ -95,7 +95,8 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, positive: int | None, n_b
     present = [c for c in range(k) if (y_true == c).any()]
     if present:
         out["pr_auc"] = float(np.mean([average_precision_score(y_true == c, probs[:, c]) for c in present]))
-    out["brier"] = float(brier_score_loss(y_true, probs, labels=list(range(k))))
+    rows = probs.sum(1, keepdims=True)  # float32 softmax sums to 1 only within ~1e-7; sklearn warns on that
+    out["brier"] = float(brier_score_loss(y_true, probs / np.where(rows > 0, rows, 1), labels=list(range(k))))
     out["ece"] = ece((probs.argmax(1) == y_true).astype(float), probs.max(1), n_bins)
     return out
 

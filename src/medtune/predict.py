@@ -1,7 +1,8 @@
 """`medtune predict`: class probabilities for new images from a saved model directory.
 
-Images are decoded exactly as for training (`medtune.data`), at the model's image size, so the
-same file gets the same probabilities it got as an out-of-fold test image in the store.
+Images are decoded exactly as for training (`medtune.data`), at the model's image size. The
+default is the mean over the bundle's fold models; with `fold=N` a file of that fold's test set
+gets the very probabilities the store holds for it.
 Inputs may be image files, folders (plain, or one sub-folder per class: the folder name is then
 kept as the true label) and CSV manifests (`path,label`).
 """
@@ -60,16 +61,17 @@ def read_inputs(inputs: list[str | Path], size: int) -> tuple[torch.Tensor, list
 
 
 def predict(model_dir: str | Path, inputs: list[str | Path], out: str | Path | None = None,
-            cam: bool = False) -> pd.DataFrame:
-    """Probabilities per class for every input image; `predictions.csv` (and Grad-CAM overlays in
-    `cam/` when asked) written to `out` if given."""
+            cam: bool = False, fold: int | None = None, tta: str | None = None) -> pd.DataFrame:
+    """Probabilities per class for every input image: the mean over the bundle's fold models (or
+    `fold`'s model alone), and with `tta="flip"` over each image and its mirror; `predictions.csv`
+    (and Grad-CAM overlays of the first fold's network in `cam/` when asked) written to `out` if given."""
     if cam:
         from medtune.explain import require_grad_cam
 
         require_grad_cam()  # before any work, not after the probabilities
-    bundle: Bundle = load_bundle(model_dir)
+    bundle: Bundle = load_bundle(model_dir).select(fold)
     images, paths, labels = read_inputs(inputs, bundle.image_size)
-    probs = bundle.predict_proba(images)
+    probs = bundle.predict_proba(images, tta=tta)
     names = bundle.meta["class_names"]
     df = pd.DataFrame({"path": paths, "true": labels, "predicted": [names[i] for i in probs.argmax(1)]})
     for j, name in enumerate(names):

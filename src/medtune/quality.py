@@ -179,7 +179,7 @@ def check_files(paths: list[str], labels: list[int], class_names: list[str], n_f
     from concurrent.futures import ThreadPoolExecutor
 
     from medtune.data import DEFAULT_MAX_PIXELS
-    from medtune.splits import kfold
+    from medtune.folds import kfold
 
     mp = max_pixels or DEFAULT_MAX_PIXELS
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -204,7 +204,7 @@ def check_files(paths: list[str], labels: list[int], class_names: list[str], n_f
 
 def check_table(table, n_folds: int = 5, threshold: int | None = DEFAULT_NEAR_THRESHOLD, seed: int = 0) -> QualityReport:
     """The same report for an in-memory table (synthetic, .npz): sizes are the decoded ones."""
-    from medtune.splits import kfold
+    from medtune.folds import kfold
 
     h, w = table.images.shape[-2:]
     files = [FileInfo(p, int(y), (int(w), int(h)), "RGB", d) for p, y, d in zip(table.paths, table.labels, table.digests)]

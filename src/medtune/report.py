@@ -1,32 +1,31 @@
-"""Tables and (later) the HTML report, computed only from the results store."""
+"""The HTML report and its CSV/MD/TeX tables: presentation only; the numbers come from
+`medtune.evidence`, which reads the results store (and the PNGs the runner wrote beside it),
+never a model."""
 
 from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from medtune.metrics import MAIN_METRICS
+from medtune.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters, external_table, fmt_ci,  # noqa: F401
+                              fold_ranks, short_strategy, group_cells, group_table, headline_row, label, main_table,
+                              operating_points, operating_table, paired_tests, pooled, positive_index, rank_blocks,
+                              read_evidence, subgroup_table, summary_table)
+from medtune.diagnose import collapsed_cells
+from medtune.headline import HOW, OPTIMISTIC
+from medtune.metrics import MAIN_METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
+from medtune.version import RESULTS_VERSION
 
-GROUP = ["dataset", "backbone", "strategy", "head"]
-
-
-def summary_table(metrics: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
-    """Mean and sd over folds and seeds per (dataset, backbone, strategy, head)."""
-    columns = [c for c in (columns or MAIN_METRICS) if c in metrics.columns]
-    agg = metrics.groupby(GROUP, sort=False)
-    mean = agg[columns].mean()
-    sd = agg[columns].std(ddof=1)
-    out = mean.copy()
-    for c in columns:
-        out[f"{c}_sd"] = sd[c]
-    out["n_cells"] = agg.size()
-    out["seconds"] = agg["seconds"].sum()
-    return out.reset_index()
-
+FONT = 13  # points: readable when the page is printed
 
 SHORT = {"accuracy": "acc", "balanced_accuracy": "bal_acc", "sensitivity": "sens", "specificity": "spec",
-         "ppv": "PPV", "npv": "NPV", "f1": "F1", "auc": "AUC"}
-
+         "ppv": "PPV", "npv": "NPV", "f1": "F1", "auc": "AUC", "pr_auc": "PR-AUC", "brier": "Brier", "ece": "ECE"}
 
 def pm(mean: float, sd: float, digits: int = 3) -> str:
     if np.isnan(mean):
@@ -37,128 +36,16 @@ def pm(mean: float, sd: float, digits: int = 3) -> str:
 def format_pm(table: pd.DataFrame, columns: list[str] | None = None, digits: int = 3) -> pd.DataFrame:
     """'mean±sd' strings for display, with short metric names."""
     columns = [c for c in (columns or MAIN_METRICS) if c in table.columns]
-    out = table[GROUP].copy()
+    out = table[[c for c in GROUP if c in table.columns]].copy()
+    if "variant" in out.columns and not out["variant"].astype(bool).any():
+        out = out.drop(columns=["variant"])
+    if "strategy" in out.columns:
+        out["strategy"] = out["strategy"].map(short_strategy)
     for c in columns:
         out[SHORT.get(c, c)] = [pm(m, s, digits) for m, s in zip(table[c], table[f"{c}_sd"])]
     out["folds"] = table["n_cells"]
     out["seconds"] = table["seconds"].round(1)
     return out
-
-
-# =========================================================================== the evidence report
-# Everything below reads the store (and the PNGs the runner wrote beside it), never a model.
-import base64  # noqa: E402
-import html  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from medtune.metrics import (balanced_accuracy, bootstrap_ci, cd_cliques, confusion, corrected_ttest,  # noqa: E402
-                             friedman, nemenyi_cd, wilcoxon)
-
-MAIN = "balanced_accuracy"
-FONT = 13  # points: readable when the page is printed
-
-
-@dataclass
-class Evidence:
-    """What the report is computed from, read once from the store."""
-
-    metrics: pd.DataFrame
-    cells: pd.DataFrame
-    predictions: pd.DataFrame
-    datasets: pd.DataFrame
-    runs: pd.DataFrame
-    store: Path
-
-
-def read_evidence(store_path: str | Path) -> Evidence:
-    from medtune.errors import MedtuneError
-    from medtune.store import open_store, read_cells, read_datasets
-
-    with open_store(store_path, must_exist=True) as s:
-        m = s.metrics()
-        if m.empty:
-            raise MedtuneError(f"{store_path} holds no finished cells yet; run `medtune run CONFIG` first.")
-        return Evidence(m, read_cells(s), s.predictions(), read_datasets(s), s.runs(), Path(store_path))
-
-
-def label(row) -> str:
-    """One readable name per cell group within a data set."""
-    return f"{row['backbone']} · {row['strategy']}" + ("" if row["head"] == "softmax" else f" · {row['head']}")
-
-
-def pooled(ev: Evidence, keys: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """(y_true, probs) of a group's out-of-fold predictions, first seed only so each sample counts once."""
-    c = ev.cells
-    sel = c[(c.dataset == keys[0]) & (c.backbone == keys[1]) & (c.strategy == keys[2]) & (c["head"] == keys[3])]
-    sel = sel[sel.seed == sel.seed.min()]
-    p = ev.predictions[ev.predictions.cell_id.isin(sel.cell_id)]
-    return p.y_true.to_numpy(), np.array(p.probs.tolist(), dtype=float)
-
-
-def group_table(ev: Evidence, n_boot: int = 2000) -> pd.DataFrame:
-    """Per group: mean ± sd over folds and seeds, pooled out-of-fold balanced accuracy with its 95%
-    bootstrap CI, and whether it is the best group of its data set (highest mean)."""
-    t = summary_table(ev.metrics)
-    lo, hi, pt = [], [], []
-    for _, r in t.iterrows():
-        y, p = pooled(ev, tuple(r[GROUP]))
-        point, a, b = bootstrap_ci(y, p, balanced_accuracy, n_boot=n_boot, seed=0) if len(y) else (np.nan,) * 3
-        pt.append(point), lo.append(a), hi.append(b)
-    t["pooled_balanced_accuracy"], t["ci_low"], t["ci_high"] = pt, lo, hi
-    t["best"] = t[MAIN] == t.groupby("dataset")[MAIN].transform("max")
-    return t
-
-
-def main_table(t: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """Strategy rows x backbone (and head) columns: 'mean [CI]' of balanced accuracy, best marked ★."""
-    sub = t[t.dataset == dataset].copy()
-    sub["column"] = sub.backbone + np.where(sub["head"] == "softmax", "", " · " + sub["head"])
-    sub["cell"] = [f"{'★ ' if b else ''}{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi, b in
-                   zip(sub[MAIN], sub.ci_low, sub.ci_high, sub.best)]
-    out = sub.pivot(index="strategy", columns="column", values="cell").fillna("–")
-    order = list(dict.fromkeys(sub.strategy))
-    return out.loc[order]
-
-
-def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """The best group against every other on the same (seed, fold) pairs: corrected resampled
-    t-test (Nadeau & Bengio) and Wilcoxon signed-rank, on balanced accuracy."""
-    m = ev.metrics[ev.metrics.dataset == dataset]
-    best = tuple(t[(t.dataset == dataset) & t.best].iloc[0][GROUP])
-    info = ev.cells.set_index("cell_id")["info"]
-    score = m.set_index(GROUP + ["seed", "fold"])[MAIN].sort_index()
-    rows = []
-    for keys, g in m.groupby(GROUP, sort=False):
-        if keys == best:
-            continue
-        a_all = score.loc[best]
-        common = a_all.index.intersection(g.set_index(["seed", "fold"]).index)
-        a, b = a_all.loc[common].to_numpy(), g.set_index(["seed", "fold"])[MAIN].loc[common].to_numpy()
-        ids = g.cell_id
-        n_train = np.mean([info[i].get("n_train", np.nan) for i in ids])
-        n_test = np.mean([info[i].get("n_test", np.nan) for i in ids])
-        tt, p_t = corrected_ttest(a, b, n_train, n_test)
-        _, p_w = wilcoxon(a, b)
-        rows.append({"compared with": label(dict(zip(GROUP, keys))), "pairs": len(common),
-                     "mean difference": float(np.mean(a - b)), "corrected t": tt, "p (corrected t)": p_t,
-                     "p (Wilcoxon)": p_w})
-    return pd.DataFrame(rows)
-
-
-def cd_blocks(ev: Evidence, dataset: str | None) -> tuple[pd.DataFrame, str]:
-    """Scores for the Friedman test: rows = data sets (methods common to all) when the store has
-    several, else the (seed, fold) pairs of one data set."""
-    m = ev.metrics.copy()
-    m["method"] = [label(r) for _, r in m.iterrows()]
-    if dataset is None:
-        wide = m.groupby(["dataset", "method"])[MAIN].mean().unstack().dropna(axis=1)
-        return wide, "blocks = data sets"
-    sub = m[m.dataset == dataset]
-    wide = sub.pivot_table(index=["seed", "fold"], columns="method", values=MAIN).dropna(axis=1)
-    return wide, "blocks = folds"
 
 
 # --------------------------------------------------------------------------- figures
@@ -198,16 +85,17 @@ def fig_depth(ev: Evidence, t: pd.DataFrame, dataset: str):
     plt = _plt()
     c = ev.cells[ev.cells.dataset == dataset].copy()
     c["blocks"] = c["info"].map(max_blocks)
-    depth = c.groupby(GROUP)["blocks"].median()
-    sub = t[t.dataset == dataset].set_index(GROUP)
+    depth = c.groupby("group")["blocks"].median()
+    sub = t[t.dataset == dataset].set_index("group")
     sub["blocks"] = depth
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for (bb, head), g in sub.reset_index().groupby(["backbone", "head"]):
+    for (bb, head, variant), g in sub.reset_index().groupby(["backbone", "head", "variant"]):
         g = g.sort_values("blocks")
         ax.errorbar(g.blocks, g[MAIN], yerr=g[f"{MAIN}_sd"].fillna(0), marker="o", capsize=4,
-                    label=bb + ("" if head == "softmax" else f" · {head}"))
+                    label=bb + ("" if head == "softmax" else f" · {head}") + (f" [{variant}]" if variant else ""))
         for _, r in g.iterrows():
-            ax.annotate(r.strategy, (r.blocks, r[MAIN]), textcoords="offset points", xytext=(6, 6), fontsize=FONT - 2)
+            ax.annotate(short_strategy(r.strategy), (r.blocks, r[MAIN]), textcoords="offset points",
+                        xytext=(6, 6 if "auto_depth" not in r.strategy else -14), fontsize=FONT - 2)
     ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("trainable blocks (of the network's stem → head chain; head = 1)")
     ax.set_ylabel("balanced accuracy (mean ± sd over folds)")
@@ -294,10 +182,9 @@ def fig_cd(ranks: dict[str, float], cd: float, title: str):
     return fig
 
 
-def fig_curves(ev: Evidence, keys: tuple, title: str):
+def fig_curves(ev: Evidence, group: str, title: str):
     plt = _plt()
-    c = ev.cells
-    sel = c[(c.dataset == keys[0]) & (c.backbone == keys[1]) & (c.strategy == keys[2]) & (c["head"] == keys[3])]
+    sel = group_cells(ev, group, first_seed=False)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (_, r) in enumerate(sel.iterrows()):
         h = r["info"].get("history") or []
@@ -316,6 +203,85 @@ def fig_curves(ev: Evidence, keys: tuple, title: str):
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(ncol=2, loc="best")
+    return fig
+
+
+def fig_reliability(ev: Evidence, t: pd.DataFrame, dataset: str, n_bins: int = 10):
+    """Reliability diagram (scikit-learn's calibration_curve, equal-mass bins) of each group's pooled
+    out-of-fold predictions; the bars are 95% Wilson intervals of the observed frequency per bin."""
+    from sklearn.calibration import calibration_curve
+
+    plt = _plt()
+    pos = positive_index(ev, dataset)
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    for i, (_, r) in enumerate(t[t.dataset == dataset].iterrows()):
+        y, p, _ = pooled(ev, r.group)
+        if not len(y):
+            continue
+        event, prob = ((y == pos), p[:, pos]) if pos is not None else ((p.argmax(1) == y), p.max(1))
+        frac, mean_p = calibration_curve(event, prob, n_bins=n_bins, strategy="quantile")
+        n_b = len(y) / len(frac)
+        z = 1.96
+        centre = (frac + z * z / (2 * n_b)) / (1 + z * z / n_b)
+        half = z * np.sqrt(frac * (1 - frac) / n_b + z * z / (4 * n_b * n_b)) / (1 + z * z / n_b)
+        ax.errorbar(mean_p, frac, yerr=[np.maximum(frac - (centre - half), 0), np.maximum(centre + half - frac, 0)],
+                    marker="o", ms=4, capsize=2, lw=1.5 if not r.headline else 3, color=f"C{i % 10}",
+                    label=("★ " if r.headline else "") + label(r))
+    what = f"P({ev.class_names(dataset)[pos]})" if pos is not None else "top-label confidence"
+    ax.set_xlabel(f"predicted {what} (bin mean)")
+    ax.set_ylabel("observed frequency (95% Wilson interval)")
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    ax.set_title(f"{dataset}: calibration ({n_bins} equal-mass bins)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=FONT - 3)  # below: never over the data
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def fig_decision(ev: Evidence, rows: list, dataset: str):
+    """Decision curve (net benefit against threshold probability, as dcurves defines it) of the given
+    groups' pooled out-of-fold predictions, with treat-all and treat-none."""
+    plt = _plt()
+    pos = positive_index(ev, dataset)
+    pt = np.arange(0.01, 1.0, 0.01)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    prev = None
+    for i, r in enumerate(rows):
+        y, p, _ = pooled(ev, r.group)
+        model, all_ = net_benefit(y == pos, p[:, pos], pt)
+        prev = (y == pos).mean()
+        ax.plot(pt, model, lw=2.5 if r.headline else 1.5, color=f"C{i}", label=("★ " if r.headline else "") + label(r))
+    if prev is not None:
+        ax.plot(pt, all_, color="dimgrey", ls="--", label="treat all")
+        ax.axhline(0, color="black", lw=1, label="treat none")
+        ax.set_ylim(min(-0.05, -0.2 * prev), max(prev * 1.15, 0.05))
+    ax.set_xlabel(f"threshold probability of {ev.class_names(dataset)[pos]}")
+    ax.set_ylabel("net benefit")
+    ax.set_title(f"{dataset}: decision curve (pooled out-of-fold)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=FONT - 3, ncol=2)
+    return fig
+
+
+def fig_cost(t: pd.DataFrame, dataset: str):
+    """The trade-off of depth: pooled balanced accuracy [95% CI] against training seconds per fold."""
+    plt = _plt()
+    sub = t[t.dataset == dataset]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    secs = sub.seconds / sub.n_cells
+    for i, (_, r) in enumerate(sub.iterrows()):
+        x = r.seconds / r.n_cells
+        ax.errorbar([x], [r.pooled_balanced_accuracy], yerr=[[r.pooled_balanced_accuracy - r.ci_low],
+                                                              [r.ci_high - r.pooled_balanced_accuracy]],
+                    marker="*" if r.headline else "o", ms=14 if r.headline else 7, capsize=4, color=f"C{i % 10}")
+        ax.annotate(label(r).split(" · ", 1)[-1], (x, r.pooled_balanced_accuracy), textcoords="offset points",
+                    xytext=(7, 4), fontsize=FONT - 3)
+    if (secs > 0).all() and secs.max() / max(secs.min(), 1e-9) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("training seconds per fold (mean over cells)")
+    ax.set_ylabel("balanced accuracy, pooled out-of-fold [95% CI]")
+    ax.set_title(f"{dataset}: accuracy against training cost (★ = headline)")
+    ax.grid(alpha=0.3)
     return fig
 
 
@@ -408,97 +374,6 @@ def best_models(store: Path) -> dict[str, Path]:
     return out
 
 
-def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000) -> dict[str, Path]:
-    """Write report.html (self-contained), results.csv, results.md and results.tex to `out_dir`."""
-    ev = read_evidence(store_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t = group_table(ev, n_boot)
-    models = best_models(ev.store)
-    ds_info = ev.datasets.set_index("dataset")
-    md = [f"# medtune results: {ev.store.name}\n",
-          "Balanced accuracy, mean over folds [95% bootstrap CI of the pooled out-of-fold predictions]; ★ = best.\n"]
-    tex = []
-    body = [f"<h1>medtune report: {html.escape(ev.store.name)}</h1>",
-            "<p>Each cell of the grid (data set × backbone × strategy × head) was trained and tested under "
-            "stratified k-fold cross-validation, grouped by patient where the data set gives patient ids (each "
-            "data set's section says whether it does); every number and figure below is computed "
-            "from the stored out-of-fold predictions. <b>Main metric: balanced accuracy</b> (mean recall over "
-            "classes, chance = 1/number of classes). Tables show the mean over folds with the 95% bootstrap "
-            "confidence interval of the pooled out-of-fold predictions; ★ marks the best mean.</p>"]
-    for ds in dict.fromkeys(t.dataset):
-        class_names = ds_info.loc[ds, "class_names"] if ds in ds_info.index else []
-        info = ds_info.loc[ds, "info"] if ds in ds_info.index else {}
-        positive = info.get("positive")
-        sub = t[t.dataset == ds]
-        best_row = sub[sub.best].iloc[0]
-        keys = tuple(best_row[GROUP])
-        table = main_table(t, ds)
-        md += [f"## {ds}\n", to_markdown(table, "strategy"), ""]
-        tex.append(to_latex(table, f"{ds}: balanced accuracy, mean over folds [95% bootstrap CI]; best marked", "strategy"))
-        body.append(f"<h2>{html.escape(ds)}</h2>")
-        body.append(f"<p>{int(info.get('n', 0))} images, classes {html.escape(str(info.get('class_counts', class_names)))}"
-                    f"{f'; positive class for sensitivity/specificity/PPV/NPV: <b>{html.escape(positive)}</b>' if positive else ''}."
-                    f" {patient_note(ev, ds)}</p>")
-        body.append("<h3>Balanced accuracy: strategy × backbone</h3>" + html_table(table, "strategy"))
-        of = f" ({html.escape(positive)})" if positive else " (macro mean over classes)"
-        body.append(f"<p>Best: <b>{html.escape(label(best_row))}</b>, balanced accuracy {best_row[MAIN]:.3f} "
-                    f"± {best_row[f'{MAIN}_sd']:.3f} (sd over {int(best_row.n_cells)} folds), AUC "
-                    f"{best_row.get('auc', np.nan):.3f}, sensitivity{of} {best_row.get('sensitivity', np.nan):.3f}, "
-                    f"specificity{of} {best_row.get('specificity', np.nan):.3f}.</p>")
-        detail = format_pm(sub.reset_index(drop=True))
-        detail["seconds"] = detail["seconds"].round().astype(int)
-        body.append("<h3>All clinical metrics (mean ± sd over folds)</h3>"
-                    f"<p class=note>acc = accuracy, bal_acc = balanced accuracy, sens/spec/PPV/NPV{of}, "
-                    "F1 = macro F1, AUC = area under the ROC curve, folds = cells averaged, seconds = training time.</p>"
-                    + html_table(detail.drop(columns=["dataset"])))
-        tests = paired_tests(ev, t, ds)
-        if not tests.empty:
-            body.append("<h3>Is the best really better? Paired tests on the same folds</h3>"
-                        "<p class=note>Corrected resampled t-test (Nadeau &amp; Bengio 2003: variance × (1/k + "
-                        "n<sub>test</sub>/n<sub>train</sub>), because folds share training data) and Wilcoxon "
-                        "signed-rank test. With few folds the Wilcoxon test cannot reach p &lt; 0.05.</p>"
-                        + html_table(tests.set_index("compared with"), "compared with"))
-        body.append("<h3>Depth of fine-tuning</h3>" + img(png(fig_depth(ev, t, ds)), f"depth plot {ds}"))
-        y, p = pooled(ev, keys)
-        if len(class_names) and len(y):
-            name = label(best_row)
-            body.append("<h3>Best model: ROC and confusion matrix (pooled out-of-fold)</h3><div class=row>"
-                        + img(png(fig_roc(y, p, class_names, positive, f"ROC: {name}")), f"ROC {ds}")
-                        + img(png(fig_confusion(y, p, class_names, f"Confusion: {name}")), f"confusion {ds}")
-                        + "</div>")
-        body.append("<h3>Training curves of the best group</h3>"
-                    + img(png(fig_curves(ev, keys, f"{label(best_row)}: loss per epoch")), f"training curves {ds}"))
-        wide, what = cd_blocks(ev, ds)
-        body.append(cd_section(wide, what, ds))
-        if ds in models and (models[ds] / "gallery" / "gallery.json").is_file():
-            body.append("<h3>Grad-CAM gallery of the saved best model</h3>" + gallery_html(models[ds]))
-        dup = info.get("duplicates", {})
-        body.append("<h3>Duplicates and leakage</h3><p>Identical images (after decoding) found: "
-                    f"<b>{dup.get('duplicate_groups', 0)}</b> groups, {dup.get('duplicate_images', 0)} extra copies, "
-                    f"{dup.get('label_conflicts', 0)} with conflicting labels; policy <b>{html.escape(str(dup.get('policy', '?')))}</b> "
-                    "(group: copies are kept in the same fold, so no image is both trained and tested on)."
-                    + (f" <b style='color:#b00'>{dup['label_conflicts']} set(s) of identical images carry different "
-                       "labels</b>: check them at the source (<code>medtune data check</code>)." if dup.get("label_conflicts") else "")
-                    + f"</p><pre>{html.escape(json.dumps(info, default=str))}</pre>")
-    if t.dataset.nunique() >= 2:
-        wide, what = cd_blocks(ev, None)
-        body.append("<h2>Across data sets</h2>" + cd_section(wide, what, "all data sets"))
-    body.append("<h2>Configuration and environment</h2>")
-    for _, r in ev.runs.iterrows():
-        body.append(f"<h3>run {html.escape(r.run_id)}</h3><p>Resolved configuration:</p>"
-                    f"<pre>{html.escape(json.dumps(json.loads(r.config_json), indent=1))}</pre><p>Environment:</p>"
-                    f"<pre>{html.escape(json.dumps(json.loads(r.env_json), indent=1))}</pre>")
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>medtune report</title>"
-            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
-    paths = {"html": out / "report.html", "csv": out / "results.csv", "md": out / "results.md", "tex": out / "results.tex"}
-    paths["html"].write_text(page, encoding="utf-8")
-    t.to_csv(paths["csv"], index=False)
-    paths["md"].write_text("\n".join(md) + "\n", encoding="utf-8")
-    paths["tex"].write_text("\n".join(tex), encoding="utf-8")
-    return paths
-
-
 def patient_note(ev: Evidence, dataset: str) -> str:
     """Where the fold grouping came from, from the resolved config: without patient ids, images of
     one patient can sit in train and test at once, and every metric is then optimistic."""
@@ -532,3 +407,250 @@ def cd_section(wide: pd.DataFrame, what: str, where: str) -> str:
     return (head + f"<p>Friedman χ² = {chi2:.2f}, p = {p:.3g}. Nemenyi critical difference at α = 0.05: "
             f"CD = {cd:.2f}; models joined by a grey bar are not significantly different.</p>"
             + img(png(fig), f"critical difference diagram {where}"))
+
+
+# --------------------------------------------------------------------------- the page
+TRAIN_SHOWN = ("epochs", "batch_size", "lr", "weight_decay", "patience", "val_fraction", "class_weight",
+               "bn_statistics", "amp")
+
+
+def tripod_appendix(ev: Evidence) -> pd.DataFrame:
+    """TRIPOD+AI / CLAIM items this run can fill from its configuration and data record, and what
+    the user must still state (the store cannot know eligibility, reference standard or ethics)."""
+    cfg, env = ev.config, (json.loads(ev.runs.env_json.iloc[-1]) if len(ev.runs) else {})
+    ds = [d for d in ev.datasets.itertuples() if not str(d.info.get("role", "train")).startswith("external")]
+    ext = [d for d in ev.datasets.itertuples() if str(d.info.get("role", "")).startswith("external")]
+    data = "; ".join(f"{d.dataset}: {d.info.get('n', '?')} images, {d.info.get('class_counts', {})}, "
+                     f"{'patient-grouped' if d.info.get('grouped') else 'no patient ids'}, duplicates "
+                     f"{d.info.get('duplicates', {}).get('policy', '?')}" for d in ds)
+    cv = cfg.get("cv", "kfold")
+    validation = (f"{'leave-one-site-out' if cv == 'by_site' else str(cfg.get('folds', '?')) + '-fold stratified'} "
+                  f"cross-validation, grouped by patient where ids exist, seeds {cfg.get('seeds')}; "
+                  + (f"external test set(s) {', '.join(d.dataset for d in ext)} predicted without refitting"
+                     if ext else "no external test set"))
+    strategies = ", ".join(dict.fromkeys(ev.metrics.strategy))
+    backbones = ", ".join(f"{b.get('name')} ({'pretrained' if b.get('pretrained', True) else 'random init'}"
+                          f"{', ' + str(b['image_size']) + ' px' if b.get('image_size') else ''})"
+                          for b in cfg.get("backbones", []))
+    ops = ", ".join(f"{k} ≥ {v}" for p in cfg.get("operating_points", []) for k, v in p.items()) or "none declared"
+    headline_rule = (f"the strategy declared primary before the run ({cfg['primary']})" if cfg.get("primary") else
+                     "auto_depth's nested choice where the grid has it, else the best row on the test folds, "
+                     "labelled optimistic")
+    rows = [
+        ("Data source and participants (TRIPOD 5, 6; CLAIM 7-9)", data,
+         "Where and when the images were acquired, eligibility criteria, how patients were selected."),
+        ("Outcome / reference standard (TRIPOD 7; CLAIM 14-17)", f"class labels as given by the data set; positive "
+         f"class {', '.join(str(d.info.get('positive')) for d in ds)}", "How labels were established (biopsy, "
+         "reader consensus), by whom, blinded to what."),
+        ("Sample size (TRIPOD 8; CLAIM 19)", data, "Why this sample size suffices for the intended use."),
+        ("Missing data (TRIPOD 9)", "images that fail to decode are refused with an error; none are imputed",
+         "Images excluded before the manifest was written, and why."),
+        ("Model (TRIPOD 10; CLAIM 22-24)", f"backbones {backbones}; fine-tuning strategies {strategies}; heads "
+         f"{cfg.get('heads')}; training "
+         + ", ".join(f"{k} {v}" for k, v in (cfg.get("train") or {}).items() if k in TRAIN_SHOWN), "—"),
+        ("Model selection (TRIPOD 10d; CLAIM 26)", "epochs by early stopping on an inner validation split; depth "
+         "by auto_depth's inner folds where used; operating points on inner validation splits; no choice uses a "
+         f"test fold. Headline: {headline_rule}", "—"),
+        ("Validation (TRIPOD 10e, 12; CLAIM 29-32)", validation, "Whether the external set is a different site, "
+         "time period or device, and how it differs (case mix, prevalence)."),
+        ("Performance measures (TRIPOD 10d, 16; CLAIM 28, 37)", "balanced accuracy, sensitivity, specificity, PPV, "
+         "NPV, AUC, PR-AUC, Brier score, ECE; 95% patient-level bootstrap CIs of pooled out-of-fold predictions; "
+         f"operating points: {ops}; decision curves", "The clinically required operating point and its rationale."),
+        ("Fairness / subgroups (TRIPOD+AI 14; CLAIM 38)", ", ".join(cfg.get("subgroups", [])) or "no subgroup "
+         "columns declared", "Which subgroups matter for the intended population."),
+        ("Software and reproducibility (TRIPOD 18; CLAIM 42)", f"medtune {env.get('medtune')}, results version "
+         f"{RESULTS_VERSION}{' (the store also holds older cells)' if ev.version_note else ''}, git "
+         f"{env.get('git_commit')}, torch {env.get('torch')}, timm {env.get('timm')}, device {env.get('device')}; "
+         "resolved configuration below", "Where code, weights and data can be obtained."),
+        ("Ethics, funding, conflicts (TRIPOD 19, 22; CLAIM 44)", "—", "Approval, consent waiver, funding, conflicts."),
+    ]
+    return pd.DataFrame(rows, columns=["item", "what this run did (from the store)", "you must still state"]
+                        ).set_index("item")
+
+
+def headline_html(t: pd.DataFrame, ds: str, primary: str | None) -> str:
+    r = headline_row(t, ds)
+    how = r.headline_how
+    text = (f"<p class=headline><b>Headline: {html.escape(label(r))}</b>, balanced accuracy "
+            f"{fmt_ci(r.pooled_balanced_accuracy, r.ci_low, r.ci_high)} (pooled out-of-fold, 95% patient-bootstrap "
+            f"CI), fold mean {r[MAIN]:.3f} ± {r[f'{MAIN}_sd']:.3f} over {int(r.n_cells)} cells. "
+            f"<span class=note>How it was chosen: {html.escape(HOW[how])}.</span>")
+    if primary and how != "primary":
+        text += f" <span class=warn>The config's primary {html.escape(primary)!s} matches no strategy here.</span>"
+    best = t[(t.dataset == ds) & t.best_on_test_folds].iloc[0]
+    if how != OPTIMISTIC and best.group != r.group:
+        text += (f"<br><span class=note>Optimistic view (not the answer): the best mean on the test folds is "
+                 f"{html.escape(label(best))}, {best[MAIN]:.3f}; selecting it on the folds that score it inflates "
+                 "that figure.</span>")
+    return text + "</p>"
+
+
+CSS_EXTRA = """
+p.headline { font-size: 16px; background: #f3f8ff; border-left: 5px solid #36c; padding: 8px 12px; }
+.warn { color: #b00; font-weight: bold; } div.banner { background: #fff0f0; border: 2px solid #c33; padding: 8px 12px; }
+"""
+
+
+def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000) -> dict[str, Path]:
+    """Write report.html (self-contained), results.csv, subgroups.csv, results.md and results.tex."""
+    ev = read_evidence(store_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t = group_table(ev, n_boot)
+    small = max(200, n_boot // 4)  # the secondary tables' bootstraps
+    cfg = ev.config
+    primary = cfg.get("primary")
+    models = best_models(ev.store)
+    md = [f"# medtune results: {ev.store.name}\n",
+          "Balanced accuracy, pooled out-of-fold [95% patient-bootstrap CI]; ★ = headline (chosen without the "
+          "test folds), † = best mean on the test folds (optimistic).\n"]
+    tex = []
+    body = [f"<h1>medtune report: {html.escape(ev.store.name)}</h1>"]
+    if ev.version_note:
+        body.append(f"<div class=banner><b>Mixed or old results:</b> {html.escape(ev.version_note)}</div>")
+    body.append(
+        "<p>Each cell of the grid (data set × backbone × strategy × head × fold) was trained and tested under "
+        "cross-validation, grouped by patient where the data set gives patient ids; every number and figure "
+        "below is computed from the stored predictions. A row is one complete configuration (everything but "
+        "fold and seed). <b>Main metric: balanced accuracy</b> (mean recall over classes, chance = 1/number of "
+        "classes). Main tables: the pooled out-of-fold estimate with its 95% bootstrap CI, resampling patients "
+        "(not images). ★ marks the headline, chosen before or without the test folds; † marks the best mean on "
+        "the test folds, an optimistic view.</p>")
+    subgroups_all = []
+    for ds in dict.fromkeys(t.dataset):
+        class_names, info = ev.class_names(ds), ev.info(ds)
+        positive = info.get("positive")
+        sub = t[t.dataset == ds]
+        head = headline_row(t, ds)
+        table = main_table(t, ds)
+        md += [f"## {ds}\n", to_markdown(table, "strategy"), ""]
+        tex.append(to_latex(table, f"{ds}: balanced accuracy, pooled out-of-fold [95% patient-bootstrap CI]; "
+                            "star = headline, dagger = best on test folds", "strategy"))
+        body.append(f"<h2>{html.escape(ds)}</h2>")
+        body.append(f"<p>{int(info.get('n', 0))} images, classes {html.escape(str(info.get('class_counts', class_names)))}"
+                    f"{f'; positive class for sensitivity/specificity/PPV/NPV: <b>{html.escape(positive)}</b>' if positive else ''}."
+                    f" {patient_note(ev, ds)}</p>")
+        body.append(headline_html(t, ds, primary))
+        body.append("<h3>Balanced accuracy: strategy × backbone (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
+                    + html_table(table, "strategy"))
+        of = f" ({html.escape(positive)})" if positive else " (macro mean over classes)"
+        collapsed = collapsed_cells(ev.cells[ev.cells.dataset == ds])  # diagnose.py (select helper's lines)
+        if collapsed:
+            body.append("<h3 class=warn>Collapsed cells: one class predicted</h3><ul>"
+                        + "".join(f"<li>{html.escape(line)}</li>" for line in collapsed) + "</ul>")
+        detail = format_pm(sub.reset_index(drop=True))
+        detail["seconds"] = detail["seconds"].round().astype(int)
+        undefined = [c for c in ("ppv_undefined", "npv_undefined") if c in ev.metrics.columns]
+        flag = ""
+        if undefined and (ev.metrics[ev.metrics.dataset == ds][undefined].fillna(0).to_numpy() > 0).any():
+            flag = (" <span class=warn>Some folds have classes never predicted (PPV undefined) or always predicted "
+                    "(NPV undefined); they count as 0 in the macro means, as scikit-learn's zero_division=0.</span>")
+        body.append("<h3>All clinical metrics (mean ± sd over folds)</h3>"
+                    f"<p class=note>Estimator: the mean over folds (and seeds), ± its sd (spread, not a CI). acc = accuracy, "
+                    f"bal_acc = balanced accuracy, sens/spec/PPV/NPV{of}, F1 = macro F1, AUC = ROC area, PR-AUC = "
+                    "average precision, Brier = Brier score, ECE = expected calibration error (10 equal-mass bins), "
+                    f"folds = cells averaged, seconds = training time.{flag}</p>"
+                    + html_table(detail.drop(columns=["dataset"])))
+        tests = paired_tests(ev, t, ds)
+        if not tests.empty:
+            body.append("<h3>Is the headline different from the others? Paired tests on the same folds</h3>"
+                        "<p class=note>Corrected resampled t-test (Nadeau &amp; Bengio 2003: variance × (1/k + "
+                        "n<sub>test</sub>/n<sub>train</sub>), because folds share training data) and Wilcoxon "
+                        "signed-rank test, each with Holm-adjusted p-values over this family of "
+                        f"{len(tests)} comparison(s). With few folds the Wilcoxon test cannot reach p &lt; 0.05.</p>"
+                        + html_table(tests.set_index("compared with"), "compared with"))
+        ranks = fold_ranks(ev, ds)
+        if len(ranks) >= 2:
+            body.append("<h3>Mean rank over folds (descriptive)</h3><p class=note>Descriptive only: the folds of one "
+                        "data set share training data and are not independent blocks, so no Friedman/Nemenyi test "
+                        "is run here (it is, across data sets, when the store has several).</p>"
+                        + html_table(ranks, "group"))
+        body.append("<h3>Depth of fine-tuning</h3>" + img(png(fig_depth(ev, t, ds)), f"depth plot {ds}"))
+        body.append("<h3>Accuracy against training cost</h3>" + img(png(fig_cost(t, ds)), f"cost plot {ds}"))
+        cal = calibration_table(ev, t, ds, small)
+        if not cal.empty:
+            body.append("<h3>Calibration and PR-AUC (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
+                        f"<p class=note>Of P({html.escape(positive or (class_names[1] if len(class_names) == 2 else 'top label'))}). "
+                        "Brier = mean squared error of the probability (lower is better); ECE = expected calibration "
+                        "error over 10 equal-mass bins (lower is better); PR-AUC = average precision.</p>"
+                        + html_table(cal, "group") + img(png(fig_reliability(ev, t, ds)), f"reliability {ds}"))
+        points = cfg.get("operating_points") or []
+        if points:
+            opt = operating_table(ev, t, ds, points, small)
+            if opt.empty:
+                body.append("<h3>Operating points</h3><p class=note>No operating points: they need a positive class "
+                            "(binary, or `positive:` on the data set) and inner validation predictions.</p>")
+            else:
+                body.append("<h3>Operating points chosen on inner validation splits</h3><p class=note>For each outer "
+                            "fold the threshold on P(positive) is the strictest reaching the target on that fold's "
+                            "inner validation split; the fold's test images are then called at it. Pooled outer-fold "
+                            "figures [95% patient-bootstrap CI]: what a clinic would see at a threshold fixed in "
+                            "advance.</p>" + html_table(opt.set_index("group"), "group"))
+        pos = positive_index(ev, ds)
+        if pos is not None:
+            rows = [head] + [r for _, r in sub[sub.best_on_test_folds].iterrows() if r.group != head.group]
+            body.append("<h3>Decision curve</h3><p class=note>Net benefit = TP/n − FP/n · p<sub>t</sub>/(1 − "
+                        "p<sub>t</sub>) at threshold probability p<sub>t</sub> (Vickers &amp; Elkin 2006, as the "
+                        "dcurves package computes it); a model is useful where it lies above both treat-all and "
+                        "treat-none.</p>" + img(png(fig_decision(ev, rows, ds)), f"decision curve {ds}"))
+        ext = external_table(ev, t, ds, small)
+        if not ext.empty:
+            body.append("<h3>Internal vs external validation</h3><p class=note>Internal: pooled out-of-fold "
+                        "predictions. External: each outer fold's model predicts the external set as it is (no "
+                        "refitting, no recalibration); the fold-average model averages their probabilities.</p>"
+                        + html_table(ext.set_index("group"), "group"))
+        sg = subgroup_table(ev, t, ds, small)
+        if not sg.empty:
+            subgroups_all.append(sg)
+            shown = sg[sg.group == label(head)].drop(columns=["dataset", "group"])
+            body.append(f"<h3>Subgroups (headline model, pooled out-of-fold)</h3><p class=note>Per value of the "
+                        "manifest columns under <code>subgroups:</code>; every group's rows are in subgroups.csv. "
+                        "Small subgroups give wide intervals.</p>" + html_table(shown.set_index("subgroup"), "subgroup"))
+        y, p, _ = pooled(ev, head.group)
+        if len(class_names) and len(y):
+            name = label(head)
+            body.append(f"<h3>Headline model ({html.escape(name)}): ROC and confusion matrix (pooled out-of-fold)</h3>"
+                        "<div class=row>"
+                        + img(png(fig_roc(y, p, class_names, positive, "ROC: headline model")), f"ROC {ds}")
+                        + img(png(fig_confusion(y, p, class_names, "Confusion: headline model")), f"confusion {ds}")
+                        + "</div>")
+        body.append("<h3>Training curves of the headline group</h3>"
+                    + img(png(fig_curves(ev, head.group, f"{label(head)}: loss per epoch")), f"training curves {ds}"))
+        if ds in models and (models[ds] / "gallery" / "gallery.json").is_file():
+            saved = json.loads((models[ds] / "model.json").read_text()).get("cell_id")
+            same = saved in set(group_cells(ev, head.group, first_seed=False).cell_id)
+            body.append("<h3>Grad-CAM gallery of the saved model</h3>"
+                        + ("" if same else "<p class=warn>The saved model is not from the headline group (it was kept "
+                           "by an older rule: best mean on the test folds); read its pictures with that in mind.</p>")
+                        + gallery_html(models[ds]))
+        dup = info.get("duplicates", {})
+        record = {k: v for k, v in info.items() if k not in ("clusters", "subgroups")}
+        body.append("<h3>Duplicates and leakage</h3><p>Identical images (after decoding) found: "
+                    f"<b>{dup.get('duplicate_groups', 0)}</b> groups, {dup.get('duplicate_images', 0)} extra copies, "
+                    f"{dup.get('label_conflicts', 0)} with conflicting labels; policy <b>{html.escape(str(dup.get('policy', '?')))}</b> "
+                    "(group: copies are kept in the same fold, so no image is both trained and tested on)."
+                    + (f" <b style='color:#b00'>{dup['label_conflicts']} set(s) of identical images carry different "
+                       "labels</b>: check them at the source (<code>medtune data check</code>)." if dup.get("label_conflicts") else "")
+                    + f"</p><pre>{html.escape(json.dumps(record, default=str))}</pre>")
+    if t.dataset.nunique() >= 2:
+        wide = rank_blocks(ev)
+        body.append("<h2>Across data sets</h2>" + cd_section(wide, "blocks = data sets", "all data sets"))
+    body.append("<h2>Appendix: TRIPOD+AI / CLAIM checklist</h2><p class=note>Filled from this run's configuration "
+                "and data record; the last column is what a manuscript must still state.</p>"
+                + html_table(tripod_appendix(ev), "item"))
+    body.append("<h2>Configuration and environment</h2>")
+    for _, r in ev.runs.iterrows():
+        body.append(f"<h3>run {html.escape(r.run_id)}</h3><p>Resolved configuration:</p>"
+                    f"<pre>{html.escape(json.dumps(json.loads(r.config_json), indent=1))}</pre><p>Environment:</p>"
+                    f"<pre>{html.escape(json.dumps(json.loads(r.env_json), indent=1))}</pre>")
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>medtune report</title>"
+            f"<style>{CSS}{CSS_EXTRA}</style></head><body>{''.join(body)}</body></html>")
+    paths = {"html": out / "report.html", "csv": out / "results.csv", "md": out / "results.md", "tex": out / "results.tex"}
+    paths["html"].write_text(page, encoding="utf-8")
+    t.to_csv(paths["csv"], index=False)
+    if subgroups_all:
+        paths["subgroups"] = out / "subgroups.csv"
+        pd.concat(subgroups_all).to_csv(paths["subgroups"], index=False)
+    paths["md"].write_text("\n".join(md) + "\n", encoding="utf-8")
+    paths["tex"].write_text("\n".join(tex), encoding="utf-8")
+    return paths

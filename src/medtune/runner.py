@@ -8,14 +8,16 @@ Ray (`executor: ray`); either way only this process writes the store.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,17 +25,18 @@ import numpy as np
 import torch
 
 from medtune import __version__
-from medtune.backbones import create_backbone, default_image_size
-from medtune.config import ExperimentConfig, expand_params
+from medtune.backbones import default_image_size
+from medtune.config import AUTO_DEPTH, ExperimentConfig
 from medtune.data import ImageTable, load_dataset, manifest_columns
+from medtune.diagnose import collapse, describe
 from medtune.errors import MedtuneError, TrainingError
-from medtune.heads import fit_svm, full_proba
+from medtune.heads import DECISION_RULES, fit_svm, full_proba
 from medtune.metrics import clinical_metrics
+from medtune.select import candidates, cell_strategies, strategy_label, train_cell
+from medtune.strategies import trains_backbone
 from medtune.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
 from medtune.store import Store
-from medtune.strategies import Strategy, create_strategy, parse_label
-from medtune.train import (Augment, Runtime, TrainSettings, autocast_dtype, final_inputs, fit,
-                           predict_proba, resolve_device, set_seed, shared_cache)
+from medtune.train import Runtime, TrainSettings, autocast_dtype, resolve_device, shared_cache
 from medtune.version import RESULTS_VERSION
 
 
@@ -142,17 +145,9 @@ def prepare(ds, image_size: int, n_folds: int, columns: list[str] = (), cv: str 
 
 # --------------------------------------------------------------------------- cells
 def settings_from(cfg: ExperimentConfig) -> TrainSettings:
-    t = cfg.train.model_dump()
-    t["augment"] = Augment(**t["augment"])
-    return TrainSettings(**t)
-
-
-def strategy_list(cfg: ExperimentConfig) -> list[Strategy]:
-    out = []
-    for s in cfg.strategies:
-        for params in expand_params(s.params):
-            out.append(create_strategy(s.name, **params))
-    return out
+    """The loop's settings. A chosen `lr` is NaN here: each candidate replaces it (select.py), so a
+    path that forgot to would fail loudly instead of training at a guessed rate."""
+    return cfg.train.model_copy(update={"lr": math.nan}) if isinstance(cfg.train.lr, dict) else cfg.train
 
 
 def cell_id(config: dict) -> str:
@@ -168,7 +163,7 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
     for ds in cfg.datasets:
         for bb in cfg.backbones:
             size = bb.image_size or default_image_size(bb.name)
-            for strategy in strategy_list(cfg):
+            for strategy in cell_strategies(cfg):
                 for seed in cfg.seeds:
                     n_folds = (n_folds_by or {}).get(f"{ds.display_name()}@{size}") or n_folds_of(ds, cfg.folds)
                     for fold in range(n_folds):
@@ -176,7 +171,7 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
                             config = {
                                 "dataset": {**ds.model_dump(), "fingerprint": fingerprints[f"{ds.display_name()}@{size}"]},
                                 "backbone": {**bb.model_dump(), "image_size": size},
-                                "strategy": {"name": strategy.name, **strategy.params()},
+                                "strategy": strategy,
                                 "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": train,
                                 "results_version": RESULTS_VERSION,
                             }
@@ -186,7 +181,7 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
                             if cfg.cv != "kfold":
                                 config["cv"] = cfg.cv
                             cells.append({"cell_id": cell_id(config), "run_id": run_id, "dataset": ds.display_name(),
-                                          "backbone": bb.name, "strategy": strategy.label(), "head": head,
+                                          "backbone": bb.name, "strategy": strategy_label(strategy), "head": head,
                                           "fold": fold, "n_folds": n_folds, "seed": seed, "config": config})
     return cells
 
@@ -195,8 +190,9 @@ def model_key(cell: dict) -> tuple:
     """What the frozen weights depend on: the cache key of a backbone. Random-init weights depend on
     the cell's seed (the model is built right after `set_seed`), pretrained ones do not."""
     b = cell["config"]["backbone"]
-    random_init = not b["pretrained"] and not b["checkpoint"]
-    return (b["name"], b["pretrained"], b["checkpoint"], b["image_size"], cell["config"]["seed"] if random_init else None)
+    random_init = not b["pretrained"] and not b["checkpoint"] and not b.get("weights")
+    return (b["name"], b["pretrained"], b["checkpoint"], b.get("weights"), b.get("sha256"), b["image_size"],
+            cell["config"]["seed"] if random_init else None)
 
 
 @dataclass
@@ -229,36 +225,42 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     else:
         strategy, result, picked = train_for_cell(c, data, train_idx, settings, rt, head)
         memo.clear()  # keep one: the next cell with the same training is the next head
-        if not (head == "svm" and not strategy.trains_backbone(settings.epochs)):
-            memo[fit_key] = (strategy, result, picked)
+        memo[fit_key] = (strategy, result, picked)
     if picked:
-        info["auto_depth"] = picked
+        info["auto_depth" if c["strategy"]["name"] == AUTO_DEPTH else "choice"] = picked
     fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
-    inputs = final_inputs(result, table, settings, rt)
+    class_weight = c["train"]["class_weight"]
+    # one rule for both heads (heads.py): the same class weighting, argmax under the same priors
+    info.update({"class_weight": class_weight, "decision_rule": DECISION_RULES[class_weight]})
     if head == "svm":
-        feats = lambda idx: predict_proba(result.forward, inputs, idx, settings, rt, features=True)  # noqa: E731
+        feats = lambda idx: result.features(table, idx)  # noqa: E731
+        both = np.concatenate([fit_idx, val_idx])
         svm = fit_svm(feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx],
-                      table.num_classes, seed=c["seed"])
+                      table.num_classes, seed=c["seed"], class_weight=class_weight,
+                      groups=None if groups is None else groups[both])
         probs = full_proba(svm, feats(test_idx), table.num_classes)
         info["svm_C"] = svm.C
-        other = lambda inp, idx: full_proba(svm, predict_proba(result.forward, inp, idx, settings, rt, features=True),  # noqa: E731
-                                            table.num_classes)
+        other = lambda tbl, idx: full_proba(svm, result.features(tbl, idx), table.num_classes)  # noqa: E731
     else:
-        probs = predict_proba(result.forward, inputs, test_idx, settings, rt)
-        other = lambda inp, idx: predict_proba(result.forward, inp, idx, settings, rt)  # noqa: E731
+        probs = result.predict_proba(table, test_idx)
+        other = result.predict_proba
     # the inner validation split's predictions (operating points are chosen there, never on the test
     # fold) and each external set's, by the same model without refitting
-    extra = [("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(inputs, val_idx))] if len(val_idx) else []
+    extra = [("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(table, val_idx))] if len(val_idx) else []
     for name, ext in data.external.items():
         every = np.arange(len(ext))
-        extra.append(("external", name, every, ext.labels, other(final_inputs(result, ext, settings, rt), every)))
+        extra.append(("external", name, every, ext.labels, other(ext, every)))
     if not np.isfinite(probs).all():  # never metrics of NaN predictions
         raise TrainingError(f"the trained model predicts inf/NaN probabilities (lr {settings.lr:g}): the run "
                             "diverged. Lower train.lr or keep train.grad_clip on.")
     y = table.labels[test_idx]
     metrics = clinical_metrics(y, probs, table.class_names, positive=data.positive)
+    collapsed = collapse(y, probs, table.class_names)
+    if collapsed:
+        info["collapsed"] = collapsed
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
-                 "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics})
+                 "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics,
+                 "trainable_fraction": result.trainable_fraction})
     if result.history:
         info["trainable_blocks"] = [h["trainable_blocks"] for h in result.history]
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
@@ -269,45 +271,14 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
 
 def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings: TrainSettings, rt: Runtime,
                    head: str):
-    """The training part of a cell: (strategy used, FitResult, auto_depth record or None)."""
-    table, groups = data.table, data.groups
-    strategy = create_strategy(c["strategy"]["name"], **{k: v for k, v in c["strategy"].items() if k != "name"})
-    picked = None
-    if strategy.name == "auto_depth":
-        strategy, picked = pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt)
+    """The training part of a cell: (strategy used, FitResult, record of the choice made on inner splits
+    or None). Choices and auto_depth live in select.py."""
     fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
-    bb = c["backbone"]
-    # Seed before building the model: a random head (or a random-init backbone) must not depend on
-    # which cells ran earlier in this process, or a cell's result would depend on the executor.
-    set_seed(c["seed"])
-    model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
-    if head == "svm" and not strategy.trains_backbone(settings.epochs):
-        # SVM on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
-        settings = TrainSettings(**{**asdict(settings), "augment": settings.augment, "epochs": 0})
-    return strategy, fit(model, table, fit_idx, val_idx, strategy, settings, rt, seed=c["seed"]), picked
-
-
-def pick_by_inner_cv(strategy, table, groups, train_idx, c, settings, rt) -> tuple[Strategy, dict]:
-    """Nested CV: each candidate is scored by `inner_folds`-fold CV inside the outer training fold
-    (balanced accuracy), and the best one is returned to be trained on the whole outer fold."""
-    labels = table.labels[train_idx]
-    g = groups[train_idx] if groups is not None else None
-    inner = kfold(labels, g, strategy.inner_folds, c["seed"])
-    scores: dict[str, float] = {}
-    bb = c["backbone"]
-    for label in strategy.candidates:
-        cand = parse_label(label)
-        fold_scores = []
-        for tr, te in inner:
-            tr_idx, te_idx = train_idx[tr], train_idx[te]
-            fit_idx, val_idx = inner_split(tr_idx, table.labels, groups, settings.val_fraction, c["seed"])
-            model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"])
-            res = fit(model, table, fit_idx, val_idx, cand, settings, rt, seed=c["seed"])
-            probs = predict_proba(res.forward, final_inputs(res, table, settings, rt), te_idx, settings, rt)
-            fold_scores.append(clinical_metrics(table.labels[te_idx], probs, table.class_names)["balanced_accuracy"])
-        scores[cand.label()] = float(np.mean(fold_scores))
-    best = max(scores, key=scores.get)
-    return parse_label(best), {"scores": scores, "picked": best}
+    # SVM on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
+    frozen_svm = head == "svm" and c["strategy"]["name"] != AUTO_DEPTH and not any(
+        trains_backbone(cand.strategy, settings.epochs) for cand in candidates(c["strategy"], c["train"]["lr"]))
+    return train_cell(c, data.table, data.groups, train_idx, fit_idx, val_idx, settings, rt,
+                      only_head_features=frozen_svm)
 
 
 # --------------------------------------------------------------------------- environment
@@ -342,6 +313,14 @@ class RunSummary:
     store: str
     duplicates: dict = field(default_factory=dict)
     best_models: list[str] = field(default_factory=list)
+    collapsed: list[str] = field(default_factory=list)  # diagnose.describe of each flagged cell
+
+
+def _warn(line: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(line)}")
 
 
 def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = True,
@@ -355,6 +334,8 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
         warnings.warn(f"resuming: {note}", stacklevel=2)
     # Under Ray the workers pick their devices; a driver without a GPU (a laptop, a login node) is fine.
     device = resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu")
+    # Every backbone's weights, once, before any data or cell: missing weights fail here in seconds.
+    cfg, weights_record = check_weights(cfg)
     run_id = hashlib.sha1(f"{time.time()}-{os.getpid()}".encode()).hexdigest()[:12]
     prepared: dict[str, PreparedData] = {}
     fingerprints: dict[str, str] = {}
@@ -377,26 +358,47 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     cells = expand(cfg, run_id, fingerprints, n_folds_by)
     done = store.done_ids()
     todo = [c for c in cells if c["cell_id"] not in done]
-    store.add_run(run_id, cfg.model_dump(), environment(device))
+    store.add_run(run_id, cfg.model_dump(), {**environment(device), "weights": weights_record})
     settings = settings_from(cfg)
     summary = RunSummary(run_id, len(cells), len(cells) - len(todo), 0, 0, 0.0, str(store.path),
                          {k: v.duplicates for k, v in prepared.items()})
     data_of = {c["cell_id"]: prepared[f"{c['dataset']}@{c['config']['backbone']['image_size']}"] for c in todo}
+    if cfg.tracking == "mlflow":  # each done cell goes to MLflow as it finishes
+        from medtune.tracking import live
+
+        on_cell = live(cfg.tracking_uri, cfg.name, store, on_cell)
     if cfg.executor == "ray":
         from medtune.distributed import run_ray
 
         run_ray(cfg, todo, data_of, settings, store, summary, progress, on_cell)
     else:
-        # with keep_best, each group's fold-0 model is kept so the best one needs no retraining
+        # with keep_best, each cell's model (first seed) is kept so the deployed group needs no retraining
         keep_seed = min(cfg.seeds) if cfg.keep_best else None
         run_local(todo, data_of, settings, device, store, summary, progress, on_cell, keep_seed)
     if cfg.keep_best:
         from medtune.bundle import keep_best
 
-        summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store)]
+        summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store,
+                                                                    primary=cfg.primary)]
+    if cfg.tracking == "mlflow" and cfg.keep_best:  # the saved models, as artifacts of their cells' runs
+        from medtune.tracking import track_store
+
+        track_store(store.path, cfg.tracking_uri, cfg.name, report=False)
     summary.seconds = time.perf_counter() - t0
     store.close()
     return summary
+
+
+def check_weights(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict]:
+    """Resolve every backbone (medtune.weights.check_grid) and pin each local file's sha256 into the
+    config, so a cell id changes when the file behind a path does."""
+    from medtune.backbones import check_name
+    from medtune.weights import check_grid, label
+
+    resolved = check_grid(cfg.backbones, check_name)
+    pinned = [b.model_copy(update={"sha256": resolved[label(b)].sha256})
+              if resolved[label(b)].kind == "file" else b for b in cfg.backbones]
+    return cfg.model_copy(update={"backbones": pinned}), {k: r.record() for k, r in resolved.items()}
 
 
 def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSummary) -> str:
@@ -406,6 +408,9 @@ def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSumm
         store.save_cell(cell, "done", outcome.metrics, outcome.predictions, outcome.seconds, info=outcome.info,
                         extra=outcome.extra)
         summary.done += 1
+        if outcome.info.get("collapsed"):  # said where the run is watched, not only in the store
+            summary.collapsed.append(describe(cell, outcome.info["collapsed"]))
+            _warn(summary.collapsed[-1])
         return "done"
     store.save_cell(cell, "failed", error=outcome)
     summary.failed += 1
@@ -505,7 +510,7 @@ def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: 
         for cell in todo:
             bar.starting(cell)
             rt = Runtime(device, cache, model_key(cell), amp, memo)
-            keep = cell["fold"] == 0 and cell["seed"] == keep_seed
+            keep = cell["seed"] == keep_seed
             outcome = execute(cell, data_of[cell["cell_id"]], settings, rt, keep_model=keep)
             if keep and isinstance(outcome, CellResult):
                 from medtune.bundle import save_fold_model

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from medtune.data import ImageTable
 from medtune.errors import DataError
+from medtune.folds import kfold
 
 DUPLICATE_POLICIES = ("group", "error", "drop", "ignore")
 
@@ -109,16 +109,6 @@ def check_foldable(labels: np.ndarray, groups: np.ndarray | None, class_names: l
                 f"{where}: class {name!r} has {units} {what}, fewer than the {n_folds} folds asked for. "
                 f"Use `folds: {max(2, units)}` or fewer, add data, or merge the class."
             )
-
-
-def kfold(labels: np.ndarray, groups: np.ndarray | None, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, test) index pairs, stratified by label, grouped when groups are given."""
-    x = np.zeros(len(labels))
-    if groups is not None:
-        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        return [(tr, te) for tr, te in splitter.split(x, labels, groups)]
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return [(tr, te) for tr, te in splitter.split(x, labels)]
 
 
 def inner_split(train_idx: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, fraction: float,

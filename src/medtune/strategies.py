@@ -1,10 +1,12 @@
-"""Fine-tuning strategies: each is a schedule of learning-rate scales over the block chain.
+"""Fine-tuning strategies: each is a schedule of phases over the backbone's chain of depth units.
 
-A strategy answers, epoch by epoch, how fast each block trains (`lr_scales`, stem -> head,
-0.0 = frozen), and may add a penalty to the loss (`penalty`) and adjust per-tensor learning
-rates or gradients after the backward pass (`after_backward`). That is the whole contract; the
-one training loop in `train.py` does the rest. The head (last block) is new for every task and
-always trains.
+A strategy states its whole schedule in one method, `phases(epochs)`: a list of `Phase`s, each
+with its number of epochs, the learning-rate scale of every unit stem -> head (0.0 = frozen; the
+head's scale is its true rate), the chain the scales are over (`blocks` in the papers' units,
+`stages`, or `layers` for fractions of layers) and its BatchNorm rule (None = the experiment's).
+A strategy may add a penalty to the loss (`penalty`) and act on per-tensor learning rates or
+gradients after the backward pass (`after_backward`). That is the whole contract; the one
+training loop in `train.py` does the rest, and nothing there special-cases a strategy.
 
 Every strategy is a frozen dataclass whose fields are its hyperparameters, registered under the
 snake_case key used in YAML, the CLI, the store and the report.
@@ -15,14 +17,30 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from medtune.backbones import Block
 from medtune.errors import ConfigError
 
 REGISTRY: dict[str, type["Strategy"]] = {}
+BN_MODES = ("update", "keep", "update_all")
+UNITS = ("blocks", "stages", "layers")
+Scales = Callable[[int, Sequence[Block]], list[float]]  # (epoch in phase, chain) -> stem..head
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training with one rule: `scales(epoch_in_phase, chain)` over the `unit` chain;
+    `bn` the BatchNorm mode (None = the experiment's `train.bn_statistics`). The learning-rate
+    schedule (warm-up + cosine) restarts at every phase."""
+
+    epochs: int
+    scales: Scales
+    unit: str = "blocks"
+    bn: str | None = None
 
 
 def register(cls: type["Strategy"]) -> type["Strategy"]:
@@ -52,6 +70,8 @@ def create_strategy(name: str, **params: Any) -> "Strategy":
     try:
         strategy = cls(**params)
         strategy.validate()
+        if strategy.bn_statistics not in (None, *BN_MODES):
+            raise ValueError(f"bn_statistics must be one of {', '.join(BN_MODES)} (or unset: the experiment's)")
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"strategy {name!r}: {exc}") from exc
     return strategy
@@ -68,39 +88,30 @@ def is_norm(name: str, param: Tensor, model: nn.Module | None = None) -> bool:
 
 @dataclass(frozen=True)
 class Strategy:
-    """Decides, epoch by epoch, which blocks train and how fast."""
+    """Decides which units train, how fast, in which phases. `bn_statistics` (every strategy's
+    parameter, unset by default) gives this strategy a BatchNorm rule other than the experiment's."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     citation: ClassVar[str] = ""
+    decays_weights: ClassVar[bool] = True  # AdamW weight decay on weight tensors (L2-SP replaces it)
+    bn_statistics: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError on impossible hyperparameters (called by `create_strategy`)."""
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
+    def phases(self, epochs: int) -> list[Phase]:
         raise NotImplementedError
+
+    def phase(self, epochs: int, scales: Scales, unit: str = "blocks") -> Phase:
+        return Phase(epochs, scales, unit, self.bn_statistics)
 
     def penalty(self, model: nn.Module, start_state: dict[str, Tensor]) -> Tensor | float:
         return 0.0
 
     def after_backward(self, groups: list[dict], step_in_epoch: int) -> None:
         """Called after each backward pass with the optimizer's per-tensor groups (keys `params`,
-        `name`, `block`, `lr`), which the trainer has just set from the schedule and `lr_scales`."""
-
-    def total_epochs(self, epochs: int) -> int:
-        return epochs
-
-    def phase_starts(self, epochs: int) -> list[int]:
-        """Epochs at which the warm-up + cosine schedule restarts (a new training phase)."""
-        return [0]
-
-    def uses_weight_decay(self) -> bool:
-        return True
-
-    def keeps_bn_statistics(self) -> bool:
-        """True: every BatchNorm normalises with its running statistics throughout (eval mode),
-        also where its affine parameters train."""
-        return False
+        `name`, `lr`, `is_head`, `norm`), whose `lr` the trainer has just set from the schedule."""
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,29 +122,35 @@ class Strategy:
         extra = [f"{k}={v}" for k, v in self.params().items() if v != defaults[k]]
         return f"{self.name}({', '.join(extra)})" if extra else self.name
 
-    def trains_backbone(self, epochs: int, n_blocks: int = 12) -> bool:
-        return any(any(s > 0 for s in self.lr_scales(e, n_blocks)[:-1]) for e in range(self.total_epochs(epochs)))
+
+def everything(scale: float = 1.0) -> Scales:
+    return lambda epoch, chain: [scale] * len(chain)
 
 
-def head_only(n_blocks: int) -> list[float]:
-    return [0.0] * (n_blocks - 1) + [1.0]
+def head_only(epoch: int, chain: Sequence[Block]) -> list[float]:
+    return [0.0] * (len(chain) - 1) + [1.0]
 
 
-def top_k(n_blocks: int, k: int) -> list[float]:
-    """The head plus the top `k` blocks below it."""
-    k = max(0, min(k, n_blocks - 1))
-    return [0.0] * (n_blocks - 1 - k) + [1.0] * (k + 1)
+def top_k(chain: Sequence[Block], k: int) -> list[float]:
+    """The head plus the top `k` units below it, counting units of the chain that are not necks
+    (a neck above a trained unit, such as EfficientNet's conv_head, trains with it)."""
+    real = [i for i, b in enumerate(chain[:-1]) if not b.neck]
+    start = len(chain) - 1 if k <= 0 else (real[-k] if k <= len(real) else 0)
+    return [0.0] * start + [1.0] * (len(chain) - start)
 
 
 @register
 @dataclass(frozen=True)
 class LinearProbe(Strategy):
+    """Only the new head trains; a linear classifier is fitted to convergence on the frozen
+    features (probe.py: logistic regression, C chosen on the inner validation split)."""
+
     name: ClassVar[str] = "linear_probe"
-    summary: ClassVar[str] = "Backbone frozen; only the new classifier head trains."
+    summary: ClassVar[str] = "Backbone frozen; only the new classifier head trains (fitted to convergence)."
     citation: ClassVar[str] = "Kumar et al., ICLR 2022; Davila et al. 2024"
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return head_only(n_blocks)
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, head_only)]
 
 
 @register
@@ -143,19 +160,20 @@ class FullFT(Strategy):
     summary: ClassVar[str] = "Every block trains at the same learning rate."
     citation: ClassVar[str] = "Davila et al. 2024"
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return [1.0] * n_blocks
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, everything())]
 
 
 @register
 @dataclass(frozen=True)
 class PartialFT(Strategy):
     """Bal-Ghaoui et al. 2023 fine-tune "the last X% of layers" (15% best for ResNet50 and
-    InceptionV3): `fraction` counts parameterised blocks from the top. `blocks` gives the depth
-    as a number of blocks instead. Exactly one of the two is used (`blocks` wins when set)."""
+    InceptionV3): `fraction` counts parameterised layers (conv, linear, norm) from the top, as Keras
+    counts a model's layers, at tensor granularity. `blocks` counts the papers' blocks instead
+    (residual bottlenecks, dense blocks, ...) and wins when set."""
 
     name: ClassVar[str] = "partial_ft"
-    summary: ClassVar[str] = "The last k blocks (or last p% of blocks) and the head train; the rest is frozen."
+    summary: ClassVar[str] = "The last p of the layers (or the last k blocks) and the head train; the rest is frozen."
     citation: ClassVar[str] = "Bal-Ghaoui et al. 2023"
     blocks: int | None = None
     fraction: float = 0.15
@@ -166,20 +184,23 @@ class PartialFT(Strategy):
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError("fraction must be in (0, 1]")
 
-    def depth(self, n_blocks: int) -> int:
+    def phases(self, epochs: int) -> list[Phase]:
         if self.blocks is not None:
-            return self.blocks
-        return max(1, math.ceil(self.fraction * (n_blocks - 1)))
+            return [self.phase(epochs, lambda e, chain: top_k(chain, self.blocks))]
+        return [self.phase(epochs, self.last_layers, unit="layers")]
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return top_k(n_blocks, self.depth(n_blocks))
+    def last_layers(self, epoch: int, chain: Sequence[Block]) -> list[float]:
+        """ceil(fraction x all layers, the head's included) layers from the top, and the head."""
+        n_layers = len(chain) - 1 + chain[-1].n_layers
+        body = max(0, math.ceil(self.fraction * n_layers) - chain[-1].n_layers)
+        return [0.0] * (len(chain) - 1 - body) + [1.0] * (body + 1)
 
 
 @register
 @dataclass(frozen=True)
 class BlockwiseFT(Strategy):
-    """Kandel & Castelli 2020 fine-tune the top N convolutional blocks; a grid over N answers
-    "how deeply". Same schedule as partial_ft(blocks=N), kept under the study's own name."""
+    """Kandel & Castelli 2020 fine-tune the fc block plus the top N convolutional blocks (VGG's
+    pool-delimited blocks; on other nets the papers' blocks); a grid over N answers "how deeply"."""
 
     name: ClassVar[str] = "blockwise_ft"
     summary: ClassVar[str] = "The top N blocks and the head train; a grid over N gives the depth curve."
@@ -190,18 +211,18 @@ class BlockwiseFT(Strategy):
         if self.blocks < 0:
             raise ValueError("blocks must be >= 0")
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return top_k(n_blocks, self.blocks)
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, lambda e, chain: top_k(chain, self.blocks))]
 
 
 @register
 @dataclass(frozen=True)
 class GradualUnfreeze(Strategy):
-    """Howard & Ruder 2018 (ULMFiT): head first, then one more block every `every` epochs from the
-    top down, until all train. Used by Cheng & Chiang 2023 and Davila et al. 2024."""
+    """Howard & Ruder 2018 (ULMFiT): head first, then one more layer group (stage) every `every`
+    epochs from the top down, until all train. Used by Cheng & Chiang 2023 and Davila et al. 2024."""
 
     name: ClassVar[str] = "gradual_unfreeze"
-    summary: ClassVar[str] = "Head first, then one more block unfrozen every m epochs, top down."
+    summary: ClassVar[str] = "Head first, then one more stage unfrozen every m epochs, top down."
     citation: ClassVar[str] = "Howard & Ruder 2018; Cheng & Chiang 2023; Davila et al. 2024"
     every: int = 1
 
@@ -209,22 +230,19 @@ class GradualUnfreeze(Strategy):
         if self.every < 1:
             raise ValueError("every must be >= 1")
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return top_k(n_blocks, epoch // self.every)
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, lambda e, chain: top_k(chain, e // self.every), unit="stages")]
 
 
 @register
 @dataclass(frozen=True)
 class LPFT(Strategy):
-    """Kumar et al., ICLR 2022: a linear probe first (`lp_epochs`, on cached features, nearly
-    free), then full fine-tuning from the probed head at `ft_lr_scale` times the learning rate,
-    which keeps pretrained features from being distorted by a random head.
-
-    BatchNorm keeps its running statistics in the fine-tuning phase too: the probe was fitted on
-    features normalised with them, and switching to batch statistics at the phase boundary
-    changes every feature at once. On BUSI (Lite0 @224, 5 folds) that switch sent the training
-    loss from 0.47 at the end of the probe to 1.35-1.55 in the first fine-tuning epoch, above a
-    random head's 0.92, and early stopping then kept the probe in every fold: LP-FT was LP."""
+    """Kumar et al., ICLR 2022: a linear probe first (fitted to convergence on cached features),
+    then full fine-tuning from the probed head at `ft_lr_scale` times the learning rate, which keeps
+    pretrained features from being distorted by a random head. BatchNorm follows the experiment's
+    rule like every strategy's (set `bn_statistics: keep` to keep the statistics the probe was fitted
+    on: on BUSI, Lite0 @224, switching to batch statistics at the phase boundary raised the training
+    loss from 0.47 to 1.35-1.55 and early stopping then kept the probe)."""
 
     name: ClassVar[str] = "lp_ft"
     summary: ClassVar[str] = "Linear probe to convergence, then full fine-tuning with a smaller learning rate."
@@ -236,27 +254,18 @@ class LPFT(Strategy):
         if self.lp_epochs < 1 or self.ft_lr_scale <= 0:
             raise ValueError("lp_epochs must be >= 1 and ft_lr_scale > 0")
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return head_only(n_blocks) if epoch < self.lp_epochs else [self.ft_lr_scale] * n_blocks
-
-    def total_epochs(self, epochs: int) -> int:
-        return self.lp_epochs + epochs
-
-    def phase_starts(self, epochs: int) -> list[int]:
-        return [0, self.lp_epochs]
-
-    def keeps_bn_statistics(self) -> bool:
-        return True
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(self.lp_epochs, head_only), self.phase(epochs, everything(self.ft_lr_scale))]
 
 
 @register
 @dataclass(frozen=True)
 class DiscriminativeLR(Strategy):
-    """Layer-wise learning-rate decay (Howard & Ruder 2018): block i of n trains at
+    """Layer-wise learning-rate decay (Howard & Ruder 2018): layer group (stage) i of n trains at
     lr * decay^(n-1-i), so the head gets the full rate and the stem the smallest."""
 
     name: ClassVar[str] = "discriminative_lr"
-    summary: ClassVar[str] = "All blocks train; block i at lr * decay^(n-1-i)."
+    summary: ClassVar[str] = "All stages train; stage i at lr * decay^(n-1-i)."
     citation: ClassVar[str] = "Howard & Ruder 2018; Davila et al. 2024"
     decay: float = 0.5
 
@@ -264,8 +273,8 @@ class DiscriminativeLR(Strategy):
         if not 0 < self.decay <= 1:
             raise ValueError("decay must be in (0, 1]")
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return [self.decay ** (n_blocks - 1 - i) for i in range(n_blocks)]
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, lambda e, ch: [self.decay ** (len(ch) - 1 - i) for i in range(len(ch))], "stages")]
 
 
 @register
@@ -278,6 +287,7 @@ class L2SP(Strategy):
     name: ClassVar[str] = "l2_sp"
     summary: ClassVar[str] = "Full fine-tuning pulled back towards the pretrained weights (L2 to the start point)."
     citation: ClassVar[str] = "Li, Grandvalet & Davoine, ICML 2018"
+    decays_weights: ClassVar[bool] = False
     alpha: float = 0.01
     beta: float = 0.01
 
@@ -285,11 +295,8 @@ class L2SP(Strategy):
         if self.alpha < 0 or self.beta < 0:
             raise ValueError("alpha and beta must be >= 0")
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return [1.0] * n_blocks
-
-    def uses_weight_decay(self) -> bool:
-        return False
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, everything())]
 
     def penalty(self, model: nn.Module, start_state: dict[str, Tensor]) -> Tensor | float:
         sp, head = 0.0, 0.0
@@ -316,8 +323,8 @@ class _GradientCriterion(Strategy):
         if self.measure_batches < 1:
             raise ValueError("measure_batches must be >= 1")
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return [1.0] * n_blocks
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, everything())]
 
     def statistic(self, grad: Tensor, param: Tensor) -> float:
         raise NotImplementedError
@@ -381,7 +388,7 @@ class AutoRGN(_GradientCriterion):
 @dataclass(frozen=True)
 class AutoSNR(_GradientCriterion):
     """Lee et al., ICLR 2023, Auto-SNR: the gradient signal-to-noise ratio mean(g^2 / var(g)) per
-    tensor (variance over the tensor's first axis, as in the reference code); tensors below
+    tensor (unbiased variance over the tensor's first axis, as in the reference code); tensors below
     `threshold` are frozen for the epoch, the others train at the full rate."""
 
     name: ClassVar[str] = "auto_snr"
@@ -392,7 +399,9 @@ class AutoSNR(_GradientCriterion):
     def statistic(self, grad: Tensor, param: Tensor) -> float:
         if grad.ndim == 0 or grad.shape[0] < 2:
             return float("inf")
-        var = grad.var(dim=0, keepdim=True, unbiased=False)
+        var = grad.var(dim=0, keepdim=True)  # unbiased, torch.var's default, as the reference code
+        # (Lee et al.'s `(grad * grad) / (torch.var(grad, dim=0, keepdim=True) + 1e-8)`). The biased one
+        # makes mean(g^2 / var) >= 1 for every tensor, so a 0.95 threshold would freeze almost nothing.
         return float((grad * grad / (var + 1e-8)).mean())
 
     def weights(self, stats: list[float]) -> list[float]:
@@ -402,11 +411,12 @@ class AutoSNR(_GradientCriterion):
 @register
 @dataclass(frozen=True)
 class Surgical(Strategy):
-    """Lee et al., ICLR 2023: fine-tune one chosen block only (plus the new head). `block` is
-    "first", "middle", "last" or a block index (0 = stem)."""
+    """Lee et al., ICLR 2023: fine-tune one chosen stage only (plus the new head): "first" is the
+    stem plus the first stage (input-level shifts), "middle" the middle stage, "last" the last
+    stage, or a stage index (0 = stem)."""
 
     name: ClassVar[str] = "surgical"
-    summary: ClassVar[str] = "Only one chosen block (first, middle or last) and the head train."
+    summary: ClassVar[str] = "Only one chosen stage (first = stem + stage 1, middle or last) and the head train."
     citation: ClassVar[str] = "Lee et al., ICLR 2023 (Surgical fine-tuning)"
     block: str | int = "first"
 
@@ -414,18 +424,22 @@ class Surgical(Strategy):
         if isinstance(self.block, str) and self.block not in ("first", "middle", "last"):
             raise ValueError("block must be 'first', 'middle', 'last' or an integer index")
 
-    def index(self, n_blocks: int) -> int:
-        body = n_blocks - 1
-        if isinstance(self.block, int):
-            if not 0 <= self.block < body:
-                raise ConfigError(f"surgical block {self.block} is out of range: this backbone has blocks 0..{body - 1}.")
-            return self.block
-        return {"first": 0, "middle": body // 2, "last": body - 1}[self.block]
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, self.scales, unit="stages")]
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        scales = head_only(n_blocks)
-        scales[self.index(n_blocks)] = 1.0
-        return scales
+    def scales(self, epoch: int, chain: Sequence[Block]) -> list[float]:
+        body = [i for i, b in enumerate(chain[:-1]) if not b.neck]
+        stem = [] if chain[0].name.startswith("block") else body[:1]  # VGG's block1 is no stem
+        stage_ids = body[len(stem):]
+        if isinstance(self.block, int):
+            if not 0 <= self.block < len(chain) - 1:
+                raise ConfigError(f"surgical block {self.block} is out of range: this backbone has stages "
+                                  f"0..{len(chain) - 2}.")
+            train = [self.block]
+        else:
+            train = {"first": stem + stage_ids[:1], "middle": [stage_ids[(len(stage_ids) - 1) // 2]],
+                     "last": [stage_ids[-1]]}[self.block]
+        return [1.0 if i in train or i == len(chain) - 1 else 0.0 for i in range(len(chain))]
 
 
 @register
@@ -439,38 +453,13 @@ class BitFit(Strategy):
     summary: ClassVar[str] = "Only biases and normalisation parameters (and the head) train."
     citation: ClassVar[str] = "Ben Zaken et al., ACL 2022"
 
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return [1.0] * n_blocks
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, everything())]
 
     def after_backward(self, groups: list[dict], step_in_epoch: int) -> None:
         for g in groups:
-            if g["is_head"] or g["norm"] or g["name"].endswith("bias"):
-                continue
-            g["params"][0].grad = None  # AdamW skips tensors without a gradient: no decay either
-
-
-@register
-@dataclass(frozen=True)
-class AutoDepth(Strategy):
-    """Not in the four studies: picks among `candidates` (strategy labels) by an inner
-    cross-validation inside each outer training fold (nested CV), so the outer estimate of the
-    whole selection procedure stays unbiased. The runner does the inner CV and records the pick;
-    the schedule here is only a placeholder that is never trained directly."""
-
-    name: ClassVar[str] = "auto_depth"
-    summary: ClassVar[str] = "Chooses strategy and depth per data set by nested CV inside each outer fold."
-    citation: ClassVar[str] = "medtune (nested CV; Varma & Simon 2006 on selection bias)"
-    candidates: tuple[str, ...] = ("linear_probe", "partial_ft(blocks=1)", "partial_ft(blocks=2)", "full_ft")
-    inner_folds: int = 3
-
-    def validate(self) -> None:
-        if self.inner_folds < 2 or not self.candidates:
-            raise ValueError("auto_depth needs inner_folds >= 2 and at least one candidate")
-        for c in self.candidates:
-            parse_label(c)
-
-    def lr_scales(self, epoch: int, n_blocks: int) -> list[float]:
-        return [1.0] * n_blocks
+            if not (g["is_head"] or g["norm"] or g["name"].endswith("bias")):
+                g["params"][0].grad = None  # AdamW skips tensors without a gradient: no decay either
 
 
 def parse_label(label: str) -> Strategy:
@@ -484,3 +473,48 @@ def parse_label(label: str) -> Strategy:
     call = ast.parse(f"f({args}", mode="eval").body
     params = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
     return create_strategy(name.strip(), **params)
+
+
+# --------------------------------------------------------------------------- depths
+STANDARD_DEPTHS = ("linear_probe", "partial_ft(fraction=0.05)", "partial_ft(fraction=0.15)", "partial_ft(fraction=0.3)",
+                   "partial_ft(fraction=0.5)", *(f"blockwise_ft(blocks={n})" for n in range(1, 6)),
+                   "surgical(block='first')", "surgical(block='middle')", "surgical(block='last')", "full_ft")
+
+
+def scheduled_params(strategy: Strategy, model: nn.Module, epochs: int = 10) -> set[str]:
+    """The parameters the schedule trains in some epoch (before any per-tensor rule in
+    `after_backward`, such as BitFit's or Auto-SNR's, which only the fit itself records)."""
+    from medtune.backbones import chain
+
+    out: set[str] = set()
+    for phase in strategy.phases(epochs):
+        units = chain(model, phase.unit)
+        for e in range(phase.epochs):
+            out |= {n for b, s in zip(units, phase.scales(e, units)) if s > 0 for n in b.param_names}
+    return out
+
+
+def depth(strategy: Strategy, model: nn.Module, epochs: int = 10) -> dict[str, Any]:
+    """What a strategy trains on `model`, in the papers' blocks: each block trained in full or in
+    part (`name (k/n tensors)`), and the fraction of the parameters (by count) that train."""
+    from medtune.backbones import blocks
+
+    trained = scheduled_params(strategy, model, epochs)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    names = []
+    for b in blocks(model):
+        k = sum(1 for n in b.param_names if n in trained)
+        if k:
+            names.append(b.name if k == len(b.param_names) else f"{b.name} ({k}/{len(b.param_names)} tensors)")
+    return {"strategy": strategy.label(), "trainable_blocks": names, "n_blocks": len(blocks(model)),
+            "trainable_fraction": sum(sizes[n] for n in trained) / sum(sizes.values())}
+
+
+def trains_backbone(strategy: Strategy, epochs: int) -> bool:
+    """Whether any phase trains something below the head, asked of a long generic chain (no model
+    needed): the SVM head on a strategy that never does can skip training altogether."""
+    from medtune.backbones import Block
+
+    chain = [Block(f"b{i}", (f"b{i}.weight",), n_layers=1) for i in range(999)] + [Block("head", ("head.weight",), n_layers=1)]
+    return any(any(s > 0 for s in phase.scales(e, chain)[:-1])
+               for phase in strategy.phases(epochs) for e in range(phase.epochs))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.ndimage import uniform_filter
 
-from medtune.data import ImageTable
+from medtune.table import ImageTable
 
 CLASS_NAMES = ["benign", "malignant", "normal"]
 BUSI_PROPORTIONS = (0.56, 0.27, 0.17)

@@ -1,0 +1,335 @@
+"""The report's numbers, computed only from the results store: pure tables, no HTML, no model.
+
+Every table states one estimator and its interval. Group rows are whole resolved cell
+configurations except fold and seed (`store.group_key`); pooled estimates use each group's
+out-of-fold predictions of its first seed (every sample once) with a patient-level (cluster)
+bootstrap interval where the data set has patient ids or duplicate groups.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medtune.headline import OPTIMISTIC, headline_groups
+from medtune.metrics import (MAIN_METRICS, at_threshold, auc, balanced_accuracy, bootstrap_ci, calibration,
+                             corrected_ttest, from_counts, holm, threshold_for, wilcoxon)
+from medtune.store import DISPLAY
+
+MAIN = "balanced_accuracy"
+GROUP = [*DISPLAY, "variant"]  # how a group is shown; `group` (its key) is what rows are computed by
+
+
+@dataclass
+class Evidence:
+    """What the report is computed from, read once from the store."""
+
+    metrics: pd.DataFrame
+    cells: pd.DataFrame
+    predictions: pd.DataFrame
+    extra: pd.DataFrame
+    datasets: pd.DataFrame
+    runs: pd.DataFrame
+    store: Path
+    version_note: str | None = None
+
+    @property
+    def config(self) -> dict:
+        """The latest run's resolved configuration (primary, operating points, subgroups...)."""
+        return json.loads(self.runs.config_json.iloc[-1]) if len(self.runs) else {}
+
+    def info(self, dataset: str) -> dict:
+        d = self.datasets.set_index("dataset")
+        return d.loc[dataset, "info"] if dataset in d.index else {}
+
+    def class_names(self, dataset: str) -> list[str]:
+        d = self.datasets.set_index("dataset")
+        return list(d.loc[dataset, "class_names"]) if dataset in d.index else []
+
+
+def read_evidence(store_path: str | Path) -> Evidence:
+    from medtune.errors import MedtuneError
+    from medtune.store import open_store, read_cells, read_datasets
+
+    with open_store(store_path, must_exist=True) as s:
+        m = s.metrics()
+        if m.empty:
+            raise MedtuneError(f"{store_path} holds no finished cells yet; run `medtune run CONFIG` first.")
+        cells = read_cells(s)
+        extra = s.extra_predictions()
+        extra = extra[extra.cell_id.isin(cells.cell_id)]
+        preds = s.predictions()
+        return Evidence(m, cells, preds[preds.cell_id.isin(cells.cell_id)], extra, read_datasets(s), s.runs(),
+                        Path(store_path), s.version_warning())
+
+
+def short_strategy(label: str) -> str:
+    """A strategy label short enough for a table cell or a plot: auto_depth's candidate list (in the
+    configuration record) becomes its count."""
+    if str(label).startswith("auto_depth("):
+        n = str(label).count("'") // 2 or str(label).count('"') // 2
+        return f"auto_depth (nested, {n} candidates)" if n else "auto_depth (nested)"
+    return str(label)
+
+
+def label(row) -> str:
+    """One readable name per cell group within a data set."""
+    name = f"{row['backbone']} · {short_strategy(row['strategy'])}" + ("" if row["head"] == "softmax" else f" · {row['head']}")
+    return name + (f" [{row['variant']}]" if row.get("variant") else "")
+
+
+def positive_index(ev: Evidence, dataset: str) -> int | None:
+    """The class whose probability operating points, PR-AUC and decision curves use: the data set's
+    `positive`, else class 1 of a binary task; None for multiclass without a positive class."""
+    names, pos = ev.class_names(dataset), ev.info(dataset).get("positive")
+    if pos in names:
+        return names.index(pos)
+    return 1 if len(names) == 2 else None
+
+
+def clusters(ev: Evidence, dataset: str, samples: np.ndarray) -> np.ndarray | None:
+    """Patient cluster of each sample (for the cluster bootstrap), None when the data has none."""
+    c = ev.info(dataset).get("clusters")
+    return None if c is None else np.asarray(c)[np.asarray(samples, dtype=int)]
+
+
+def _stack(p: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return p.y_true.to_numpy(), np.array(p.probs.tolist(), dtype=float).reshape(len(p), -1), p["sample"].to_numpy()
+
+
+def group_cells(ev: Evidence, group: str, first_seed: bool = True) -> pd.DataFrame:
+    sel = ev.cells[ev.cells.group == group]
+    return sel[sel.seed == sel.seed.min()] if first_seed else sel
+
+
+def pooled(ev: Evidence, group: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y_true, probs, sample) of a group's out-of-fold predictions, first seed only so each sample counts once."""
+    return _stack(ev.predictions[ev.predictions.cell_id.isin(group_cells(ev, group).cell_id)])
+
+
+def ci(ev: Evidence, dataset: str, y, p, samples, metric, n_boot: int) -> tuple[float, float, float]:
+    if not len(y):
+        return (np.nan,) * 3
+    return bootstrap_ci(y, p, metric, n_boot=n_boot, seed=0, clusters=clusters(ev, dataset, samples))
+
+
+def fmt_ci(point: float, lo: float, hi: float, digits: int = 3) -> str:
+    if np.isnan(point):
+        return "–"
+    return f"{point:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if not np.isnan(lo) else f"{point:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- groups and the headline
+def summary_table(metrics: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
+    """Mean and sd over folds and seeds per cell group (whole configuration except fold and seed)."""
+    columns = [c for c in (columns or MAIN_METRICS) if c in metrics.columns]
+    keys = ["group", *GROUP] if "group" in metrics.columns else DISPLAY
+    agg = metrics.groupby(keys, sort=False)
+    mean = agg[columns].mean()
+    sd = agg[columns].std(ddof=1)
+    out = mean.copy()
+    for c in columns:
+        out[f"{c}_sd"] = sd[c]
+    out["n_cells"] = agg.size()
+    out["seconds"] = agg["seconds"].sum()
+    return out.reset_index()
+
+
+def group_table(ev: Evidence, n_boot: int = 2000) -> pd.DataFrame:
+    """Per group: mean ± sd over folds and seeds, the pooled out-of-fold balanced accuracy with its
+    95% patient-bootstrap CI, whether it is its data set's headline (and how it was chosen), and
+    whether it has the best mean on the test folds (the optimistic view)."""
+    t = summary_table(ev.metrics)
+    pts, los, his = [], [], []
+    for _, r in t.iterrows():
+        y, p, s = pooled(ev, r.group)
+        a = ci(ev, r.dataset, y, p, s, balanced_accuracy, n_boot)
+        pts.append(a[0]), los.append(a[1]), his.append(a[2])
+    t["pooled_balanced_accuracy"], t["ci_low"], t["ci_high"] = pts, los, his
+    t["best_on_test_folds"] = t[MAIN] == t.groupby("dataset")[MAIN].transform("max")
+    heads = headline_groups(ev.metrics, ev.config.get("primary"))
+    t["headline"] = [heads.get(d, (None,))[0] == g for d, g in zip(t.dataset, t.group)]
+    t["headline_how"] = [heads[d][1] if h else "" for d, h in zip(t.dataset, t.headline)]
+    return t
+
+
+def headline_row(t: pd.DataFrame, dataset: str) -> pd.Series:
+    return t[(t.dataset == dataset) & t.headline].iloc[0]
+
+
+def main_table(t: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Strategy rows x backbone (head, variant) columns: pooled out-of-fold balanced accuracy [95%
+    patient-bootstrap CI]; ★ = the headline, † = best mean on the test folds (optimistic)."""
+    sub = t[t.dataset == dataset].copy()
+    sub["column"] = (sub.backbone + np.where(sub["head"] == "softmax", "", " · " + sub["head"])
+                     + np.where(sub.variant == "", "", " [" + sub.variant + "]"))
+    sub["cell"] = [("★ " if h else "") + fmt_ci(m, lo, hi) + (" †" if b and not h else "") for m, lo, hi, h, b in
+                   zip(sub.pooled_balanced_accuracy, sub.ci_low, sub.ci_high, sub.headline, sub.best_on_test_folds)]
+    sub["strategy"] = sub.strategy.map(short_strategy)
+    out = sub.pivot(index="strategy", columns="column", values="cell").fillna("–")
+    return out.loc[list(dict.fromkeys(sub.strategy))]
+
+
+def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The headline group against every other group of the data set on the same (seed, fold) pairs:
+    corrected resampled t-test (Nadeau & Bengio) and Wilcoxon signed-rank on balanced accuracy,
+    each with Holm-adjusted p-values over the family of comparisons."""
+    m = ev.metrics[ev.metrics.dataset == dataset]
+    head = headline_row(t, dataset).group
+    info = ev.cells.set_index("cell_id")["info"]
+    a_all = m[m.group == head].set_index(["seed", "fold"])[MAIN]
+    rows = []
+    for g, sub in m[m.group != head].groupby("group", sort=False):
+        b_all = sub.set_index(["seed", "fold"])[MAIN]
+        common = a_all.index.intersection(b_all.index)
+        a, b = a_all.loc[common].to_numpy(), b_all.loc[common].to_numpy()
+        n_train = np.mean([info[i].get("n_train", np.nan) for i in sub.cell_id])
+        n_test = np.mean([info[i].get("n_test", np.nan) for i in sub.cell_id])
+        tt, p_t = corrected_ttest(a, b, n_train, n_test)
+        _, p_w = wilcoxon(a, b)
+        rows.append({"compared with": label(sub.iloc[0]), "pairs": len(common),
+                     "mean difference": float(np.mean(a - b)) if len(common) else np.nan, "corrected t": tt,
+                     "p (corrected t)": p_t, "p (Wilcoxon)": p_w})
+    out = pd.DataFrame(rows)
+    if not out.empty:
+        out.insert(5, "Holm p (corrected t)", holm(out["p (corrected t)"]))
+        out["Holm p (Wilcoxon)"] = holm(out["p (Wilcoxon)"])
+    return out
+
+
+def rank_blocks(ev: Evidence) -> pd.DataFrame:
+    """Scores for the Friedman test with data sets as blocks: mean balanced accuracy per (data set,
+    method), methods present in every data set. Folds of one data set are not independent blocks."""
+    m = ev.metrics.copy()
+    m["method"] = [label({**r, "variant": ""}) for _, r in m.iterrows()]
+    return m.groupby(["dataset", "method"])[MAIN].mean().unstack().dropna(axis=1)
+
+
+def fold_ranks(ev: Evidence, dataset: str) -> pd.DataFrame:
+    """Descriptive only: each group's mean rank over the (seed, fold) pairs of one data set."""
+    from medtune.metrics import average_ranks
+
+    sub = ev.metrics[ev.metrics.dataset == dataset].copy()
+    sub["method"] = [label(r) for _, r in sub.iterrows()]
+    wide = sub.pivot_table(index=["seed", "fold"], columns="method", values=MAIN).dropna(axis=1)
+    if wide.empty:
+        return pd.DataFrame()
+    return pd.DataFrame({"mean rank over folds (1 = best)": average_ranks(wide.to_numpy())},
+                        index=wide.columns).sort_values("mean rank over folds (1 = best)")
+
+
+# --------------------------------------------------------------------------- calibration
+def calibration_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int = 500) -> pd.DataFrame:
+    """Per group, pooled out-of-fold: Brier score, ECE (10 equal-mass bins) and PR-AUC with 95%
+    patient-bootstrap CIs, for the positive class (or multiclass Brier / top-label ECE / macro AP)."""
+    pos = positive_index(ev, dataset)
+    rows = []
+    for _, r in t[t.dataset == dataset].iterrows():
+        y, p, s = pooled(ev, r.group)
+        row = {"group": label(r)}
+        for key in ("brier", "ece", "pr_auc"):
+            row[key] = fmt_ci(*ci(ev, dataset, y, p, s, lambda a, b, k=key: calibration(a, b, pos)[k], n_boot))
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("group") if rows else pd.DataFrame()
+
+
+# --------------------------------------------------------------------------- operating points
+def operating_points(ev: Evidence, group: str, dataset: str, target: str, value: float
+                     ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """Per outer fold: the threshold reaching `target` >= `value` on that cell's INNER VALIDATION
+    predictions, and the fold's test predictions called at it. Returns (per-fold thresholds,
+    pooled y_pos, pooled predicted-positive, pooled samples). The test fold never moves a threshold."""
+    pos = positive_index(ev, dataset)
+    rows, ys, preds, samples = [], [], [], []
+    val = ev.extra[ev.extra.kind == "inner_val"]
+    for _, c in group_cells(ev, group).iterrows():
+        v = val[val.cell_id == c.cell_id]
+        if v.empty:
+            continue
+        yv, pv, _ = _stack(v)
+        thr = threshold_for(yv == pos, pv[:, pos], target, value)
+        yt, pt, st = _stack(ev.predictions[ev.predictions.cell_id == c.cell_id])
+        rows.append({"fold": c.fold, "threshold": thr, "n_validation": len(yv)})
+        ys.append(yt == pos), preds.append(pt[:, pos] >= thr), samples.append(st)
+    if not rows:
+        return pd.DataFrame(), np.array([]), np.array([]), np.array([])
+    return pd.DataFrame(rows), np.concatenate(ys), np.concatenate(preds), np.concatenate(samples)
+
+
+def operating_table(ev: Evidence, t: pd.DataFrame, dataset: str, points: list[dict], n_boot: int = 500
+                    ) -> pd.DataFrame:
+    """Per group and operating point: the outer folds' pooled sensitivity, specificity, PPV and NPV
+    at the thresholds chosen on each fold's inner validation split, with 95% patient-bootstrap CIs."""
+    if positive_index(ev, dataset) is None:
+        return pd.DataFrame()
+    rows = []
+    for _, r in t[t.dataset == dataset].iterrows():
+        for point in points:
+            (target, value), = point.items()
+            folds, y, pred, s = operating_points(ev, r.group, dataset, target, value)
+            if folds.empty:
+                continue
+            row = {"group": label(r), "chosen for": f"{target} ≥ {value:g} (inner validation)",
+                   "thresholds (per fold)": ", ".join(f"{x:.3f}" for x in folds.threshold)}
+            both = np.column_stack([y, pred]).astype(float)
+            for key in ("sensitivity", "specificity", "ppv", "npv"):
+                f = lambda a, b, k=key: from_counts(**at_threshold(b[:, 0] > 0.5, b[:, 1], 0.5))[k]  # noqa: E731
+                row[key] = fmt_ci(*ci(ev, dataset, y, both, s, f, n_boot))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- external validation
+def external_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int = 500) -> pd.DataFrame:
+    """Internal (pooled out-of-fold) vs external balanced accuracy and AUC per group: the external
+    set scored by each outer fold's model (mean ± sd over fold models) and by the fold models'
+    averaged probabilities (with a 95% patient-bootstrap CI). Nothing was refitted on it."""
+    ext = ev.extra[ev.extra.kind == "external"]
+    if ext.empty:
+        return pd.DataFrame()
+    pos = positive_index(ev, dataset)
+    rows = []
+    for _, r in t[t.dataset == dataset].iterrows():
+        cells = group_cells(ev, r.group)
+        mine = ext[ext.cell_id.isin(cells.cell_id)]
+        for name, e in mine.groupby("dataset", sort=False):
+            per_fold = []
+            for _, sub in e.groupby("cell_id"):
+                y, p, _ = _stack(sub)
+                per_fold.append((balanced_accuracy(y, p), auc(y, p, pos)))
+            per_fold = np.array(per_fold)
+            avg = e.groupby("sample").agg(y_true=("y_true", "first"),
+                                         probs=("probs", lambda s: np.mean(np.array(s.tolist()), 0).tolist()))
+            y, p, s = _stack(avg.reset_index())
+            rows.append({"group": label(r), "external set": name,
+                         "internal bal. acc. (out-of-fold)": fmt_ci(r.pooled_balanced_accuracy, r.ci_low, r.ci_high),
+                         "external bal. acc. (fold models, mean ± sd)":
+                             f"{per_fold[:, 0].mean():.3f} ± {per_fold[:, 0].std(ddof=1) if len(per_fold) > 1 else 0:.3f}",
+                         "external bal. acc. (fold-average model)": fmt_ci(*ci(ev, name, y, p, s, balanced_accuracy, n_boot)),
+                         "internal AUC (out-of-fold)": auc(*pooled(ev, r.group)[:2], pos),
+                         "external AUC (fold-average model)": auc(y, p, pos), "external n": len(y)})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- subgroups
+def subgroup_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int = 500) -> pd.DataFrame:
+    """Per group, subgroup column and value: n, pooled out-of-fold balanced accuracy [95% CI] and
+    AUC, from the manifest columns listed under `subgroups:`."""
+    columns = ev.info(dataset).get("subgroups") or {}
+    pos = positive_index(ev, dataset)
+    rows = []
+    for _, r in t[t.dataset == dataset].iterrows():
+        y, p, s = pooled(ev, r.group)
+        for col, values in columns.items():
+            v = np.asarray(values, dtype=object)[s]
+            for value in sorted(set(v)):
+                k = v == value
+                rows.append({"dataset": dataset, "group": label(r), "subgroup": col, "value": value, "n": int(k.sum()),
+                             "balanced accuracy [95% CI]": fmt_ci(*ci(ev, dataset, y[k], p[k], s[k], balanced_accuracy,
+                                                                      n_boot)),
+                             "AUC": auc(y[k], p[k], pos)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,63 @@
+"""The headline answer of a grid, chosen without looking at the test folds.
+
+Picking the row with the best mean over the outer test folds and reporting that mean is the
+optimism nested selection exists to avoid: the folds that choose the winner also score it. The
+headline is therefore, per data set, (1) the strategy the config declared `primary` before the
+run, else (2) `auto_depth`, whose depth was chosen on inner folds of each outer training fold,
+each reported with its outer-fold estimate. Only when neither exists does the headline fall back
+to (3) the best row on the test folds, and then it says so. `keep_best` uses the same rule for
+the deployed model, so the model a clinic gets is the one the headline describes.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+PRIMARY, NESTED, OPTIMISTIC = "primary", "nested", "optimistic"
+
+HOW = {
+    PRIMARY: "declared primary in the config before the run; its estimate is from the outer test folds",
+    NESTED: "auto_depth's nested choice (depth picked on inner folds of each outer training fold); its "
+            "estimate is from the outer test folds, which took no part in the choice",
+    OPTIMISTIC: "best mean on the outer test folds: an optimistic view, since the same folds chose it and score "
+                "it (declare `primary:` in the config or add `auto_depth` for an unbiased headline)",
+}
+
+
+def strategy_name(label: str) -> str:
+    """`partial_ft(blocks=2)` -> `partial_ft`: the registry key of a stored strategy label."""
+    return str(label).split("(", 1)[0]
+
+
+def _first(groups: pd.DataFrame) -> str:
+    """Among several matching groups (several backbones or heads), a fixed choice that looks at no
+    score: the softmax head first, then backbone and variant by name."""
+    g = groups.assign(_svm=groups["head"] != "softmax").sort_values(["_svm", "backbone", "variant", "strategy"])
+    return str(g["group"].iloc[0])
+
+
+def headline_group(cells: pd.DataFrame, primary: str | None = None, metric: str = "balanced_accuracy"
+                   ) -> tuple[str, str]:
+    """(group key, how) for ONE data set's done cells (rows of `Store.metrics()`, with `group`,
+    `strategy`, `backbone`, `head`, `variant` and `metric` columns). `how` is PRIMARY, NESTED or
+    OPTIMISTIC (see HOW). A `primary` that matches no strategy of the data set is ignored here;
+    the report says so."""
+    if cells.empty:
+        raise ValueError("headline_group needs at least one done cell")
+    groups = cells.drop_duplicates("group")
+    if primary:
+        hit = groups[(groups["strategy"] == primary) | (groups["strategy"].map(strategy_name) == primary)]
+        if not hit.empty:
+            return _first(hit), PRIMARY
+    nested = groups[groups["strategy"].map(strategy_name) == "auto_depth"]
+    if not nested.empty:
+        return _first(nested), NESTED
+    means = cells.groupby("group")[metric].mean()
+    return str(means.idxmax()), OPTIMISTIC
+
+
+def headline_groups(cells: pd.DataFrame, primary: str | None = None, metric: str = "balanced_accuracy"
+                    ) -> dict[str, tuple[str, str]]:
+    """{data set: (group key, how)} over a whole store's done cells."""
+    return {ds: headline_group(sub, primary, metric) for ds, sub in cells.groupby("dataset", sort=False)
+            if not sub[metric].isna().all()}

@@ -1,0 +1,241 @@
+"""`medtune init PATH`: look at a data set and write a commented experiment file to start from.
+
+Everything the file says is read from the data (classes and counts, patient ids in file names or
+a manifest's `patient_id` column or the DICOM headers, exact and near duplicates, the folds the
+smallest class allows) or from measured figures (the expected run time scales the demo's measured
+seconds, `benchmarks/results/demo_speed.json` and docs/gpu.md, by the work of the new grid). The
+file is a plain experiment file: `medtune run FILE` accepts it unchanged, and every choice in it
+is a line to edit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medtune.errors import DataError
+
+# Measured: `medtune run configs/demo.yaml` (240 images, 5 folds, 8 epochs, EfficientNet-Lite0 @224)
+# on a 2-thread CPU, seconds of all 5 folds per strategy (benchmarks/results/demo_speed.json, "shipped").
+DEMO_WORK = {"images": 240, "folds": 5, "epochs": 8, "image_size": 224}
+DEMO_CPU_SECONDS = {"linear_probe": 7.6, "partial_ft": 32.5, "full_ft": 159.1}
+DEMO_CPU_THREADS = 2
+# Measured: the same grid's 15 cells took 70 s on an H100 against 199.2 s of cells on that CPU
+# (docs/gpu.md; benchmarks/results/demo_speed.json "cell_seconds").
+GPU_OVER_CPU = 70.0 / 199.2
+
+POSITIVE_WORDS = ("malignan", "cancer", "carcinoma", "tumor", "tumour", "melanoma", "positive", "abnormal",
+                  "disease", "pneumonia", "covid", "fracture", "lesion", "patholog", "referable")
+NEGATIVE_WORDS = ("normal", "benign", "negative", "healthy", "control", "no_finding", "nofinding")
+# Tried in order on the file names; the first that reads an id from every name, with at least one id
+# shared by two files, is suggested (P012_left.png, 0042-2.png, case_7_a.dcm).
+GROUP_PATTERNS = (r"^([A-Za-z]+[-_]?\d+)[-_ .]", r"^(\d+)[-_ ]", r"(?i)(?:patient|subject|case|pat|sub)[-_ ]?(\d+)")
+
+
+@dataclass
+class Inspection:
+    """What `init` found in a data set."""
+
+    path: Path
+    source: str
+    class_names: list[str]
+    counts: dict[str, int]
+    paths: list[str]
+    labels: list[str]
+    groups: np.ndarray | None = None
+    group_pattern: str | None = None
+    groups_from: str | None = None  # "file names" | "the manifest's patient_id column" | "DICOM PatientID"
+    duplicates: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.paths)
+
+    def units_per_class(self) -> dict[str, int]:
+        """Patients per class when grouped, else images: what bounds the number of folds."""
+        if self.groups is None:
+            return dict(self.counts)
+        out: dict[str, set] = {c: set() for c in self.class_names}
+        for c, g in zip(self.labels, self.groups):
+            out[c].add(g)
+        return {c: len(s) for c, s in out.items()}
+
+
+def detect_group_pattern(names: list[str]) -> str | None:
+    """The first of GROUP_PATTERNS that reads an id from every file name with some id repeated."""
+    for pattern in GROUP_PATTERNS:
+        rx = re.compile(pattern)
+        ids = [m.group(1) if (m := rx.search(n)) else None for n in names]
+        if all(ids) and 1 < len(set(ids)) < len(ids):
+            return pattern
+    return None
+
+
+def suggest_positive(counts: dict[str, int]) -> tuple[str | None, str]:
+    """(class, why): a class whose name says disease, else the rarest class that does not say healthy."""
+    names = list(counts)
+    for c in names:
+        if any(w in c.lower() for w in POSITIVE_WORDS):
+            return c, f"its name reads as the finding ({c!r})"
+    candidates = [c for c in names if not any(w in c.lower() for w in NEGATIVE_WORDS)] or names
+    if len(names) == 2 or candidates != names:
+        c = min(candidates, key=lambda k: counts[k])
+        return c, "the rarest class whose name does not read as healthy; check it"
+    return None, "no class name reads as the finding; set `positive` to the class sensitivity is about"
+
+
+def inspect(path: str | Path, near: int | None = 8) -> Inspection:
+    """Classes, groups and duplicates of a folder, manifest, DICOM tree or .npz."""
+    from medtune.data import list_folder, load_npz, read_manifest
+    from medtune.dicom import is_dicom, patient_ids
+    from medtune.quality import check_files, check_table
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist: give a folder (one sub-folder per class), a .csv manifest "
+                        "(path,label[,patient_id]), a DICOM tree or a .npz file.")
+    if path.suffix.lower() == ".npz":
+        table = load_npz(path, 64)
+        labels = [table.class_names[y] for y in table.labels]
+        insp = Inspection(path, "npz", table.class_names, dict(Counter(labels)), list(table.paths), labels)
+        report = check_table(table, 5, near)
+    else:
+        if path.suffix.lower() == ".csv":
+            files, y, class_names, groups = read_manifest(path)
+            source, groups_from = "manifest", "the manifest's patient_id column"
+        else:
+            files, y, class_names, groups = list_folder(path)
+            source, groups_from = "folder", None
+        labels = [class_names[i] for i in y]
+        insp = Inspection(path, source, class_names, {c: labels.count(c) for c in class_names},
+                          [str(f) for f in files], labels, groups)
+        if groups is None and files and all(is_dicom(f) for f in files):
+            insp.source = "dicom"
+            insp.groups = patient_ids(files)
+            groups_from = "DICOM PatientID" if insp.groups is not None else None
+        if insp.groups is None and source == "folder":
+            insp.group_pattern = detect_group_pattern([f.name for f in files])
+            if insp.group_pattern:
+                rx = re.compile(insp.group_pattern)
+                insp.groups = np.asarray([rx.search(f.name).group(1) for f in files], dtype=object)
+                groups_from = "file names"
+        insp.groups_from = groups_from if insp.groups is not None else None
+        try:
+            report = check_files(insp.paths, list(y), class_names, 5, near, insp.groups, path.name)
+        except DataError:  # no imagehash: exact copies only
+            report = check_files(insp.paths, list(y), class_names, 5, None, insp.groups, path.name)
+    s = report.summary()
+    example = lambda groups: [[Path(report.files[i].path).name for i in g] for g in groups[:3]]  # noqa: E731
+    insp.duplicates = {**s, "exact_examples": example(report.exact), "near_examples": example(report.near)}
+    return insp
+
+
+def plan(insp: Inspection, cuda: bool, cpus: int) -> dict:
+    """Folds, epochs, strategies and the expected seconds of each, sized to the data and the machine."""
+    smallest = min(insp.units_per_class().values())
+    folds = max(2, min(5, smallest))
+    epochs = 15 if insp.n < 300 else 10  # small sets: few steps an epoch, early stopping ends it sooner
+    strategies = ["linear_probe", {"name": "partial_ft", "fraction": 0.15}, "full_ft"]
+    if cuda:  # cheap on a GPU: the two-phase and regularised recipes as well
+        strategies += ["lp_ft", "l2_sp"]
+    seconds = {}
+    scale = (insp.n * (folds - 1) * epochs) / (DEMO_WORK["images"] * (DEMO_WORK["folds"] - 1) * DEMO_WORK["epochs"])
+    device_scale = GPU_OVER_CPU if cuda else 1.0
+    for s in strategies:
+        key = s if isinstance(s, str) else s["name"]
+        base = DEMO_CPU_SECONDS.get(key, DEMO_CPU_SECONDS["full_ft"] * (2 if key == "lp_ft" else 1))
+        seconds[key] = base * scale * device_scale
+    return {"folds": folds, "epochs": epochs, "strategies": strategies, "seconds": seconds,
+            "smallest": smallest, "cuda": cuda, "cpus": cpus}
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def render(insp: Inspection, grid: dict, data_path: str) -> str:
+    """The experiment file's text: YAML with comments that give the reasons."""
+    import yaml
+
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", insp.path.stem if insp.path.is_file() else insp.path.name).strip("_") or "data"
+    positive, why = suggest_positive(insp.counts)
+    d = insp.duplicates
+    lines = [f"# Written by `medtune init {data_path}`: edit any line; `medtune run THIS_FILE` runs it.",
+             f"# {insp.n} images in {len(insp.class_names)} classes: "
+             + ", ".join(f"{c} {insp.counts[c]}" for c in insp.class_names) + ".",
+             f"# Sizes (most common): {', '.join(f'{k} x{v}' for k, v in d.get('sizes', {}).items()) or 'n/a'}."]
+    if insp.groups is not None:
+        lines.append(f"# Patients: {len(set(insp.groups))} ids read from {insp.groups_from}; folds keep each "
+                     "patient's images on one side of every split.")
+    else:
+        lines.append("# Patients: no patient ids found (file names, manifest, DICOM headers), so images are split "
+                     "one by one; if a patient has several images, add `group_pattern` (or a patient_id column), "
+                     "or the scores will be optimistic.")
+    lines.append(f"# Exact duplicates: {d['exact_groups']} groups ({d['exact_extra_images']} extra copies, "
+                 f"{d['exact_label_conflicts']} with conflicting labels)"
+                 + (f", e.g. {', '.join(d['exact_examples'][0])}" if d["exact_examples"] else "") + ".")
+    if d.get("near_threshold") is not None:
+        lines.append(f"# Near duplicates (perceptual hash, <= {d['near_threshold']} of 64 bits): {d['near_groups']} "
+                     f"groups ({d['near_extra_images']} extra images, {d['near_label_conflicts']} with conflicting "
+                     "labels)" + (f", e.g. {', '.join(d['near_examples'][0])}" if d["near_examples"] else "") + ".")
+    else:
+        lines.append("# Near duplicates: not searched (pip install 'medtune[data]' for the perceptual hash).")
+    lines.append("# `medtune data check` on this folder lists every duplicate group. `duplicates: group` keeps "
+                 "identical images on one side of every split" + (", `near_duplicates` near copies too." if
+                                                                   d.get("near_groups") else "."))
+    lines.append(f"# Positive class: {positive} ({why})." if positive else f"# Positive class: none suggested ({why}).")
+    if insp.group_pattern:
+        lines.append(f"# group_pattern reads the patient id from file names, e.g. {Path(insp.paths[0]).name}.")
+    ds: dict = {"name": name, "path": data_path}
+    if insp.source in ("dicom", "npz"):
+        ds["source"] = insp.source
+    if insp.group_pattern:
+        ds["group_pattern"] = insp.group_pattern
+    if positive:
+        ds["positive"] = positive
+    ds["duplicates"] = "group"
+    if d.get("near_groups"):
+        ds["near_duplicates"] = int(d["near_threshold"])
+    where = "a CUDA GPU" if grid["cuda"] else f"this CPU ({grid['cpus']} cores)"
+    total = sum(grid["seconds"].values())
+    cfg = {"name": name, "datasets": [ds], "backbones": [{"name": "efficientnet_lite0", "image_size": 224}],
+           "strategies": grid["strategies"], "heads": ["softmax"], "folds": grid["folds"], "seeds": [0],
+           "train": {"epochs": grid["epochs"], "batch_size": 32, "patience": 3}, "store": f"results/{name}.sqlite"}
+    body = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=110)
+    notes = {
+        "backbones:": "# EfficientNet-Lite0 with ImageNet weights ships with medtune (works offline); "
+                      "`medtune list backbones` for others",
+        "strategies:": "# three depths of fine-tuning (`medtune list strategies`); expected time on "
+                       + where + ": " + ", ".join(f"{k} {_duration(v)}" for k, v in grid["seconds"].items()),
+        "folds:": f"# folds: the smallest class has {grid['smallest']} "
+                  + ("patients" if insp.groups is not None else "images") + f"; {grid['folds']} folds keep each "
+                  "class in every test fold",
+        "train:": f"# {grid['epochs']} epochs at most (early stopping on an inner split, patience 3). Expected "
+                  f"in all: ~{_duration(total)} on {where}, scaled from the demo's measured seconds"
+                  + ("" if grid["cuda"] else f" on {DEMO_CPU_THREADS} threads (more cores: faster)")
+                  + "; early stopping makes it shorter.",
+    }
+    out = []
+    for line in body.splitlines():
+        for prefix, note in notes.items():
+            if line.startswith(prefix):
+                out.append(note)
+        out.append(line)
+    return "\n".join(lines) + "\n" + "\n".join(out) + "\n"
+
+
+def write_starter(path: str | Path, out: str | Path, near: int | None = 8) -> tuple[Path, Inspection, dict]:
+    """Inspect `path` and write the experiment file `out`; (out, what was found, the grid)."""
+    import torch
+
+    insp = inspect(path, near)
+    grid = plan(insp, torch.cuda.is_available(), os.cpu_count() or 1)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(insp, grid, str(path)))
+    return out, insp, grid

@@ -1,0 +1,103 @@
+"""Both heads on equal terms: one class weighting, one decision rule, patient-grouped calibration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch.nn.functional as F
+from sklearn.svm import LinearSVC
+from sklearn.utils.class_weight import compute_class_weight
+
+import medtune
+from conftest import smoke_raw
+from medtune.heads import calibration_folds, fit_svm, full_proba
+from medtune.store import Store
+
+
+def _imbalanced(n=(200, 40), d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(2), n)
+    x = rng.normal(0, 1, (len(y), d)) + 0.8 * y[:, None]
+    order = rng.permutation(len(y))
+    return x[order], y[order]
+
+
+@pytest.mark.parametrize("class_weight", ["balanced", "none"])
+def test_both_heads_apply_the_configured_class_weighting(tmp_path, monkeypatch, class_weight):
+    """The softmax head's loss and the SVM get the same weighting: fails if either ignores the setting."""
+    seen = {"ce": [], "svm": []}
+    real_ce, real_fit = F.cross_entropy, LinearSVC.fit
+
+    def ce(logits, y, *a, weight=None, **k):
+        seen["ce"].append((None if weight is None else weight.detach().cpu().numpy(), y.detach().cpu().numpy()))
+        return real_ce(logits, y, *a, weight=weight, **k)
+
+    def svm_fit(self, x, y, *a, **k):
+        seen["svm"].append((self.class_weight, np.asarray(y)))
+        return real_fit(self, x, y, *a, **k)
+
+    monkeypatch.setattr(F, "cross_entropy", ce)
+    monkeypatch.setattr(LinearSVC, "fit", svm_fit)
+    raw = smoke_raw(tmp_path, class_weight=class_weight)
+    raw["datasets"][0]["options"]["proportions"] = [5, 2, 1]  # imbalanced: balanced weights differ from 1
+    raw["strategies"] = [{"name": "partial_ft", "blocks": 1}]
+    raw["heads"] = ["softmax", "svm"]
+    summary = medtune.run(raw, progress=False)
+    assert summary.failed == 0 and summary.done == 4
+    assert seen["ce"] and seen["svm"]
+    for weight, _ in seen["ce"]:
+        if class_weight == "none":
+            assert weight is None
+        else:  # the whole training fit part's frequencies: unequal on this data
+            assert weight is not None and weight.max() > 1.3 * weight.min()
+    assert {cw for cw, _ in seen["svm"]} == ({"balanced"} if class_weight == "balanced" else {None})
+    if class_weight == "balanced":  # the loop's weights are scikit-learn's `balanced` ones, as the SVM's
+        from medtune.train import class_weights
+
+        ys = [y for _, y in seen["svm"] if len(np.unique(y)) == 3]
+        assert ys
+        for y in ys:
+            assert np.allclose(class_weights(y, 3).numpy(), compute_class_weight("balanced", classes=np.arange(3), y=y))
+    with Store(raw["store"]) as s:
+        infos = [json.loads(i) for i in s.cells().info_json]
+    assert {i["class_weight"] for i in infos} == {class_weight}
+    assert len({i["decision_rule"] for i in infos}) == 1
+
+
+def test_balanced_svm_probabilities_are_on_equal_priors_and_none_keeps_the_prevalence():
+    x, y = _imbalanced()
+    fit_, val_, test_ = slice(0, 140), slice(140, 190), slice(190, None)
+    bal = fit_svm(x[fit_], y[fit_], x[val_], y[val_], 2, class_weight="balanced")
+    plain = fit_svm(x[fit_], y[fit_], x[val_], y[val_], 2, class_weight="none")
+    p_bal, p_plain = full_proba(bal, x[test_], 2), full_proba(plain, x[test_], 2)
+    assert np.allclose(p_bal.sum(1), 1) and np.allclose(p_plain.sum(1), 1)
+    # equal priors predict the minority class far more often than the prevalence-weighted rule
+    assert (p_bal.argmax(1) == 1).mean() > (p_plain.argmax(1) == 1).mean() + 0.1
+    assert bal.priors is not None and plain.priors is None
+    # reference: the balanced SVM's own decision on the standardised features (scikit-learn alone)
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    xy = np.concatenate([x[fit_], x[val_]]), np.concatenate([y[fit_], y[val_]])
+    ref = make_pipeline(StandardScaler(), LinearSVC(C=bal.C, class_weight="balanced")).fit(*xy).predict(x[test_])
+    assert (p_bal.argmax(1) == ref).mean() > 0.85
+
+
+def test_calibration_folds_keep_patients_whole():
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(30), 3)
+    y = (groups % 4 == 0).astype(int)
+    order = rng.permutation(len(y))
+    y, groups = y[order], groups[order]
+    folds = calibration_folds(y, groups)
+    assert len(folds) >= 2
+    for tr, te in folds:
+        assert not set(groups[tr]) & set(groups[te])
+        assert set(y[tr]) == {0, 1}
+    x = rng.normal(size=(len(y), 4)) + y[:, None]
+    head = fit_svm(x[:60], y[:60], x[60:], y[60:], 2, groups=groups)
+    assert full_proba(head, x, 2).shape == (len(y), 2)
+    with pytest.raises(ValueError, match="groups"):
+        fit_svm(x[:60], y[:60], x[60:], y[60:], 2, groups=groups[:10])

@@ -1,0 +1,151 @@
+"""Choices made on inner splits: `{choose: [...]}` picks per outer fold without the test fold, a list
+stays a grid axis, auto_depth is a selector whose pick is the best of its inner scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import medtune
+from conftest import DEVICE, TINY, smoke_raw
+from medtune.config import load_config
+from medtune.data import ImageTable
+from medtune.errors import ConfigError
+from medtune.runner import PreparedData, expand, model_key, run_cell, settings_from
+from medtune.select import candidates, fit_candidate, inner_score
+from medtune.splits import kfold
+from medtune.store import Store
+from medtune.strategies import REGISTRY
+from medtune.train import Runtime
+
+
+def _cells(raw: dict) -> list[dict]:
+    cfg = load_config(raw=raw)
+    size = cfg.backbones[0].image_size
+    return expand(cfg, "run", {f"{cfg.datasets[0].display_name()}@{size}": "fp"})
+
+
+def test_a_list_is_a_grid_axis_and_a_choice_is_one_cell(tmp_path):
+    raw = smoke_raw(tmp_path)
+    raw["strategies"] = [{"name": "partial_ft", "blocks": [1, 2, 3]},
+                         {"name": "l2_sp", "alpha": {"choose": [0.001, 0.1]}, "lr": {"choose": [1e-4, 1e-3]}}]
+    cells = [c for c in _cells(raw) if c["fold"] == 0]
+    assert [c["strategy"] for c in cells] == ["partial_ft(blocks=1)", "partial_ft(blocks=2)", "partial_ft(blocks=3)",
+                                              "l2_sp(alpha=choose(0.001, 0.1), lr=choose(0.0001, 0.001))"]
+    spec = cells[-1]["config"]["strategy"]
+    assert spec["alpha"] == {"choose": [0.001, 0.1]} and spec["lr"] == {"choose": [0.0001, 0.001]}
+    # four candidates inside that one cell: 2 alphas x 2 learning rates
+    cands = candidates(spec, cells[-1]["config"]["train"]["lr"])
+    assert sorted((c.strategy.alpha, c.lr) for c in cands) == [(0.001, 1e-4), (0.001, 1e-3), (0.1, 1e-4), (0.1, 1e-3)]
+
+
+def test_plain_strategies_keep_their_cell_config():
+    """A strategy without choices is stored as before choices existed: {name, **params()}."""
+    from medtune.select import cell_strategy
+    from medtune.strategies import create_strategy
+
+    s = create_strategy("partial_ft", blocks=2)
+    assert cell_strategy("partial_ft", {"blocks": 2}) == {"name": s.name, **s.params()}
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"name": "full_ft", "lr": {"chose": [1e-4]}}, "choose"),
+    ({"name": "l2_sp", "alpha": {"pick": [0.1]}}, "choose"),
+    ({"name": "l2_sp", "alpha": {"choose": []}}, "non-empty"),
+    ({"name": "l2_sp", "alpha": {"choose": [0.1, -1]}}, "alpha"),
+    ({"name": "full_ft", "lr": {"choose": [0, 1e-3]}}, "> 0"),
+    ({"name": "auto_depth", "candidates": ["full_ft", "no_such_thing"]}, "no_such_thing"),
+    ({"name": "auto_depth", "inner_folds": 1}, "inner_folds"),
+])
+def test_bad_choices_are_clear_errors(tmp_path, entry, words):
+    raw = smoke_raw(tmp_path)
+    raw["strategies"] = [entry]
+    with pytest.raises(ConfigError, match=words):
+        load_config(raw=raw)
+
+
+def _planted_table(n_patients: int = 24, size: int = 32) -> tuple[ImageTable, np.ndarray]:
+    """Two classes told apart by brightness, except in fold 0's test fold, where the cue is reversed:
+    a learning rate that learns the cue scores well on the training fold and badly on that test fold."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(2), n_patients)  # one image per patient
+    groups = np.array([f"P{i:03d}" for i in range(len(labels))], dtype=object)
+    test0 = kfold(labels, groups, 2, 0)[0][1]
+    bright = labels.astype(bool).copy()
+    bright[test0] = ~bright[test0]
+    level = np.where(bright, 190, 60)[:, None, None, None]
+    images = np.clip(level + rng.normal(0, 25, (len(labels), 1, size, size)), 0, 255).astype(np.uint8)
+    images = torch.from_numpy(np.repeat(images, 3, axis=1))
+    table = ImageTable(images, labels, ["dark", "bright"], [f"mem://{g}" for g in groups], groups=groups, name="planted")
+    return table, test0
+
+
+def test_a_choice_is_made_without_the_test_fold(tmp_path):
+    table, test0 = _planted_table()
+    raw = smoke_raw(tmp_path, epochs=4, val_fraction=0.3, views=1)
+    raw["backbones"][0]["image_size"] = 32
+    raw["strategies"] = [{"name": "full_ft", "lr": {"choose": [1e-9, 0.03]}}]
+    cfg = load_config(raw=raw)
+    cell = next(c for c in expand(cfg, "run", {"syn@32": table.fingerprint()}) if c["fold"] == 0)
+    data = PreparedData(table, table.groups, {"policy": "group"}, None)
+    settings = settings_from(cfg)
+    rt = Runtime(torch.device(DEVICE), None, model_key(cell))
+    result = run_cell(cell, data, settings, rt)
+    choice = result.info["choice"]
+    assert set(choice["scores"]) == {"full_ft lr=1e-09", "full_ft lr=0.03"}
+    assert choice["picked"] == max(choice["scores"], key=lambda k: (choice["scores"][k], -choice["losses"][k]))
+    # What each candidate would score on the test fold: a choice made there would pick the other one.
+    train_idx = data.splits(2, 0)[0][0]
+    assert sorted(data.splits(2, 0)[0][1]) == sorted(test0)
+    fit_idx, val_idx = data.fit_val(2, 0, 0, settings.val_fraction)
+    on_test = {}
+    for cand in candidates(cell["config"]["strategy"], cell["config"]["train"]["lr"]):
+        res = fit_candidate(cand, cell["config"], table, fit_idx, val_idx, settings, rt)
+        on_test[cand.key()] = inner_score(res, table, test0, settings, rt)
+    # the same rule (balanced accuracy, then the lower loss) applied to the test fold
+    leaked_pick = max(on_test, key=lambda k: (on_test[k][0], -on_test[k][1]))
+    assert leaked_pick == "full_ft lr=1e-09" != choice["picked"], (on_test, choice)
+    assert choice["picked"] == "full_ft lr=0.03" and choice["chosen"] == {"lr": 0.03}
+    assert not set(fit_idx) & set(test0) and not set(val_idx) & set(test0) and set(train_idx) >= set(val_idx)
+    # the cell's score is the test fold's, which the plant makes poor for the chosen (cue-learning) rate
+    assert result.metrics["balanced_accuracy"] == pytest.approx(on_test[choice["picked"]][0], abs=1e-9)
+    assert result.metrics["balanced_accuracy"] < 0.5
+
+
+def test_strategy_strength_is_chosen_and_recorded(tmp_path):
+    raw = smoke_raw(tmp_path, val_fraction=0.3)
+    raw["datasets"][0]["options"]["n_patients"] = 24
+    raw["strategies"] = [{"name": "l2_sp", "alpha": {"choose": [0.0, 1.0]}}]
+    summary = medtune.run(raw, progress=False)
+    assert summary.done == 2 and summary.failed == 0
+    with Store(raw["store"]) as s:
+        cells = s.cells()
+    assert set(cells.strategy) == {"l2_sp(alpha=choose(0, 1))"}
+    for info in map(json.loads, cells.info_json):
+        scores = info["choice"]["scores"]
+        assert set(scores) == {"l2_sp(alpha=0.0)", "l2_sp(alpha=1.0)"}
+        assert info["choice"]["picked"] == max(scores, key=lambda k: (scores[k], -info["choice"]["losses"][k]))
+        assert info["strategy_label"] == info["choice"]["picked"]
+
+
+def test_auto_depth_is_a_selector_not_a_strategy(tmp_path):
+    assert "auto_depth" not in REGISTRY
+    raw = smoke_raw(tmp_path)
+    raw["strategies"] = [{"name": "auto_depth", "inner_folds": 2,
+                          "candidates": ["linear_probe", {"name": "full_ft", "lr": {"choose": [1e-4, 1e-2]}}]}]
+    summary = medtune.run(raw, progress=False)
+    assert summary.done == 2 and summary.failed == 0
+    with Store(raw["store"]) as s:
+        cells = s.cells()
+    for info in map(json.loads, cells.info_json):
+        scores = info["auto_depth"]["scores"]
+        assert set(scores) == {"linear_probe", "full_ft lr=0.0001", "full_ft lr=0.01"}
+        best = max(scores.values())
+        ties = [k for k, v in scores.items() if v == best]
+        picked = info["auto_depth"]["picked"]
+        assert picked in ties and (len(ties) == 1 or info["auto_depth"]["losses"][picked] ==
+                                   min(info["auto_depth"]["losses"][k] for k in ties))
+        assert info["strategy_label"] == picked.split(" lr=")[0]
