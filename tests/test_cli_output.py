@@ -89,7 +89,7 @@ def check_table(text: str, store) -> None:
 
 def test_run_prints_the_counts_and_the_results_table(two_seeds):
     _, store, out = two_seeds
-    assert out.splitlines()[0].startswith("8 cells: 8 run, 0 already done, 0 failed,")
+    assert any(line.startswith("8 cells: 8 run, 0 already done, 0 failed,") for line in out.splitlines())
     assert f"Store: {store}" in " ".join(out.split())
     check_table(out, store)
 
@@ -147,7 +147,7 @@ def resumed_with_more_epochs(two_seeds, tmp_path):
 def test_a_resumed_store_after_set_epochs_runs_the_new_cells_beside_the_old(two_seeds, tmp_path):
     _, store, _ = two_seeds
     copy, out = resumed_with_more_epochs(two_seeds, tmp_path)
-    assert out.splitlines()[0].startswith("8 cells: 8 run, 0 already done, 0 failed,")  # nothing reused
+    assert any(line.startswith("8 cells: 8 run, 0 already done, 0 failed,") for line in out.splitlines())  # nothing reused
     old = per_cell(store).set_index("cell_id")
     with Store(copy) as s:
         cells = s.cells()
@@ -163,8 +163,6 @@ def test_a_resumed_store_after_set_epochs_runs_the_new_cells_beside_the_old(two_
     assert (counts["size"] == counts["nunique"]).all() and counts["size"].sum() == 16 * 12
 
 
-@pytest.mark.xfail(strict=True, reason="results average cells of different configurations (train.epochs 3 and 1) "
-                                       "into one row, as with two image sizes; evidence helper")
 def test_results_of_a_resumed_store_never_mix_the_two_configurations(two_seeds, tmp_path):
     copy, _ = resumed_with_more_epochs(two_seeds, tmp_path)
     js = CliRunner().invoke(app, ["results", "--store", str(copy), "--format", "json"])
