@@ -115,7 +115,6 @@ def test_results_table_csv_and_json_agree_with_the_store(two_seeds):
             assert r["n_cells"] == 4
 
 
-@pytest.mark.xfail(strict=True, reason="report pools first seed; evidence helper")
 def test_report_pools_every_seed(two_seeds, tmp_path):
     """The pooled out-of-fold balanced accuracy of a group uses both seeds' predictions. Each seed
     predicts every image once with the same classes, so pooling both seeds (or averaging per-seed

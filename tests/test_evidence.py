@@ -129,3 +129,19 @@ def test_primary_declared_in_the_config_is_the_headline_of_the_report_table(tmp_
     t = group_table(ev, n_boot=50).set_index("strategy")
     assert t.loc["partial_ft(blocks=1)", "headline"] and t.loc["partial_ft(blocks=1)", "headline_how"] == PRIMARY
     assert t.loc["full_ft", "best_on_test_folds"] and not t.loc["full_ft", "headline"]
+
+
+def test_without_patient_ids_an_images_seed_predictions_are_resampled_together(tmp_path):
+    """Two seeds predict each image twice: the bootstrap must draw an image with both its
+    predictions (else the interval narrows as if there were twice the images); one seed needs no
+    clusters at all."""
+    from medtune.evidence import clusters
+
+    with Store(tmp_path / "s.sqlite") as s:
+        plant_dataset(s), plant_run(s)
+        _grid(s, [({}, "linear_probe", 1.0)])
+    ev = read_evidence(tmp_path / "s.sqlite")
+    assert ev.info("syn").get("clusters") is None
+    assert clusters(ev, "syn", np.arange(6)) is None
+    twice = np.array([0, 1, 2, 0, 1, 2])
+    assert list(clusters(ev, "syn", twice)) == list(twice)

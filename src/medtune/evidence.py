@@ -2,8 +2,9 @@
 
 Every table states one estimator and its interval. Group rows are whole resolved cell
 configurations except fold and seed (`store.group_key`); pooled estimates use each group's
-out-of-fold predictions of its first seed (every sample once) with a patient-level (cluster)
-bootstrap interval where the data set has patient ids or duplicate groups.
+out-of-fold predictions of every seed (each sample once per seed) with a patient-level (cluster)
+bootstrap interval where the data set has patient ids or duplicate groups, else one that resamples
+images with all their seeds' predictions together.
 """
 
 from __future__ import annotations
@@ -92,22 +93,29 @@ def positive_index(ev: Evidence, dataset: str) -> int | None:
 
 
 def clusters(ev: Evidence, dataset: str, samples: np.ndarray) -> np.ndarray | None:
-    """Patient cluster of each sample (for the cluster bootstrap), None when the data has none."""
+    """Patient cluster of each prediction (for the cluster bootstrap). Without patient ids: the
+    image itself when it is predicted more than once (one prediction per seed), so its seeds'
+    predictions are resampled together; None when every image is predicted once."""
     c = ev.info(dataset).get("clusters")
-    return None if c is None else np.asarray(c)[np.asarray(samples, dtype=int)]
+    samples = np.asarray(samples, dtype=int)
+    if c is not None:
+        return np.asarray(c)[samples]
+    return samples if len(np.unique(samples)) < len(samples) else None
 
 
 def _stack(p: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return p.y_true.to_numpy(), np.array(p.probs.tolist(), dtype=float).reshape(len(p), -1), p["sample"].to_numpy()
 
 
-def group_cells(ev: Evidence, group: str, first_seed: bool = True) -> pd.DataFrame:
-    sel = ev.cells[ev.cells.group == group]
-    return sel[sel.seed == sel.seed.min()] if first_seed else sel
+def group_cells(ev: Evidence, group: str) -> pd.DataFrame:
+    """A group's done cells: every fold of every seed."""
+    return ev.cells[ev.cells.group == group]
 
 
 def pooled(ev: Evidence, group: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(y_true, probs, sample) of a group's out-of-fold predictions, first seed only so each sample counts once."""
+    """(y_true, probs, sample) of a group's out-of-fold predictions, every seed's: each sample once per
+    seed, so the point estimate weighs the seeds equally (the cluster bootstrap keeps a sample's
+    seeds together)."""
     return _stack(ev.predictions[ev.predictions.cell_id.isin(group_cells(ev, group).cell_id)])
 
 
@@ -328,7 +336,8 @@ def subgroup_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int = 50
             v = np.asarray(values, dtype=object)[s]
             for value in sorted(set(v)):
                 k = v == value
-                rows.append({"dataset": dataset, "group": label(r), "subgroup": col, "value": value, "n": int(k.sum()),
+                rows.append({"dataset": dataset, "group": label(r), "subgroup": col, "value": value,
+                             "n": len(np.unique(s[k])),
                              "balanced accuracy [95% CI]": fmt_ci(*ci(ev, dataset, y[k], p[k], s[k], balanced_accuracy,
                                                                       n_boot)),
                              "AUC": auc(y[k], p[k], pos)})

@@ -184,7 +184,7 @@ def fig_cd(ranks: dict[str, float], cd: float, title: str):
 
 def fig_curves(ev: Evidence, group: str, title: str):
     plt = _plt()
-    sel = group_cells(ev, group, first_seed=False)
+    sel = group_cells(ev, group)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (_, r) in enumerate(sel.iterrows()):
         h = r["info"].get("history") or []
@@ -618,7 +618,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                     + img(png(fig_curves(ev, head.group, f"{label(head)}: loss per epoch")), f"training curves {ds}"))
         if ds in models and (models[ds] / "gallery" / "gallery.json").is_file():
             saved = json.loads((models[ds] / "model.json").read_text()).get("cell_id")
-            same = saved in set(group_cells(ev, head.group, first_seed=False).cell_id)
+            same = saved in set(group_cells(ev, head.group).cell_id)
             body.append("<h3>Grad-CAM gallery of the saved model</h3>"
                         + ("" if same else "<p class=warn>The saved model is not from the headline group (it was kept "
                            "by an older rule: best mean on the test folds); read its pictures with that in mind.</p>")
