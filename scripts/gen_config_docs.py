@@ -145,7 +145,9 @@ def render_config() -> str:
              "`{choose: [...]}` (for `train.lr`, a strategy's `lr` or any strategy parameter, e.g. "
              "`{name: l2_sp, alpha: {choose: [0.001, 0.01, 0.1]}}`) makes one cell that picks its value per outer "
              "fold on the inner validation split of the training fold, so the test fold never takes part; the "
-             "candidates' inner scores and the pick are stored in the cell's info. "
+             "candidates' inner scores and the pick are stored in the cell's info. A learning-rate choice "
+             "is skipped where no learning rate is used: `linear_probe` (and any head-only phase) is fitted by "
+             "logistic regression with its C chosen on the same inner split, unless `bn_statistics: update_all`. "
              "`{name: auto_depth, candidates: [linear_probe, 'partial_ft(blocks=2)', full_ft], inner_folds: 3}` "
              "chooses among whole strategies (each with its own choices) by an inner k-fold CV inside each outer "
              "training fold (nested CV, Varma & Simon 2006), then trains the pick on the outer fold.\n\n"]

@@ -149,3 +149,20 @@ def test_auto_depth_is_a_selector_not_a_strategy(tmp_path):
         assert picked in ties and (len(ties) == 1 or info["auto_depth"]["losses"][picked] ==
                                    min(info["auto_depth"]["losses"][k] for k in ties))
         assert info["strategy_label"] == picked.split(" lr=")[0]
+
+
+@pytest.mark.parametrize("bn, expected", [("keep", 1), ("update", 1), ("update_all", 3)])
+def test_an_lr_choice_for_the_convex_probe_trains_one_candidate(bn, expected):
+    """linear_probe is fitted by logistic regression (no learning rate) unless BatchNorm follows the
+    batch, when SGD trains it: three lr candidates would be three identical fits in the first case."""
+    from medtune.select import without_unused_lr
+    from medtune.train import TrainSettings
+
+    settings = TrainSettings(epochs=3, bn_statistics=bn)
+    spec = {"name": "linear_probe", "lr": {"choose": [1e-4, 1e-3, 1e-2]}}
+    kept = without_unused_lr(candidates(spec, 1e-3), settings)
+    assert len(kept) == expected
+    assert all(("lr" in c.chosen) == (expected > 1) for c in kept)
+    # a strategy that trains the backbone keeps every rate
+    full = without_unused_lr(candidates({"name": "full_ft", "lr": {"choose": [1e-4, 1e-3]}}, 1e-3), settings)
+    assert [c.lr for c in full] == [1e-4, 1e-3]

@@ -26,7 +26,7 @@ from medtune.config import (AUTO_DEPTH, ExperimentConfig, StrategyConfig, auto_d
 from medtune.data import ImageTable
 from medtune.errors import ConfigError
 from medtune.splits import inner_split, kfold
-from medtune.strategies import Strategy, create_strategy
+from medtune.strategies import Strategy, create_strategy, uses_learning_rate
 from medtune.train import FitResult, Runtime, TrainSettings, fit, set_seed
 
 
@@ -128,6 +128,22 @@ def candidates(sd: dict[str, Any], train_lr: Any) -> list[Candidate]:
     return out
 
 
+def without_unused_lr(cands: list[Candidate], settings: TrainSettings) -> list[Candidate]:
+    """Drop learning-rate candidates that cannot differ: for a strategy fitted by the convex probe
+    (`uses_learning_rate` is false) only the first lr of each combination of its other choices is
+    kept, and the lr is no longer recorded as chosen."""
+    out, seen = [], set()
+    for cand in cands:
+        if "lr" not in cand.chosen or uses_learning_rate(cand.strategy, settings.epochs, settings.bn_statistics):
+            out.append(cand)
+            continue
+        key = (cand.strategy.label(), repr(sorted((k, v) for k, v in cand.chosen.items() if k != "lr")))
+        if key not in seen:
+            seen.add(key)
+            out.append(Candidate(cand.strategy, cand.lr, {k: v for k, v in cand.chosen.items() if k != "lr"}))
+    return out
+
+
 # --------------------------------------------------------------------------- training a cell
 def fit_candidate(cand: Candidate, c: dict, table: ImageTable, fit_idx: np.ndarray, val_idx: np.ndarray,
                   settings: TrainSettings, rt: Runtime) -> FitResult:
@@ -162,7 +178,7 @@ def train_cell(c: dict, table: ImageTable, groups: np.ndarray | None, train_idx:
                only_head_features: bool = False) -> tuple[Strategy, FitResult, dict | None]:
     """Train a cell on its outer training fold: (strategy used, FitResult, record of the choice or None).
     `only_head_features`: the SVM head on frozen pretrained features, where nothing trains."""
-    cands = candidates(c["strategy"], c["train"]["lr"])
+    cands = without_unused_lr(candidates(c["strategy"], c["train"]["lr"]), settings)
     if c["strategy"]["name"] == AUTO_DEPTH:
         pick, record = auto_depth(cands, c, table, groups, train_idx, settings, rt)
         return pick.strategy, fit_candidate(pick, c, table, fit_idx, val_idx, settings, rt), record

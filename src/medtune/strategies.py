@@ -518,3 +518,12 @@ def trains_backbone(strategy: Strategy, epochs: int) -> bool:
     chain = [Block(f"b{i}", (f"b{i}.weight",), n_layers=1) for i in range(999)] + [Block("head", ("head.weight",), n_layers=1)]
     return any(any(s > 0 for s in phase.scales(e, chain)[:-1])
                for phase in strategy.phases(epochs) for e in range(phase.epochs))
+
+
+def uses_learning_rate(strategy: Strategy, epochs: int, bn_statistics: str) -> bool:
+    """Whether the learning rate can change what a strategy learns. A strategy that only ever trains
+    the classifier on frozen features (with BatchNorm statistics not following the batch) is fitted
+    by the convex probe (`probe.py`), which has no learning rate: a learning-rate choice for it would
+    train identical candidates."""
+    return trains_backbone(strategy, epochs) or any(
+        (phase.bn or bn_statistics) == "update_all" for phase in strategy.phases(epochs) if phase.epochs)
