@@ -49,7 +49,7 @@ from medtune.backbones import create_backbone
 from medtune.config import load_config
 from medtune.heads import fit_svm, full_proba
 from medtune.metrics import clinical_metrics
-from medtune.runner import prepare
+from medtune.cells import prepare
 from medtune.splits import inner_split
 from medtune.store import Store
 

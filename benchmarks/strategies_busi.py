@@ -32,7 +32,7 @@ from medtune.backbones import create_backbone, preprocessing
 from medtune.config import load_config
 from medtune.metrics import clinical_metrics
 from medtune.report import format_pm, summary_table, to_markdown
-from medtune.runner import prepare
+from medtune.cells import prepare
 from medtune.store import Store
 from medtune.strategies import list_strategies
 

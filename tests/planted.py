@@ -7,7 +7,7 @@ import copy
 
 import numpy as np
 
-from medtune.runner import cell_id
+from medtune.cells import cell_id
 from medtune.store import Store
 from medtune.version import RESULTS_VERSION
 

@@ -352,12 +352,13 @@ def test_store_path_is_not_sqlite(tmp_path):
 
 
 def test_out_of_memory_recorded_with_advice(tmp_path, monkeypatch):
+    import medtune.cells as cells
     import medtune.runner as runner
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(runner, "run_cell", oom)
+    monkeypatch.setattr(cells, "run_cell", oom)
     cfg = load_config(tiny_config(tmp_path))
     summary = runner.run(cfg, progress=False)
     assert summary.failed == 2 and summary.done == 0

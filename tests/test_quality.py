@@ -166,11 +166,12 @@ def test_ignore_policy_records_but_does_not_group():
 
 
 def test_decision_recorded_in_store(tmp_path, monkeypatch):
+    import medtune.cells as cells
     import medtune.runner as runner
     from medtune.config import load_config
     from medtune.store import Store
 
-    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: (_ for _ in ()).throw(MemoryError))
+    monkeypatch.setattr(cells, "run_cell", lambda *a, **k: (_ for _ in ()).throw(MemoryError))
     monkeypatch.setattr(runner, "execute", lambda *a, **k: "skipped in this test")
     raw = yaml.safe_load(tiny_config(tmp_path).read_text())
     raw["datasets"][0].update(duplicates="ignore", near_duplicates=6)

@@ -10,7 +10,7 @@ import torch
 import medtune
 from medtune.config import load_config
 from medtune.heads import fit_svm, full_proba
-from medtune.runner import expand, prepare, settings_from
+from medtune.cells import expand, prepare, settings_from
 from medtune.store import Store
 from medtune.train import set_seed
 from conftest import PROB_ATOL, TINY, smoke_raw
@@ -177,12 +177,12 @@ def test_best_model_is_the_grids_own_fold0_model_not_a_retrain(tmp_path, monkeyp
     """keep_best saves the fold-0 model the grid trained (no extra cell); a store whose models were not
     kept (resumed from an older run) gets that cell retrained instead, and either way the bundle
     reproduces the stored predictions."""
-    import medtune.runner as runner
+    import medtune.cells as cells
     from medtune.bundle import fold_models_dir, load_bundle
 
     calls = []
-    real = runner.run_cell
-    monkeypatch.setattr(runner, "run_cell", lambda *a, **k: calls.append(a[0]["cell_id"]) or real(*a, **k))
+    real = cells.run_cell
+    monkeypatch.setattr(cells, "run_cell", lambda *a, **k: calls.append(a[0]["cell_id"]) or real(*a, **k))
     raw = {**smoke_raw(tmp_path, amp="off"), "keep_best": True, "heads": ["softmax", "svm"]}
     summary = medtune.run(raw, progress=False)
     assert summary.done == len(calls) == 12  # 3 strategies x 2 heads x 2 folds, and nothing retrained

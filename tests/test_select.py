@@ -14,7 +14,7 @@ from conftest import DEVICE, TINY, smoke_raw
 from medtune.config import load_config
 from medtune.data import ImageTable
 from medtune.errors import ConfigError
-from medtune.runner import PreparedData, expand, model_key, run_cell, settings_from
+from medtune.cells import PreparedData, expand, model_key, run_cell, settings_from
 from medtune.select import candidates, fit_candidate, inner_score
 from medtune.splits import kfold
 from medtune.store import Store

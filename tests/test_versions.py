@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from planted import plant_cell
 
+import medtune.cells as cells
 import medtune.runner as runner
 from medtune.config import load_config
 from medtune.store import Store
@@ -14,7 +15,7 @@ from medtune.version import RESULTS_VERSION
 
 def _cells(cfg):
     key = f"syn@{cfg.backbones[0].image_size}"
-    return runner.expand(cfg, "r", {key: "fp"})
+    return cells.expand(cfg, "r", {key: "fp"})
 
 
 def test_cell_id_changes_with_the_results_version(monkeypatch):
@@ -23,7 +24,7 @@ def test_cell_id_changes_with_the_results_version(monkeypatch):
                            "strategies": ["linear_probe"], "folds": 2})
     now = _cells(cfg)
     assert all(c["config"]["results_version"] == RESULTS_VERSION for c in now)
-    monkeypatch.setattr(runner, "RESULTS_VERSION", RESULTS_VERSION + 1)
+    monkeypatch.setattr(cells, "RESULTS_VERSION", RESULTS_VERSION + 1)
     bumped = _cells(cfg)
     assert {c["cell_id"] for c in now}.isdisjoint(c["cell_id"] for c in bumped)
 

@@ -245,7 +245,7 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
     directory already holds that group's models."""
     from medtune.backbones import preprocessing
     from medtune.explain import gallery, grad_cam_installed
-    from medtune.runner import model_key, run_cell
+    from medtune.cells import model_key, run_cell
     from medtune.train import Runtime, autocast_dtype, shared_cache
 
     m = store.metrics()

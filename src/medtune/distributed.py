@@ -28,7 +28,7 @@ import torch
 
 from medtune.config import ExperimentConfig
 from medtune.errors import ConfigError
-from medtune.runner import CellResult, GridProgress, PreparedData, RunSummary, execute, model_key, record
+from medtune.cells import CellResult, GridProgress, PreparedData, RunSummary, execute, model_key, record
 from medtune.store import Store
 from medtune.train import FeatureCache, Runtime, TrainSettings, autocast_dtype
 
