@@ -145,3 +145,28 @@ def test_without_patient_ids_an_images_seed_predictions_are_resampled_together(t
     assert clusters(ev, "syn", np.arange(6)) is None
     twice = np.array([0, 1, 2, 0, 1, 2])
     assert list(clusters(ev, "syn", twice)) == list(twice)
+
+
+def test_stored_probabilities_rounded_to_6_decimals_raise_no_sum_warning(tmp_path):
+    """Three classes at 1/3 each are stored as 0.333333 (sum 0.999999): scikit-learn's multiclass
+    Brier score warned on every bootstrap resample until the rows were renormalised when read."""
+    import warnings
+
+    from medtune.evidence import calibration_table, pooled
+
+    with Store(tmp_path / "s.sqlite") as s:
+        plant_dataset(s, class_names=("c0", "c1", "c2"), positive=None), plant_run(s)
+        rng = np.random.default_rng(0)
+        for fold in range(2):
+            y = np.arange(30) % 3
+            p = np.full((30, 3), 1 / 3)
+            p[np.arange(30), y] += rng.uniform(0, 0.2, 30)
+            plant_cell(s, {"n_folds": 2}, fold, 0, y, p / p.sum(1, keepdims=True), samples=np.arange(fold * 30, (fold + 1) * 30))
+    ev = read_evidence(tmp_path / "s.sqlite")
+    stored = np.array(ev.predictions.probs.tolist())
+    assert np.abs(stored.sum(1) - 1).max() > 0  # the store did round
+    t = group_table(ev, n_boot=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = calibration_table(ev, t, "syn", n_boot=20)
+    assert np.allclose(pooled(ev, t.group.iloc[0])[1].sum(1), 1, atol=1e-12) and len(table) == 1

@@ -95,12 +95,6 @@ def model_card(store_path: str | Path, meta: dict) -> str:
 
 
 def write_model_card(out: str | Path, store_path: str | Path, meta: dict) -> Path:
-    import warnings
-
     path = Path(out) / "MODEL_CARD.md"
-    with warnings.catch_warnings():
-        # the store keeps probabilities to 6 decimals, so their sums miss 1 by ~1e-6 and scikit-learn's
-        # multiclass Brier score warns on every bootstrap resample; the figures are unaffected
-        warnings.filterwarnings("ignore", message="The y_prob values do not sum to one")
-        path.write_text(model_card(store_path, meta))
+    path.write_text(model_card(store_path, meta))
     return path

@@ -104,7 +104,12 @@ def clusters(ev: Evidence, dataset: str, samples: np.ndarray) -> np.ndarray | No
 
 
 def _stack(p: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return p.y_true.to_numpy(), np.array(p.probs.tolist(), dtype=float).reshape(len(p), -1), p["sample"].to_numpy()
+    """(y_true, probs, sample). The store keeps probabilities to 6 decimals, so a row's sum misses 1 by
+    up to ~1e-6 (and scikit-learn's multiclass Brier score and AUC warn); rows are renormalised."""
+    probs = np.array(p.probs.tolist(), dtype=float).reshape(len(p), -1)
+    if probs.size:
+        probs = probs / probs.sum(1, keepdims=True)
+    return p.y_true.to_numpy(), probs, p["sample"].to_numpy()
 
 
 def group_cells(ev: Evidence, group: str) -> pd.DataFrame:
