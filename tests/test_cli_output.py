@@ -84,7 +84,7 @@ def check_table(text: str, store) -> None:
         e = exp.loc[key]
         assert r["bal acc"] == f"{e[('balanced_accuracy', 'mean')]:.3f}±{e[('balanced_accuracy', 'std')]:.3f}", r
         assert r["AUC"] == f"{e[('auc', 'mean')]:.3f}±{e[('auc', 'std')]:.3f}", r
-        assert int(r["folds"]) == e[("balanced_accuracy", "size")] == 4  # 2 folds x 2 seeds
+        assert int(r["cells"]) == e[("balanced_accuracy", "size")] == 4  # 2 folds x 2 seeds
 
 
 def test_run_prints_the_counts_and_the_results_table(two_seeds):

@@ -179,7 +179,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
         sys.stdout.write(summary.to_json(orient="records", indent=2) + "\n")
         return
     shown = format_pm(summary)
-    table = Table(title=f"{store}: mean ± sd over folds", show_lines=False)
+    table = Table(title=f"{store}: mean ± sd over folds and seeds (cells = folds x seeds)", show_lines=False)
     for c in shown.columns:
         table.add_column(c.replace("_", " "), overflow="fold")
     for _, r in shown.iterrows():

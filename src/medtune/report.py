@@ -43,7 +43,7 @@ def format_pm(table: pd.DataFrame, columns: list[str] | None = None, digits: int
         out["strategy"] = out["strategy"].map(short_strategy)
     for c in columns:
         out[SHORT.get(c, c)] = [pm(m, s, digits) for m, s in zip(table[c], table[f"{c}_sd"])]
-    out["folds"] = table["n_cells"]
+    out["cells"] = table["n_cells"]  # folds x seeds
     out["seconds"] = table["seconds"].round(1)
     return out
 
