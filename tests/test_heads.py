@@ -1,4 +1,5 @@
-"""Both heads on equal terms: one class weighting, one decision rule, patient-grouped calibration."""
+"""The heads on equal terms: one class weighting, one decision rule, patient-grouped calibration;
+the kNN head as scikit-learn computes it and as a deployed bundle reproduces it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 import medtune
 from conftest import smoke_raw
-from medtune.heads import calibration_folds, fit_svm, full_proba
+from medtune.heads import calibration_folds, fit_knn, fit_svm, full_proba
 from medtune.store import Store
 
 
@@ -101,3 +102,62 @@ def test_calibration_folds_keep_patients_whole():
     assert full_proba(head, x, 2).shape == (len(y), 2)
     with pytest.raises(ValueError, match="groups"):
         fit_svm(x[:60], y[:60], x[60:], y[60:], 2, groups=groups[:10])
+
+
+def knn_by_hand(fit_x, fit_y, val_x, val_y, test_x, n_classes=2):
+    """The kNN head as heads.py documents it, with scikit-learn alone: cosine neighbours, vote shares
+    divided by the training class frequencies, k in (5, 11, 21) by inner balanced accuracy (first
+    best wins), refit on fit + validation."""
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    def shares(k, x, y, q):
+        p = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(x, y).predict_proba(q)
+        p = p / (np.bincount(y, minlength=n_classes) / len(y))
+        return p / p.sum(1, keepdims=True)
+
+    scores = {k: balanced_accuracy_score(val_y, shares(k, fit_x, fit_y, val_x).argmax(1)) for k in (5, 11, 21)}
+    best = next(k for k, v in scores.items() if v == max(scores.values()))
+    return best, shares(best, np.concatenate([fit_x, val_x]), np.concatenate([fit_y, val_y]), test_x)
+
+
+def test_knn_head_is_a_cosine_vote_with_k_from_the_inner_split_and_equal_priors():
+    x, y = _imbalanced(d=6, seed=3)
+    fit_, val_, test_ = slice(0, 140), slice(140, 190), slice(190, None)
+    head = fit_knn(x[fit_], y[fit_], x[val_], y[val_], 2)
+    k, expected = knn_by_hand(x[fit_], y[fit_], x[val_], y[val_], x[test_])
+    assert head.k == k
+    np.testing.assert_allclose(full_proba(head, x[test_], 2), expected, atol=1e-12)
+    # equal priors call the minority class more often than the raw vote shares do
+    plain = fit_knn(x[fit_], y[fit_], x[val_], y[val_], 2, class_weight="none")
+    assert plain.priors is None
+    p_bal, p_plain = full_proba(head, x[test_], 2), full_proba(plain, x[test_], 2)
+    assert (p_bal.argmax(1) == 1).mean() > (p_plain.argmax(1) == 1).mean()
+    # a fit part smaller than every k in the grid still works, with one neighbour per training image
+    tiny = fit_knn(x[:4], y[:4], x[4:8], y[4:8], 2)
+    assert np.isfinite(full_proba(tiny, x[8:12], 2)).all()
+
+
+def test_knn_cells_are_stored_and_their_bundle_reproduces_the_stored_predictions(tmp_path):
+    import torch
+
+    from medtune.bundle import load_bundle
+    from medtune.cells import prepare
+    from medtune.config import load_config
+    from conftest import PROB_ATOL
+
+    raw = {**smoke_raw(tmp_path, amp="off", val_fraction=0.3), "keep_best": True, "heads": ["knn"],
+           "strategies": [{"name": "partial_ft", "blocks": 1}]}
+    summary = medtune.run(raw, progress=False)
+    assert summary.failed == 0 and summary.done == 2
+    best = summary.best_models[0]
+    from pathlib import Path
+
+    meta = json.loads((Path(best) / "model.json").read_text())
+    with Store(raw["store"]) as s:
+        infos = [json.loads(i) for i in s.cells().info_json]
+        p = s.predictions([meta["cell_id"]])
+    assert all(i["knn_k"] in (5, 11, 21) for i in infos)
+    table = prepare(load_config(raw=raw).datasets[0], meta["image_size"], 2).table
+    probs = load_bundle(best).select(0).predict_proba(table.images[torch.as_tensor(p["sample"].to_numpy().copy())])
+    np.testing.assert_allclose(probs, np.array(p["probs"].tolist()), atol=PROB_ATOL)

@@ -25,7 +25,7 @@ from medtune.config import AUTO_DEPTH, ExperimentConfig
 from medtune.data import ImageTable, load_dataset, manifest_columns
 from medtune.diagnose import collapse, describe
 from medtune.errors import MedtuneError, TrainingError
-from medtune.heads import DECISION_RULES, fit_svm, full_proba
+from medtune.heads import DECISION_RULES, FEATURE_HEADS, fit_knn, fit_svm, full_proba
 from medtune.metrics import clinical_metrics
 from medtune.select import candidates, cell_strategies, strategy_label, train_cell
 from medtune.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
@@ -197,7 +197,7 @@ class CellResult:
     info: dict
     seconds: float
     state_dict: dict | None = None
-    head_model: Any = None  # the fitted SVM head, kept with the state dict (keep_model)
+    head_model: Any = None  # the fitted SVM or kNN head, kept with the state dict (keep_model)
     extra: list = field(default_factory=list)  # (kind, data set, idx, y, probs): inner_val and external predictions
 
 
@@ -227,15 +227,20 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     class_weight = c["train"]["class_weight"]
     # one rule for both heads (heads.py): the same class weighting, argmax under the same priors
     info.update({"class_weight": class_weight, "decision_rule": DECISION_RULES[class_weight]})
-    if head == "svm":
+    feature_head = None
+    if head in FEATURE_HEADS:
         feats = lambda idx: result.features(table, idx)  # noqa: E731
         both = np.concatenate([fit_idx, val_idx])
-        svm = fit_svm(feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx],
-                      table.num_classes, seed=c["seed"], class_weight=class_weight,
-                      groups=None if groups is None else groups[both])
-        probs = full_proba(svm, feats(test_idx), table.num_classes)
-        info["svm_C"] = svm.C
-        other = lambda tbl, idx: full_proba(svm, result.features(tbl, idx), table.num_classes)  # noqa: E731
+        args = (feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx], table.num_classes)
+        if head == "svm":
+            feature_head = fit_svm(*args, seed=c["seed"], class_weight=class_weight,
+                                   groups=None if groups is None else groups[both])
+            info["svm_C"] = feature_head.C
+        else:
+            feature_head = fit_knn(*args, class_weight=class_weight)
+            info["knn_k"] = feature_head.k
+        probs = full_proba(feature_head, feats(test_idx), table.num_classes)
+        other = lambda tbl, idx: full_proba(feature_head, result.features(tbl, idx), table.num_classes)  # noqa: E731
     else:
         probs = result.predict_proba(table, test_idx)
         other = result.predict_proba
@@ -261,7 +266,7 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
     preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
     return CellResult(metrics, preds, info, time.perf_counter() - t0, state,
-                      svm if keep_model and head == "svm" else None, extra)
+                      feature_head if keep_model else None, extra)
 
 
 def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings: TrainSettings, rt: Runtime,
@@ -269,8 +274,8 @@ def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings:
     """The training part of a cell: (strategy used, FitResult, record of the choice made on inner splits
     or None). Choices and auto_depth live in select.py."""
     fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
-    # SVM on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
-    frozen_svm = head == "svm" and c["strategy"]["name"] != AUTO_DEPTH and not any(
+    # SVM or kNN on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
+    frozen_svm = head in FEATURE_HEADS and c["strategy"]["name"] != AUTO_DEPTH and not any(
         trains_backbone(cand.strategy, settings.epochs) for cand in candidates(c["strategy"], c["train"]["lr"]))
     return train_cell(c, data.table, data.groups, train_idx, fit_idx, val_idx, settings, rt,
                       only_head_features=frozen_svm)

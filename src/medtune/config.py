@@ -195,7 +195,7 @@ class ExperimentConfig(Strict):
     datasets: list[DatasetConfig] = Field(min_length=1, description="data sets; the grid's first axis")
     backbones: list[BackboneConfig] = Field(min_length=1, description="backbones: a timm name or a mapping; the second axis")
     strategies: list[StrategyConfig] = Field(min_length=1, description="strategies: a name or {name: ..., param: value}; the third axis")
-    heads: list[Literal["softmax", "svm"]] = Field(["softmax"], min_length=1, description="softmax = the trained classifier; svm = linear SVM on the tuned network's features")
+    heads: list[Literal["softmax", "svm", "knn"]] = Field(["softmax"], min_length=1, description="softmax = the trained classifier; svm = linear SVM on the tuned network's features; knn = k-nearest-neighbour vote on them (cosine, k chosen on the inner split; the MedMNIST+ protocol)")
     folds: int = Field(5, ge=2, le=20, description="k of the outer stratified (patient-grouped) k-fold")
     seeds: list[int] = Field([0], min_length=1, description="repeat the whole CV with these seeds (folds and initialisation)")
     train: TrainConfig = Field(TrainConfig(), description="training settings shared by every cell")

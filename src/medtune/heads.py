@@ -1,4 +1,5 @@
-"""Heads: the network's own softmax, or a linear SVM on its penultimate features.
+"""Heads: the network's own softmax, a linear SVM or a k-nearest-neighbour vote on its penultimate
+features.
 
 Bal-Ghaoui et al. 2023 replace the softmax layer by a linear SVM on deep features and report
 about +6% for their best models. Here the SVM is fitted on the tuned network's pre-logits
@@ -17,6 +18,13 @@ Measured on generated 1:5 ultrasound (benchmarks/results/imbalance_synthetic.md,
 folds): the softmax head's balanced accuracy (linear probe / partial / full) was 0.51 / 0.50 /
 0.52 unweighted, 0.49 / 0.56 / 0.59 with a class-balanced sampler and 0.62 / 0.64 / 0.65 with
 the class-weighted loss, which is therefore what `balanced` means.
+
+The kNN head is the MedMNIST+ protocol's (Doerrich et al. 2024) training-free evaluation of a
+backbone's features: cosine distance on the pooled features, probabilities = the neighbours' vote
+shares, k chosen from K_GRID on the inner validation split (balanced accuracy) and the index
+refitted on train + validation. A vote has no class weights, so `balanced` applies the one rule
+of both other heads through the probabilities: vote shares divided by the training frequencies
+and renormalised (equal class priors), `none` keeps the raw shares.
 
 The calibration folds are grouped by patient (StratifiedGroupKFold on the table's groups), as
 every other split: images of one patient in both the part an SVM is fitted on and the part its
@@ -43,12 +51,15 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-HEADS = ("softmax", "svm")
+HEADS = ("softmax", "svm", "knn")
+FEATURE_HEADS = ("svm", "knn")  # fitted on the trained network's pooled features
 C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+K_GRID = (5, 11, 21)
 CLASS_WEIGHTS = ("balanced", "none")
 DECISION_RULES = {"balanced": "argmax of probabilities under equal class priors",
                   "none": "argmax of probabilities under the training class frequencies"}
@@ -67,6 +78,44 @@ class SVMHead:
             return p
         p = p / self.priors
         return p / p.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class KNNHead:
+    pipeline: Pipeline
+    k: int
+    priors: np.ndarray | None = None  # as SVMHead's: training frequencies, divided out under `balanced`
+
+    predict_proba = SVMHead.predict_proba
+
+
+def _knn(k: int) -> Pipeline:
+    return make_pipeline(KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute"))
+
+
+def fit_knn(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+            n_classes: int, class_weight: str = "balanced") -> KNNHead:
+    """k from K_GRID by balanced accuracy on the inner split (a k larger than the training part is
+    skipped), then the neighbours index on train + val. Probabilities under equal class priors when
+    `class_weight` is balanced (module docstring)."""
+    if class_weight not in CLASS_WEIGHTS:
+        raise ValueError(f"class_weight must be one of {CLASS_WEIGHTS}, got {class_weight!r}")
+    usable = [k for k in K_GRID if k <= len(train_y)] or [max(1, len(train_y))]
+    priors_of = lambda y, classes: np.bincount(y, minlength=n_classes)[classes] / len(y)  # noqa: E731
+    best_k, best_score = usable[0], -1.0
+    if len(val_y) and len(np.unique(val_y)) > 1:
+        for k in usable:
+            head = KNNHead(_knn(k).fit(train_x, train_y), k)
+            if class_weight == "balanced":
+                head.priors = priors_of(train_y, head.pipeline.classes_)
+            pred = head.pipeline.classes_[head.predict_proba(val_x).argmax(1)]
+            score = balanced_accuracy_score(val_y, pred)
+            if score > best_score + 1e-9:
+                best_k, best_score = k, score
+    x = np.concatenate([train_x, val_x]) if len(val_y) else train_x
+    y = np.concatenate([train_y, val_y]) if len(val_y) else train_y
+    pipe = _knn(min(best_k, len(y))).fit(x, y)
+    return KNNHead(pipe, best_k, priors_of(y, pipe.classes_) if class_weight == "balanced" else None)
 
 
 def _svm(C: float, class_weight: str) -> LinearSVC:
@@ -115,7 +164,7 @@ def fit_svm(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: 
     return SVMHead(pipe, best_c, priors)
 
 
-def full_proba(head: SVMHead, features: np.ndarray, n_classes: int) -> np.ndarray:
+def full_proba(head: "SVMHead | KNNHead", features: np.ndarray, n_classes: int) -> np.ndarray:
     """Probabilities over all classes, also when a class was missing from the training fold."""
     p = head.predict_proba(features)
     classes = head.pipeline.classes_
