@@ -171,3 +171,21 @@ def test_stored_probabilities_rounded_to_6_decimals_are_read_back_summing_to_one
         warnings.simplefilter("error")
         table = calibration_table(ev, t, "syn", n_boot=20)
     assert np.abs(pooled(ev, t.group.iloc[0])[1].sum(1) - 1).max() < 1e-12 and len(table) == 1
+
+
+def test_grouping_text_says_no_patient_ids_when_only_identical_images_are_grouped(tmp_path):
+    """BUSI has no patient ids; `duplicates: group` groups its copies, which set `grouped` in the data
+    record. The report's TRIPOD table and the model card said 'patient-grouped' there."""
+    from medtune.evidence import grouping_text
+
+    with Store(tmp_path / "s.sqlite") as s:
+        plant_dataset(s, clusters=[0, 0, 1, 2]), plant_run(s, datasets=[{"name": "syn", "path": "/data/busi"}])
+        plant_dataset(s, name="pat", clusters=[0, 0, 1, 2])
+        s.add_run("r2", {"datasets": [{"name": "pat", "path": "/data/pat", "group_pattern": "^(P\\d+)_"}],
+                         "backbones": []}, {"medtune": "test"})
+        plant_dataset(s, name="plain")
+        _grid(s, [({}, "linear_probe", 1.0)])
+    ev = read_evidence(tmp_path / "s.sqlite")
+    assert grouping_text(ev, "syn", ev.info("syn")) == "image-level, no patient ids (only identical images kept together)"
+    assert grouping_text(ev, "pat", ev.info("pat")) == "patient-grouped"
+    assert grouping_text(ev, "plain", ev.info("plain")) == "image-level, no patient ids"

@@ -15,7 +15,7 @@ N_BOOT = 2000  # as the report's tables
 
 
 def model_card(store_path: str | Path, meta: dict) -> str:
-    from medtune.evidence import calibration_table, ci, fmt_ci, pooled, read_evidence, summary_table
+    from medtune.evidence import calibration_table, ci, fmt_ci, grouping_text, pooled, read_evidence, summary_table
     from medtune.headline import HOW
     from medtune.metrics import MAIN_METRICS, balanced_accuracy
 
@@ -38,7 +38,7 @@ def model_card(store_path: str | Path, meta: dict) -> str:
         "",
         "## Data",
         f"- Data set `{ds}`: {info.get('n', len(y))} images; classes " + ", ".join(f"{c} {n}" for c, n in counts.items()) + ".",
-        "- Split: " + ("patient-grouped" if info.get("grouped") else "image-level (no patient ids)")
+        "- Split: " + grouping_text(ev, ds, info)
         + f" stratified {meta['n_folds']}-fold cross-validation, seed {meta['seed']}.",
         f"- Identical images: policy `{dup.get('policy', 'group')}`, {dup.get('duplicate_groups', 0)} groups "
         f"({dup.get('duplicate_images', 0)} extra copies), {dup.get('label_conflicts', 0)} with conflicting labels.",

@@ -83,6 +83,27 @@ def label(row) -> str:
     return name + (f" [{row['variant']}]" if row.get("variant") else "")
 
 
+def dataset_entry(ev: Evidence, dataset: str) -> dict | None:
+    """The data set's entry in the latest run configuration that names it."""
+    found = None
+    for cfg in ev.runs.config_json.map(json.loads):
+        for d in cfg.get("datasets", []):
+            name = d.get("name") or (Path(d["path"]).name if d.get("path") else d.get("source"))
+            if name == dataset:
+                found = d
+    return found
+
+
+def grouping_text(ev: Evidence, dataset: str, info: dict) -> str:
+    """How the folds were grouped, in a few words: patient ids, or only identical images."""
+    d = dataset_entry(ev, dataset) or {}
+    if d.get("group_pattern") or d.get("source") == "synthetic" or str(d.get("path", "")).lower().endswith(".csv"):
+        return "patient-grouped"
+    if info.get("grouped"):
+        return "image-level, no patient ids (only identical images kept together)"
+    return "image-level, no patient ids"
+
+
 def positive_index(ev: Evidence, dataset: str) -> int | None:
     """The class whose probability operating points, PR-AUC and decision curves use: the data set's
     `positive`, else class 1 of a binary task; None for multiclass without a positive class."""

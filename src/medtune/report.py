@@ -16,7 +16,7 @@ import pandas as pd
 from medtune.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters, external_table, fmt_ci,  # noqa: F401
                               fold_ranks, short_strategy, group_cells, group_table, headline_row, label, main_table,
                               operating_points, operating_table, paired_tests, pooled, positive_index, rank_blocks,
-                              read_evidence, subgroup_table, summary_table)
+                              grouping_text, read_evidence, subgroup_table, summary_table)
 from medtune.diagnose import collapsed_cells
 from medtune.headline import HOW, OPTIMISTIC
 from medtune.metrics import MAIN_METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
@@ -89,13 +89,22 @@ def fig_depth(ev: Evidence, t: pd.DataFrame, dataset: str):
     sub = t[t.dataset == dataset].set_index("group")
     sub["blocks"] = depth
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for (bb, head, variant), g in sub.reset_index().groupby(["backbone", "head", "variant"]):
+    nested = sub.strategy.astype(str).str.startswith("auto_depth")
+    for i, ((bb, head, variant), g) in enumerate(sub[~nested].reset_index().groupby(["backbone", "head", "variant"])):
         g = g.sort_values("blocks")
-        ax.errorbar(g.blocks, g[MAIN], yerr=g[f"{MAIN}_sd"].fillna(0), marker="o", capsize=4,
-                    label=bb + ("" if head == "softmax" else f" · {head}") + (f" [{variant}]" if variant else ""))
+        name = bb + ("" if head == "softmax" else f" · {head}") + (f" [{variant}]" if variant else "")
+        ax.errorbar(g.blocks, g[MAIN], yerr=g[f"{MAIN}_sd"].fillna(0), marker="o", capsize=4, label=name,
+                    color=f"C{i % 10}")
         for _, r in g.iterrows():
             ax.annotate(short_strategy(r.strategy), (r.blocks, r[MAIN]), textcoords="offset points",
-                        xytext=(6, 6 if "auto_depth" not in r.strategy else -14), fontsize=FONT - 2)
+                        xytext=(6, 6), fontsize=FONT - 2)
+    # the nested choice has no single depth (each outer fold picks its own): a level across the axis
+    for j, (_, r) in enumerate(sub[nested].iterrows()):
+        colour = f"C{(j + 3) % 10}"
+        sd = 0 if np.isnan(r[f"{MAIN}_sd"]) else r[f"{MAIN}_sd"]
+        ax.axhline(r[MAIN], ls="--", color=colour, lw=1.5,
+                   label=f"{short_strategy(r.strategy)}: {r[MAIN]:.3f} (depth picked per fold)")
+        ax.axhspan(r[MAIN] - sd, r[MAIN] + sd, color=colour, alpha=0.08)
     ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("trainable blocks (of the network's stem → head chain; head = 1)")
     ax.set_ylabel("balanced accuracy (mean ± sd over folds)")
@@ -277,7 +286,12 @@ def fig_cost(t: pd.DataFrame, dataset: str):
         ax.annotate(label(r).split(" · ", 1)[-1], (x, r.pooled_balanced_accuracy), textcoords="offset points",
                     xytext=(7, 4), fontsize=FONT - 3)
     if (secs > 0).all() and secs.max() / max(secs.min(), 1e-9) > 20:
-        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")  # plain numbers at 1, 2, 5 x 10^k; unlabelled minor ticks (they overlapped)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training seconds per fold (mean over cells)")
     ax.set_ylabel("balanced accuracy, pooled out-of-fold [95% CI]")
     ax.set_title(f"{dataset}: accuracy against training cost (★ = headline)")
@@ -313,7 +327,7 @@ def to_latex(df: pd.DataFrame, caption: str, index_name: str = "") -> str:
 CSS = """
 body { font-family: Helvetica, Arial, sans-serif; font-size: 15px; max-width: 1250px; margin: 2em auto; color: #111; }
 h1 { font-size: 26px; } h2 { font-size: 21px; border-bottom: 2px solid #ccc; margin-top: 2em; } h3 { font-size: 17px; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 14px; } td, th { border: 1px solid #bbb; padding: 4px 7px; text-align: left; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 13px; display: block; max-width: 100%; overflow-x: auto; } td, th { border: 1px solid #bbb; padding: 3px 5px; text-align: left; }
 th { background: #eef; } td.best { font-weight: bold; background: #fff4c2; }
 img { max-width: 100%; } .row { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 figure { margin: 0; } figcaption { font-size: 14px; color: #333; max-width: 260px; }
@@ -421,7 +435,7 @@ def tripod_appendix(ev: Evidence) -> pd.DataFrame:
     ds = [d for d in ev.datasets.itertuples() if not str(d.info.get("role", "train")).startswith("external")]
     ext = [d for d in ev.datasets.itertuples() if str(d.info.get("role", "")).startswith("external")]
     data = "; ".join(f"{d.dataset}: {d.info.get('n', '?')} images, {d.info.get('class_counts', {})}, "
-                     f"{'patient-grouped' if d.info.get('grouped') else 'no patient ids'}, duplicates "
+                     f"{grouping_text(ev, d.dataset, d.info)}, duplicates "
                      f"{d.info.get('duplicates', {}).get('policy', '?')}" for d in ds)
     cv = cfg.get("cv", "kfold")
     validation = (f"{'leave-one-site-out' if cv == 'by_site' else str(cfg.get('folds', '?')) + '-fold stratified'} "
