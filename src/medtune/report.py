@@ -194,24 +194,27 @@ def fig_cd(ranks: dict[str, float], cd: float, title: str):
 def fig_curves(ev: Evidence, group: str, title: str):
     plt = _plt()
     sel = group_cells(ev, group)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, (_, r) in enumerate(sel.iterrows()):
         h = r["info"].get("history") or []
         if not h:
             continue
         ep = [e["epoch"] + 1 for e in h]
         colour = f"C{i % 10}"
-        ax.plot(ep, [e["train_loss"] for e in h], color=colour, marker="o", label=f"fold {r.fold} train")
+        picked = (r["info"].get("auto_depth") or {}).get("picked")  # the nested choice trains a different strategy per fold
+        name = f"fold {r.fold}" + (f" ({picked})" if picked else "") + ("" if r.seed == sel.seed.min() else f" seed {r.seed}")
+        ax.plot(ep, [e["train_loss"] for e in h], color=colour, marker="o", label=f"{name} train")
         val = [e["val_loss"] for e in h]
         if not all(v is None or np.isnan(v) for v in val):
-            ax.plot(ep, val, color=colour, marker="s", ls="--", label=f"fold {r.fold} validation")
+            ax.plot(ep, val, color=colour, marker="s", ls="--", label=f"{name} validation")
     ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(ncol=2, loc="best")
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: inside, it hid the later folds' curves
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
     return fig
 
 
@@ -563,7 +566,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                     f"<p class=note>Estimator: the mean over folds (and seeds), ± its sd (spread, not a CI). acc = accuracy, "
                     f"bal_acc = balanced accuracy, sens/spec/PPV/NPV{of}, F1 = macro F1, AUC = ROC area, PR-AUC = "
                     "average precision, Brier = Brier score, ECE = expected calibration error (10 equal-mass bins), "
-                    f"folds = cells averaged, seconds = training time.{flag}</p>"
+                    f"cells = folds × seeds averaged, seconds = training time.{flag}</p>"
                     + html_table(detail.drop(columns=["dataset"])))
         tests = paired_tests(ev, t, ds)
         if not tests.empty:
