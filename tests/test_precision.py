@@ -96,3 +96,30 @@ def test_no_grad_passes_in_lanes_give_the_same_features_in_order(tiny_table, mon
         assert cache1[k].shape[0] == 3 and torch.allclose(cache1[k], cache2[k], atol=1e-5)
     np.testing.assert_allclose(feats1, feats2, atol=1e-5)
     assert precision.in_lanes(lambda x: x * x, list(range(7)), 2) == [x * x for x in range(7)]
+
+
+def test_stepper_without_fp16_takes_the_plain_optimizer_step():
+    """The loop's backward/step go through precision.Stepper: without fp16 it must equal a plain
+    zero_grad / backward / step (and keep the true gradients for strategies and clipping)."""
+    import torch
+
+    from medtune.precision import Stepper
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(4, 2)
+    b = torch.nn.Linear(4, 2)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 4)
+    opt_a, opt_b = torch.optim.AdamW(a.parameters(), lr=0.1), torch.optim.AdamW(b.parameters(), lr=0.1)
+    stepper = Stepper(opt_a, None)
+    assert stepper.scaler is None
+    for _ in range(3):
+        stepper.backward(a(x).square().mean())
+        stepper.true_gradients()
+        grad = a.weight.grad.clone()
+        stepper.step()
+        opt_b.zero_grad(set_to_none=True)
+        b(x).square().mean().backward()
+        assert torch.equal(grad, b.weight.grad)
+        opt_b.step()
+    assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, torch.nn.Linear(4, 2).weight)

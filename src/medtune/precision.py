@@ -167,3 +167,29 @@ def prepare_model(model: nn.Module, device: torch.device, amp_dtype: torch.dtype
         model.to(memory_format=torch.channels_last)
     if amp == "auto" and device.type == "cpu" and amp_dtype == torch.bfloat16:
         depthwise_in_fp32(model)
+
+
+class Stepper:
+    """Backward and optimiser step under the precision rule, so the training loop holds no precision
+    code: with fp16 autocast (CUDA only) the loss is scaled for backward and the gradients are
+    unscaled before strategies and clipping see them (GradScaler); bf16 and fp32 step plainly."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype | None) -> None:
+        self.optimizer = optimizer
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def true_gradients(self) -> None:
+        """After this, every .grad is the real gradient (a no-op unless fp16)."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+
+    def step(self) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()

@@ -25,7 +25,7 @@ from medtune.config import TrainConfig
 from medtune.data import ImageTable
 from medtune.errors import TrainingError
 from medtune.features import (POOLED, FeatureCache, Forward, Inputs, Runtime, shared_cache)  # noqa: F401 - re-exported
-from medtune.precision import (autocast_dtype, cpu_lanes, in_lanes, inference_batch_size,  # noqa: F401 - re-exported
+from medtune.precision import (Stepper, autocast_dtype, cpu_lanes, in_lanes, inference_batch_size,  # noqa: F401
                                prepare_model, resolve_device, set_seed)
 from medtune.probe import fit_linear_probe, load_into
 from medtune.strategies import Strategy, is_norm
@@ -48,7 +48,7 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
     weight = (class_weights(table.labels[train_idx], table.num_classes).to(rt.device)
               if class_weight_mode(settings) else None)
     steps = max(1, math.ceil(len(train_idx) / settings.batch_size))
-    scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
+    stepper = Stepper(optimizer, rt.amp_dtype)
     history, best, trained, first_loss, bn, inputs = [], (math.inf, -1, None), set(), None, settings.bn_statistics, None
     phases = strategy.phases(settings.epochs)
     for p, phase in enumerate(phases):
@@ -89,22 +89,16 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
                     if not math.isfinite(value) or value > 100 * max(first_loss, 1.0):  # NaN, inf or 100x the start
                         raise TrainingError(f"the loss diverged to {value:.4g} at epoch {epoch}, step {step} (it started "
                                             f"at {first_loss:.4g}; lr {settings.lr}). Lower train.lr or keep train.grad_clip on.")
-                    optimizer.zero_grad(set_to_none=True)
-                    (scaler.scale(total_loss) if scaler else total_loss).backward()
+                    stepper.backward(total_loss)
                     lr_t = settings.lr * cosine_lr(e * steps + step, phase.epochs * steps, int(settings.warmup_epochs * steps))
                     for g in groups:
                         g["lr"] = lr_t * scale[g["name"]]
-                    if scaler:  # strategies and clipping see the true gradients, not fp16-scaled ones
-                        scaler.unscale_(optimizer)
+                    stepper.true_gradients()  # strategies and clipping see the true gradients
                     strategy.after_backward(groups, step)
                     trained |= {g["name"] for g in groups if g["params"][0].grad is not None}
                     if settings.grad_clip:
                         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], settings.grad_clip)
-                    if scaler:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
+                    stepper.step()
                     running, seen = running + loss.item() * len(idx), seen + len(idx)
                 check_finite(groups, scale, epoch, settings.lr)
                 history.append({"epoch": epoch, "train_loss": running / max(seen, 1)})
