@@ -173,19 +173,27 @@ def test_stored_probabilities_rounded_to_6_decimals_are_read_back_summing_to_one
     assert np.abs(pooled(ev, t.group.iloc[0])[1].sum(1) - 1).max() < 1e-12 and len(table) == 1
 
 
-def test_grouping_text_says_no_patient_ids_when_only_identical_images_are_grouped(tmp_path):
-    """BUSI has no patient ids; `duplicates: group` groups its copies, which set `grouped` in the data
-    record. The report's TRIPOD table and the model card said 'patient-grouped' there."""
+def test_grouping_text_says_no_patient_ids_when_only_identical_images_are_grouped():
+    """BUSI has no patient ids; `duplicates: group` groups its copies, which sets `grouped` in the data
+    record. The report's TRIPOD table and the model card said 'patient-grouped' there. The record now
+    says whether the loader found patient ids (a DICOM folder has them without any pattern)."""
+    import torch
+
+    from medtune.cells import PreparedData, record_of
+    from medtune.data import ImageTable
     from medtune.evidence import grouping_text
 
-    with Store(tmp_path / "s.sqlite") as s:
-        plant_dataset(s, clusters=[0, 0, 1, 2]), plant_run(s, datasets=[{"name": "syn", "path": "/data/busi"}])
-        plant_dataset(s, name="pat", clusters=[0, 0, 1, 2])
-        s.add_run("r2", {"datasets": [{"name": "pat", "path": "/data/pat", "group_pattern": "^(P\\d+)_"}],
-                         "backbones": []}, {"medtune": "test"})
-        plant_dataset(s, name="plain")
-        _grid(s, [({}, "linear_probe", 1.0)])
-    ev = read_evidence(tmp_path / "s.sqlite")
-    assert grouping_text(ev, "syn", ev.info("syn")) == "image-level, no patient ids (only identical images kept together)"
-    assert grouping_text(ev, "pat", ev.info("pat")) == "patient-grouped"
-    assert grouping_text(ev, "plain", ev.info("plain")) == "image-level, no patient ids"
+    images = torch.zeros((4, 3, 8, 8), dtype=torch.uint8)
+    labels = np.array([0, 0, 1, 1])
+    dup_groups = np.array(["d0", "d0", "d1", "d2"], dtype=object)
+    no_ids = ImageTable(images, labels, ["a", "b"], [f"mem://{i}" for i in range(4)], groups=None, name="busi_like")
+    with_ids = ImageTable(images, labels, ["a", "b"], [f"mem://{i}" for i in range(4)],
+                          groups=np.array(["P1", "P1", "P2", "P3"], dtype=object), name="dicom_like")
+    busi = record_of(PreparedData(no_ids, dup_groups, {"policy": "group"}, None), None)
+    dicom = record_of(PreparedData(with_ids, with_ids.groups, {"policy": "group"}, None), None)
+    plain = record_of(PreparedData(no_ids, None, {"policy": "ignore"}, None), None)
+    assert (busi["grouped"], busi["patient_ids"], dicom["patient_ids"], plain["grouped"]) == (True, False, True, False)
+    assert grouping_text(busi) == "image-level, no patient ids (only identical images kept together)"
+    assert grouping_text(dicom) == "patient-grouped"
+    assert grouping_text(plain) == "image-level, no patient ids"
+    assert "does not say which" in grouping_text({"grouped": True})  # a store from before the key

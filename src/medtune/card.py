@@ -38,7 +38,7 @@ def model_card(store_path: str | Path, meta: dict) -> str:
         "",
         "## Data",
         f"- Data set `{ds}`: {info.get('n', len(y))} images; classes " + ", ".join(f"{c} {n}" for c, n in counts.items()) + ".",
-        "- Split: " + grouping_text(ev, ds, info)
+        "- Split: " + grouping_text(info)
         + f" stratified {meta['n_folds']}-fold cross-validation, seed {meta['seed']}.",
         f"- Identical images: policy `{dup.get('policy', 'group')}`, {dup.get('duplicate_groups', 0)} groups "
         f"({dup.get('duplicate_images', 0)} extra copies), {dup.get('label_conflicts', 0)} with conflicting labels.",

@@ -85,7 +85,7 @@ def record_of(data: PreparedData, positive: str | None, role: str = "train") -> 
     clusters = (np.unique(data.groups.astype(str), return_inverse=True)[1].tolist() if data.groups is not None
                 else None)
     return {"duplicates": data.duplicates, "n": len(t), "class_counts": t.class_counts(),
-            "grouped": data.groups is not None, "positive": positive, "role": role, "clusters": clusters,
+            "grouped": data.groups is not None, "patient_ids": t.groups is not None, "positive": positive, "role": role, "clusters": clusters,
             "subgroups": {k: [str(x) for x in v] for k, v in data.attributes.items()}}
 
 

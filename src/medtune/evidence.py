@@ -83,25 +83,16 @@ def label(row) -> str:
     return name + (f" [{row['variant']}]" if row.get("variant") else "")
 
 
-def dataset_entry(ev: Evidence, dataset: str) -> dict | None:
-    """The data set's entry in the latest run configuration that names it."""
-    found = None
-    for cfg in ev.runs.config_json.map(json.loads):
-        for d in cfg.get("datasets", []):
-            name = d.get("name") or (Path(d["path"]).name if d.get("path") else d.get("source"))
-            if name == dataset:
-                found = d
-    return found
-
-
-def grouping_text(ev: Evidence, dataset: str, info: dict) -> str:
-    """How the folds were grouped, in a few words: patient ids, or only identical images."""
-    d = dataset_entry(ev, dataset) or {}
-    if d.get("group_pattern") or d.get("source") == "synthetic" or str(d.get("path", "")).lower().endswith(".csv"):
+def grouping_text(info: dict) -> str:
+    """How the folds were grouped, in a few words, from the data set's record: `patient_ids` says
+    whether the loader found patient ids (file-name pattern, manifest column, DICOM header, the
+    generator); `grouped` is also true when only identical images were grouped (BUSI)."""
+    if "patient_ids" not in info:  # a store written before the record said which
+        return ("grouped (by patient ids or by identical images: this store's record does not say which)"
+                if info.get("grouped") else "image-level, no patient ids")
+    if info["patient_ids"]:
         return "patient-grouped"
-    if info.get("grouped"):
-        return "image-level, no patient ids (only identical images kept together)"
-    return "image-level, no patient ids"
+    return "image-level, no patient ids" + (" (only identical images kept together)" if info.get("grouped") else "")
 
 
 def positive_index(ev: Evidence, dataset: str) -> int | None:

@@ -80,6 +80,11 @@ class SVMHead:
         return p / p.sum(axis=1, keepdims=True)
 
 
+def training_priors(y: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """The training frequency of each of `classes` (a fitted head's classes_): what `balanced` divides out."""
+    return np.bincount(y, minlength=n_classes)[classes] / len(y)
+
+
 @dataclass
 class KNNHead:
     pipeline: Pipeline
@@ -101,21 +106,21 @@ def fit_knn(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: 
     if class_weight not in CLASS_WEIGHTS:
         raise ValueError(f"class_weight must be one of {CLASS_WEIGHTS}, got {class_weight!r}")
     usable = [k for k in K_GRID if k <= len(train_y)] or [max(1, len(train_y))]
-    priors_of = lambda y, classes: np.bincount(y, minlength=n_classes)[classes] / len(y)  # noqa: E731
     best_k, best_score = usable[0], -1.0
     if len(val_y) and len(np.unique(val_y)) > 1:
         for k in usable:
             head = KNNHead(_knn(k).fit(train_x, train_y), k)
             if class_weight == "balanced":
-                head.priors = priors_of(train_y, head.pipeline.classes_)
+                head.priors = training_priors(train_y, head.pipeline.classes_, n_classes)
             pred = head.pipeline.classes_[head.predict_proba(val_x).argmax(1)]
             score = balanced_accuracy_score(val_y, pred)
             if score > best_score + 1e-9:
                 best_k, best_score = k, score
     x = np.concatenate([train_x, val_x]) if len(val_y) else train_x
     y = np.concatenate([train_y, val_y]) if len(val_y) else train_y
-    pipe = _knn(min(best_k, len(y))).fit(x, y)
-    return KNNHead(pipe, best_k, priors_of(y, pipe.classes_) if class_weight == "balanced" else None)
+    k = min(best_k, len(y))
+    pipe = _knn(k).fit(x, y)
+    return KNNHead(pipe, k, training_priors(y, pipe.classes_, n_classes) if class_weight == "balanced" else None)
 
 
 def _svm(C: float, class_weight: str) -> LinearSVC:
@@ -160,7 +165,7 @@ def fit_svm(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: 
         folds = calibration_folds(y, groups)
         calibrated = CalibratedClassifierCV(_svm(best_c, class_weight), method="sigmoid", cv=folds)
         pipe = make_pipeline(StandardScaler(), calibrated).fit(x, y)
-    priors = np.bincount(y, minlength=n_classes)[pipe.classes_] / len(y) if class_weight == "balanced" else None
+    priors = training_priors(y, pipe.classes_, n_classes) if class_weight == "balanced" else None
     return SVMHead(pipe, best_c, priors)
 
 

@@ -405,6 +405,8 @@ def patient_note(ev: Evidence, dataset: str) -> str:
                 return "Folds grouped by (generated) patient id."
             if str(d.get("path", "")).lower().endswith(".csv"):
                 return "Folds grouped by the manifest's patient_id column where it has one."
+            if ev.info(dataset).get("patient_ids"):  # neither pattern nor manifest: the DICOM headers
+                return "Folds grouped by patient id (from the DICOM headers)."
             return ("<b>No patient ids were given</b> (no <code>group_pattern</code>): images of one patient may "
                     "be in both training and test folds, which makes every figure here optimistic. Only identical "
                     "images are kept together (see Duplicates and leakage).")
@@ -438,7 +440,7 @@ def tripod_appendix(ev: Evidence) -> pd.DataFrame:
     ds = [d for d in ev.datasets.itertuples() if not str(d.info.get("role", "train")).startswith("external")]
     ext = [d for d in ev.datasets.itertuples() if str(d.info.get("role", "")).startswith("external")]
     data = "; ".join(f"{d.dataset}: {d.info.get('n', '?')} images, {d.info.get('class_counts', {})}, "
-                     f"{grouping_text(ev, d.dataset, d.info)}, duplicates "
+                     f"{grouping_text(d.info)}, duplicates "
                      f"{d.info.get('duplicates', {}).get('policy', '?')}" for d in ds)
     cv = cfg.get("cv", "kfold")
     validation = (f"{'leave-one-site-out' if cv == 'by_site' else str(cfg.get('folds', '?')) + '-fold stratified'} "
