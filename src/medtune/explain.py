@@ -3,15 +3,28 @@
 The target layer is the last spatial feature map the classifier sees: timm's `feature_info[-1]`
 (the last stage: `layer4`, `Mixed_7c`, `features.norm5`, ...), moved on to the final
 norm/conv that `forward_features` still applies after it where a family has one (EfficientNet's
-`bn2` after `conv_head`, ResNetV2's pre-activation `norm`), because that is what gets pooled.
+`bn2` after `conv_head`, ResNetV2's pre-activation `norm`, ConvNeXt's `norm_pre` where it has
+one), because that is what gets pooled.
+
+Transformers are not NCHW, and pytorch-grad-cam reads any 4-d activation as (B, C, H, W), so a
+layout it does not know gives a map of the wrong axes without an error. `cam_target` therefore
+returns, with the layer, the `reshape_transform` pytorch-grad-cam documents for them: ViT-style
+token models (B, prefix + h*w, C) drop the prefix tokens and fold the patch tokens into their
+grid; NHWC models (Swin) are permuted. A ViT's target is the last block's `norm1`, not the last
+block: after the last block only the class token reaches the head, so the patch tokens there get
+no gradient.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
 from torch import nn
@@ -21,13 +34,81 @@ from medtune.errors import ConfigError
 # forward_features of these families ends with a module after the last stage; CAM it instead.
 TAIL_MODULES = ("bn2", "norm")
 
+# timm's token models whose blocks all see (B, prefix + h*w, C), prefix = `num_prefix_tokens`
+# (class, distillation and register tokens first): ViT (and DeiT, DINOv2, registers), BEiT, EVA,
+# ViT-RelPos. Not CaiT or XCiT: their class token joins after the blocks (it is not in them).
+TOKEN_FAMILIES = (timm.models.vision_transformer.VisionTransformer, timm.models.beit.Beit, timm.models.eva.Eva,
+                  timm.models.vision_transformer_relpos.VisionTransformerRelPos)
+
+Reshape = Callable[[torch.Tensor], torch.Tensor]
+
+
+def cam_target(model: nn.Module, image_size: tuple[int, int] | None = None) -> tuple[str, nn.Module, Reshape | None]:
+    """(name, module, reshape_transform) Grad-CAM uses: the one place that knows each family's
+    layer and layout. The transform turns the layer's output (and its gradient) into (B, C, h, w);
+    None where it already is. `image_size` (H, W) of the input fixes a ViT's patch grid: medtune's
+    ViTs take any input size (`dynamic_img_size`), so the grid timm built the model for (224 px)
+    is not the one a 64 px input gives."""
+    if isinstance(model, TOKEN_FAMILIES):
+        name = f"blocks.{len(model.blocks) - 1}.norm1"
+        return name, model.get_submodule(name), partial(tokens_to_nchw, prefix=model.num_prefix_tokens,
+                                                        grid=_patch_grid(model, image_size))
+    if getattr(model, "output_fmt", None) == "NHWC":  # Swin, Swin V2, MambaOut: stages run channels-last
+        norm = getattr(model, "norm", None)
+        name = "norm" if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else model.feature_info[-1]["module"]
+        return name, model.get_submodule(name), nhwc_to_nchw
+    return (*_nchw_target(model), None)
+
 
 def target_layer(model: nn.Module) -> tuple[str, nn.Module]:
-    """(name, module) of the layer whose activations and gradients Grad-CAM uses."""
+    """(name, module) of the layer whose activations and gradients Grad-CAM uses (`cam_target`
+    without the reshape, for callers that only name the layer)."""
+    name, module, _ = cam_target(model)
+    return name, module
+
+
+def tokens_to_nchw(tokens: torch.Tensor, prefix: int, grid: Callable[[int], tuple[int, int]]) -> torch.Tensor:
+    """(B, prefix + h*w, C) -> (B, C, h, w). The prefix tokens (class, distillation, registers)
+    have no place in the image; the patch tokens are the patch grid in row-major order."""
+    patches = tokens[:, prefix:]
+    h, w = grid(patches.shape[1])
+    return patches.reshape(patches.shape[0], h, w, patches.shape[2]).permute(0, 3, 1, 2)
+
+
+def nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def _patch_grid(model: nn.Module, image_size: tuple[int, int] | None) -> Callable[[int], tuple[int, int]]:
+    """n patch tokens -> (h, w): the grid of `image_size` where given, else the grid the model was
+    built for, else a square (medtune's inputs are square); an error rather than a scrambled map."""
+    pe = model.patch_embed
+    options = []
+    if image_size is not None:
+        size = (int(image_size[0]), int(image_size[1]))
+        options.append(tuple(pe.dynamic_feat_size(size)) if hasattr(pe, "dynamic_feat_size")
+                       else (size[0] // pe.patch_size[0], size[1] // pe.patch_size[1]))
+    options.append(tuple(pe.grid_size))
+
+    def grid(n: int) -> tuple[int, int]:
+        for h, w in options + [(math.isqrt(n), math.isqrt(n))]:
+            if h * w == n:
+                return h, w
+        raise ValueError(f"{type(model).__name__}: {n} patch tokens fit no patch grid ({options}) for Grad-CAM")
+
+    return grid
+
+
+def _nchw_target(model: nn.Module) -> tuple[str, nn.Module]:
+    """CNNs: the last stage, or the norm/conv forward_features applies after it."""
     for name in TAIL_MODULES:
         mod = getattr(model, name, None)
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             return name, mod
+    # ConvNeXt, DaViT, EdgeNeXt, RDNet with head_norm_first: the final norm (else an Identity)
+    norm_pre = getattr(model, "norm_pre", None)
+    if isinstance(norm_pre, nn.Module) and not isinstance(norm_pre, nn.Identity):
+        return "norm_pre", norm_pre
     info = getattr(model, "feature_info", None)
     if info:
         name = info[-1]["module"]
@@ -74,9 +155,9 @@ def cam_maps(model: nn.Module, x: torch.Tensor, classes: list[int], batch_size: 
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model = model.eval().float().to(memory_format=torch.contiguous_format)
-    _, layer = target_layer(model)
+    _, layer, reshape = cam_target(model, tuple(x.shape[-2:]))
     out = []
-    with GradCAM(model=model, target_layers=[layer]) as cam:
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
         for start in range(0, len(x), batch_size):
             part = x[start:start + batch_size].float().contiguous()
             targets = [ClassifierOutputTarget(int(c)) for c in classes[start:start + batch_size]]
