@@ -60,6 +60,13 @@ WHEN = {
     "label-level shifts the last. Run `block: [first, middle, last]` and compare.",
     "bitfit": "When few trainable parameters matter (many models to store, tiny data sets). On CNNs with a large "
     "domain shift it is rarely the most accurate, but it is a strong regulariser.",
+    "lora": "When the backbone is a vision transformer, or when a fine-tuned model must stay small to store "
+    "(one low-rank update per adapted layer, merged into the weights for deployment). Dutt et al. (MIDL 2024) "
+    "found it the best parameter-efficient method for ViTs on medical images in the small-data regime. On a "
+    "CNN it adapts every ungrouped convolution; compare it with partial_ft in your grid before trusting it.",
+    "ssf": "The parameter-efficient method Dutt et al. found best for CNNs: a per-channel scale and shift of every "
+    "layer's output, about as few parameters as BitFit, merged exactly into the weights after training. "
+    "Costs as much compute per step as full fine-tuning (gradients flow through the whole network).",
     "auto_depth": "When the choice of strategy or depth should be made per data set without biasing the "
     "estimate: candidates are scored by inner cross-validation inside each outer training fold. Costs "
     "`len(candidates) x inner_folds` extra trainings per cell.",

@@ -98,10 +98,10 @@ def test_docs_depth_table_is_current_for_resnet50(resnet50):
     """docs/depths.json (rendered into docs/strategies.md) is what the code computes today."""
     from pathlib import Path
 
-    from medtune.strategies import STANDARD_DEPTHS, parse_label
+    from medtune.strategies import PEFT_DEPTHS, STANDARD_DEPTHS, parse_label
 
     stored = json.loads((Path(__file__).resolve().parents[1] / "docs" / "depths.json").read_text())
     assert set(stored) == {"vgg16", "vgg19", "resnet50", "resnet101", "inception_v3", "densenet121", "resnetv2_50",
                            "efficientnet_lite0"}
-    now = [{**depth(parse_label(label), resnet50), "strategy": label} for label in STANDARD_DEPTHS]
+    now = [{**depth(parse_label(label), resnet50), "strategy": label} for label in (*STANDARD_DEPTHS, *PEFT_DEPTHS)]
     assert stored["resnet50"] == now, "stale: run scripts/gen_depth_table.py, then gen_config_docs.py"

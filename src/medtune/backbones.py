@@ -463,6 +463,13 @@ def _feature_chain_cached(model: nn.Module, image_size: int) -> FeatureChain | N
     return FeatureChain(units, params)
 
 
+def forget(model: nn.Module) -> None:
+    """Drop what is cached about models' structure (chains, layers, feature chain): an adapter
+    (adapters.py) changes a model in place, and the caches are keyed by the model object."""
+    for cached in (_blocks_cached, _stages_cached, _layers_cached, _feature_chain_cached):
+        cached.cache_clear()
+
+
 def chain(model: nn.Module, unit: str) -> list[Block]:
     """The chain a strategy's scales are over: `blocks` (the papers' units), `stages` (coarse)
     or `layers` (parameterised layers)."""

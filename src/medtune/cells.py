@@ -260,7 +260,7 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         info["collapsed"] = collapsed
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
                  "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics,
-                 "trainable_fraction": result.trainable_fraction})
+                 "trainable_fraction": result.trainable_fraction, "cache_hits": result.cache_hits})
     if result.history:
         info["trainable_blocks"] = [h["trainable_blocks"] for h in result.history]
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None

@@ -4,9 +4,12 @@ A strategy states its whole schedule in one method, `phases(epochs)`: a list of 
 with its number of epochs, the learning-rate scale of every unit stem -> head (0.0 = frozen; the
 head's scale is its true rate), the chain the scales are over (`blocks` in the papers' units,
 `stages`, or `layers` for fractions of layers) and its BatchNorm rule (None = the experiment's).
-A strategy may add a penalty to the loss (`penalty`) and act on per-tensor learning rates or
-gradients after the backward pass (`after_backward`). That is the whole contract; the one
-training loop in `train.py` does the rest, and nothing there special-cases a strategy.
+A strategy may add a penalty to the loss (`penalty`), act on per-tensor learning rates or
+gradients after the backward pass (`after_backward`), keep some tensors of a trained unit frozen
+(`trains_tensor`: BitFit's biases, an adapter's own tensors), and change the model before
+training and fold the change back after it (`adapt`/`merge`: LoRA, SSF; adapters.py). That is the
+whole contract; the one training loop in `train.py` does the rest, and nothing there
+special-cases a strategy.
 
 Every strategy is a frozen dataclass whose fields are its hyperparameters, registered under the
 snake_case key used in YAML, the CLI, the store and the report.
@@ -22,6 +25,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
+from medtune import adapters
 from medtune.backbones import Block
 from medtune.errors import ConfigError
 
@@ -112,6 +116,19 @@ class Strategy:
     def after_backward(self, groups: list[dict], step_in_epoch: int) -> None:
         """Called after each backward pass with the optimizer's per-tensor groups (keys `params`,
         `name`, `lr`, `is_head`, `norm`), whose `lr` the trainer has just set from the schedule."""
+
+    def trains_tensor(self, name: str, is_head: bool, is_norm: bool) -> bool:
+        """Whether tensor `name` may train when its unit's scale is above 0 (a tensor that may not
+        gets no gradient at all, so it costs nothing and stays bit-identical)."""
+        return True
+
+    def adapt(self, model: nn.Module) -> None:
+        """Change `model` in place before training (add an adapter's tensors); seeded by the fit."""
+
+    def merge(self, model: nn.Module) -> set[str]:
+        """Fold what `adapt` added back into plain weights after training; the names of the
+        model's tensors that changed by it."""
+        return set()
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -456,10 +473,66 @@ class BitFit(Strategy):
     def phases(self, epochs: int) -> list[Phase]:
         return [self.phase(epochs, everything())]
 
-    def after_backward(self, groups: list[dict], step_in_epoch: int) -> None:
-        for g in groups:
-            if not (g["is_head"] or g["norm"] or g["name"].endswith("bias")):
-                g["params"][0].grad = None  # AdamW skips tensors without a gradient: no decay either
+    def trains_tensor(self, name: str, is_head: bool, is_norm: bool) -> bool:
+        return is_head or is_norm or name.endswith("bias")
+
+
+@register
+@dataclass(frozen=True)
+class LoRA(Strategy):
+    """Hu et al., ICLR 2022 (LoRA) through Hugging Face peft: a trainable low-rank update (rank
+    `rank`, scale alpha / rank) beside the attention projections of a transformer or the ungrouped
+    convolutions of a CNN (`targets`, adapters.py); the pretrained weights and the stem stay
+    frozen, the new head trains. Merged into the weights after training."""
+
+    name: ClassVar[str] = "lora"
+    summary: ClassVar[str] = "Low-rank updates of attention / convolution weights (peft), merged after training."
+    citation: ClassVar[str] = "Hu et al., ICLR 2022; Dutt et al., MIDL 2024"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = "auto"
+
+    def validate(self) -> None:
+        if self.rank < 1 or self.alpha <= 0 or self.targets not in adapters.LORA_TARGETS:
+            raise ValueError(f"rank >= 1, alpha > 0, targets one of {', '.join(adapters.LORA_TARGETS)}")
+        if not adapters.peft_installed():  # said before the grid starts, not by every cell
+            raise ValueError("needs Hugging Face peft: pip install 'medtune[peft]'")
+
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, everything())]
+
+    def trains_tensor(self, name: str, is_head: bool, is_norm: bool) -> bool:
+        return is_head or ".lora_" in name
+
+    def adapt(self, model: nn.Module) -> None:
+        adapters.add_lora(model, self.rank, self.alpha, self.targets)
+
+    def merge(self, model: nn.Module) -> set[str]:
+        return adapters.merge_lora(model)
+
+
+@register
+@dataclass(frozen=True)
+class SSF(Strategy):
+    """Lian et al., NeurIPS 2022 (SSF): a per-channel scale and shift after every affine layer
+    (normalisation, biased Linear/conv), the pretrained weights frozen, the new head trained;
+    merged exactly into the weights after training (adapters.py)."""
+
+    name: ClassVar[str] = "ssf"
+    summary: ClassVar[str] = "Per-channel scale and shift of every layer's output, merged after training."
+    citation: ClassVar[str] = "Lian et al., NeurIPS 2022"
+
+    def phases(self, epochs: int) -> list[Phase]:
+        return [self.phase(epochs, everything())]
+
+    def trains_tensor(self, name: str, is_head: bool, is_norm: bool) -> bool:
+        return is_head or ".ssf_" in name
+
+    def adapt(self, model: nn.Module) -> None:
+        adapters.add_ssf(model)
+
+    def merge(self, model: nn.Module) -> set[str]:
+        return adapters.merge_ssf(model)
 
 
 def parse_label(label: str) -> Strategy:
@@ -481,40 +554,53 @@ STANDARD_DEPTHS = ("linear_probe", "partial_ft(fraction=0.05)", "partial_ft(frac
                    "surgical(block='first')", "surgical(block='middle')", "surgical(block='last')", "full_ft")
 
 
-def scheduled_params(strategy: Strategy, model: nn.Module, epochs: int = 10) -> set[str]:
-    """The parameters the schedule trains in some epoch (before any per-tensor rule in
-    `after_backward`, such as BitFit's or Auto-SNR's, which only the fit itself records)."""
-    from medtune.backbones import chain
+PEFT_DEPTHS = ("bitfit", "ssf", "lora")  # parameter-efficient: every unit, a few tensors of each
 
+
+def scheduled_params(strategy: Strategy, model: nn.Module, epochs: int = 10) -> set[str]:
+    """The parameters the schedule trains in some epoch, after the strategy's per-tensor rule
+    (`trains_tensor`) but before any rule that depends on gradients (Auto-SNR's), which only the
+    fit itself records. `model` must already be adapted for a strategy that adapts it."""
+    from medtune.backbones import chain, classifier_param_names
+
+    head = classifier_param_names(model)
+    allowed = {n for n, p in model.named_parameters() if strategy.trains_tensor(n, n in head, is_norm(n, p, model))}
     out: set[str] = set()
     for phase in strategy.phases(epochs):
         units = chain(model, phase.unit)
         for e in range(phase.epochs):
             out |= {n for b, s in zip(units, phase.scales(e, units)) if s > 0 for n in b.param_names}
-    return out
+    return out & allowed
 
 
 def depth(strategy: Strategy, model: nn.Module, epochs: int = 10) -> dict[str, Any]:
     """What a strategy trains on `model`, in the papers' blocks: each block trained in full or in
-    part (`name (k/n tensors)`), and the fraction of the parameters (by count) that train."""
-    from medtune.backbones import blocks
+    part (`name (k/n tensors)`), and the fraction of the parameters (by count) that train (of the
+    adapted model's, for an adapter: what an optimiser would hold)."""
+    import copy
 
-    trained = scheduled_params(strategy, model, epochs)
-    sizes = {n: p.numel() for n, p in model.named_parameters()}
-    names = []
-    for b in blocks(model):
-        k = sum(1 for n in b.param_names if n in trained)
-        if k:
-            names.append(b.name if k == len(b.param_names) else f"{b.name} ({k}/{len(b.param_names)} tensors)")
-    return {"strategy": strategy.label(), "trainable_blocks": names, "n_blocks": len(blocks(model)),
-            "trainable_fraction": sum(sizes[n] for n in trained) / sum(sizes.values())}
+    from medtune.backbones import blocks, forget
+
+    adapted = copy.deepcopy(model)
+    strategy.adapt(adapted)
+    try:
+        trained = scheduled_params(strategy, adapted, epochs)
+        sizes = {n: p.numel() for n, p in adapted.named_parameters()}
+        names = []
+        for b in blocks(adapted):
+            k = sum(1 for n in b.param_names if n in trained)
+            if k:
+                names.append(b.name if k == len(b.param_names) else f"{b.name} ({k}/{len(b.param_names)} tensors)")
+        return {"strategy": strategy.label(), "trainable_blocks": names, "n_blocks": len(blocks(adapted)),
+                "trainable_fraction": sum(sizes[n] for n in trained) / sum(sizes.values()),
+                "trainable_params": sum(sizes[n] for n in trained)}
+    finally:
+        forget(adapted)
 
 
 def trains_backbone(strategy: Strategy, epochs: int) -> bool:
     """Whether any phase trains something below the head, asked of a long generic chain (no model
     needed): the SVM head on a strategy that never does can skip training altogether."""
-    from medtune.backbones import Block
-
     chain = [Block(f"b{i}", (f"b{i}.weight",), n_layers=1) for i in range(999)] + [Block("head", ("head.weight",), n_layers=1)]
     return any(any(s > 0 for s in phase.scales(e, chain)[:-1])
                for phase in strategy.phases(epochs) for e in range(phase.epochs))

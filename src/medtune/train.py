@@ -39,10 +39,13 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
     t0 = time.perf_counter()
     set_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    strategy.adapt(model)  # LoRA/SSF add their tensors here (seeded); merged back at the end
+    hits_before = rt.cache.hits if rt.cache else 0
     prepare_model(model, rt.device, rt.amp_dtype, settings.amp, settings.channels_last)
     fwd = Forward(model, feature_chain(model, image_size=min(64, table.image_size)) if settings.cache else None)
     optimizer = build_optimizer(model, strategy, settings)
     groups = optimizer.param_groups
+    may_train = {g["name"] for g in groups if strategy.trains_tensor(g["name"], g["is_head"], g["norm"])}
     start_state = {n: p.detach().clone() for n, p in model.named_parameters() if n not in classifier_param_names(model)}
     y_all = torch.as_tensor(table.labels, device=rt.device)
     weight = (class_weights(table.labels[train_idx], table.num_classes).to(rt.device)
@@ -57,7 +60,7 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
         bad_epochs, probed = 0, False
         for e in range(phase.epochs):
             epoch = len(history)
-            scale = unit_scales(chain, phase.scales(e, chain), strategy)
+            scale = {n: s if n in may_train else 0.0 for n, s in unit_scales(chain, phase.scales(e, chain), strategy).items()}
             frozen = frozenset(n for n, s in scale.items() if s == 0)
             for g in groups:
                 g["params"][0].requires_grad_(scale[g["name"]] > 0)
@@ -116,9 +119,14 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
         model.load_state_dict(best[2])
     model.eval()
     sizes = {n: q.numel() for n, q in model.named_parameters()}
+    fraction = sum(sizes[n] for n in trained) / sum(sizes.values())  # of the adapted model's parameters
+    changed = strategy.merge(model)  # an adapter folded into plain weights: a plain timm model again
+    if changed:
+        trained = (trained & {n for n, _ in model.named_parameters()}) | changed
+        fwd = Forward(model, feature_chain(model, image_size=min(64, table.image_size)) if settings.cache else None)
+    names = {n for n, _ in model.named_parameters()}
     return FitResult(model, history, best[1], time.perf_counter() - t0, fwd, settings, rt,
-                     frozenset(sizes) - trained, sum(sizes[n] for n in trained) / sum(sizes.values()),
-                     rt.cache.hits if rt.cache else 0, bn)
+                     frozenset(names - trained), fraction, (rt.cache.hits if rt.cache else 0) - hits_before, bn)
 
 
 @dataclass
@@ -135,7 +143,7 @@ class FitResult:
     rt: Runtime
     never_trained: frozenset[str]  # bit-identical to the start weights (and their BatchNorm statistics unless update_all)
     trainable_fraction: float  # share of the parameters (by count) that received a gradient
-    cache_hits: int = 0
+    cache_hits: int = 0  # frozen-prefix outputs this fit found in the cache (computed by an earlier fit)
     bn_statistics: str = "update"  # as applied in the last phase
     _inputs: dict = field(default_factory=dict, repr=False)
 
@@ -238,7 +246,7 @@ def set_train_mode(model: nn.Module, bn_statistics: str) -> None:
         return
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            params = list(m.parameters(recurse=False))
+            params = list(m.parameters())  # recursing: SSF's scale and shift live in a submodule
             if bn_statistics == "keep" or (params and not any(p.requires_grad for p in params)):
                 m.eval()
 
