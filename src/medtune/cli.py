@@ -154,6 +154,16 @@ def print_failed(cells, fmt: Fmt) -> None:
     console.print(table)
 
 
+def print_table(table: Table) -> None:
+    """On a terminal, fit the table to it; under a pipe or into a file, print it at its natural width so
+    no number is folded across lines (a log reader cannot widen the window)."""
+    if sys.stdout.isatty():
+        console.print(table)
+        return
+    width = Console(width=100_000).measure(table).maximum
+    Console(width=max(80, width), force_terminal=False).print(table)
+
+
 def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     from medtune.report import format_pm, summary_table
     from medtune.diagnose import collapsed_cells
@@ -184,7 +194,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
         table.add_column(c.replace("_", " "), overflow="fold")
     for _, r in shown.iterrows():
         table.add_row(*[str(v) for v in r])
-    console.print(table)
+    print_table(table)
     for line in collapsed:  # diagnose.py: a model that predicts one class
         console.print(f"[yellow]{escape(line)}[/]")
 
@@ -241,21 +251,30 @@ def list_depths(backbone: str | None, random_init: bool, json_out: bool) -> None
     import json
 
     from medtune.backbones import create_backbone
-    from medtune.strategies import STANDARD_DEPTHS, depth, parse_label
+    from medtune.errors import ConfigError
+    from medtune.strategies import PEFT_DEPTHS, STANDARD_DEPTHS, depth, parse_label
 
     if not backbone:
         raise typer.BadParameter("`medtune list depths` needs a backbone, e.g. `medtune list depths resnet50 --random-init`.")
     model = create_backbone(backbone, pretrained=not random_init, num_classes=2)
-    rows = [{**depth(parse_label(label), model), "strategy": label} for label in STANDARD_DEPTHS]
+    rows, missing = [], []
+    for label in (*STANDARD_DEPTHS, *PEFT_DEPTHS):
+        try:  # lora needs the optional peft package: say so instead of failing the whole list
+            rows.append({**depth(parse_label(label), model), "strategy": label})
+        except ConfigError as exc:
+            missing.append(f"{label}: {exc}")
     if json_out:
-        sys.stdout.write(json.dumps({"backbone": backbone, "depths": rows}, indent=2) + "\n")
+        sys.stdout.write(json.dumps({"backbone": backbone, "depths": rows, "unavailable": missing}, indent=2) + "\n")
         return
     table = Table(title=f"{backbone}: what each depth setting trains")
     for col in ("strategy", "params trained", "trainable blocks"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["strategy"], f"{100 * r['trainable_fraction']:.1f}%", ", ".join(r["trainable_blocks"]))
+        table.add_row(r["strategy"], f"{100 * r['trainable_fraction']:.2f}% ({r['trainable_params']:,})",
+                      ", ".join(r["trainable_blocks"]))
     console.print(table)
+    for line in missing:
+        console.print(f"not listed: {line}")
 
 
 @data_app.command("check")
