@@ -117,9 +117,10 @@ def modern_grid(tmp_path_factory):
             write_png(data / cls / f"P{c}{i:02d}_{i}.png", seed=1000 * c + i, size=32)
     store = root / "modern.sqlite"
     raw = tiny_png_config(data, store)
-    strategies = [n for n in sorted(REGISTRY) if n != "auto_depth"]
+    strategies = sorted(REGISTRY)
     params = {"lp_ft": {"lp_epochs": 1}, "partial_ft": {"blocks": 1}, "blockwise_ft": {"blocks": 1},
-              "surgical": {"block": "middle"}, "gradual_unfreeze": {"every": 1}}
+              "surgical": {"block": "middle"}, "gradual_unfreeze": {"every": 1},
+              "auto_depth": {"candidates": ["linear_probe", "lora", "ssf"], "inner_folds": 2}}
     raw.update(backbones=[{"name": VIT, "pretrained": False, "image_size": 32},
                           {"name": CONVNEXT, "pretrained": False, "image_size": 32}],
                strategies=[{"name": n, **params.get(n, {})} for n in strategies], folds=2, keep_best=True)
@@ -179,3 +180,20 @@ def test_lora_without_peft_is_a_config_error_that_says_what_to_install(monkeypat
     monkeypatch.setattr(adapters, "peft_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"strategy 'lora'.*pip install 'medtune\[peft\]'"):
         create_strategy("lora")
+
+
+def test_report_states_each_strategys_trainable_share_next_to_full_fine_tuning(modern_grid, tmp_path):
+    from medtune.evidence import efficiency_table, group_table, read_evidence
+    from medtune.report import build_report
+
+    _, store, _, _ = modern_grid
+    ev = read_evidence(store)
+    t = group_table(ev, n_boot=50)
+    eff = efficiency_table(ev, t, "tiny_us")
+    vit = eff[eff.backbone == VIT]
+    share = vit["trainable params"].str.rstrip("%").astype(float)
+    assert share["full_ft"] == pytest.approx(100.0) and vit.loc["full_ft", "AUC / full_ft"] == "100%"
+    assert 0 < share["lora"] < 20 and 0 < share["ssf"] < share["lora"] and share["linear_probe"] < share["ssf"]
+    out = build_report(store, tmp_path / "report", n_boot=50)
+    html = Path(out["html"]).read_text()
+    assert "What each strategy trains, and what it keeps of full fine-tuning" in html

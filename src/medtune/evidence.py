@@ -199,6 +199,32 @@ def main_table(t: pd.DataFrame, dataset: str) -> pd.DataFrame:
     return out.loc[list(dict.fromkeys(sub.strategy))]
 
 
+def efficiency_table(ev: Evidence, t: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Per group: the share of the network's parameters that trained (mean over its cells, the head
+    included; for LoRA/SSF the adapter's own tensors), the mean AUC and balanced accuracy over folds,
+    and each as a fraction of full fine-tuning's on the same backbone, head and variant: what a
+    parameter-efficient method buys at a glance. Empty when no cell recorded its trainable share."""
+    frac = ev.cells.set_index("cell_id")["info"].map(lambda i: i.get("trainable_fraction", np.nan))
+    m = ev.metrics[ev.metrics.dataset == dataset].assign(trainable=lambda d: d.cell_id.map(frac))
+    if m.trainable.isna().all():
+        return pd.DataFrame()
+    share = m.groupby("group")["trainable"].mean()
+    sub = t[t.dataset == dataset].copy()
+    sub["trainable"] = sub.group.map(share)
+    keys = ["backbone", "head", "variant"]
+    full = sub[sub.strategy == "full_ft"].set_index(keys)
+    rows = []
+    for _, r in sub.iterrows():
+        ref = full.loc[tuple(r[k] for k in keys)] if tuple(r[k] for k in keys) in full.index else None
+        rows.append({"strategy": short_strategy(r.strategy), "backbone": r.backbone + ("" if r["head"] == "softmax" else f" · {r['head']}")
+                     + (f" [{r.variant}]" if r.get("variant") else ""),
+                     "trainable params": f"{100 * r.trainable:.2f}%" if np.isfinite(r.trainable) else "–",
+                     "AUC (mean)": r.get("auc", np.nan), "balanced accuracy (mean)": r[MAIN],
+                     "AUC / full_ft": f"{100 * r.auc / ref.auc:.0f}%" if ref is not None and "auc" in r else "–",
+                     "bal. acc. / full_ft": f"{100 * r[MAIN] / ref[MAIN]:.0f}%" if ref is not None else "–"})
+    return pd.DataFrame(rows).set_index("strategy")
+
+
 def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """The headline group against every other group of the data set on the same (seed, fold) pairs:
     corrected resampled t-test (Nadeau & Bengio) and Wilcoxon signed-rank on balanced accuracy,

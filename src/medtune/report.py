@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from medtune.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters, external_table, fmt_ci,  # noqa: F401
-                              fold_ranks, short_strategy, group_cells, group_table, headline_row, label, main_table,
+                              efficiency_table, fold_ranks, short_strategy, group_cells, group_table, headline_row, label, main_table,
                               operating_points, operating_table, paired_tests, pooled, positive_index, rank_blocks,
                               grouping_text, read_evidence, subgroup_table, summary_table)
 from medtune.diagnose import collapsed_cells
@@ -552,6 +552,14 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         body.append(headline_html(t, ds, primary))
         body.append("<h3>Balanced accuracy: strategy × backbone (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
                     + html_table(table, "strategy"))
+        eff = efficiency_table(ev, t, ds)
+        if not eff.empty:
+            body.append("<h3>What each strategy trains, and what it keeps of full fine-tuning</h3>"
+                        "<p class=note>Trainable params: the share of the network's parameters that received a "
+                        "gradient (the new head included; for LoRA and SSF the adapter's own tensors, merged into the "
+                        "weights after training). AUC and balanced accuracy: mean over folds, and as a share of "
+                        "full_ft's on the same backbone and head.</p>" + html_table(eff, "strategy"))
+            md += ["### Trainable parameters and share of full fine-tuning\n", to_markdown(eff, "strategy"), ""]
         of = f" ({html.escape(positive)})" if positive else " (macro mean over classes)"
         collapsed = collapsed_cells(ev.cells[ev.cells.dataset == ds])  # diagnose.py (select helper's lines)
         if collapsed:
