@@ -60,8 +60,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         pytest.skip("chromium is not installed (make setup-dev installs it with apt-get where it can)")
     url = (report / "report.html").resolve().as_uri()
     dom = subprocess.run([CHROMIUM, *HEADLESS, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    # main table, all metrics, paired tests, descriptive ranks, calibration, TRIPOD+AI appendix
-    assert dom.count("<table") == 6
+    # main table, trainable share against full_ft, all metrics, paired tests, descriptive ranks,
+    # calibration, TRIPOD+AI appendix
+    assert dom.count("<table") == 7
     assert "★" in dom
     # depth, ROC, confusion, curves and the Grad-CAM overlays are all decoded images
     assert dom.count("data:image/png;base64,") >= 4 + 2

@@ -587,10 +587,13 @@ def depth(strategy: Strategy, model: nn.Module, epochs: int = 10) -> dict[str, A
         trained = scheduled_params(strategy, adapted, epochs)
         sizes = {n: p.numel() for n, p in adapted.named_parameters()}
         names = []
-        for b in blocks(adapted):
+        plain = [b.name for b in blocks(model)]  # the plain model's block names (an adapter's tensors rename some)
+        chain_ = blocks(adapted)
+        for i, b in enumerate(chain_):
             k = sum(1 for n in b.param_names if n in trained)
+            name = plain[i] if len(plain) == len(chain_) else b.name
             if k:
-                names.append(b.name if k == len(b.param_names) else f"{b.name} ({k}/{len(b.param_names)} tensors)")
+                names.append(name if k == len(b.param_names) else f"{name} ({k}/{len(b.param_names)} tensors)")
         return {"strategy": strategy.label(), "trainable_blocks": names, "n_blocks": len(blocks(adapted)),
                 "trainable_fraction": sum(sizes[n] for n in trained) / sum(sizes.values()),
                 "trainable_params": sum(sizes[n] for n in trained)}
