@@ -117,7 +117,7 @@ def modern_grid(tmp_path_factory):
             write_png(data / cls / f"P{c}{i:02d}_{i}.png", seed=1000 * c + i, size=32)
     store = root / "modern.sqlite"
     raw = tiny_png_config(data, store)
-    strategies = sorted(REGISTRY)
+    strategies = [*sorted(REGISTRY), "auto_depth"]  # every registered strategy, and the selector
     params = {"lp_ft": {"lp_epochs": 1}, "partial_ft": {"blocks": 1}, "blockwise_ft": {"blocks": 1},
               "surgical": {"block": "middle"}, "gradual_unfreeze": {"every": 1},
               "auto_depth": {"candidates": ["linear_probe", "lora", "ssf"], "inner_folds": 2}}
@@ -148,6 +148,9 @@ def test_every_strategy_runs_on_a_vit_and_a_convnext_and_adapters_use_the_cache(
         assert all(h["cut"] > 0 for i in lora for h in i["history"])
         assert any(i["cache_hits"] > 0 for i in lora)
         assert all(0 < i["trainable_fraction"] < 0.2 for i in lora + by[(b, "ssf")])
+        picks = [i["auto_depth"]["picked"] for (bb, st), cells in by.items() if bb == b and st.startswith("auto_depth")
+                 for i in cells]
+        assert len(picks) == 2 and set(picks) <= {"linear_probe", "lora", "ssf"}
 
 
 def test_predict_on_the_deployed_lora_model_reproduces_its_stored_predictions(modern_grid, tmp_path):
