@@ -147,11 +147,16 @@ def main() -> None:
           f"{reference.C.tolist()}). Positive class for sensitivity/specificity/PPV/NPV: malignant. "
           "Mean ± sd over folds.", "",
           to_markdown(shown.drop(columns=["dataset", "backbone"]).set_index("strategy"), "strategy")]
-    if summary.collapsed:
-        md += ["", "Collapsed cells (diagnose.py):", *[f"- {line}" for line in summary.collapsed]]
-    (ROOT / "results" / f"strategies_busi{suffix}.md").write_text("\n".join(md) + "\n")
-    (ROOT / "results" / f"strategies_busi{suffix}.json").write_text(json.dumps(
-        {"command": command, "wall_seconds": wall, "rows": table.to_dict(orient="records")}, indent=1))
+    write_results(f"strategies_busi{suffix}", md, summary.collapsed,
+                  {"command": command, "wall_seconds": wall, "rows": table.to_dict(orient="records")})
+
+
+def write_results(stem: str, md: list[str], collapsed: list[str], payload: dict) -> None:
+    """benchmarks/results/STEM.md (the table, the command, any collapsed cells) and STEM.json; prints the md."""
+    if collapsed:
+        md = [*md, "", "Collapsed cells (diagnose.py):", *[f"- {line}" for line in collapsed]]
+    (ROOT / "results" / f"{stem}.md").write_text("\n".join(md) + "\n")
+    (ROOT / "results" / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     print("\n".join(md))
 
 
