@@ -14,7 +14,6 @@ AUC as a fraction of full fine-tuning's, and the training seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import pandas as pd
 
 import medtune
 from medtune.report import to_markdown
-from medtune.store import Store
+from medtune.store import Store, read_cells
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strategies_busi import every_nth, write_results  # noqa: E402
@@ -34,10 +33,10 @@ STRATEGIES = ["lora", "ssf", "linear_probe", {"name": "partial_ft", "blocks": 2}
 
 def table(store: Path) -> pd.DataFrame:
     with Store(store) as s:
-        m = s.metrics()
-        info = pd.DataFrame([{"cell_id": c, **json.loads(i)} for c, i in
-                             s.conn.execute("select cell_id, info_json from cells where status = 'done'")])
-    m = m.merge(info[["cell_id", "trainable_fraction", "strategy_label"]], on="cell_id")
+        m, cells = s.metrics(), read_cells(s)
+    info = cells.set_index("cell_id")["info"]
+    m = m.assign(trainable_fraction=m.cell_id.map(lambda c: info[c]["trainable_fraction"]),
+                 strategy_label=m.cell_id.map(lambda c: info[c]["strategy_label"]))
     rows = []
     for label, g in m.groupby("strategy_label", sort=False):
         rows.append({"strategy": label, "cells": len(g), "trainable %": 100 * g.trainable_fraction.mean(),

@@ -130,16 +130,15 @@ def modern_grid(tmp_path_factory):
 
 
 def test_every_strategy_runs_on_a_vit_and_a_convnext_and_adapters_use_the_cache(modern_grid):
-    from medtune.store import Store
+    from medtune.store import Store, read_cells
 
     raw, store, summary, strategies = modern_grid
     assert summary.failed == 0 and summary.done == 2 * 2 * len(strategies)
     with Store(store) as s:
-        rows = s.conn.execute("select backbone, strategy, info_json from cells").fetchall()
-    info = {(b, st, json.loads(i)["n_test"], k): json.loads(i) for k, (b, st, i) in enumerate(rows)}
+        cells = read_cells(s)
     by = {}
-    for (b, st, _, _), i in info.items():
-        by.setdefault((b, st), []).append(i)
+    for _, c in cells.iterrows():
+        by.setdefault((c.backbone, c.strategy), []).append(c["info"])
     for b in (VIT, CONVNEXT):
         for st in ("lora", "ssf"):
             assert (b, st) in by, (b, st)

@@ -186,12 +186,17 @@ def headline_row(t: pd.DataFrame, dataset: str) -> pd.Series:
     return t[(t.dataset == dataset) & t.headline].iloc[0]
 
 
+def backbone_column(row) -> str:
+    """A group's backbone as a table column: the backbone, its head unless softmax, its variant."""
+    return (row["backbone"] + ("" if row["head"] == "softmax" else f" · {row['head']}")
+            + (f" [{row['variant']}]" if row.get("variant") else ""))
+
+
 def main_table(t: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """Strategy rows x backbone (head, variant) columns: pooled out-of-fold balanced accuracy [95%
     patient-bootstrap CI]; ★ = the headline, † = best mean on the test folds (optimistic)."""
     sub = t[t.dataset == dataset].copy()
-    sub["column"] = (sub.backbone + np.where(sub["head"] == "softmax", "", " · " + sub["head"])
-                     + np.where(sub.variant == "", "", " [" + sub.variant + "]"))
+    sub["column"] = [backbone_column(r) for _, r in sub.iterrows()]
     sub["cell"] = [("★ " if h else "") + fmt_ci(m, lo, hi) + (" †" if b and not h else "") for m, lo, hi, h, b in
                    zip(sub.pooled_balanced_accuracy, sub.ci_low, sub.ci_high, sub.headline, sub.best_on_test_folds)]
     sub["strategy"] = sub.strategy.map(short_strategy)
@@ -216,8 +221,7 @@ def efficiency_table(ev: Evidence, t: pd.DataFrame, dataset: str) -> pd.DataFram
     rows = []
     for _, r in sub.iterrows():
         ref = full.loc[tuple(r[k] for k in keys)] if tuple(r[k] for k in keys) in full.index else None
-        rows.append({"strategy": short_strategy(r.strategy), "backbone": r.backbone + ("" if r["head"] == "softmax" else f" · {r['head']}")
-                     + (f" [{r.variant}]" if r.get("variant") else ""),
+        rows.append({"strategy": short_strategy(r.strategy), "backbone": backbone_column(r),
                      "trainable params": f"{100 * r.trainable:.2f}%" if np.isfinite(r.trainable) else "–",
                      "AUC (mean)": r.get("auc", np.nan), "balanced accuracy (mean)": r[MAIN],
                      "AUC / full_ft": f"{100 * r.auc / ref.auc:.0f}%" if ref is not None and "auc" in r else "–",

@@ -581,7 +581,8 @@ def depth(strategy: Strategy, model: nn.Module, epochs: int = 10) -> dict[str, A
 
     from medtune.backbones import blocks, forget
 
-    adapted = copy.deepcopy(model)
+    adapts = type(strategy).adapt is not Strategy.adapt  # only an adapter changes the model: copy for it alone
+    adapted = copy.deepcopy(model) if adapts else model
     strategy.adapt(adapted)
     try:
         trained = scheduled_params(strategy, adapted, epochs)
@@ -598,7 +599,8 @@ def depth(strategy: Strategy, model: nn.Module, epochs: int = 10) -> dict[str, A
                 "trainable_fraction": sum(sizes[n] for n in trained) / sum(sizes.values()),
                 "trainable_params": sum(sizes[n] for n in trained)}
     finally:
-        forget(adapted)
+        if adapts:
+            forget(adapted)
 
 
 def trains_backbone(strategy: Strategy, epochs: int) -> bool:

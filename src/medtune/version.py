@@ -17,8 +17,13 @@ History: 1 = cells written before the version existed (no `results_version` in t
     partial_ft(fraction) over layers); the linear probe fitted to convergence (logistic regression);
     LP-FT under the experiment's BatchNorm rule; one fixed-view augmentation regime for every
     strategy; Auto-SNR's unbiased variance.
+4 = BitFit keeps its frozen tensors out of the backward pass (`trains_tensor`), so a leading layer
+    with no bias or norm (the stem convolution) counts as frozen and its output comes from the
+    feature cache: the same weights in fp32 (bit-identical), but under bf16 the cached prefix's
+    kernels differ from the training batch's and predictions move (up to 0.012 after 2 epochs on
+    the test model). New strategies `lora` and `ssf`; cells record their own `cache_hits`.
 """
 
-RESULTS_VERSION = 3
+RESULTS_VERSION = 4
 
 UNVERSIONED = 1  # what a cell without a recorded version counts as
