@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medtune.data import decode_image, load_dataset, load_folder, load_manifest
+from medtune.data import decode_image, load_dataset, load_folder, load_manifest, manifest_columns
 from medtune.errors import DataError
 
 
@@ -65,6 +65,26 @@ def test_manifest_refuses_paths_outside_its_folder(tmp_path):
     (tmp_path / "d" / "m.csv").write_text("path,label\n../secret.png,a\n")
     with pytest.raises(DataError, match="outside the manifest's folder"):
         load_manifest(tmp_path / "d" / "m.csv", 16)
+
+
+def test_manifest_root_names_the_one_folder_its_paths_may_read(tmp_path):
+    """A manifest kept apart from its images (options.root): paths resolve under root, the
+    subgroup columns resolve the same way, and a path leaving root is still refused."""
+    write_png(tmp_path / "images" / "a" / "x.png", 1)
+    write_png(tmp_path / "images" / "b" / "y.png", 2)
+    write_png(tmp_path / "secret.png", 3)
+    (tmp_path / "meta").mkdir()
+    m = tmp_path / "meta" / "m.csv"
+    m.write_text("path,label,site\na/x.png,a,s1\nb/y.png,b,s2\n")
+    table = load_manifest(m, 16, root=tmp_path / "images")
+    assert table.class_names == ["a", "b"] and len(table.paths) == 2
+    sites = manifest_columns(m, ["site"], root=tmp_path / "images")["site"]
+    assert [sites[p] for p in table.paths] == ["s1", "s2"]
+    m.write_text("path,label\na/x.png,a\n../secret.png,b\n")
+    with pytest.raises(DataError, match=r"line 3: .* points outside options.root"):
+        load_manifest(m, 16, root=tmp_path / "images")
+    with pytest.raises(DataError, match="options.root .* is not a folder"):
+        load_manifest(m, 16, root=tmp_path / "nowhere")
 
 
 def test_modes_are_converted_not_rejected(tmp_path):

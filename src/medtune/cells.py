@@ -128,7 +128,7 @@ def prepare(ds, image_size: int, n_folds: int, columns: list[str] = (), cv: str 
     names = list(dict.fromkeys([*columns, *(["site"] if cv == "by_site" else [])]))
     attrs: dict[str, np.ndarray] = {}
     if names:
-        values = manifest_columns(ds.path, names)
+        values = manifest_columns(ds.path, names, ds.options.get("root"))
         attrs = {n: np.asarray([values[n].get(p, "") for p in table.paths], dtype=object) for n in names}
     if cv == "by_site":
         data = PreparedData(table, groups, record, ds.positive, sites=attrs["site"], attributes=attrs)

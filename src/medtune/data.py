@@ -183,24 +183,37 @@ def list_folder(root: str | Path, group_pattern: str | None = None
 
 
 def load_manifest(csv_path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  classes: list[str] | None = None, frame: int | None = None) -> ImageTable:
-    """CSV with columns path,label[,patient_id]; paths relative to the CSV's folder and never
-    outside it (a manifest must not reach into the rest of the file system). Without a
-    patient_id column, DICOM files are grouped by the PatientID in their headers."""
-    paths, labels, class_names, groups = read_manifest(csv_path, classes)
+                  classes: list[str] | None = None, frame: int | None = None,
+                  root: str | Path | None = None) -> ImageTable:
+    """CSV with columns path,label[,patient_id]; paths relative to `root` (default: the CSV's
+    folder) and never outside it (a manifest must not reach into the rest of the file system;
+    `root` names the one folder it may read, for a manifest kept apart from its images). Without
+    a patient_id column, DICOM files are grouped by the PatientID in their headers."""
+    paths, labels, class_names, groups = read_manifest(csv_path, classes, root)
     images = decode_many(paths, size, max_pixels, frame)
     if groups is None:
         groups = _dicom_groups(paths)
     return ImageTable(images, labels, class_names, [str(p) for p in paths], groups, name=Path(csv_path).stem)
 
 
-def read_manifest(csv_path: str | Path, classes: list[str] | None = None
+def manifest_root(csv_path: str | Path, root: str | Path | None = None) -> Path:
+    """The folder a manifest's paths are relative to and confined to: `root` when given (relative
+    to the working directory, like the manifest's own path), else the manifest's folder."""
+    base = Path(root) if root is not None else Path(csv_path).parent
+    if root is not None and not base.is_dir():
+        raise DataError(f"manifest {csv_path}: options.root {str(root)!r} is not a folder; give the folder the "
+                        "manifest's image paths are relative to.")
+    return base.resolve()
+
+
+def read_manifest(csv_path: str | Path, classes: list[str] | None = None, root: str | Path | None = None
                   ) -> tuple[list[Path], np.ndarray, list[str], np.ndarray | None]:
     """The rows of a manifest, validated, without decoding: (paths, labels, class names, groups)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} does not exist.")
-    base = csv_path.parent.resolve()
+    base = manifest_root(csv_path, root)
+    where = "options.root" if root is not None else "the manifest's folder"
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -222,7 +235,7 @@ def read_manifest(csv_path: str | Path, classes: list[str] | None = None
             continue
         p = (base / row["path"]).resolve()
         if not p.is_relative_to(base):
-            problems.append(f"line {line}: path {row['path']!r} points outside the manifest's folder {base} (refused)")
+            problems.append(f"line {line}: path {row['path']!r} points outside {where} {base} (refused)")
         elif not p.is_file():
             problems.append(f"line {line}: file {row['path']!r} does not exist")
         paths.append(p)
@@ -250,14 +263,15 @@ def read_manifest(csv_path: str | Path, classes: list[str] | None = None
     return paths, labels, class_names, groups
 
 
-def manifest_columns(csv_path: str | Path, names: list[str]) -> dict[str, dict[str, str]]:
+def manifest_columns(csv_path: str | Path, names: list[str], root: str | Path | None = None
+                     ) -> dict[str, dict[str, str]]:
     """{column: {resolved image path: value}} for extra manifest columns (site, sex, age band...),
     read beside the images so subgroup reports and `cv: by_site` can look them up per image."""
     csv_path = Path(csv_path)
     if csv_path.suffix.lower() != ".csv" or not csv_path.is_file():
         raise DataError(f"{csv_path}: columns {names} (subgroups / cv: by_site) come from a .csv manifest; this data "
                         "set is not one. Write a manifest with those columns (docs/data.md).")
-    base = csv_path.parent.resolve()
+    base = manifest_root(csv_path, root)
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(fh)]
     missing = [n for n in names if rows and n not in rows[0]]

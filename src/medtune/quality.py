@@ -241,7 +241,7 @@ def check_targets(target: str | Path, n_folds: int | None = None, threshold: int
                 source = "manifest" if ds.path.lower().endswith(".csv") else "npz" if ds.path.lower().endswith(".npz") else "folder"
             if source in ("folder", "manifest"):
                 reports.append(_check_path(Path(ds.path), k, t, ds.group_pattern, ds.display_name(),
-                                           ds.options.get("max_pixels"), ds.options.get("classes")))
+                                           ds.options.get("max_pixels"), ds.options.get("classes"), ds.options.get("root")))
             else:
                 table = load_dataset(ds.path, source=ds.source, image_size=size, name=ds.display_name(), **ds.options)
                 reports.append(check_table(table, k, t))
@@ -252,11 +252,12 @@ def check_targets(target: str | Path, n_folds: int | None = None, threshold: int
 
 
 def _check_path(path: Path, n_folds: int, threshold: int | None, group_pattern: str | None, name: str,
-                max_pixels: int | None = None, classes: list[str] | None = None) -> QualityReport:
+                max_pixels: int | None = None, classes: list[str] | None = None,
+                root: str | None = None) -> QualityReport:
     from medtune.data import list_folder, read_manifest
 
     if path.suffix.lower() == ".csv":
-        paths, labels, class_names, groups = read_manifest(path, classes)
+        paths, labels, class_names, groups = read_manifest(path, classes, root)
     else:
         paths, labels, class_names, groups = list_folder(path, group_pattern)
     return check_files([str(p) for p in paths], list(labels), class_names, n_folds, threshold, groups, name, max_pixels)
