@@ -75,7 +75,7 @@ def store_rows(path: Path) -> dict[str, dict]:
     for _, c in cells.iterrows():
         p = preds[preds.cell_id == c.cell_id]
         metrics = m.loc[c.cell_id].drop(["dataset", "backbone", "strategy", "head", "fold", "seed", "seconds",
-                                              "group", "variant"]) \
+                                              "group", "variant", "pruned"]) \
             if c.cell_id in m.index else None
         out[c.cell_id] = {"status": c.status, "error": c.error, "info": json.loads(c.info_json),
                           "metrics": metrics, "samples": list(p["sample"]), "probs": np.array(list(p["probs"]))}
@@ -104,6 +104,26 @@ def test_ray_gives_the_same_store_as_local(ray_cluster, tmp_path):
         assert b[cid]["info"]["worker"]["device"] == "cpu" and "worker" not in a[cid]["info"]
     print(f"max |metric diff| = {worst_metric:.3g}, max |prob diff| = {worst_prob:.3g}")
     assert worst_metric <= 1e-6 and worst_prob <= 1e-5
+
+
+def test_ray_races_round_by_round_like_the_local_loop(ray_cluster, tmp_path):
+    """`racing: on` under Ray: the rounds run in order (every cell of a round lands before the next
+    round's first), and the race ends as the local loop's does."""
+    raw = dict(seeds=(0, 1), racing="on")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(load_config(raw=grid(tmp_path / "local.sqlite", **raw)), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    run(load_config(raw=grid(tmp_path / "ray.sqlite", executor="ray", **raw)), progress=False)
+    with Store(tmp_path / "local.sqlite") as a, Store(tmp_path / "ray.sqlite") as b:
+        local, remote = a.cells(), b.cells()
+    assert len(remote) == 8 and set(remote.status) <= {"done", "pruned"}
+    assert dict(zip(local.cell_id, local.status)) == dict(zip(remote.cell_id, remote.status))
+    done = remote[remote.status == "done"]
+    ends = done.groupby(["seed", "fold"]).finished.agg(["min", "max"]).sort_index()
+    assert (ends["max"].to_numpy()[:-1] < ends["min"].to_numpy()[1:]).all()
 
 
 @pytest.fixture()

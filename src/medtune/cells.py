@@ -296,6 +296,7 @@ class RunSummary:
     duplicates: dict = field(default_factory=dict)
     best_models: list[str] = field(default_factory=list)
     collapsed: list[str] = field(default_factory=list)  # diagnose.describe of each flagged cell
+    pruned: dict[str, str] = field(default_factory=dict)  # racing: {group key: "candidate: why it stopped"}
 
 
 def _warn(line: str) -> None:

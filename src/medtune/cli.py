@@ -96,8 +96,11 @@ def run(
         summary = run_grid(cfg, str(store) if store else None, progress=not quiet)
     except MedtuneError as exc:
         fail(exc)
-    console.print(f"{summary.total} cells: {summary.done} run, {summary.skipped} already done, "
+    raced = f"{len(summary.pruned)} candidate(s) pruned by racing, " if summary.pruned else ""
+    console.print(f"{summary.total} cells: {summary.done} run, {summary.skipped} already done, {raced}"
                   f"{summary.failed} failed, {summary.seconds:.0f} s. Store: {summary.store}")
+    for why in summary.pruned.values():
+        console.print(f"pruned: {escape(why)}")
     for name, d in summary.duplicates.items():
         if d.get("duplicate_groups"):
             console.print(f"[yellow]{name}: {d['duplicate_groups']} groups of identical images "
@@ -188,7 +191,8 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     if fmt == Fmt.json:
         sys.stdout.write(summary.to_json(orient="records", indent=2) + "\n")
         return
-    shown = format_pm(summary)
+    stopped = summary[summary.pruned != ""] if "pruned" in summary else summary.iloc[:0]
+    shown = format_pm(summary.drop(columns=["pruned"], errors="ignore"))
     table = Table(title=f"{store}: mean ± sd over folds and seeds (cells = folds x seeds)", show_lines=False)
     for c in shown.columns:
         table.add_column(c.replace("_", " "), overflow="fold")
@@ -197,6 +201,9 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     print_table(table)
     for line in collapsed:  # diagnose.py: a model that predicts one class
         console.print(f"[yellow]{escape(line)}[/]")
+    for _, r in stopped.iterrows():  # racing.py: its row averages only the folds it ran
+        console.print(f"pruned by racing ({int(r.n_cells)} cells): {escape(r.dataset)} {escape(r.backbone)} "
+                      f"{escape(r.strategy)} {escape(r['head'])}: {escape(r.pruned)}")
 
 
 @app.command("list")

@@ -189,6 +189,18 @@ class TrainConfig(Strict):
         return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
 
 
+class RacingConfig(Strict):
+    """`racing: on` (these defaults) or a mapping of them: stop candidates that the inner validation
+    splits show to be worse than the leader (racing.py says how)."""
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence that a pruned candidate is worse than the "
+                              "leader by more than `margin`, over the whole race")
+    min_folds: int = Field(2, ge=2, description="rounds (seed, fold) every candidate runs before any is pruned")
+    margin: float = Field(0.01, ge=0, le=1, description="a candidate is pruned only when worse by more than this: "
+                          "a near-tie is never pruned")
+    metric: Literal["balanced_accuracy", "accuracy", "auc", "f1"] = Field(
+        "balanced_accuracy", description="the inner-validation score the race compares")
+
+
 class ExperimentConfig(Strict):
     name: str = Field("experiment", description="name of the experiment, saved with each run")
     # Every axis needs at least one entry: an empty one would make a grid of 0 cells that "succeeds".
@@ -219,6 +231,9 @@ class ExperimentConfig(Strict):
                                             "by_site = leave one site out (a manifest `site` column)")
     subgroups: list[str] = Field(default_factory=list, description="manifest columns (sex, age_band, device, site) "
                                  "to report metrics per value of, with CIs")
+    racing: RacingConfig | None = Field(None, description="race the candidates fold by fold and stop the ones the "
+                                        "inner validation splits show cannot win (`racing: on`, or a mapping of "
+                                        "confidence, min_folds, margin, metric); off by default")
     keep_best: bool = Field(True, description="after the grid, save the deployable model of the best cell group "
                                                 "(weights, preprocessing, SVM head, MODEL_CARD.md) to "
                                                 "<store>.models/best/ for predict/export")
@@ -237,6 +252,22 @@ class ExperimentConfig(Strict):
     def _strategy_specs(cls, v: Any) -> Any:
         """`full_ft` or `{name: partial_ft, blocks: 2}` -> {name, params}."""
         return [strategy_entry(s) for s in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _racing_needs_inner_split(self) -> "ExperimentConfig":
+        if self.racing is not None and self.train.val_fraction == 0:
+            raise ValueError("racing compares candidates on their inner validation splits; train.val_fraction is 0. "
+                             "Set train.val_fraction (e.g. 0.15) or turn racing off.")
+        if self.racing is not None and self.racing.min_folds >= self.folds * len(self.seeds):
+            raise ValueError(f"racing.min_folds ({self.racing.min_folds}) leaves no round to prune after "
+                             f"({self.folds} folds x {len(self.seeds)} seed(s)); lower it or turn racing off.")
+        return self
+
+    @field_validator("racing", mode="before")
+    @classmethod
+    def _racing_switch(cls, v: Any) -> Any:
+        """YAML's `racing: on` is True, `racing: off` False."""
+        return {} if v is True or v == "on" else None if v is False or v == "off" else v
 
     @field_validator("operating_points")
     @classmethod

@@ -10,7 +10,7 @@ images with all their seeds' predictions together.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import pandas as pd
 from medtune.headline import OPTIMISTIC, headline_groups
 from medtune.metrics import (MAIN_METRICS, at_threshold, auc, balanced_accuracy, bootstrap_ci, calibration,
                              corrected_ttest, from_counts, holm, threshold_for, wilcoxon)
+from medtune.racing import leaders as race_leaders
 from medtune.store import DISPLAY
 
 MAIN = "balanced_accuracy"
@@ -37,6 +38,7 @@ class Evidence:
     runs: pd.DataFrame
     store: Path
     version_note: str | None = None
+    race_leaders: dict = field(default_factory=dict)  # {data set: group}, under `racing:` (racing.leaders)
 
     @property
     def config(self) -> dict:
@@ -64,8 +66,11 @@ def read_evidence(store_path: str | Path) -> Evidence:
         extra = s.extra_predictions()
         extra = extra[extra.cell_id.isin(cells.cell_id)]
         preds = s.predictions()
-        return Evidence(m, cells, preds[preds.cell_id.isin(cells.cell_id)], extra, read_datasets(s), s.runs(),
-                        Path(store_path), s.version_warning())
+        runs = s.runs()
+        racing = json.loads(runs.config_json.iloc[-1]).get("racing") if len(runs) else None
+        leaders = race_leaders(s, racing["metric"]) if racing else {}
+        return Evidence(m, cells, preds[preds.cell_id.isin(cells.cell_id)], extra, read_datasets(s), runs,
+                        Path(store_path), s.version_warning(), leaders)
 
 
 def short_strategy(label: str) -> str:
@@ -153,6 +158,7 @@ def summary_table(metrics: pd.DataFrame, columns: list[str] | None = None) -> pd
     """Mean and sd over folds and seeds per cell group (whole configuration except fold and seed)."""
     columns = [c for c in (columns or MAIN_METRICS) if c in metrics.columns]
     keys = ["group", *GROUP] if "group" in metrics.columns else DISPLAY
+    keys += ["pruned"] if "pruned" in metrics.columns else []  # racing: why a group stopped early, else ""
     agg = metrics.groupby(keys, sort=False)
     mean = agg[columns].mean()
     sd = agg[columns].std(ddof=1)
@@ -175,8 +181,11 @@ def group_table(ev: Evidence, n_boot: int = 2000) -> pd.DataFrame:
         a = ci(ev, r.dataset, y, p, s, balanced_accuracy, n_boot)
         pts.append(a[0]), los.append(a[1]), his.append(a[2])
     t["pooled_balanced_accuracy"], t["ci_low"], t["ci_high"] = pts, los, his
-    t["best_on_test_folds"] = t[MAIN] == t.groupby("dataset")[MAIN].transform("max")
-    heads = headline_groups(ev.metrics, ev.config.get("primary"))
+    if "pruned" not in t:
+        t["pruned"] = ""
+    whole = t[MAIN].where(t.pruned == "")  # a group racing stopped averages fewer folds: never the "best"
+    t["best_on_test_folds"] = whole == whole.groupby(t.dataset).transform("max")
+    heads = headline_groups(ev.metrics, ev.config.get("primary"), race_leaders=ev.race_leaders)
     t["headline"] = [heads.get(d, (None,))[0] == g for d, g in zip(t.dataset, t.group)]
     t["headline_how"] = [heads[d][1] if h else "" for d, h in zip(t.dataset, t.headline)]
     return t
@@ -194,11 +203,13 @@ def backbone_column(row) -> str:
 
 def main_table(t: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """Strategy rows x backbone (head, variant) columns: pooled out-of-fold balanced accuracy [95%
-    patient-bootstrap CI]; ★ = the headline, † = best mean on the test folds (optimistic)."""
+    patient-bootstrap CI]; ★ = the headline, † = best mean on the test folds (optimistic), (pruned) =
+    stopped early by racing, on fewer folds."""
     sub = t[t.dataset == dataset].copy()
     sub["column"] = [backbone_column(r) for _, r in sub.iterrows()]
-    sub["cell"] = [("★ " if h else "") + fmt_ci(m, lo, hi) + (" †" if b and not h else "") for m, lo, hi, h, b in
-                   zip(sub.pooled_balanced_accuracy, sub.ci_low, sub.ci_high, sub.headline, sub.best_on_test_folds)]
+    sub["cell"] = [("★ " if h else "") + fmt_ci(m, lo, hi) + (" †" if b and not h else "") + (" (pruned)" if pr else "")
+                   for m, lo, hi, h, b, pr in zip(sub.pooled_balanced_accuracy, sub.ci_low, sub.ci_high, sub.headline,
+                                                  sub.best_on_test_folds, sub.pruned)]
     sub["strategy"] = sub.strategy.map(short_strategy)
     out = sub.pivot(index="strategy", columns="column", values="cell").fillna("–")
     return out.loc[list(dict.fromkeys(sub.strategy))]

@@ -552,6 +552,15 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         body.append(headline_html(t, ds, primary))
         body.append("<h3>Balanced accuracy: strategy × backbone (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
                     + html_table(table, "strategy"))
+        stopped = sub[sub.pruned != ""]
+        if len(stopped):
+            body.append("<h3>Racing: candidates stopped early</h3><p class=note>Under <code>racing:</code> the grid ran "
+                        "fold by fold and stopped each candidate below that its inner validation splits (never a test "
+                        "fold) showed to be worse than the leader by more than the margin; its rows above average only "
+                        "the folds it ran, and it is never the † row.</p><ul>"
+                        + "".join(f"<li><b>{html.escape(label(r))}</b> ({int(r.n_cells)} cell(s)): "
+                                  f"{html.escape(r.pruned)}</li>" for _, r in stopped.iterrows()) + "</ul>")
+            md += ["### Stopped early by racing\n", *[f"- {label(r)}: {r.pruned}" for _, r in stopped.iterrows()], ""]
         eff = efficiency_table(ev, t, ds)
         if not eff.empty:
             body.append("<h3>What each strategy trains, and what it keeps of full fine-tuning</h3>"

@@ -3,7 +3,8 @@
 A cell is a plain JSON-serialisable dict; its id is a hash of its resolved configuration
 (including the data set's content fingerprint), so the same cell always gets the same id and a
 rerun skips every id the store already holds as done. Cells are executed by a local loop or by
-Ray (`executor: ray`); either way only this process writes the store.
+Ray (`executor: ray`); either way only this process writes the store. With `racing:` the cells
+run round by round (racing.py), each round through the same executor.
 """
 
 from __future__ import annotations
@@ -92,19 +93,46 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
         from medtune.tracking import live
 
         on_cell = live(cfg.tracking_uri, cfg.name, store, on_cell)
-    if cfg.executor == "ray":
-        from medtune.distributed import run_ray
+    # with keep_best, each cell's model (first seed) is kept so the deployed group needs no retraining
+    keep_seed = min(cfg.seeds) if cfg.keep_best else None
 
-        run_ray(cfg, todo, data_of, settings, store, summary, progress, on_cell)
-    else:
-        # with keep_best, each cell's model (first seed) is kept so the deployed group needs no retraining
-        keep_seed = min(cfg.seeds) if cfg.keep_best else None
-        run_local(todo, data_of, settings, device, store, summary, progress, on_cell, keep_seed)
+    def run_some(some: list[dict]) -> None:
+        if cfg.executor == "ray":
+            from medtune.distributed import run_ray
+
+            run_ray(cfg, some, data_of, settings, store, summary, progress, on_cell)
+        else:
+            run_local(some, data_of, settings, device, store, summary, progress, on_cell, keep_seed)
+
+    if cfg.racing is None:
+        run_some(todo)
+    else:  # round by round, the done cells replayed from the store (racing.py)
+        from medtune.racing import race
+
+        for c in cells:
+            data_of.setdefault(c["cell_id"], prepared[f"{c['dataset']}@{c['config']['backbone']['image_size']}"])
+        started = False
+        if cfg.executor == "ray":  # one Ray session for every round
+            from medtune.distributed import connect
+
+            started = connect(cfg)
+        try:
+            summary.pruned = race(cells, store, run_some, cfg.racing)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
     if cfg.keep_best:
         from medtune.bundle import keep_best
 
+        leaders = None
+        if cfg.racing is not None:
+            from medtune.racing import leaders as race_leaders
+
+            leaders = race_leaders(store, cfg.racing.metric)
         summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store,
-                                                                    primary=cfg.primary)]
+                                                          primary=cfg.primary, race_leaders=leaders)]
     if cfg.tracking == "mlflow" and cfg.keep_best:  # the saved models, as artifacts of their cells' runs
         from medtune.tracking import track_store
 

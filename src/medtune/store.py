@@ -237,7 +237,16 @@ class Store:
         wide.columns.name = None
         cells = long.drop_duplicates("cell_id").set_index("cell_id")[keys[1:] + ["seconds", "config_json"]]
         out = add_groups(cells.join(wide).reset_index())
+        reasons = self.pruned_groups()
+        out["pruned"] = [reasons.get(g, "") for g in out["group"]]  # racing: why a group stopped early
         return out.drop(columns=["config_json"])
+
+    def pruned_groups(self) -> dict[str, str]:
+        """{group key: reason} of the candidates racing stopped (their remaining cells are stored
+        with status `pruned`), of this medtune's results version."""
+        rows = self.conn.execute("SELECT config_json, error FROM cells WHERE status='pruned' AND "
+                                 "json_extract(config_json, '$.results_version') = ?", (RESULTS_VERSION,))
+        return {group_key(json.loads(c)): e or "" for c, e in rows}
 
     def predictions(self, cell_ids: list[str] | None = None) -> pd.DataFrame:
         q = "SELECT * FROM predictions"
