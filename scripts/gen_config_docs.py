@@ -155,6 +155,11 @@ def render_config() -> str:
              "candidates' inner scores and the pick are stored in the cell's info. A learning-rate choice "
              "is skipped where no learning rate is used: `linear_probe` (and any head-only phase) is fitted by "
              "logistic regression with its C chosen on the same inner split, unless `bn_statistics: update_all`. "
+             "With `halving: on` a choice is made by successive halving (eta 3): every candidate trains the first "
+             "third of its full schedule (the same warm-up and cosine), the best third by inner validation score "
+             "continues, so a 3-value choice costs about 1.7 full fits instead of 3 and the survivor is trained "
+             "exactly as it would be alone; a short-budget ranking can prefer a fast starter, which is its price. "
+             "`auto_depth`'s inner CV does not halve. "
              "`{name: auto_depth, candidates: [linear_probe, 'partial_ft(blocks=2)', full_ft], inner_folds: 3}` "
              "chooses among whole strategies (each with its own choices) by an inner k-fold CV inside each outer "
              "training fold (nested CV, Varma & Simon 2006), then trains the pick on the outer fold.\n\n"]

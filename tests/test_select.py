@@ -166,3 +166,36 @@ def test_an_lr_choice_for_the_convex_probe_trains_one_candidate(bn, expected):
     # a strategy that trains the backbone keeps every rate
     full = without_unused_lr(candidates({"name": "full_ft", "lr": {"choose": [1e-4, 1e-3]}}, 1e-3), settings)
     assert [c.lr for c in full] == [1e-4, 1e-3]
+
+
+def test_successive_halving_trains_less_and_its_survivor_exactly_as_alone(tmp_path):
+    """`halving: on`: three learning rates train the first third of their schedule, one continues;
+    the survivor's model is the one it gets trained alone (same predictions), the epochs trained are
+    well under 3 full fits, and the halving is part of the cell (its id changes)."""
+    from medtune.cells import prepare
+
+    raw = smoke_raw(tmp_path, epochs=6, patience=6, val_fraction=0.3, views=1)
+    raw["backbones"][0]["image_size"] = 32
+    raw["strategies"] = [{"name": "full_ft", "lr": {"choose": [1e-4, 1e-3, 1e-2]}}]
+    raw["datasets"][0]["options"]["n_patients"] = 24
+    data = prepare(load_config(raw=raw).datasets[0], 32, 2)
+    table = data.table
+    plain = next(c for c in expand(load_config(raw=raw), "run", {"syn@32": table.fingerprint()}) if c["fold"] == 0)
+    cfg = load_config(raw={**raw, "halving": True})
+    cell = next(c for c in expand(cfg, "run", {"syn@32": table.fingerprint()}) if c["fold"] == 0)
+    assert cell["cell_id"] != plain["cell_id"] and cell["config"]["halving"] is True
+    settings = settings_from(cfg)
+    rt = Runtime(torch.device(DEVICE), None, model_key(cell))
+    result = run_cell(cell, data, settings, rt)
+    halving = result.info["choice"]["halving"]
+    assert halving["epochs_without_halving"] == 18
+    assert sorted(halving["stopped_after_epochs"].values()) == [2, 2]  # the first third of 6 epochs
+    assert halving["epochs_trained"] <= 2 + 2 + 6 < 18
+    picked = result.info["choice"]["picked"]
+    assert picked not in halving["stopped_after_epochs"] and list(result.info["choice"]["scores"]) == [picked]
+    # the survivor alone, without halving and without the other candidates in between
+    cand = next(c for c in candidates(cell["config"]["strategy"], cell["config"]["train"]["lr"]) if c.key() == picked)
+    fit_idx, val_idx = data.fit_val(2, 0, 0, settings.val_fraction)
+    alone = fit_candidate(cand, cell["config"], table, fit_idx, val_idx, settings, rt)
+    test_idx = data.splits(2, 0)[0][1]
+    np.testing.assert_allclose(alone.predict_proba(table, test_idx), result.predictions[3], atol=1e-6)

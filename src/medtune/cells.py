@@ -175,6 +175,8 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
                                     f"{t.display_name()}@{size}"]} for t in cfg.test_datasets]
                             if cfg.cv != "kfold":
                                 config["cv"] = cfg.cv
+                            if cfg.halving:  # it can change the choice, so it is part of the cell
+                                config["halving"] = True
                             cells.append({"cell_id": cell_id(config), "run_id": run_id, "dataset": ds.display_name(),
                                           "backbone": bb.name, "strategy": strategy_label(strategy), "head": head,
                                           "fold": fold, "n_folds": n_folds, "seed": seed, "config": config})

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from medtune.backbones import create_backbone
 from medtune.config import (AUTO_DEPTH, ExperimentConfig, StrategyConfig, auto_depth_candidates, choice_values,
@@ -27,7 +28,9 @@ from medtune.data import ImageTable
 from medtune.errors import ConfigError
 from medtune.splits import inner_split, kfold
 from medtune.strategies import Strategy, create_strategy, uses_learning_rate
-from medtune.train import FitResult, Runtime, TrainSettings, fit, set_seed
+from medtune.train import FitResult, Runtime, TrainSettings, fit, fit_epochs, set_seed
+
+ETA = 3  # successive halving keeps the best 1/ETA of the candidates at each rung
 
 
 # --------------------------------------------------------------------------- specs (grid side)
@@ -155,6 +158,74 @@ def fit_candidate(cand: Candidate, c: dict, table: ImageTable, fit_idx: np.ndarr
                seed=c["seed"])
 
 
+class Paused:
+    """One candidate's training, advanced a few epochs at a time with its own random state, so
+    interleaving candidates changes nothing: a candidate trained to the end is the one `fit_candidate`
+    trains alone (dropout and drop-path draw from the global generator)."""
+
+    def __init__(self, cand: Candidate, c: dict, table: ImageTable, fit_idx, val_idx, settings, rt) -> None:
+        self.cand, self.result, self.rows, self.rng = cand, None, [], None
+        bb = c["backbone"]
+        set_seed(c["seed"])
+        model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"], bb.get("weights"),
+                                bb.get("sha256"))
+        self.epochs = fit_epochs(model, table, fit_idx, val_idx, cand.strategy,
+                                 settings.model_copy(update={"lr": cand.lr}), rt, seed=c["seed"])
+        self._save()
+
+    def _save(self) -> None:
+        self.rng = (torch.get_rng_state(), np.random.get_state(),
+                    torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def advance(self, until: int) -> None:
+        """Train until `until` epochs have been evaluated, or to the end (early stopping included)."""
+        torch.set_rng_state(self.rng[0])
+        np.random.set_state(self.rng[1])
+        if self.rng[2] is not None:
+            torch.cuda.set_rng_state_all(self.rng[2])
+        try:
+            while self.result is None and len(self.rows) < until:
+                try:
+                    self.rows.append(next(self.epochs))
+                except StopIteration as done:
+                    self.result = done.value
+        finally:
+            self._save()
+
+    def score(self) -> tuple[float, float]:
+        """(balanced accuracy, -loss) of the best epoch so far on the inner validation split."""
+        best = min(self.rows, key=lambda r: r["val_loss"]) if self.rows else {"val_balanced_accuracy": -1, "val_loss": 0}
+        return best["val_balanced_accuracy"], -best["val_loss"]
+
+
+def halve(cands: list[Candidate], c: dict, table: ImageTable, fit_idx: np.ndarray, val_idx: np.ndarray,
+          settings: TrainSettings, rt: Runtime) -> tuple[dict, dict]:
+    """Successive halving (Jamieson & Talwalkar 2016) of a choice on the inner validation split:
+    every candidate trains the first E/ETA^s epochs of its full schedule (warm-up and cosine over
+    all E epochs, so a survivor's training is exactly the one it gets alone), the best 1/ETA by
+    the best epoch's validation balanced accuracy (ties: lower loss) continue to E/ETA^(s-1), and so
+    on to E. Returns ({key: (candidate, FitResult)} of the candidates trained to the end, record)."""
+    runs = [Paused(cand, c, table, fit_idx, val_idx, settings, rt) for cand in cands]
+    rungs = max(1, math.ceil(math.log(len(runs), ETA) - 1e-9))
+    stopped: dict[str, int] = {}
+    for i in range(rungs, 0, -1):
+        budget = max(1, math.ceil(settings.epochs / ETA ** i))
+        for r in runs:
+            r.advance(budget)
+        keep = max(1, math.ceil(len(runs) / ETA))
+        ranked = sorted(runs, key=lambda r: r.score(), reverse=True)
+        for r in ranked[keep:]:
+            stopped[r.cand.key()] = len(r.rows)
+            r.epochs.close()
+        runs = ranked[:keep]
+    for r in runs:
+        r.advance(10**9)
+    record = {"halving": {"eta": ETA, "rungs": rungs, "stopped_after_epochs": stopped,
+                          "epochs_trained": sum(stopped.values()) + sum(len(r.rows) for r in runs),
+                          "epochs_without_halving": len(cands) * settings.epochs}}
+    return {r.cand.key(): (r.cand, r.result) for r in runs}, record
+
+
 def inner_score(result: FitResult, table: ImageTable, idx: np.ndarray, settings: TrainSettings,
                 rt: Runtime) -> tuple[float, float]:
     """(balanced accuracy, class-balanced log loss) of a trained candidate on inner indices."""
@@ -193,15 +264,19 @@ def train_cell(c: dict, table: ImageTable, groups: np.ndarray | None, train_idx:
         raise ConfigError(f"{strategy_label(c['strategy'])}: choosing needs an inner validation split with at "
                           f"least two classes (this fold's has {len(val_idx)} images); raise train.val_fraction "
                           "or use a plain value instead of {choose: [...]}.")
-    results, scores = {}, {}
-    for cand in cands:
-        results[cand.key()] = (cand, fit_candidate(cand, c, table, fit_idx, val_idx, settings, rt))
-        scores[cand.key()] = inner_score(results[cand.key()][1], table, val_idx, settings, rt)
+    results, scores, extra = {}, {}, {}
+    if c.get("halving"):
+        results, extra = halve(cands, c, table, fit_idx, val_idx, settings, rt)
+    else:
+        for cand in cands:
+            results[cand.key()] = (cand, fit_candidate(cand, c, table, fit_idx, val_idx, settings, rt))
+    for key, (cand, result) in results.items():
+        scores[key] = inner_score(result, table, val_idx, settings, rt)
     picked = best_of(scores)
     cand, result = results[picked]
     record = {"on": f"inner validation split ({len(val_idx)} images of the training fold)", "picked": picked,
               "chosen": cand.chosen, "scores": {k: v[0] for k, v in scores.items()},
-              "losses": {k: v[1] for k, v in scores.items()}}
+              "losses": {k: v[1] for k, v in scores.items()}, **extra}
     return cand.strategy, result, record
 
 

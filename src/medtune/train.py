@@ -14,6 +14,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -36,6 +37,18 @@ TrainSettings = TrainConfig  # the one definition of every training hyperparamet
 def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.ndarray, strategy: Strategy,
         settings: TrainSettings, rt: Runtime, seed: int = 0) -> "FitResult":
     """Train `model` on table[train_idx] with early stopping on table[val_idx]; returns the best epoch's model."""
+    epochs = fit_epochs(model, table, train_idx, val_idx, strategy, settings, rt, seed)
+    while True:
+        try:
+            next(epochs)
+        except StopIteration as done:
+            return done.value
+
+
+def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.ndarray, strategy: Strategy,
+               settings: TrainSettings, rt: Runtime, seed: int = 0) -> Iterator[dict]:
+    """`fit`, pausing after each evaluated epoch: yields that epoch's history row, returns the
+    FitResult. Successive halving (select.py) advances several of these a few epochs at a time."""
     t0 = time.perf_counter()
     set_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -113,6 +126,7 @@ def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.
                 best, bad_epochs = (val_loss, epoch, copy.deepcopy(model.state_dict())), 0
             else:
                 bad_epochs += 1
+            yield history[-1]
             if p == len(phases) - 1 and len(val_idx) and bad_epochs >= settings.patience:
                 break  # early stopping only inside the last phase: an LP phase must not end the run
     if best[2] is not None:
