@@ -70,3 +70,15 @@ def test_repeated_or_negative_seeds_are_config_errors(tmp_path):
         load_config(raw={**raw, "seeds": [0, 0]})
     with pytest.raises(ConfigError, match=r"seeds: .*from 0 to 2\*\*32 - 1"):
         load_config(raw={**raw, "seeds": [-1]})
+
+
+def test_a_digits_only_sha256_read_as_a_number_says_quote_it(tmp_path):
+    """YAML reads an unquoted hash of only digits as an int: refused with what to do, never mangled."""
+    digits = "1234567890" * 6 + "1234"
+    path = tmp_path / "c.yaml"
+    path.write_text(f"datasets: [{{source: synthetic}}]\nbackbones: [{{name: resnet18, sha256: {digits}}}]\n"
+                    "strategies: [linear_probe]\n")
+    with pytest.raises(ConfigError, match="sha256 was read as a number .* quote it"):
+        load_config(path)
+    path.write_text(path.read_text().replace(digits, f"'{digits}'"))
+    assert load_config(path).backbones[0].sha256 == digits

@@ -60,6 +60,15 @@ class BackboneConfig(Strict):
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
                                description="expected sha256 of `checkpoint` (or of the named file); a mismatch is refused")
 
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _sha256_is_text(cls, v: Any) -> Any:
+        """A hash of only digits is read by YAML as a number (leading zeros lost, or octal): refuse it."""
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            raise ValueError("the sha256 was read as a number (YAML reads a hash of only digits so, dropping leading "
+                             "zeros); quote it: sha256: '0123...'")
+        return v
+
     @model_serializer(mode="wrap")
     def _drop_unset_weight_keys(self, handler):
         """`weights`/`sha256` are left out while unset, so cell ids of grids that do not use them stay as
