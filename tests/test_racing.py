@@ -186,3 +186,4 @@ def test_the_report_headlines_the_race_leader_and_lists_the_pruned(tmp_path):
     page = build_report(store.path, tmp_path / "report", n_boot=20)["html"].read_text()
     assert "Racing: candidates stopped early" in page and "(pruned)" in page
     assert "the race&#x27;s leader" in page or "the race's leader" in page
+
