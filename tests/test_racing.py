@@ -41,7 +41,7 @@ def grid(skills: dict[str, list[float]], folds: int = 5) -> list[dict]:
 def trainer(store: Store, skills: dict[str, list[float]], log: list, stop_after: int | None = None):
     """A run_round that 'trains' a cell by writing it done, its inner-validation accuracy exactly
     skills[candidate][fold]; it raises (a kill) once `stop_after` cells are written."""
-    def run_round(todo: list[dict]) -> None:
+    def run_round(todo: list[dict], stage: str = "") -> None:
         for c in todo:
             if stop_after is not None and len(log) >= stop_after:
                 raise KeyboardInterrupt("killed")

@@ -113,8 +113,9 @@ def connect(cfg: ExperimentConfig) -> bool:
 
 
 def run_ray(cfg: ExperimentConfig, todo: list[dict], data_of: dict[str, PreparedData], settings: TrainSettings,
-            store: Store, summary: RunSummary, progress: bool, on_cell) -> None:
-    """Run `todo` as Ray tasks; record each cell in `store` as its task finishes."""
+            store: Store, summary: RunSummary, progress: bool, on_cell, stage: str = "") -> None:
+    """Run `todo` as Ray tasks; record each cell in `store` as its task finishes. `stage` prefixes
+    the progress title (a racing round)."""
     import ray
 
     check_devices(cfg)
@@ -140,7 +141,7 @@ def run_ray(cfg: ExperimentConfig, todo: list[dict], data_of: dict[str, Prepared
         for cell in sorted(todo, key=lambda c: tuple(str(k) for k in model_key(c))):  # stable: grid order within a key
             ref = task.remote(cell, refs[id(data_of[cell["cell_id"]])], settings, cfg.device, threads)
             pending[ref] = cell
-        with GridProgress(len(todo), f"{len(todo)} cells on Ray ({summary.skipped} already done)", progress) as bar:
+        with GridProgress(len(todo), f"{stage}{len(todo)} cells on Ray ({summary.skipped} already done)", progress) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:

@@ -133,9 +133,9 @@ def leaders(store: Store, metric: str) -> dict[str, str]:
     return out
 
 
-def race(cells: list[dict], store: Store, run_round: Callable[[list[dict]], None], settings) -> dict[str, str]:
-    """Run `cells` (the whole grid, done ones included) as races, one per data set; `run_round(todo)`
-    trains and records the given cells. Returns {group key: "candidate: why"} of the pruned candidates.
+def race(cells: list[dict], store: Store, run_round: Callable[[list[dict], str], None], settings) -> dict[str, str]:
+    """Run `cells` (the whole grid, done ones included) as races, one per data set; `run_round(todo,
+    stage)` trains and records the given cells (`stage` names the round for the progress line). Returns {group key: "candidate: why"} of the pruned candidates.
     `settings` is the config's RacingConfig."""
     pruned: dict[str, str] = {}
     by_dataset: dict[str, list[dict]] = defaultdict(list)
@@ -150,7 +150,9 @@ def race(cells: list[dict], store: Store, run_round: Callable[[list[dict]], None
         for i, rk in enumerate(rounds):
             this = [c for c in dcells if round_key(c) == rk and group_of[c["cell_id"]] not in out]
             done = store.done_ids()
-            run_round([c for c in this if c["cell_id"] not in done])
+            left = [c for c in this if c["cell_id"] not in done]
+            if left:
+                run_round(left, f"{dataset}: racing round {i + 1}/{len(rounds)}, {len(this)} candidate(s); ")
             got = inner_scores(store, [c["cell_id"] for c in this], settings.metric)
             for c in this:
                 if c["cell_id"] in got:

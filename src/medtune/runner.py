@@ -96,13 +96,13 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     # with keep_best, each cell's model (first seed) is kept so the deployed group needs no retraining
     keep_seed = min(cfg.seeds) if cfg.keep_best else None
 
-    def run_some(some: list[dict]) -> None:
+    def run_some(some: list[dict], stage: str = "") -> None:
         if cfg.executor == "ray":
             from medtune.distributed import run_ray
 
-            run_ray(cfg, some, data_of, settings, store, summary, progress, on_cell)
+            run_ray(cfg, some, data_of, settings, store, summary, progress, on_cell, stage)
         else:
-            run_local(some, data_of, settings, device, store, summary, progress, on_cell, keep_seed)
+            run_local(some, data_of, settings, device, store, summary, progress, on_cell, keep_seed, stage)
 
     if cfg.racing is None:
         run_some(todo)
@@ -155,11 +155,12 @@ def check_weights(cfg: ExperimentConfig) -> tuple[ExperimentConfig, dict]:
 
 
 def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: torch.device, store: Store,
-              summary: RunSummary, progress: bool, on_cell, keep_seed: int | None = None) -> None:
+              summary: RunSummary, progress: bool, on_cell, keep_seed: int | None = None, stage: str = "") -> None:
+    """Run `todo` here, one cell at a time; `stage` prefixes the progress title (a racing round)."""
     cache = shared_cache() if settings.cache else None
     amp = autocast_dtype(device, settings.amp)
     memo: dict = {}
-    with GridProgress(len(todo), f"{len(todo)} cells to run ({summary.skipped} already done)", progress) as bar:
+    with GridProgress(len(todo), f"{stage}{len(todo)} cells to run ({summary.skipped} already done)", progress) as bar:
         for cell in todo:
             bar.starting(cell)
             rt = Runtime(device, cache, model_key(cell), amp, memo)
