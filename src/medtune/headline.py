@@ -21,7 +21,7 @@ HOW = {
     PRIMARY: "declared primary in the config before the run; its estimate is from the outer test folds",
     NESTED: "auto_depth's nested choice (depth picked on inner folds of each outer training fold); its "
             "estimate is from the outer test folds, which took no part in the choice",
-    RACE: "the race's leader: the best mean inner-validation score among the candidates racing kept (racing.py); "
+    RACE: "the race's leader: the best mean inner-validation score among the candidates racing kept (docs/report.md, Racing); "
           "its estimate is from the outer test folds, which took no part in the race",
     OPTIMISTIC: "best mean on the outer test folds: an optimistic view, since the same folds chose it and score "
                 "it (declare `primary:` in the config or add `auto_depth` for an unbiased headline)",
