@@ -140,9 +140,11 @@ def freeze_bn(model, every=False):
                 m.eval()
 
 
-def ref_train(model, loader, epochs, lr, val_loader, keep_bn=False, best=None):
-    """Train with warm-up + cosine, clip at 5, keep the best validation epoch (`best` carries it across phases)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+def ref_train(model, loader, epochs, lr, val_loader, keep_bn=False, best=None, penalty=None):
+    """Train with warm-up + cosine, clip at 5, keep the best validation epoch (`best` carries it across phases).
+    `penalty(model)` is added to the loss (L2-SP in benchmarks/racing.py), with weight decay off then."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=0.0 if penalty else 1e-4)
     warmup, total = len(loader), epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup))))
@@ -151,6 +153,8 @@ def ref_train(model, loader, epochs, lr, val_loader, keep_bn=False, best=None):
         freeze_bn(model, every=keep_bn)
         for x, y in loader:
             loss = F.cross_entropy(model(x), y)
+            if penalty is not None:
+                loss = loss + penalty(model)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 5.0)

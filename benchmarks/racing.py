@@ -1,5 +1,8 @@
-"""What racing saves, and whether it changes the answer: one grid run twice in one process.
+"""What racing saves, and whether it changes the answer: one grid run three ways in one process.
 
+(a) the hand-written loop of grid_speed.py (timm model, DataLoader over PIL images, fp32, fresh
+    augmentation) over every strategy x learning rate x fold, each rate trained on the fold's fit
+    part and the best (inner validation balanced accuracy) scored on the test fold;
 (b) medtune without racing: every strategy x fold, each with a 3-value learning-rate choice made
     on the inner validation split;
 (c) the same grid with `racing: on` (racing.py: candidates stopped when their inner-validation
@@ -15,8 +18,7 @@ outer estimate (mean balanced accuracy over the outer test folds, with the fold 
     python benchmarks/racing.py                      # 224 px, 5 folds, 4 epochs, all of BUSI (hours here)
     python benchmarks/racing.py --every 10 --epochs 3  # every 10th image of each class (minutes)
 
-Results: benchmarks/results/racing[_everyN].json. Not yet here: issue 19's way (a), the
-hand-written reference loop over every strategy x rate x fold.
+Results: benchmarks/results/racing[_everyN].json. `--skip-reference` leaves (a) out.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from medtune.store import Store
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from grid_speed import every_nth  # noqa: E402  (benchmarks/ is not a package)
+from grid_speed import (Images, every_nth, ref_model, ref_predict, ref_train,  # noqa: E402  (not a package)
+                        set_trainable)
 
 LRS = [3e-4, 1e-3, 3e-3]
 
@@ -78,6 +81,67 @@ def measure(raw: dict) -> dict:
                       "seconds": round(float(r.seconds), 1), "pruned": bool(r.pruned)} for _, r in rows.iterrows()]}
 
 
+def reference(data: str, size: int, folds: int, epochs: int) -> dict:
+    """Way (a): every strategy x rate x fold by the hand-written loop."""
+    from torch.utils.data import DataLoader
+
+    from medtune.cells import prepare
+    from medtune.config import load_config
+    from medtune.heads import fit_svm, full_proba
+    from medtune.metrics import clinical_metrics
+    from medtune.splits import inner_split
+
+    cfg = load_config(raw={"datasets": [{"name": "busi", "path": data}], "backbones": ["efficientnet_lite0"],
+                           "strategies": ["full_ft"], "folds": folds})
+    prepared = prepare(cfg.datasets[0], size, folds)
+    table = prepared.table
+    paths, labels, names = table.paths, table.labels, table.class_names
+    mean, std = [0.5] * 3, [0.5] * 3
+    mk = lambda idx, train: DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std),  # noqa: E731
+                                       batch_size=32, shuffle=train, num_workers=2)
+    t0, seconds, bacc = time.perf_counter(), 0.0, {}
+    for fold, (tr, te) in enumerate(prepared.splits(folds, 0)):
+        fit_idx, val_idx = inner_split(tr, labels, prepared.groups, 0.15, 0)
+        train_l, val_l, test_l = mk(fit_idx, True), mk(val_idx, False), mk(te, False)
+        for kind in ("linear_probe", "svm", "partial_ft", "lp_ft", "full_ft", "l2_sp"):
+            tried = []
+            for lr in ([None] if kind == "svm" else LRS):
+                torch.manual_seed(0)
+                c0 = time.perf_counter()
+                model = ref_model(len(names))
+                if kind == "svm":
+                    plain = DataLoader(Images([paths[i] for i in fit_idx], labels[fit_idx], size, False, mean, std),
+                                       batch_size=32, num_workers=2)
+                    svm = fit_svm(ref_predict(model, plain, True), labels[fit_idx], ref_predict(model, val_l, True),
+                                  labels[val_idx], len(names))
+                    val_p = full_proba(svm, ref_predict(model, val_l, True), len(names))
+                    test_p = full_proba(svm, ref_predict(model, test_l, True), len(names))
+                else:
+                    if kind == "lp_ft":
+                        set_trainable(model, "head")
+                        best = ref_train(model, train_l, epochs, lr, val_l)
+                        set_trainable(model, "all")
+                        ref_train(model, train_l, epochs, 0.1 * lr, val_l, best=best)
+                    elif kind == "l2_sp":
+                        set_trainable(model, "all")
+                        start = {n: q.detach().clone() for n, q in model.named_parameters()
+                                 if not n.startswith("classifier")}
+                        pen = lambda m: 0.005 * sum((q - start[n]).pow(2).sum() if n in start else q.pow(2).sum()  # noqa: E731
+                                                    for n, q in m.named_parameters())
+                        ref_train(model, train_l, epochs, lr, val_l, penalty=pen)
+                    else:
+                        set_trainable(model, {"linear_probe": "head", "partial_ft": "top2", "full_ft": "all"}[kind])
+                        ref_train(model, train_l, epochs, lr, val_l)
+                    val_p, test_p = ref_predict(model, val_l), ref_predict(model, test_l)
+                seconds += time.perf_counter() - c0
+                tried.append((clinical_metrics(labels[val_idx], val_p, names)["balanced_accuracy"], lr, test_p))
+            _, lr, test_p = max(tried, key=lambda t: t[0])  # chosen on the inner validation part only
+            bacc.setdefault(kind, []).append(clinical_metrics(labels[te], test_p, names)["balanced_accuracy"])
+            print(f"  reference fold {fold} {kind}: lr {lr}, {seconds:.0f} cell-seconds so far", flush=True)
+    return {"wall_seconds": time.perf_counter() - t0, "cell_seconds": seconds,
+            "balanced_accuracy": {k: round(float(np.mean(v)), 4) for k, v in bacc.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent.parent / "shared" / "data" / "busi"))
@@ -85,6 +149,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--skip-reference", action="store_true", help="leave way (a) out")
     args = ap.parse_args()
     data = every_nth(args.data, args.every) if args.every > 1 else args.data
     torch.set_num_threads(os.cpu_count() or 1)
@@ -98,6 +163,13 @@ def main() -> None:
         r = result[way]
         print(f"  {r['cell_seconds']:.0f} cell-seconds, {r['wall_seconds']:.0f} s wall; recommends {r['recommended']} "
               f"(outer {r['recommended_bacc']:.3f} ± {r['recommended_sd']:.3f}); pruned {len(r['pruned'])}", flush=True)
+    if not args.skip_reference:
+        print("(a) the hand-written loop over every strategy x rate x fold", flush=True)
+        result["a_reference"] = reference(data, args.size, args.folds, args.epochs)
+        a = result["a_reference"]
+        print(f"  {a['cell_seconds']:.0f} cell-seconds, {a['wall_seconds']:.0f} s wall", flush=True)
+        result["wall_ratio_a_over_c"] = a["wall_seconds"] / result["c_racing"]["wall_seconds"]
+        print(f"(a)/(c) wall clock: {result['wall_ratio_a_over_c']:.1f}x", flush=True)
     b, c = result["b_no_racing"], result["c_racing"]
     result["training_seconds_ratio_b_over_c"] = b["cell_seconds"] / max(c["cell_seconds"], 1e-9)
     result["same_recommendation"] = b["recommended"] == c["recommended"]
