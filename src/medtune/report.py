@@ -74,30 +74,32 @@ def png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def max_blocks(info: dict) -> float:
-    tb = info.get("trainable_blocks") or []
-    return float(max(tb)) if tb else np.nan
+def trained_share(info: dict) -> float:
+    """The share of the network's parameters a cell trained (the new head included), or NaN."""
+    f = info.get("trainable_fraction")
+    return float(f) if f is not None else np.nan
 
 
 def fig_depth(ev: Evidence, t: pd.DataFrame, dataset: str):
-    """Balanced accuracy against the number of trainable blocks (max over epochs), one series per
-    backbone and head, each point named by its strategy."""
+    """Balanced accuracy against the share of parameters trained (one unit for every backbone, log
+    scale: a probe trains ~0.1%, full fine-tuning 100%), one series per backbone and head, each
+    point named by its strategy."""
     plt = _plt()
     c = ev.cells[ev.cells.dataset == dataset].copy()
-    c["blocks"] = c["info"].map(max_blocks)
-    depth = c.groupby("group")["blocks"].median()
+    c["share"] = c["info"].map(trained_share) * 100
+    depth = c.groupby("group")["share"].median()
     sub = t[t.dataset == dataset].set_index("group")
-    sub["blocks"] = depth
+    sub["share"] = depth
     fig, ax = plt.subplots(figsize=(8, 4.8))
     nested = sub.strategy.astype(str).str.startswith("auto_depth")
     for i, ((bb, head, variant), g) in enumerate(sub[~nested].reset_index().groupby(["backbone", "head", "variant"])):
-        g = g.sort_values("blocks")
+        g = g.sort_values("share")
         name = bb + ("" if head == "softmax" else f" · {head}") + (f" [{variant}]" if variant else "")
-        ax.errorbar(g.blocks, g[MAIN], yerr=g[f"{MAIN}_sd"].fillna(0), marker="o", capsize=4, label=name,
+        ax.errorbar(g.share, g[MAIN], yerr=g[f"{MAIN}_sd"].fillna(0), marker="o", capsize=4, label=name,
                     color=f"C{i % 10}")
-        for _, r in g.iterrows():
-            ax.annotate(short_strategy(r.strategy), (r.blocks, r[MAIN]), textcoords="offset points",
-                        xytext=(6, 6), fontsize=FONT - 2)
+        for k, (_, r) in enumerate(g.iterrows()):  # alternate above/below: neighbours at 80% and 100% stay legible
+            ax.annotate(short_strategy(r.strategy), (r.share, r[MAIN]), textcoords="offset points",
+                        xytext=(6, 6 if k % 2 == 0 else -14), fontsize=FONT - 2)
     # the nested choice has no single depth (each outer fold picks its own): a level across the axis
     for j, (_, r) in enumerate(sub[nested].iterrows()):
         colour = f"C{(j + 3) % 10}"
@@ -105,12 +107,18 @@ def fig_depth(ev: Evidence, t: pd.DataFrame, dataset: str):
         ax.axhline(r[MAIN], ls="--", color=colour, lw=1.5,
                    label=f"{short_strategy(r.strategy)}: {r[MAIN]:.3f} (depth picked per fold)")
         ax.axhspan(r[MAIN] - sd, r[MAIN] + sd, color=colour, alpha=0.08)
-    ax.xaxis.set_major_locator(_integer_ticks())
-    ax.set_xlabel("trainable blocks (of the network's stem → head chain; head = 1)")
+    shares = sub.loc[~nested, "share"].dropna()
+    if len(shares) and shares.min() > 0:
+        ax.set_xscale("log")
+        ax.set_xlim(shares.min() / 2, 200)
+        from matplotlib.ticker import FuncFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.set_xlabel("parameters trained (% of the network, the new head included; log scale)")
     ax.set_ylabel("balanced accuracy (mean ± sd over folds)")
     ax.set_title(f"{dataset}: how deep to fine-tune")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="lower right")
     return fig
 
 
@@ -303,10 +311,14 @@ def fig_cost(t: pd.DataFrame, dataset: str):
 
 
 # --------------------------------------------------------------------------- tables as text
-def to_markdown(df: pd.DataFrame, index_name: str = "") -> str:
+def to_markdown(df: pd.DataFrame, index_name: str = "", digits: int = 3) -> str:
+    """A Markdown table; floats to `digits` decimals, as the HTML tables show them."""
+    def cell(v) -> str:
+        return f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) and np.isfinite(v) else str(v)
+
     cols = [index_name] + [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join([str(i)] + [str(v) for v in row]) + " |" for i, row in zip(df.index, df.values)]
+    lines += ["| " + " | ".join([str(i)] + [cell(v) for v in row]) + " |" for i, row in zip(df.index, df.values)]
     return "\n".join(lines)
 
 
@@ -403,11 +415,16 @@ def patient_note(ev: Evidence, dataset: str) -> str:
                 return f"Folds grouped by patient id (file-name pattern <code>{html.escape(d['group_pattern'])}</code>)."
             if d.get("source") == "synthetic":
                 return "Folds grouped by (generated) patient id."
-            if str(d.get("path", "")).lower().endswith(".csv"):
-                return "Folds grouped by the manifest's patient_id column where it has one."
-            if ev.info(dataset).get("patient_ids"):  # neither pattern nor manifest: the DICOM headers
+            manifest = str(d.get("path", "")).lower().endswith(".csv")
+            has_ids = ev.info(dataset).get("patient_ids")
+            if manifest and has_ids is not False:  # older stores do not say: the column, where it exists
+                return ("Folds grouped by patient id (the manifest's patient_id column, or the DICOM headers)."
+                        if has_ids else
+                        "Folds grouped by the manifest's patient_id column where it has one.")
+            if has_ids:  # neither pattern nor manifest: the DICOM headers
                 return "Folds grouped by patient id (from the DICOM headers)."
-            return ("<b>No patient ids were given</b> (no <code>group_pattern</code>): images of one patient may "
+            missing = "no <code>patient_id</code> column in the manifest" if manifest else "no <code>group_pattern</code>"
+            return (f"<b>No patient ids were given</b> ({missing}): images of one patient may "
                     "be in both training and test folds, which makes every figure here optimistic. Only identical "
                     "images are kept together (see Duplicates and leakage).")
     return ""
