@@ -96,3 +96,11 @@ def test_modes_are_converted_not_rejected(tmp_path):
     assert tuple(decode_image(tmp_path / "rgba.png", 8)[:, 0, 0]) == (255, 0, 0)
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
     assert decode_image(tmp_path / "c.jpg", 8)[0].mean() > 200
+
+
+def test_an_option_of_another_source_is_a_clear_error(tmp_path):
+    """`root` is a manifest's option; on a folder it would collide with the loader's own argument."""
+    write_png(tmp_path / "d" / "a" / "x.png", 1)
+    write_png(tmp_path / "d" / "b" / "y.png", 2)
+    with pytest.raises(DataError, match="option 'root' is not one this source takes"):
+        load_dataset(tmp_path / "d", image_size=16, root=str(tmp_path))

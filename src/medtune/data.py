@@ -413,11 +413,15 @@ def load_dataset(path: str | Path | None = None, *, source: str = "auto", image_
     """One way in: `source` is folder | manifest | npz | dicom | medmnist | synthetic | auto (from the path)."""
     try:
         table = _load(path, source, image_size, name, options)
-    except TypeError as exc:  # an option the loader does not take: a typo in the YAML's `options`
-        if "unexpected keyword argument" not in str(exc):
+    except TypeError as exc:  # an option the loader does not take: a typo in the YAML's `options`, or one
+        # that only another source takes and that collides with this loader's own argument (a folder's `root`)
+        if "unexpected keyword argument" not in str(exc) and "got multiple values for argument" not in str(exc):
             raise
-        raise DataError(f"data set {name or path!r}: {str(exc).split('() ', 1)[-1]}; check its `options` "
-                        f"for source {source!r} (docs/config.md lists them).") from exc
+        clash = re.search(r"multiple values for argument '(\w+)'", str(exc))
+        what = (f"option {clash.group(1)!r} is not one this source takes" if clash
+                else str(exc).split('() ', 1)[-1])
+        raise DataError(f"data set {name or path!r}: {what}; check its `options` for source {source!r} "
+                        "(docs/data.md lists each source's options).") from exc
     if name:
         table.name = name
     return table

@@ -68,7 +68,7 @@ def read_evidence(store_path: str | Path) -> Evidence:
         preds = s.predictions()
         runs = s.runs()
         racing = json.loads(runs.config_json.iloc[-1]).get("racing") if len(runs) else None
-        leaders = race_leaders(s, racing["metric"]) if racing else {}
+        leaders = race_leaders(s, racing["metric"], m) if racing else {}
         return Evidence(m, cells, preds[preds.cell_id.isin(cells.cell_id)], extra, read_datasets(s), runs,
                         Path(store_path), s.version_warning(), leaders)
 

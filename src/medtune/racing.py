@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
+import pandas as pd
 
 from medtune.metrics import clinical_metrics, corrected_ttest, holm
 from medtune.store import Store, group_key
@@ -82,8 +83,8 @@ def inner_scores(store: Store, cell_ids: Iterable[str], metric: str) -> dict[str
     return out
 
 
-def prune(scores: dict[str, dict[tuple, Score]], looks: int, confidence: float, margin: float
-          ) -> dict[str, str]:
+def prune(scores: dict[str, dict[tuple, Score]], looks: int, confidence: float, margin: float,
+          metric: str = "balanced_accuracy") -> dict[str, str]:
     """{candidate: reason} for the candidates to stop now. `scores` = {candidate: {round: Score}}
     over the rounds done so far; `looks` = how many rounds may prune in the whole race."""
     means = {g: np.mean([s.value for s in r.values()]) for g, r in scores.items()
@@ -110,16 +111,17 @@ def prune(scores: dict[str, dict[tuple, Score]], looks: int, confidence: float, 
         return {}
     alpha = (1 - confidence) / max(looks, 1)
     adjusted = holm(pvalues)
-    return {g: (f"worse than the leader by {diff:.3f} {{metric}} on the inner validation splits of {n} fold(s) "
+    return {g: (f"worse than the leader by {diff:.3f} {metric} on the inner validation splits of {n} fold(s) "
                 f"(one-sided corrected t-test against a margin of {margin:g}: Holm p {p:.3g} < {alpha:.3g}, "
                 f"i.e. {1 - confidence:g} over {looks} look(s))")
             for (g, diff, n), p in zip(tested, adjusted) if p < alpha}
 
 
-def leaders(store: Store, metric: str) -> dict[str, str]:
+def leaders(store: Store, metric: str, m: pd.DataFrame | None = None) -> dict[str, str]:
     """{data set: group key} of each race's leader once it is over: the best mean inner-validation
-    `metric` among the groups racing did not stop (the headline under `racing:`, headline.py)."""
-    m = store.metrics()
+    `metric` among the groups racing did not stop (the headline under `racing:`, headline.py).
+    `m`: the store's `metrics()`, when the caller has read it already."""
+    m = store.metrics() if m is None else m
     if m.empty:
         return {}
     m = m[m["pruned"] == ""]
@@ -135,8 +137,8 @@ def leaders(store: Store, metric: str) -> dict[str, str]:
 
 def race(cells: list[dict], store: Store, run_round: Callable[[list[dict], str], None], settings) -> dict[str, str]:
     """Run `cells` (the whole grid, done ones included) as races, one per data set; `run_round(todo,
-    stage)` trains and records the given cells (`stage` names the round for the progress line). Returns {group key: "candidate: why"} of the pruned candidates.
-    `settings` is the config's RacingConfig."""
+    stage)` trains and records the given cells (`stage` names the round for the progress line).
+    Returns {group key: "candidate: why"} of the pruned candidates. `settings`: the RacingConfig."""
     pruned: dict[str, str] = {}
     by_dataset: dict[str, list[dict]] = defaultdict(list)
     for c in cells:
@@ -160,8 +162,8 @@ def race(cells: list[dict], store: Store, run_round: Callable[[list[dict], str],
             if i + 1 < settings.min_folds or i + 1 == len(rounds):
                 continue
             active = {g: s for g, s in scores.items() if g not in out}
-            for g, why in prune(active, looks, settings.confidence, settings.margin).items():
-                out[g] = why.replace("{metric}", settings.metric) + f"; stopped after round {i + 1} of {len(rounds)}"
+            for g, why in prune(active, looks, settings.confidence, settings.margin, settings.metric).items():
+                out[g] = f"{why}; stopped after round {i + 1} of {len(rounds)}"
         done = store.done_ids()
         for c in dcells:  # the folds a pruned candidate did not run, recorded as such
             g = group_of[c["cell_id"]]

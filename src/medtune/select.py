@@ -151,11 +151,17 @@ def without_unused_lr(cands: list[Candidate], settings: TrainSettings) -> list[C
 def fit_candidate(cand: Candidate, c: dict, table: ImageTable, fit_idx: np.ndarray, val_idx: np.ndarray,
                   settings: TrainSettings, rt: Runtime) -> FitResult:
     """Train one candidate from the cell's backbone, seeded so the result does not depend on what ran before."""
+    return fit(cell_model(c, table), table, fit_idx, val_idx, cand.strategy, settings.model_copy(update={"lr": cand.lr}),
+               rt, seed=c["seed"])
+
+
+def cell_model(c: dict, table: ImageTable):
+    """The cell's backbone with a new head, built right after seeding: a random head must not
+    depend on earlier cells."""
     bb = c["backbone"]
-    set_seed(c["seed"])  # before building the model: a random head must not depend on earlier cells
-    model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"], bb.get("weights"), bb.get("sha256"))
-    return fit(model, table, fit_idx, val_idx, cand.strategy, settings.model_copy(update={"lr": cand.lr}), rt,
-               seed=c["seed"])
+    set_seed(c["seed"])
+    return create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"], bb.get("weights"),
+                           bb.get("sha256"))
 
 
 class Paused:
@@ -165,11 +171,7 @@ class Paused:
 
     def __init__(self, cand: Candidate, c: dict, table: ImageTable, fit_idx, val_idx, settings, rt) -> None:
         self.cand, self.result, self.rows, self.rng = cand, None, [], None
-        bb = c["backbone"]
-        set_seed(c["seed"])
-        model = create_backbone(bb["name"], bb["pretrained"], table.num_classes, bb["checkpoint"], bb.get("weights"),
-                                bb.get("sha256"))
-        self.epochs = fit_epochs(model, table, fit_idx, val_idx, cand.strategy,
+        self.epochs = fit_epochs(cell_model(c, table), table, fit_idx, val_idx, cand.strategy,
                                  settings.model_copy(update={"lr": cand.lr}), rt, seed=c["seed"])
         self._save()
 
