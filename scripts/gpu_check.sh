@@ -3,7 +3,9 @@
 #   1. the test suite with its grids and strategy contracts on CUDA (MEDTUNE_TEST_DEVICE=cuda);
 #   2. the demo grid on CUDA (bf16 autocast, fused AdamW, keep_best), its report, and predict with
 #      Grad-CAM from the kept model;
-#   3. the fp16 + GradScaler path that GPUs without bf16 take (forced here by hiding bf16 support).
+#   3. the fp16 + GradScaler path that GPUs without bf16 take (forced here by hiding bf16 support);
+#   4. torch.compile against eager for a full_ft step on Lite0 and ResNet-50 @224, compile time included
+#      (benchmarks/compile.py --device cuda): the figure precision.COMPILE_PAYS["cuda"] waits for.
 # Usage: bash scripts/gpu_check.sh [OUT_DIR]; logs and the report go to OUT_DIR (default results/gpu_check).
 # STEPS="1 3" runs some steps only; PYTEST_ARGS passes options to pytest (e.g. --ignore=tests/test_distributed.py
 # where Ray is not installed).
@@ -16,7 +18,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 rc=0
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device here'; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 
-step() { [[ " ${STEPS:-1 2 3} " == *" $1 "* ]]; }
+step() { [[ " ${STEPS:-1 2 3 4} " == *" $1 "* ]]; }
 
 if step 1; then
 echo "== 1. test suite on CUDA"
@@ -82,6 +84,12 @@ print((tables["bf16"].add_suffix("_bf16")).join(tables["fp16"].add_suffix("_fp16
 # trained models differ by strategy: a GradScaler that skipped every step would leave them equal
 assert tables["fp16"]["auc"].nunique() > 2, tables["fp16"]
 PY
+fi
+
+if step 4; then
+echo "== 4. torch.compile on CUDA: eager vs compiled (cold and warm inductor cache)"
+$PY benchmarks/compile.py --device cuda --batch 64 2>&1 | tee "$OUT_DIR/compile_cuda.log" | tail -60 || rc=1
+cp benchmarks/results/compile.json "$OUT_DIR/compile.json" || rc=1
 fi
 echo "gpu_check rc=$rc"
 exit $rc

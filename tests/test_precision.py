@@ -123,3 +123,46 @@ def test_stepper_without_fp16_takes_the_plain_optimizer_step():
         assert torch.equal(grad, b.weight.grad)
         opt_b.step()
     assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, torch.nn.Linear(4, 2).weight)
+
+
+def test_compile_is_off_by_rule_where_it_was_measured_not_to_pay_and_not_part_of_the_cell_key(tiny_table, tmp_path):
+    """`compile: auto` follows COMPILE_PAYS (measured slower on a CPU: benchmarks/results/compile.json),
+    the epoch records what applied, and the setting changes no cell id (rounding only, like `device`)."""
+    from medtune.cells import expand
+    from medtune.config import ExperimentConfig
+    from medtune.precision import COMPILE_PAYS, compile_pays
+
+    cpu = torch.device("cpu")
+    assert compile_pays(cpu, "auto") is COMPILE_PAYS["cpu"] is False
+    assert compile_pays(cpu, "on") and not compile_pays(cpu, "off")
+    assert TrainSettings(compile=False).compile == "off"  # YAML's `compile: off`
+    with pytest.raises(ValueError, match="compile"):
+        TrainSettings(compile="sometimes")
+    settings = TrainSettings(epochs=1, batch_size=8, val_fraction=0.0, views=1, amp="off", warmup_epochs=0)
+    rt = Runtime(cpu, FeatureCache(), ("test_resnet", tiny_table.image_size), None)
+    model = create_backbone("test_resnet", pretrained=False, num_classes=tiny_table.num_classes)
+    idx = np.arange(len(tiny_table))
+    result = fit(model, tiny_table, idx, idx[:0], create_strategy("partial_ft", blocks=1), settings, rt)
+    assert [h["compiled"] for h in result.history] == [False]
+
+    raw = {"name": "k", "datasets": [{"name": "syn", "source": "synthetic"}], "backbones": [{"name": "test_resnet", "pretrained": False, "image_size": 48}],
+           "strategies": ["full_ft"], "folds": 2}
+    ids = [[c["cell_id"] for c in expand(ExperimentConfig.model_validate({**raw, "train": {"compile": mode}}), "r",
+                                         {"syn@48": "f"})] for mode in ("auto", "on")]
+    assert ids[0] == ids[1]
+
+
+def test_compile_on_trains_the_compiled_forward_to_the_same_numbers(tiny_table):
+    """`compile: on` runs the trained part through torch.compile (inductor) and records it; fp32, one
+    epoch: the loss matches eager up to rounding."""
+    settings = TrainSettings(epochs=1, batch_size=8, val_fraction=0.0, views=1, amp="off", warmup_epochs=0)
+    losses = {}
+    for mode in ("off", "on"):
+        model = create_backbone("test_resnet", pretrained=False, num_classes=tiny_table.num_classes)
+        rt = Runtime(torch.device("cpu"), FeatureCache(), ("test_resnet", tiny_table.image_size), None)
+        idx = np.arange(len(tiny_table))
+        result = fit(model, tiny_table, idx, idx[:0], create_strategy("partial_ft", blocks=1),
+                     settings.model_copy(update={"compile": mode}), rt)
+        assert [h["compiled"] for h in result.history] == [mode == "on"]
+        losses[mode] = result.history[0]["train_loss"]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-3)

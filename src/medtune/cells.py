@@ -154,7 +154,7 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
     """Every cell of the grid as a JSON-serialisable dict with its id. `n_folds_by` gives the fold
     count of data sets whose folds come from the data (`cv: by_site`: one per site)."""
     cells = []
-    train = cfg.train.model_dump()
+    train = cfg.train.model_dump(exclude={"compile"})  # how it runs, like `device`: not what it computes
     for ds in cfg.datasets:
         for bb in cfg.backbones:
             size = bb.image_size or default_image_size(bb.name)

@@ -162,6 +162,11 @@ class TrainConfig(Strict):
                                                         "with strided or wide depthwise convolutions kept in fp32 on a CPU "
                                                         "(measured faster there); on = bf16 everywhere")
     channels_last: bool = Field(True, description="channels-last memory layout (faster convolutions on GPU)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile (inductor) the trained part of the network: auto = where it was "
+        "measured to win including compile time (nowhere yet: slower on a 2-core bf16 CPU, "
+        "benchmarks/results/compile.json; unmeasured on CUDA); on = always. It changes numbers by rounding only, "
+        "so it is not part of a cell's key; what applied is recorded per epoch")
     bn_statistics: Literal["update", "keep", "update_all"] = Field(
         "update", description="BatchNorm while training: update = a trained block's BatchNorm normalises with "
         "batch statistics (PyTorch's default), frozen blocks keep their pretrained ones; keep = every BatchNorm "
@@ -191,7 +196,7 @@ class TrainConfig(Strict):
             raise ValueError(f"learning rates must be numbers > 0, got {values}")
         return v
 
-    @field_validator("amp", mode="before")
+    @field_validator("amp", "compile", mode="before")
     @classmethod
     def _yaml_bool(cls, v: Any) -> Any:
         """YAML reads `amp: off` as False and `amp: on` as True."""

@@ -1,7 +1,8 @@
 """Device, mixed-precision and CPU threading rules: where a fit runs and in which precision.
 
-Each rule is fixed and measured (benchmarks/precision.py), never timed at run time, and what
-applied is recorded per epoch in the cell (`history[].precision`). Nothing here changes what is
+Each rule is fixed and measured (benchmarks/precision.py, benchmarks/compile.py), never timed at
+run time, and what applied is recorded per epoch in the cell (`history[].precision`,
+`history[].compiled`). Nothing here changes what is
 computed beyond floating-point rounding.
 """
 
@@ -167,6 +168,22 @@ def prepare_model(model: nn.Module, device: torch.device, amp_dtype: torch.dtype
         model.to(memory_format=torch.channels_last)
     if amp == "auto" and device.type == "cpu" and amp_dtype == torch.bfloat16:
         depthwise_in_fp32(model)
+
+
+# torch.compile (inductor) of the trained forward, per device type, measured with the compile time
+# included (benchmarks/compile.py -> benchmarks/results/compile.json). On this 2-core bf16 CPU a
+# compiled full_ft step at 224 px is slower than eager even with a warm on-disk cache
+# (EfficientNet-Lite0 0.84x, ResNet-50 0.89x) and the first cell pays 2-3 minutes of compiling,
+# so it never pays. CUDA is unmeasured here (scripts/gpu_check.sh step 4 measures it): off until a
+# measurement says it wins.
+COMPILE_PAYS = {"cpu": False, "cuda": False}
+
+
+def compile_pays(device: torch.device, mode: str) -> bool:
+    """`train.compile` is auto | on | off; auto compiles where COMPILE_PAYS says it was measured to win."""
+    if mode == "auto":
+        return COMPILE_PAYS.get(device.type, False)
+    return mode == "on"
 
 
 class Stepper:

@@ -26,8 +26,8 @@ from medtune.config import TrainConfig
 from medtune.data import ImageTable
 from medtune.errors import TrainingError
 from medtune.features import (POOLED, FeatureCache, Forward, Inputs, Runtime, shared_cache)  # noqa: F401 - re-exported
-from medtune.precision import (Stepper, autocast_dtype, cpu_lanes, in_lanes, inference_batch_size,  # noqa: F401
-                               prepare_model, resolve_device, set_seed)
+from medtune.precision import (Stepper, autocast_dtype, compile_pays, cpu_lanes, in_lanes,  # noqa: F401
+                               inference_batch_size, prepare_model, resolve_device, set_seed)
 from medtune.probe import fit_linear_probe, load_into
 from medtune.strategies import Strategy, is_norm
 
@@ -56,6 +56,8 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
     hits_before = rt.cache.hits if rt.cache else 0
     prepare_model(model, rt.device, rt.amp_dtype, settings.amp, settings.channels_last)
     fwd = Forward(model, feature_chain(model, image_size=min(64, table.image_size)) if settings.cache else None)
+    compiled = compile_pays(rt.device, settings.compile)
+    rest = torch.compile(fwd.rest) if compiled else fwd.rest  # the trained part; recompiles per cut
     optimizer = build_optimizer(model, strategy, settings)
     groups = optimizer.param_groups
     may_train = {g["name"] for g in groups if strategy.trains_tensor(g["name"], g["is_head"], g["norm"])}
@@ -98,7 +100,7 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
                         continue
                     x, y = inputs.batch(idx, train=True, gen=gen), y_all[torch.as_tensor(idx, device=rt.device)]
                     with inputs.autocast():
-                        loss = F.cross_entropy(fwd.rest(x, inputs.cut).float(), y, weight=weight)
+                        loss = F.cross_entropy(rest(x, inputs.cut).float(), y, weight=weight)
                         total_loss = loss + strategy.penalty(model, start_state)
                     value = float(total_loss.detach())
                     first_loss = value if first_loss is None else first_loss
@@ -121,6 +123,7 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
             val_loss, val_bacc = evaluate(fwd, inputs, table, val_idx, rt, weight)
             history[-1].update({"val_loss": val_loss, "val_balanced_accuracy": val_bacc, "cut": inputs.cut, "bn": bn,
                                 "precision": str(inputs.dtype).removeprefix("torch.") if inputs.dtype else "float32",
+                                "compiled": compiled and not probe,
                                 "trainable_blocks": sum(1 for b in chain if any(scale[n] > 0 for n in b.param_names))})
             if len(val_idx) and val_loss < best[0] - 1e-6:
                 best, bad_epochs = (val_loss, epoch, copy.deepcopy(model.state_dict())), 0
