@@ -2,8 +2,7 @@
 
 Each rule is fixed and measured (benchmarks/precision.py, benchmarks/compile.py), never timed at
 run time, and what applied is recorded per epoch in the cell (`history[].precision`,
-`history[].compiled`). Nothing here changes what is
-computed beyond floating-point rounding.
+`history[].compiled`). Nothing here changes what is computed beyond floating-point rounding.
 """
 
 from __future__ import annotations
