@@ -32,6 +32,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -234,13 +235,19 @@ def run_reference(data: str, size: int, folds: int, epochs: int, views: int) -> 
     return ref
 
 
-def every_nth(data: str, n: int) -> str:
-    """A folder of links to every n-th image (sorted by name) of each class folder of `data`."""
-    out = Path(tempfile.mkdtemp()) / f"{Path(data).name}_every{n}"
+def every_nth(data: str, n: int, parent: Path | None = None) -> str:
+    """A folder of links to every n-th image (sorted by name) of each class folder of `data`, made
+    under `parent` (default: a new temporary folder); one already there is reused as it is."""
+    out = Path(parent or tempfile.mkdtemp()) / f"{Path(data).name}_every{n}"
+    if out.exists():
+        return str(out)
+    part = out.with_name(out.name + ".part")  # renamed when complete, so a reused folder is never half made
+    shutil.rmtree(part, ignore_errors=True)
     for cls in sorted(p for p in Path(data).iterdir() if p.is_dir()):
-        (out / cls.name).mkdir(parents=True)
+        (part / cls.name).mkdir(parents=True)
         for f in sorted(cls.iterdir())[::n]:
-            (out / cls.name / f.name).symlink_to(f.resolve())
+            (part / cls.name / f.name).symlink_to(f.resolve())
+    part.rename(out)
     return str(out)
 
 

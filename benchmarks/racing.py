@@ -19,6 +19,18 @@ outer estimate (mean balanced accuracy over the outer test folds, with the fold 
     python benchmarks/racing.py --every 10 --epochs 3  # every 10th image of each class (minutes)
 
 Results: benchmarks/results/racing[_everyN].json. `--skip-reference` leaves (a) out.
+
+The full-size run takes longer than one working session here, so it can be spread over several:
+with `--keep DIR`, the stores of (b) and (c) and the finished (fold, strategy) rows of (a) are kept
+in DIR, and running the same command again resumes each way where it stopped (finished cells are
+reused, the cell in flight when it was stopped is redone). Each way's wall clock is then the sum of
+the invocations' wall clocks, kept in DIR/wall.json by a heartbeat every 5 s, so it includes the
+work an interrupted invocation lost; the results file says how many invocations each way took.
+`--ways c` (or `b`, `a`, `b,c`, ...) runs only some ways; the results file is written once (b) and
+(c) are both complete in DIR.
+
+    python benchmarks/racing.py --keep ~/racing_full --ways c      # session 1
+    python benchmarks/racing.py --keep ~/racing_full --ways b      # sessions 2, 3 (resumes)
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +59,48 @@ from grid_speed import (Images, every_nth, ref_model, ref_predict, ref_train,  #
 LRS = [3e-4, 1e-3, 3e-3]
 
 
+class WallClock:
+    """One way's wall clock summed over invocations, kept in `path` (a JSON file shared by the ways).
+
+    A daemon thread rewrites the running invocation's seconds every 5 s, so an invocation that is
+    killed still counts up to its last heartbeat."""
+
+    def __init__(self, path: Path, way: str):
+        self.path, self.way, self.lock = path, way, threading.Lock()
+        state = self._read()
+        entry = state.setdefault(way, {"invocations": [], "complete": False})
+        entry["invocations"].append(0.0)
+        self._write(state)
+        self.t0, self.done = time.perf_counter(), threading.Event()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def _write(self, state: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.path)
+
+    def _update(self, complete: bool = False) -> dict:
+        with self.lock:
+            state = self._read()
+            entry = state[self.way]
+            entry["invocations"][-1] = round(time.perf_counter() - self.t0, 1)
+            entry["complete"] = entry["complete"] or complete
+            self._write(state)
+            return entry
+
+    def _beat(self) -> None:
+        while not self.done.wait(5):
+            self._update()
+
+    def finish(self) -> dict:
+        """Stop the heartbeat, mark the way complete; returns {"invocations": [...], "complete": True}."""
+        self.done.set()
+        return self._update(complete=True)
+
+
 def grid(data: str, size: int, folds: int, epochs: int, store: str, racing: bool) -> dict:
     choose = {"choose": LRS}
     base = {
@@ -61,10 +116,10 @@ def grid(data: str, size: int, folds: int, epochs: int, store: str, racing: bool
             "heads": ["softmax", "svm"]}
 
 
-def measure(raw: dict) -> dict:
-    t0 = time.perf_counter()
+def measure(raw: dict, clock: WallClock) -> dict:
     summary = medtune.run(raw, progress=False)
-    wall = time.perf_counter() - t0
+    invocations = clock.finish()["invocations"]
+    wall = sum(invocations)
     with Store(raw["store"]) as s:
         m = s.metrics()
         lead = leaders(s, "balanced_accuracy").get("busi")
@@ -72,7 +127,8 @@ def measure(raw: dict) -> dict:
                                   bacc=("balanced_accuracy", "mean"), sd=("balanced_accuracy", "std"),
                                   folds=("fold", "count"), seconds=("seconds", "sum"), pruned=("pruned", "first"))
     best = rows.loc[lead]
-    return {"wall_seconds": wall, "cell_seconds": float(m["seconds"].sum()), "cells_run": int(summary.done),
+    return {"wall_seconds": wall, "invocations": len(invocations), "cell_seconds": float(m["seconds"].sum()),
+            "cells_run_last_invocation": int(summary.done),
             "pruned": list(summary.pruned.values()),
             "recommended": f"{best.strategy} · {best['head']}", "recommended_bacc": float(best.bacc),
             "recommended_sd": float(best.sd),
@@ -81,8 +137,11 @@ def measure(raw: dict) -> dict:
                       "seconds": round(float(r.seconds), 1), "pruned": bool(r.pruned)} for _, r in rows.iterrows()]}
 
 
-def reference(data: str, size: int, folds: int, epochs: int) -> dict:
-    """Way (a): every strategy x rate x fold by the hand-written loop."""
+def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, clock: WallClock) -> dict:
+    """Way (a): every strategy x rate x fold by the hand-written loop.
+
+    Each finished (fold, strategy) row (its training seconds, chosen rate and test balanced
+    accuracy) is appended to `rows_path` at once, and a rerun skips the rows already there."""
     from torch.utils.data import DataLoader
 
     from medtune.cells import prepare
@@ -99,12 +158,15 @@ def reference(data: str, size: int, folds: int, epochs: int) -> dict:
     mean, std = [0.5] * 3, [0.5] * 3
     mk = lambda idx, train: DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std),  # noqa: E731
                                        batch_size=32, shuffle=train, num_workers=2)
-    t0, seconds, bacc = time.perf_counter(), 0.0, {}
+    done = {(r["fold"], r["kind"]): r for r in map(json.loads, rows_path.read_text().splitlines())} \
+        if rows_path.exists() else {}
     for fold, (tr, te) in enumerate(prepared.splits(folds, 0)):
         fit_idx, val_idx = inner_split(tr, labels, prepared.groups, 0.15, 0)
         train_l, val_l, test_l = mk(fit_idx, True), mk(val_idx, False), mk(te, False)
         for kind in ("linear_probe", "svm", "partial_ft", "lp_ft", "full_ft", "l2_sp"):
-            tried = []
+            if (fold, kind) in done:
+                continue
+            tried, seconds = [], 0.0
             for lr in ([None] if kind == "svm" else LRS):
                 torch.manual_seed(0)
                 c0 = time.perf_counter()
@@ -136,9 +198,18 @@ def reference(data: str, size: int, folds: int, epochs: int) -> dict:
                 seconds += time.perf_counter() - c0
                 tried.append((clinical_metrics(labels[val_idx], val_p, names)["balanced_accuracy"], lr, test_p))
             _, lr, test_p = max(tried, key=lambda t: t[0])  # chosen on the inner validation part only
-            bacc.setdefault(kind, []).append(clinical_metrics(labels[te], test_p, names)["balanced_accuracy"])
-            print(f"  reference fold {fold} {kind}: lr {lr}, {seconds:.0f} cell-seconds so far", flush=True)
-    return {"wall_seconds": time.perf_counter() - t0, "cell_seconds": seconds,
+            row = {"fold": fold, "kind": kind, "lr": lr, "seconds": seconds,
+                   "bacc": float(clinical_metrics(labels[te], test_p, names)["balanced_accuracy"])}
+            with rows_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            done[fold, kind] = row
+            print(f"  reference fold {fold} {kind}: lr {lr}, {seconds:.0f} s", flush=True)
+    invocations = clock.finish()["invocations"]
+    bacc: dict[str, list[float]] = {}
+    for r in done.values():
+        bacc.setdefault(r["kind"], []).append(r["bacc"])
+    return {"wall_seconds": sum(invocations), "invocations": len(invocations),
+            "cell_seconds": sum(r["seconds"] for r in done.values()),
             "balanced_accuracy": {k: round(float(np.mean(v)), 4) for k, v in bacc.items()}}
 
 
@@ -149,33 +220,62 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--skip-reference", action="store_true", help="leave way (a) out")
+    ap.add_argument("--ways", default="b,c,a", help="which ways to run, comma-separated (default: b,c,a)")
+    ap.add_argument("--skip-reference", action="store_true", help="leave way (a) out (as --ways b,c)")
+    ap.add_argument("--keep", type=Path, help="keep the ways' stores and clocks in this folder, so that the "
+                    "same command run again resumes them (default: a new temporary folder)")
     args = ap.parse_args()
-    data = every_nth(args.data, args.every) if args.every > 1 else args.data
+    ways = set(args.ways.split(",")) - ({"a"} if args.skip_reference else set())
+    if not ways or ways - {"a", "b", "c"}:
+        ap.error(f"--ways takes a comma-separated subset of a,b,c; got {args.ways!r}")
+    keep = args.keep or Path(tempfile.mkdtemp())
+    keep.mkdir(parents=True, exist_ok=True)
+    settings = {"size": args.size, "folds": args.folds, "epochs": args.epochs, "every": args.every, "lrs": LRS}
+    settings_path = keep / "settings.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        ap.error(f"{settings_path} was kept by a run with other settings ({settings_path.read_text().strip()}); "
+                 "give another --keep folder or the same settings")
+    settings_path.write_text(json.dumps(settings))
+    # the links of --every go inside the kept folder, so that a resumed run sees the same paths
+    data = every_nth(args.data, args.every, keep) if args.every > 1 else args.data
     torch.set_num_threads(os.cpu_count() or 1)
-    tmp = tempfile.mkdtemp()
-    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "size": args.size, "folds": args.folds,
-              "epochs": args.epochs, "every": args.every, "lrs": LRS, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+    partial_path = keep / "result.json"
+    result = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    result.update({"command": " ".join([Path(sys.executable).name, *sys.argv]), **settings,
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "measured_at": time.strftime("%Y-%m-%d %H:%M")})
     for way, racing in (("b_no_racing", False), ("c_racing", True)):
+        if way[0] not in ways:
+            continue
         print(f"({way}) {data} @ {args.size}px, {args.folds} folds, {args.epochs} epochs, lr choose {LRS}", flush=True)
-        result[way] = measure(grid(data, args.size, args.folds, args.epochs, os.path.join(tmp, f"{way}.sqlite"), racing))
+        clock = WallClock(keep / "wall.json", way)
+        result[way] = measure(grid(data, args.size, args.folds, args.epochs, str(keep / f"{way}.sqlite"), racing), clock)
+        partial_path.write_text(json.dumps(result, indent=1))
         r = result[way]
-        print(f"  {r['cell_seconds']:.0f} cell-seconds, {r['wall_seconds']:.0f} s wall; recommends {r['recommended']} "
-              f"(outer {r['recommended_bacc']:.3f} ± {r['recommended_sd']:.3f}); pruned {len(r['pruned'])}", flush=True)
-    if not args.skip_reference:
+        print(f"  {r['cell_seconds']:.0f} cell-seconds, {r['wall_seconds']:.0f} s wall over {r['invocations']} "
+              f"invocation(s); recommends {r['recommended']} (outer {r['recommended_bacc']:.3f} ± "
+              f"{r['recommended_sd']:.3f}); pruned {len(r['pruned'])}", flush=True)
+    if "a" in ways:
         print("(a) the hand-written loop over every strategy x rate x fold", flush=True)
-        result["a_reference"] = reference(data, args.size, args.folds, args.epochs)
+        clock = WallClock(keep / "wall.json", "a_reference")
+        result["a_reference"] = reference(data, args.size, args.folds, args.epochs, keep / "reference_rows.jsonl", clock)
+        partial_path.write_text(json.dumps(result, indent=1))
         a = result["a_reference"]
-        print(f"  {a['cell_seconds']:.0f} cell-seconds, {a['wall_seconds']:.0f} s wall", flush=True)
-        result["wall_ratio_a_over_c"] = a["wall_seconds"] / result["c_racing"]["wall_seconds"]
+        print(f"  {a['cell_seconds']:.0f} cell-seconds, {a['wall_seconds']:.0f} s wall over {a['invocations']} "
+              "invocation(s)", flush=True)
+    if "a_reference" in result and "c_racing" in result:
+        result["wall_ratio_a_over_c"] = result["a_reference"]["wall_seconds"] / result["c_racing"]["wall_seconds"]
         print(f"(a)/(c) wall clock: {result['wall_ratio_a_over_c']:.1f}x", flush=True)
+    if "b_no_racing" not in result or "c_racing" not in result:
+        print(f"kept in {keep}; run again with --keep {keep} and the missing way(s) to finish")
+        return
     b, c = result["b_no_racing"], result["c_racing"]
     result["training_seconds_ratio_b_over_c"] = b["cell_seconds"] / max(c["cell_seconds"], 1e-9)
     result["same_recommendation"] = b["recommended"] == c["recommended"]
     result["estimate_within_one_sd"] = abs(b["recommended_bacc"] - c["recommended_bacc"]) <= b["recommended_sd"]
     print(f"(b)/(c) training seconds: {result['training_seconds_ratio_b_over_c']:.2f}x; same recommendation: "
           f"{result['same_recommendation']}; estimate within one fold-sd: {result['estimate_within_one_sd']}")
+    partial_path.write_text(json.dumps(result, indent=1))
     out = ROOT / "results" / f"racing{f'_every{args.every}' if args.every > 1 else ''}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
