@@ -26,8 +26,8 @@ in DIR, and running the same command again resumes each way where it stopped (fi
 reused, the cell in flight when it was stopped is redone). Each way's wall clock is then the sum of
 the invocations' wall clocks, kept in DIR/wall.json by a heartbeat every 5 s, so it includes the
 work an interrupted invocation lost; the results file says how many invocations each way took.
-`--ways c` (or `b`, `a`, `b,c`, ...) runs only some ways; the results file is written once (b) and
-(c) are both complete in DIR.
+`--ways c` (or `b`, `a`, `b,c`, ...) runs only some ways, and a way already complete in DIR is not
+run again; the results file is written once (b) and (c) are both complete in DIR.
 
     python benchmarks/racing.py --keep ~/racing_full --ways c      # session 1
     python benchmarks/racing.py --keep ~/racing_full --ways b      # sessions 2, 3 (resumes)
@@ -230,7 +230,8 @@ def main() -> None:
         ap.error(f"--ways takes a comma-separated subset of a,b,c; got {args.ways!r}")
     keep = args.keep or Path(tempfile.mkdtemp())
     keep.mkdir(parents=True, exist_ok=True)
-    settings = {"size": args.size, "folds": args.folds, "epochs": args.epochs, "every": args.every, "lrs": LRS}
+    settings = {"data": str(Path(args.data).resolve()), "size": args.size, "folds": args.folds, "epochs": args.epochs,
+                "every": args.every, "lrs": LRS}
     settings_path = keep / "settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         ap.error(f"{settings_path} was kept by a run with other settings ({settings_path.read_text().strip()}); "
@@ -241,6 +242,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     partial_path = keep / "result.json"
     result = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+    # a way already complete in the kept folder is not run again (its wall clock would grow)
+    ways -= {w[0] for w in ("a_reference", "b_no_racing", "c_racing") if w in result}
     result.update({"command": " ".join([Path(sys.executable).name, *sys.argv]), **settings,
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "measured_at": time.strftime("%Y-%m-%d %H:%M")})
