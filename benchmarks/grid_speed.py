@@ -4,12 +4,16 @@
     autocast on CPUs with AVX512-BF16/AMX (and CUDA), channels_last.
 (b) the loop a researcher would write: timm model with the same weights, a DataLoader over PIL
     images (decode + resize + augment per item, every epoch), full forward every step, fp32.
-    It trains the same recipe as medtune so that the metrics can be compared: frozen BatchNorm
-    layers in eval mode (all of them in LP-FT, which keeps the pretrained statistics), one epoch
-    of linear warm-up then cosine per phase, gradient-norm clipping at 5, the best validation
-    epoch kept across LP-FT's two phases, and the same augmentation policy (each drawn training
-    image augmented with probability 1 - 1/views, freshly here, from views - 1 cached versions in
-    medtune's frozen phases). Only the execution differs.
+    It trains the same recipe as medtune's defaults so that the metrics can be compared (recipe
+    REFERENCE_RECIPE): the cross-entropy weighted by inverse class frequency (scikit-learn's
+    "balanced"), in training and in the validation loss that keeps the best epoch; the linear
+    probe (linear_probe, LP-FT's first phase) fitted to convergence by logistic regression on
+    pooled features, C chosen on the validation loss (medtune's probe.py, as the SVM below uses
+    medtune's heads.py); frozen BatchNorm layers in eval mode, trained ones on batch statistics;
+    one epoch of linear warm-up then cosine per phase, gradient-norm clipping at 5, the best
+    validation epoch kept across LP-FT's two phases, and the same augmentation policy (each drawn
+    training image augmented with probability 1 - 1/views, freshly here, from views - 1 cached
+    versions in medtune's frozen phases). Only the execution differs.
 
 Same data, same folds (patient/duplicate groups from medtune's splitter), same epochs, same
 inner validation split, same SVM fitting code. Prints seconds per cell kind for both, the
@@ -42,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
@@ -51,11 +56,16 @@ from medtune.config import load_config
 from medtune.heads import fit_svm, full_proba
 from medtune.metrics import clinical_metrics
 from medtune.cells import prepare
+from medtune.probe import fit_linear_probe, load_into
 from medtune.splits import inner_split
 from medtune.store import Store
 
 ROOT = Path(__file__).resolve().parent
 KINDS = ["linear_probe", "svm", "partial_ft", "lp_ft", "full_ft"]
+# the reference loop's recipe; a stored reference half is reused only with the same one.
+# 1: unweighted loss, probe by SGD at 10x the rate, LP-FT with every BatchNorm frozen (medtune's
+#    defaults before d70584c); 2: medtune's current defaults, as the docstring lists them
+REFERENCE_RECIPE = 2
 
 
 def peak_rss_gb() -> float:
@@ -141,9 +151,21 @@ def freeze_bn(model, every=False):
                 m.eval()
 
 
-def ref_train(model, loader, epochs, lr, val_loader, keep_bn=False, best=None, penalty=None):
+def balanced_weight(labels, n_classes):
+    """Inverse-frequency class weights, scikit-learn's "balanced" (medtune's train.class_weight default)."""
+    return torch.tensor(compute_class_weight("balanced", classes=np.arange(n_classes), y=labels), dtype=torch.float32)
+
+
+def val_loss(model, val_loader, weight):
+    model.eval()
+    with torch.no_grad():
+        return sum(F.cross_entropy(model(x), y, weight=weight, reduction="sum").item() for x, y in val_loader)
+
+
+def ref_train(model, loader, epochs, lr, val_loader, weight=None, best=None, penalty=None):
     """Train with warm-up + cosine, clip at 5, keep the best validation epoch (`best` carries it across phases).
-    `penalty(model)` is added to the loss (L2-SP in benchmarks/racing.py), with weight decay off then."""
+    `weight`: class weights of the loss; `penalty(model)` is added to the loss (L2-SP in
+    benchmarks/racing.py), with weight decay off then."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=0.0 if penalty else 1e-4)
     warmup, total = len(loader), epochs * len(loader)
@@ -151,9 +173,9 @@ def ref_train(model, loader, epochs, lr, val_loader, keep_bn=False, best=None, p
         opt, lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup))))
     best = best or [float("inf"), None]
     for _ in range(epochs):
-        freeze_bn(model, every=keep_bn)
+        freeze_bn(model)
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y, weight=weight)
             if penalty is not None:
                 loss = loss + penalty(model)
             opt.zero_grad()
@@ -161,13 +183,30 @@ def ref_train(model, loader, epochs, lr, val_loader, keep_bn=False, best=None, p
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 5.0)
             opt.step()
             sched.step()
-        model.eval()
-        with torch.no_grad():
-            vl = sum(F.cross_entropy(model(x), y, reduction="sum").item() for x, y in val_loader)
+        vl = val_loss(model, val_loader, weight)
         if vl < best[0]:
             best[:] = [vl, {k: v.clone() for k, v in model.state_dict().items()}]
     model.load_state_dict(best[1])
     return best
+
+
+def ref_probe(model, train_loader, val_loader, views, n_classes, weight):
+    """The linear probe to convergence: logistic regression ("balanced") on the pooled features of
+    `views` passes over the augmenting training loader, C chosen on the validation loss, folded into
+    the classifier. Returns ref_train's `best` ([validation loss, state]) for LP-FT's next phase."""
+    passes = [ref_features(model, train_loader) for _ in range(views)]
+    x_val, y_val = ref_features(model, val_loader)
+    fit = fit_linear_probe(np.concatenate([x for x, _ in passes]), np.concatenate([y for _, y in passes]),
+                           x_val, y_val, n_classes, "balanced", 0)
+    load_into(model.get_classifier(), fit)
+    return [val_loss(model, val_loader, weight), {k: v.clone() for k, v in model.state_dict().items()}]
+
+
+@torch.no_grad()
+def ref_features(model, loader):
+    model.eval()
+    xs, ys = zip(*((model.forward_head(model.forward_features(x), pre_logits=True), y) for x, y in loader))
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
 
 
 @torch.no_grad()
@@ -205,15 +244,16 @@ def reference_grid(prepared, size, folds, epochs, views) -> dict:
                               labels[val_idx], len(names))
                 probs = full_proba(svm, ref_predict(model, test_l, True), len(names))
             else:
-                # the same learning rates as medtune: a probe at 10x (probe_lr_scale), LP-FT's FT phase at 0.1x
+                # the same learning rates as medtune: 1e-3, LP-FT's FT phase at 0.1x (ft_lr_scale)
+                weight = balanced_weight(labels[fit_idx], len(names))
+                if kind in ("linear_probe", "lp_ft"):
+                    best = ref_probe(model, train_l, val_l, views, len(names), weight)
                 if kind == "lp_ft":
-                    set_trainable(model, "head")
-                    best = ref_train(model, train_l, epochs, 1e-2, val_l, keep_bn=True)
                     set_trainable(model, "all")
-                    ref_train(model, train_l, epochs, 1e-4, val_l, keep_bn=True, best=best)
-                else:
-                    set_trainable(model, {"linear_probe": "head", "partial_ft": "top2", "full_ft": "all"}[kind])
-                    ref_train(model, train_l, epochs, 1e-2 if kind == "linear_probe" else 1e-3, val_l)
+                    ref_train(model, train_l, epochs, 1e-4, val_l, weight, best=best)
+                elif kind != "linear_probe":
+                    set_trainable(model, {"partial_ft": "top2", "full_ft": "all"}[kind])
+                    ref_train(model, train_l, epochs, 1e-3, val_l, weight)
                 probs = ref_predict(model, test_l)
             kinds[kind]["seconds"] += time.perf_counter() - t0
             m = clinical_metrics(labels[te], probs, names)
@@ -274,14 +314,16 @@ def main() -> None:
     ours["peak_rss_gb"] = peak_rss_gb()
     print(json.dumps(ours, indent=1), flush=True)
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "size": size, "folds": folds,
-              "epochs": args.epochs, "views": args.views, "every": args.every, "medtune": ours, "torch": torch.__version__,
+              "epochs": args.epochs, "views": args.views, "every": args.every, "reference_recipe": REFERENCE_RECIPE, "medtune": ours, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%d %H:%M")}
     suffix = ("_quick" if args.quick else "") + (f"_every{args.every}" if args.every > 1 else "")
     out = ROOT / "results" / f"grid_speed{suffix}.json"
     previous = json.loads(out.read_text()) if args.reuse_reference and out.is_file() else {}
-    same = all(previous.get(k, 1 if k == "every" else None) == result[k] for k in ("size", "folds", "epochs", "views", "every"))
+    same = all(previous.get(k, 1 if k in ("every", "reference_recipe") else None) == result[k]
+               for k in ("size", "folds", "epochs", "views", "every", "reference_recipe"))
     if args.reuse_reference and (not same or "reference" not in previous):
-        sys.exit(f"--reuse-reference: {out} holds no reference run with size {size}, {folds} folds, {args.epochs} epochs")
+        sys.exit(f"--reuse-reference: {out} holds no reference run with size {size}, {folds} folds, {args.epochs} "
+                 f"epochs, {args.views} views and reference recipe {REFERENCE_RECIPE}: run without --reuse-reference")
     if not args.skip_reference:
         if args.reuse_reference:
             result["reference"] = previous["reference"]

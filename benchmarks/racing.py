@@ -2,7 +2,9 @@
 
 (a) the hand-written loop of grid_speed.py (timm model, DataLoader over PIL images, fp32, fresh
     augmentation) over every strategy x learning rate x fold, each rate trained on the fold's fit
-    part and the best (inner validation balanced accuracy) scored on the test fold;
+    part and the best (inner validation balanced accuracy) scored on the test fold; its recipe is
+    medtune's defaults (grid_speed.REFERENCE_RECIPE: class-weighted loss, the linear probe fitted
+    to convergence once, as it has no learning rate, augmentation as often as medtune's 4 views);
 (b) medtune without racing: every strategy x fold, each with a 3-value learning-rate choice made
     on the inner validation split;
 (c) the same grid with `racing: on` (racing.py: candidates stopped when their inner-validation
@@ -53,8 +55,8 @@ from medtune.store import Store
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from grid_speed import (Images, every_nth, ref_model, ref_predict, ref_train,  # noqa: E402  (not a package)
-                        set_trainable)
+from grid_speed import (REFERENCE_RECIPE, Images, balanced_weight, every_nth, ref_model,  # noqa: E402
+                        ref_predict, ref_probe, ref_train, set_trainable)  # (benchmarks/ is not a package)
 
 LRS = [3e-4, 1e-3, 3e-3]
 
@@ -145,7 +147,7 @@ def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, cl
     from torch.utils.data import DataLoader
 
     from medtune.cells import prepare
-    from medtune.config import load_config
+    from medtune.config import TrainConfig, load_config
     from medtune.heads import fit_svm, full_proba
     from medtune.metrics import clinical_metrics
     from medtune.splits import inner_split
@@ -156,10 +158,14 @@ def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, cl
     table = prepared.table
     paths, labels, names = table.paths, table.labels, table.class_names
     mean, std = [0.5] * 3, [0.5] * 3
-    mk = lambda idx, train: DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std),  # noqa: E731
+    views = TrainConfig().views  # (b) and (c) augment as medtune's default does
+    mk = lambda idx, train: DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std, views),  # noqa: E731
                                        batch_size=32, shuffle=train, num_workers=2)
-    done = {(r["fold"], r["kind"]): r for r in map(json.loads, rows_path.read_text().splitlines())} \
-        if rows_path.exists() else {}
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    if any(r.get("recipe", 1) != REFERENCE_RECIPE for r in rows):
+        sys.exit(f"{rows_path} holds rows of another reference recipe (grid_speed.REFERENCE_RECIPE is now "
+                 f"{REFERENCE_RECIPE}): delete it to rerun way (a)")
+    done = {(r["fold"], r["kind"]): r for r in rows}
     for fold, (tr, te) in enumerate(prepared.splits(folds, 0)):
         fit_idx, val_idx = inner_split(tr, labels, prepared.groups, 0.15, 0)
         train_l, val_l, test_l = mk(fit_idx, True), mk(val_idx, False), mk(te, False)
@@ -167,7 +173,8 @@ def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, cl
             if (fold, kind) in done:
                 continue
             tried, seconds = [], 0.0
-            for lr in ([None] if kind == "svm" else LRS):
+            # the SVM and the convex probe have no learning rate (medtune drops the choice for them too)
+            for lr in ([None] if kind in ("svm", "linear_probe") else LRS):
                 torch.manual_seed(0)
                 c0 = time.perf_counter()
                 model = ref_model(len(names))
@@ -179,26 +186,27 @@ def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, cl
                     val_p = full_proba(svm, ref_predict(model, val_l, True), len(names))
                     test_p = full_proba(svm, ref_predict(model, test_l, True), len(names))
                 else:
+                    weight = balanced_weight(labels[fit_idx], len(names))
+                    if kind in ("linear_probe", "lp_ft"):
+                        best = ref_probe(model, train_l, val_l, views, len(names), weight)
                     if kind == "lp_ft":
-                        set_trainable(model, "head")
-                        best = ref_train(model, train_l, epochs, lr, val_l)
                         set_trainable(model, "all")
-                        ref_train(model, train_l, epochs, 0.1 * lr, val_l, best=best)
+                        ref_train(model, train_l, epochs, 0.1 * lr, val_l, weight, best=best)
                     elif kind == "l2_sp":
                         set_trainable(model, "all")
                         start = {n: q.detach().clone() for n, q in model.named_parameters()
                                  if not n.startswith("classifier")}
                         pen = lambda m: 0.005 * sum((q - start[n]).pow(2).sum() if n in start else q.pow(2).sum()  # noqa: E731
                                                     for n, q in m.named_parameters())
-                        ref_train(model, train_l, epochs, lr, val_l, penalty=pen)
-                    else:
-                        set_trainable(model, {"linear_probe": "head", "partial_ft": "top2", "full_ft": "all"}[kind])
-                        ref_train(model, train_l, epochs, lr, val_l)
+                        ref_train(model, train_l, epochs, lr, val_l, weight, penalty=pen)
+                    elif kind != "linear_probe":
+                        set_trainable(model, {"partial_ft": "top2", "full_ft": "all"}[kind])
+                        ref_train(model, train_l, epochs, lr, val_l, weight)
                     val_p, test_p = ref_predict(model, val_l), ref_predict(model, test_l)
                 seconds += time.perf_counter() - c0
                 tried.append((clinical_metrics(labels[val_idx], val_p, names)["balanced_accuracy"], lr, test_p))
             _, lr, test_p = max(tried, key=lambda t: t[0])  # chosen on the inner validation part only
-            row = {"fold": fold, "kind": kind, "lr": lr, "seconds": seconds,
+            row = {"fold": fold, "kind": kind, "lr": lr, "seconds": seconds, "recipe": REFERENCE_RECIPE,
                    "bacc": float(clinical_metrics(labels[te], test_p, names)["balanced_accuracy"])}
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
