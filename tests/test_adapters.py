@@ -184,6 +184,21 @@ def test_lora_without_peft_is_a_config_error_that_says_what_to_install(monkeypat
         create_strategy("lora")
 
 
+def test_lora_attention_targets_on_a_cnn_fail_when_the_config_loads_naming_the_backbone():
+    from medtune.config import load_config
+    from medtune.errors import ConfigError
+
+    raw = {"datasets": [{"name": "d", "source": "synthetic"}], "backbones": [VIT, CONVNEXT],
+           "strategies": [{"name": "lora", "targets": ["conv", "attention"]}]}
+    with pytest.raises(ConfigError, match=rf"backbone '{CONVNEXT}': lora\(targets='attention'\) finds no layer.*targets='conv'"):
+        load_config(raw=raw)
+    load_config(raw={**raw, "backbones": [VIT]})  # a transformer has both
+    auto = {**raw, "strategies": ["linear_probe", {"name": "auto_depth", "candidates": [
+        "linear_probe", {"name": "lora", "targets": "attention"}]}]}
+    with pytest.raises(ConfigError, match=rf"backbone '{CONVNEXT}'"):
+        load_config(raw=auto)
+
+
 def test_report_states_each_strategys_trainable_share_next_to_full_fine_tuning(modern_grid, tmp_path):
     from medtune.evidence import efficiency_table, group_table, read_evidence
     from medtune.report import build_report

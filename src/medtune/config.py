@@ -420,12 +420,14 @@ def _check_names(cfg: ExperimentConfig, source: str) -> None:
     from medtune.backbones import check_name
     from medtune.strategies import create_strategy
 
+    lora_targets: set[str] = set()  # explicit LoRA targets, checked against every backbone below
     for s in cfg.strategies:
         if s.name == AUTO_DEPTH:
             for cand in auto_depth_candidates(s.params):
                 for params in expand_params(cand.params):
                     for chosen in expand_choices(params):
-                        create_strategy(cand.name, **chosen)
+                        st = create_strategy(cand.name, **chosen)
+                        lora_targets |= {st.targets} if cand.name == "lora" else set()
             continue
         combos = expand_params(s.params)
         if not combos:
@@ -434,11 +436,13 @@ def _check_names(cfg: ExperimentConfig, source: str) -> None:
                               f"(e.g. `{empty[0]}: [1]`) or drop the key.")
         for params in combos:
             for chosen in expand_choices(params):
-                create_strategy(s.name, **chosen)
+                st = create_strategy(s.name, **chosen)
+                lora_targets |= {st.targets} if s.name == "lora" else set()
     for b in cfg.backbones:
         check_name(b.name)
         if b.image_size is not None:
             _check_fixed_input_size(b.name, b.image_size, source)
+        _check_lora_targets(b.name, sorted(lora_targets - {"auto"}), source)
     names = [d.display_name() for d in cfg.datasets + cfg.test_datasets]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: data set names must be unique; got {names}. Give each a `name`.")
@@ -463,6 +467,28 @@ def _check_fixed_input_size(name: str, image_size: int, source: str) -> None:
             and tuple(fixed) != (image_size, image_size):
         raise ConfigError(f"{source}: backbone {name!r} takes {fixed[0]}x{fixed[1]} images only (a fixed grid of "
                           f"patches), not image_size {image_size}. Set `image_size: {fixed[0]}` or leave it out.")
+
+
+def _check_lora_targets(name: str, targets: list[str], source: str) -> None:
+    """`lora(targets=attention)` on a CNN finds no layer to adapt: said here, once, naming the
+    backbone, rather than by each of its cells (the architecture is built on the meta device)."""
+    if not targets:
+        return
+    import torch
+
+    from medtune.adapters import lora_modules
+    from medtune.backbones import create_architecture, timm_name
+
+    try:
+        with torch.device("meta"):
+            model = create_architecture(timm_name(name), pretrained=False)
+    except Exception:  # noqa: BLE001 - not buildable this way (e.g. embedded weights): the cell will say
+        return
+    for t in targets:
+        try:
+            lora_modules(model, t)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: backbone {name!r}: {exc}") from None
 
 
 def expand_params(params: dict[str, Any]) -> list[dict[str, Any]]:
