@@ -118,6 +118,9 @@ def test_subgroup_table_splits_the_pooled_predictions_by_manifest_column(tmp_pat
     ev = read_evidence(tmp_path / "s.sqlite")
     sg = subgroup_table(ev, group_table(ev, n_boot=50), "syn", n_boot=50)
     assert list(sg.value) == ["F", "M"] and list(sg.n) == [40, 40]
+    for col in ("balanced accuracy [95% CI]", "AUC [95% CI]"):  # "0.812 [0.700, 0.905]": point inside its CI
+        point, lo, hi = (float(v) for v in sg[col].iloc[0].replace("[", "").replace("]", "").replace(",", "").split())
+        assert lo <= point <= hi and lo < hi, (col, sg[col].iloc[0])
 
 
 def test_primary_declared_in_the_config_is_the_headline_of_the_report_table(tmp_path):

@@ -383,10 +383,15 @@ def external_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int = 50
 
 # --------------------------------------------------------------------------- subgroups
 def subgroup_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int = 500) -> pd.DataFrame:
-    """Per group, subgroup column and value: n, pooled out-of-fold balanced accuracy [95% CI] and
-    AUC, from the manifest columns listed under `subgroups:`."""
+    """Per group, subgroup column and value: n, pooled out-of-fold balanced accuracy and AUC with
+    95% cluster-bootstrap CIs, from the manifest columns listed under `subgroups:` (a subgroup is
+    often small, so its point estimate alone would overstate what is known)."""
     columns = ev.info(dataset).get("subgroups") or {}
     pos = positive_index(ev, dataset)
+
+    def subgroup_auc(y, p):
+        return auc(y, p, pos)
+
     rows = []
     for _, r in t[t.dataset == dataset].iterrows():
         y, p, s = pooled(ev, r.group)
@@ -398,5 +403,5 @@ def subgroup_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int = 50
                              "n": len(np.unique(s[k])),
                              "balanced accuracy [95% CI]": fmt_ci(*ci(ev, dataset, y[k], p[k], s[k], balanced_accuracy,
                                                                       n_boot)),
-                             "AUC": auc(y[k], p[k], pos)})
+                             "AUC [95% CI]": fmt_ci(*ci(ev, dataset, y[k], p[k], s[k], subgroup_auc, n_boot))})
     return pd.DataFrame(rows)
