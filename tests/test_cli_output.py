@@ -169,3 +169,24 @@ def test_results_of_a_resumed_store_never_mix_the_two_configurations(two_seeds, 
     rows = json.loads(js.output)
     assert len(rows) == 2 * len(STRATEGIES)  # one row per strategy and epochs setting
     assert all(r["n_cells"] == 4 for r in rows), [r["n_cells"] for r in rows]
+
+
+def test_eta_prices_the_remaining_cells_by_their_kind_not_by_the_mean_of_all(monkeypatch):
+    """Two cheap probe cells, then two 10x dearer full_ft cells: once one full_ft cell has finished,
+    the ETA is that cell's time (the plain mean over all finished cells said a third of it)."""
+    from medtune import cells as cells_mod
+
+    now = [0.0]
+    monkeypatch.setattr(cells_mod.time, "perf_counter", lambda: now[0])
+    grid = [{"cell_id": str(i), "dataset": "d", "backbone": "b", "strategy": s, "head": "softmax", "seed": 0, "fold": i % 2}
+            for i, s in enumerate(["linear_probe", "linear_probe", "full_ft", "full_ft"])]
+    out = io.StringIO()
+    with cells_mod.GridProgress(grid, "grid", stream=out) as bar:
+        for cell, seconds in zip(grid[:3], [1.0, 1.0, 10.0]):
+            now[0] += seconds
+            bar.finished(cell, "failed: planted")  # a failed cell's seconds are the time since the last one
+        assert bar.eta(now[0]) == pytest.approx(10.0)
+        now[0] += 10.0
+        bar.finished(grid[3], "failed: planted")
+    lines = out.getvalue().splitlines()
+    assert lines[3].endswith("ETA 10 s") and lines[4].endswith("ETA done"), lines

@@ -141,7 +141,7 @@ def run_ray(cfg: ExperimentConfig, todo: list[dict], data_of: dict[str, Prepared
         for cell in sorted(todo, key=lambda c: tuple(str(k) for k in model_key(c))):  # stable: grid order within a key
             ref = task.remote(cell, refs[id(data_of[cell["cell_id"]])], settings, cfg.device, threads)
             pending[ref] = cell
-        with GridProgress(len(todo), f"{stage}{len(todo)} cells on Ray ({summary.skipped} already done)", progress) as bar:
+        with GridProgress(todo, f"{stage}{len(todo)} cells on Ray ({summary.skipped} already done)", progress) as bar:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:

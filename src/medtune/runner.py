@@ -160,7 +160,7 @@ def run_local(todo: list[dict], data_of: dict, settings: TrainSettings, device: 
     cache = shared_cache() if settings.cache else None
     amp = autocast_dtype(device, settings.amp)
     memo: dict = {}
-    with GridProgress(len(todo), f"{stage}{len(todo)} cells to run ({summary.skipped} already done)", progress) as bar:
+    with GridProgress(todo, f"{stage}{len(todo)} cells to run ({summary.skipped} already done)", progress) as bar:
         for cell in todo:
             bar.starting(cell)
             rt = Runtime(device, cache, model_key(cell), amp, memo)
