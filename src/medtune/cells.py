@@ -232,11 +232,10 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     feature_head = None
     if head in FEATURE_HEADS:
         feats = lambda idx: result.features(table, idx)  # noqa: E731
-        both = np.concatenate([fit_idx, val_idx])
         args = (feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx], table.num_classes)
         if head == "svm":
             feature_head = fit_svm(*args, seed=c["seed"], class_weight=class_weight,
-                                   groups=None if groups is None else groups[both])
+                                   groups=None if groups is None else groups[fit_idx])
             info["svm_C"] = feature_head.C
         else:
             feature_head = fit_knn(*args, class_weight=class_weight)
