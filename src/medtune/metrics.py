@@ -223,17 +223,19 @@ def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, metric=balanced_accuracy
     return float(point), float(lo), float(hi)
 
 
-def corrected_ttest(a: np.ndarray, b: np.ndarray, n_train: float, n_test: float) -> tuple[float, float]:
+def corrected_ttest(a: np.ndarray, b: np.ndarray, n_train: float, n_test: float,
+                    min_var: float = 0.0) -> tuple[float, float]:
     """(t, two-sided p) of Nadeau & Bengio (2003): the paired t-test over folds with the variance
     inflated by (1/J + n_test/n_train), because CV folds share training data and the plain
-    paired t-test is then far too eager to call a difference significant."""
+    paired t-test is then far too eager to call a difference significant. `min_var` floors the
+    differences' sample variance (racing.py: a score that moves in steps can repeat exactly)."""
     from scipy import stats
 
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     j = len(d)
     if j < 2:
         return float("nan"), float("nan")
-    mean, var = d.mean(), d.var(ddof=1)
+    mean, var = d.mean(), max(d.var(ddof=1), min_var)
     if var == 0:
         return (0.0, 1.0) if mean == 0 else (float(np.sign(mean) * np.inf), 0.0)
     t = mean / np.sqrt((1.0 / j + n_test / n_train) * var)

@@ -26,6 +26,7 @@ History: 1 = cells written before the version existed (no `results_version` in t
     validation), like the softmax head: their inner-validation predictions, which racing, the
     recommended strategy and the operating points read, had come from a model fitted on those
     very images (an SVM on frozen BUSI features: 0.93-0.99 there, 0.77-0.80 on the test folds).
+    Also: racing floors the fold differences' variance (racing.py), so it prunes fewer candidates.
 """
 
 RESULTS_VERSION = 5
