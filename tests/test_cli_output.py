@@ -173,7 +173,7 @@ def test_results_of_a_resumed_store_never_mix_the_two_configurations(two_seeds, 
 
 def test_eta_prices_the_remaining_cells_by_their_kind_not_by_the_mean_of_all(monkeypatch):
     """Two cheap probe cells, then two 10x dearer full_ft cells: once one full_ft cell has finished,
-    the ETA is that cell's time (the plain mean over all finished cells said a third of it)."""
+    the ETA is that cell's time, 10 s (the plain mean over all finished cells said 4 s)."""
     from medtune import cells as cells_mod
 
     now = [0.0]
