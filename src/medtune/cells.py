@@ -403,8 +403,7 @@ class GridProgress:
     def eta(self, now: float) -> float:
         """Seconds of wall clock left (see the class docstring)."""
         spent = sum(map(sum, self.seconds.values()))
-        every = [s for v in self.seconds.values() for s in v]
-        mean_all = spent / max(len(every), 1)
+        mean_all = spent / max(sum(map(len, self.seconds.values())), 1)
         priced = sum(float(np.mean(self.seconds[k])) if k in self.seconds else mean_all for k in self.left)
         return (now - self.t0) * priced / spent if spent > 0 else mean_all * len(self.left)
 

@@ -163,13 +163,12 @@ def fit_svm(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: 
                 score = balanced_accuracy_score(val_y, clf.predict(val_x))
                 if score > best_score + 1e-9:
                     best_c, best_score = C, score
-        x, y = train_x, train_y
-        if groups is not None and len(groups) != len(y):
-            raise ValueError(f"groups has {len(groups)} entries for {len(y)} training rows")
-        folds = calibration_folds(y, groups)
+        if groups is not None and len(groups) != len(train_y):
+            raise ValueError(f"groups has {len(groups)} entries for {len(train_y)} training rows")
+        folds = calibration_folds(train_y, groups)
         calibrated = CalibratedClassifierCV(_svm(best_c, class_weight), method="sigmoid", cv=folds)
-        pipe = make_pipeline(StandardScaler(), calibrated).fit(x, y)
-    priors = training_priors(y, pipe.classes_, n_classes) if class_weight == "balanced" else None
+        pipe = make_pipeline(StandardScaler(), calibrated).fit(train_x, train_y)
+    priors = training_priors(train_y, pipe.classes_, n_classes) if class_weight == "balanced" else None
     return SVMHead(pipe, best_c, priors)
 
 
