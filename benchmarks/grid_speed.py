@@ -9,8 +9,9 @@
     "balanced"), in training and in the validation loss that keeps the best epoch; the linear
     probe (linear_probe, LP-FT's first phase) fitted to convergence by logistic regression on
     pooled features, C chosen on the validation loss (medtune's probe.py, as the SVM below uses
-    medtune's heads.py); frozen BatchNorm layers in eval mode, trained ones on batch statistics;
-    one epoch of linear warm-up then cosine per phase, gradient-norm clipping at 5, the best
+    medtune's heads.py), LP-FT's after its BatchNorm statistics are re-estimated on the training
+    images (medtune's lp_ft refresh_bn, recipe 3); frozen BatchNorm layers in eval mode, trained
+    ones on batch statistics; one epoch of linear warm-up then cosine per phase, gradient-norm clipping at 5, the best
     validation epoch kept across LP-FT's two phases, and the same augmentation policy (each drawn
     training image augmented with probability 1 - 1/views, freshly here, from views - 1 cached
     versions in medtune's frozen phases). Only the execution differs.
@@ -65,7 +66,7 @@ KINDS = ["linear_probe", "svm", "partial_ft", "lp_ft", "full_ft"]
 # the reference loop's recipe; a stored reference half is reused only with the same one.
 # 1: unweighted loss, probe by SGD at 10x the rate, LP-FT with every BatchNorm frozen (medtune's
 #    defaults before d70584c); 2: medtune's current defaults, as the docstring lists them
-REFERENCE_RECIPE = 2
+REFERENCE_RECIPE = 3
 
 
 def peak_rss_gb() -> float:
@@ -203,6 +204,24 @@ def ref_probe(model, train_loader, val_loader, views, n_classes, weight):
 
 
 @torch.no_grad()
+def ref_refresh_bn(model, loader, views):
+    """LP-FT's BatchNorm refresh before its probe (recipe 3, medtune's lp_ft `refresh_bn`): the running
+    statistics re-estimated as the mean over `views` passes of the augmenting training loader."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for _ in range(views):
+        for x, _ in loader:
+            model(x)
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+
+
+@torch.no_grad()
 def ref_features(model, loader):
     model.eval()
     xs, ys = zip(*((model.forward_head(model.forward_features(x), pre_logits=True), y) for x, y in loader))
@@ -246,6 +265,8 @@ def reference_grid(prepared, size, folds, epochs, views) -> dict:
             else:
                 # the same learning rates as medtune: 1e-3, LP-FT's FT phase at 0.1x (ft_lr_scale)
                 weight = balanced_weight(labels[fit_idx], len(names))
+                if kind == "lp_ft":
+                    ref_refresh_bn(model, train_l, views)
                 if kind in ("linear_probe", "lp_ft"):
                     best = ref_probe(model, train_l, val_l, views, len(names), weight)
                 if kind == "lp_ft":

@@ -56,7 +56,7 @@ from medtune.store import Store
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from grid_speed import (REFERENCE_RECIPE, Images, balanced_weight, every_nth, ref_model,  # noqa: E402
-                        ref_predict, ref_probe, ref_train, set_trainable)  # (benchmarks/ is not a package)
+                        ref_predict, ref_probe, ref_refresh_bn, ref_train, set_trainable)  # (benchmarks/ is not a package)
 
 LRS = [3e-4, 1e-3, 3e-3]
 
@@ -187,6 +187,8 @@ def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, cl
                     test_p = full_proba(svm, ref_predict(model, test_l, True), len(names))
                 else:
                     weight = balanced_weight(labels[fit_idx], len(names))
+                    if kind == "lp_ft":
+                        ref_refresh_bn(model, train_l, views)
                     if kind in ("linear_probe", "lp_ft"):
                         best = ref_probe(model, train_l, val_l, views, len(names), weight)
                     if kind == "lp_ft":

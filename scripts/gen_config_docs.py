@@ -195,7 +195,9 @@ def render_strategies() -> str:
              "(160 training images a fold, lr 3e-4) full_ft 0.53 +- 0.09 with `update` and 0.96 +- 0.06 with "
              "`keep` (partial_ft 0.88 and 0.80); on BUSI at lr 1e-3 (3 epochs) full_ft 0.80 +- 0.01 with "
              "`update` and 0.64 +- 0.20 with `keep` (partial_ft 0.83 and 0.76). Every strategy, LP-FT included, "
-             "follows that setting unless its own parameter `bn_statistics` names another (recorded per cell).\n\n",
+             "follows that setting unless its own parameter `bn_statistics` names another (recorded per cell); "
+             "under `update` LP-FT first re-estimates the statistics on the training images, so that its probe "
+             "fits the features fine-tuning starts from (lp_ft below).\n\n",
              "Depth is counted in the studies' units (`medtune list depths BACKBONE`; the tables at the end): "
              "`blocks` are residual bottlenecks (ResNet, ResNetV2), dense block + transition (DenseNet), Inception "
              "mixed modules, MBConv stages (EfficientNet), transformer blocks (ViT), and VGG's five "

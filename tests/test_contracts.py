@@ -17,7 +17,7 @@ import torch
 from medtune.backbones import blocks, chain, classifier_param_names, create_backbone
 from medtune.config import AugmentConfig
 from medtune.strategies import REGISTRY, AutoRGN, AutoSNR, L2SP, create_strategy, depth, is_norm
-from medtune.train import FeatureCache, Runtime, TrainSettings, fit, set_seed
+from medtune.train import FeatureCache, Runtime, TrainSettings, fit, fit_epochs, set_seed
 from conftest import DEVICE, TINY
 
 SETTINGS = TrainSettings(epochs=2, batch_size=8, lr=3e-3, val_fraction=0.0, views=2, amp="off", patience=10,
@@ -177,6 +177,63 @@ def test_lp_ft_and_full_ft_use_the_same_batchnorm_rule_by_default(tiny_table):
                               replace(SETTINGS, epochs=1, bn_statistics="update"))
     assert res.bn_statistics == "keep" and not stats(changed(model, start))
     assert any(k.endswith("bn1.weight") for k in changed(model, start))  # the affine parameters still train
+
+
+def probe_epoch(strategy, table, settings, cache):
+    """The model right after LP-FT's probe (fit_epochs pauses after each evaluated epoch)."""
+    set_seed(0)
+    model = create_backbone(TINY, pretrained=False, num_classes=table.num_classes)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = np.arange(len(table))
+    epochs = fit_epochs(model, table, idx, idx[:0], strategy, settings, Runtime(torch.device(DEVICE), cache, (TINY, 48), None))
+    assert "probe_C" in next(epochs)
+    return model, start
+
+
+def test_lp_ft_fits_its_probe_on_the_statistics_fine_tuning_starts_from(tiny_table):
+    """Under `update`, fine-tuning normalises with the training images' batch statistics, so LP-FT
+    first re-estimates the running statistics on them and fits the probe on those features (Kumar
+    et al.'s use_new_bn_stats). Without the refresh the probe sees the start statistics; under `keep`
+    nothing is refreshed. The refreshed features stay out of the shared cache."""
+    stats = lambda names: {k for k in names if k.endswith(("running_mean", "running_var"))}  # noqa: E731
+    settings = replace(SETTINGS, epochs=1, bn_statistics="update")
+    cache = FeatureCache()
+    model, start = probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table, settings, cache)
+    moved = changed(model, start)
+    assert stats(moved) and not {k for k in moved if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))} - \
+        classifier_param_names(model)  # only statistics and the probed head changed
+    model, start = probe_epoch(create_strategy("lp_ft", lp_epochs=1, refresh_bn=False), tiny_table, settings, FeatureCache())
+    assert not stats(changed(model, start))
+    model, start = probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table, replace(settings, bn_statistics="keep"),
+                               FeatureCache())
+    assert not stats(changed(model, start))
+    # a linear probe after LP-FT, sharing the cache, gets the pretrained statistics' features
+    _, _, after = train(create_strategy("linear_probe"), tiny_table, replace(settings, val_fraction=0.0))
+    rt = Runtime(torch.device(DEVICE), cache, (TINY, 48), None)
+    set_seed(0)
+    shared = fit(create_backbone(TINY, pretrained=False, num_classes=tiny_table.num_classes), tiny_table,
+                 np.arange(len(tiny_table)), np.arange(0), create_strategy("linear_probe"), settings, rt)
+    idx = np.arange(len(tiny_table))
+    assert np.array_equal(shared.predict_proba(tiny_table, idx), after.predict_proba(tiny_table, idx))
+
+
+def test_refresh_bn_statistics_is_the_mean_over_the_views_and_changes_no_weight(tiny_table):
+    from medtune.features import Forward, Inputs
+    from medtune.train import refresh_bn_statistics
+    set_seed(0)
+    model = create_backbone(TINY, pretrained=False, num_classes=tiny_table.num_classes)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = replace(SETTINGS, batch_size=len(tiny_table))  # one batch per view: the mean is exact
+    inputs = Inputs(tiny_table, Forward(model, None), 0, settings, Runtime(torch.device(DEVICE), None, (TINY, 48), None))
+    idx = np.arange(len(tiny_table))
+    with torch.no_grad():
+        stem = [model.conv_stem(inputs.images(torch.as_tensor(idx), torch.full((len(idx),), v))) for v in range(2)]
+    model.eval()
+    refresh_bn_statistics(model, inputs, idx, settings.batch_size)
+    expected = torch.stack([h.mean(dim=(0, 2, 3)) for h in stem]).mean(0)
+    assert torch.allclose(model.bn1.running_mean, expected, atol=1e-5)
+    assert model.bn1.momentum == 0.1 and not any(m.training for m in model.modules())  # as it was
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
 
 
 def test_bn_statistics_update_keep_and_update_all(tiny_table):

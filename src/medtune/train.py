@@ -11,6 +11,7 @@ validation split. Device and precision live in `precision.py`, views and cache i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -85,7 +86,12 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
             if probe and probed:  # the probe is fitted once per phase, not once per epoch
                 continue
             probed = probed or probe
-            if inputs is None or inputs.cut != (POOLED if probe else cut):
+            if probe and phase.refresh_bn and any((q.bn or settings.bn_statistics) == "update"
+                                                  for q in phases[p + 1:] if q.epochs):
+                refresh_bn_statistics(model, Inputs(table, fwd, 0, settings, rt), train_idx, settings.batch_size)
+                # the pooled features under the new statistics: this fold's own, so not the shared cache's
+                inputs = Inputs(table, fwd, POOLED, settings, dataclasses.replace(rt, cache=None))
+            elif inputs is None or inputs.cut != (POOLED if probe else cut):
                 inputs = Inputs(table, fwd, POOLED if probe else cut, settings, rt)
             if probe:  # only the classifier trains: fit it to convergence, once for the phase
                 fit_probe(model, inputs, table, train_idx, val_idx, settings, seed, history)
@@ -266,6 +272,34 @@ def set_train_mode(model: nn.Module, bn_statistics: str) -> None:
             params = list(m.parameters())  # recursing: SSF's scale and shift live in a submodule
             if bn_statistics == "keep" or (params and not any(p.requires_grad for p in params)):
                 m.eval()
+
+
+@torch.no_grad()
+def refresh_bn_statistics(model: nn.Module, images: "Inputs", idx: np.ndarray, batch_size: int) -> None:
+    """Re-estimate every BatchNorm's running statistics on every view of table[idx] (AdaBN, Li et al.
+    2016): forward passes with only BatchNorm in train mode, its momentum off so the statistics are
+    the mean over the batches, in a fixed order. No weight changes."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    was = model.training
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    views = images.s.views
+    order = [(v, s) for v in range(views) for s in range(0, len(idx), batch_size)]
+    for v, s in order:
+        part = torch.as_tensor(idx[s:s + batch_size])
+        if len(part) < 2:  # a batch of one has no variance
+            continue
+        with images.autocast():
+            model(images.images(part, torch.full_like(part, v)))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was)
 
 
 @torch.no_grad()

@@ -27,6 +27,9 @@ History: 1 = cells written before the version existed (no `results_version` in t
     recommended strategy and the operating points read, had come from a model fitted on those
     very images (an SVM on frozen BUSI features: 0.93-0.99 there, 0.77-0.80 on the test folds).
     Also: racing floors the fold differences' variance (racing.py), so it prunes fewer candidates.
+Not a bump: lp_ft re-estimating BatchNorm statistics before its probe (`refresh_bn`, on by default)
+changed only lp_ft's numbers, and the new parameter is part of each lp_ft cell's config, so a resumed
+store recomputes its lp_ft cells and reuses the others.
 """
 
 RESULTS_VERSION = 5
