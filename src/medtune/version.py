@@ -27,11 +27,14 @@ History: 1 = cells written before the version existed (no `results_version` in t
     recommended strategy and the operating points read, had come from a model fitted on those
     very images (an SVM on frozen BUSI features: 0.93-0.99 there, 0.77-0.80 on the test folds).
     Also: racing floors the fold differences' variance (racing.py), so it prunes fewer candidates.
-Not a bump: lp_ft re-estimating BatchNorm statistics before its probe (`refresh_bn`, on by default)
-changed only lp_ft's numbers, and the new parameter is part of each lp_ft cell's config, so a resumed
-store recomputes its lp_ft cells and reuses the others.
+6 = lp_ft re-estimates the BatchNorm statistics on the training images before its probe under
+    `bn_statistics: update` (`refresh_bn`, on by default): its probe had been fitted on the pretrained
+    statistics while fine-tuning normalised with batch statistics, so fine-tuning began from a head
+    that did not fit its features and early stopping kept the probe. Only lp_ft's numbers change, but
+    its new parameter alone would leave the old lp_ft cells readable beside the new ones (a second
+    lp_ft group in a resumed store), so the version moves.
 """
 
-RESULTS_VERSION = 5
+RESULTS_VERSION = 6
 
 UNVERSIONED = 1  # what a cell without a recorded version counts as
