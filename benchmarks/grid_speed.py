@@ -11,8 +11,9 @@
     pooled features, C chosen on the validation loss (medtune's probe.py, as the SVM below uses
     medtune's heads.py), LP-FT's after its BatchNorm statistics are re-estimated on the training
     images (medtune's lp_ft refresh_bn, recipe 3); frozen BatchNorm layers in eval mode, trained
-    ones on batch statistics; one epoch of linear warm-up then cosine per phase, gradient-norm clipping at 5, the best
-    validation epoch kept across LP-FT's two phases, and the same augmentation policy (each drawn
+    ones on batch statistics; one epoch of linear warm-up then cosine per phase, gradient-norm
+    clipping at 5, the best validation epoch kept across LP-FT's two phases, and the same
+    augmentation policy (each drawn
     training image augmented with probability 1 - 1/views, freshly here, from views - 1 cached
     versions in medtune's frozen phases). Only the execution differs.
 

@@ -194,12 +194,17 @@ def test_lp_ft_fits_its_probe_on_the_statistics_fine_tuning_starts_from(tiny_tab
     """Under `update`, fine-tuning normalises with the training images' batch statistics, so LP-FT
     first re-estimates the running statistics on them and fits the probe on those features (Kumar
     et al.'s use_new_bn_stats). Without the refresh the probe sees the start statistics; under `keep`
-    nothing is refreshed. The refreshed features stay out of the shared cache."""
+    nothing is refreshed. The refreshed features are cached under their own key: a second fit on the
+    same images reuses them, and the pretrained statistics' features are untouched."""
     stats = lambda names: {k for k in names if k.endswith(("running_mean", "running_var"))}  # noqa: E731
     settings = replace(SETTINGS, epochs=1, bn_statistics="update")
     cache = FeatureCache()
     model, start = probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table, settings, cache)
     moved = changed(model, start)
+    hits = cache.hits
+    again, _ = probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table, settings, cache)
+    assert cache.hits == hits + 1  # the refreshed features, computed once
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     assert stats(moved) and not {k for k in moved if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))} - \
         classifier_param_names(model)  # only statistics and the probed head changed
     model, start = probe_epoch(create_strategy("lp_ft", lp_epochs=1, refresh_bn=False), tiny_table, settings, FeatureCache())

@@ -266,7 +266,7 @@ class LPFT(Strategy):
     default) fine-tuning normalises with batch statistics, not the pretrained running statistics the
     probe would otherwise be fitted on, so with `refresh_bn` (default) the statistics are first
     re-estimated on the training images and the probe is fitted on those features (the authors'
-    `use_new_bn_stats` variant; the features are then computed for the fold, not cached). Without
+    `use_new_bn_stats` variant; those features are cached per fold, not shared with other folds). Without
     it, on BUSI (Lite0 @224, outer folds 0 and 1, lr 3e-4) the first fine-tuning epoch's training
     loss was 2.5-2.9 (the probe's validation loss 0.50-0.62), inner validation balanced accuracy fell
     from 0.77-0.82 to 0.30-0.52, and early stopping kept the probe: LP-FT became the linear probe.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -89,8 +90,11 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
             if probe and phase.refresh_bn and any((q.bn or settings.bn_statistics) == "update"
                                                   for q in phases[p + 1:] if q.epochs):
                 refresh_bn_statistics(model, Inputs(table, fwd, 0, settings, rt), train_idx, settings.batch_size)
-                # the pooled features under the new statistics: this fold's own, so not the shared cache's
-                inputs = Inputs(table, fwd, POOLED, settings, dataclasses.replace(rt, cache=None))
+                # the pooled features under statistics of these training images: cached under their own key,
+                # shared by the candidates of a learning-rate choice (the refresh is deterministic)
+                refreshed = hashlib.sha1(np.asarray(train_idx, np.int64).tobytes()).hexdigest()[:16]
+                inputs = Inputs(table, fwd, POOLED, settings, dataclasses.replace(
+                    rt, model_key=(*rt.model_key, "bn refreshed on", refreshed, settings.batch_size)))
             elif inputs is None or inputs.cut != (POOLED if probe else cut):
                 inputs = Inputs(table, fwd, POOLED if probe else cut, settings, rt)
             if probe:  # only the classifier trains: fit it to convergence, once for the phase
