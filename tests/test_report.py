@@ -200,3 +200,62 @@ def test_minimal_install_without_grad_cam_keeps_the_model_and_says_how_to_get_ca
     res = CliRunner().invoke(app, ["predict", str(model_dir), str(data), "--cam", "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "pip install 'medtune[report]'" in res.output
     assert not (tmp_path / "p" / "predictions.csv").exists()
+
+
+def _depth_inputs():
+    """A group table and its cells for one data set: three depth settings, two other methods, two heads."""
+    from types import SimpleNamespace
+
+    from medtune.evidence import MAIN
+
+    share = {"linear_probe": 0.001, "partial_ft(fraction=0.15)": 0.5, "full_ft": 1.0, "lp_ft": 1.0, "l2_sp": 1.0}
+    rows, cells = [], []
+    for head in ("softmax", "svm"):
+        for k, (strategy, f) in enumerate(share.items()):
+            group = f"{strategy} {head}"
+            rows.append({"dataset": "d", "group": group, "backbone": "resnet50", "head": head, "variant": "",
+                         "strategy": strategy, MAIN: 0.80 + 0.01 * k, f"{MAIN}_sd": 0.02})
+            cells.append({"dataset": "d", "group": group, "info": {"trainable_fraction": f}})
+    return SimpleNamespace(cells=pd.DataFrame(cells)), pd.DataFrame(rows)
+
+
+def test_depth_plot_joins_only_the_depth_settings_into_the_curve():
+    from medtune.report import fig_depth
+
+    ev, t = _depth_inputs()
+    fig = fig_depth(ev, t, "d")
+    ax = fig.axes[0]
+    by_label = {c.get_label(): c for c in ax.containers}
+    curve = by_label["resnet50: depth curve"].lines[0].get_xdata()
+    others = by_label["resnet50 · svm: other methods"].lines[0].get_xdata()
+    assert list(curve) == [0.1, 50.0, 100.0]  # linear_probe, partial_ft, full_ft in order of share (%)
+    assert list(others) == [100.0, 100.0]  # lp_ft and l2_sp: points at their share, not on the curve
+    texts = sorted(a.get_text() for a in ax.texts)
+    assert texts == sorted(["linear_probe", "partial_ft(fraction=0.15)", "full_ft", "lp_ft", "l2_sp"] * 2)
+
+
+def test_figure_labels_do_not_overlap_each_other():
+    """Twelve points on top of each other, a few beside them and a row of long labels side by side: the
+    rendered labels are disjoint."""
+    from medtune.report import _plt, place_labels
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [(1.0, 0.8, f"strategy_{i}(blocks={i})", "C0") for i in range(12)]
+    points += [(1.1, 0.8 + 0.002 * i, f"near_{i}", "C1") for i in range(4)] + [(5.0, 0.5, "far", "C2")]
+    points += [(4.0 + 1.5 * i, 0.9, f"a_long_label_in_a_row_{i}", "C3") for i in range(3)]  # side by side
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o")
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0.4, 1.0)
+    place_labels(ax, points, 9)
+    fig.canvas.draw()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(a) for a in ax.texts]  # the text alone (an Annotation's adds its leader line)
+    assert len(boxes) == len(points)
+    overlaps = [(ax.texts[i].get_text(), ax.texts[j].get_text()) for i in range(len(boxes))
+                for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+    assert not overlaps
+    far = next(a for a in ax.texts if a.get_text() == "far")
+    assert far.arrow_patch is None  # a label with room stays beside its point, without a leader line
+    plt.close(fig)

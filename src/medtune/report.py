@@ -80,29 +80,80 @@ def trained_share(info: dict) -> float:
     return float(f) if f is not None else np.nan
 
 
+# the strategies that differ only in how much of the top of the chain trains, at one rate: the
+# points of a depth curve. Every other strategy (LP-FT, L2-SP, Auto-RGN, LoRA, ...) is another
+# method at its own share of parameters, so it is drawn as a point of its own, not joined to the curve.
+DEPTH_SETTINGS = ("linear_probe", "partial_ft", "blockwise_ft", "full_ft")
+
+
+def is_depth_setting(strategy: str) -> bool:
+    return str(strategy).split("(", 1)[0] in DEPTH_SETTINGS
+
+
+def place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: float) -> None:
+    """Write `(x, y, text, colour)` labels right of their points so that no label covers another or
+    another point: points are taken left to right, and each label goes to the first free height of
+    0, +1, -1, +2, ... lines from its point (a thin line leads back to a label moved off its point).
+    Label widths are estimated from the text length. Call after the axes' limits are set."""
+    if not points:
+        return
+    per_pt = ax.figure.dpi / 72
+    xy = ax.transData.transform([(x, y) for x, y, _, _ in points])
+    line, char, pad = 1.2 * fontsize * per_pt, 0.6 * fontsize * per_pt, 7 * per_pt
+    placed: list[tuple[float, float, float, float]] = []
+
+    def free(box: tuple[float, float, float, float], own: int) -> bool:
+        x0, y0, x1, y1 = box
+        if any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in placed):
+            return False
+        return not any(j != own and x0 - 4 < px < x1 + 4 and y0 - 4 < py < y1 + 4 for j, (px, py) in enumerate(xy))
+
+    for i in sorted(range(len(points)), key=lambda i: (xy[i][0], -xy[i][1])):
+        x, y, text, colour = points[i]
+        px, py = xy[i]
+        width = len(text) * char
+        steps = [0] + [s * k for k in range(1, 16) for s in (1, -1)]
+        boxes = [(px + pad, py + k * line - line / 2, px + pad + width, py + k * line + line / 2) for k in steps]
+        k, box = next(((k, b) for k, b in zip(steps, boxes) if free(b, i)), (0, boxes[0]))
+        placed.append(box)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(pad / per_pt, (k * line - line / 2) / per_pt),
+                    fontsize=fontsize, color=colour, va="bottom",
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": colour, "shrinkA": 0, "shrinkB": 3} if k else None)
+
+
 def fig_depth(ev: Evidence, t: pd.DataFrame, dataset: str):
     """Balanced accuracy against the share of parameters trained (one unit for every backbone, log
-    scale: a probe trains ~0.1%, full fine-tuning 100%), one series per backbone and head, each
-    point named by its strategy."""
+    scale: a probe trains ~0.1%, full fine-tuning 100%), one colour per backbone and head. The depth
+    settings (DEPTH_SETTINGS) are joined into that series' depth curve; every other strategy is a
+    diamond of the same colour at its own share, not on the curve; each point is named by its
+    strategy, the names spread so that none overlap (place_labels)."""
     plt = _plt()
     c = ev.cells[ev.cells.dataset == dataset].copy()
     c["share"] = c["info"].map(trained_share) * 100
     depth = c.groupby("group")["share"].median()
     sub = t[t.dataset == dataset].set_index("group")
     sub["share"] = depth
-    fig, ax = plt.subplots(figsize=(8, 4.8))
     nested = sub.strategy.astype(str).str.startswith("auto_depth")
-    for i, ((bb, head, variant), g) in enumerate(sub[~nested].reset_index().groupby(["backbone", "head", "variant"])):
-        g = g.sort_values("share")
+    series = list(sub[~nested].reset_index().groupby(["backbone", "head", "variant"]))
+    n_points = int((~nested).sum())
+    fig, ax = plt.subplots(figsize=(9, max(4.8, 0.22 * n_points)))
+    labels: list[tuple[float, float, str, str]] = []
+    for i, ((bb, head, variant), g) in enumerate(series):
+        colour = f"C{i % 10}"
         name = bb + ("" if head == "softmax" else f" · {head}") + (f" [{variant}]" if variant else "")
-        ax.errorbar(g.share, g[MAIN], yerr=g[f"{MAIN}_sd"].fillna(0), marker="o", capsize=4, label=name,
-                    color=f"C{i % 10}")
-        for k, (_, r) in enumerate(g.iterrows()):  # alternate above/below: neighbours at 80% and 100% stay legible
-            ax.annotate(short_strategy(r.strategy), (r.share, r[MAIN]), textcoords="offset points",
-                        xytext=(6, 6 if k % 2 == 0 else -14), fontsize=FONT - 2)
+        on_curve = g.strategy.map(is_depth_setting)
+        curve = g[on_curve].sort_values(["share", "strategy"])
+        ax.errorbar(curve.share, curve[MAIN], yerr=curve[f"{MAIN}_sd"].fillna(0), marker="o", capsize=4,
+                    label=f"{name}: depth curve", color=colour)
+        others = g[~on_curve]
+        if len(others):
+            ax.errorbar(others.share, others[MAIN], yerr=others[f"{MAIN}_sd"].fillna(0), marker="D", ls="none",
+                        capsize=4, color=colour, mfc="white", label=f"{name}: other methods")
+        labels += [(r.share, r[MAIN], short_strategy(r.strategy), colour) for _, r in g.iterrows()
+                   if np.isfinite(r.share) and np.isfinite(r[MAIN])]
     # the nested choice has no single depth (each outer fold picks its own): a level across the axis
     for j, (_, r) in enumerate(sub[nested].iterrows()):
-        colour = f"C{(j + 3) % 10}"
+        colour = f"C{(j + len(series)) % 10}"
         sd = 0 if np.isnan(r[f"{MAIN}_sd"]) else r[f"{MAIN}_sd"]
         ax.axhline(r[MAIN], ls="--", color=colour, lw=1.5,
                    label=f"{short_strategy(r.strategy)}: {r[MAIN]:.3f} (depth picked per fold)")
@@ -110,15 +161,17 @@ def fig_depth(ev: Evidence, t: pd.DataFrame, dataset: str):
     shares = sub.loc[~nested, "share"].dropna()
     if len(shares) and shares.min() > 0:
         ax.set_xscale("log")
-        ax.set_xlim(shares.min() / 2, 200)
-        from matplotlib.ticker import FuncFormatter
+        ax.set_xlim(shares.min() / 2, 1000)  # room right of 100% for the labels of the full-network methods
+        from matplotlib.ticker import FixedLocator, FuncFormatter
 
+        ax.xaxis.set_major_locator(FixedLocator([v for v in (0.01, 0.1, 1, 10, 100) if v >= shares.min() / 2]))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.set_xlabel("parameters trained (% of the network, the new head included; log scale)")
     ax.set_ylabel("balanced accuracy (mean ± sd over folds)")
     ax.set_title(f"{dataset}: how deep to fine-tune")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=FONT - 3)
+    place_labels(ax, labels, FONT - 4)
     return fig
 
 
@@ -289,13 +342,13 @@ def fig_cost(t: pd.DataFrame, dataset: str):
     sub = t[t.dataset == dataset]
     fig, ax = plt.subplots(figsize=(8, 4.8))
     secs = sub.seconds / sub.n_cells
+    points = []
     for i, (_, r) in enumerate(sub.iterrows()):
         x = r.seconds / r.n_cells
         ax.errorbar([x], [r.pooled_balanced_accuracy], yerr=[[r.pooled_balanced_accuracy - r.ci_low],
                                                               [r.ci_high - r.pooled_balanced_accuracy]],
                     marker="*" if r.headline else "o", ms=14 if r.headline else 7, capsize=4, color=f"C{i % 10}")
-        ax.annotate(label(r).split(" · ", 1)[-1], (x, r.pooled_balanced_accuracy), textcoords="offset points",
-                    xytext=(7, 4), fontsize=FONT - 3)
+        points.append((x, r.pooled_balanced_accuracy, label(r).split(" · ", 1)[-1], f"C{i % 10}"))
     if (secs > 0).all() and secs.max() / max(secs.min(), 1e-9) > 20:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -307,6 +360,9 @@ def fig_cost(t: pd.DataFrame, dataset: str):
     ax.set_ylabel("balanced accuracy, pooled out-of-fold [95% CI]")
     ax.set_title(f"{dataset}: accuracy against training cost (★ = headline)")
     ax.grid(alpha=0.3)
+    if (secs > 0).all():
+        ax.set_xlim(right=ax.get_xlim()[1] * (3 if ax.get_xscale() == "log" else 1.25))  # room for the last labels
+    place_labels(ax, points, FONT - 4)
     return fig
 
 
