@@ -100,7 +100,10 @@ def test_a_planted_collapsed_cell_reaches_the_store_and_results(tmp_path, monkey
     monkeypatch.setattr(FitResult, "predict_proba", planted)
     summary = runner.run(cfg, progress=False)
     assert summary.done == 2 and len(summary.collapsed) == 2
-    assert "collapsed" in capsys.readouterr().err
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    warned = [line for line in err if "collapsed" in line]
+    assert len(warned) == 2  # one line per flagged cell, advice included (a log is read with grep, not at 80 columns)
+    assert all(line.startswith("warning: collapsed") and line.rstrip().endswith("the svm head") for line in warned)
     from medtune.store import Store, read_cells
 
     with Store(cfg.store) as s:

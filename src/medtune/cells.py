@@ -301,10 +301,12 @@ class RunSummary:
 
 
 def _warn(line: str) -> None:
+    """One warning, one line wherever it goes (soft_wrap: a terminal wraps it, a log keeps it whole
+    for grep, where rich would break it at 80 columns)."""
     from rich.console import Console
     from rich.markup import escape
 
-    Console(stderr=True).print(f"[yellow]warning:[/] {escape(line)}")
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSummary) -> str:
