@@ -70,7 +70,32 @@ def test_cli_list_depths_resnet50_and_vgg16():
     for n in range(1, 5):
         assert v[f"blockwise_ft(blocks={n})"]["trainable_blocks"] == [f"block{b}" for b in range(6 - n, 6)] + ["fc"]
     assert v["blockwise_ft(blocks=5)"]["trainable_blocks"] == [f"block{b}" for b in range(1, 6)] + ["fc"]
-    assert v["linear_probe"]["trainable_blocks"] == ["fc"]
+    # the probe is a linear classifier on fc7's features: VGG's fc6 and fc7 stay frozen (2 of the fc block's 6 tensors)
+    assert v["linear_probe"]["trainable_blocks"] == ["fc (2/6 tensors)"]
+    assert v["linear_probe"]["trainable_params"] == 4096 * 2 + 2
+
+
+def test_linear_probe_and_lp_fts_probe_fit_only_the_final_classifier_on_vgg():
+    """VGG's fc block (fc6, fc7, classifier) heads its block chain, so head-only in blocks would have
+    trained 89% of VGG16 under the probe's name, by SGD; the probe phases train the classifier alone,
+    which makes them the convex probe (a learning-rate choice then has nothing to choose)."""
+    from medtune.backbones import chain, classifier_param_names
+    from medtune.strategies import uses_learning_rate
+
+    model = create_backbone("vgg11", pretrained=False, num_classes=3)
+    head = classifier_param_names(model)
+    assert head == {"head.fc.weight", "head.fc.bias"}
+    assert scheduled_params(create_strategy("linear_probe"), model) == head
+    lp_ft = create_strategy("lp_ft", lp_epochs=2)
+    probe = lp_ft.phases(4)[0]
+    assert scheduled_params(lp_ft, model, epochs=4) == {n for n, _ in model.named_parameters()}  # then everything
+
+    units = chain(model, probe.unit)
+    trained = {n for b, sc in zip(units, probe.scales(0, units)) if sc > 0 for n in b.param_names}
+    assert trained == head
+    assert not uses_learning_rate(create_strategy("linear_probe"), 4, "update")
+    # gradual unfreezing and the block counts still treat the fc block as VGG's head unit
+    assert chain(model, "blocks")[-1].name == "fc" and "pre_logits.fc1.weight" in chain(model, "blocks")[-1].param_names
 
 
 def test_vgg16_blocks_are_the_five_pool_delimited_conv_blocks_and_the_fc_block():

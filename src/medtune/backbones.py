@@ -471,6 +471,17 @@ def forget(model: nn.Module) -> None:
 
 
 def chain(model: nn.Module, unit: str) -> list[Block]:
-    """The chain a strategy's scales are over: `blocks` (the papers' units), `stages` (coarse)
-    or `layers` (parameterised layers)."""
-    return {"blocks": blocks, "stages": stages, "layers": layers}[unit](model)
+    """The chain a strategy's scales are over: `blocks` (the papers' units), `stages` (coarse),
+    `layers` (parameterised layers) or `classifier` (the linear probe's)."""
+    return {"blocks": blocks, "stages": stages, "layers": layers, "classifier": classifier_chain}[unit](model)
+
+
+def classifier_chain(model: nn.Module) -> list[Block]:
+    """Two units: the whole network below the final linear classifier, and that classifier. A linear
+    probe (Kumar et al.) fits a linear classifier on the frozen network's penultimate features, which
+    on VGG are fc7's: the fc block that heads VGG's block chain (fc6, fc7, classifier) would have
+    trained 89% of VGG16's parameters under the probe's name. Elsewhere the head block is the classifier."""
+    head = classifier_param_names(model)
+    names = [n for n, _ in model.named_parameters()]
+    return [Block("network", tuple(n for n in names if n not in head)),
+            Block("classifier", tuple(n for n in names if n in head), n_layers=1)]

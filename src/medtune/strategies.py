@@ -3,7 +3,8 @@
 A strategy states its whole schedule in one method, `phases(epochs)`: a list of `Phase`s, each
 with its number of epochs, the learning-rate scale of every unit stem -> head (0.0 = frozen; the
 head's scale is its true rate), the chain the scales are over (`blocks` in the papers' units,
-`stages`, or `layers` for fractions of layers) and its BatchNorm rule (None = the experiment's).
+`stages`, `layers` for fractions of layers, or `classifier`: the network and its final linear
+classifier, the linear probe's) and its BatchNorm rule (None = the experiment's).
 A strategy may add a penalty to the loss (`penalty`), act on per-tensor learning rates or
 gradients after the backward pass (`after_backward`), keep some tensors of a trained unit frozen
 (`trains_tensor`: BitFit's biases, an adapter's own tensors), and change the model before
@@ -31,7 +32,7 @@ from medtune.errors import ConfigError
 
 REGISTRY: dict[str, type["Strategy"]] = {}
 BN_MODES = ("update", "keep", "update_all")
-UNITS = ("blocks", "stages", "layers")
+UNITS = ("blocks", "stages", "layers", "classifier")
 Scales = Callable[[int, Sequence[Block]], list[float]]  # (epoch in phase, chain) -> stem..head
 
 
@@ -162,15 +163,16 @@ def top_k(chain: Sequence[Block], k: int) -> list[float]:
 @register
 @dataclass(frozen=True)
 class LinearProbe(Strategy):
-    """Only the new head trains; a linear classifier is fitted to convergence on the frozen
-    features (probe.py: logistic regression, C chosen on the inner validation split)."""
+    """Only the new linear classifier trains, fitted to convergence on the frozen penultimate
+    features (probe.py: logistic regression, C chosen on the inner validation split); on VGG those
+    are fc7's, so the pretrained fc block stays frozen (`classifier` unit)."""
 
     name: ClassVar[str] = "linear_probe"
     summary: ClassVar[str] = "Backbone frozen; only the new classifier head trains (fitted to convergence)."
     citation: ClassVar[str] = "Kumar et al., ICLR 2022; Davila et al. 2024"
 
     def phases(self, epochs: int) -> list[Phase]:
-        return [self.phase(epochs, head_only)]
+        return [self.phase(epochs, head_only, unit="classifier")]
 
 
 @register
@@ -284,7 +286,7 @@ class LPFT(Strategy):
             raise ValueError("lp_epochs must be >= 1 and ft_lr_scale > 0")
 
     def phases(self, epochs: int) -> list[Phase]:
-        probe = dataclasses.replace(self.phase(self.lp_epochs, head_only), refresh_bn=self.refresh_bn)
+        probe = dataclasses.replace(self.phase(self.lp_epochs, head_only, unit="classifier"), refresh_bn=self.refresh_bn)
         return [probe, self.phase(epochs, everything(self.ft_lr_scale))]
 
 

@@ -33,8 +33,13 @@ History: 1 = cells written before the version existed (no `results_version` in t
     that did not fit its features and early stopping kept the probe. Only lp_ft's numbers change, but
     its new parameter alone would leave the old lp_ft cells readable beside the new ones (a second
     lp_ft group in a resumed store), so the version moves.
+7 = the linear probe (linear_probe, lp_ft's first phase, auto_depth's probe candidate) fits the final
+    linear classifier alone, on the frozen penultimate features (`classifier` unit). On VGG the head
+    of the block chain is the fc block (fc6, fc7, classifier), so the probe had trained 89% of VGG16's
+    parameters by SGD under the probe's name; only VGG's probe cells change (on every other backbone
+    the head block is the classifier), but the version is what a resumed store keys on.
 """
 
-RESULTS_VERSION = 6
+RESULTS_VERSION = 7
 
 UNVERSIONED = 1  # what a cell without a recorded version counts as
