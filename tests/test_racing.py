@@ -193,10 +193,39 @@ def test_the_report_headlines_the_race_leader_and_lists_the_pruned(tmp_path):
                        "(SELECT cell_id FROM cells WHERE strategy='close')")
     store.conn.commit()
     t = group_table(read_evidence(store.path), n_boot=20).set_index("strategy")
-    assert t.loc["good", "headline"] and t.loc["good", "headline_how"] == "race"
+    assert t.loc["good", "headline"] and t.loc["good", "headline_how"] == "inner"
     assert t.loc["close", "best_on_test_folds"] and not t.loc["bad", "best_on_test_folds"]
     assert t.loc["bad", "pruned"].startswith("worse than the leader") and t.loc["good", "pruned"] == ""
     page = build_report(store.path, tmp_path / "report", n_boot=20)["html"].read_text()
     assert "Racing: candidates stopped early" in page and "(pruned)" in page
-    assert "the race&#x27;s leader" in page or "the race's leader" in page
+    assert "the inner-validation leader" in page
+
+
+def test_without_racing_the_headline_and_deployed_group_are_the_inner_validation_leader(tmp_path):
+    """No racing, no primary, no auto_depth: the headline is still chosen on the cells' inner
+    validation splits, not on the test folds, which are planted to favour another candidate; the
+    group keep_best deploys is the same one (bundle.deployed_group). Without any inner-validation
+    predictions the headline falls back to the test folds' best and says it is optimistic."""
+    from medtune.bundle import deployed_group
+    from medtune.evidence import group_table, read_evidence
+    from medtune.racing import leaders
+    from planted import plant_run
+
+    skills = {"good": [0.90, 0.875, 0.925, 0.90, 0.875], "close": [0.875, 0.85, 0.85, 0.875, 0.85]}
+    store = planted_store(tmp_path)
+    plant_run(store)
+    cells = grid(skills)
+    trainer(store, skills, [])(cells)  # every cell, no race
+    store.conn.execute("UPDATE metrics SET value = 0.99 WHERE name='balanced_accuracy' AND cell_id IN "
+                       "(SELECT cell_id FROM cells WHERE strategy='close')")
+    store.conn.commit()
+    t = group_table(read_evidence(store.path), n_boot=20).set_index("strategy")
+    assert t.loc["good", "headline"] and t.loc["good", "headline_how"] == "inner"
+    assert t.loc["close", "best_on_test_folds"] and not t.loc["close", "headline"]
+    m = store.metrics()
+    assert deployed_group(m, None, leaders(store, "balanced_accuracy").get("syn"))[0] == t.loc["good", "group"]
+    store.conn.execute("DELETE FROM extra_predictions")
+    store.conn.commit()
+    t = group_table(read_evidence(store.path), n_boot=20).set_index("strategy")
+    assert t.loc["close", "headline"] and t.loc["close", "headline_how"] == "optimistic"
 

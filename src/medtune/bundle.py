@@ -226,17 +226,17 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
     return out
 
 
-def deployed_group(sub, primary: str | None, race_leader: str | None = None) -> tuple[str, str]:
+def deployed_group(sub, primary: str | None, inner_leader: str | None = None) -> tuple[str, str]:
     """The group a data set deploys, chosen without the test folds (`headline.headline_group`: the
-    declared primary, else auto_depth's nested choice, else the race's leader, else, said so, the
-    best mean)."""
+    declared primary, else auto_depth's nested choice, else the inner-validation leader, else, said
+    so, the best mean)."""
     from medtune.headline import headline_group
 
-    return headline_group(sub, primary, race_leader=race_leader)
+    return headline_group(sub, primary, inner_leader=inner_leader)
 
 
 def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device, store,
-              primary: str | None = None, race_leaders: dict[str, str] | None = None) -> list[Path]:
+              primary: str | None = None, inner_leaders: dict[str, str] | None = None) -> list[Path]:
     """After the grid: per data set, save every fold model (first seed) of the group the headline
     rule picks (`deployed_group`) as one bundle with its MODEL_CARD.md, plus a Grad-CAM gallery of
     fold 0's test fold. The local grid keeps each cell's model (`save_fold_model`), so the bundle's
@@ -259,7 +259,7 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
         sub = m[m.dataset == ds]
         if sub.empty or sub["balanced_accuracy"].isna().all():
             continue
-        group, how = deployed_group(sub, primary, (race_leaders or {}).get(ds))
+        group, how = deployed_group(sub, primary, (inner_leaders or {}).get(ds))
         members = sub[sub.group == group]
         members = members[members.seed == members.seed.min()].sort_values("fold")
         fold_cells = [by_id[c] for c in members.cell_id]

@@ -234,7 +234,7 @@ class ExperimentConfig(Strict):
     max_retries: int = Field(2, ge=0)
     primary: str | None = Field(None, description="the strategy (its label, e.g. partial_ft(blocks=2), or name) declared "
                                 "before the run as the one to headline; default: auto_depth's nested choice if the "
-                                "grid has it, else the report says its best row is an optimistic view")
+                                "grid has it, else the best mean score on the cells' inner validation splits")
     operating_points: list[dict[Literal["sensitivity", "specificity"], float]] = Field(
         default_factory=list, description="thresholds chosen on each outer fold's inner validation split, e.g. "
         "[{sensitivity: 0.95}, {specificity: 0.90}]; the report gives the outer folds' sensitivity, specificity, "

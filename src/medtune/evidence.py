@@ -19,7 +19,7 @@ import pandas as pd
 from medtune.headline import OPTIMISTIC, headline_groups
 from medtune.metrics import (MAIN_METRICS, at_threshold, auc, balanced_accuracy, bootstrap_ci, calibration,
                              corrected_ttest, from_counts, holm, threshold_for, wilcoxon)
-from medtune.racing import leaders as race_leaders
+from medtune.racing import leaders as inner_leaders
 from medtune.store import DISPLAY
 
 MAIN = "balanced_accuracy"
@@ -38,7 +38,7 @@ class Evidence:
     runs: pd.DataFrame
     store: Path
     version_note: str | None = None
-    race_leaders: dict = field(default_factory=dict)  # {data set: group}, under `racing:` (racing.leaders)
+    inner_leaders: dict = field(default_factory=dict)  # {data set: group}: the inner-validation leader (racing.leaders)
 
     @property
     def config(self) -> dict:
@@ -68,7 +68,7 @@ def read_evidence(store_path: str | Path) -> Evidence:
         preds = s.predictions()
         runs = s.runs()
         racing = json.loads(runs.config_json.iloc[-1]).get("racing") if len(runs) else None
-        leaders = race_leaders(s, racing["metric"], m) if racing else {}
+        leaders = inner_leaders(s, racing["metric"] if racing else MAIN, m)
         return Evidence(m, cells, preds[preds.cell_id.isin(cells.cell_id)], extra, read_datasets(s), runs,
                         Path(store_path), s.version_warning(), leaders)
 
@@ -185,7 +185,7 @@ def group_table(ev: Evidence, n_boot: int = 2000) -> pd.DataFrame:
         t["pruned"] = ""
     whole = t[MAIN].where(t.pruned == "")  # a group racing stopped averages fewer folds: never the "best"
     t["best_on_test_folds"] = whole == whole.groupby(t.dataset).transform("max")
-    heads = headline_groups(ev.metrics, ev.config.get("primary"), race_leaders=ev.race_leaders)
+    heads = headline_groups(ev.metrics, ev.config.get("primary"), inner_leaders=ev.inner_leaders)
     t["headline"] = [heads.get(d, (None,))[0] == g for d, g in zip(t.dataset, t.group)]
     t["headline_how"] = [heads[d][1] if h else "" for d, h in zip(t.dataset, t.headline)]
     return t

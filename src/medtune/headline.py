@@ -4,10 +4,11 @@ Picking the row with the best mean over the outer test folds and reporting that 
 optimism nested selection exists to avoid: the folds that choose the winner also score it. The
 headline is therefore, per data set, (1) the strategy the config declared `primary` before the
 run, else (2) `auto_depth`, whose depth was chosen on inner folds of each outer training fold,
-each reported with its outer-fold estimate, else (3) under `racing:`, the race's leader: the
-best mean inner-validation score among the candidates the race kept. Only when none of these
-exists does the headline fall back to (4) the best row on the test folds, and then it says so; a
-candidate racing stopped early (fewer folds) is never that row. `keep_best` uses the same rule for
+each reported with its outer-fold estimate, else (3) the inner-validation leader: the best mean
+score on the cells' inner validation splits (every cell stores its predictions there; under
+`racing:`, among the candidates the race kept). Only when no cell has an inner validation split
+(`train.val_fraction: 0`) does the headline fall back to (4) the best row on the test folds, and
+then it says so; a candidate racing stopped early (fewer folds) is never that row. `keep_best` uses the same rule for
 the deployed model, so the model a clinic gets is the one the headline describes.
 """
 
@@ -15,16 +16,18 @@ from __future__ import annotations
 
 import pandas as pd
 
-PRIMARY, NESTED, RACE, OPTIMISTIC = "primary", "nested", "race", "optimistic"
+PRIMARY, NESTED, INNER, OPTIMISTIC = "primary", "nested", "inner", "optimistic"
 
 HOW = {
     PRIMARY: "declared primary in the config before the run; its estimate is from the outer test folds",
     NESTED: "auto_depth's nested choice (depth picked on inner folds of each outer training fold); its "
             "estimate is from the outer test folds, which took no part in the choice",
-    RACE: "the race's leader: the best mean inner-validation score among the candidates racing kept (docs/report.md, Racing); "
-          "its estimate is from the outer test folds, which took no part in the race",
+    INNER: "the inner-validation leader: the best mean score on the cells' inner validation splits (never a test "
+           "fold; under racing, among the candidates the race kept); its estimate is from the outer test folds, "
+           "which took no part in the choice",
     OPTIMISTIC: "best mean on the outer test folds: an optimistic view, since the same folds chose it and score "
-                "it (declare `primary:` in the config or add `auto_depth` for an unbiased headline)",
+                "it (no cell has an inner validation split: keep `train.val_fraction` above 0, declare `primary:` "
+                "or add `auto_depth` for an unbiased headline)",
 }
 
 
@@ -41,10 +44,11 @@ def _first(groups: pd.DataFrame) -> str:
 
 
 def headline_group(cells: pd.DataFrame, primary: str | None = None, metric: str = "balanced_accuracy",
-                   race_leader: str | None = None) -> tuple[str, str]:
+                   inner_leader: str | None = None) -> tuple[str, str]:
     """(group key, how) for ONE data set's done cells (rows of `Store.metrics()`, with `group`,
     `strategy`, `backbone`, `head`, `variant`, `metric` and, from a raced store, `pruned` columns).
-    `how` is PRIMARY, NESTED, RACE or OPTIMISTIC (see HOW). A `primary` that matches no strategy
+    `inner_leader`: the group with the best mean inner-validation score (racing.leaders).
+    `how` is PRIMARY, NESTED, INNER or OPTIMISTIC (see HOW). A `primary` that matches no strategy
     of the data set is ignored here; the report says so."""
     if cells.empty:
         raise ValueError("headline_group needs at least one done cell")
@@ -56,15 +60,15 @@ def headline_group(cells: pd.DataFrame, primary: str | None = None, metric: str 
     nested = groups[groups["strategy"].map(strategy_name) == "auto_depth"]
     if not nested.empty:
         return _first(nested), NESTED
-    if race_leader is not None and race_leader in set(groups["group"]):
-        return race_leader, RACE
+    if inner_leader is not None and inner_leader in set(groups["group"]):
+        return inner_leader, INNER
     whole = cells[cells["pruned"] == ""] if "pruned" in cells.columns else cells
     means = (whole if not whole.empty else cells).groupby("group")[metric].mean()
     return str(means.idxmax()), OPTIMISTIC
 
 
 def headline_groups(cells: pd.DataFrame, primary: str | None = None, metric: str = "balanced_accuracy",
-                    race_leaders: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
+                    inner_leaders: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
     """{data set: (group key, how)} over a whole store's done cells."""
-    return {ds: headline_group(sub, primary, metric, (race_leaders or {}).get(ds))
+    return {ds: headline_group(sub, primary, metric, (inner_leaders or {}).get(ds))
             for ds, sub in cells.groupby("dataset", sort=False) if not sub[metric].isna().all()}

@@ -125,9 +125,11 @@ def prune(scores: dict[str, dict[tuple, Score]], looks: int, confidence: float, 
 
 
 def leaders(store: Store, metric: str, m: pd.DataFrame | None = None) -> dict[str, str]:
-    """{data set: group key} of each race's leader once it is over: the best mean inner-validation
-    `metric` among the groups racing did not stop (the headline under `racing:`, headline.py).
-    `m`: the store's `metrics()`, when the caller has read it already."""
+    """{data set: group key} of the inner-validation leader: the best mean inner-validation `metric`
+    among the groups racing did not stop (all groups without racing). The headline and the deployed
+    model when no `primary` or auto_depth decides (headline.py); a data set whose cells hold no
+    inner-validation predictions (`val_fraction: 0`) has none. `m`: the store's `metrics()`, when
+    the caller has read it already."""
     m = store.metrics() if m is None else m
     if m.empty:
         return {}

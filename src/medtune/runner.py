@@ -126,13 +126,11 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
     if cfg.keep_best:
         from medtune.bundle import keep_best
 
-        leaders = None
-        if cfg.racing is not None:
-            from medtune.racing import leaders as race_leaders
+        from medtune.racing import leaders as inner_leaders
 
-            leaders = race_leaders(store, cfg.racing.metric)
+        leaders = inner_leaders(store, cfg.racing.metric if cfg.racing is not None else "balanced_accuracy")
         summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store,
-                                                          primary=cfg.primary, race_leaders=leaders)]
+                                                          primary=cfg.primary, inner_leaders=leaders)]
     if cfg.tracking == "mlflow" and cfg.keep_best:  # the saved models, as artifacts of their cells' runs
         from medtune.tracking import track_store
 
