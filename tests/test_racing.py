@@ -62,6 +62,17 @@ def planted_store(tmp_path) -> Store:
     return store
 
 
+def favour_on_test_folds(store: Store, strategy: str):
+    """Make the test folds disagree with the inner splits: `strategy` gets the best test-fold mean.
+    Returns the store's group table, indexed by strategy."""
+    from medtune.evidence import group_table, read_evidence
+
+    store.conn.execute("UPDATE metrics SET value = 0.99 WHERE name='balanced_accuracy' AND cell_id IN "
+                       "(SELECT cell_id FROM cells WHERE strategy=?)", (strategy,))
+    store.conn.commit()
+    return group_table(read_evidence(store.path), n_boot=20).set_index("strategy")
+
+
 def test_a_far_worse_candidate_is_pruned_after_the_minimum_folds(tmp_path):
     """With two folds the t-test has one degree of freedom: only a large and consistent gap (here
     0.4000 and 0.4125) prunes as early as that; `close` (within noise of the leader) runs to the end."""
@@ -179,7 +190,6 @@ def test_sigkill_during_a_race_and_rerun(tmp_path):
 def test_the_report_headlines_the_race_leader_and_lists_the_pruned(tmp_path):
     """Under racing the headline is the leader on inner validation scores (not the best test-fold
     mean), and a pruned candidate is listed with its reason, never the optimistic † row."""
-    from medtune.evidence import group_table, read_evidence
     from medtune.report import build_report
     from planted import plant_run
 
@@ -188,11 +198,7 @@ def test_the_report_headlines_the_race_leader_and_lists_the_pruned(tmp_path):
     store = planted_store(tmp_path)
     plant_run(store, racing=RacingConfig().model_dump())
     race(grid(skills), store, trainer(store, skills, []), RacingConfig())
-    # the test folds disagree with the inner splits: `close` has the best test-fold mean
-    store.conn.execute("UPDATE metrics SET value = 0.99 WHERE name='balanced_accuracy' AND cell_id IN "
-                       "(SELECT cell_id FROM cells WHERE strategy='close')")
-    store.conn.commit()
-    t = group_table(read_evidence(store.path), n_boot=20).set_index("strategy")
+    t = favour_on_test_folds(store, "close")
     assert t.loc["good", "headline"] and t.loc["good", "headline_how"] == "inner"
     assert t.loc["close", "best_on_test_folds"] and not t.loc["bad", "best_on_test_folds"]
     assert t.loc["bad", "pruned"].startswith("worse than the leader") and t.loc["good", "pruned"] == ""
@@ -216,10 +222,7 @@ def test_without_racing_the_headline_and_deployed_group_are_the_inner_validation
     plant_run(store)
     cells = grid(skills)
     trainer(store, skills, [])(cells)  # every cell, no race
-    store.conn.execute("UPDATE metrics SET value = 0.99 WHERE name='balanced_accuracy' AND cell_id IN "
-                       "(SELECT cell_id FROM cells WHERE strategy='close')")
-    store.conn.commit()
-    t = group_table(read_evidence(store.path), n_boot=20).set_index("strategy")
+    t = favour_on_test_folds(store, "close")
     assert t.loc["good", "headline"] and t.loc["good", "headline_how"] == "inner"
     assert t.loc["close", "best_on_test_folds"] and not t.loc["close", "headline"]
     m = store.metrics()
