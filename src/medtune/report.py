@@ -162,10 +162,12 @@ def fig_depth(ev: Evidence, t: pd.DataFrame, dataset: str):
     if len(shares) and shares.min() > 0:
         ax.set_xscale("log")
         ax.set_xlim(shares.min() / 2, 1000)  # room right of 100% for the labels of the full-network methods
-        from matplotlib.ticker import FixedLocator, FuncFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-        ax.xaxis.set_major_locator(FixedLocator([v for v in (0.01, 0.1, 1, 10, 100) if v >= shares.min() / 2]))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        narrow = shares.max() / shares.min() < 10  # less than a decade: 1-2-5 ticks, else decades
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if narrow else (1.0,)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%" if v <= 100 else ""))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("parameters trained (% of the network, the new head included; log scale)")
     ax.set_ylabel("balanced accuracy (mean ± sd over folds)")
     ax.set_title(f"{dataset}: how deep to fine-tune")
