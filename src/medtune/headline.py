@@ -8,8 +8,9 @@ each reported with its outer-fold estimate, else (3) the inner-validation leader
 score on the cells' inner validation splits (every cell stores its predictions there; under
 `racing:`, among the candidates the race kept). Only when no cell has an inner validation split
 (`train.val_fraction: 0`) does the headline fall back to (4) the best row on the test folds, and
-then it says so; a candidate racing stopped early (fewer folds) is never that row. `keep_best` uses the same rule for
-the deployed model, so the model a clinic gets is the one the headline describes.
+then it says so; a candidate racing stopped early (fewer folds) is never that row. `keep_best`
+uses the same rule for the deployed model, so the model a clinic gets is the one the headline
+describes.
 """
 
 from __future__ import annotations
