@@ -7,7 +7,7 @@ import pytest
 from planted import noisy_probs, plant_cell, plant_dataset, plant_run
 
 from medtune.errors import MedtuneError
-from medtune.evidence import (external_table, group_table, operating_points, operating_table, read_evidence,
+from medtune.evidence import (external_table, group_table, summary_table, operating_points, operating_table, read_evidence,
                               subgroup_table)
 from medtune.headline import NESTED, OPTIMISTIC, PRIMARY, headline_group
 from medtune.store import Store, add_groups
@@ -35,6 +35,19 @@ def test_two_image_sizes_of_one_backbone_are_two_rows(tmp_path):
     assert sorted(t.variant) == ["backbone.image_size=224", "backbone.image_size=384"]
     # and the better size is not averaged away
     assert t.set_index("variant").balanced_accuracy["backbone.image_size=384"] > t.balanced_accuracy.min()
+
+
+def test_summary_table_keeps_rows_whose_keys_are_missing_in_part(tmp_path):
+    """Rows from outside the store (a benchmark's reference fit) have no `pruned`; they are a group,
+    not silently dropped by the grouping (pandas drops NaN keys by default)."""
+    with Store(tmp_path / "s.sqlite") as s:
+        plant_dataset(s), plant_run(s)
+        _grid(s, [({}, "linear_probe", 1.0)])
+        stored = s.metrics()
+    outside = stored.drop(columns=["pruned", "variant"]).assign(group="reference", strategy="reference")
+    t = summary_table(pd.concat([stored, outside], ignore_index=True))
+    assert sorted(t.strategy) == ["linear_probe", "reference"]
+    assert (t.n_cells == 2).all()
 
 
 def test_a_group_holding_one_seed_and_fold_twice_is_refused():

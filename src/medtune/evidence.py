@@ -155,10 +155,13 @@ def fmt_ci(point: float, lo: float, hi: float, digits: int = 3) -> str:
 
 # --------------------------------------------------------------------------- groups and the headline
 def summary_table(metrics: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
-    """Mean and sd over folds and seeds per cell group (whole configuration except fold and seed)."""
+    """Mean and sd over folds and seeds per cell group (whole configuration except fold and seed).
+    A row missing a key (a reference fit from outside the store has no `pruned`) reads it as "": pandas
+    would otherwise drop it from the grouping without a word."""
     columns = [c for c in (columns or MAIN_METRICS) if c in metrics.columns]
     keys = ["group", *GROUP] if "group" in metrics.columns else DISPLAY
     keys += ["pruned"] if "pruned" in metrics.columns else []  # racing: why a group stopped early, else ""
+    metrics = metrics.assign(**{k: metrics[k].fillna("") for k in keys if k in metrics.columns})
     agg = metrics.groupby(keys, sort=False)
     mean = agg[columns].mean()
     sd = agg[columns].std(ddof=1)
