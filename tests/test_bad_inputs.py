@@ -307,6 +307,19 @@ def test_nan_loss_recorded_and_grid_continues(tmp_path, monkeypatch):
     assert all("the loss diverged to nan at epoch 0" in e and "Lower train.lr" in e for e in failed.error)
 
 
+def test_divergence_in_lp_ft_names_the_rate_its_fine_tuning_phase_ran_at(tmp_path, monkeypatch):
+    """LP-FT fine-tunes at ft_lr_scale x train.lr: the message gives that rate, not train.lr alone."""
+    from medtune.runner import run
+    from medtune.strategies import LPFT
+
+    monkeypatch.setattr(LPFT, "penalty", lambda self, model, start: torch.tensor(float("nan")))
+    cfg = load_config(tiny_config(tmp_path, strategies=[{"name": "lp_ft", "lp_epochs": 1}]), ["train.lr=0.002", "train.epochs=2"])
+    run(cfg, progress=False)
+    with Store(cfg.store) as s:
+        errors = s.cells().error.tolist()
+    assert errors and all("lr 0.0002 = train.lr 0.002 x this phase's scale 0.1" in e for e in errors), errors
+
+
 def test_exploding_finite_loss_is_stopped_as_diverged(tmp_path):
     """A huge learning rate gives a finite but exploding loss: the cell fails as diverged, the grid goes on."""
     from medtune.runner import run

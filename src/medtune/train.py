@@ -116,7 +116,7 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
                     first_loss = value if first_loss is None else first_loss
                     if not math.isfinite(value) or value > 100 * max(first_loss, 1.0):  # NaN, inf or 100x the start
                         raise TrainingError(f"the loss diverged to {value:.4g} at epoch {epoch}, step {step} (it started "
-                                            f"at {first_loss:.4g}; lr {settings.lr}). Lower train.lr or keep train.grad_clip on.")
+                                            f"at {first_loss:.4g}; {rate(settings.lr, scale)}). Lower train.lr or keep train.grad_clip on.")
                     stepper.backward(total_loss)
                     lr_t = settings.lr * cosine_lr(e * steps + step, phase.epochs * steps, int(settings.warmup_epochs * steps))
                     for g in groups:
@@ -128,7 +128,7 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
                         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], settings.grad_clip)
                     stepper.step()
                     running, seen = running + loss.item() * len(idx), seen + len(idx)
-                check_finite(groups, scale, epoch, settings.lr)
+                check_finite(groups, scale, epoch, rate(settings.lr, scale))
                 history.append({"epoch": epoch, "train_loss": running / max(seen, 1)})
             val_loss, val_bacc = evaluate(fwd, inputs, table, val_idx, rt, weight)
             history[-1].update({"val_loss": val_loss, "val_balanced_accuracy": val_bacc, "cut": inputs.cut, "bn": bn,
@@ -248,12 +248,19 @@ def epoch_order(labels: np.ndarray, gen: torch.Generator) -> np.ndarray:
     return torch.randperm(len(labels), generator=gen).numpy()
 
 
-def check_finite(groups: list[dict], scale: dict[str, float], epoch: int, lr: float) -> None:
+def rate(lr: float, scale: dict[str, float]) -> str:
+    """The rate a phase trains at, as a divergence message names it: a phase whose largest scale is not
+    1 (LP-FT's fine-tuning at ft_lr_scale) says so, else "lower train.lr" reads as the wrong number."""
+    top = max(scale.values(), default=1.0)
+    return f"lr {lr:g}" if top == 1 else f"lr {lr * top:g} = train.lr {lr:g} x this phase's scale {top:g}"
+
+
+def check_finite(groups: list[dict], scale: dict[str, float], epoch: int, lr: str) -> None:
     """A step can overflow the weights without raising (CUDA's fused AdamW takes any lr): the next
     loss would be NaN, but after the last step there is no next loss to look at."""
     trained = [g["params"][0].detach() for g in groups if scale[g["name"]] > 0]
     if trained and not bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()):  # one sync
-        raise TrainingError(f"the weights became inf/NaN at epoch {epoch} (lr {lr:g}): the run diverged. "
+        raise TrainingError(f"the weights became inf/NaN at epoch {epoch} ({lr}): the run diverged. "
                             "Lower train.lr or keep train.grad_clip on.")
 
 
