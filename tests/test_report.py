@@ -259,3 +259,34 @@ def test_figure_labels_do_not_overlap_each_other():
     far = next(a for a in ax.texts if a.get_text() == "far")
     assert far.arrow_patch is None  # a label with room stays beside its point, without a leader line
     plt.close(fig)
+
+
+def test_reliability_diagram_of_a_large_grid_shows_the_headline_and_the_test_folds_best(tmp_path):
+    """Eight overlaid calibration curves were one tangle with repeating colours (a 16-group BUSI store):
+    past six groups the diagram shows the headline and the † group; a small grid shows every group."""
+    from planted import noisy_probs, plant_cell, plant_dataset, plant_run
+
+    from medtune.evidence import group_table, read_evidence
+    from medtune.report import fig_reliability
+
+    def figure_labels(n_groups):
+        path = tmp_path / f"s{n_groups}.sqlite"
+        rng = np.random.default_rng(0)
+        with Store(path) as s:
+            plant_dataset(s), plant_run(s, primary="full_ft")
+            for k in range(n_groups):
+                for fold in range(2):
+                    y = np.array([0, 1] * 20)
+                    name = "full_ft" if k == 0 else f"partial_ft{k}"
+                    plant_cell(s, {"strategy": {"name": name}}, fold, 0, y, noisy_probs(y, 0.3 + 0.1 * k, rng),
+                               samples=np.arange(fold * 40, (fold + 1) * 40), label=name)
+        ev = read_evidence(path)
+        t = group_table(ev, n_boot=50)
+        fig = fig_reliability(ev, t, t.dataset.iloc[0])
+        best = {f"† tiny_net · {name}" for name in t[t.best_on_test_folds].strategy}
+        return [txt.get_text() for txt in fig.axes[0].get_legend().get_texts()], best
+
+    many, best = figure_labels(8)
+    assert many[0] == "perfectly calibrated" and many[1] == "★ tiny_net · full_ft"  # the primary, though weakest
+    assert set(many[2:]) == best and 1 <= len(best) < 7  # the best mean(s) on the test folds, not all eight
+    assert len(figure_labels(4)[0]) == 5

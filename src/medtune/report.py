@@ -281,16 +281,27 @@ def fig_curves(ev: Evidence, group: str, title: str):
     return fig
 
 
+MAX_CURVES = 6  # more overlaid curves than this read as one tangle, with colours repeating
+
+
+def curve_rows(sub: pd.DataFrame) -> pd.DataFrame:
+    """The groups one data set's overlaid curves show: all of them in a small grid, else the headline and
+    the best mean on the test folds (the decision curve's pair); the tables beside keep every group."""
+    if len(sub) <= MAX_CURVES:
+        return sub
+    return sub[sub.headline | sub.best_on_test_folds]
+
+
 def fig_reliability(ev: Evidence, t: pd.DataFrame, dataset: str, n_bins: int = 10):
-    """Reliability diagram (scikit-learn's calibration_curve, equal-mass bins) of each group's pooled
-    out-of-fold predictions; the bars are 95% Wilson intervals of the observed frequency per bin."""
+    """Reliability diagram (scikit-learn's calibration_curve, equal-mass bins) of the pooled out-of-fold
+    predictions of `curve_rows`' groups; the bars are 95% Wilson intervals of the observed frequency per bin."""
     from sklearn.calibration import calibration_curve
 
     plt = _plt()
     pos = positive_index(ev, dataset)
     fig, ax = plt.subplots(figsize=(6.5, 6))
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
-    for i, (_, r) in enumerate(t[t.dataset == dataset].iterrows()):
+    for i, (_, r) in enumerate(curve_rows(t[t.dataset == dataset]).iterrows()):
         y, p, _ = pooled(ev, r.group)
         if not len(y):
             continue
@@ -302,7 +313,7 @@ def fig_reliability(ev: Evidence, t: pd.DataFrame, dataset: str, n_bins: int = 1
         half = z * np.sqrt(frac * (1 - frac) / n_b + z * z / (4 * n_b * n_b)) / (1 + z * z / n_b)
         ax.errorbar(mean_p, frac, yerr=[np.maximum(frac - (centre - half), 0), np.maximum(centre + half - frac, 0)],
                     marker="o", ms=4, capsize=2, lw=1.5 if not r.headline else 3, color=f"C{i % 10}",
-                    label=("★ " if r.headline else "") + label(r))
+                    label=("★ " if r.headline else "") + ("† " if r.best_on_test_folds else "") + label(r))
     what = f"P({ev.class_names(dataset)[pos]})" if pos is not None else "top-label confidence"
     ax.set_xlabel(f"predicted {what} (bin mean)")
     ax.set_ylabel("observed frequency (95% Wilson interval)")
@@ -683,7 +694,9 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
             body.append("<h3>Calibration and PR-AUC (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
                         f"<p class=note>Of P({html.escape(positive or (class_names[1] if len(class_names) == 2 else 'top label'))}). "
                         "Brier = mean squared error of the probability (lower is better); ECE = expected calibration "
-                        "error over 10 equal-mass bins (lower is better); PR-AUC = average precision.</p>"
+                        "error over 10 equal-mass bins (lower is better); PR-AUC = average precision. "
+                        + (f"The diagram shows the headline (★) and the best mean on the test folds; the table holds "
+                           f"all {len(sub)} groups." if len(curve_rows(sub)) < len(sub) else "") + "</p>"
                         + html_table(cal, "group") + img(png(fig_reliability(ev, t, ds)), f"reliability {ds}"))
         points = cfg.get("operating_points") or []
         if points:
