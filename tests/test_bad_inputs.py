@@ -313,7 +313,8 @@ def test_divergence_in_lp_ft_names_the_rate_its_fine_tuning_phase_ran_at(tmp_pat
     from medtune.strategies import LPFT
 
     monkeypatch.setattr(LPFT, "penalty", lambda self, model, start: torch.tensor(float("nan")))
-    cfg = load_config(tiny_config(tmp_path, strategies=[{"name": "lp_ft", "lp_epochs": 1}]), ["train.lr=0.002", "train.epochs=2"])
+    cfg = load_config(tiny_config(tmp_path, strategies=[{"name": "lp_ft", "lp_epochs": 1}]),
+                      ["train.lr=0.002", "train.epochs=2"])
     run(cfg, progress=False)
     with Store(cfg.store) as s:
         errors = s.cells().error.tolist()

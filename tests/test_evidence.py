@@ -7,8 +7,8 @@ import pytest
 from planted import noisy_probs, plant_cell, plant_dataset, plant_run
 
 from medtune.errors import MedtuneError
-from medtune.evidence import (external_table, group_table, summary_table, operating_points, operating_table, read_evidence,
-                              subgroup_table)
+from medtune.evidence import (external_table, group_table, operating_points, operating_table, read_evidence,
+                              subgroup_table, summary_table)
 from medtune.headline import NESTED, OPTIMISTIC, PRIMARY, headline_group
 from medtune.store import Store, add_groups
 

@@ -695,7 +695,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                         f"<p class=note>Of P({html.escape(positive or (class_names[1] if len(class_names) == 2 else 'top label'))}). "
                         "Brier = mean squared error of the probability (lower is better); ECE = expected calibration "
                         "error over 10 equal-mass bins (lower is better); PR-AUC = average precision. "
-                        + (f"The diagram shows the headline (★) and the best mean on the test folds; the table holds "
+                        + (f"The diagram shows the headline (★) and the best mean on the test folds (†); the table holds "
                            f"all {len(sub)} groups." if len(curve_rows(sub)) < len(sub) else "") + "</p>"
                         + html_table(cal, "group") + img(png(fig_reliability(ev, t, ds)), f"reliability {ds}"))
         points = cfg.get("operating_points") or []

@@ -116,7 +116,8 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
                     first_loss = value if first_loss is None else first_loss
                     if not math.isfinite(value) or value > 100 * max(first_loss, 1.0):  # NaN, inf or 100x the start
                         raise TrainingError(f"the loss diverged to {value:.4g} at epoch {epoch}, step {step} (it started "
-                                            f"at {first_loss:.4g}; {rate(settings.lr, scale)}). Lower train.lr or keep train.grad_clip on.")
+                                            f"at {first_loss:.4g}; {rate(settings.lr, scale)}). Lower train.lr or keep "
+                                            "train.grad_clip on.")
                     stepper.backward(total_loss)
                     lr_t = settings.lr * cosine_lr(e * steps + step, phase.epochs * steps, int(settings.warmup_epochs * steps))
                     for g in groups:
