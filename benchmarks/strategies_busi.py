@@ -30,10 +30,11 @@ import torch
 import medtune
 from medtune.backbones import create_backbone, preprocessing
 from medtune.config import load_config
+from medtune.diagnose import chosen_values
 from medtune.metrics import clinical_metrics
 from medtune.report import format_pm, summary_table, to_markdown
 from medtune.cells import prepare
-from medtune.store import Store
+from medtune.store import Store, read_cells
 from medtune.strategies import list_strategies
 
 ROOT = Path(__file__).resolve().parent
@@ -132,7 +133,7 @@ def main() -> None:
     summary = medtune.run(cfg)
     wall = time.perf_counter() - t0
     with Store(store) as s:
-        metrics = s.metrics()
+        metrics, chosen = s.metrics(), chosen_values(read_cells(s))
     reference = reference.assign(group=REFERENCE, variant="")  # the store's group keys (evidence.summary_table)
     table = summary_table(pd.concat([metrics, reference.drop(columns=["C"])], ignore_index=True))
     shown = format_pm(table)
@@ -146,7 +147,10 @@ def main() -> None:
           f"(fp32, plain images) and folds, C from {list(LOGREG_C)} on the same inner split (chosen C per fold: "
           f"{reference.C.tolist()}). Positive class for sensitivity/specificity/PPV/NPV: malignant. "
           "Mean ± sd over folds.", "",
-          to_markdown(shown.drop(columns=["dataset", "backbone"]).set_index("strategy"), "strategy")]
+          to_markdown(shown.drop(columns=["dataset", "backbone"]).set_index("strategy"), "strategy"), "",
+          "Learning rate chosen on each outer fold's inner split (diagnose.py; a pick at the same end of the list "
+          "in most folds means the best rate may lie outside it):", "",
+          to_markdown(chosen.drop(columns=["dataset", "backbone"]).set_index("strategy"), "strategy")]
     write_results(f"strategies_busi{suffix}", md, summary.collapsed,
                   {"command": command, "wall_seconds": wall, "rows": table.to_dict(orient="records")})
 

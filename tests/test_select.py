@@ -199,3 +199,59 @@ def test_successive_halving_trains_less_and_its_survivor_exactly_as_alone(tmp_pa
     alone = fit_candidate(cand, cell["config"], table, fit_idx, val_idx, settings, rt)
     test_idx = data.splits(2, 0)[0][1]
     np.testing.assert_allclose(alone.predict_proba(table, test_idx), result.predictions[3], atol=1e-6)
+
+
+def test_a_choice_pinned_at_its_lists_end_is_shown_with_what_to_try(tmp_path, capsys):
+    """BUSI's 224 px grid chose lr 1e-3, the top of [1e-4, 3e-4, 1e-3], in every fold for 6 of 13 strategies
+    and auto_depth: those rows measured the list, not the method. Planted picks: the top in 4 of 5 folds is
+    flagged, a spread pick is listed but not flagged, a two-value list is never an edge, auto_depth's pick is
+    read too; `medtune results` and the report say so."""
+    from pathlib import Path
+
+    from planted import noisy_probs, plant_cell, plant_dataset, plant_run
+
+    from medtune.cli import Fmt, print_results
+    from medtune.diagnose import chosen_values, edge_choices
+    from medtune.report import build_report
+    from medtune.store import read_cells
+
+    lrs = [1e-4, 3e-4, 1e-3]
+    picks = {"bitfit": [1e-3, 1e-3, 3e-4, 1e-3, 1e-3], "full_ft": [1e-3, 3e-4, 3e-4, 1e-4, 1e-3]}
+    path, rng = tmp_path / "s.sqlite", np.random.default_rng(0)
+    with Store(path) as s:
+        plant_dataset(s), plant_run(s, primary="full_ft")
+        for name, chosen in picks.items():
+            for fold, lr in enumerate(chosen):
+                y = np.array([0, 1] * 10)
+                for head in ("softmax", "svm"):  # the heads of a fold share one training: counted once
+                    plant_cell(s, {"strategy": {"name": name}, "head": head, "n_folds": 5,
+                                   "train": {"lr": {"choose": lrs}}}, fold, 0, y, noisy_probs(y, 1.0, rng),
+                               samples=np.arange(fold * 20, (fold + 1) * 20), label=name,
+                               info={"choice": {"chosen": {"lr": lr}}})
+        for fold in range(5):  # a two-value list: its end is no evidence of a better value outside
+            y = np.array([0, 1] * 10)
+            plant_cell(s, {"strategy": {"name": "l2_sp", "alpha": {"choose": [0.0, 1.0]}}, "n_folds": 5}, fold, 0, y,
+                       noisy_probs(y, 1.0, rng), samples=np.arange(fold * 20, (fold + 1) * 20), label="l2_sp",
+                       info={"choice": {"chosen": {"alpha": 1.0}}})
+        for fold in range(5):  # auto_depth's pick, its candidates sharing train.lr's list
+            y = np.array([0, 1] * 10)
+            plant_cell(s, {"strategy": {"name": "auto_depth", "candidates": [{"name": "full_ft"}], "inner_folds": 2},
+                           "n_folds": 5, "train": {"lr": {"choose": lrs}}}, fold, 0, y, noisy_probs(y, 1.0, rng),
+                       samples=np.arange(fold * 20, (fold + 1) * 20), label="auto_depth",
+                       info={"auto_depth": {"picked": "full_ft lr=0.0001", "chosen": {"lr": 1e-4}}})
+        cells = read_cells(s)
+    table = chosen_values(cells).set_index("strategy")
+    assert table.loc["bitfit", "chosen per fold"] == "0.001, 0.001, 0.0003, 0.001, 0.001"
+    assert table.loc["full_ft", "at the edge"] == "" and table.loc["l2_sp", "at the edge"] == ""
+    lines = edge_choices(cells)
+    assert lines[0].startswith("choice at its edge: syn tiny_net auto_depth: lr chose 0.0001, the smallest of its "
+                               "list, in 5 of 5 folds") and lines[0].endswith("lr: {choose: [3e-05, 0.0001, 0.0003]}")
+    lines = lines[1:]
+    assert lines == ["choice at its edge: syn tiny_net bitfit: lr chose 0.001, the largest of its list, in 4 of 5 "
+                     "folds; the best value may lie beyond it: extend the list, e.g. lr: {choose: [0.0003, 0.001, "
+                     "0.003]}"]
+    print_results(Path(path), Fmt.table, False)
+    assert lines[0] in capsys.readouterr().out  # whole, not wrapped at the terminal's width
+    page = build_report(path, tmp_path / "report", n_boot=50)["html"].read_text()
+    assert "Hyperparameters chosen on inner splits" in page and "0.001, 0.001, 0.0003, 0.001, 0.001" in page
+    assert "choice at its edge: syn tiny_net bitfit" in page and "choice at its edge: syn tiny_net full_ft" not in page

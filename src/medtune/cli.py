@@ -169,7 +169,7 @@ def print_table(table: Table) -> None:
 
 def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     from medtune.report import format_pm, summary_table
-    from medtune.diagnose import collapsed_cells
+    from medtune.diagnose import collapsed_cells, edge_choices
     from medtune.store import open_store, read_cells
 
     with open_store(store, must_exist=True) as s:
@@ -177,7 +177,9 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
             print_failed(s.cells(), fmt)
             return
         m = s.metrics()
-        collapsed = collapsed_cells(read_cells(s)) if not m.empty else []
+        cells = read_cells(s) if not m.empty else None
+        collapsed = [] if cells is None else collapsed_cells(cells)
+        edges = [] if cells is None else edge_choices(cells)
         note = s.version_warning()
     if note:
         err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
@@ -199,8 +201,8 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     for _, r in shown.iterrows():
         table.add_row(*[str(v) for v in r])
     print_table(table)
-    for line in collapsed:  # diagnose.py: a model that predicts one class
-        console.print(f"[yellow]{escape(line)}[/]")
+    for line in collapsed + edges:  # diagnose.py: a model that predicts one class, a choice pinned at its list's end
+        console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
     for _, r in stopped.iterrows():  # racing.py: its row averages only the folds it ran
         console.print(f"pruned by racing ({int(r.n_cells)} cells): {escape(r.dataset)} {escape(r.backbone)} "
                       f"{escape(r.strategy)} {escape(r['head'])}: {escape(r.pruned)}")

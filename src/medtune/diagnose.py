@@ -12,7 +12,10 @@ that class holds less than that share, is flagged in its `info`, in the run's ou
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 
 COLLAPSE_SHARE = 0.95
 
@@ -52,3 +55,77 @@ def collapsed_cells(cells) -> list[str]:
         if info.get("collapsed"):
             out.append(describe(r.to_dict(), info["collapsed"]))
     return out
+
+
+# --------------------------------------------------------------------------- choices at the edge of their list
+EDGE_SHARE = 0.8  # the same end of the list in at least this share of a group's folds (4 of 5, all of 2 or 3)
+
+
+def choice_lists(config: dict) -> dict[str, list]:
+    """A cell config's `{choose: [...]}` lists by hyperparameter: the strategy's own (its `lr` among them),
+    else `train.lr`, the chain `train_for_cell` follows (auto_depth's candidates share `train.lr`)."""
+    from medtune.config import choice_values, is_choice
+
+    strategy = config.get("strategy", {})
+    if any(is_choice(v) for c in strategy.get("candidates", []) for v in c.values()):
+        return {}  # auto_depth's candidates with lists of their own: a pick cannot be set against one list
+    out = {k: choice_values(v) for k, v in strategy.items() if is_choice(v)}
+    if "lr" not in out and is_choice(config.get("train", {}).get("lr")):
+        out["lr"] = choice_values(config["train"]["lr"])
+    return out
+
+
+def chosen_values(cells) -> pd.DataFrame:
+    """One row per data set, backbone, strategy and chosen hyperparameter of a `store.read_cells` frame:
+    the candidate list, the value chosen on each fold's inner split (folds in order; the heads of one
+    fold share their training, so each fold counts once) and, where the pick sat at the same end of a
+    numeric list of three or more values in at least EDGE_SHARE of the folds, what to try."""
+    rows: dict[tuple, dict] = {}
+    for _, r in cells.sort_values(["seed", "fold", "head"], kind="stable").iterrows():
+        info = r["info"] if isinstance(r["info"], dict) else {}
+        chosen = (info.get("choice") or info.get("auto_depth") or {}).get("chosen") or {}
+        config = json.loads(r["config_json"]) if isinstance(r.get("config_json"), str) else r.get("config", {})
+        for key, values in choice_lists(config).items():
+            if key not in chosen:
+                continue
+            row = rows.setdefault((r["dataset"], r["backbone"], r["strategy"], key),
+                                  {"values": values, "folds": {}})
+            row["folds"].setdefault((r["seed"], r["fold"]), chosen[key])
+    out = [{"dataset": ds, "backbone": bb, "strategy": st, "hyperparameter": key,
+            "candidates": ", ".join(map(_text, row["values"])),
+            "chosen per fold": ", ".join(_text(v) for v in row["folds"].values()),
+            "at the edge": _edge(key, row["values"], list(row["folds"].values()))}
+           for (ds, bb, st, key), row in rows.items()]
+    cols = ["dataset", "backbone", "strategy", "hyperparameter", "candidates", "chosen per fold", "at the edge"]
+    return pd.DataFrame(out, columns=cols).sort_values(cols[:4], kind="stable", ignore_index=True)
+
+
+def edge_choices(cells) -> list[str]:
+    """Lines for the run's output, `medtune results` and the report: the choices pinned at an end of their list."""
+    t = chosen_values(cells)
+    return [f"choice at its edge: {r.dataset} {r.backbone} {r.strategy}: {r['at the edge']}"
+            for _, r in t[t["at the edge"] != ""].iterrows()]
+
+
+def _text(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _edge(key: str, values: list, picks: list) -> str:
+    """Where the picks pile up at one end of a numeric list: the best value may lie beyond it, so the
+    cells measured the list, not the method. Empty when the list is short or the picks are spread."""
+    nums = sorted({v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if len(nums) < 3 or len(nums) != len(values) or len(picks) < 2:
+        return ""
+    for end, inner, word in ((nums[-1], nums[-2], "largest"), (nums[0], nums[1], "smallest")):
+        hits = sum(p == end for p in picks)
+        if hits / len(picks) < EDGE_SHARE:
+            continue
+        beyond = end * end / inner if end > 0 and inner > 0 else end + (end - inner)
+        if word == "smallest" and end == 0:
+            return ""  # none of it (alpha 0, no regularisation) is an answer, not a boundary
+        beyond = round(beyond) if all(isinstance(v, int) for v in nums) else float(f"{beyond:.1g}")
+        listed = ", ".join(map(_text, [*nums[1:], beyond] if word == "largest" else [beyond, *nums[:-1]]))
+        return (f"{key} chose {_text(end)}, the {word} of its list, in {hits} of {len(picks)} folds; the best "
+                f"value may lie beyond it: extend the list, e.g. {key}: {{choose: [{listed}]}}")
+    return ""

@@ -17,7 +17,7 @@ from medtune.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters
                               efficiency_table, fold_ranks, short_strategy, group_cells, group_table, headline_row, label, main_table,
                               operating_points, operating_table, paired_tests, pooled, positive_index, rank_blocks,
                               grouping_text, read_evidence, subgroup_table, summary_table)
-from medtune.diagnose import collapsed_cells
+from medtune.diagnose import chosen_values, collapsed_cells, edge_choices
 from medtune.headline import HOW, OPTIMISTIC
 from medtune.metrics import MAIN_METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
 from medtune.version import RESULTS_VERSION
@@ -660,6 +660,22 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         if collapsed:
             body.append("<h3 class=warn>Collapsed cells: one class predicted</h3><ul>"
                         + "".join(f"<li>{html.escape(line)}</li>" for line in collapsed) + "</ul>")
+        cells_ds = ev.cells[ev.cells.dataset == ds]
+        chosen = chosen_values(cells_ds)  # diagnose.py: `{choose: [...]}` picks, made on inner splits
+        if not chosen.empty:
+            shown = chosen.drop(columns=["dataset", "at the edge"] + (["backbone"] if chosen.backbone.nunique() == 1
+                                                                      else []))
+            edges = edge_choices(cells_ds)
+            body.append("<h3>Hyperparameters chosen on inner splits</h3><p class=note>For each outer fold, every "
+                        "candidate of a <code>{choose: [...]}</code> was trained on the fold's fit part and scored "
+                        "on its inner validation part; the value picked there is listed per fold (the test fold "
+                        "took no part). A pick at the same end of its list in most folds means the best value may "
+                        "lie outside the list: the row then measured the list, not the method.</p>"
+                        + html_table(shown.set_index("strategy"), "strategy")
+                        + ("<ul class=warn>" + "".join(f"<li>{html.escape(line)}</li>" for line in edges) + "</ul>"
+                           if edges else ""))
+            md += ["### Hyperparameters chosen on inner splits\n", to_markdown(shown.set_index("strategy"), "strategy"),
+                   "", *[f"- {line}" for line in edges], ""]
         detail = format_pm(sub.reset_index(drop=True))
         detail["seconds"] = detail["seconds"].round().astype(int)
         undefined = [c for c in ("ppv_undefined", "npv_undefined") if c in ev.metrics.columns]
