@@ -30,7 +30,7 @@ import torch
 import medtune
 from medtune.backbones import create_backbone, preprocessing
 from medtune.config import load_config
-from medtune.diagnose import chosen_values
+from medtune.diagnose import chosen_values, edge_choices
 from medtune.metrics import clinical_metrics
 from medtune.report import format_pm, summary_table, to_markdown
 from medtune.cells import prepare
@@ -133,7 +133,8 @@ def main() -> None:
     summary = medtune.run(cfg)
     wall = time.perf_counter() - t0
     with Store(store) as s:
-        metrics, chosen = s.metrics(), chosen_values(read_cells(s))
+        metrics, cells = s.metrics(), read_cells(s)
+    chosen, edges = chosen_values(cells), edge_choices(cells)
     reference = reference.assign(group=REFERENCE, variant="")  # the store's group keys (evidence.summary_table)
     table = summary_table(pd.concat([metrics, reference.drop(columns=["C"])], ignore_index=True))
     shown = format_pm(table)
@@ -150,7 +151,8 @@ def main() -> None:
           to_markdown(shown.drop(columns=["dataset", "backbone"]).set_index("strategy"), "strategy"), "",
           "Learning rate chosen on each outer fold's inner split (diagnose.py; a pick at the same end of the list "
           "in most folds means the best rate may lie outside it):", "",
-          to_markdown(chosen.drop(columns=["dataset", "backbone"]).set_index("strategy"), "strategy")]
+          to_markdown(chosen.drop(columns=["dataset", "backbone", "try"]).set_index("strategy"), "strategy"), "",
+          *[f"- {line}" for line in edges]]
     write_results(f"strategies_busi{suffix}", md, summary.collapsed,
                   {"command": command, "wall_seconds": wall, "rows": table.to_dict(orient="records")})
 

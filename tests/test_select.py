@@ -206,6 +206,7 @@ def test_a_choice_pinned_at_its_lists_end_is_shown_with_what_to_try(tmp_path, ca
     and auto_depth: those rows measured the list, not the method. Planted picks: the top in 4 of 5 folds is
     flagged, a spread pick is listed but not flagged, a two-value list is never an edge, auto_depth's pick is
     read too; `medtune results` and the report say so."""
+    import html
     from pathlib import Path
 
     from planted import noisy_probs, plant_cell, plant_dataset, plant_run
@@ -242,16 +243,21 @@ def test_a_choice_pinned_at_its_lists_end_is_shown_with_what_to_try(tmp_path, ca
         cells = read_cells(s)
     table = chosen_values(cells).set_index("strategy")
     assert table.loc["bitfit", "chosen per fold"] == "0.001, 0.001, 0.0003, 0.001, 0.001"
-    assert table.loc["full_ft", "at the edge"] == "" and table.loc["l2_sp", "at the edge"] == ""
-    lines = edge_choices(cells)
-    assert lines[0].startswith("choice at its edge: syn tiny_net auto_depth: lr chose 0.0001, the smallest of its "
-                               "list, in 5 of 5 folds") and lines[0].endswith("lr: {choose: [3e-05, 0.0001, 0.0003]}")
-    lines = lines[1:]
-    assert lines == ["choice at its edge: syn tiny_net bitfit: lr chose 0.001, the largest of its list, in 4 of 5 "
-                     "folds; the best value may lie beyond it: extend the list, e.g. lr: {choose: [0.0003, 0.001, "
-                     "0.003]}"]
+    assert table.loc["bitfit", "pinned"] == "largest 0.001 in 4 of 5 folds"
+    assert table.loc["bitfit", "try"] == "lr: {choose: [0.0003, 0.001, 0.003]}"
+    assert table.loc["full_ft", "pinned"] == "" and table.loc["l2_sp", "pinned"] == ""
+    assert table.loc["auto_depth", "pinned"] == "smallest 0.0001 in 5 of 5 folds"
+    assert table.loc["auto_depth", "try"] == "lr: {choose: [3e-05, 0.0001, 0.0003]}"
+    lines = edge_choices(cells)  # one line per list and end, naming each group pinned there
+    assert lines == ["choice at its edge: syn tiny_net: lr from [0.0001, 0.0003, 0.001] was pinned at one end for "
+                     "auto_depth (smallest 0.0001 in 5 of 5 folds); the best value may lie beyond it: extend the "
+                     "list, e.g. lr: {choose: [3e-05, 0.0001, 0.0003]}",
+                     "choice at its edge: syn tiny_net: lr from [0.0001, 0.0003, 0.001] was pinned at one end for "
+                     "bitfit (largest 0.001 in 4 of 5 folds); the best value may lie beyond it: extend the list, "
+                     "e.g. lr: {choose: [0.0003, 0.001, 0.003]}"]
     print_results(Path(path), Fmt.table, False)
-    assert lines[0] in capsys.readouterr().out  # whole, not wrapped at the terminal's width
+    out = capsys.readouterr().out
+    assert lines[0] in out and lines[1] in out  # whole, not wrapped at the terminal's width
     page = build_report(path, tmp_path / "report", n_boot=50)["html"].read_text()
     assert "Hyperparameters chosen on inner splits" in page and "0.001, 0.001, 0.0003, 0.001, 0.001" in page
-    assert "choice at its edge: syn tiny_net bitfit" in page and "choice at its edge: syn tiny_net full_ft" not in page
+    assert "largest 0.001 in 4 of 5 folds" in page and html.escape(lines[1]) in page and "tiny_net full_ft (" not in page

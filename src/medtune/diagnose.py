@@ -79,7 +79,8 @@ def chosen_values(cells) -> pd.DataFrame:
     """One row per data set, backbone, strategy and chosen hyperparameter of a `store.read_cells` frame:
     the candidate list, the value chosen on each fold's inner split (folds in order; the heads of one
     fold share their training, so each fold counts once) and, where the pick sat at the same end of a
-    numeric list of three or more values in at least EDGE_SHARE of the folds, what to try."""
+    numeric list of three or more values in at least EDGE_SHARE of the folds, which end (`pinned`) and
+    the list shifted one step past it (`try`)."""
     rows: dict[tuple, dict] = {}
     for _, r in cells.sort_values(["seed", "fold", "head"], kind="stable").iterrows():
         info = r["info"] if isinstance(r["info"], dict) else {}
@@ -94,38 +95,45 @@ def chosen_values(cells) -> pd.DataFrame:
     out = [{"dataset": ds, "backbone": bb, "strategy": st, "hyperparameter": key,
             "candidates": ", ".join(map(_text, row["values"])),
             "chosen per fold": ", ".join(_text(v) for v in row["folds"].values()),
-            "at the edge": _edge(key, row["values"], list(row["folds"].values()))}
+            **_edge(key, row["values"], list(row["folds"].values()))}
            for (ds, bb, st, key), row in rows.items()]
-    cols = ["dataset", "backbone", "strategy", "hyperparameter", "candidates", "chosen per fold", "at the edge"]
+    cols = ["dataset", "backbone", "strategy", "hyperparameter", "candidates", "chosen per fold", "pinned", "try"]
     return pd.DataFrame(out, columns=cols).sort_values(cols[:4], kind="stable", ignore_index=True)
 
 
 def edge_choices(cells) -> list[str]:
-    """Lines for the run's output, `medtune results` and the report: the choices pinned at an end of their list."""
+    """Lines for `medtune results` and the report: the choices pinned at an end of their list, one line per
+    data set, backbone, list and end, naming every strategy pinned there."""
     t = chosen_values(cells)
-    return [f"choice at its edge: {r.dataset} {r.backbone} {r.strategy}: {r['at the edge']}"
-            for _, r in t[t["at the edge"] != ""].iterrows()]
+    t = t[t["pinned"] != ""]
+    lines = []
+    for (ds, bb, key, cands, tried), g in t.groupby(["dataset", "backbone", "hyperparameter", "candidates", "try"],
+                                                    sort=False):
+        groups = ", ".join(f"{r.strategy} ({r.pinned})" for _, r in g.iterrows())
+        lines.append(f"choice at its edge: {ds} {bb}: {key} from [{cands}] was pinned at one end for {groups}; the "
+                     f"best value may lie beyond it: extend the list, e.g. {tried}")
+    return lines
 
 
 def _text(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _edge(key: str, values: list, picks: list) -> str:
+def _edge(key: str, values: list, picks: list) -> dict[str, str]:
     """Where the picks pile up at one end of a numeric list: the best value may lie beyond it, so the
     cells measured the list, not the method. Empty when the list is short or the picks are spread."""
+    none = {"pinned": "", "try": ""}
     nums = sorted({v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)})
     if len(nums) < 3 or len(nums) != len(values) or len(picks) < 2:
-        return ""
+        return none
     for end, inner, word in ((nums[-1], nums[-2], "largest"), (nums[0], nums[1], "smallest")):
         hits = sum(p == end for p in picks)
         if hits / len(picks) < EDGE_SHARE:
             continue
-        beyond = end * end / inner if end > 0 and inner > 0 else end + (end - inner)
         if word == "smallest" and end == 0:
-            return ""  # none of it (alpha 0, no regularisation) is an answer, not a boundary
+            return none  # none of it (alpha 0, no regularisation) is an answer, not a boundary
+        beyond = end * end / inner if end > 0 and inner > 0 else end + (end - inner)
         beyond = round(beyond) if all(isinstance(v, int) for v in nums) else float(f"{beyond:.1g}")
         listed = ", ".join(map(_text, [*nums[1:], beyond] if word == "largest" else [beyond, *nums[:-1]]))
-        return (f"{key} chose {_text(end)}, the {word} of its list, in {hits} of {len(picks)} folds; the best "
-                f"value may lie beyond it: extend the list, e.g. {key}: {{choose: [{listed}]}}")
-    return ""
+        return {"pinned": f"{word} {_text(end)} in {hits} of {len(picks)} folds", "try": f"{key}: {{choose: [{listed}]}}"}
+    return none

@@ -663,14 +663,14 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         cells_ds = ev.cells[ev.cells.dataset == ds]
         chosen = chosen_values(cells_ds)  # diagnose.py: `{choose: [...]}` picks, made on inner splits
         if not chosen.empty:
-            shown = chosen.drop(columns=["dataset", "at the edge"] + (["backbone"] if chosen.backbone.nunique() == 1
-                                                                      else []))
+            shown = chosen.drop(columns=["dataset", "try"] + (["backbone"] if chosen.backbone.nunique() == 1 else []))
             edges = edge_choices(cells_ds)
             body.append("<h3>Hyperparameters chosen on inner splits</h3><p class=note>For each outer fold, every "
                         "candidate of a <code>{choose: [...]}</code> was trained on the fold's fit part and scored "
                         "on its inner validation part; the value picked there is listed per fold (the test fold "
-                        "took no part). A pick at the same end of its list in most folds means the best value may "
-                        "lie outside the list: the row then measured the list, not the method.</p>"
+                        "took no part). <i>pinned</i>: the pick sat at the same end of its list in at least 80% of the "
+                        "folds, so the best value may lie outside the list: the row then measured the list, not the "
+                        "method.</p>"
                         + html_table(shown.set_index("strategy"), "strategy")
                         + ("<ul class=warn>" + "".join(f"<li>{html.escape(line)}</li>" for line in edges) + "</ul>"
                            if edges else ""))
