@@ -5,6 +5,7 @@ scikit-learn's LogisticRegression on the same frozen Lite0 features and the same
     python benchmarks/strategies_busi.py --data ../shared/data/busi   # the full benchmark (hours on 2 cores)
     python benchmarks/strategies_busi.py --every 10      # every 10th image of each class: a check
     python benchmarks/strategies_busi.py --skip auto_depth bitfit
+    python benchmarks/strategies_busi.py --only bitfit ssf --lr 3e-4 1e-3 3e-3   # another rate list, its own table
 
 Resumable: cells live in benchmarks/results/strategies_busi[_everyN].sqlite and a rerun skips
 the finished ones; the reference row is kept in ..._logreg.json (keyed by the data fingerprint,
@@ -116,8 +117,15 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--every", type=int, default=1, help="every N-th image of each class (a short check)")
     ap.add_argument("--skip", nargs="*", default=[], help="strategies to leave out (auto_depth too)")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these strategies (auto_depth too)")
+    ap.add_argument("--lr", nargs="+", type=float, default=LR_CHOICE,
+                    help=f"the learning-rate list chosen from on inner splits (default {LR_CHOICE}); another list "
+                         "writes its own store and table (..._lr<list>), as it is another protocol")
     args = ap.parse_args()
-    suffix = f"_every{args.every}" if args.every > 1 else ""
+    every = f"_every{args.every}" if args.every > 1 else ""
+    suffix = every + ("" if args.lr == LR_CHOICE else "_lr" + "-".join(f"{x:g}" for x in args.lr))
+    if args.only is not None:
+        args.skip = [n for n in [*list_strategies(), "auto_depth"] if n not in args.only]
     data = every_nth(args.data, args.every) if args.every > 1 else args.data
     store = ROOT / "results" / f"strategies_busi{suffix}.sqlite"
     strategies = [{"name": n, **PARAMS.get(n, {})} for n in list_strategies() if n not in args.skip]
@@ -126,10 +134,10 @@ def main() -> None:
     raw = {"name": "strategies_busi", "datasets": [{"name": "busi", "path": data, "positive": "malignant"}],
            "backbones": [{"name": "efficientnet_lite0", "image_size": args.size}], "strategies": strategies,
            "heads": ["softmax", "svm"], "folds": args.folds, "seeds": [0], "store": str(store), "keep_best": False,
-           "train": {"epochs": args.epochs, "batch_size": 32, "lr": {"choose": LR_CHOICE}, "patience": 3}}
+           "train": {"epochs": args.epochs, "batch_size": 32, "lr": {"choose": args.lr}, "patience": 3}}
     cfg = load_config(raw=raw)
     t0 = time.perf_counter()
-    reference = logreg_reference(cfg, args.size, args.folds, ROOT / "results" / f"strategies_busi{suffix}_logreg.json")
+    reference = logreg_reference(cfg, args.size, args.folds, ROOT / "results" / f"strategies_busi{every}_logreg.json")
     summary = medtune.run(cfg)
     wall = time.perf_counter() - t0
     with Store(store) as s:
@@ -143,7 +151,7 @@ def main() -> None:
           f"{f', every {args.every}th image' if args.every > 1 else ''})", "",
           f"Command: `{command}`  ", f"Wall clock: {wall:.0f} s for {summary.total} cells "
           f"({summary.done} run now, {summary.skipped} resumed, {summary.failed} failed). Learning rate chosen per "
-          f"outer fold on its inner validation split from {LR_CHOICE}; class_weight balanced (the default). "
+          f"outer fold on its inner validation split from {args.lr}; class_weight balanced (the default). "
           f"`{REFERENCE}`: scikit-learn's class-balanced LogisticRegression on the same frozen Lite0 features "
           f"(fp32, plain images) and folds, C from {list(LOGREG_C)} on the same inner split (chosen C per fold: "
           f"{reference.C.tolist()}). Positive class for sensitivity/specificity/PPV/NPV: malignant. "
