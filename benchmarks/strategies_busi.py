@@ -142,7 +142,8 @@ def main() -> None:
     wall = time.perf_counter() - t0
     with Store(store) as s:
         metrics, cells = s.metrics(), read_cells(s)
-    chosen, edges = chosen_values(cells), edge_choices(cells)
+    chosen = chosen_values(cells)
+    edges = edge_choices(chosen)
     reference = reference.assign(group=REFERENCE, variant="")  # the store's group keys (evidence.summary_table)
     table = summary_table(pd.concat([metrics, reference.drop(columns=["C"])], ignore_index=True))
     shown = format_pm(table)

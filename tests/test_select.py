@@ -241,14 +241,15 @@ def test_a_choice_pinned_at_its_lists_end_is_shown_with_what_to_try(tmp_path, ca
                        samples=np.arange(fold * 20, (fold + 1) * 20), label="auto_depth",
                        info={"auto_depth": {"picked": "full_ft lr=0.0001", "chosen": {"lr": 1e-4}}})
         cells = read_cells(s)
-    table = chosen_values(cells).set_index("strategy")
+    chosen = chosen_values(cells)
+    table = chosen.set_index("strategy")
     assert table.loc["bitfit", "chosen per fold"] == "0.001, 0.001, 0.0003, 0.001, 0.001"
     assert table.loc["bitfit", "pinned"] == "largest 0.001 in 4 of 5 folds"
     assert table.loc["bitfit", "try"] == "lr: {choose: [0.0003, 0.001, 0.003]}"
     assert table.loc["full_ft", "pinned"] == "" and table.loc["l2_sp", "pinned"] == ""
     assert table.loc["auto_depth", "pinned"] == "smallest 0.0001 in 5 of 5 folds"
     assert table.loc["auto_depth", "try"] == "lr: {choose: [3e-05, 0.0001, 0.0003]}"
-    lines = edge_choices(cells)  # one line per list and end, naming each group pinned there
+    lines = edge_choices(chosen)  # one line per list and end, naming each group pinned there
     assert lines == ["choice at its edge: syn tiny_net: lr from [0.0001, 0.0003, 0.001] was pinned at one end for "
                      "auto_depth (smallest 0.0001 in 5 of 5 folds); the best value may lie beyond it: extend the "
                      "list, e.g. lr: {choose: [3e-05, 0.0001, 0.0003]}",

@@ -169,7 +169,7 @@ def print_table(table: Table) -> None:
 
 def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
     from medtune.report import format_pm, summary_table
-    from medtune.diagnose import collapsed_cells, edge_choices
+    from medtune.diagnose import chosen_values, collapsed_cells, edge_choices
     from medtune.store import open_store, read_cells
 
     with open_store(store, must_exist=True) as s:
@@ -179,7 +179,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
         m = s.metrics()
         cells = read_cells(s) if not m.empty else None
         collapsed = [] if cells is None else collapsed_cells(cells)
-        edges = [] if cells is None else edge_choices(cells)
+        edges = [] if cells is None else edge_choices(chosen_values(cells))
         note = s.version_warning()
     if note:
         err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)

@@ -101,11 +101,10 @@ def chosen_values(cells) -> pd.DataFrame:
     return pd.DataFrame(out, columns=cols).sort_values(cols[:4], kind="stable", ignore_index=True)
 
 
-def edge_choices(cells) -> list[str]:
-    """Lines for `medtune results` and the report: the choices pinned at an end of their list, one line per
-    data set, backbone, list and end, naming every strategy pinned there."""
-    t = chosen_values(cells)
-    t = t[t["pinned"] != ""]
+def edge_choices(table: pd.DataFrame) -> list[str]:
+    """Lines for `medtune results` and the report from a `chosen_values` table: the choices pinned at an end
+    of their list, one line per data set, backbone, list and end, naming every strategy pinned there."""
+    t = table[table["pinned"] != ""]
     lines = []
     for (ds, bb, key, cands, tried), g in t.groupby(["dataset", "backbone", "hyperparameter", "candidates", "try"],
                                                     sort=False):

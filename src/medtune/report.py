@@ -664,7 +664,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         chosen = chosen_values(cells_ds)  # diagnose.py: `{choose: [...]}` picks, made on inner splits
         if not chosen.empty:
             shown = chosen.drop(columns=["dataset", "try"] + (["backbone"] if chosen.backbone.nunique() == 1 else []))
-            edges = edge_choices(cells_ds)
+            edges = edge_choices(chosen)
             body.append("<h3>Hyperparameters chosen on inner splits</h3><p class=note>For each outer fold, every "
                         "candidate of a <code>{choose: [...]}</code> was trained on the fold's fit part and scored "
                         "on its inner validation part; the value picked there is listed per fold (the test fold "
