@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from medtune.dicom import decode_dicom, is_dicom, patient_ids
-from medtune.errors import DataError
+from medtune.errors import ConfigError, DataError
 from medtune.table import ImageTable, pixel_digest  # noqa: F401 - ImageTable is data's public type
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
@@ -170,16 +170,29 @@ def list_folder(root: str | Path, group_pattern: str | None = None
     _check_classes(class_names, labels_arr, str(root))
     groups = None
     if group_pattern:
-        rx = re.compile(group_pattern)
+        rx = compile_group_pattern(group_pattern)
         ids = []
         for f in paths:
             m = rx.search(f.name)
             if not m:
                 raise DataError(f"{f}: file name does not match group_pattern {group_pattern!r}; every file needs "
                                 "a patient id, or drop group_pattern.")
-            ids.append(m.group(1) if m.groups() else m.group(0))
+            pid = m.group(1) if m.groups() else m.group(0)
+            if not pid:  # e.g. `(\d*)` on a name without digits: every such file would be one "patient"
+                raise DataError(f"{f}: group_pattern {group_pattern!r} reads an empty patient id from this file name; "
+                                "make the group match at least one character (`+`, not `*`).")
+            ids.append(pid)
         groups = np.asarray(ids, dtype=object)
     return paths, labels_arr, class_names, groups
+
+
+def compile_group_pattern(pattern: str) -> re.Pattern:
+    """The regex, or a ConfigError naming it: a typo in a YAML regex is the user's, not a traceback."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"group_pattern {pattern!r} is not a valid regular expression ({exc}). Fix it in the "
+                          r"config (or --group-pattern); e.g. `^(P\d+)_` reads `P012` from `P012_left.png`.") from exc
 
 
 def load_manifest(csv_path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
