@@ -61,3 +61,96 @@ def test_invalid_group_pattern_through_data_check(tmp_path):
 def test_group_pattern_matching_an_empty_id_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"benign_0\.png: group_pattern '\(z\*\)' reads an empty patient id"):
         load_folder(folder(tmp_path / "d"), 16, group_pattern="(z*)")
+
+
+# --------------------------------------------------------------------------- images that decode but carry nothing (issue 37)
+@pytest.mark.parametrize("size", [(1, 1), (300, 2)])
+def test_tiny_image_refused_by_run_and_listed_by_data_check(tmp_path, size):
+    data = folder(tmp_path / "d")
+    Image.new("RGB", size, (90, 90, 90)).save(data / "benign" / "dot.png")
+    w, h = size
+    with pytest.raises(DataError, match=rf"dot\.png: {w}x{h} pixels is too small to be a scan .*at least 8 pixels"):
+        load_folder(data, 16)
+    result, out = check_cli(data, "--folds", "2")
+    assert result.exit_code == 1, out
+    assert f"dot.png: {w}x{h} pixels is too small" in out
+
+
+def test_fully_transparent_image_refused(tmp_path):
+    data = folder(tmp_path / "d")
+    Image.new("RGBA", (24, 24), (200, 10, 10, 0)).save(data / "malignant" / "clear.png")
+    with pytest.raises(DataError, match=r"clear\.png: every pixel is fully transparent \(alpha 0\).*RGB"):
+        load_folder(data, 16)
+    result, out = check_cli(data, "--folds", "2")
+    assert result.exit_code == 1 and "clear.png: every pixel is fully transparent" in out
+
+
+def test_fully_transparent_palette_and_la_images_refused(tmp_path):
+    data = folder(tmp_path / "d")
+    pal = Image.new("P", (24, 24), 3)
+    pal.putpalette([10, 20, 30] * 4)
+    pal.save(data / "benign" / "pal.png", transparency=3)
+    Image.new("LA", (24, 24), (120, 0)).save(data / "malignant" / "la.png")
+    with pytest.raises(DataError) as err:
+        load_folder(data, 16)
+    assert "pal.png: every pixel is fully transparent" in str(err.value)
+    assert "la.png: every pixel is fully transparent" in str(err.value)
+
+
+def test_partly_transparent_image_still_accepted(tmp_path):
+    data = folder(tmp_path / "d")
+    arr = np.zeros((24, 24, 4), np.uint8)
+    arr[..., :3] = 150
+    arr[:12, :, 3] = 255
+    Image.fromarray(arr, mode="RGBA").save(data / "benign" / "half.png")
+    assert len(load_folder(data, 16)) == 7
+
+
+def test_blank_image_is_a_warning_naming_it(tmp_path):
+    data = folder(tmp_path / "d")
+    Image.fromarray(np.full((24, 24), 700, np.uint16)).save(data / "benign" / "flat16.png")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) are blank \(every pixel the same value\).*flat16\.png"):
+        table = load_folder(data, 16)
+    assert len(table) == 7
+    result, out = check_cli(data, "--folds", "2")
+    assert result.exit_code == 0, out
+    assert "warning:" in out and "flat16.png" in out and "blank" in out
+
+
+# --------------------------------------------------------------------------- manifests: repeated rows (issue 37)
+def manifest(root: Path, rows: list[str], header: str = "path,label") -> Path:
+    folder(root)
+    f = root / "m.csv"
+    f.write_text("\n".join([header, *rows]) + "\n")
+    return f
+
+
+BASE_ROWS = ["benign/benign_1.png,benign", "malignant/malignant_0.png,malignant", "malignant/malignant_1.png,malignant"]
+
+
+def test_identical_duplicate_row_warns_and_is_dropped(tmp_path):
+    f = manifest(tmp_path / "d", ["benign/benign_0.png,benign", *BASE_ROWS, "./benign/benign_0.png,benign"])
+    with pytest.warns(UserWarning, match=r"m\.csv: line 6 repeats line 2 \('benign/benign_0\.png', 'benign'\); the file is kept once"):
+        table = load_manifest(f, 16)
+    assert len(table) == 4 and sum(p.endswith("benign_0.png") for p in table.paths) == 1
+    result, out = check_cli(f, "--folds", "2")
+    assert result.exit_code == 0, out
+    assert "warning:" in out and "line 6 repeats line 2" in out
+
+
+def test_contradictory_rows_are_an_error_naming_lines_and_labels(tmp_path):
+    f = manifest(tmp_path / "d", ["benign/benign_0.png,benign", *BASE_ROWS, "benign/benign_0.png,malignant"])
+    with pytest.raises(DataError, match=r"m\.csv: 'benign/benign_0\.png' is labelled 'benign' on line 2 and "
+                                        r"'malignant' on line 6.*one row per file"):
+        load_manifest(f, 16)
+    result, out = check_cli(f, "--folds", "2")
+    assert result.exit_code == 1, out
+    assert "'benign/benign_0.png' is labelled 'benign' on line 2 and 'malignant' on line 6" in out
+
+
+def test_same_file_two_patient_ids_is_an_error(tmp_path):
+    rows = ["benign/benign_0.png,benign,p1", "benign/benign_1.png,benign,p2", "malignant/malignant_0.png,malignant,p3",
+            "benign/benign_0.png,benign,p9"]
+    f = manifest(tmp_path / "d", rows, header="path,label,patient_id")
+    with pytest.raises(DataError, match=r"'benign/benign_0\.png' has patient_id 'p1' on line 2 and 'p9' on line 5"):
+        load_manifest(f, 16)

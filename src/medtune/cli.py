@@ -299,10 +299,15 @@ def data_check(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     show: int = typer.Option(5, "--show", help="How many unreadable files / duplicate groups to list."),
 ) -> None:
-    """Check a data set before training: classes, unreadable files, duplicates.
+    """Check a data set before training: classes, unusable files, duplicates.
 
-    Classes, sizes and modes, unreadable files, exact and near duplicates, label conflicts, and
-    duplicates the planned folds would split across train/test."""
+    Classes, sizes and modes, files that cannot be used, exact and near duplicates, label conflicts,
+    and duplicates the planned folds would split across train/test.
+
+    Exit status: 0 when `medtune run` can use the data (warnings alone, such as blank images,
+    repeated manifest rows or near duplicates with different labels, stay 0); 1 when files cannot
+    be used, a manifest gives one file two labels or patient ids, or identical images carry
+    different labels; 2 when the target itself cannot be read."""
     from medtune.quality import check_targets
 
     try:
@@ -313,9 +318,11 @@ def data_check(
         import json
 
         sys.stdout.write(json.dumps([r.summary() for r in reports], indent=2) + "\n")
-        return
-    for r in reports:
-        print_quality(r, show)
+    else:
+        for r in reports:
+            print_quality(r, show)
+    if any(r.failed for r in reports):
+        raise typer.Exit(1)
 
 
 def print_quality(r, show: int) -> None:
@@ -327,7 +334,7 @@ def print_quality(r, show: int) -> None:
     table.add_row("classes", ", ".join(f"{c} {n}" for c, n in s["class_counts"].items()))
     table.add_row("sizes (most common)", ", ".join(f"{k} ×{v}" for k, v in s["sizes"].items()))
     table.add_row("modes", ", ".join(f"{k} ×{v}" for k, v in s["modes"].items()))
-    table.add_row("unreadable", str(s["unreadable"]))
+    table.add_row("cannot be used", str(s["unreadable"]))
     table.add_row("exact duplicates", f"{s['exact_groups']} groups ({s['exact_extra_images']} extra copies), "
                                       f"{s['exact_label_conflicts']} with conflicting labels")
     if s["near_threshold"] is not None:
@@ -338,11 +345,17 @@ def print_quality(r, show: int) -> None:
                   f"{s['exact_groups_straddling_folds']} exact and {s['near_groups_straddling_folds']} near groups "
                   f"would sit on both sides of a split" + (" (patient-grouped)" if s["grouped_by_patient"] else ""))
     console.print(table)
+    for note in r.warnings:
+        console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    for c in r.manifest_conflicts[:show]:
+        console.print(f"[red]contradictory rows:[/] {escape(c)}", highlight=False, soft_wrap=True)
+    if len(r.manifest_conflicts) > show:
+        console.print(f"... and {len(r.manifest_conflicts) - show} more contradictory rows")
     bad = [f for f in r.files if f.error]
     for f in bad[:show]:
-        console.print(f"[red]unreadable:[/] {escape(f.error)}", highlight=False)
+        console.print(f"[red]cannot be used:[/] {escape(f.error)}", highlight=False)
     if len(bad) > show:
-        console.print(f"... and {len(bad) - show} more unreadable files")
+        console.print(f"... and {len(bad) - show} more files that cannot be used")
     for kind, groups in (("exact", r.exact), ("near", r.near)):
         conflicts = r.conflicts(groups)
         for g in conflicts[:show]:

@@ -12,6 +12,7 @@ import io
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".we
 # Files that commonly sit next to images and are not data; skipped with a warning.
 SIDE_FILE_SUFFIXES = {".txt", ".md", ".csv", ".json", ".xml", ".yaml", ".yml", ".db", ".ini", ".pdf"}
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard: larger images are refused
+# A data-set image with a side under this is a placeholder or a broken export, not a scan: upscaled
+# to the backbone's size it becomes a flat patch that would be learnt as an example of its class.
+MIN_SIDE = 8
 MAX_LISTED = 10
 
 
@@ -44,11 +48,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def unusable(img: Image.Image) -> str | None:
+    """Why a decodable image carries nothing to learn from (too small, fully transparent), or None.
+    Checked for data-set images only: `predict` and the decoding tests take any size."""
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        return (f"{w}x{h} pixels is too small to be a scan (a data-set image needs at least {MIN_SIDE} pixels per "
+                "side); it is likely a placeholder or a broken export. Remove it or re-export the original image.")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img if img.mode in ("RGBA", "LA", "PA") else img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[1] == 0:
+            return ("every pixel is fully transparent (alpha 0), so the image is blank once composited. If its colour "
+                    "channels hold the scan, re-save it as RGB without the alpha channel; otherwise remove it.")
+    return None
+
+
 def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 frame: int | None = None) -> np.ndarray:
+                 frame: int | None = None, strict: bool = False) -> np.ndarray:
     """Read one image file as uint8 (3, size, size). Raises DataError naming the file.
     DICOM files (by suffix or magic bytes) go through `medtune.dicom`; `frame` picks one frame
-    of a multi-frame DICOM file."""
+    of a multi-frame DICOM file. `strict` (data sets) also refuses images that decode but carry
+    nothing (`unusable`)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -61,6 +81,8 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         w, h = img.size
         if w * h > max_pixels:
             raise DataError(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels:,}; raise `max_pixels` if genuine.")
+        if strict and (why := unusable(img)):
+            raise DataError(f"{path}: {why}")
         img = to_rgb(img).resize((size, size), Image.BICUBIC)
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
     try:
@@ -84,6 +106,8 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         raise DataError(f"{path}: not an image file PIL can read. Remove it from the data folder.") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: truncated or corrupt image ({exc}). Re-export or remove it.") from exc
+    if strict and (why := unusable(img)):
+        raise DataError(f"{path}: {why}")
     img = to_rgb(img).resize((size, size), Image.BICUBIC)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
@@ -98,7 +122,7 @@ def decode_many(paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXE
 
     def work(i: int) -> None:
         try:
-            out[i] = decode_image(paths[i], size, max_pixels, frame)
+            out[i] = decode_image(paths[i], size, max_pixels, frame, strict=True)
         except DataError as exc:
             errors.append(str(exc))
 
@@ -109,7 +133,18 @@ def decode_many(paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXE
         shown = "\n  ".join(errors[:MAX_LISTED])
         more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
         raise DataError(f"{len(errors)} of {len(paths)} image files cannot be used:\n  {shown}{more}")
+    flat = out.reshape(len(out), -1)
+    blank = np.flatnonzero(flat.min(axis=1) == flat.max(axis=1))
+    if len(blank):
+        warnings.warn(blank_warning([str(paths[i]) for i in blank]), stacklevel=3)
     return torch.from_numpy(out)
+
+
+def blank_warning(paths: list[str]) -> str:
+    """A constant image (an empty frame, a flat 16-bit export) still trains, as an uninformative example."""
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return (f"{len(paths)} image(s) are blank (every pixel the same value): {shown}. Check how they were exported; "
+            "remove them if they hold no scan.")
 
 
 # --------------------------------------------------------------------------- loaders
@@ -221,41 +256,139 @@ def manifest_root(csv_path: str | Path, root: str | Path | None = None) -> Path:
 
 def read_manifest(csv_path: str | Path, classes: list[str] | None = None, root: str | Path | None = None
                   ) -> tuple[list[Path], np.ndarray, list[str], np.ndarray | None]:
-    """The rows of a manifest, validated, without decoding: (paths, labels, class names, groups)."""
+    """The rows of a manifest, validated, without decoding: (paths, labels, class names, groups).
+    A row repeated word for word is kept once, with a warning; one file given two labels (or two
+    patient ids) is an error, since no one can say which row is right."""
+    scan = scan_manifest(csv_path, classes, root)
+    for note in scan.repeats:
+        warnings.warn(note, stacklevel=2)
+    if scan.conflicts:
+        raise DataError(scan.conflict_message())
+    return scan.paths, scan.labels, scan.class_names, scan.groups
+
+
+@dataclass
+class ManifestScan:
+    """A manifest read leniently, for `data check` to report everything at once: repeated rows
+    (dropped, each a warning) and contradictory rows (kept, each an error for `read_manifest`)."""
+    csv_path: Path
+    paths: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+    groups: np.ndarray | None
+    repeats: list[str]
+    conflicts: list[str]
+
+    def conflict_message(self) -> str:
+        shown = "; ".join(self.conflicts[:MAX_LISTED])
+        more = f"; ... and {len(self.conflicts) - MAX_LISTED} more" if len(self.conflicts) > MAX_LISTED else ""
+        return (f"manifest {self.csv_path}: {shown}{more}. A file has one label and one patient: keep one row per "
+                "file, with the right values.")
+
+
+def _manifest_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """(columns, [(line number, row)]): line numbers as a text editor shows them (blank lines and
+    quoted line breaks counted), and rows with too many or too few fields reported by line."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            columns = [c.strip() for c in header]
+            rows, problems = [], []
+            start = reader.line_num + 1
+            for fields in reader:
+                line, start = start, reader.line_num + 1
+                if not any(f.strip() for f in fields):
+                    continue
+                if any("\n" in f for f in fields):
+                    problems.append(f"line {line}: a field opens a quote (\") that does not close before line "
+                                    f"{reader.line_num}; quote whole fields only (\"a,b.png\")")
+                elif len(fields) != len(columns):
+                    problems.append(f"line {line}: {len(fields)} field(s) where the header has {len(columns)}; quote "
+                                    "values that contain commas")
+                else:
+                    rows.append((line, {c: f.strip() for c, f in zip(columns, fields)}))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"manifest {csv_path} is not a readable UTF-8 CSV file ({exc}). Save it as UTF-8 CSV "
+                        "(comma-separated).") from exc
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise DataError(f"manifest {csv_path}: column(s) {', '.join(repeated)} appear more than once in the header "
+                        f"{columns}; keep one of each.")
+    missing = [c for c in ("path", "label") if c not in columns]
+    if missing:
+        hint = ""
+        if len(columns) == 1 and any(sep in columns[0] for sep in ";\t|"):
+            hint = " The file seems to use another separator than commas; save it as comma-separated values."
+        elif any(c.lower() in ("path", "label") for c in columns):
+            hint = " Column names are lower case (`path`, `label`)."
+        raise DataError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; found {columns or 'none'}. "
+                        f"Expected a header line `path,label[,patient_id]`.{hint}")
+    if problems:
+        raise DataError(_rows_message(csv_path, problems))
+    return columns, rows
+
+
+def _rows_message(csv_path: Path, problems: list[str]) -> str:
+    shown = "\n  ".join(problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return f"manifest {csv_path}: {len(problems)} bad row(s):\n  {shown}{more}"
+
+
+def scan_manifest(csv_path: str | Path, classes: list[str] | None = None, root: str | Path | None = None
+                  ) -> ManifestScan:
+    """Read and validate a manifest's rows, collecting repeated and contradictory rows (see
+    `ManifestScan`); missing files, empty cells and paths outside the root still raise."""
     csv_path = Path(csv_path)
+    if csv_path.is_dir():
+        raise DataError(f"manifest {csv_path} is a folder; a manifest is a .csv file. For a folder with one sub-folder "
+                        "per class use `source: folder`.")
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} does not exist.")
     base = manifest_root(csv_path, root)
     where = "options.root" if root is not None else "the manifest's folder"
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"manifest {csv_path} is not a readable UTF-8 CSV file ({exc}).") from exc
-    missing = [c for c in ("path", "label") if c not in columns]
-    if missing:
-        raise DataError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; found {columns or 'none'}. "
-                        "Expected a header line `path,label[,patient_id]`.")
-    if not rows:
+    columns, numbered = _manifest_rows(csv_path)
+    if not numbered:
         raise DataError(f"manifest {csv_path} has a header but no rows.")
+    has_pid = "patient_id" in columns
     problems: list[str] = []
+    repeats: list[str] = []
+    conflicts: list[str] = []
+    seen: dict[Path, tuple[int, dict[str, str]]] = {}
+    rows: list[dict[str, str]] = []
     paths: list[Path] = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in numbered:
         if not row["path"] or not row["label"]:
-            problems.append(f"line {line}: empty path or label")
+            problems.append(f"line {line}: empty {'path' if not row['path'] else 'label'}")
             continue
         p = (base / row["path"]).resolve()
         if not p.is_relative_to(base):
             problems.append(f"line {line}: path {row['path']!r} points outside {where} {base} (refused)")
-        elif not p.is_file():
+            continue
+        if p.is_dir():
+            problems.append(f"line {line}: {row['path']!r} is a folder, not an image file")
+            continue
+        if not p.is_file():
             problems.append(f"line {line}: file {row['path']!r} does not exist")
+            continue
+        if p in seen:
+            first, earlier = seen[p]
+            if earlier["label"] != row["label"]:
+                conflicts.append(f"{earlier['path']!r} is labelled {earlier['label']!r} on line {first} and "
+                                 f"{row['label']!r} on line {line}")
+            elif has_pid and earlier["patient_id"] != row["patient_id"]:
+                conflicts.append(f"{earlier['path']!r} has patient_id {earlier['patient_id']!r} on line {first} and "
+                                 f"{row['patient_id']!r} on line {line}")
+            else:
+                repeats.append(f"manifest {csv_path}: line {line} repeats line {first} ({earlier['path']!r}, "
+                               f"{row['label']!r}); the file is kept once. Delete the repeated row.")
+                continue
+        else:
+            seen[p] = (line, row)
+        rows.append(row)
         paths.append(p)
     if problems:
-        shown = "\n  ".join(problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"manifest {csv_path}: {len(problems)} bad row(s):\n  {shown}{more}")
+        raise DataError(_rows_message(csv_path, problems))
     found = sorted({r["label"] for r in rows})
     if classes is not None:
         unknown = sorted(set(found) - set(classes))
@@ -268,12 +401,12 @@ def read_manifest(csv_path: str | Path, classes: list[str] | None = None, root: 
     labels = np.asarray([index[r["label"]] for r in rows], dtype=np.int64)
     _check_classes(class_names, labels, str(csv_path))
     groups = None
-    if "patient_id" in columns:
+    if has_pid:
         ids = [r["patient_id"] for r in rows]
         if any(not i for i in ids):
             raise DataError(f"manifest {csv_path}: some rows have an empty patient_id; fill them or drop the column.")
         groups = np.asarray(ids, dtype=object)
-    return paths, labels, class_names, groups
+    return ManifestScan(csv_path, paths, labels, class_names, groups, repeats, conflicts)
 
 
 def manifest_columns(csv_path: str | Path, names: list[str], root: str | Path | None = None

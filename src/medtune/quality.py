@@ -109,6 +109,7 @@ class FileInfo:
     digest: str | None = None
     phash: np.ndarray | None = None
     error: str | None = None
+    blank: bool = False
 
 
 def inspect_file(path: str | Path, label: int, max_pixels: int) -> FileInfo:
@@ -118,7 +119,7 @@ def inspect_file(path: str | Path, label: int, max_pixels: int) -> FileInfo:
 
     info = FileInfo(str(path), label)
     try:
-        decode_image(path, 8, max_pixels)  # the loader's own checks and error texts
+        decode_image(path, 8, max_pixels, strict=True)  # the loader's own checks and error texts
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(Path(path).read_bytes()))
@@ -128,6 +129,7 @@ def inspect_file(path: str | Path, label: int, max_pixels: int) -> FileInfo:
         info.error = str(exc)
         return info
     arr = np.asarray(rgb)
+    info.blank = bool(arr.min() == arr.max())
     info.digest = hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
     info.phash = phash_bits(rgb)
     return info
@@ -145,6 +147,8 @@ class QualityReport:
     exact_straddling: int = 0
     near_straddling: int = 0
     grouped_by_patient: bool = False
+    warnings: list[str] = field(default_factory=list)  # usable data, worth a look (exit status 0)
+    manifest_conflicts: list[str] = field(default_factory=list)  # one file, two labels or patients
 
     @property
     def readable(self) -> list[int]:
@@ -152,6 +156,13 @@ class QualityReport:
 
     def conflicts(self, groups: list[list[int]]) -> list[list[int]]:
         return [g for g in groups if len({self.files[i].label for i in g}) > 1]
+
+    @property
+    def failed(self) -> bool:
+        """What `run` would refuse or learn wrongly from: unusable files, contradictory manifest rows,
+        identical images with different labels. Near duplicates are a perceptual guess, so their
+        label conflicts are listed without failing the check."""
+        return bool(len(self.readable) < len(self.files) or self.manifest_conflicts or self.conflicts(self.exact))
 
     def summary(self) -> dict:
         counts = Counter(self.class_names[f.label] for f in self.files)
@@ -168,6 +179,7 @@ class QualityReport:
             "folds": self.n_folds, "grouped_by_patient": self.grouped_by_patient,
             "exact_groups_straddling_folds": self.exact_straddling,
             "near_groups_straddling_folds": self.near_straddling,
+            "manifest_conflicts": self.manifest_conflicts, "warnings": self.warnings, "failed": self.failed,
         }
 
 
@@ -185,6 +197,11 @@ def check_files(paths: list[str], labels: list[int], class_names: list[str], n_f
     with ThreadPoolExecutor(max_workers=4) as pool:
         files = list(pool.map(lambda a: inspect_file(a[0], int(a[1]), mp), zip(paths, labels)))
     report = QualityReport(name, class_names, files, threshold, n_folds, grouped_by_patient=groups is not None)
+    blank = [f.path for f in files if f.blank]
+    if blank:
+        from medtune.data import blank_warning
+
+        report.warnings.append(blank_warning(blank))
     ok = report.readable
     report.exact = [[ok[i] for i in g] for g in exact_groups([files[i].digest for i in ok])]
     if threshold is not None and ok:
@@ -254,10 +271,21 @@ def check_targets(target: str | Path, n_folds: int | None = None, threshold: int
 def _check_path(path: Path, n_folds: int, threshold: int | None, group_pattern: str | None, name: str,
                 max_pixels: int | None = None, classes: list[str] | None = None,
                 root: str | None = None) -> QualityReport:
-    from medtune.data import list_folder, read_manifest
+    from medtune.data import list_folder, scan_manifest
 
-    if path.suffix.lower() == ".csv":
-        paths, labels, class_names, groups = read_manifest(path, classes, root)
-    else:
-        paths, labels, class_names, groups = list_folder(path, group_pattern)
-    return check_files([str(p) for p in paths], list(labels), class_names, n_folds, threshold, groups, name, max_pixels)
+    conflicts: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:  # the loaders' warnings go into the report
+        warnings.simplefilter("always")
+        if path.suffix.lower() == ".csv":
+            scan = scan_manifest(path, classes, root)
+            paths, labels, class_names, groups = scan.paths, scan.labels, scan.class_names, scan.groups
+            notes = scan.repeats
+            conflicts = [f"manifest {path}: {c}" for c in scan.conflicts]
+        else:
+            paths, labels, class_names, groups = list_folder(path, group_pattern)
+            notes = []
+    report = check_files([str(p) for p in paths], list(labels), class_names, n_folds, threshold, groups, name,
+                         max_pixels)
+    report.warnings[:0] = [str(w.message) for w in caught] + notes
+    report.manifest_conflicts = conflicts
+    return report
