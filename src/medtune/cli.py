@@ -288,8 +288,9 @@ def list_depths(backbone: str | None, random_init: bool, json_out: bool) -> None
 
 @data_app.command("check")
 def data_check(
-    target: Path = typer.Argument(..., help="A data folder (one sub-folder per class), a .csv manifest, or an "
-                                            "experiment YAML (every data set in it is checked)."),
+    target: Path = typer.Argument(..., help="A data folder (one sub-folder per class), a .csv manifest, a "
+                                            "MedMNIST .npz, or an experiment YAML (every data set in it is checked, "
+                                            "with its options, e.g. `split: official`)."),
     folds: Optional[int] = typer.Option(None, "--folds", help="Folds to plan (default: the config's, else 5)."),
     near: int = typer.Option(8, "--near", help="Near-duplicate threshold: max differing bits of the 64-bit "
                                                "perceptual hash (default 8; the config's near_duplicates wins)."),
@@ -341,7 +342,8 @@ def print_quality(r, show: int) -> None:
         table.add_row(f"near duplicates (≤{s['near_threshold']} bits)",
                       f"{s['near_groups']} groups ({s['near_extra_images']} extra images), "
                       f"{s['near_label_conflicts']} with conflicting labels")
-    table.add_row(f"{s['folds']}-fold plan, duplicates ignored",
+    plan = "official split (train+val vs test)" if s["official_split"] else f"{s['folds']}-fold plan"
+    table.add_row(f"{plan}, duplicates ignored",
                   f"{s['exact_groups_straddling_folds']} exact and {s['near_groups_straddling_folds']} near groups "
                   f"would sit on both sides of a split" + (" (patient-grouped)" if s["grouped_by_patient"] else ""))
     console.print(table)
@@ -358,14 +360,22 @@ def print_quality(r, show: int) -> None:
         console.print(f"... and {len(bad) - show} more files that cannot be used")
     for kind, groups in (("exact", r.exact), ("near", r.near)):
         conflicts = r.conflicts(groups)
-        for g in conflicts[:show]:
-            members = escape(", ".join(f"{r.files[i].path} [{r.class_names[r.files[i].label]}]" for i in g))
-            console.print(f"[yellow]{kind} duplicates with conflicting labels:[/] {members}", highlight=False)
-        for g in [g for g in groups if g not in conflicts][:show]:
+        across = r.across_splits(groups)
+        for g in [*conflicts, *[g for g in across if g not in conflicts]][:show]:
+            print_duplicate_group(r, kind, g, g in conflicts, g in across)
+        for g in [g for g in groups if g not in conflicts and g not in across][:show]:
             console.print(f"{kind} duplicates: " + escape(", ".join(r.files[i].path for i in g)), highlight=False)
     if r.exact or r.near:
         console.print("Keep copies on one side of every split with `duplicates: group` (exact copies) and "
                       "`near_duplicates: N` (perceptual), or remove them; resolve conflicting labels by hand.")
+
+
+def print_duplicate_group(r, kind: str, g: list[int], conflict: bool, across: bool) -> None:
+    """One group of copies that matters: labelled differently, or in both train/val and test of an
+    official split; members with their labels, so a mislabelled copy is visible."""
+    what = f"{kind} duplicates" + (" across splits" if across else "") + (" with conflicting labels" if conflict else "")
+    members = escape(", ".join(f"{r.files[i].path} [{r.class_names[r.files[i].label]}]" for i in g))
+    console.print(f"[yellow]{what}:[/] {members}", highlight=False)
 
 
 @app.command()

@@ -445,9 +445,9 @@ def load_dicom(path: str | Path, size: int, **options) -> ImageTable:
     return (load_manifest if Path(path).suffix.lower() == ".csv" else load_folder)(path, size, **options)
 
 
-def load_npz(npz_path: str | Path, size: int, class_names: list[str] | None = None) -> ImageTable:
+def load_npz(npz_path: str | Path, size: int | None, class_names: list[str] | None = None) -> ImageTable:
     """MedMNIST-style `.npz`: `{train,val,test}_images` and `_labels`, merged, the official split
-    kept in `split`."""
+    kept in `split`. `size` None keeps the stored size (`data check` reports it as stored)."""
     npz_path = Path(npz_path)
     try:
         npz = np.load(npz_path, allow_pickle=False)
@@ -477,13 +477,14 @@ def load_npz(npz_path: str | Path, size: int, class_names: list[str] | None = No
     if x.dtype != np.uint8:
         raise DataError(f"{npz_path}: images are {x.dtype}; expected uint8.")
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    if t.shape[-1] != size or t.shape[-2] != size:
+    if size is not None and (t.shape[-1] != size or t.shape[-2] != size):
         t = torch.nn.functional.interpolate(t.float(), size=(size, size), mode="bilinear", antialias=True,
                                             align_corners=False).round().clamp(0, 255).to(torch.uint8)
     n_classes = int(y.max()) + 1
     names = class_names or [str(i) for i in range(n_classes)]
     _check_classes(names, y, str(npz_path))
-    paths = [f"{npz_path}#{s}/{i}" for s, i in zip(split, range(len(y)))]
+    # Each image is named by its position within its own split, as MedMNIST numbers them (test/544).
+    paths = [f"{npz_path}#{s}/{i}" for s, y_s in zip(parts, labels) for i in range(len(y_s))]
     return ImageTable(t, y, names, paths, split=np.asarray(split, dtype=object), name=npz_path.stem)
 
 
