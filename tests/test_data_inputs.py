@@ -233,3 +233,27 @@ def test_data_check_refuses_an_unknown_split_option(tmp_path):
                                            "options": {"split": "offical"}}])
     result, out = check_cli(cfg)
     assert result.exit_code == 2 and "options.split must be official or merged, not 'offical'" in out
+
+
+# --------------------------------------------------------------------------- fold advice (issue 38)
+@pytest.mark.parametrize("n_folds", [2, 5])
+def test_one_image_class_advice_does_not_suggest_a_fold_count(n_folds):
+    labels = np.array([0, 0, 0, 0, 0, 1])
+    with pytest.raises(DataError) as err:
+        check_foldable(labels, None, ["benign", "rare"], n_folds, "d")
+    msg = str(err.value)
+    assert "class 'rare' has 1 image," in msg and "folds:" not in msg
+    assert "at least 2 images" in msg and "add images of 'rare' or merge the class" in msg
+
+
+def test_one_patient_class_advice_names_patients():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    groups = np.array(["a", "b", "c", "d", "e", "e"], dtype=object)
+    with pytest.raises(DataError, match=r"class 'rare' has 1 patient, .*at least 2 patients.*add patients"):
+        check_foldable(labels, groups, ["benign", "rare"], 2, "d")
+
+
+def test_few_images_class_advice_suggests_a_smaller_fold_count():
+    labels = np.array([0] * 6 + [1] * 3)
+    with pytest.raises(DataError, match=r"class 'rare' has 3 images, fewer than the 5 folds asked for\. Use `folds: 3`"):
+        check_foldable(labels, None, ["benign", "rare"], 5, "d")

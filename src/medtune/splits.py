@@ -105,9 +105,15 @@ def check_foldable(labels: np.ndarray, groups: np.ndarray | None, class_names: l
         units = len(set(groups[mask])) if groups is not None else int(mask.sum())
         if units < n_folds:
             what = "patients" if groups is not None else "images"
+            if units < 2:  # no fold count helps: cross-validation takes at least 2 folds
+                raise DataError(
+                    f"{where}: class {name!r} has 1 {what[:-1]}, and cross-validation needs at least 2 {what} of "
+                    f"every class (one to train on, one to test): add {what} of {name!r} or merge the class into "
+                    "another (or drop it from the data set)."
+                )
             raise DataError(
                 f"{where}: class {name!r} has {units} {what}, fewer than the {n_folds} folds asked for. "
-                f"Use `folds: {max(2, units)}` or fewer, add data, or merge the class."
+                f"Use `folds: {units}` or fewer, add data, or merge the class."
             )
 
 
