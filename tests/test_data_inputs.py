@@ -257,3 +257,48 @@ def test_few_images_class_advice_suggests_a_smaller_fold_count():
     labels = np.array([0] * 6 + [1] * 3)
     with pytest.raises(DataError, match=r"class 'rare' has 3 images, fewer than the 5 folds asked for\. Use `folds: 3`"):
         check_foldable(labels, None, ["benign", "rare"], 5, "d")
+
+
+# --------------------------------------------------------------------------- folders: links and hidden folders
+def test_symlinked_subfolder_is_followed(tmp_path):
+    data = folder(tmp_path / "d")
+    extra = folder(tmp_path / "more", n=2)
+    os.symlink(extra / "benign", data / "benign" / "linked")
+    table = load_folder(data, 16)
+    assert len(table) == 8 and any("linked" in p for p in table.paths)
+
+
+def test_symlink_loop_is_skipped_with_a_warning(tmp_path):
+    data = folder(tmp_path / "d")
+    os.symlink(data / "benign", data / "benign" / "loop")
+    with pytest.warns(UserWarning, match=r"loop: a symbolic link back to .*benign.*skipped"):
+        table = load_folder(data, 16)
+    assert len(table) == 6
+
+
+def test_broken_symlink_is_named(tmp_path):
+    data = folder(tmp_path / "d")
+    os.symlink(tmp_path / "gone.png", data / "benign" / "moved.png")
+    with pytest.raises(DataError, match=r"moved\.png: a broken symbolic link \(to .*gone\.png\)"):
+        load_folder(data, 16)
+
+
+def test_images_in_hidden_folders_are_not_data(tmp_path):
+    data = folder(tmp_path / "d")
+    write_png(data / "benign" / ".ipynb_checkpoints" / "benign_0-checkpoint.png", seed=7)
+    assert len(load_folder(data, 16)) == 6
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone or scanner JPEG stored sideways with an EXIF rotation: viewers show it upright, and so
+    must training, or the network learns from images turned unlike the ones the labeller saw."""
+    arr = np.zeros((24, 48, 3), np.uint8)
+    arr[:, :24] = 255  # left half white as stored
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    from medtune.data import decode_image
+
+    out = decode_image(tmp_path / "rot.jpg", 24)
+    assert out[0, :4].mean() > 200 and out[0, -4:].mean() < 50  # displayed: white on top, black below

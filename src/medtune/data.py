@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medtune.dicom import decode_dicom, is_dicom, patient_ids
 from medtune.errors import ConfigError, DataError
@@ -48,6 +49,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers (and the labeller) show it: EXIF orientation applied; a malformed EXIF
+    block leaves the pixels as stored rather than losing the image."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - EXIF parsing fails in many ways (struct, key, value errors)
+        return img
+
+
 def unusable(img: Image.Image) -> str | None:
     """Why a decodable image carries nothing to learn from (too small, fully transparent), or None.
     Checked for data-set images only: `predict` and the decoding tests take any size."""
@@ -73,6 +83,8 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
     try:
         data = path.read_bytes()
     except OSError as exc:
+        if path.is_symlink() and not path.exists():
+            raise DataError(f"{path}: a broken symbolic link (to {os.readlink(path)}); fix the link or remove it.") from exc
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
     if not data:
         raise DataError(f"{path}: the file is empty (0 bytes). Remove it or replace it with the image.")
@@ -108,6 +120,7 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         raise DataError(f"{path}: truncated or corrupt image ({exc}). Re-export or remove it.") from exc
     if strict and (why := unusable(img)):
         raise DataError(f"{path}: {why}")
+    img = upright(img)
     img = to_rgb(img).resize((size, size), Image.BICUBIC)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
@@ -190,8 +203,8 @@ def list_folder(root: str | Path, group_pattern: str | None = None
     labels: list[int] = []
     skipped: list[str] = []
     for label, d in enumerate(class_dirs):
-        for f in sorted(d.rglob("*")):
-            if not f.is_file() or f.name.startswith(".") or f.name == "Thumbs.db":
+        for f in _walk_files(d):
+            if f.name.startswith(".") or f.name == "Thumbs.db":
                 continue
             if f.suffix.lower() in SIDE_FILE_SUFFIXES:
                 skipped.append(str(f))
@@ -219,6 +232,25 @@ def list_folder(root: str | Path, group_pattern: str | None = None
             ids.append(pid)
         groups = np.asarray(ids, dtype=object)
     return paths, labels_arr, class_names, groups
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted: symlinked folders followed (data is often linked in),
+    each real folder once (a link loop is skipped with a warning), hidden folders
+    (.ipynb_checkpoints, .git) left out, broken links kept so decoding names them."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            warnings.warn(f"{dirpath}: a symbolic link back to {real}, already read; skipped (remove the link if "
+                          "it is a loop).", stacklevel=4)
+            continue
+        seen.add(real)
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
+        files += [Path(dirpath) / n for n in filenames]
+    return sorted(files)
 
 
 def compile_group_pattern(pattern: str) -> re.Pattern:

@@ -115,7 +115,7 @@ class FileInfo:
 def inspect_file(path: str | Path, label: int, max_pixels: int) -> FileInfo:
     """Size and mode as stored (before any resize), a pixel digest and a perceptual hash; a file
     that cannot be decoded gets its error text instead of raising."""
-    from medtune.data import decode_image, to_rgb
+    from medtune.data import decode_image, to_rgb, upright
 
     info = FileInfo(str(path), label)
     try:
@@ -124,7 +124,7 @@ def inspect_file(path: str | Path, label: int, max_pixels: int) -> FileInfo:
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(Path(path).read_bytes()))
             info.size, info.mode = img.size, img.mode
-            rgb = to_rgb(img)
+            rgb = to_rgb(upright(img))
     except DataError as exc:
         info.error = str(exc)
         return info
