@@ -302,3 +302,42 @@ def test_exif_orientation_is_applied(tmp_path):
 
     out = decode_image(tmp_path / "rot.jpg", 24)
     assert out[0, :4].mean() > 200 and out[0, -4:].mean() < 50  # displayed: white on top, black below
+
+
+# --------------------------------------------------------------------------- malformed .npz files
+def npz_with(tmp_path: Path, **arrays) -> Path:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+X = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+Y = (np.arange(6) % 2).reshape(-1, 1)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"train_images": X, "train_labels": Y[:4]}, r"`train_images` has 6 images but `train_labels` has 4 labels"),
+    ({"train_images": X, "train_labels": Y - 1}, r"`train_labels` holds negative values \(-1\); labels are class "
+                                                  r"indices 0, 1, \.\.\."),
+    ({"train_images": X, "train_labels": Y + 0.5}, r"`train_labels` holds non-integer values \(0\.5\)"),
+    ({"train_images": X, "train_labels": Y, "test_images": X[:, :14, :14], "test_labels": Y},
+     r"`test_images` are 14x14 but `train_images` are 28x28; every split needs one image size"),
+    ({"train_images": X[:0], "train_labels": Y[:0]}, r"holds no images"),
+    ({"train_images": np.array([X[0], X[1][:3]], dtype=object), "train_labels": Y[:2]},
+     r"`train_images` is stored as Python objects"),
+])
+def test_malformed_npz_is_named(tmp_path, arrays, message):
+    with pytest.raises(DataError, match=r"bad\.npz: " + message):
+        load_npz(npz_with(tmp_path, **arrays), 28)
+
+
+def test_text_file_named_npz(tmp_path):
+    path = tmp_path / "notes.npz"
+    path.write_text("hello")
+    with pytest.raises(DataError, match=r"notes\.npz: not a .npz file \(a zip of NumPy arrays\)"):
+        load_npz(path, 28)
+
+
+def test_npz_data_check_lists_malformed_file_as_one_paragraph(tmp_path):
+    result, out = check_cli(npz_with(tmp_path, train_images=X, train_labels=Y[:4]))
+    assert result.exit_code == 2 and "has 6 images but `train_labels` has 4 labels" in out

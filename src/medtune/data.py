@@ -484,7 +484,10 @@ def load_npz(npz_path: str | Path, size: int | None, class_names: list[str] | No
     try:
         npz = np.load(npz_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise DataError(f"{npz_path}: not a readable .npz file ({exc}).") from exc
+        raise DataError(f"{npz_path}: not a .npz file (a zip of NumPy arrays) that NumPy can read. Give the MedMNIST "
+                        ".npz as downloaded, or a file written with numpy.savez.") from exc
+    if not hasattr(npz, "files"):  # a single-array .npy saved under a .npz name
+        raise DataError(f"{npz_path}: holds one array, not the named arrays of a .npz (train_images, train_labels, ...).")
     parts = [s for s in ("train", "val", "test") if f"{s}_images" in npz.files]
     if not parts:
         raise DataError(f"{npz_path}: no `train_images`/`val_images`/`test_images` arrays; found {npz.files}.")
@@ -492,12 +495,32 @@ def load_npz(npz_path: str | Path, size: int | None, class_names: list[str] | No
     for s in parts:
         if f"{s}_labels" not in npz.files:
             raise DataError(f"{npz_path}: has `{s}_images` but no `{s}_labels`.")
-        x, y = npz[f"{s}_images"], np.asarray(npz[f"{s}_labels"])
+        x, y = _npz_array(npz, npz_path, f"{s}_images"), _npz_array(npz, npz_path, f"{s}_labels")
         if y.ndim == 2 and y.shape[1] > 1:
             raise DataError(f"{npz_path}: `{s}_labels` is multi-label {y.shape}; medtune handles single-label tasks.")
+        y = y.reshape(-1)
+        if len(x) != len(y):
+            raise DataError(f"{npz_path}: `{s}_images` has {len(x)} images but `{s}_labels` has {len(y)} labels; "
+                            "each image needs one label.")
+        if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+            raise DataError(f"{npz_path}: `{s}_labels` are {y.dtype}; expected integer class indices.")
+        if len(y) and (bad := y[y != np.round(y)]).size:
+            raise DataError(f"{npz_path}: `{s}_labels` holds non-integer values ({bad[0]:g}); labels are class "
+                            "indices 0, 1, ...")
+        if len(y) and y.min() < 0:
+            raise DataError(f"{npz_path}: `{s}_labels` holds negative values ({y.min():g}); labels are class "
+                            "indices 0, 1, ...")
+        if images and x.shape[1:3] != images[0].shape[1:3] and x.ndim >= 3 and images[0].ndim >= 3:
+            raise DataError(f"{npz_path}: `{s}_images` are {x.shape[2]}x{x.shape[1]} but `{parts[0]}_images` are "
+                            f"{images[0].shape[2]}x{images[0].shape[1]}; every split needs one image size.")
         images.append(x)
-        labels.append(y.reshape(-1).astype(np.int64))
+        labels.append(y.astype(np.int64))
         split += [s] * len(y)
+    if not sum(len(y) for y in labels):
+        raise DataError(f"{npz_path}: holds no images (every split is empty).")
+    if len({x.ndim for x in images}) > 1 or len({x.shape[3:] for x in images}) > 1:
+        raise DataError(f"{npz_path}: the splits' images have different shapes "
+                        f"{[tuple(x.shape) for x in images]}; expected (N, H, W) or (N, H, W, 1|3) in every split.")
     x = np.concatenate(images)
     y = np.concatenate(labels)
     if x.ndim == 3:
@@ -513,11 +536,23 @@ def load_npz(npz_path: str | Path, size: int | None, class_names: list[str] | No
         t = torch.nn.functional.interpolate(t.float(), size=(size, size), mode="bilinear", antialias=True,
                                             align_corners=False).round().clamp(0, 255).to(torch.uint8)
     n_classes = int(y.max()) + 1
+    if class_names and n_classes > len(class_names):
+        raise DataError(f"{npz_path}: labels go up to {n_classes - 1}, but the data set has {len(class_names)} "
+                        f"classes ({', '.join(class_names)}); is the file from another MedMNIST flag?")
     names = class_names or [str(i) for i in range(n_classes)]
     _check_classes(names, y, str(npz_path))
     # Each image is named by its position within its own split, as MedMNIST numbers them (test/544).
     paths = [f"{npz_path}#{s}/{i}" for s, y_s in zip(parts, labels) for i in range(len(y_s))]
     return ImageTable(t, y, names, paths, split=np.asarray(split, dtype=object), name=npz_path.stem)
+
+
+def _npz_array(npz, npz_path: Path, key: str) -> np.ndarray:
+    """One array of the .npz; arrays of Python objects (pickles) are refused, never unpickled."""
+    try:
+        return np.asarray(npz[key])
+    except ValueError as exc:
+        raise DataError(f"{npz_path}: `{key}` is stored as Python objects (a pickle), which medtune does not load; "
+                        "save it as a numeric array (uint8 images, integer labels).") from exc
 
 
 MEDMNIST_SIZES = (28, 64, 128, 224)
