@@ -341,3 +341,86 @@ def test_text_file_named_npz(tmp_path):
 def test_npz_data_check_lists_malformed_file_as_one_paragraph(tmp_path):
     result, out = check_cli(npz_with(tmp_path, train_images=X, train_labels=Y[:4]))
     assert result.exit_code == 2 and "has 6 images but `train_labels` has 4 labels" in out
+
+
+# --------------------------------------------------------------------------- manifests: malformed files
+def test_manifest_row_with_extra_fields_is_named(tmp_path):
+    f = manifest(tmp_path / "d", [*BASE_ROWS, "benign/benign_0.png,benign,left,extra"])
+    with pytest.raises(DataError, match=r"line 5: 4 field\(s\) where the header has 2; quote values that contain commas"):
+        load_manifest(f, 16)
+
+
+def test_manifest_short_row_is_named(tmp_path):
+    f = manifest(tmp_path / "d", [*BASE_ROWS, "benign/benign_0.png"])
+    with pytest.raises(DataError, match=r"line 5: 1 field\(s\) where the header has 2"):
+        load_manifest(f, 16)
+
+
+def test_manifest_blank_label_is_named(tmp_path):
+    f = manifest(tmp_path / "d", [*BASE_ROWS, "benign/benign_0.png,"])
+    with pytest.raises(DataError, match=r"line 5: empty label"):
+        load_manifest(f, 16)
+
+
+def test_manifest_line_numbers_count_blank_lines(tmp_path):
+    f = manifest(tmp_path / "d", ["", *BASE_ROWS, "", "benign/gone.png,benign"])
+    with pytest.raises(DataError, match=r"line 7: file 'benign/gone\.png' does not exist"):
+        load_manifest(f, 16)
+
+
+def test_manifest_repeated_header_column_is_refused(tmp_path):
+    f = manifest(tmp_path / "d", [r + ",x" for r in BASE_ROWS], header="path,label,label")
+    with pytest.raises(DataError, match=r"column\(s\) label appear more than once in the header"):
+        load_manifest(f, 16)
+
+
+def test_manifest_unclosed_quote_is_named(tmp_path):
+    f = manifest(tmp_path / "d", [*BASE_ROWS, '"benign/benign_0.png,benign', "benign/benign_2.png,benign"])
+    with pytest.raises(DataError, match=r'line 5: a field opens a quote \(\"\) that does not close'):
+        load_manifest(f, 16)
+
+
+def test_manifest_row_naming_a_folder(tmp_path):
+    f = manifest(tmp_path / "d", [*BASE_ROWS, "benign,benign"])
+    with pytest.raises(DataError, match=r"line 5: 'benign' is a folder, not an image file"):
+        load_manifest(f, 16)
+
+
+def test_manifest_path_that_is_a_folder(tmp_path):
+    data = folder(tmp_path / "d")
+    with pytest.raises(DataError, match=r"manifest .*d is a folder; a manifest is a \.csv file.*source: folder"):
+        load_manifest(data, 16)
+
+
+@pytest.mark.parametrize("header, hint", [("Path,Label", "Column names are lower case"),
+                                          ("path;label", "another separator than commas")])
+def test_manifest_header_hints(tmp_path, header, hint):
+    f = manifest(tmp_path / "d", [r.replace(",", ";" if ";" in header else ",") for r in BASE_ROWS], header=header)
+    with pytest.raises(DataError, match=hint):
+        load_manifest(f, 16)
+
+
+def test_manifest_with_bom_and_windows_line_endings(tmp_path):
+    folder(tmp_path / "d")
+    f = tmp_path / "d" / "m.csv"
+    f.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(["path,label", *BASE_ROWS, ""]).encode())
+    table = load_manifest(f, 16)
+    assert len(table) == 3 and table.class_names == ["benign", "malignant"]
+
+
+def test_manifest_columns_reports_a_malformed_row(tmp_path):
+    from medtune.data import manifest_columns
+
+    f = manifest(tmp_path / "d", [r + ",s1" for r in BASE_ROWS] + ["benign/benign_0.png,benign,s2,extra"],
+                 header="path,label,site")
+    with pytest.raises(DataError, match=r"line 5: 4 field\(s\) where the header has 3"):
+        manifest_columns(f, ["site"])
+
+
+def test_group_pattern_on_a_manifest_says_where_patient_ids_go(tmp_path):
+    from medtune.data import load_dataset
+
+    f = manifest(tmp_path / "d", BASE_ROWS)
+    with pytest.raises(DataError, match=r"group_pattern reads patient ids from the file names of a folder data set; "
+                                        r"a manifest gives them in a `patient_id` column"):
+        load_dataset(f, image_size=16, name="m", group_pattern="^(P\\d+)")

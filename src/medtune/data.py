@@ -450,12 +450,12 @@ def manifest_columns(csv_path: str | Path, names: list[str], root: str | Path | 
         raise DataError(f"{csv_path}: columns {names} (subgroups / cv: by_site) come from a .csv manifest; this data "
                         "set is not one. Write a manifest with those columns (docs/data.md).")
     base = manifest_root(csv_path, root)
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(fh)]
-    missing = [n for n in names if rows and n not in rows[0]]
+    columns, numbered = _manifest_rows(csv_path)
+    rows = [r for _, r in numbered]
+    missing = [n for n in names if n not in columns]
     if missing:
         raise DataError(f"manifest {csv_path} lacks column(s) {missing} named in the config (subgroups / cv: by_site); "
-                        f"it has {list(rows[0]) if rows else []}.")
+                        f"it has {columns}.")
     return {n: {str((base / r["path"]).resolve()): r[n] for r in rows} for n in names}
 
 
@@ -631,6 +631,10 @@ def load_dataset(path: str | Path | None = None, *, source: str = "auto", image_
         # that only another source takes and that collides with this loader's own argument (a folder's `root`)
         if "unexpected keyword argument" not in str(exc) and "got multiple values for argument" not in str(exc):
             raise
+        if "'group_pattern'" in str(exc):  # set beside `path`, not in `options`: say where ids come from instead
+            raise DataError(f"data set {name or path!r}: group_pattern reads patient ids from the file names of a "
+                            "folder data set; a manifest gives them in a `patient_id` column, and MedMNIST and "
+                            "synthetic data have none to read. Remove group_pattern.") from exc
         clash = re.search(r"multiple values for argument '(\w+)'", str(exc))
         what = (f"option {clash.group(1)!r} is not one this source takes" if clash
                 else str(exc).split('() ', 1)[-1])
