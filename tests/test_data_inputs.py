@@ -424,3 +424,34 @@ def test_group_pattern_on_a_manifest_says_where_patient_ids_go(tmp_path):
     with pytest.raises(DataError, match=r"group_pattern reads patient ids from the file names of a folder data set; "
                                         r"a manifest gives them in a `patient_id` column"):
         load_dataset(f, image_size=16, name="m", group_pattern="^(P\\d+)")
+
+
+# --------------------------------------------------------------------------- odd pixels and stray files
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_float_image_with_a_non_finite_pixel_keeps_its_range(tmp_path, bad):
+    from medtune.data import decode_image
+
+    arr = np.linspace(0.0, 1.0, 16 * 16, dtype=np.float32).reshape(16, 16)
+    arr[0, 0] = bad
+    Image.fromarray(arr).save(tmp_path / "f.tiff")
+    out = decode_image(tmp_path / "f.tiff", 16)
+    assert out[0, 0, 0] == 0 and out[0, -1, -1] == 255 and len(np.unique(out[0])) > 200
+
+
+def test_images_beside_the_class_folders_are_named_not_silently_ignored(tmp_path):
+    data = folder(tmp_path / "d")
+    write_png(data / "stray.png", seed=9)
+    with pytest.warns(UserWarning, match=r"1 image file\(s\) sit directly in .*d, outside the class sub-folders, "
+                                         r"e\.g\. stray\.png; they are not used"):
+        assert len(load_folder(data, 16)) == 6
+
+
+def test_run_warns_when_identical_images_carry_different_labels(tmp_path):
+    from medtune.splits import apply_duplicate_policy
+
+    data = folder(tmp_path / "d")
+    (data / "malignant" / "copy.png").write_bytes((data / "benign" / "benign_0.png").read_bytes())
+    table = load_folder(data, 16)
+    with pytest.warns(UserWarning, match=r"1 group\(s\) of identical images carry different labels, e\.g\. "
+                                         r".*benign_0\.png \[benign\] = .*copy\.png \[malignant\]"):
+        apply_duplicate_policy(table, "group")

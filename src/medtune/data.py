@@ -38,7 +38,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. 16-bit and float images are min-max scaled, not clipped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = np.isfinite(arr)  # one NaN or inf pixel must not blank the whole image
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+        arr = np.where(finite, arr, lo)
         arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
     if img.mode == "P":
@@ -213,6 +215,10 @@ def list_folder(root: str | Path, group_pattern: str | None = None
             labels.append(label)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} non-image side files, e.g. {skipped[0]}", stacklevel=2)
+    stray = sorted(f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES | {".dcm"})
+    if stray:
+        warnings.warn(f"{len(stray)} image file(s) sit directly in {root}, outside the class sub-folders, e.g. "
+                      f"{stray[0]}; they are not used. Move each into its class's sub-folder.", stacklevel=2)
     class_names = [d.name for d in class_dirs]
     labels_arr = np.asarray(labels, dtype=np.int64)
     _check_classes(class_names, labels_arr, str(root))
