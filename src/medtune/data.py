@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medtune.dicom import decode_dicom, is_dicom, patient_ids
-from medtune.errors import ConfigError, DataError
+from medtune.errors import ConfigError, DataError, DataWarning
 from medtune.table import ImageTable, pixel_digest  # noqa: F401 - ImageTable is data's public type
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
@@ -86,7 +86,8 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         data = path.read_bytes()
     except OSError as exc:
         if path.is_symlink() and not path.exists():
-            raise DataError(f"{path}: a broken symbolic link (to {os.readlink(path)}); fix the link or remove it.") from exc
+            raise DataError(f"{path}: a broken symbolic link (to {os.readlink(path)}); fix the link or remove "
+                            "it.") from exc
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
     if not data:
         raise DataError(f"{path}: the file is empty (0 bytes). Remove it or replace it with the image.")
@@ -151,7 +152,7 @@ def decode_many(paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXE
     flat = out.reshape(len(out), -1)
     blank = np.flatnonzero(flat.min(axis=1) == flat.max(axis=1))
     if len(blank):
-        warnings.warn(blank_warning([str(paths[i]) for i in blank]), stacklevel=3)
+        warnings.warn(blank_warning([str(paths[i]) for i in blank]), DataWarning, stacklevel=3)
     return torch.from_numpy(out)
 
 
@@ -214,11 +215,12 @@ def list_folder(root: str | Path, group_pattern: str | None = None
             paths.append(f)
             labels.append(label)
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} non-image side files, e.g. {skipped[0]}", stacklevel=2)
+        warnings.warn(f"skipped {len(skipped)} non-image side files, e.g. {skipped[0]}", DataWarning, stacklevel=2)
     stray = sorted(f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES | {".dcm"})
     if stray:
         warnings.warn(f"{len(stray)} image file(s) sit directly in {root}, outside the class sub-folders, e.g. "
-                      f"{stray[0]}; they are not used. Move each into its class's sub-folder.", stacklevel=2)
+                      f"{stray[0]}; they are not used. Move each into its class's sub-folder.", DataWarning,
+                      stacklevel=2)
     class_names = [d.name for d in class_dirs]
     labels_arr = np.asarray(labels, dtype=np.int64)
     _check_classes(class_names, labels_arr, str(root))
@@ -251,7 +253,7 @@ def _walk_files(folder: Path) -> list[Path]:
         if real in seen:
             dirnames[:] = []
             warnings.warn(f"{dirpath}: a symbolic link back to {real}, already read; skipped (remove the link if "
-                          "it is a loop).", stacklevel=4)
+                          "it is a loop).", DataWarning, stacklevel=4)
             continue
         seen.add(real)
         dirnames[:] = [n for n in dirnames if not n.startswith(".")]
@@ -299,7 +301,7 @@ def read_manifest(csv_path: str | Path, classes: list[str] | None = None, root: 
     patient ids) is an error, since no one can say which row is right."""
     scan = scan_manifest(csv_path, classes, root)
     for note in scan.repeats:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, DataWarning, stacklevel=2)
     if scan.conflicts:
         raise DataError(scan.conflict_message())
     return scan.paths, scan.labels, scan.class_names, scan.groups
@@ -493,7 +495,8 @@ def load_npz(npz_path: str | Path, size: int | None, class_names: list[str] | No
         raise DataError(f"{npz_path}: not a .npz file (a zip of NumPy arrays) that NumPy can read. Give the MedMNIST "
                         ".npz as downloaded, or a file written with numpy.savez.") from exc
     if not hasattr(npz, "files"):  # a single-array .npy saved under a .npz name
-        raise DataError(f"{npz_path}: holds one array, not the named arrays of a .npz (train_images, train_labels, ...).")
+        raise DataError(f"{npz_path}: holds one array, not the named arrays of a .npz (train_images, "
+                        "train_labels, ...).")
     parts = [s for s in ("train", "val", "test") if f"{s}_images" in npz.files]
     if not parts:
         raise DataError(f"{npz_path}: no `train_images`/`val_images`/`test_images` arrays; found {npz.files}.")

@@ -11,12 +11,13 @@ With groups, folds come from scikit-learn's StratifiedGroupKFold, else Stratifie
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from medtune.data import ImageTable
-from medtune.errors import DataError
+from medtune.errors import DataError, DataWarning
 from medtune.folds import kfold
 
 DUPLICATE_POLICIES = ("group", "error", "drop", "ignore")
@@ -82,14 +83,12 @@ def apply_duplicate_policy(table: ImageTable, policy: str,
     dup = find_duplicates(table, near_duplicates)
     record = {"policy": policy, **dup.summary()}
     if dup.conflicting:  # kept (one copy's label is wrong, not the data set), but never silently
-        import warnings
-
         g = dup.conflicting[0]
         copies = " = ".join(f"{table.paths[i]} [{table.class_names[table.labels[i]]}]" for i in g[:2])
         kind = "identical" if near_duplicates is None else f"identical or near-identical (<= {near_duplicates} bits)"
         warnings.warn(f"{table.name}: {len(dup.conflicting)} group(s) of {kind} images carry different labels, "
                       f"e.g. {copies}. One label of each is wrong: fix it by hand (`medtune data check` lists them).",
-                      stacklevel=2)
+                      DataWarning, stacklevel=2)
     if policy == "ignore":  # counted and recorded, folds see patient ids only
         return table, table.groups, record
     if dup.groups and policy == "error":
