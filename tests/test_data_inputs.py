@@ -455,3 +455,13 @@ def test_run_warns_when_identical_images_carry_different_labels(tmp_path):
     with pytest.warns(UserWarning, match=r"1 group\(s\) of identical images carry different labels, e\.g\. "
                                          r".*benign_0\.png \[benign\] = .*copy\.png \[malignant\]"):
         apply_duplicate_policy(table, "group")
+
+
+def test_multi_page_tiff_says_what_to_do(tmp_path):
+    from medtune.data import decode_image
+
+    frames = [Image.new("L", (16, 16), v) for v in (0, 80, 160)]
+    frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=r"stack\.tif: has 3 frames; medtune expects one 2-D image per file\. Save "
+                                        r"each frame .* as its own file"):
+        decode_image(tmp_path / "stack.tif", 16)

@@ -111,7 +111,8 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
                     f"guard). Downscale the image, or raise `max_pixels` for this data set if it is genuine."
                 )
             if getattr(img, "n_frames", 1) > 1 and img.format not in ("GIF",):
-                raise DataError(f"{path}: has {img.n_frames} frames; medtune expects one 2-D image per file.")
+                raise DataError(f"{path}: has {img.n_frames} frames; medtune expects one 2-D image per file. Save "
+                                "each frame you want (a slice, a still of a cine loop) as its own file.")
             img.load()
     except DataError:
         raise
