@@ -130,7 +130,8 @@ BASE_ROWS = ["benign/benign_1.png,benign", "malignant/malignant_0.png,malignant"
 
 def test_identical_duplicate_row_warns_and_is_dropped(tmp_path):
     f = manifest(tmp_path / "d", ["benign/benign_0.png,benign", *BASE_ROWS, "./benign/benign_0.png,benign"])
-    with pytest.warns(UserWarning, match=r"m\.csv: line 6 repeats line 2 \('benign/benign_0\.png', 'benign'\); the file is kept once"):
+    with pytest.warns(UserWarning, match=r"m\.csv: 1 row repeats an earlier row word for word \(line 6 repeats line 2 "
+                                          r"\('benign/benign_0\.png', 'benign'\)\); each file is kept once"):
         table = load_manifest(f, 16)
     assert len(table) == 4 and sum(p.endswith("benign_0.png") for p in table.paths) == 1
     result, out = check_cli(f, "--folds", "2")
@@ -465,3 +466,17 @@ def test_multi_page_tiff_says_what_to_do(tmp_path):
     with pytest.raises(DataError, match=r"stack\.tif: has 3 frames; medtune expects one 2-D image per file\. Save "
                                         r"each frame .* as its own file"):
         decode_image(tmp_path / "stack.tif", 16)
+
+
+def test_many_repeated_rows_are_one_warning(tmp_path):
+    """A manifest pasted in twice must not print a warning per row."""
+    import warnings
+
+    rows = ["benign/benign_0.png,benign", *BASE_ROWS]
+    f = manifest(tmp_path / "d", rows + rows)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = load_manifest(f, 16)
+    notes = [str(w.message) for w in caught if "repeat" in str(w.message)]
+    assert len(table) == 4 and len(notes) == 1
+    assert "4 rows repeat earlier rows word for word (line 6 repeats line 2" in notes[0] and "; and 1 more)" in notes[0]

@@ -301,8 +301,8 @@ def read_manifest(csv_path: str | Path, classes: list[str] | None = None, root: 
     A row repeated word for word is kept once, with a warning; one file given two labels (or two
     patient ids) is an error, since no one can say which row is right."""
     scan = scan_manifest(csv_path, classes, root)
-    for note in scan.repeats:
-        warnings.warn(note, DataWarning, stacklevel=2)
+    if scan.repeats:
+        warnings.warn(scan.repeat_message(), DataWarning, stacklevel=2)
     if scan.conflicts:
         raise DataError(scan.conflict_message())
     return scan.paths, scan.labels, scan.class_names, scan.groups
@@ -317,8 +317,16 @@ class ManifestScan:
     labels: np.ndarray
     class_names: list[str]
     groups: np.ndarray | None
-    repeats: list[str]
+    repeats: list[str]  # "line 6 repeats line 2 ('a.png', 'benign')"
     conflicts: list[str]
+
+    def repeat_message(self) -> str:
+        """One warning for all repeated rows (a manifest pasted in twice repeats every row)."""
+        n = len(self.repeats)
+        shown = "; ".join(self.repeats[:3]) + (f"; and {n - 3} more" if n > 3 else "")
+        what = "row repeats an earlier row" if n == 1 else "rows repeat earlier rows"
+        return (f"manifest {self.csv_path}: {n} {what} word for word ({shown}); each file is kept once. Delete the "
+                "repeated rows.")
 
     def conflict_message(self) -> str:
         shown = "; ".join(self.conflicts[:MAX_LISTED])
@@ -421,8 +429,7 @@ def scan_manifest(csv_path: str | Path, classes: list[str] | None = None, root: 
                 conflicts.append(f"{earlier['path']!r} has patient_id {earlier['patient_id']!r} on line {first} and "
                                  f"{row['patient_id']!r} on line {line}")
             else:
-                repeats.append(f"manifest {csv_path}: line {line} repeats line {first} ({earlier['path']!r}, "
-                               f"{row['label']!r}); the file is kept once. Delete the repeated row.")
+                repeats.append(f"line {line} repeats line {first} ({earlier['path']!r}, {row['label']!r})")
                 continue
         else:
             seen[p] = (line, row)

@@ -309,7 +309,7 @@ def _check_path(path: Path, n_folds: int, threshold: int | None, group_pattern: 
         if path.suffix.lower() == ".csv":
             scan = scan_manifest(path, classes, root)
             paths, labels, class_names, groups = scan.paths, scan.labels, scan.class_names, scan.groups
-            notes = scan.repeats
+            notes = [scan.repeat_message()] if scan.repeats else []
             conflicts = [f"manifest {path}: {c}" for c in scan.conflicts]
         else:
             paths, labels, class_names, groups = list_folder(path, group_pattern)
