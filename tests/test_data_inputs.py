@@ -480,3 +480,9 @@ def test_many_repeated_rows_are_one_warning(tmp_path):
     notes = [str(w.message) for w in caught if "repeat" in str(w.message)]
     assert len(table) == 4 and len(notes) == 1
     assert "4 rows repeat earlier rows word for word (line 6 repeats line 2" in notes[0] and "; and 1 more)" in notes[0]
+
+
+def test_npz_labels_beyond_the_flags_classes(tmp_path):
+    path = npz_with(tmp_path, train_images=X, train_labels=np.arange(6) % 3)
+    with pytest.raises(DataError, match=r"bad\.npz: labels go up to 2, but the data set has 2 classes \(a, b\)"):
+        load_npz(path, 28, class_names=["a", "b"])
