@@ -11,6 +11,8 @@ from medtune.errors import DataError
 
 # A 4x4 ramp of stored values 0..1500 (12 bits stored).
 RAMP = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 100)
+# Data-set images need 8 pixels per side (`data.MIN_SIDE`): folders and manifests use the ramp at 8x8.
+RAMP8 = np.kron(RAMP, np.ones((2, 2), np.uint16))
 
 
 def write_dicom(path, pixels=RAMP, photometric="MONOCHROME2", patient="P1", window=None, voi_lut=None,
@@ -95,7 +97,7 @@ def make_folder(root):
     for cls, base in (("benign", 0), ("malignant", 1)):
         (root / cls).mkdir(parents=True)
         for i in range(3):
-            pix = RAMP + 50 * (3 * base + i)
+            pix = RAMP8 + 50 * (3 * base + i)
             write_dicom(root / cls / f"img{i}.dcm", pixels=pix, patient=f"P{i % 2}{cls[0]}")
     return root
 
@@ -124,7 +126,7 @@ def test_manifest_patient_id_column_wins_over_header(tmp_path):
 
 def test_missing_patient_id_gets_own_group_with_warning(tmp_path):
     root = make_folder(tmp_path / "data")
-    write_dicom(root / "benign" / "anon.dcm", patient=None)
+    write_dicom(root / "benign" / "anon.dcm", pixels=RAMP8, patient=None)
     with pytest.warns(UserWarning, match="no PatientID"):
         table = load_dataset(root, image_size=8)
     anon = table.paths.index(str(root / "benign" / "anon.dcm"))

@@ -105,10 +105,10 @@ def test_check_exact_only_skips_near(messy_folder):
 
 def test_cli_data_check_folder(messy_folder):
     result = CliRunner().invoke(app, ["data", "check", str(messy_folder), "--folds", "2", "--near", "8"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # an unreadable file and a mislabelled copy: not usable as is
     out = " ".join(result.output.split())
     assert "benign 7, malignant 7" in out
-    assert "unreadable: " in out and "broken.png" in out
+    assert "cannot be used: " in out and "broken.png" in out
     assert "exact duplicates with conflicting labels:" in out and "mislabelled_2.png [malignant]" in out
     assert "2-fold plan, duplicates ignored" in out
 

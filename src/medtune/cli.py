@@ -288,8 +288,9 @@ def list_depths(backbone: str | None, random_init: bool, json_out: bool) -> None
 
 @data_app.command("check")
 def data_check(
-    target: Path = typer.Argument(..., help="A data folder (one sub-folder per class), a .csv manifest, or an "
-                                            "experiment YAML (every data set in it is checked)."),
+    target: Path = typer.Argument(..., help="A data folder (one sub-folder per class), a .csv manifest, a "
+                                            "MedMNIST .npz, or an experiment YAML (every data set in it is checked, "
+                                            "with its options, e.g. `split: official`)."),
     folds: Optional[int] = typer.Option(None, "--folds", help="Folds to plan (default: the config's, else 5)."),
     near: int = typer.Option(8, "--near", help="Near-duplicate threshold: max differing bits of the 64-bit "
                                                "perceptual hash (default 8; the config's near_duplicates wins)."),
@@ -299,10 +300,15 @@ def data_check(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     show: int = typer.Option(5, "--show", help="How many unreadable files / duplicate groups to list."),
 ) -> None:
-    """Check a data set before training: classes, unreadable files, duplicates.
+    """Check a data set before training: classes, unusable files, duplicates.
 
-    Classes, sizes and modes, unreadable files, exact and near duplicates, label conflicts, and
-    duplicates the planned folds would split across train/test."""
+    Classes, sizes and modes, files that cannot be used, exact and near duplicates, label conflicts,
+    and duplicates the planned folds would split across train/test.
+
+    Exit status: 0 when `medtune run` can use the data (warnings alone, such as blank images,
+    repeated manifest rows or near duplicates with different labels, stay 0); 1 when files cannot
+    be used, a manifest gives one file two labels or patient ids, or identical images carry
+    different labels; 2 when the target itself cannot be read."""
     from medtune.quality import check_targets
 
     try:
@@ -313,9 +319,11 @@ def data_check(
         import json
 
         sys.stdout.write(json.dumps([r.summary() for r in reports], indent=2) + "\n")
-        return
-    for r in reports:
-        print_quality(r, show)
+    else:
+        for r in reports:
+            print_quality(r, show)
+    if any(r.failed for r in reports):
+        raise typer.Exit(1)
 
 
 def print_quality(r, show: int) -> None:
@@ -327,32 +335,47 @@ def print_quality(r, show: int) -> None:
     table.add_row("classes", ", ".join(f"{c} {n}" for c, n in s["class_counts"].items()))
     table.add_row("sizes (most common)", ", ".join(f"{k} ×{v}" for k, v in s["sizes"].items()))
     table.add_row("modes", ", ".join(f"{k} ×{v}" for k, v in s["modes"].items()))
-    table.add_row("unreadable", str(s["unreadable"]))
+    table.add_row("cannot be used", str(s["unreadable"]))
     table.add_row("exact duplicates", f"{s['exact_groups']} groups ({s['exact_extra_images']} extra copies), "
                                       f"{s['exact_label_conflicts']} with conflicting labels")
     if s["near_threshold"] is not None:
         table.add_row(f"near duplicates (≤{s['near_threshold']} bits)",
                       f"{s['near_groups']} groups ({s['near_extra_images']} extra images), "
                       f"{s['near_label_conflicts']} with conflicting labels")
-    table.add_row(f"{s['folds']}-fold plan, duplicates ignored",
+    plan = "official split (train+val vs test)" if s["official_split"] else f"{s['folds']}-fold plan"
+    table.add_row(f"{plan}, duplicates ignored",
                   f"{s['exact_groups_straddling_folds']} exact and {s['near_groups_straddling_folds']} near groups "
                   f"would sit on both sides of a split" + (" (patient-grouped)" if s["grouped_by_patient"] else ""))
     console.print(table)
+    for note in r.warnings:
+        console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    for c in r.manifest_conflicts[:show]:
+        console.print(f"[red]contradictory rows:[/] {escape(c)}", highlight=False, soft_wrap=True)
+    if len(r.manifest_conflicts) > show:
+        console.print(f"... and {len(r.manifest_conflicts) - show} more contradictory rows")
     bad = [f for f in r.files if f.error]
     for f in bad[:show]:
-        console.print(f"[red]unreadable:[/] {escape(f.error)}", highlight=False)
+        console.print(f"[red]cannot be used:[/] {escape(f.error)}", highlight=False)
     if len(bad) > show:
-        console.print(f"... and {len(bad) - show} more unreadable files")
+        console.print(f"... and {len(bad) - show} more files that cannot be used")
     for kind, groups in (("exact", r.exact), ("near", r.near)):
         conflicts = r.conflicts(groups)
-        for g in conflicts[:show]:
-            members = escape(", ".join(f"{r.files[i].path} [{r.class_names[r.files[i].label]}]" for i in g))
-            console.print(f"[yellow]{kind} duplicates with conflicting labels:[/] {members}", highlight=False)
-        for g in [g for g in groups if g not in conflicts][:show]:
+        across = r.across_splits(groups)
+        for g in [*conflicts, *[g for g in across if g not in conflicts]][:show]:
+            print_duplicate_group(r, kind, g, g in conflicts, g in across)
+        for g in [g for g in groups if g not in conflicts and g not in across][:show]:
             console.print(f"{kind} duplicates: " + escape(", ".join(r.files[i].path for i in g)), highlight=False)
     if r.exact or r.near:
         console.print("Keep copies on one side of every split with `duplicates: group` (exact copies) and "
                       "`near_duplicates: N` (perceptual), or remove them; resolve conflicting labels by hand.")
+
+
+def print_duplicate_group(r, kind: str, g: list[int], conflict: bool, across: bool) -> None:
+    """One group of copies that matters: labelled differently, or in both train/val and test of an
+    official split; members with their labels, so a mislabelled copy is visible."""
+    what = f"{kind} duplicates" + (" across splits" if across else "") + (" with conflicting labels" if conflict else "")
+    members = escape(", ".join(f"{r.files[i].path} [{r.class_names[r.files[i].label]}]" for i in g))
+    console.print(f"[yellow]{what}:[/] {members}", highlight=False)
 
 
 @app.command()

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medtune.dicom import decode_dicom, is_dicom, patient_ids
-from medtune.errors import DataError
+from medtune.errors import ConfigError, DataError, DataWarning
 from medtune.table import ImageTable, pixel_digest  # noqa: F401 - ImageTable is data's public type
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm"}
 # Files that commonly sit next to images and are not data; skipped with a warning.
 SIDE_FILE_SUFFIXES = {".txt", ".md", ".csv", ".json", ".xml", ".yaml", ".yml", ".db", ".ini", ".pdf"}
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard: larger images are refused
+# A data-set image with a side under this is a placeholder or a broken export, not a scan: upscaled
+# to the backbone's size it becomes a flat patch that would be learnt as an example of its class.
+MIN_SIDE = 8
 MAX_LISTED = 10
 
 
@@ -33,7 +38,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. 16-bit and float images are min-max scaled, not clipped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = np.isfinite(arr)  # one NaN or inf pixel must not blank the whole image
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+        arr = np.where(finite, arr, lo)
         arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
     if img.mode == "P":
@@ -44,15 +51,43 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers (and the labeller) show it: EXIF orientation applied; a malformed EXIF
+    block leaves the pixels as stored rather than losing the image."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - EXIF parsing fails in many ways (struct, key, value errors)
+        return img
+
+
+def unusable(img: Image.Image) -> str | None:
+    """Why a decodable image carries nothing to learn from (too small, fully transparent), or None.
+    Checked for data-set images only: `predict` and the decoding tests take any size."""
+    w, h = img.size
+    if min(w, h) < MIN_SIDE:
+        return (f"{w}x{h} pixels is too small to be a scan (a data-set image needs at least {MIN_SIDE} pixels per "
+                "side); it is likely a placeholder or a broken export. Remove it or re-export the original image.")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img if img.mode in ("RGBA", "LA", "PA") else img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[1] == 0:
+            return ("every pixel is fully transparent (alpha 0), so the image is blank once composited. If its colour "
+                    "channels hold the scan, re-save it as RGB without the alpha channel; otherwise remove it.")
+    return None
+
+
 def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 frame: int | None = None) -> np.ndarray:
+                 frame: int | None = None, strict: bool = False) -> np.ndarray:
     """Read one image file as uint8 (3, size, size). Raises DataError naming the file.
     DICOM files (by suffix or magic bytes) go through `medtune.dicom`; `frame` picks one frame
-    of a multi-frame DICOM file."""
+    of a multi-frame DICOM file. `strict` (data sets) also refuses images that decode but carry
+    nothing (`unusable`)."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
+        if path.is_symlink() and not path.exists():
+            raise DataError(f"{path}: a broken symbolic link (to {os.readlink(path)}); fix the link or remove "
+                            "it.") from exc
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
     if not data:
         raise DataError(f"{path}: the file is empty (0 bytes). Remove it or replace it with the image.")
@@ -61,6 +96,8 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         w, h = img.size
         if w * h > max_pixels:
             raise DataError(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels:,}; raise `max_pixels` if genuine.")
+        if strict and (why := unusable(img)):
+            raise DataError(f"{path}: {why}")
         img = to_rgb(img).resize((size, size), Image.BICUBIC)
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
     try:
@@ -74,7 +111,8 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
                     f"guard). Downscale the image, or raise `max_pixels` for this data set if it is genuine."
                 )
             if getattr(img, "n_frames", 1) > 1 and img.format not in ("GIF",):
-                raise DataError(f"{path}: has {img.n_frames} frames; medtune expects one 2-D image per file.")
+                raise DataError(f"{path}: has {img.n_frames} frames; medtune expects one 2-D image per file. Save "
+                                "each frame you want (a slice, a still of a cine loop) as its own file.")
             img.load()
     except DataError:
         raise
@@ -84,6 +122,9 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         raise DataError(f"{path}: not an image file PIL can read. Remove it from the data folder.") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: truncated or corrupt image ({exc}). Re-export or remove it.") from exc
+    if strict and (why := unusable(img)):
+        raise DataError(f"{path}: {why}")
+    img = upright(img)
     img = to_rgb(img).resize((size, size), Image.BICUBIC)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
@@ -98,7 +139,7 @@ def decode_many(paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXE
 
     def work(i: int) -> None:
         try:
-            out[i] = decode_image(paths[i], size, max_pixels, frame)
+            out[i] = decode_image(paths[i], size, max_pixels, frame, strict=True)
         except DataError as exc:
             errors.append(str(exc))
 
@@ -109,7 +150,18 @@ def decode_many(paths: list[Path], size: int, max_pixels: int = DEFAULT_MAX_PIXE
         shown = "\n  ".join(errors[:MAX_LISTED])
         more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
         raise DataError(f"{len(errors)} of {len(paths)} image files cannot be used:\n  {shown}{more}")
+    flat = out.reshape(len(out), -1)
+    blank = np.flatnonzero(flat.min(axis=1) == flat.max(axis=1))
+    if len(blank):
+        warnings.warn(blank_warning([str(paths[i]) for i in blank]), DataWarning, stacklevel=3)
     return torch.from_numpy(out)
+
+
+def blank_warning(paths: list[str]) -> str:
+    """A constant image (an empty frame, a flat 16-bit export) still trains, as an uninformative example."""
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return (f"{len(paths)} image(s) are blank (every pixel the same value): {shown}. Check how they were exported; "
+            "remove them if they hold no scan.")
 
 
 # --------------------------------------------------------------------------- loaders
@@ -155,8 +207,8 @@ def list_folder(root: str | Path, group_pattern: str | None = None
     labels: list[int] = []
     skipped: list[str] = []
     for label, d in enumerate(class_dirs):
-        for f in sorted(d.rglob("*")):
-            if not f.is_file() or f.name.startswith(".") or f.name == "Thumbs.db":
+        for f in _walk_files(d):
+            if f.name.startswith(".") or f.name == "Thumbs.db":
                 continue
             if f.suffix.lower() in SIDE_FILE_SUFFIXES:
                 skipped.append(str(f))
@@ -164,22 +216,59 @@ def list_folder(root: str | Path, group_pattern: str | None = None
             paths.append(f)
             labels.append(label)
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} non-image side files, e.g. {skipped[0]}", stacklevel=2)
+        warnings.warn(f"skipped {len(skipped)} non-image side files, e.g. {skipped[0]}", DataWarning, stacklevel=2)
+    stray = sorted(f.name for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES | {".dcm"})
+    if stray:
+        warnings.warn(f"{len(stray)} image file(s) sit directly in {root}, outside the class sub-folders, e.g. "
+                      f"{stray[0]}; they are not used. Move each into its class's sub-folder.", DataWarning,
+                      stacklevel=2)
     class_names = [d.name for d in class_dirs]
     labels_arr = np.asarray(labels, dtype=np.int64)
     _check_classes(class_names, labels_arr, str(root))
     groups = None
     if group_pattern:
-        rx = re.compile(group_pattern)
+        rx = compile_group_pattern(group_pattern)
         ids = []
         for f in paths:
             m = rx.search(f.name)
             if not m:
                 raise DataError(f"{f}: file name does not match group_pattern {group_pattern!r}; every file needs "
                                 "a patient id, or drop group_pattern.")
-            ids.append(m.group(1) if m.groups() else m.group(0))
+            pid = m.group(1) if m.groups() else m.group(0)
+            if not pid:  # e.g. `(\d*)` on a name without digits: every such file would be one "patient"
+                raise DataError(f"{f}: group_pattern {group_pattern!r} reads an empty patient id from this file name; "
+                                "make the group match at least one character (`+`, not `*`).")
+            ids.append(pid)
         groups = np.asarray(ids, dtype=object)
     return paths, labels_arr, class_names, groups
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted: symlinked folders followed (data is often linked in),
+    each real folder once (a link loop is skipped with a warning), hidden folders
+    (.ipynb_checkpoints, .git) left out, broken links kept so decoding names them."""
+    files: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            warnings.warn(f"{dirpath}: a symbolic link back to {real}, already read; skipped (remove the link if "
+                          "it is a loop).", DataWarning, stacklevel=4)
+            continue
+        seen.add(real)
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
+        files += [Path(dirpath) / n for n in filenames]
+    return sorted(files)
+
+
+def compile_group_pattern(pattern: str) -> re.Pattern:
+    """The regex, or a ConfigError naming it: a typo in a YAML regex is the user's, not a traceback."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"group_pattern {pattern!r} is not a valid regular expression ({exc}). Fix it in the "
+                          r"config (or --group-pattern); e.g. `^(P\d+)_` reads `P012` from `P012_left.png`.") from exc
 
 
 def load_manifest(csv_path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -208,41 +297,146 @@ def manifest_root(csv_path: str | Path, root: str | Path | None = None) -> Path:
 
 def read_manifest(csv_path: str | Path, classes: list[str] | None = None, root: str | Path | None = None
                   ) -> tuple[list[Path], np.ndarray, list[str], np.ndarray | None]:
-    """The rows of a manifest, validated, without decoding: (paths, labels, class names, groups)."""
+    """The rows of a manifest, validated, without decoding: (paths, labels, class names, groups).
+    A row repeated word for word is kept once, with a warning; one file given two labels (or two
+    patient ids) is an error, since no one can say which row is right."""
+    scan = scan_manifest(csv_path, classes, root)
+    if scan.repeats:
+        warnings.warn(scan.repeat_message(), DataWarning, stacklevel=2)
+    if scan.conflicts:
+        raise DataError(scan.conflict_message())
+    return scan.paths, scan.labels, scan.class_names, scan.groups
+
+
+@dataclass
+class ManifestScan:
+    """A manifest read leniently, for `data check` to report everything at once: repeated rows
+    (dropped, each a warning) and contradictory rows (kept, each an error for `read_manifest`)."""
+    csv_path: Path
+    paths: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+    groups: np.ndarray | None
+    repeats: list[str]  # "line 6 repeats line 2 ('a.png', 'benign')"
+    conflicts: list[str]
+
+    def repeat_message(self) -> str:
+        """One warning for all repeated rows (a manifest pasted in twice repeats every row)."""
+        n = len(self.repeats)
+        shown = "; ".join(self.repeats[:3]) + (f"; and {n - 3} more" if n > 3 else "")
+        what = "row repeats an earlier row" if n == 1 else "rows repeat earlier rows"
+        return (f"manifest {self.csv_path}: {n} {what} word for word ({shown}); each file is kept once. Delete the "
+                "repeated rows.")
+
+    def conflict_message(self) -> str:
+        shown = "; ".join(self.conflicts[:MAX_LISTED])
+        more = f"; ... and {len(self.conflicts) - MAX_LISTED} more" if len(self.conflicts) > MAX_LISTED else ""
+        return (f"manifest {self.csv_path}: {shown}{more}. A file has one label and one patient: keep one row per "
+                "file, with the right values.")
+
+
+def _manifest_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """(columns, [(line number, row)]): line numbers as a text editor shows them (blank lines and
+    quoted line breaks counted), and rows with too many or too few fields reported by line."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            columns = [c.strip() for c in header]
+            rows, problems = [], []
+            start = reader.line_num + 1
+            for fields in reader:
+                line, start = start, reader.line_num + 1
+                if not any(f.strip() for f in fields):
+                    continue
+                if any("\n" in f for f in fields):
+                    problems.append(f"line {line}: a field opens a quote (\") that does not close before line "
+                                    f"{reader.line_num}; quote whole fields only (\"a,b.png\")")
+                elif len(fields) != len(columns):
+                    problems.append(f"line {line}: {len(fields)} field(s) where the header has {len(columns)}; quote "
+                                    "values that contain commas")
+                else:
+                    rows.append((line, {c: f.strip() for c, f in zip(columns, fields)}))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"manifest {csv_path} is not a readable UTF-8 CSV file ({exc}). Save it as UTF-8 CSV "
+                        "(comma-separated).") from exc
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise DataError(f"manifest {csv_path}: column(s) {', '.join(repeated)} appear more than once in the header "
+                        f"{columns}; keep one of each.")
+    missing = [c for c in ("path", "label") if c not in columns]
+    if missing:
+        hint = ""
+        if len(columns) == 1 and any(sep in columns[0] for sep in ";\t|"):
+            hint = " The file seems to use another separator than commas; save it as comma-separated values."
+        elif any(c.lower() in ("path", "label") for c in columns):
+            hint = " Column names are lower case (`path`, `label`)."
+        raise DataError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; found {columns or 'none'}. "
+                        f"Expected a header line `path,label[,patient_id]`.{hint}")
+    if problems:
+        raise DataError(_rows_message(csv_path, problems))
+    return columns, rows
+
+
+def _rows_message(csv_path: Path, problems: list[str]) -> str:
+    shown = "\n  ".join(problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return f"manifest {csv_path}: {len(problems)} bad row(s):\n  {shown}{more}"
+
+
+def scan_manifest(csv_path: str | Path, classes: list[str] | None = None, root: str | Path | None = None
+                  ) -> ManifestScan:
+    """Read and validate a manifest's rows, collecting repeated and contradictory rows (see
+    `ManifestScan`); missing files, empty cells and paths outside the root still raise."""
     csv_path = Path(csv_path)
+    if csv_path.is_dir():
+        raise DataError(f"manifest {csv_path} is a folder; a manifest is a .csv file. For a folder with one sub-folder "
+                        "per class use `source: folder`.")
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} does not exist.")
     base = manifest_root(csv_path, root)
     where = "options.root" if root is not None else "the manifest's folder"
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"manifest {csv_path} is not a readable UTF-8 CSV file ({exc}).") from exc
-    missing = [c for c in ("path", "label") if c not in columns]
-    if missing:
-        raise DataError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; found {columns or 'none'}. "
-                        "Expected a header line `path,label[,patient_id]`.")
-    if not rows:
+    columns, numbered = _manifest_rows(csv_path)
+    if not numbered:
         raise DataError(f"manifest {csv_path} has a header but no rows.")
+    has_pid = "patient_id" in columns
     problems: list[str] = []
+    repeats: list[str] = []
+    conflicts: list[str] = []
+    seen: dict[Path, tuple[int, dict[str, str]]] = {}
+    rows: list[dict[str, str]] = []
     paths: list[Path] = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in numbered:
         if not row["path"] or not row["label"]:
-            problems.append(f"line {line}: empty path or label")
+            problems.append(f"line {line}: empty {'path' if not row['path'] else 'label'}")
             continue
         p = (base / row["path"]).resolve()
         if not p.is_relative_to(base):
             problems.append(f"line {line}: path {row['path']!r} points outside {where} {base} (refused)")
-        elif not p.is_file():
+            continue
+        if p.is_dir():
+            problems.append(f"line {line}: {row['path']!r} is a folder, not an image file")
+            continue
+        if not p.is_file():
             problems.append(f"line {line}: file {row['path']!r} does not exist")
+            continue
+        if p in seen:
+            first, earlier = seen[p]
+            if earlier["label"] != row["label"]:
+                conflicts.append(f"{earlier['path']!r} is labelled {earlier['label']!r} on line {first} and "
+                                 f"{row['label']!r} on line {line}")
+            elif has_pid and earlier["patient_id"] != row["patient_id"]:
+                conflicts.append(f"{earlier['path']!r} has patient_id {earlier['patient_id']!r} on line {first} and "
+                                 f"{row['patient_id']!r} on line {line}")
+            else:
+                repeats.append(f"line {line} repeats line {first} ({earlier['path']!r}, {row['label']!r})")
+                continue
+        else:
+            seen[p] = (line, row)
+        rows.append(row)
         paths.append(p)
     if problems:
-        shown = "\n  ".join(problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"manifest {csv_path}: {len(problems)} bad row(s):\n  {shown}{more}")
+        raise DataError(_rows_message(csv_path, problems))
     found = sorted({r["label"] for r in rows})
     if classes is not None:
         unknown = sorted(set(found) - set(classes))
@@ -255,12 +449,12 @@ def read_manifest(csv_path: str | Path, classes: list[str] | None = None, root: 
     labels = np.asarray([index[r["label"]] for r in rows], dtype=np.int64)
     _check_classes(class_names, labels, str(csv_path))
     groups = None
-    if "patient_id" in columns:
+    if has_pid:
         ids = [r["patient_id"] for r in rows]
         if any(not i for i in ids):
             raise DataError(f"manifest {csv_path}: some rows have an empty patient_id; fill them or drop the column.")
         groups = np.asarray(ids, dtype=object)
-    return paths, labels, class_names, groups
+    return ManifestScan(csv_path, paths, labels, class_names, groups, repeats, conflicts)
 
 
 def manifest_columns(csv_path: str | Path, names: list[str], root: str | Path | None = None
@@ -272,12 +466,12 @@ def manifest_columns(csv_path: str | Path, names: list[str], root: str | Path | 
         raise DataError(f"{csv_path}: columns {names} (subgroups / cv: by_site) come from a .csv manifest; this data "
                         "set is not one. Write a manifest with those columns (docs/data.md).")
     base = manifest_root(csv_path, root)
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(fh)]
-    missing = [n for n in names if rows and n not in rows[0]]
+    columns, numbered = _manifest_rows(csv_path)
+    rows = [r for _, r in numbered]
+    missing = [n for n in names if n not in columns]
     if missing:
         raise DataError(f"manifest {csv_path} lacks column(s) {missing} named in the config (subgroups / cv: by_site); "
-                        f"it has {list(rows[0]) if rows else []}.")
+                        f"it has {columns}.")
     return {n: {str((base / r["path"]).resolve()): r[n] for r in rows} for n in names}
 
 
@@ -299,14 +493,18 @@ def load_dicom(path: str | Path, size: int, **options) -> ImageTable:
     return (load_manifest if Path(path).suffix.lower() == ".csv" else load_folder)(path, size, **options)
 
 
-def load_npz(npz_path: str | Path, size: int, class_names: list[str] | None = None) -> ImageTable:
+def load_npz(npz_path: str | Path, size: int | None, class_names: list[str] | None = None) -> ImageTable:
     """MedMNIST-style `.npz`: `{train,val,test}_images` and `_labels`, merged, the official split
-    kept in `split`."""
+    kept in `split`. `size` None keeps the stored size (`data check` reports it as stored)."""
     npz_path = Path(npz_path)
     try:
         npz = np.load(npz_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise DataError(f"{npz_path}: not a readable .npz file ({exc}).") from exc
+        raise DataError(f"{npz_path}: not a .npz file (a zip of NumPy arrays) that NumPy can read. Give the MedMNIST "
+                        ".npz as downloaded, or a file written with numpy.savez.") from exc
+    if not hasattr(npz, "files"):  # a single-array .npy saved under a .npz name
+        raise DataError(f"{npz_path}: holds one array, not the named arrays of a .npz (train_images, "
+                        "train_labels, ...).")
     parts = [s for s in ("train", "val", "test") if f"{s}_images" in npz.files]
     if not parts:
         raise DataError(f"{npz_path}: no `train_images`/`val_images`/`test_images` arrays; found {npz.files}.")
@@ -314,12 +512,32 @@ def load_npz(npz_path: str | Path, size: int, class_names: list[str] | None = No
     for s in parts:
         if f"{s}_labels" not in npz.files:
             raise DataError(f"{npz_path}: has `{s}_images` but no `{s}_labels`.")
-        x, y = npz[f"{s}_images"], np.asarray(npz[f"{s}_labels"])
+        x, y = _npz_array(npz, npz_path, f"{s}_images"), _npz_array(npz, npz_path, f"{s}_labels")
         if y.ndim == 2 and y.shape[1] > 1:
             raise DataError(f"{npz_path}: `{s}_labels` is multi-label {y.shape}; medtune handles single-label tasks.")
+        y = y.reshape(-1)
+        if len(x) != len(y):
+            raise DataError(f"{npz_path}: `{s}_images` has {len(x)} images but `{s}_labels` has {len(y)} labels; "
+                            "each image needs one label.")
+        if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+            raise DataError(f"{npz_path}: `{s}_labels` are {y.dtype}; expected integer class indices.")
+        if len(y) and (bad := y[y != np.round(y)]).size:
+            raise DataError(f"{npz_path}: `{s}_labels` holds non-integer values ({bad[0]:g}); labels are class "
+                            "indices 0, 1, ...")
+        if len(y) and y.min() < 0:
+            raise DataError(f"{npz_path}: `{s}_labels` holds negative values ({y.min():g}); labels are class "
+                            "indices 0, 1, ...")
+        if images and x.shape[1:3] != images[0].shape[1:3] and x.ndim >= 3 and images[0].ndim >= 3:
+            raise DataError(f"{npz_path}: `{s}_images` are {x.shape[2]}x{x.shape[1]} but `{parts[0]}_images` are "
+                            f"{images[0].shape[2]}x{images[0].shape[1]}; every split needs one image size.")
         images.append(x)
-        labels.append(y.reshape(-1).astype(np.int64))
+        labels.append(y.astype(np.int64))
         split += [s] * len(y)
+    if not sum(len(y) for y in labels):
+        raise DataError(f"{npz_path}: holds no images (every split is empty).")
+    if len({x.ndim for x in images}) > 1 or len({x.shape[3:] for x in images}) > 1:
+        raise DataError(f"{npz_path}: the splits' images have different shapes "
+                        f"{[tuple(x.shape) for x in images]}; expected (N, H, W) or (N, H, W, 1|3) in every split.")
     x = np.concatenate(images)
     y = np.concatenate(labels)
     if x.ndim == 3:
@@ -331,14 +549,27 @@ def load_npz(npz_path: str | Path, size: int, class_names: list[str] | None = No
     if x.dtype != np.uint8:
         raise DataError(f"{npz_path}: images are {x.dtype}; expected uint8.")
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    if t.shape[-1] != size or t.shape[-2] != size:
+    if size is not None and (t.shape[-1] != size or t.shape[-2] != size):
         t = torch.nn.functional.interpolate(t.float(), size=(size, size), mode="bilinear", antialias=True,
                                             align_corners=False).round().clamp(0, 255).to(torch.uint8)
     n_classes = int(y.max()) + 1
+    if class_names and n_classes > len(class_names):
+        raise DataError(f"{npz_path}: labels go up to {n_classes - 1}, but the data set has {len(class_names)} "
+                        f"classes ({', '.join(class_names)}); is the file from another MedMNIST flag?")
     names = class_names or [str(i) for i in range(n_classes)]
     _check_classes(names, y, str(npz_path))
-    paths = [f"{npz_path}#{s}/{i}" for s, i in zip(split, range(len(y)))]
+    # Each image is named by its position within its own split, as MedMNIST numbers them (test/544).
+    paths = [f"{npz_path}#{s}/{i}" for s, y_s in zip(parts, labels) for i in range(len(y_s))]
     return ImageTable(t, y, names, paths, split=np.asarray(split, dtype=object), name=npz_path.stem)
+
+
+def _npz_array(npz, npz_path: Path, key: str) -> np.ndarray:
+    """One array of the .npz; arrays of Python objects (pickles) are refused, never unpickled."""
+    try:
+        return np.asarray(npz[key])
+    except ValueError as exc:
+        raise DataError(f"{npz_path}: `{key}` is stored as Python objects (a pickle), which medtune does not load; "
+                        "save it as a numeric array (uint8 images, integer labels).") from exc
 
 
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -417,6 +648,10 @@ def load_dataset(path: str | Path | None = None, *, source: str = "auto", image_
         # that only another source takes and that collides with this loader's own argument (a folder's `root`)
         if "unexpected keyword argument" not in str(exc) and "got multiple values for argument" not in str(exc):
             raise
+        if "'group_pattern'" in str(exc):  # set beside `path`, not in `options`: say where ids come from instead
+            raise DataError(f"data set {name or path!r}: group_pattern reads patient ids from the file names of a "
+                            "folder data set; a manifest gives them in a `patient_id` column, and MedMNIST and "
+                            "synthetic data have none to read. Remove group_pattern.") from exc
         clash = re.search(r"multiple values for argument '(\w+)'", str(exc))
         what = (f"option {clash.group(1)!r} is not one this source takes" if clash
                 else str(exc).split('() ', 1)[-1])

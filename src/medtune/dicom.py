@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtune.errors import DataError
+from medtune.errors import DataError, DataWarning
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -115,5 +115,6 @@ def patient_ids(paths: list[str | Path]) -> np.ndarray | None:
     missing = [str(p) for p, i in zip(paths, ids) if not i]
     if missing:
         warnings.warn(f"{len(missing)} DICOM file(s) have no PatientID, e.g. {missing[0]}; each becomes its own "
-                      "group. Add a patient_id column to a manifest if they belong to known patients.", stacklevel=3)
+                      "group. Add a patient_id column to a manifest if they belong to known patients.", DataWarning,
+                      stacklevel=3)
     return np.asarray([i or f"file:{p}" for p, i in zip(paths, ids)], dtype=object)

@@ -23,3 +23,8 @@ class BackboneError(MedtuneError):
 
 class TrainingError(MedtuneError):
     """A cell that cannot train (NaN loss, out of memory); recorded, the grid goes on."""
+
+
+class DataWarning(UserWarning):
+    """A data problem medtune works around (a repeated manifest row, a blank image, a skipped link):
+    the data stays usable, so it is said, not raised; `data check` lists these as warnings."""

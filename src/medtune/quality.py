@@ -109,25 +109,27 @@ class FileInfo:
     digest: str | None = None
     phash: np.ndarray | None = None
     error: str | None = None
+    blank: bool = False
 
 
 def inspect_file(path: str | Path, label: int, max_pixels: int) -> FileInfo:
     """Size and mode as stored (before any resize), a pixel digest and a perceptual hash; a file
     that cannot be decoded gets its error text instead of raising."""
-    from medtune.data import decode_image, to_rgb
+    from medtune.data import decode_image, to_rgb, upright
 
     info = FileInfo(str(path), label)
     try:
-        decode_image(path, 8, max_pixels)  # the loader's own checks and error texts
+        decode_image(path, 8, max_pixels, strict=True)  # the loader's own checks and error texts
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(Path(path).read_bytes()))
             info.size, info.mode = img.size, img.mode
-            rgb = to_rgb(img)
+            rgb = to_rgb(upright(img))
     except DataError as exc:
         info.error = str(exc)
         return info
     arr = np.asarray(rgb)
+    info.blank = bool(arr.min() == arr.max())
     info.digest = hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
     info.phash = phash_bits(rgb)
     return info
@@ -145,6 +147,10 @@ class QualityReport:
     exact_straddling: int = 0
     near_straddling: int = 0
     grouped_by_patient: bool = False
+    official: bool = False  # the plan is the source's own train/val vs test split, not k folds
+    split: list[str] | None = None  # each file's official split (MedMNIST), to name cross-split copies
+    warnings: list[str] = field(default_factory=list)  # usable data, worth a look (exit status 0)
+    manifest_conflicts: list[str] = field(default_factory=list)  # one file, two labels or patients
 
     @property
     def readable(self) -> list[int]:
@@ -152,6 +158,19 @@ class QualityReport:
 
     def conflicts(self, groups: list[list[int]]) -> list[list[int]]:
         return [g for g in groups if len({self.files[i].label for i in g}) > 1]
+
+    def across_splits(self, groups: list[list[int]]) -> list[list[int]]:
+        """Groups with copies in both train/val and test of the official split (a leak for `split: official`)."""
+        if self.split is None:
+            return []
+        return [g for g in groups if len({self.split[i] == "test" for i in g}) > 1]
+
+    @property
+    def failed(self) -> bool:
+        """What `run` would refuse or learn wrongly from: unusable files, contradictory manifest rows,
+        identical images with different labels. Near duplicates are a perceptual guess, so their
+        label conflicts are listed without failing the check."""
+        return bool(len(self.readable) < len(self.files) or self.manifest_conflicts or self.conflicts(self.exact))
 
     def summary(self) -> dict:
         counts = Counter(self.class_names[f.label] for f in self.files)
@@ -168,6 +187,10 @@ class QualityReport:
             "folds": self.n_folds, "grouped_by_patient": self.grouped_by_patient,
             "exact_groups_straddling_folds": self.exact_straddling,
             "near_groups_straddling_folds": self.near_straddling,
+            "official_split": self.official,
+            "exact_groups_across_splits": len(self.across_splits(self.exact)),
+            "near_groups_across_splits": len(self.across_splits(self.near)),
+            "manifest_conflicts": self.manifest_conflicts, "warnings": self.warnings, "failed": self.failed,
         }
 
 
@@ -185,6 +208,11 @@ def check_files(paths: list[str], labels: list[int], class_names: list[str], n_f
     with ThreadPoolExecutor(max_workers=4) as pool:
         files = list(pool.map(lambda a: inspect_file(a[0], int(a[1]), mp), zip(paths, labels)))
     report = QualityReport(name, class_names, files, threshold, n_folds, grouped_by_patient=groups is not None)
+    blank = [f.path for f in files if f.blank]
+    if blank:
+        from medtune.data import blank_warning
+
+        report.warnings.append(blank_warning(blank))
     ok = report.readable
     report.exact = [[ok[i] for i in g] for g in exact_groups([files[i].digest for i in ok])]
     if threshold is not None and ok:
@@ -202,18 +230,24 @@ def check_files(paths: list[str], labels: list[int], class_names: list[str], n_f
     return report
 
 
-def check_table(table, n_folds: int = 5, threshold: int | None = DEFAULT_NEAR_THRESHOLD, seed: int = 0) -> QualityReport:
-    """The same report for an in-memory table (synthetic, .npz): sizes are the decoded ones."""
+def check_table(table, n_folds: int = 5, threshold: int | None = DEFAULT_NEAR_THRESHOLD, seed: int = 0,
+                official: bool = False) -> QualityReport:
+    """The same report for an in-memory table (synthetic, .npz): sizes are the decoded ones. With
+    `official` the plan is the table's own split (train+val vs test), as `run` uses it."""
     from medtune.folds import kfold
 
     h, w = table.images.shape[-2:]
     files = [FileInfo(p, int(y), (int(w), int(h)), "RGB", d) for p, y, d in zip(table.paths, table.labels, table.digests)]
-    report = QualityReport(table.name, table.class_names, files, threshold, n_folds,
-                           grouped_by_patient=table.groups is not None)
+    report = QualityReport(table.name, table.class_names, files, threshold, 1 if official else n_folds,
+                           grouped_by_patient=table.groups is not None, official=official,
+                           split=None if table.split is None else [str(s) for s in table.split])
     report.exact = exact_groups(table.digests)
     if threshold is not None:
         report.near = near_duplicate_groups(table_phashes(table.images), threshold)
-    if np.bincount(table.labels).min() >= n_folds:
+    if official:
+        report.exact_straddling = len(report.across_splits(report.exact))
+        report.near_straddling = len(report.across_splits(report.near))
+    elif np.bincount(table.labels).min() >= n_folds:
         folds = kfold(table.labels, table.groups, n_folds, seed)
         report.exact_straddling = straddling(report.exact, folds)
         report.near_straddling = straddling(report.near, folds)
@@ -243,21 +277,45 @@ def check_targets(target: str | Path, n_folds: int | None = None, threshold: int
                 reports.append(_check_path(Path(ds.path), k, t, ds.group_pattern, ds.display_name(),
                                            ds.options.get("max_pixels"), ds.options.get("classes"), ds.options.get("root")))
             else:
-                table = load_dataset(ds.path, source=ds.source, image_size=size, name=ds.display_name(), **ds.options)
-                reports.append(check_table(table, k, t))
+                options = dict(ds.options)
+                split = options.pop("split", "merged")  # read by `run`'s fold planning, not by the loader
+                if split not in ("official", "merged"):
+                    raise DataError(f"data set {ds.display_name()!r}: options.split must be official or merged, "
+                                    f"not {split!r}.")
+                if split == "official" and source not in ("npz", "medmnist"):
+                    raise DataError(f"data set {ds.display_name()!r}: `split: official` needs a source with its own "
+                                    "train/test split (a MedMNIST .npz); use `split: merged` for k-fold CV.")
+                if ds.group_pattern:
+                    options["group_pattern"] = ds.group_pattern
+                table = load_dataset(ds.path, source=ds.source, image_size=size, name=ds.display_name(), **options)
+                reports.append(check_table(table, k, t, official=split == "official"))
         return reports
     if not target.exists():
-        raise DataError(f"{target} does not exist; give a data folder, a .csv manifest or an experiment .yaml.")
+        raise DataError(f"{target} does not exist; give a data folder, a .csv manifest, a MedMNIST .npz or an "
+                        "experiment .yaml.")
+    if target.suffix.lower() == ".npz":
+        return [check_table(load_dataset(target, source="npz", image_size=None), n_folds or 5, threshold)]
     return [_check_path(target, n_folds or 5, threshold, group_pattern, target.stem if target.is_file() else target.name)]
 
 
 def _check_path(path: Path, n_folds: int, threshold: int | None, group_pattern: str | None, name: str,
                 max_pixels: int | None = None, classes: list[str] | None = None,
                 root: str | None = None) -> QualityReport:
-    from medtune.data import list_folder, read_manifest
+    from medtune.data import list_folder, scan_manifest
 
-    if path.suffix.lower() == ".csv":
-        paths, labels, class_names, groups = read_manifest(path, classes, root)
-    else:
-        paths, labels, class_names, groups = list_folder(path, group_pattern)
-    return check_files([str(p) for p in paths], list(labels), class_names, n_folds, threshold, groups, name, max_pixels)
+    conflicts: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:  # the loaders' warnings go into the report
+        warnings.simplefilter("always")
+        if path.suffix.lower() == ".csv":
+            scan = scan_manifest(path, classes, root)
+            paths, labels, class_names, groups = scan.paths, scan.labels, scan.class_names, scan.groups
+            notes = [scan.repeat_message()] if scan.repeats else []
+            conflicts = [f"manifest {path}: {c}" for c in scan.conflicts]
+        else:
+            paths, labels, class_names, groups = list_folder(path, group_pattern)
+            notes = []
+    report = check_files([str(p) for p in paths], list(labels), class_names, n_folds, threshold, groups, name,
+                         max_pixels)
+    report.warnings[:0] = [str(w.message) for w in caught] + notes
+    report.manifest_conflicts = conflicts
+    return report

@@ -11,12 +11,13 @@ With groups, folds come from scikit-learn's StratifiedGroupKFold, else Stratifie
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from medtune.data import ImageTable
-from medtune.errors import DataError
+from medtune.errors import DataError, DataWarning
 from medtune.folds import kfold
 
 DUPLICATE_POLICIES = ("group", "error", "drop", "ignore")
@@ -81,6 +82,13 @@ def apply_duplicate_policy(table: ImageTable, policy: str,
         raise DataError(f"duplicates: {policy!r} is not one of {DUPLICATE_POLICIES}.")
     dup = find_duplicates(table, near_duplicates)
     record = {"policy": policy, **dup.summary()}
+    if dup.conflicting:  # kept (one copy's label is wrong, not the data set), but never silently
+        g = dup.conflicting[0]
+        copies = " = ".join(f"{table.paths[i]} [{table.class_names[table.labels[i]]}]" for i in g[:2])
+        kind = "identical" if near_duplicates is None else f"identical or near-identical (<= {near_duplicates} bits)"
+        warnings.warn(f"{table.name}: {len(dup.conflicting)} group(s) of {kind} images carry different labels, "
+                      f"e.g. {copies}. One label of each is wrong: fix it by hand (`medtune data check` lists them).",
+                      DataWarning, stacklevel=2)
     if policy == "ignore":  # counted and recorded, folds see patient ids only
         return table, table.groups, record
     if dup.groups and policy == "error":
@@ -105,9 +113,15 @@ def check_foldable(labels: np.ndarray, groups: np.ndarray | None, class_names: l
         units = len(set(groups[mask])) if groups is not None else int(mask.sum())
         if units < n_folds:
             what = "patients" if groups is not None else "images"
+            if units < 2:  # no fold count helps: cross-validation takes at least 2 folds
+                raise DataError(
+                    f"{where}: class {name!r} has 1 {what[:-1]}, and cross-validation needs at least 2 {what} of "
+                    f"every class (one to train on, one to test): add {what} of {name!r} or merge the class into "
+                    "another (or drop it from the data set)."
+                )
             raise DataError(
                 f"{where}: class {name!r} has {units} {what}, fewer than the {n_folds} folds asked for. "
-                f"Use `folds: {max(2, units)}` or fewer, add data, or merge the class."
+                f"Use `folds: {units}` or fewer, add data, or merge the class."
             )
 
 
