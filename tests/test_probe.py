@@ -111,3 +111,25 @@ def test_search_widens_only_past_a_strictly_winning_end():
     assert plateau.best == 1e-2 and plateau.grid == [1e-2, 1e-1, 1.0]  # a tie with the inner value: no widening
     bound = search((1e-2, 1e-1), lambda v: -v, widen_log(1e-3, 1e4, 10.0))
     assert bound.best == 1e-3 and bound.edge == "low"
+
+
+def test_probe_decisions_survive_bf16_autocast():
+    """The probe's folded weights (standardisation inside) in a bf16 classifier flipped 97 of 2,000
+    decisions on a dense toy; the network's classifier runs in fp32, so bf16 inputs decide as the fit."""
+    from medtune.backbones import create_backbone
+    from medtune.features import POOLED, Forward
+    from medtune.precision import autocast
+
+    model = create_backbone("test_efficientnet", False, 3).eval()
+    d = model.get_classifier().in_features
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 3, 2000)  # dense: a large common offset, classes 0.005 apart (72 flips before)
+    x = 5 + 0.1 * rng.normal(size=(2000, d)) + 0.005 * np.random.default_rng(0).normal(size=(3, d))[y]
+    x = torch.as_tensor(x, dtype=torch.bfloat16).float().numpy()  # features as a bf16 cache holds them
+    fit = fit_linear_probe(x[:1000], y[:1000], x[1000:1500], y[1000:1500], 3)
+    load_into(model.get_classifier(), fit)
+    fwd = Forward(model, None)
+    with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
+        logits = fwd.rest(torch.as_tensor(x, dtype=torch.bfloat16), POOLED)
+    ref = x.astype(np.float64) @ fit.weight.T + fit.bias
+    assert (logits.float().numpy().argmax(1) != ref.argmax(1)).sum() == 0
