@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtune import __version__
+from medtune.version import __version__
 from medtune.backbones import default_image_size
 from medtune.config import AUTO_DEPTH, ExperimentConfig
 from medtune.data import ImageTable, load_dataset, manifest_columns

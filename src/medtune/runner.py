@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from medtune import __version__
+from medtune.version import __version__
 from medtune.backbones import default_image_size
 from medtune.cells import (CellResult, GridProgress, PreparedData, RunSummary, execute, expand, model_key, prepare,
                            prepare_external, record, record_of, settings_from)

@@ -40,6 +40,8 @@ History: 1 = cells written before the version existed (no `results_version` in t
     the head block is the classifier), but the version is what a resumed store keys on.
 """
 
+__version__ = "0.1.0"  # the package version (pyproject.toml); here so modules need not import the package
+
 RESULTS_VERSION = 7
 
 UNVERSIONED = 1  # what a cell without a recorded version counts as
