@@ -25,12 +25,13 @@ from medtune.config import AUTO_DEPTH, ExperimentConfig
 from medtune.data import ImageTable, load_dataset, manifest_columns
 from medtune.diagnose import collapse, describe
 from medtune.errors import MedtuneError, TrainingError
+from medtune import heads, probe
 from medtune.heads import DECISION_RULES, FEATURE_HEADS, fit_knn, fit_svm, full_proba
 from medtune.metrics import clinical_metrics
-from medtune.select import cell_strategies, strategy_label, train_cell
+from medtune.select import ETA, cell_strategies, strategy_label, train_cell
 from medtune.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
 from medtune.store import Store
-from medtune.train import Runtime, TrainSettings
+from medtune.train import Runtime, TrainSettings, autocast_dtype, resolve_device
 from medtune.version import RESULTS_VERSION
 
 
@@ -148,12 +149,35 @@ def cell_id(config: dict) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def numerics() -> dict:
+    """The module constants that change a cell's numbers (the searched grids, their bounds and steps,
+    halving's ETA), hashed into every cell id: changing one can never reuse numbers computed under
+    another, without waiting for a hand-bumped RESULTS_VERSION."""
+    return {"probe_C_grid": list(probe.C_GRID), "probe_C_bounds": list(probe.C_BOUNDS), "probe_C_step": probe.C_STEP,
+            "svm_C_grid": list(heads.C_GRID), "svm_C_bounds": list(heads.C_BOUNDS), "svm_C_step": heads.C_STEP,
+            "knn_k_grid": list(heads.K_GRID), "halving_eta": ETA}
+
+
+def precision_of(cfg: ExperimentConfig, device: torch.device) -> str:
+    """The dtype a cell computes in, `amp: auto` resolved on the device that runs it: CPU-fp32 and
+    GPU-bf16 cells differ in numbers, so they differ in id. Under Ray with GPUs the worker's GPU
+    decides; the driver may have none, so the id says what it knows (autocast on CUDA, or fp32)."""
+    if cfg.executor == "ray" and cfg.device != "cpu" and cfg.gpus_per_cell > 0:
+        return "float32" if cfg.train.amp == "off" else "cuda autocast"
+    dtype = autocast_dtype(device, cfg.train.amp)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
-           n_folds_by: dict[str, int] | None = None) -> list[dict]:
+           n_folds_by: dict[str, int] | None = None, precision: str | None = None) -> list[dict]:
     """Every cell of the grid as a JSON-serialisable dict with its id. `n_folds_by` gives the fold
-    count of data sets whose folds come from the data (`cv: by_site`: one per site)."""
+    count of data sets whose folds come from the data (`cv: by_site`: one per site); `precision` is
+    precision_of the device that runs the grid (default: the config's device here)."""
     cells = []
     train = cfg.train.model_dump(exclude={"compile"})  # how it runs, like `device`: not what it computes
+    if precision is None:
+        precision = precision_of(cfg, resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu"))
+    constants = numerics()
     for ds in cfg.datasets:
         for bb in cfg.backbones:
             size = bb.image_size or default_image_size(bb.name)
@@ -167,7 +191,8 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
                                 "backbone": {**bb.model_dump(), "image_size": size},
                                 "strategy": strategy,
                                 "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": train,
-                                "results_version": RESULTS_VERSION,
+                                "results_version": RESULTS_VERSION, "precision": precision,
+                                "numerics": constants,
                             }
                             if cfg.test_datasets:  # what a cell predicts besides its test fold is part of it
                                 config["test_datasets"] = [{**t.model_dump(), "fingerprint": fingerprints[
