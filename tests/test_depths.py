@@ -73,6 +73,8 @@ def test_cli_list_depths_resnet50_and_vgg16():
     # the probe is a linear classifier on fc7's features: VGG's fc6 and fc7 stay frozen (2 of the fc block's 6 tensors)
     assert v["linear_probe"]["trainable_blocks"] == ["fc (2/6 tensors)"]
     assert v["linear_probe"]["trainable_params"] == 4096 * 2 + 2
+    vf = [v[f"partial_ft(fraction={p})"]["trainable_fraction"] for p in (0.05, 0.15, 0.3)]
+    assert vf[0] < vf[1] < vf[2]  # the fraction splits the fc block (fc6, fc7, classifier)
 
 
 def test_linear_probe_and_lp_fts_probe_fit_only_the_final_classifier_on_vgg():
@@ -130,3 +132,16 @@ def test_docs_depth_table_is_current_for_resnet50(resnet50):
                            "efficientnet_lite0"}
     now = [{**depth(parse_label(label), resnet50), "strategy": label} for label in (*STANDARD_DEPTHS, *PEFT_DEPTHS)]
     assert stored["resnet50"] == now, "stale: run scripts/gen_depth_table.py, then gen_config_docs.py"
+
+
+def test_vgg_partial_fractions_split_the_fc_block():
+    """partial_ft(fraction) counts layers from the top: on VGG fc6 and fc7 are two of them, so 0.05
+    (the classifier), 0.15 (fc7 + classifier) and 0.3 (the fc block and the last conv) differ;
+    all three had trained the whole fc block (89% of VGG16)."""
+    model = create_backbone("vgg11", pretrained=False, num_classes=2)
+    sets = [scheduled_params(create_strategy("partial_ft", fraction=p), model) for p in (0.05, 0.15, 0.3)]
+    assert sets[0] < sets[1] < sets[2]
+    assert sets[0] == {"head.fc.weight", "head.fc.bias"}
+    assert sets[1] == sets[0] | {"pre_logits.fc2.weight", "pre_logits.fc2.bias"}
+    assert {"pre_logits.fc1.weight", "features.18.weight"} <= sets[2]
+    assert [b.name for b in layers(model)][-3:] == ["pre_logits.fc1", "pre_logits.fc2", "classifier"]

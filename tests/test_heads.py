@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
 from sklearn.svm import LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 
 import medtune
 from conftest import smoke_raw
-from medtune.heads import calibration_folds, fit_knn, fit_svm, full_proba
+from medtune.heads import C_GRID, calibration_folds, fit_knn, fit_svm, full_proba
 from medtune.store import Store
 
 
@@ -179,3 +180,29 @@ def test_knn_cells_are_stored_and_their_bundle_reproduces_the_stored_predictions
     table = prepare(load_config(raw=raw).datasets[0], meta["image_size"], 2).table
     probs = load_bundle(best).select(0).predict_proba(table.images[torch.as_tensor(p["sample"].to_numpy().copy())])
     np.testing.assert_allclose(probs, np.array(p["probs"].tolist()), atol=PROB_ATOL)
+
+
+def _pairs(seed: int, n_pairs: int = 150, d: int = 10):
+    """Tight same-class pairs at random places, class at random: only the nearest neighbours know."""
+    rng = np.random.default_rng(seed)
+    centres, cls = rng.normal(size=(n_pairs, d)), rng.integers(0, 2, n_pairs)
+    x = np.repeat(centres, 2, axis=0) + 0.01 * rng.normal(size=(2 * n_pairs, d))
+    return x, np.repeat(cls, 2), centres, cls
+
+
+def test_knn_widens_its_k_grid_below_its_start():
+    """k = 5 (the start grid's low end) is strictly best of (5, 11, 21): the search goes on to 3 and 1,
+    which see only the pair, and records the grid it searched."""
+    x, y, centres, cls = _pairs(0)
+    rng = np.random.default_rng(1)
+    xv, yv = centres + 0.01 * rng.normal(size=centres.shape), cls
+    head = fit_knn(x, y, xv, yv, 2)
+    assert head.k < 5 and head.grid[0] < 5 and head.edge is None
+    assert balanced_accuracy_score(yv, full_proba(head, xv, 2).argmax(1)) == 1.0
+
+
+def test_svm_records_the_c_grid_it_searched():
+    x, y = _imbalanced()
+    head = fit_svm(x[:160], y[:160], x[160:], y[160:], 2)
+    assert head.C in head.grid and set(C_GRID) <= set(head.grid)
+    assert head.edge in (None, "low", "high")

@@ -168,7 +168,49 @@ def test_an_lr_choice_for_the_convex_probe_trains_one_candidate(bn, expected):
     assert [c.lr for c in full] == [1e-4, 1e-3]
 
 
-def test_successive_halving_trains_less_and_its_survivor_exactly_as_alone(tmp_path):
+@pytest.fixture
+def dropout_models(monkeypatch):
+    """Cell models with dropout before the classifier (timm's EfficientNet `drop_rate`): training then
+    draws from the global generator, as dropout and drop-path do in real backbones."""
+    import medtune.select as select_module
+
+    real = select_module.create_backbone
+
+    def with_dropout(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.drop_rate = 0.5
+        return model
+
+    monkeypatch.setattr(select_module, "create_backbone", with_dropout)
+
+
+def test_interleaved_candidates_train_exactly_as_alone(tmp_path, dropout_models):
+    """Two candidates advanced one epoch at a time in turn end as each trains alone: each keeps its
+    own random state (select.Paused); without it the second's dropout draws would shift the first's."""
+    from medtune.cells import prepare
+    from medtune.select import Paused
+
+    raw = smoke_raw(tmp_path, epochs=3, patience=3, val_fraction=0.3, views=1)
+    raw["backbones"][0]["image_size"] = 32
+    raw["strategies"] = [{"name": "full_ft", "lr": {"choose": [1e-3, 3e-3]}}]
+    cfg = load_config(raw=raw)
+    data = prepare(cfg.datasets[0], 32, 2)
+    cell = next(c for c in expand(cfg, "run", {"syn@32": data.table.fingerprint()}) if c["fold"] == 0)
+    settings, rt = settings_from(cfg), Runtime(torch.device(DEVICE), None, model_key(cell))
+    fit_idx, val_idx = data.fit_val(2, 0, 0, settings.val_fraction)
+    cands = candidates(cell["config"]["strategy"], cell["config"]["train"]["lr"])
+    runs = [Paused(cand, cell["config"], data.table, fit_idx, val_idx, settings, rt) for cand in cands]
+    for epoch in range(1, 5):
+        for r in runs:
+            r.advance(epoch)
+    test_idx = data.splits(2, 0)[0][1]
+    for cand, r in zip(cands, runs):
+        alone = fit_candidate(cand, cell["config"], data.table, fit_idx, val_idx, settings, rt)
+        np.testing.assert_allclose(r.result.predict_proba(data.table, test_idx),
+                                   alone.predict_proba(data.table, test_idx), atol=1e-6)
+
+
+def test_successive_halving_trains_less_and_its_survivor_exactly_as_alone(tmp_path, dropout_models):
     """`halving: on`: three learning rates train the first third of their schedule, one continues;
     the survivor's model is the one it gets trained alone (same predictions), the epochs trained are
     well under 3 full fits, and the halving is part of the cell (its id changes)."""

@@ -4,7 +4,7 @@ Public API (mirrors the CLI): `load_dataset`, `create_backbone`, `create_strateg
 `list_backbones`, `list_strategies`, `load_config`, `run`, `results`.
 """
 
-__version__ = "0.1.0"
+from medtune.version import __version__  # noqa: E402 - one place, importable without the package
 
 from medtune.backbones import STUDY_BACKBONES, create_backbone  # noqa: E402
 from medtune.config import load_config  # noqa: E402

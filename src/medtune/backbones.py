@@ -284,7 +284,8 @@ def _split_at_container(model: nn.Module, names: list[str]) -> list[list[str]]:
 
 def layers(model: nn.Module) -> list[Block]:
     """The parameterised layers (convolution, linear and normalisation modules) in the order the
-    forward pass runs them, as Keras counts a model's layers, with the head block last as one unit.
+    forward pass runs them, as Keras counts a model's layers, with the final classifier last as one
+    unit (VGG's fc6 and fc7 are layers before it, so a fraction splits the fc block).
     A parameter owned by another module (ViT's class token and position embedding, ConvNeXt's
     layer scale) belongs to the next layer that runs after its owner starts, so every parameter is
     in exactly one layer."""
@@ -293,7 +294,7 @@ def layers(model: nn.Module) -> list[Block]:
 
 @lru_cache(maxsize=8)
 def _layers_cached(model: nn.Module) -> tuple[Block, ...]:
-    head = head_param_names(model)
+    head = classifier_param_names(model)  # VGG's fc6 and fc7 are layers like any other
     order: list[str] = []
     owners = {name: m for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: order.append(name) if name not in order else None)
@@ -321,7 +322,8 @@ def _layers_cached(model: nn.Module) -> tuple[Block, ...]:
             pending += params
     if pending:  # a trailing non-layer parameter joins the last layer
         out[-1] = Block(out[-1].name, out[-1].param_names + tuple(pending))
-    out.append(blocks(model)[-1])
+    last = blocks(model)[-1]
+    out.append(last if set(last.param_names) == head else Block("classifier", tuple(n for n in last.param_names if n in head), n_layers=1))
     return tuple(out)
 
 

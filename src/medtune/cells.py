@@ -19,19 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtune import __version__
+from medtune.version import __version__
 from medtune.backbones import default_image_size
 from medtune.config import AUTO_DEPTH, ExperimentConfig
 from medtune.data import ImageTable, load_dataset, manifest_columns
 from medtune.diagnose import collapse, describe
 from medtune.errors import MedtuneError, TrainingError
+from medtune import heads, probe
 from medtune.heads import DECISION_RULES, FEATURE_HEADS, fit_knn, fit_svm, full_proba
 from medtune.metrics import clinical_metrics
-from medtune.select import candidates, cell_strategies, strategy_label, train_cell
+from medtune.select import ETA, cell_strategies, strategy_label, train_cell
 from medtune.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
 from medtune.store import Store
-from medtune.strategies import trains_backbone
-from medtune.train import Runtime, TrainSettings
+from medtune.train import Runtime, TrainSettings, autocast_dtype, resolve_device
 from medtune.version import RESULTS_VERSION
 
 
@@ -149,12 +149,35 @@ def cell_id(config: dict) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def numerics() -> dict:
+    """The module constants that change a cell's numbers (the searched grids, their bounds and steps,
+    halving's ETA), hashed into every cell id: changing one can never reuse numbers computed under
+    another, without waiting for a hand-bumped RESULTS_VERSION."""
+    return {"probe_C_grid": list(probe.C_GRID), "probe_C_bounds": list(probe.C_BOUNDS), "probe_C_step": probe.C_STEP,
+            "svm_C_grid": list(heads.C_GRID), "svm_C_bounds": list(heads.C_BOUNDS), "svm_C_step": heads.C_STEP,
+            "knn_k_grid": list(heads.K_GRID), "halving_eta": ETA}
+
+
+def precision_of(cfg: ExperimentConfig, device: torch.device) -> str:
+    """The dtype a cell computes in, `amp: auto` resolved on the device that runs it: CPU-fp32 and
+    GPU-bf16 cells differ in numbers, so they differ in id. Under Ray with GPUs the worker's GPU
+    decides; the driver may have none, so the id says what it knows (autocast on CUDA, or fp32)."""
+    if cfg.executor == "ray" and cfg.device != "cpu" and cfg.gpus_per_cell > 0:
+        return "float32" if cfg.train.amp == "off" else "cuda autocast"
+    dtype = autocast_dtype(device, cfg.train.amp)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
-           n_folds_by: dict[str, int] | None = None) -> list[dict]:
+           n_folds_by: dict[str, int] | None = None, precision: str | None = None) -> list[dict]:
     """Every cell of the grid as a JSON-serialisable dict with its id. `n_folds_by` gives the fold
-    count of data sets whose folds come from the data (`cv: by_site`: one per site)."""
+    count of data sets whose folds come from the data (`cv: by_site`: one per site); `precision` is
+    precision_of the device that runs the grid (default: the config's device here)."""
     cells = []
     train = cfg.train.model_dump(exclude={"compile"})  # how it runs, like `device`: not what it computes
+    if precision is None:
+        precision = precision_of(cfg, resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu"))
+    constants = numerics()
     for ds in cfg.datasets:
         for bb in cfg.backbones:
             size = bb.image_size or default_image_size(bb.name)
@@ -168,7 +191,8 @@ def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
                                 "backbone": {**bb.model_dump(), "image_size": size},
                                 "strategy": strategy,
                                 "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": train,
-                                "results_version": RESULTS_VERSION,
+                                "results_version": RESULTS_VERSION, "precision": precision,
+                                "numerics": constants,
                             }
                             if cfg.test_datasets:  # what a cell predicts besides its test fold is part of it
                                 config["test_datasets"] = [{**t.model_dump(), "fingerprint": fingerprints[
@@ -213,14 +237,15 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     assert_disjoint(train_idx, test_idx, table, groups, duplicates=data.duplicates.get("policy") != "ignore")
     info: dict[str, Any] = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
     head = c["head"]
-    # The head is an orthogonal axis: cells that differ only in `head` share one training run.
-    fit_key = cell_id({k: v for k, v in c.items() if k != "head"})
+    # Training is a function of the cell without its head (train_for_cell never sees it): the memo
+    # only saves cells that differ in head from training the same network again.
+    fit_key = training_key(c)
     memo = rt.fit_memo if rt.fit_memo is not None else {}
     if fit_key in memo:
         strategy, result, picked = memo[fit_key]
         info["shared_training_with_other_head"] = True
     else:
-        strategy, result, picked = train_for_cell(c, data, train_idx, settings, rt, head)
+        strategy, result, picked = train_for_cell(c, data, train_idx, settings, rt)
         memo.clear()  # keep one: the next cell with the same training is the next head
         memo[fit_key] = (strategy, result, picked)
     if picked:
@@ -240,6 +265,10 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         else:
             feature_head = fit_knn(*args, class_weight=class_weight)
             info["knn_k"] = feature_head.k
+        key = "svm_C" if head == "svm" else "knn_k"
+        info.setdefault("grids", {})[key] = feature_head.grid
+        if feature_head.edge:
+            info.setdefault("grid_edges", {})[key] = feature_head.edge
         probs = full_proba(feature_head, feats(test_idx), table.num_classes)
         other = lambda tbl, idx: full_proba(feature_head, result.features(tbl, idx), table.num_classes)  # noqa: E731
     else:
@@ -259,29 +288,37 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     collapsed = collapse(y, probs, table.class_names)
     if collapsed:
         info["collapsed"] = collapsed
+    # budget: a best epoch that is the last one run says more epochs might have helped (diagnose)
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
+                 "epochs_scheduled": settings.epochs,
+                 "best_epoch_is_last": bool(result.history) and result.best_epoch == len(result.history) - 1,
                  "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics,
                  "trainable_fraction": result.trainable_fraction, "cache_hits": result.cache_hits})
     if result.history:
         info["trainable_blocks"] = [h["trainable_blocks"] for h in result.history]
+    probe = [h for h in result.history if "probe_C" in h]
+    if probe:  # the (last) probe's C, the grid searched and whether it is still at a bound
+        info["probe_C"] = probe[-1]["probe_C"]
+        info.setdefault("grids", {})["probe_C"] = probe[-1]["probe_C_grid"]
+        if probe[-1]["probe_C_edge"]:
+            info.setdefault("grid_edges", {})["probe_C"] = probe[-1]["probe_C_edge"]
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
     preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
     return CellResult(metrics, preds, info, time.perf_counter() - t0, state,
                       feature_head if keep_model else None, extra)
 
 
-def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings: TrainSettings, rt: Runtime,
-                   head: str):
+def training_key(c: dict) -> str:
+    """What a cell's training depends on: its config without the head."""
+    return cell_id({k: v for k, v in c.items() if k != "head"})
+
+
+def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings: TrainSettings, rt: Runtime):
     """The training part of a cell: (strategy used, FitResult, record of the choice made on inner splits
-    or None). Choices and auto_depth live in select.py."""
+    or None). It takes no head: every head is fitted on the one network its strategy trained, so a
+    cell's numbers never depend on which heads are listed, in what order, or on the executor."""
     fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
-    # SVM or kNN on frozen pretrained features (Bal-Ghaoui's deep features + SVM): nothing to train
-    frozen_svm = head in FEATURE_HEADS and c["strategy"]["name"] != AUTO_DEPTH and not any(
-        trains_backbone(cand.strategy, settings.epochs) for cand in candidates(c["strategy"], c["train"]["lr"]))
-    return train_cell(c, data.table, data.groups, train_idx, fit_idx, val_idx, settings, rt,
-                      only_head_features=frozen_svm)
-
-
+    return train_cell(c, data.table, data.groups, train_idx, fit_idx, val_idx, settings, rt)
 
 
 # --------------------------------------------------------------------------- recording and showing outcomes

@@ -156,10 +156,14 @@ class Forward:
         return self.model.forward_head(f, pre_logits=True)
 
     def rest(self, h: torch.Tensor, cut: int) -> torch.Tensor:
-        if cut == POOLED:
-            return self.model.get_classifier()(h)
-        f = self.chain.run(h, cut) if cut > 0 else self.model.forward_features(h)
-        return self.model.forward_head(f)
+        return self.classify(self.features(h, cut))
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """The linear classifier in fp32, autocast or not: the probe's weights carry its
+        standardisation folded in (probe.py), and in bf16 their products with the features cancel
+        badly enough to flip decisions the fp32 fit made."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.model.get_classifier()(h.float())
 
 
 class Inputs:

@@ -45,7 +45,8 @@ Two choices measured on BUSI (Lite0 features at 224 px, fold 0 of 5):
 - On standardised deep features (d = 1280 > n) the classes are separable, so large C
   approaches the hard-margin solution while liblinear needs seconds to get there (C = 1: 5000
   iterations, 6 s, not converged; C = 0.03: 1 s; C = 0.001: 38 iterations, 0.09 s). The grid
-  stops at 0.01, which keeps the head's cost well below a second per fold.
+  starts at 1e-4..1e-2, which keeps the head's cost well below a second per fold, and widens past
+  an end only where that end wins on the inner split (probe.search).
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from medtune.probe import search, widen_log
+
 HEADS = ("softmax", "svm", "knn")
 FEATURE_HEADS = ("svm", "knn")  # fitted on the trained network's pooled features
-C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-K_GRID = (5, 11, 21)
+C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # the start; widened past an end that wins (probe.search)
+C_BOUNDS = (1e-6, 1e4)
+C_STEP = 10 ** 0.5
+K_GRID = (5, 11, 21)  # the start; widened down to 1 and up to the fit part's size
 CLASS_WEIGHTS = ("balanced", "none")
 DECISION_RULES = {"balanced": "argmax of probabilities under equal class priors",
                   "none": "argmax of probabilities under the training class frequencies"}
@@ -77,6 +82,8 @@ class SVMHead:
     pipeline: Pipeline
     C: float
     priors: np.ndarray | None = None  # training frequency of each class in `pipeline.classes_`; None: keep them
+    grid: list | None = None  # every C tried on the inner split
+    edge: str | None = None  # "low"/"high": the pick is the best at a bound the grid could not pass
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Calibrated probabilities, under equal class priors when `priors` is set (module docstring)."""
@@ -97,6 +104,8 @@ class KNNHead:
     pipeline: Pipeline
     k: int
     priors: np.ndarray | None = None  # as SVMHead's: training frequencies, divided out under `balanced`
+    grid: list | None = None  # every k tried on the inner split
+    edge: str | None = None  # as SVMHead's
 
     predict_proba = SVMHead.predict_proba
 
@@ -112,20 +121,26 @@ def fit_knn(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: 
     equal class priors when `class_weight` is balanced."""
     if class_weight not in CLASS_WEIGHTS:
         raise ValueError(f"class_weight must be one of {CLASS_WEIGHTS}, got {class_weight!r}")
-    usable = [k for k in K_GRID if k <= len(train_y)] or [max(1, len(train_y))]
-    best_k, best_score = usable[0], -1.0
+    n = len(train_y)
+    usable = [k for k in K_GRID if k <= n] or [max(1, n)]
+    found = search(usable, lambda k: -1.0, lambda k, side: None)  # nothing to choose on: the first k
+
+    def score(k: int) -> float:
+        head = KNNHead(_knn(k).fit(train_x, train_y), k)
+        if class_weight == "balanced":
+            head.priors = training_priors(train_y, head.pipeline.classes_, n_classes)
+        return balanced_accuracy_score(val_y, head.pipeline.classes_[head.predict_proba(val_x).argmax(1)])
+
+    def widen(k: int, side: str) -> int | None:
+        new = max(1, (k // 2) | 1) if side == "low" else min(n, 2 * k + 1)
+        return None if new == k else new
+
     if len(val_y) and len(np.unique(val_y)) > 1:
-        for k in usable:
-            head = KNNHead(_knn(k).fit(train_x, train_y), k)
-            if class_weight == "balanced":
-                head.priors = training_priors(train_y, head.pipeline.classes_, n_classes)
-            pred = head.pipeline.classes_[head.predict_proba(val_x).argmax(1)]
-            score = balanced_accuracy_score(val_y, pred)
-            if score > best_score + 1e-9:
-                best_k, best_score = k, score
-    k = min(best_k, len(train_y))
+        found = search(usable, score, widen)
+    k = min(found.best, n)
     pipe = _knn(k).fit(train_x, train_y)
-    return KNNHead(pipe, k, training_priors(train_y, pipe.classes_, n_classes) if class_weight == "balanced" else None)
+    return KNNHead(pipe, k, training_priors(train_y, pipe.classes_, n_classes) if class_weight == "balanced" else None,
+                   found.grid, found.edge)
 
 
 def _svm(C: float, class_weight: str) -> LinearSVC:
@@ -156,20 +171,18 @@ def fit_svm(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: 
         raise ValueError(f"class_weight must be one of {CLASS_WEIGHTS}, got {class_weight!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        best_c, best_score = C_GRID[0], -1.0
+        found = search(C_GRID, lambda C: -1.0, lambda C, side: None)  # nothing to choose on: the first C
         if len(val_y) and len(np.unique(val_y)) > 1:
-            for C in C_GRID:
-                clf = make_pipeline(StandardScaler(), _svm(C, class_weight)).fit(train_x, train_y)
-                score = balanced_accuracy_score(val_y, clf.predict(val_x))
-                if score > best_score + 1e-9:
-                    best_c, best_score = C, score
+            found = search(C_GRID, lambda C: balanced_accuracy_score(val_y, make_pipeline(
+                StandardScaler(), _svm(C, class_weight)).fit(train_x, train_y).predict(val_x)), widen_log(*C_BOUNDS, C_STEP))
+        best_c = found.best
         if groups is not None and len(groups) != len(train_y):
             raise ValueError(f"groups has {len(groups)} entries for {len(train_y)} training rows")
         folds = calibration_folds(train_y, groups)
         calibrated = CalibratedClassifierCV(_svm(best_c, class_weight), method="sigmoid", cv=folds)
         pipe = make_pipeline(StandardScaler(), calibrated).fit(train_x, train_y)
     priors = training_priors(train_y, pipe.classes_, n_classes) if class_weight == "balanced" else None
-    return SVMHead(pipe, best_c, priors)
+    return SVMHead(pipe, best_c, priors, found.grid, found.edge)
 
 
 def full_proba(head: "SVMHead | KNNHead", features: np.ndarray, n_classes: int) -> np.ndarray:

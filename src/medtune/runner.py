@@ -19,10 +19,10 @@ from typing import Callable
 
 import torch
 
-from medtune import __version__
+from medtune.version import __version__
 from medtune.backbones import default_image_size
 from medtune.cells import (CellResult, GridProgress, PreparedData, RunSummary, execute, expand, model_key, prepare,
-                           prepare_external, record, record_of, settings_from)
+                           precision_of, prepare_external, record, record_of, settings_from)
 from medtune.config import ExperimentConfig
 from medtune.store import Store
 from medtune.train import Runtime, TrainSettings, autocast_dtype, resolve_device, shared_cache
@@ -81,7 +81,7 @@ def run(cfg: ExperimentConfig, store_path: str | None = None, progress: bool = T
                     store.add_dataset(ext.display_name(), e.table.class_names,
                                       record_of(e, ext.positive or ds.positive, role=f"external to {ds.display_name()}"))
     n_folds_by = {k: len(p.splits(0, 0)) for k, p in prepared.items() if p.sites is not None}
-    cells = expand(cfg, run_id, fingerprints, n_folds_by)
+    cells = expand(cfg, run_id, fingerprints, n_folds_by, precision_of(cfg, device))
     done = store.done_ids()
     todo = [c for c in cells if c["cell_id"] not in done]
     store.add_run(run_id, cfg.model_dump(), {**environment(device), "weights": weights_record})

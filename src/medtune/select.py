@@ -247,21 +247,14 @@ def best_of(scores: dict[str, tuple[float, float]]) -> str:
 
 
 def train_cell(c: dict, table: ImageTable, groups: np.ndarray | None, train_idx: np.ndarray, fit_idx: np.ndarray,
-               val_idx: np.ndarray, settings: TrainSettings, rt: Runtime,
-               only_head_features: bool = False) -> tuple[Strategy, FitResult, dict | None]:
-    """Train a cell on its outer training fold: (strategy used, FitResult, record of the choice or None).
-    `only_head_features`: the SVM head on frozen pretrained features, where nothing trains."""
+               val_idx: np.ndarray, settings: TrainSettings, rt: Runtime) -> tuple[Strategy, FitResult, dict | None]:
+    """Train a cell on its outer training fold: (strategy used, FitResult, record of the choice or None)."""
     cands = without_unused_lr(candidates(c["strategy"], c["train"]["lr"]), settings)
     if c["strategy"]["name"] == AUTO_DEPTH:
         pick, record = auto_depth(cands, c, table, groups, train_idx, settings, rt)
         return pick.strategy, fit_candidate(pick, c, table, fit_idx, val_idx, settings, rt), record
-    if len(cands) == 1 or only_head_features:
-        cand = cands[0]
-        record = None if len(cands) == 1 else {"picked": cand.key(), "chosen": cand.chosen, "scores": {},
-                                               "note": "nothing trains (SVM on frozen features): no choice"}
-        if only_head_features:
-            settings = settings.model_copy(update={"epochs": 0})
-        return cand.strategy, fit_candidate(cand, c, table, fit_idx, val_idx, settings, rt), record
+    if len(cands) == 1:
+        return cands[0].strategy, fit_candidate(cands[0], c, table, fit_idx, val_idx, settings, rt), None
     if len(val_idx) == 0 or len(np.unique(table.labels[val_idx])) < 2:
         raise ConfigError(f"{strategy_label(c['strategy'])}: choosing needs an inner validation split with at "
                           f"least two classes (this fold's has {len(val_idx)} images); raise train.val_fraction "

@@ -201,7 +201,8 @@ def fit_probe(model: nn.Module, inputs: Inputs, table: ImageTable, train_idx: np
     res = fit_linear_probe(x.numpy(), table.labels[pos], x_val, table.labels[val_idx], table.num_classes,
                            balanced, seed)
     load_into(model.get_classifier(), res)
-    history.append({"epoch": len(history), "train_loss": math.nan, "probe_C": res.C})
+    history.append({"epoch": len(history), "train_loss": math.nan, "probe_C": res.C, "probe_C_grid": res.grid,
+                    "probe_C_edge": res.edge})
 
 
 def unit_scales(chain, scales: list[float], strategy: Strategy) -> dict[str, float]:

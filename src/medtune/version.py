@@ -38,8 +38,22 @@ History: 1 = cells written before the version existed (no `results_version` in t
     of the block chain is the fc block (fc6, fc7, classifier), so the probe had trained 89% of VGG16's
     parameters by SGD under the probe's name; only VGG's probe cells change (on every other backbone
     the head block is the classifier), but the version is what a resumed store keys on.
+8 = (issue 37) training no longer depends on the head: with an svm/knn head listed before softmax, a
+    strategy that trains no backbone (linear_probe) had been trained with 0 epochs and the softmax cell
+    scored that untrained classifier (configs/smoke.yaml: 0.243 against 0.375); every head is now fitted
+    on the one network its strategy trained (linear_probe's svm/knn features are bit-identical, so those
+    cells keep their numbers). The probe's C, the SVM's C and kNN's k widen past an end of their start
+    grids that wins on the inner split (probe.search; C within 1e-6..1e4, k within 1..n): cells whose
+    pick sat at an end change. The linear classifier runs in fp32 under autocast (the probe's folded
+    standardisation flipped decisions in bf16): every bf16 cell moves a little, fp32 cells do not.
+    VGG's partial_ft(fraction) counts fc6 and fc7 as layers (every fraction up to 3/16 had trained the
+    whole fc block). Cell ids now also hash the precision resolved on the device (`amp: auto` on a CPU
+    vs a GPU) and the grids and constants above (cells.numerics); tests/test_fingerprint.py fails when
+    a tiny grid's predictions move without a bump.
 """
 
-RESULTS_VERSION = 7
+__version__ = "0.1.0"  # the package version (pyproject.toml); here so modules need not import the package
+
+RESULTS_VERSION = 8
 
 UNVERSIONED = 1  # what a cell without a recorded version counts as
