@@ -23,3 +23,15 @@ class BackboneError(MedtuneError):
 
 class TrainingError(MedtuneError):
     """A cell that cannot train (NaN loss, out of memory); recorded, the grid goes on."""
+
+
+class StoreError(MedtuneError):
+    """The results store cannot be read or written (read-only, locked, full disk, damaged)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, carrying its RunSummary so far: the CLI says what is kept and how to resume."""
+
+    def __init__(self, summary) -> None:
+        super().__init__()
+        self.summary = summary
