@@ -91,7 +91,7 @@ def store_error(path: str | Path, exc: BaseException, doing: str = "") -> StoreE
     """One paragraph for an SQLite or file-system error on the store: what happened to which file,
     what is kept, and what to do."""
     msg = str(exc).lower()
-    where = f" while {doing}" if doing else ""
+    where = f" (found while {doing})" if doing else ""
     if "readonly" in msg or "read-only" in msg or isinstance(exc, PermissionError) or \
             getattr(exc, "errno", None) in (errno.EACCES, errno.EROFS, errno.EPERM):
         return StoreError(f"the results store {path} is read-only{where} ({exc}): medtune cannot record cells there. "
@@ -195,16 +195,21 @@ def _is_sqlite(path: Path) -> bool:
         return f.read(16) == b"SQLite format 3\x00"
 
 
-def check_store_path(path: str | Path) -> None:
+def check_store_path(path: str | Path, write: bool = True) -> None:
     """Refuse a store path that can never be a store, before any work and without creating anything:
-    a non-SQLite file, or a folder that is a file."""
+    a non-SQLite file, a folder that is a file, and (`write`) a file or folder this user cannot write
+    (SQLite also writes its -wal and -shm files beside the store)."""
     path = Path(path)
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise MedtuneError(f"cannot create the folder of the results store {path} ({parent} is a file). "
                                    "Give another --store path (or `store:` in the config).")
+            if write and not os.access(parent, os.W_OK):
+                raise store_error(path, PermissionError(errno.EACCES, f"the folder {parent} is not writable"))
             break
+    if write and path.is_file() and not os.access(path, os.W_OK):
+        raise store_error(path, PermissionError(errno.EACCES, "the file is not writable"))
     if path.is_dir():
         raise MedtuneError(f"{path} is a folder, not a medtune results store. Give a file path with --store.")
     if path.is_file() and path.stat().st_size and not _is_sqlite(path):
@@ -217,7 +222,7 @@ class Store:
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
-        check_store_path(self.path)
+        check_store_path(self.path, write=not read_only)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -227,6 +232,10 @@ class Store:
         row = None
         try:
             self.conn = sqlite3.connect(self.path, timeout=30)
+            if read_only and not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-shm").exists():
+                # a WAL store in a read-only folder: SQLite cannot create its -shm file; the file is at rest
+                self.conn.close()
+                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True)
             if read_only:
                 row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             else:
