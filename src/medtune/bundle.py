@@ -239,6 +239,11 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
         raise MedtuneError(f"{path}: an SVM head's ensemble is {len(b.models)} networks plus {len(b.models)} "
                            "scikit-learn SVMs, which is not one graph; export one fold's network with --fold N "
                            "(its features go to that fold's svm.joblib).")
+    import os
+
+    if not os.access(path, os.W_OK):
+        raise MedtuneError(f"{path} is not writable, and export writes the model file and preprocessing.json there. "
+                           "Copy the model directory somewhere writable (cp -r) and export the copy.")
     module = Deployable(b.models, b.meta["mean"], b.meta["std"], features=features).eval()
     example = torch.rand(2, 3, b.image_size, b.image_size)
     suffix = "" if fold is None else f".fold{fold}"
@@ -263,7 +268,11 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
                      f"class probabilities, the mean over {len(b.models)} fold model(s)",
            "folds": [e["fold"] for e in b.meta["folds"]],
            "backbone": b.meta["backbone"], "strategy": b.meta["strategy"], "head": b.meta["head"]}
-    (path / "preprocessing.json").write_text(json.dumps(pre, indent=1))
+    try:
+        (path / "preprocessing.json").write_text(json.dumps(pre, indent=1))
+    except OSError as exc:
+        raise MedtuneError(f"cannot write {path / 'preprocessing.json'} ({exc.strerror or exc}): free some space or "
+                           "copy the model directory somewhere writable, then export again.") from exc
     return out
 
 

@@ -180,8 +180,11 @@ def results(
 
     Mean ± sd of each metric over folds (and seeds), one row per data set, backbone, strategy and head;
     --failed lists the failed cells with their errors."""
+    from medtune.store import guarded
+
     try:
-        print_results(store, format, failed)
+        with guarded(store, "reading it"):  # a damaged store: one paragraph, not pandas' traceback
+            print_results(store, format, failed)
     except MedtuneError as exc:
         fail(exc)
 

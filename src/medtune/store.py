@@ -239,6 +239,12 @@ class Store:
             if read_only:
                 row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             else:
+                tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if tables and "meta" not in tables:  # another program's database: never add our tables to it
+                    self.conn.close()
+                    raise MedtuneError(f"{self.path} is an SQLite database of another program (tables "
+                                       f"{', '.join(sorted(tables)[:5])}), not a medtune results store. Give another "
+                                       "--store path.")
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=NORMAL")
                 with self.conn:
