@@ -261,6 +261,8 @@ class Store:
                                    "Give another --store path.") from exc
             raise store_error(self.path, exc, "opening it") from exc
         except sqlite3.DatabaseError as exc:
+            if "malformed" in str(exc):  # a store once, damaged since: say so and how to recover
+                raise store_error(self.path, exc, "opening it") from exc
             raise MedtuneError(f"{self.path} is not a medtune results store ({exc}). Give another --store path.") from exc
         if row is not None and int(row[0]) != SCHEMA_VERSION:
             raise MedtuneError(f"{self.path} was written by a medtune with store schema {row[0]}; this version "
