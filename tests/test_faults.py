@@ -65,7 +65,7 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path):
                                 stderr=subprocess.STDOUT)
         wait_until(proc, lambda: count(store, "cells WHERE status='done'") >= 1, "a finished cell", log)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
+        assert proc.wait(timeout=900) == 130
     text = log.read_text()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert "interrupted:" in text and f"kept in {store}" in text and f"medtune run {cfg}" in text, text
@@ -104,12 +104,12 @@ def test_a_read_only_store_is_one_paragraph_and_still_readable(tmp_path):
     undo = read_only(store, folder)
     try:
         run = subprocess.run([PYTHON, "-m", "medtune", "run", str(more), "--quiet"], env=cli_env(),
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=900)
         assert run.returncode == 2, run.stderr
         text = one_paragraph(run.stderr)
         assert "read-only" in text and str(store) in text and "--store" in text
         shown = subprocess.run([PYTHON, "-m", "medtune", "results", "--store", str(store)], env=cli_env(),
-                               capture_output=True, text=True, timeout=300)
+                               capture_output=True, text=True, timeout=900)
         assert shown.returncode == 0 and "linear_probe" in shown.stdout, shown.stderr  # reading needs no write
     finally:
         for cmd in undo:
