@@ -119,3 +119,32 @@ def test_the_deployed_group_follows_the_declared_primary_not_the_test_folds(tiny
     assert summary.done == 0
     meta = json.loads((Path(f"{store}.models/best") / "model.json").read_text())
     assert meta["strategy"] == worse and meta["chosen_by"] == "primary"
+
+
+def test_onnx_with_the_documented_preprocessing_reproduces_predict(tiny_run_copy, tmp_path):
+    """A consumer that follows preprocessing.json (bicubic resize, [0, 1]) gets `predict`'s probabilities
+    from the ONNX file; a bilinear resize does not, so the filter must be stated."""
+    ort = pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from tests.conftest import write_png
+    from medtune.bundle import export
+    from medtune.predict import predict
+
+    store, _ = tiny_run_copy
+    best = Path(f"{store}.models/best")
+    sess = ort.InferenceSession(str(export(best, "onnx")), providers=["CPUExecutionProvider"])
+    pre = json.loads((best / "preprocessing.json").read_text())
+    assert pre["resize"].startswith("bicubic") and "(x - mean) / std" in pre["normalisation"]
+    assert "bicubic" in (best / "MODEL_CARD.md").read_text()
+    files = [write_png(tmp_path / f"in{i}.png", seed=i, size=57 + 9 * i) for i in range(4)]  # resizing matters
+    expected = predict(best, files)[[f"p_{c}" for c in pre["class_names"]]].to_numpy()
+    s = pre["image_size"]
+
+    def onnx_probs(resample) -> np.ndarray:
+        x = np.stack([np.asarray(Image.open(f).convert("RGB").resize((s, s), resample), dtype=np.float32)
+                      .transpose(2, 0, 1) / 255 for f in files])
+        return sess.run(None, {"image": x})[0]
+
+    np.testing.assert_allclose(onnx_probs(Image.BICUBIC), expected, atol=1e-4)
+    assert not np.allclose(onnx_probs(Image.BILINEAR), expected, atol=1e-4)

@@ -97,12 +97,14 @@ def run_cli(tmp_path: Path, raw) -> tuple[str, Path]:
         raw.setdefault("store", str(store))
         store = Path(str(raw["store"]))
     cfg.write_text(yaml.safe_dump(raw))
+    existed = store.exists()
     result = CliRunner().invoke(app, ["run", str(cfg), "--quiet"])
     text = result.output.strip()
     assert isinstance(result.exception, SystemExit) and result.exit_code == 2, \
         f"exit {result.exit_code}, {result.exception!r}, for\n{yaml.safe_dump(raw)}\n{text}"
     assert "Traceback" not in text and text.startswith("error:"), text
     assert "\n\n" not in text and len(text) < 3000, text  # one paragraph
+    assert existed or not store.exists(), text  # a run that fails before its first cell creates no store
     assert_store_consistent(store)
     return " ".join(text.split()), store
 

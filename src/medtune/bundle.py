@@ -26,6 +26,10 @@ from medtune.errors import MedtuneError
 
 MODEL_JSON = "model.json"
 MODEL_CARD = "MODEL_CARD.md"
+# How medtune.data.decode_image (training and `predict`) resizes image files: a consumer of the export
+# must do the same (bilinear is off by up to 0.10 in probability on the tiny test model).
+RESIZE = ("bicubic: PIL Image.resize((S, S), Image.BICUBIC) of the RGB image, then rounded to uint8 and divided "
+          "by 255, as medtune predict does")
 
 
 def models_dir(store_path: str | Path) -> Path:
@@ -48,13 +52,26 @@ def save_fold_model(store_path: str | Path, cell_id: str, state_dict: dict, svm:
 
 
 def _write_model(out: Path, state_dict: dict, svm: Any = None) -> None:
+    """Each file is written under a name no other process uses, then renamed into place: a kill
+    mid-write leaves no half file, and two runs sharing a store never rename each other's file."""
     out.mkdir(parents=True, exist_ok=True)
     if svm is not None:
         import joblib
 
-        joblib.dump(svm, out / "svm.joblib")
-    torch.save(state_dict, out / "weights.tmp")
-    (out / "weights.tmp").replace(out / "weights.pt")  # a kill mid-write leaves no half file behind
+        _atomic(out / "svm.joblib", lambda f: joblib.dump(svm, f))
+    _atomic(out / "weights.pt", lambda f: torch.save(state_dict, f))
+
+
+def _atomic(target: Path, write) -> None:
+    import os
+    import secrets
+
+    tmp = target.with_name(f"{target.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing left behind by a failed write (a full disk)
 
 
 def load_fold_model(store_path: str | Path, cell_id: str) -> tuple[dict, Any] | None:
@@ -63,14 +80,29 @@ def load_fold_model(store_path: str | Path, cell_id: str) -> tuple[dict, Any] | 
 
 
 def _read_model(out: Path) -> tuple[dict, Any] | None:
+    """(state dict, SVM or None), or None when there is no weights.pt; an unreadable file (truncated,
+    overwritten) is a MedtuneError naming it."""
     if not (out / "weights.pt").is_file():
         return None
     svm = None
     if (out / "svm.joblib").is_file():
         import joblib
 
-        svm = joblib.load(out / "svm.joblib")
-    return torch.load(out / "weights.pt", map_location="cpu", weights_only=True), svm
+        try:
+            svm = joblib.load(out / "svm.joblib")
+        except Exception as exc:  # noqa: BLE001 - pickle/EOF/zlib errors of a damaged file
+            raise unreadable(out / "svm.joblib", exc) from exc
+    try:
+        return torch.load(out / "weights.pt", map_location="cpu", weights_only=True), svm
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise unreadable(out / "weights.pt", exc) from exc
+
+
+def unreadable(path: Path, exc: BaseException) -> MedtuneError:
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return MedtuneError(f"{path} cannot be read ({type(exc).__name__}: {first}): the file is truncated or damaged "
+                        "(an interrupted copy?). Copy the model directory again from where it was written, or rerun "
+                        "the grid with `keep_best: true` (finished cells are reused) to write it again.")
 
 
 def save_bundle(out: str | Path, models: list[tuple[dict, Any]], meta: dict) -> Path:
@@ -152,7 +184,13 @@ def load_bundle(path: str | Path) -> Bundle:
     if not (path / MODEL_JSON).is_file():
         raise MedtuneError(f"{path} is not a medtune model directory (it needs {MODEL_JSON} and fold*/weights.pt). "
                            "Run a grid with `keep_best: true` and use <store>.models/best.")
-    meta = json.loads((path / MODEL_JSON).read_text())
+    try:
+        meta = json.loads((path / MODEL_JSON).read_text())
+        for key in ("backbone", "class_names", "image_size", "mean", "std"):
+            meta[key]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise MedtuneError(f"{path / MODEL_JSON} is damaged ({type(exc).__name__}: {exc}). Copy the model directory "
+                           "again, or rerun the grid with `keep_best: true` to write it again.") from exc
     folds = meta.get("folds") or [{"dir": ".", "fold": meta.get("fold", 0), "cell_id": meta.get("cell_id")}]
     meta["folds"] = folds
     models, svms = [], []
@@ -162,7 +200,10 @@ def load_bundle(path: str | Path) -> Bundle:
             raise MedtuneError(f"{path / entry['dir']}: weights.pt is missing; the model directory is incomplete. "
                                "Rerun the grid (finished cells are reused) to write it again.")
         model = create_backbone(meta["backbone"], pretrained=False, num_classes=len(meta["class_names"]))
-        model.load_state_dict(kept[0])
+        try:
+            model.load_state_dict(kept[0])
+        except (RuntimeError, TypeError, AttributeError) as exc:  # weights of another model, or not a state dict
+            raise unreadable(path / entry["dir"] / "weights.pt", exc) from exc
         models.append(model.eval())
         svms.append(kept[1])
     return Bundle(models, meta, svms)
@@ -198,6 +239,11 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
         raise MedtuneError(f"{path}: an SVM head's ensemble is {len(b.models)} networks plus {len(b.models)} "
                            "scikit-learn SVMs, which is not one graph; export one fold's network with --fold N "
                            "(its features go to that fold's svm.joblib).")
+    import os
+
+    if not os.access(path, os.W_OK):
+        raise MedtuneError(f"{path} is not writable, and export writes the model file and preprocessing.json there. "
+                           "Copy the model directory somewhere writable (cp -r) and export the copy.")
     module = Deployable(b.models, b.meta["mean"], b.meta["std"], features=features).eval()
     example = torch.rand(2, 3, b.image_size, b.image_size)
     suffix = "" if fold is None else f".fold{fold}"
@@ -216,13 +262,17 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
     else:
         raise MedtuneError(f"unknown export format {fmt!r}; use torchscript or onnx.")
     pre = {"input": "RGB float32 in [0, 1], shape (N, 3, S, S), resized to S x S",
-           "image_size": b.image_size, "mean": b.meta["mean"], "std": b.meta["std"],
-           "normalisation": "inside the model", "class_names": b.meta["class_names"],
+           "image_size": b.image_size, "resize": RESIZE, "mean": b.meta["mean"], "std": b.meta["std"],
+           "normalisation": "inside the model: (x - mean) / std per channel, x in [0, 1]", "class_names": b.meta["class_names"],
            "output": "features for svm.joblib (predict_proba)" if features else
                      f"class probabilities, the mean over {len(b.models)} fold model(s)",
            "folds": [e["fold"] for e in b.meta["folds"]],
            "backbone": b.meta["backbone"], "strategy": b.meta["strategy"], "head": b.meta["head"]}
-    (path / "preprocessing.json").write_text(json.dumps(pre, indent=1))
+    try:
+        (path / "preprocessing.json").write_text(json.dumps(pre, indent=1))
+    except OSError as exc:
+        raise MedtuneError(f"cannot write {path / 'preprocessing.json'} ({exc.strerror or exc}): free some space or "
+                           "copy the model directory somewhere writable, then export again.") from exc
     return out
 
 

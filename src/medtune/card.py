@@ -23,6 +23,13 @@ def model_card(store_path: str | Path, meta: dict) -> str:
     ds, group = meta["dataset"], meta["group"]
     info = ev.info(ds)
     rows = summary_table(ev.metrics[ev.metrics.group == group])
+    if rows.empty:  # a store edited by hand (or a different store) no longer holds the deployed group
+        from medtune.errors import MedtuneError
+
+        raise MedtuneError(f"the results store {store_path} holds no finished cells of the deployed group {group} "
+                           f"({ds} · {meta['backbone']} · {meta['strategy']}): the store was changed or damaged after "
+                           "the model was saved. Rerun the grid into it (finished cells are reused) or use the store "
+                           "the model came from.")
     row = rows.iloc[0]
     y, p, s = pooled(ev, group)
     point, lo, hi = ci(ev, ds, y, p, s, balanced_accuracy, N_BOOT)
@@ -50,7 +57,8 @@ def model_card(store_path: str | Path, meta: dict) -> str:
         "",
         "## Preprocessing",
         f"- Decoded as in training (`medtune.data.decode_image`): RGB, resized to {meta['image_size']} x "
-        f"{meta['image_size']}, scaled to [0, 1], normalised with mean {meta['mean']} and std {meta['std']}.",
+        f"{meta['image_size']} with bicubic interpolation (PIL `Image.BICUBIC`; bilinear changes the probabilities), "
+        f"scaled to [0, 1], normalised with mean {meta['mean']} and std {meta['std']}.",
         "",
         "## Model",
         f"- {meta['backbone']} fine-tuned with `{meta['strategy']}`, {meta['head']} head.",

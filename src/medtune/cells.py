@@ -335,6 +335,7 @@ class RunSummary:
     best_models: list[str] = field(default_factory=list)
     collapsed: list[str] = field(default_factory=list)  # diagnose.describe of each flagged cell
     pruned: dict[str, str] = field(default_factory=dict)  # racing: {group key: "candidate: why it stopped"}
+    elsewhere: int = 0  # cells of this run's to-do list that other processes sharing the store finished
 
 
 def _warn(line: str) -> None:
@@ -387,6 +388,10 @@ class GridProgress:
     its labels, status, balanced accuracy, seconds, cells done / total and the ETA, so a log of a
     long grid is never silent. Both executors report through this one class.
 
+    N in "[n/N]" is the cells left when this run (or racing round) started; n counts those finished
+    since, here or by another process sharing the store. Only the process that ran a cell prints its
+    line, so across the logs of runs sharing a store each finished cell is printed once.
+
     The ETA prices each remaining cell at the mean seconds of the finished cells of its kind
     (backbone, strategy, head), an unseen kind at the mean of all, and turns cell-seconds into wall
     clock at the rate so far (so parallel Ray workers count). A plain mean over all cells ran low
@@ -402,6 +407,7 @@ class GridProgress:
         self.left = [cell_kind(c) for c in cells]  # the kinds still to finish (with repeats)
         self.seconds: dict[tuple, list[float]] = {}  # finished cells' seconds by kind
         self.t0 = self.last = time.perf_counter()
+        self.said_waiting = False
 
     def __enter__(self) -> "GridProgress":
         if self.live:
@@ -438,6 +444,25 @@ class GridProgress:
         elif self.enabled:
             print(f"[{self.done}/{self.total}] {labels(cell)}: {status_text(outcome)}, {seconds:.1f} s; "
                   f"ETA {eta}", file=self.stream, flush=True)
+
+    def elsewhere(self, cell: dict) -> None:
+        """A cell another process sharing the store finished: it counts, it is not printed here."""
+        self.done += 1
+        if (kind := cell_kind(cell)) in self.left:
+            self.left.remove(kind)
+        if self.live:
+            self.bar.update(self.task, advance=1)
+
+    def waiting(self, n: int, store: str) -> None:
+        """Said once: every cell left is running in another process; this one waits for them."""
+        if self.said_waiting:
+            return
+        self.said_waiting = True
+        text = f"waiting for {n} cell(s) that other runs sharing {store} are computing"
+        if self.live:
+            self.bar.update(self.task, description=text)
+        elif self.enabled:
+            print(text, file=self.stream, flush=True)
 
     def eta(self, now: float) -> float:
         """Seconds of wall clock left (see the class docstring)."""

@@ -6,6 +6,8 @@ other exceptions keep their traceback because they are medtune's bugs.
 
 from __future__ import annotations
 
+import contextlib
+import shlex
 import sys
 from enum import Enum
 from pathlib import Path
@@ -34,6 +36,33 @@ err_console = Console(stderr=True)
 def fail(exc: Exception) -> None:
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def working(text: str):
+    """Sign of life for a command that works more than a few seconds: a spinner on a terminal, one
+    line on stderr elsewhere (a log shows which stage it is in)."""
+    if err_console.is_terminal:
+        with err_console.status(escape(text)):
+            yield
+    else:
+        err_console.print(f"{escape(text)} ...", highlight=False, soft_wrap=True)
+        yield
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from medtune import __version__
+        from medtune.version import RESULTS_VERSION
+
+        console.print(f"medtune {__version__} (results version {RESULTS_VERSION})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                              help="Print medtune's version and exit.")) -> None:
+    pass
 
 
 class Fmt(str, Enum):
@@ -91,13 +120,20 @@ def run(
     from medtune.config import load_config
     from medtune.runner import run as run_grid
 
+    from medtune.errors import Interrupted
+
+    resume = " ".join(["medtune run", shlex.quote(str(config))] + ([f"--store {shlex.quote(str(store))}"] if store else [])
+                      + [f"--set {shlex.quote(o)}" for o in set_])
     try:
         cfg = load_config(config_path(config), set_)
         summary = run_grid(cfg, str(store) if store else None, progress=not quiet)
     except MedtuneError as exc:
         fail(exc)
+    except KeyboardInterrupt as exc:
+        interrupted(exc.summary if isinstance(exc, Interrupted) else None, resume)
     raced = f"{len(summary.pruned)} candidate(s) pruned by racing, " if summary.pruned else ""
-    console.print(f"{summary.total} cells: {summary.done} run, {summary.skipped} already done, {raced}"
+    shared = f"{summary.elsewhere} by other runs sharing the store, " if summary.elsewhere else ""
+    console.print(f"{summary.total} cells: {summary.done} run, {shared}{summary.skipped} already done, {raced}"
                   f"{summary.failed} failed, {summary.seconds:.0f} s. Store: {summary.store}")
     for why in summary.pruned.values():
         console.print(f"pruned: {escape(why)}")
@@ -105,12 +141,31 @@ def run(
         if d.get("duplicate_groups"):
             console.print(f"[yellow]{name}: {d['duplicate_groups']} groups of identical images "
                           f"({d['duplicate_images']} extra copies), policy {d['policy']!r}.[/]")
-    if summary.failed:
-        console.print(f"[red]Some cells failed; `medtune results --store {escape(summary.store)} --failed` shows "
-                      "their errors.[/]")
     for path in summary.best_models:
         console.print(f"best model: {path} (`medtune predict {path} IMAGES`, `medtune export {path}`)")
-    print_results(Path(summary.store), Fmt.table, failed=False)
+    try:
+        print_results(Path(summary.store), Fmt.table, failed=False)
+    except MedtuneError as exc:
+        fail(exc)
+    if summary.failed:  # last, where a reader of the log looks, and in the exit status a script reads
+        err_console.print(f"[bold red]error:[/] {summary.failed} of {summary.total} cells failed; `medtune results "
+                          f"--store {escape(shlex.quote(summary.store))} --failed` shows their errors. Fix the cause "
+                          f"and rerun `{escape(resume)}`: finished cells are kept, failed ones are tried again.",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def interrupted(summary, resume: str) -> None:
+    """Ctrl-C: what is kept, where, and the command that resumes; exit status 130 (128 + SIGINT)."""
+    if summary is None or not summary.total:
+        err_console.print(f"interrupted before the first cell; nothing was written. `{escape(resume)}` starts again.",
+                          highlight=False, soft_wrap=True)
+    else:
+        kept = summary.skipped + summary.done + summary.elsewhere
+        err_console.print(f"interrupted: {summary.done} cell(s) finished by this run, {kept} of {summary.total} in all, "
+                          f"are kept in {escape(summary.store)}; the cell in flight was not recorded. "
+                          f"`{escape(resume)}` resumes without redoing finished cells.", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
 
 
 @app.command()
@@ -125,8 +180,11 @@ def results(
 
     Mean ± sd of each metric over folds (and seeds), one row per data set, backbone, strategy and head;
     --failed lists the failed cells with their errors."""
+    from medtune.store import guarded
+
     try:
-        print_results(store, format, failed)
+        with guarded(store, "reading it"):  # a damaged store: one paragraph, not pandas' traceback
+            print_results(store, format, failed)
     except MedtuneError as exc:
         fail(exc)
 
@@ -417,14 +475,21 @@ def report(
     diagram, training curves, Grad-CAM gallery, config) plus results.csv, results.md and results.tex."""
     from medtune.report import build_report
 
-    from medtune.store import open_store
+    from medtune.store import guarded, open_store
 
     try:
-        with open_store(store, must_exist=True) as s:
-            note = s.version_warning()
-        if note:
-            err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
-        paths = build_report(store, out or Path(f"{store}.report"))
+        with guarded(store, "reading it"):
+            with open_store(store, must_exist=True) as s:
+                note = s.version_warning()
+                statuses = dict(s.conn.execute("SELECT status, COUNT(*) FROM cells GROUP BY status").fetchall())
+            if not statuses.get("done") and statuses.get("failed"):
+                raise MedtuneError(f"every cell in {store} failed ({statuses['failed']} cells), so there is nothing to "
+                                   f"report. `medtune results --store {shlex.quote(str(store))} --failed` shows why; fix "
+                                   "the cause and rerun `medtune run CONFIG`.")
+            if note:
+                err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+            with working(f"report: reading {store} and computing the tables, confidence intervals and figures"):
+                paths = build_report(store, out or Path(f"{store}.report"))
     except MedtuneError as exc:
         fail(exc)
     for kind, path in paths.items():
@@ -456,7 +521,9 @@ def export(
 
     try:
         for f in format:
-            console.print(f"{f.value}: {export_model(model_dir, f.value, fold)}")
+            with working(f"export: loading {model_dir} and writing {f.value}"):
+                out = export_model(model_dir, f.value, fold)
+            console.print(f"{f.value}: {out}")
     except MedtuneError as exc:
         fail(exc)
 
@@ -479,7 +546,8 @@ def predict(
     from medtune.predict import predict as run_predict
 
     try:
-        df = run_predict(model, images, out, cam=cam, fold=fold, tta=tta.value)
+        with working(f"predict: loading {model} and predicting {len(images)} input(s)"):
+            df = run_predict(model, images, out, cam=cam, fold=fold, tta=tta.value)
     except MedtuneError as exc:
         fail(exc)
     console.print(f"{len(df)} images -> {out / 'predictions.csv'}"
@@ -504,10 +572,12 @@ def track(
     One run per cell (resolved config as params, final and per-epoch metrics, the kept model as
     artifacts) and one run with the report. Runs already there (tagged with the cell id) are kept, so
     tracking again adds only new cells."""
+    from medtune.store import guarded
     from medtune.tracking import track_store
 
     try:
-        s = track_store(store, mlflow, experiment, report=not no_report)
+        with guarded(store, "reading it"), working(f"track: copying the cells of {store} to MLflow"):
+            s = track_store(store, mlflow, experiment, report=not no_report)
     except MedtuneError as exc:
         fail(exc)
     console.print(f"MLflow {s.uri}, experiment {s.experiment!r}: {s.created} runs created, {s.existing} already "

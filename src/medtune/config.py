@@ -347,6 +347,33 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping: PyYAML silently keeps the last
+    value, so `epochs: 5` further down would quietly override `epochs: 50` above it."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` overrides by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    break
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping (first on line {first.line + 1}); "
+                        "YAML would silently keep only the last value. Delete one of them", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def parse_override(raw: dict, assignment: str) -> dict:
     """Apply `a.b.0.c=value` (value parsed as YAML) to the raw config; unknown paths are errors
     at validation time, list indices out of range are errors here."""
@@ -355,7 +382,7 @@ def parse_override(raw: dict, assignment: str) -> dict:
     path, value = assignment.split("=", 1)
     keys = path.strip().split(".")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = load_yaml(value) if value.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({exc})") from exc
     node: Any = raw
@@ -398,7 +425,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist.")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({exc}).") from exc
     if not isinstance(raw, dict):
@@ -446,6 +473,25 @@ def _check_names(cfg: ExperimentConfig, source: str) -> None:
     names = [d.display_name() for d in cfg.datasets + cfg.test_datasets]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: data set names must be unique; got {names}. Give each a `name`.")
+    _check_repeats(cfg, source)
+
+
+def _check_repeats(cfg: ExperimentConfig, source: str) -> None:
+    """The same strategy, backbone, head or seed listed twice would run (and average) the same cells
+    twice: refused, naming the entry, whichever way it was written (`full_ft` or `{name: full_ft}`)."""
+    import json
+
+    for axis in ("strategies", "backbones", "heads", "seeds"):
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(getattr(cfg, axis)):
+            dumped = entry.model_dump() if isinstance(entry, BaseModel) else entry
+            key = json.dumps(dumped, sort_keys=True, default=str)
+            if key in seen:
+                shown = dumped.get("name", dumped) if isinstance(dumped, dict) else dumped
+                raise ConfigError(f"{source}: {axis} entries {seen[key]} and {i} are the same ({shown!r}, "
+                                  f"{json.dumps(dumped, default=str)}): its cells would run twice. Delete one, or "
+                                  "make them differ (e.g. another hyperparameter).")
+            seen[key] = i
 
 
 def _check_fixed_input_size(name: str, image_size: int, source: str) -> None:

@@ -28,3 +28,15 @@ class TrainingError(MedtuneError):
 class DataWarning(UserWarning):
     """A data problem medtune works around (a repeated manifest row, a blank image, a skipped link):
     the data stays usable, so it is said, not raised; `data check` lists these as warnings."""
+
+
+class StoreError(MedtuneError):
+    """The results store cannot be read or written (read-only, locked, full disk, damaged)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, carrying its RunSummary so far: the CLI says what is kept and how to resume."""
+
+    def __init__(self, summary) -> None:
+        super().__init__()
+        self.summary = summary

@@ -3,20 +3,33 @@
 WAL journal, one transaction per finished cell (the cell row, its metrics and its per-sample
 predictions land together or not at all), so a run killed at any moment leaves only whole
 cells, and rerunning skips them. Reports read this file and never touch a model.
+
+Several `medtune run` processes on one machine may share a store: each cell is claimed in the
+`leases` table (one BEGIN IMMEDIATE transaction: done? held by a live owner? else take it) before
+it runs, its lease's heartbeat is renewed while it runs, and the write of the finished cell
+drops the lease in the same transaction. The lease of a process that died is taken over at once
+when its pid is gone from this host, else once its heartbeat is older than `lease_seconds()`.
+SQLite's locking needs one machine's file system: across machines use Ray (`executor: ray`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
+import socket
 import sqlite3
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, StoreError
 from medtune.version import RESULTS_VERSION, UNVERSIONED
 
 SCHEMA_VERSION = 1
@@ -42,7 +55,69 @@ CREATE TABLE IF NOT EXISTS extra_predictions (
     PRIMARY KEY (cell_id, kind, dataset, sample));
 CREATE TABLE IF NOT EXISTS datasets (
     dataset TEXT PRIMARY KEY, class_names_json TEXT NOT NULL, info_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    cell_id TEXT PRIMARY KEY, owner TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+    heartbeat REAL NOT NULL);
 """
+
+LEASE_ENV = "MEDTUNE_LEASE_SECONDS"  # how long a silent lease of another host's (or a live pid's) process holds
+HEARTBEAT_ENV = "MEDTUNE_HEARTBEAT_SECONDS"
+# Test-only: caps the store at this many pages more than it holds when opened (SQLite's max_page_count),
+# so SQLite answers "database or disk is full" exactly as on a full disk.
+MAX_PAGES_ENV = "MEDTUNE_TEST_MAX_PAGES"
+
+
+def lease_seconds() -> float:
+    """A lease older than this (no heartbeat) is taken over: 10 min, ~60 missed heartbeats, so only a
+    process that stopped (or a machine that froze that long) loses its cell."""
+    return float(os.environ.get(LEASE_ENV, 600))
+
+
+def heartbeat_seconds() -> float:
+    return float(os.environ.get(HEARTBEAT_ENV, 10))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def store_error(path: str | Path, exc: BaseException, doing: str = "") -> StoreError:
+    """One paragraph for an SQLite or file-system error on the store: what happened to which file,
+    what is kept, and what to do."""
+    msg = str(exc).lower()
+    where = f" (found while {doing})" if doing else ""
+    if "readonly" in msg or "read-only" in msg or isinstance(exc, PermissionError) or \
+            getattr(exc, "errno", None) in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return StoreError(f"the results store {path} is read-only{where} ({exc}): medtune cannot record cells there. "
+                          "Make the file and its folder writable (chmod u+w), or give another --store path.")
+    if "full" in msg or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"the disk holding the results store {path} is full{where} ({exc}). Every finished cell "
+                          "is kept in the store. Free some space and rerun the same command: it resumes.")
+    if "locked" in msg or "busy" in msg:
+        return StoreError(f"the results store {path} stayed locked by another program for 30 s{where} ({exc}). "
+                          "medtune runs share a store on their own; close the other program (e.g. a database "
+                          "browser holding a transaction open) and rerun.")
+    if "unable to open" in msg:
+        return StoreError(f"cannot open the results store {path}{where} ({exc}). Check that its folder exists and is "
+                          "writable, or give another --store path.")
+    return StoreError(f"the results store {path} is damaged{where} ({exc}). Keep a copy, then try `sqlite3 {path} "
+                      "'.recover' | sqlite3 recovered.sqlite` and pass --store recovered.sqlite, or start a new "
+                      "--store (finished cells are rerun there).")
+
+
+@contextlib.contextmanager
+def guarded(path: str | Path, doing: str = "") -> Iterator[None]:
+    """Turn an SQLite error on the store into its one-paragraph StoreError."""
+    try:
+        yield
+    except (sqlite3.Error, pd.errors.DatabaseError) as exc:  # pandas wraps SQLite's errors in its own
+        raise store_error(path, exc, doing) from exc
 
 
 DISPLAY = ["dataset", "backbone", "strategy", "head"]  # how a group is named; `variant` tells apart the rest
@@ -120,30 +195,74 @@ def _is_sqlite(path: Path) -> bool:
         return f.read(16) == b"SQLite format 3\x00"
 
 
-class Store:
-    """A thin layer over the SQLite file; every write of a cell is one transaction."""
+def check_store_path(path: str | Path, write: bool = True) -> None:
+    """Refuse a store path that can never be a store, before any work and without creating anything:
+    a non-SQLite file, a folder that is a file, and (`write`) a file or folder this user cannot write
+    (SQLite also writes its -wal and -shm files beside the store)."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MedtuneError(f"cannot create the folder of the results store {path} ({parent} is a file). "
+                                   "Give another --store path (or `store:` in the config).")
+            if write and not os.access(parent, os.W_OK):
+                raise store_error(path, PermissionError(errno.EACCES, f"the folder {parent} is not writable"))
+            break
+    if write and path.is_file() and not os.access(path, os.W_OK):
+        raise store_error(path, PermissionError(errno.EACCES, "the file is not writable"))
+    if path.is_dir():
+        raise MedtuneError(f"{path} is a folder, not a medtune results store. Give a file path with --store.")
+    if path.is_file() and path.stat().st_size and not _is_sqlite(path):
+        raise MedtuneError(f"{path} is not a medtune results store (not an SQLite file). Give another --store path.")
 
-    def __init__(self, path: str | Path) -> None:
+
+class Store:
+    """A thin layer over the SQLite file; every write of a cell is one transaction. `read_only`:
+    a reader (results, report, track) that writes nothing, so it works on a read-only store."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
+        check_store_path(self.path, write=not read_only)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MedtuneError(f"cannot create the folder of the results store {self.path} ({exc.strerror}). "
                                "Give another --store path (or `store:` in the config).") from exc
-        if self.path.is_file() and self.path.stat().st_size and not _is_sqlite(self.path):
-            # SQLite would take a small non-database file for an empty database and overwrite it
-            raise MedtuneError(f"{self.path} is not a medtune results store (not an SQLite file). Give another "
-                               "--store path.")
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        row = None
         try:
             self.conn = sqlite3.connect(self.path, timeout=30)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            with self.conn:
-                self.conn.executescript(SCHEMA)
+            if read_only and not os.access(self.path.parent, os.W_OK) and not Path(f"{self.path}-shm").exists():
+                # a WAL store in a read-only folder: SQLite cannot create its -shm file; the file is at rest
+                self.conn.close()
+                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True)
+            if read_only:
                 row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                if row is None:
-                    self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            else:
+                tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if tables and "meta" not in tables:  # another program's database: never add our tables to it
+                    self.conn.close()
+                    raise MedtuneError(f"{self.path} is an SQLite database of another program (tables "
+                                       f"{', '.join(sorted(tables)[:5])}), not a medtune results store. Give another "
+                                       "--store path.")
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                with self.conn:
+                    self.conn.executescript(SCHEMA)
+                    row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                    if row is None:
+                        self.conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                if os.environ.get(MAX_PAGES_ENV):
+                    pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+                    self.conn.execute(f"PRAGMA max_page_count={pages + int(os.environ[MAX_PAGES_ENV])}")
+        except sqlite3.OperationalError as exc:
+            if read_only and "no such table" in str(exc):
+                raise MedtuneError(f"{self.path} is not a medtune results store (it has no medtune tables). "
+                                   "Give another --store path.") from exc
+            raise store_error(self.path, exc, "opening it") from exc
         except sqlite3.DatabaseError as exc:
+            if "malformed" in str(exc):  # a store once, damaged since: say so and how to recover
+                raise store_error(self.path, exc, "opening it") from exc
             raise MedtuneError(f"{self.path} is not a medtune results store ({exc}). Give another --store path.") from exc
         if row is not None and int(row[0]) != SCHEMA_VERSION:
             raise MedtuneError(f"{self.path} was written by a medtune with store schema {row[0]}; this version "
@@ -157,6 +276,97 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ sharing
+    def claim(self, cell_id: str, since: float | None = None) -> str:
+        """Claim a cell for this process in one BEGIN IMMEDIATE transaction. Returns "claimed";
+        "finished" when the store holds it done or pruned (or failed after `since`, i.e. during
+        this run: not retried by every process in turn); "busy" while another live owner holds it."""
+        now = time.time()
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.conn.execute("SELECT status, finished FROM cells WHERE cell_id=?", (cell_id,)).fetchone()
+            if row is not None and (row[0] != "failed" or (since is not None and (row[1] or 0) >= since)):
+                self.conn.rollback()
+                return "finished"
+            held = self.conn.execute("SELECT owner, host, pid, heartbeat FROM leases WHERE cell_id=?",
+                                     (cell_id,)).fetchone()
+            if held is not None and held[0] != self.owner:
+                dead = held[1] == socket.gethostname() and not pid_alive(int(held[2]))
+                if not dead and now - held[3] < lease_seconds():
+                    self.conn.rollback()
+                    return "busy"
+            self.conn.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?)",
+                              (cell_id, self.owner, socket.gethostname(), os.getpid(), now))
+            self.conn.commit()
+            return "claimed"
+        except BaseException:
+            self.conn.rollback()
+            raise
+
+    def release(self, cell_id: str) -> None:
+        """Give up a claim (a cell not run after all, or an interrupted one: the next run takes it at once)."""
+        with self.conn:
+            self.conn.execute("DELETE FROM leases WHERE cell_id=? AND owner=?", (cell_id, self.owner))
+
+    def held_by_others(self) -> int:
+        """Leases of other owners that are still alive: cells running elsewhere now."""
+        rows = self.conn.execute("SELECT host, pid, heartbeat FROM leases WHERE owner != ?", (self.owner,)).fetchall()
+        now, host = time.time(), socket.gethostname()
+        return sum(1 for h, pid, beat in rows if now - beat < lease_seconds() and not (h == host and not pid_alive(pid)))
+
+    @contextlib.contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """Renew this owner's leases every heartbeat_seconds() from a small thread (its own connection)
+        while the block runs, so a long cell is never taken for a dead one."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=30)
+            except sqlite3.Error:
+                return
+            try:
+                while not stop.wait(heartbeat_seconds()):
+                    try:
+                        with conn:
+                            conn.execute("UPDATE leases SET heartbeat=? WHERE owner=?", (time.time(), self.owner))
+                    except sqlite3.Error:  # a busy or full store: the next beat tries again
+                        pass
+            finally:
+                conn.close()
+
+        thread = threading.Thread(target=beat, name="medtune-lease-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str, poll: float = 0.5) -> Iterator[None]:
+        """Hold the lease `name` (not a cell id) while the block runs, waiting for another owner to
+        finish with it: e.g. one process at a time writes the deployed models."""
+        while True:
+            self.conn.execute("BEGIN IMMEDIATE")
+            held = self.conn.execute("SELECT owner, host, pid, heartbeat FROM leases WHERE cell_id=?",
+                                     (name,)).fetchone()
+            free = held is None or held[0] == self.owner or time.time() - held[3] >= lease_seconds() or \
+                (held[1] == socket.gethostname() and not pid_alive(int(held[2])))
+            if free:
+                self.conn.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?)",
+                                  (name, self.owner, socket.gethostname(), os.getpid(), time.time()))
+                self.conn.commit()
+                break
+            self.conn.rollback()
+            time.sleep(poll)
+        try:
+            with self.heartbeat():
+                yield
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self.release(name)
 
     # ------------------------------------------------------------------ writes
     def add_run(self, run_id: str, config: dict, env: dict) -> None:
@@ -180,6 +390,7 @@ class Store:
         or "external" (a `test_datasets` entry, predicted without refitting)."""
         with self.conn:
             cid = cell["cell_id"]
+            self.conn.execute("DELETE FROM leases WHERE cell_id=?", (cid,))  # finished: nobody holds it now
             self.conn.execute("DELETE FROM metrics WHERE cell_id=?", (cid,))
             self.conn.execute("DELETE FROM predictions WHERE cell_id=?", (cid,))
             self.conn.execute("DELETE FROM extra_predictions WHERE cell_id=?", (cid,))
@@ -305,10 +516,11 @@ class Store:
 
 
 def open_store(path: str | Path, must_exist: bool = False) -> Store:
+    """A store to read (`must_exist`: results, report, track; opened without writing) or to write."""
     p = Path(path)
     if must_exist and not p.exists():
         raise MedtuneError(f"no results store at {p}. Run `medtune run CONFIG` first, or pass --store PATH.")
-    return Store(p)
+    return Store(p, read_only=must_exist)
 
 
 def _json_cols(df: pd.DataFrame, cols: dict[str, str]) -> pd.DataFrame:
