@@ -322,9 +322,11 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
                 **_mean_std(preprocessing(model_for_pre)), "group": group, "chosen_by": how,
                 "recommend": verdict.rule, "verdict": verdict.lines(),
                 "class_weight": (cell0["config"].get("train") or {}).get("class_weight"),
-                "training_priors": [ev.priors[c["cell_id"]].tolist() if c["cell_id"] in ev.priors else None
-                                    for c, _ in models],
-                "folds": [{"fold": c["fold"], "cell_id": c["cell_id"], "dir": f"fold{c['fold']}"} for c, _ in models],
+
+                "folds": [{"fold": c["fold"], "cell_id": c["cell_id"], "dir": f"fold{c['fold']}",
+                           # the training fold's class frequencies: predict maps equal-prior outputs back with them
+                           "priors": ev.priors[c["cell_id"]].tolist() if c["cell_id"] in ev.priors else None}
+                          for c, _ in models],
                 "cell_id": cell0["cell_id"], "fold": cell0["fold"],  # the first fold's, as before ensembles
                 "n_folds": cell0["n_folds"], "seed": cell0["seed"],
                 "group_mean_balanced_accuracy": float(members["balanced_accuracy"].mean()), "store": str(store.path),

@@ -189,9 +189,21 @@ PIPE_WIDTH = 120  # a log or a file: a fixed, readable width (a reader cannot wi
 COMPACT = ["balanced_accuracy", "auc", "sensitivity", "specificity", "ece"]  # what decides; --wide for all
 
 
+def table_width() -> int:
+    """The width tables are fitted to: $COLUMNS when set, else the terminal's, else (a pipe, a file)
+    PIPE_WIDTH."""
+    import os
+
+    cols = os.environ.get("COLUMNS", "")
+    if cols.isdigit() and int(cols) >= 40:
+        return int(cols)
+    return console.width if sys.stdout.isatty() else PIPE_WIDTH
+
+
 def print_table(table: Table) -> None:
-    """On a terminal, fit the table to it; under a pipe or into a file, at most PIPE_WIDTH wide."""
-    width = console.width if sys.stdout.isatty() else min(PIPE_WIDTH, max(80, Console(width=100_000).measure(table).maximum))
+    """Fit the table to `table_width()`: on a terminal its width, under a pipe at most PIPE_WIDTH, so a
+    log reader, who cannot widen the window, never sees a number folded across lines."""
+    width = min(table_width(), max(40, Console(width=100_000).measure(table).maximum))
     Console(width=width, force_terminal=sys.stdout.isatty() or None, highlight=False).print(table)
 
 
@@ -280,7 +292,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
     console.print(("mean ± sd over folds and seeds" if wide else "balanced accuracy mean ± sd, other metrics mean")
                   + " (cells = folds x seeds); * = recommended (the verdict); ECE of probabilities at the training "
                     "prevalence; --wide for every metric", soft_wrap=True, highlight=False)
-    width = console.width if sys.stdout.isatty() else PIPE_WIDTH
+    width = table_width()
     for table in results_tables(shown, title, labels, numbers, width):
         print_table(table)
     for line in collapse_lines(ev) + pinned_lines(ev) + budget_lines(ev.cells):

@@ -332,7 +332,7 @@ def fig_reliability(ev: Evidence, t: pd.DataFrame, dataset: str, n_bins: int = 1
     return fig
 
 
-def fig_decision(ev: Evidence, rows: list, dataset: str, colour: dict[str, str] | None = None):
+def fig_decision(ev: Evidence, rows: list, dataset: str, colour: dict[str, str]):
     """Decision curve (net benefit against threshold probability, as dcurves defines it) of the given
     groups' pooled out-of-fold predictions at the training prevalence (RISK_NOTE: equal-prior
     probabilities would be read as risks they are not), with treat-all and treat-none; `colour`: the
@@ -346,7 +346,7 @@ def fig_decision(ev: Evidence, rows: list, dataset: str, colour: dict[str, str] 
         y, p, _ = pooled(ev, r.group, risk=True)
         model, all_ = net_benefit(y == pos, p[:, pos], pt)
         prev = (y == pos).mean()
-        ax.plot(pt, model, lw=2.5 if r.headline else 1.5, color=(colour or {}).get(r.group, f"C{i}"),
+        ax.plot(pt, model, lw=2.5 if r.headline else 1.5, color=colour[r.group],
                 label=("★ " if r.headline else "") + label(r))
     if prev is not None:
         ax.plot(pt, all_, color="dimgrey", ls="--", label="treat all")
@@ -762,7 +762,8 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
             body.append("<h3>Decision curve</h3><p class=note>Net benefit = TP/n − FP/n · p<sub>t</sub>/(1 − "
                         "p<sub>t</sub>) at threshold probability p<sub>t</sub> (Vickers &amp; Elkin 2006, as the "
                         "dcurves package computes it); a model is useful where it lies above both treat-all and "
-                        f"treat-none. Probabilities at the training prevalence ({html.escape(RISK_NOTE)}).</p>" + img(png(fig_decision(ev, rows, ds, colours(t, ds))), f"decision curve {ds}"))
+                        f"treat-none. Probabilities at the training prevalence ({html.escape(RISK_NOTE)}).</p>"
+                        + img(png(fig_decision(ev, rows, ds, colours(t, ds))), f"decision curve {ds}"))
         ext = external_table(ev, t, ds, small)
         if not ext.empty:
             body.append("<h3>Internal vs external validation</h3><p class=note>Internal: pooled out-of-fold "

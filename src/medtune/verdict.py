@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medtune.diagnose import budget_lines, chosen_values, collapsed_cells, edge_choices, head_choices
+from medtune.diagnose import budget_limited, chosen_values, collapsed_cells, edge_choices, head_choices
 from medtune.evidence import (MAIN, Evidence, choice_table, ci, fmt_ci, label, near, paired_tests, pooled,
                               read_evidence, short_strategy)
 from medtune.headline import INNER, NESTED, ONE_SE, OPTIMISTIC, PRIMARY
@@ -175,10 +175,11 @@ def _caveats(ev: Evidence, ds: str, rec: pd.Series, how: str, est: tuple, chance
     pinned = pinned_lines(ev, ds)
     if pinned:
         out.append(f"{len(pinned)} choice(s) pinned at the edge of their list: the best value may lie beyond it")
-    budget = budget_lines(cells)
-    if budget:
-        names = ", ".join(dict.fromkeys(line.split(": ")[1].split(" ", 2)[-1] for line in budget))
-        out.append(f"budget-limited: {names}: best epoch = last epoch in most folds; more epochs might change "
+    budget = budget_limited(cells)
+    if len(budget):
+        names = ", ".join(f"{r.backbone} {r.strategy}" + ("" if r["head"] == "softmax" else f" {r['head']}")
+                          + f" ({r['last']} of {r.cells} folds)" for _, r in budget.iterrows())
+        out.append(f"budget-limited: {names} had their best epoch at the last one; more epochs might change "
                    "the ranking")
     return out
 
