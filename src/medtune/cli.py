@@ -207,12 +207,12 @@ def print_table(table: Table) -> None:
     Console(width=width, force_terminal=sys.stdout.isatty() or None, highlight=False).print(table)
 
 
-def results_tables(shown, title: str, labels: list[str], numbers: list[str], width: int) -> list[Table]:
+def results_tables(shown, labels: list[str], numbers: list[str], width: int) -> list[Table]:
     """`shown` as one rich table, or, when its numbers cannot fit `width` without folding a figure,
     several: each repeats the label columns and takes as many number columns as fit. Numbers never wrap
     (no_wrap); label columns may fold."""
-    def make(cols: list[str], part: str) -> Table:
-        t = Table(title=title + part, show_lines=False, title_justify="left")
+    def make(cols: list[str]) -> Table:
+        t = Table(show_lines=False)
         for c in labels:
             t.add_column(c.replace("_", " "), overflow="fold", min_width=min(8, max(len(str(v)) for v in [c, *shown[c]])))
         for c in cols:
@@ -223,11 +223,10 @@ def results_tables(shown, title: str, labels: list[str], numbers: list[str], wid
 
     parts: list[list[str]] = [[]]
     for c in numbers:
-        if parts[-1] and Console(width=100_000).measure(make(parts[-1] + [c], "")).minimum > width:
+        if parts[-1] and Console(width=100_000).measure(make(parts[-1] + [c])).minimum > width:
             parts.append([])
         parts[-1].append(c)
-    n = len(parts)
-    return [make(cols, f" ({i + 1}/{n})" if n > 1 else "") for i, cols in enumerate(parts)]
+    return [make(cols) for cols in parts]
 
 
 def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdict: bool = True) -> dict:
@@ -292,8 +291,10 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
     console.print(("mean ± sd over folds and seeds" if wide else "balanced accuracy mean ± sd, other metrics mean")
                   + " (cells = folds x seeds); * = recommended (the verdict); ECE of probabilities at the training "
                     "prevalence; --wide for every metric", soft_wrap=True, highlight=False)
-    width = table_width()
-    for table in results_tables(shown, title, labels, numbers, width):
+    tables = results_tables(shown, labels, numbers, table_width())
+    for i, table in enumerate(tables):  # the title as a line of its own: a long store path never wraps it
+        console.print(escape(title) + (f" ({i + 1}/{len(tables)})" if len(tables) > 1 else ""), soft_wrap=True,
+                      highlight=False)
         print_table(table)
     for line in collapse_lines(ev) + pinned_lines(ev) + budget_lines(ev.cells):
         console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)  # diagnose.py: what the metrics do not shout

@@ -140,7 +140,9 @@ def head_choices(cells) -> pd.DataFrame:
         picks = list(row["folds"].values())
         edge = _edge(key, grids[key], picks)
         if not edge["pinned"] and row["flag"] >= max(2, EDGE_SHARE * len(picks)):
-            edge = {"pinned": f"at its grid's edge in {row['flag']} of {len(picks)} folds", "try": "a wider grid"}
+            edge = {"pinned": f"at its grid's edge in {row['flag']} of {len(picks)} folds", "try": ""}
+        if edge["pinned"]:  # medtune's own grid, not a config list: nothing to extend in the YAML
+            edge["try"] = ""
         out.append({"dataset": ds, "backbone": bb, "strategy": st, "hyperparameter": key,
                     "candidates": ", ".join(map(_text, grids[key])), "chosen per fold": ", ".join(map(_text, picks)),
                     **edge})
@@ -201,7 +203,8 @@ def edge_choices(table: pd.DataFrame) -> list[str]:
                                                     sort=False):
         groups = ", ".join(f"{r.strategy} ({r.pinned})" for _, r in g.iterrows())
         lines.append(f"choice at its edge: {ds} {bb}: {key} from [{cands}] was pinned at one end for {groups}; the "
-                     f"best value may lie beyond it: extend the list, e.g. {tried}")
+                     "best value may lie beyond it: " + (f"extend the list, e.g. {tried}" if tried else
+                                                          "the grid is medtune's own (not a config list)"))
     return lines
 
 

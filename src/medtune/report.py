@@ -654,7 +654,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         body.append(f"<h2>{html.escape(ds)}</h2>")
         body.append(f"<p>{int(info.get('n', 0))} images, classes {html.escape(str(info.get('class_counts', class_names)))}"
                     f"{f'; positive class for sensitivity/specificity/PPV/NPV: <b>{html.escape(positive)}</b>' if positive else ''}."
-                    f" {patient_note(ev, ds)}</p>")
+                    f" {patient_note(ev, ds)} Evaluation: {html.escape(vs[ds].evaluation)}.</p>")
         body.append(verdict_html(vs[ds], t))
         body.append("<h3>Balanced accuracy: strategy × backbone (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
                     + html_table(table, "strategy"))
@@ -716,7 +716,8 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                     f"<p class=note>Estimator: the mean over folds (and seeds), ± its sd (spread, not a CI). acc = accuracy, "
                     f"bal_acc = balanced accuracy, sens/spec/PPV/NPV{of}, F1 = macro F1, AUC = ROC area, PR-AUC = "
                     "average precision, Brier = Brier score, ECE = expected calibration error (10 equal-mass bins), "
-                    f"cells = folds × seeds averaged, seconds = training time.{flag}</p>"
+                    f"cells = folds × seeds averaged, seconds = training time. Brier, ECE and PR-AUC score "
+                    f"probabilities at the training prevalence (see Calibration).{flag}</p>"
                     + html_table(detail.drop(columns=["dataset"])))
         tests = paired_tests(ev, t, ds)
         if not tests.empty:
