@@ -269,3 +269,18 @@ def test_results_fit_100_columns_and_no_number_wraps(leader_store, wide):
         assert all(FIGURE.match(c) for c in [r[0], *r[2:]]), r
     if not wide:
         assert len(rows) == 3  # the compact table fits in one
+
+
+def test_keep_best_deploys_the_verdict_and_records_the_rule_and_priors(tiny_run):
+    from pathlib import Path
+
+    from medtune.verdict import store_verdicts
+
+    store, _ = tiny_run
+    meta = json.loads((Path(f"{store}.models/best") / "model.json").read_text())
+    v = store_verdicts(store)[meta["dataset"]]
+    assert meta["group"] == v.group and meta["chosen_by"] == v.how and meta["recommend"] == v.rule == "leader"
+    assert meta["verdict"] == v.lines()
+    assert all(len(e["priors"]) == len(meta["class_names"]) for e in meta["folds"])
+    card = (Path(f"{store}.models/best") / "MODEL_CARD.md").read_text()
+    assert card.split("```")[1].strip("\n").splitlines() == v.lines()

@@ -639,8 +639,8 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         "below is computed from the stored predictions. A row is one complete configuration (everything but "
         "fold and seed). <b>Main metric: balanced accuracy</b> (mean recall over classes, chance = 1/number of "
         "classes). Main tables: the pooled out-of-fold estimate with its 95% bootstrap CI, resampling patients "
-        "(not images). ★ marks the headline, chosen before or without the test folds; † marks the best mean on "
-        "the test folds, an optimistic view.</p>")
+        "(not images). ★ marks the recommendation (the verdict in the blue box), chosen without the test folds; "
+        "† marks the best mean on the test folds, an optimistic view.</p>")
     subgroups_all = []
     for ds in dict.fromkeys(t.dataset):
         class_names, info = ev.class_names(ds), ev.info(ds)
