@@ -19,7 +19,7 @@ from medtune.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters
                               grouping_text, read_evidence, subgroup_table, summary_table)
 from medtune.diagnose import budget_lines, chosen_values, edge_choices, head_choices
 from medtune.evidence import RISK_NOTE, near
-from medtune.headline import HOW, OPTIMISTIC
+from medtune.headline import OPTIMISTIC
 from medtune.metrics import MAIN_METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
 from medtune.version import RESULTS_VERSION
 

@@ -74,7 +74,8 @@ class Verdict:
 
     def lines(self) -> list[str]:
         chosen = CHOSEN[self.how].format(leader=f", {self.leader}" if self.leader and self.leader != self.name else "")
-        share = f"{100 * self.share:.2f}% of the parameters trained" if np.isfinite(self.share) else "trained share not recorded"
+        share = (f"{100 * self.share:.2f}% of the parameters trained" if np.isfinite(self.share)
+                 else "trained share not recorded")
         out = [f"verdict for {self.dataset}: {self.name}",
                f"  balanced accuracy {fmt_ci(self.estimate, self.ci_low, self.ci_high)} (pooled out-of-fold, 95% "
                f"bootstrap CI; {self.evaluation}; chance {self.chance:.3f})",
