@@ -763,7 +763,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
             body.append("<h3>Decision curve</h3><p class=note>Net benefit = TP/n − FP/n · p<sub>t</sub>/(1 − "
                         "p<sub>t</sub>) at threshold probability p<sub>t</sub> (Vickers &amp; Elkin 2006, as the "
                         "dcurves package computes it); a model is useful where it lies above both treat-all and "
-                        f"treat-none. Probabilities at the training prevalence ({html.escape(RISK_NOTE)}).</p>"
+                        "treat-none. Probabilities at the training prevalence (see Calibration).</p>"
                         + img(png(fig_decision(ev, rows, ds, colours(t, ds))), f"decision curve {ds}"))
         ext = external_table(ev, t, ds, small)
         if not ext.empty:

@@ -151,8 +151,8 @@ def _caveats(ev: Evidence, ds: str, rec: pd.Series, how: str, est: tuple, chance
     cells = ev.cells[ev.cells.dataset == ds]
     out = []
     if how == OPTIMISTIC:
-        out.append("chosen on the same test folds that score it: the estimate is optimistic (keep "
-                   "train.val_fraction above 0)")
+        out.append("chosen on the same test folds that score it: the estimate is optimistic (no cell stored "
+                   "inner-validation predictions: train.val_fraction 0, or folds too small to split)")
     if cfg.get("primary") and how != PRIMARY:
         out.append(f"the config's primary {cfg['primary']} matches no strategy here")
     if np.isfinite(est[1]) and est[1] <= chance:
