@@ -266,8 +266,10 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
         import json
 
         records = json.loads(summary.to_json(orient="records"))
-        sys.stdout.write(json.dumps({"verdict": {ds: v.to_dict() for ds, v in vs.items()}, "results": records,
-                                     "probabilities": RISK_NOTE}, indent=2, default=str) + "\n")
+        from medtune.store import strict_json  # NaN (an undefined CI) as null: strict readers refuse NaN
+
+        doc = {"verdict": {ds: v.to_dict() for ds, v in vs.items()}, "results": records, "probabilities": RISK_NOTE}
+        sys.stdout.write(json.dumps(json.loads(strict_json(doc)), indent=2) + "\n")
         return vs
     if verdict:
         print_verdicts(vs)
