@@ -257,7 +257,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
     recommended = {v.group for v in vs.values()}
     share = ev.cells.set_index("cell_id")["info"].map(trained_share)
     shares = ev.metrics.assign(s=ev.metrics.cell_id.map(share)).groupby("group")["s"].mean()
-    summary.insert(0, "recommended", summary.group.isin(recommended))
+    summary["recommended"] = summary.group.isin(recommended)  # last: csv readers keep their column order
     summary["trainable_share"] = summary.group.map(shares)
     if fmt == Fmt.csv:
         sys.stdout.write(summary.to_csv(index=False))
