@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from medtune.bundle import load_bundle
+from medtune.evidence import to_risk
 from medtune.predict import predict, read_inputs
 from medtune.store import Store
 from tests.conftest import PROB_ATOL, tiny_png_config
@@ -37,8 +38,9 @@ def test_bundle_holds_every_fold_of_the_group_and_predict_averages_them(tiny_run
         # each fold's network reproduces its own cell's stored out-of-fold predictions
         df = predict(best, list(p.path), fold=e["fold"])
         names = meta["class_names"]
-        np.testing.assert_allclose(df[[f"p_{n}" for n in names]].to_numpy(), np.array(p.probs.tolist()),
-                                   atol=PROB_ATOL)
+        # ... mapped back to its training fold's prevalence, as predict reports them (predict.fold_probabilities)
+        np.testing.assert_allclose(df[[f"p_{n}" for n in names]].to_numpy(),
+                                   to_risk(np.array(p.probs.tolist()), np.array(e["priors"])), atol=PROB_ATOL)
         per_fold[e["fold"]] = predict(best, [data], fold=e["fold"])
     ensemble = predict(best, [data])
     cols = [f"p_{n}" for n in meta["class_names"]]
@@ -49,7 +51,8 @@ def test_bundle_holds_every_fold_of_the_group_and_predict_averages_them(tiny_run
         p = stored(store, e["cell_id"]).set_index("path")
         other = per_fold[1 - e["fold"]].set_index("path").loc[p.index, cols].to_numpy()
         ours = ensemble.set_index("path").loc[p.index, cols].to_numpy()
-        np.testing.assert_allclose(ours, (np.array(p.probs.tolist()) + other) / 2, atol=PROB_ATOL)
+        np.testing.assert_allclose(ours, (to_risk(np.array(p.probs.tolist()), np.array(e["priors"])) + other) / 2,
+                                   atol=PROB_ATOL)
 
 
 def test_flip_tta_averages_each_image_and_its_mirror(tiny_run):

@@ -204,7 +204,7 @@ def test_the_report_headlines_the_race_leader_and_lists_the_pruned(tmp_path):
     assert t.loc["bad", "pruned"].startswith("worse than the leader") and t.loc["good", "pruned"] == ""
     page = build_report(store.path, tmp_path / "report", n_boot=20)["html"].read_text()
     assert "Racing: candidates stopped early" in page and "(pruned)" in page
-    assert "the inner-validation leader" in page
+    assert "rule `recommend: leader`: the best mean score on the inner validation splits" in page
 
 
 def test_without_racing_the_headline_and_deployed_group_are_the_inner_validation_leader(tmp_path):

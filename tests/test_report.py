@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from medtune.bundle import load_bundle, save_bundle
 from medtune.cli import app
+from medtune.evidence import to_risk
 from medtune.store import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -60,9 +61,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         pytest.skip("chromium is not installed (make setup-dev installs it with apt-get where it can)")
     url = (report / "report.html").resolve().as_uri()
     dom = subprocess.run([CHROMIUM, *HEADLESS, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    # main table, trainable share against full_ft, all metrics, paired tests, descriptive ranks,
-    # calibration, TRIPOD+AI appendix
-    assert dom.count("<table") == 7
+    # main table, trainable share against full_ft, the probe's C chosen on inner splits, all metrics,
+    # paired tests, descriptive ranks, calibration, TRIPOD+AI appendix
+    assert dom.count("<table") == 8
     assert "★" in dom
     # depth, ROC, confusion, curves and the Grad-CAM overlays are all decoded images
     assert dom.count("data:image/png;base64,") >= 4 + 2
@@ -103,7 +104,10 @@ def test_predict_reproduces_the_stores_predictions(tiny_run, tmp_path):
     merged = stored.merge(pred, on="path")
     assert len(merged) == len(stored)
     ours = merged[[f"p_{n}" for n in names]].to_numpy()
-    np.testing.assert_allclose(ours, np.array(merged.probs.tolist()), atol=1e-4)
+    # the stored equal-prior outputs, mapped back to the fold's training prevalence (predict.fold_probabilities)
+    priors = json.loads((model_dir / "model.json").read_text())["folds"][0]["priors"]
+    np.testing.assert_allclose(ours, to_risk(np.array(merged.probs.tolist()), np.array(priors)), atol=1e-4)
+    assert (pred.probabilities == "at the training prevalence").all()
     assert (merged.true == [names[y] for y in merged.y_true]).all()
     assert all(Path(c).is_file() for c in pred.cam)
 

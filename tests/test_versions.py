@@ -77,7 +77,7 @@ def test_results_and_report_flag_an_old_store(tmp_path):
         plant_dataset(s), plant_run(s)
         for fold in range(2):
             plant_cell(s, {"results_version": None}, fold, 0, y, p, samples=np.arange(8 * fold, 8 * fold + 8))
-    res = CliRunner().invoke(app, ["results", "--store", str(path)])
+    res = CliRunner().invoke(app, ["results", "--store", str(path), "--wide"])  # the compact default shows ECE only
     assert res.exit_code == 0 and "results version 1" in res.output
     assert "ECE" in res.output and "Brier" in res.output and "PR-AUC" in res.output
     csv = CliRunner().invoke(app, ["results", "--store", str(path), "--format", "csv"])

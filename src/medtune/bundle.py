@@ -277,18 +277,28 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
 
 
 def deployed_group(sub, primary: str | None, inner_leader: str | None = None) -> tuple[str, str]:
-    """The group a data set deploys, chosen without the test folds (`headline.headline_group`: the
-    declared primary, else auto_depth's nested choice, else the inner-validation leader, else, said
-    so, the best mean)."""
+    """The group the old headline rule picks for a metrics frame (`headline.headline_group`); kept for
+    callers without a store. keep_best itself deploys `verdict.verdicts(...)[data set].group`."""
     from medtune.headline import headline_group
 
     return headline_group(sub, primary, inner_leader=inner_leader)
 
 
+def deployed(store_path: str | Path) -> tuple[dict, object]:
+    """({data set: Verdict}, Evidence) of a store: the one decision of what to deploy (verdict.py)."""
+    from medtune.evidence import read_evidence
+    from medtune.verdict import verdicts
+
+    ev = read_evidence(store_path)
+    return verdicts(ev), ev
+
+
 def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device, store,
               primary: str | None = None, inner_leaders: dict[str, str] | None = None) -> list[Path]:
-    """After the grid: per data set, save every fold model (first seed) of the group the headline
-    rule picks (`deployed_group`) as one bundle with its MODEL_CARD.md, plus a Grad-CAM gallery of
+    """After the grid: per data set, save every fold model (first seed) of the verdict's recommended
+    group (`deployed`: verdict.py, the rule `recommend:` the store's config names; `primary` and
+    `inner_leaders` are read from the store the same way and kept only for the call's shape) as one
+    bundle with its MODEL_CARD.md, the rule used and the training priors, plus a Grad-CAM gallery of
     fold 0's test fold. The local grid keeps each cell's model (`save_fold_model`), so the bundle's
     networks are the very models whose out-of-fold predictions are in the store; a fold model that
     was not kept (a store resumed from an older run, Ray) is retrained with `keep_model` and its
@@ -304,13 +314,21 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
         return []
     by_id = {c["cell_id"]: c for c in cells}
     m = m[m.cell_id.isin(list(by_id))]
+    chosen, ev = deployed(store.path)
     saved = []
     for i, ds in enumerate(dict.fromkeys(c["dataset"] for c in cells)):
         sub = m[m.dataset == ds]
         if sub.empty or sub["balanced_accuracy"].isna().all():
             continue
-        group, how = deployed_group(sub, primary, (inner_leaders or {}).get(ds))
+        if ds not in chosen:
+            continue
+        verdict = chosen[ds]
+        group, how = verdict.group, verdict.how
         members = sub[sub.group == group]
+        if members.empty:  # the store's recommendation is a group this run's config no longer lists
+            warnings.warn(f"{ds}: the recommended group ({verdict.name}) has no cell in this run's grid; no model "
+                          "was deployed. Rerun its config, or `medtune report` for the whole store.", stacklevel=2)
+            continue
         members = members[members.seed == members.seed.min()].sort_values("fold")
         fold_cells = [by_id[c] for c in members.cell_id]
         out = best_dir(store.path, ds, first=i == 0)
@@ -319,7 +337,7 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
                                              json.loads((out / MODEL_JSON).read_text()).get("folds", [])] == ids:
             saved.append(out)
             continue
-        models, first_predictions = [], None
+        models, first_predictions, retrained = [], None, False
         for cell in fold_cells:
             data = prepared[f"{ds}@{cell['config']['backbone']['image_size']}"]
             kept = load_fold_model(store.path, cell["cell_id"])
@@ -338,6 +356,7 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
                     continue
                 store.save_cell(cell, "done", result.metrics, result.predictions, result.seconds, info=result.info,
                                 extra=result.extra)
+                retrained = True
                 kept, predictions = (result.state_dict, result.head_model), result.predictions
             models.append((cell, kept))
             if first_predictions is None:
@@ -351,7 +370,13 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
         meta = {"dataset": ds, "backbone": cell0["backbone"], "strategy": cell0["strategy"], "head": cell0["head"],
                 "class_names": table.class_names, "image_size": table.image_size,
                 **_mean_std(preprocessing(model_for_pre)), "group": group, "chosen_by": how,
-                "folds": [{"fold": c["fold"], "cell_id": c["cell_id"], "dir": f"fold{c['fold']}"} for c, _ in models],
+                "recommend": verdict.rule, "verdict": verdict.lines(),
+                "class_weight": (cell0["config"].get("train") or {}).get("class_weight"),
+
+                "folds": [{"fold": c["fold"], "cell_id": c["cell_id"], "dir": f"fold{c['fold']}",
+                           # the training fold's class frequencies: predict maps equal-prior outputs back with them
+                           "priors": ev.priors[c["cell_id"]].tolist() if c["cell_id"] in ev.priors else None}
+                          for c, _ in models],
                 "cell_id": cell0["cell_id"], "fold": cell0["fold"],  # the first fold's, as before ensembles
                 "n_folds": cell0["n_folds"], "seed": cell0["seed"],
                 "group_mean_balanced_accuracy": float(members["balanced_accuracy"].mean()), "store": str(store.path),
@@ -359,7 +384,7 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
         save_bundle(out, [k for _, k in models], meta)
         from medtune.card import write_model_card
 
-        write_model_card(out, store.path, meta)
+        write_model_card(out, store.path, meta, None if retrained else ev)  # a retrained cell changed the store
         if grad_cam_installed():
             gallery(model_for_pre, table.images[torch.as_tensor(np.array(test_idx))], np.asarray(y), np.asarray(probs),
                     paths, table.class_names, meta["mean"], meta["std"], out / "gallery")

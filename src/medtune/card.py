@@ -14,13 +14,17 @@ from pathlib import Path
 N_BOOT = 2000  # as the report's tables
 
 
-def model_card(store_path: str | Path, meta: dict) -> str:
-    from medtune.evidence import calibration_table, ci, fmt_ci, grouping_text, pooled, read_evidence, summary_table
+def model_card(store_path: str | Path, meta: dict, ev=None) -> str:
+    """The card's text; `ev`: the store's evidence when the caller has read it (keep_best)."""
+    from medtune.evidence import (RISK_NOTE, calibration_table, ci, duplicates_text, fmt_ci, grouping_text, pooled,
+                                  read_evidence, summary_table)
     from medtune.headline import HOW
     from medtune.metrics import MAIN_METRICS, balanced_accuracy
+    from medtune.verdict import evaluation_text, verdicts
 
-    ev = read_evidence(store_path)
+    ev = read_evidence(store_path) if ev is None else ev
     ds, group = meta["dataset"], meta["group"]
+    verdict = verdicts(ev).get(ds)
     info = ev.info(ds)
     rows = summary_table(ev.metrics[ev.metrics.group == group])
     if rows.empty:  # a store edited by hand (or a different store) no longer holds the deployed group
@@ -43,12 +47,18 @@ def model_card(store_path: str | Path, meta: dict) -> str:
         "Written by medtune from the results store "
         f"`{Path(store_path).name}`; every figure below is the store's (the report shows the same).",
         "",
+        "## Verdict",
+        "",
+        *(["```", *verdict.lines(), "```"] if verdict is not None else ["(no verdict: no finished cells)"]),
+        *([] if verdict is None or verdict.group == group else
+          ["", "**This bundle is not the verdict's recommendation** (it was saved from another group)."]),
+        "",
         "## Data",
         f"- Data set `{ds}`: {info.get('n', len(y))} images; classes " + ", ".join(f"{c} {n}" for c, n in counts.items()) + ".",
-        "- Split: " + grouping_text(info)
-        + f" stratified {meta['n_folds']}-fold cross-validation, seed {meta['seed']}.",
-        f"- Identical images: policy `{dup.get('policy', 'group')}`, {dup.get('duplicate_groups', 0)} groups "
-        f"({dup.get('duplicate_images', 0)} extra copies), {dup.get('label_conflicts', 0)} with conflicting labels.",
+        "- Split: " + grouping_text(info) + "; "
+        + (evaluation_text(int(meta["n_folds"]), info) if int(meta["n_folds"]) <= 1 else
+           f"stratified {meta['n_folds']}-fold cross-validation") + f", seed {meta['seed']}.",
+        f"- Duplicates: {duplicates_text(dup)}, {dup.get('label_conflicts', 0)} with conflicting labels.",
         "",
         "## Classes",
         f"- Output order: {', '.join(meta['class_names'])}.",
@@ -81,6 +91,7 @@ def model_card(store_path: str | Path, meta: dict) -> str:
     if not cal.empty:
         c = cal.iloc[0]
         lines.append(f"- Brier score {c['brier']}; expected calibration error {c['ece']}; PR-AUC {c['pr_auc']}.")
+        lines.append(f"- {RISK_NOTE}.")
     lines += [
         "",
         "## Intended use",
@@ -102,7 +113,7 @@ def model_card(store_path: str | Path, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(out: str | Path, store_path: str | Path, meta: dict) -> Path:
+def write_model_card(out: str | Path, store_path: str | Path, meta: dict, ev=None) -> Path:
     path = Path(out) / "MODEL_CARD.md"
-    path.write_text(model_card(store_path, meta))
+    path.write_text(model_card(store_path, meta, ev))
     return path

@@ -131,6 +131,17 @@ def run(
         fail(exc)
     except KeyboardInterrupt as exc:
         interrupted(exc.summary if isinstance(exc, Interrupted) else None, resume)
+    print_run_summary(summary, resume)
+
+
+def print_run_summary(summary, resume: str) -> None:
+    """What `medtune run` prints at its end: the counts, the results table, then the verdict (the same
+    lines `results`, the report and the model card print) and what was deployed; a failed cell last,
+    where a reader of the log looks, and in the exit status a script reads."""
+    import json
+
+    from medtune.evidence import duplicates_text
+
     raced = f"{len(summary.pruned)} candidate(s) pruned by racing, " if summary.pruned else ""
     shared = f"{summary.elsewhere} by other runs sharing the store, " if summary.elsewhere else ""
     console.print(f"{summary.total} cells: {summary.done} run, {shared}{summary.skipped} already done, {raced}"
@@ -139,20 +150,35 @@ def run(
         console.print(f"pruned: {escape(why)}")
     for name, d in summary.duplicates.items():
         if d.get("duplicate_groups"):
-            console.print(f"[yellow]{name}: {d['duplicate_groups']} groups of identical images "
-                          f"({d['duplicate_images']} extra copies), policy {d['policy']!r}.[/]")
-    for path in summary.best_models:
-        console.print(f"best model: {path} (`medtune predict {path} IMAGES`, `medtune export {path}`)")
+            console.print(f"[yellow]{escape(name)}: {escape(duplicates_text(d))}.[/]")
     try:
-        print_results(Path(summary.store), Fmt.table, failed=False)
+        verdicts = print_results(Path(summary.store), Fmt.table, failed=False, verdict=False)
     except MedtuneError as exc:
         fail(exc)
-    if summary.failed:  # last, where a reader of the log looks, and in the exit status a script reads
+    print_verdicts(verdicts)
+    for path in summary.best_models:
+        meta = json.loads((Path(path) / "model.json").read_text())
+        v = verdicts.get(meta.get("dataset"))
+        name = f"{meta.get('backbone')} · {meta.get('strategy')}" + ("" if meta.get("head") == "softmax" else
+                                                                     f" · {meta.get('head')}")
+        same = v is not None and meta.get("group") == v.group
+        console.print(f"deployed{'' if same else ' (NOT the verdict: an older bundle)'}: {escape(name)} "
+                      f"({meta.get('dataset')}, its {len(meta.get('folds', []))} fold models) to {path} "
+                      f"(`medtune predict {path} IMAGES`, `medtune export {path}`)", soft_wrap=True, highlight=False)
+    if summary.failed:
         err_console.print(f"[bold red]error:[/] {summary.failed} of {summary.total} cells failed; `medtune results "
                           f"--store {escape(shlex.quote(summary.store))} --failed` shows their errors. Fix the cause "
                           f"and rerun `{escape(resume)}`: finished cells are kept, failed ones are tried again.",
                           highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def print_verdicts(verdicts: dict) -> None:
+    """The verdict lines exactly as `Verdict.lines()` gives them: no wrapping, no markup."""
+    for v in verdicts.values():
+        for line in v.lines():
+            console.print(escape(line), soft_wrap=True, highlight=False,
+                          style="yellow" if line.lstrip().startswith("caveat:") else None)
 
 
 def interrupted(summary, resume: str) -> None:
@@ -175,16 +201,19 @@ def results(
                                     "results/demo.sqlite for configs/demo.yaml)."),
     format: Fmt = typer.Option(Fmt.table, "--format", help="Output format: table to read, csv or json for other tools."),
     failed: bool = typer.Option(False, "--failed", help="List failed cells and their errors instead."),
+    wide: bool = typer.Option(False, "--wide", help="Every metric (accuracy, PPV, NPV, F1, PR-AUC, Brier too), "
+                                                   "not only the ones that decide."),
 ) -> None:
-    """Print a store's results table, or its failed cells.
+    """Print a store's verdict and results table, or its failed cells.
 
-    Mean ± sd of each metric over folds (and seeds), one row per data set, backbone, strategy and head;
-    --failed lists the failed cells with their errors."""
+    The verdict first (the recommended configuration, whether depth matters, its cost and caveats), then
+    mean ± sd of each metric over folds (and seeds), one row per data set, backbone, strategy and head,
+    the recommended row marked *; --failed lists the failed cells with their errors."""
     from medtune.store import guarded
 
     try:
         with guarded(store, "reading it"):  # a damaged store: one paragraph, not pandas' traceback
-            print_results(store, format, failed)
+            print_results(store, format, failed, wide=wide)
     except MedtuneError as exc:
         fail(exc)
 
@@ -215,55 +244,125 @@ def print_failed(cells, fmt: Fmt) -> None:
     console.print(table)
 
 
+PIPE_WIDTH = 120  # a log or a file: a fixed, readable width (a reader cannot widen it)
+COMPACT = ["balanced_accuracy", "auc", "sensitivity", "specificity", "ece"]  # what decides; --wide for all
+
+
+def table_width() -> int:
+    """The width tables are fitted to: $COLUMNS when set, else the terminal's, else (a pipe, a file)
+    PIPE_WIDTH."""
+    import os
+
+    cols = os.environ.get("COLUMNS", "")
+    if cols.isdigit() and int(cols) >= 40:
+        return int(cols)
+    return console.width if sys.stdout.isatty() else PIPE_WIDTH
+
+
 def print_table(table: Table) -> None:
-    """On a terminal, fit the table to it; under a pipe or into a file, print it at its natural width so
-    no number is folded across lines (a log reader cannot widen the window)."""
-    if sys.stdout.isatty():
-        console.print(table)
-        return
-    width = Console(width=100_000).measure(table).maximum
-    Console(width=max(80, width), force_terminal=False).print(table)
+    """Fit the table to `table_width()`: on a terminal its width, under a pipe at most PIPE_WIDTH, so a
+    log reader, who cannot widen the window, never sees a number folded across lines."""
+    width = min(table_width(), max(40, Console(width=100_000).measure(table).maximum))
+    Console(width=width, force_terminal=sys.stdout.isatty() or None, highlight=False).print(table)
 
 
-def print_results(store: Path, fmt: Fmt, failed: bool) -> None:
-    from medtune.report import format_pm, summary_table
-    from medtune.diagnose import chosen_values, collapsed_cells, edge_choices
-    from medtune.store import open_store, read_cells
+def results_tables(shown, labels: list[str], numbers: list[str], width: int) -> list[Table]:
+    """`shown` as one rich table, or, when its numbers cannot fit `width` without folding a figure,
+    several: each repeats the label columns and takes as many number columns as fit. Numbers never wrap
+    (no_wrap); label columns may fold."""
+    def make(cols: list[str]) -> Table:
+        t = Table(show_lines=False)
+        for c in labels:
+            t.add_column(c.replace("_", " "), overflow="fold", min_width=min(8, max(len(str(v)) for v in [c, *shown[c]])))
+        for c in cols:
+            t.add_column(c.replace("_", " "), no_wrap=True, justify="right")
+        for _, r in shown.iterrows():
+            t.add_row(*[escape(str(r[c])) for c in [*labels, *cols]])
+        return t
+
+    parts: list[list[str]] = [[]]
+    for c in numbers:
+        if parts[-1] and Console(width=100_000).measure(make(parts[-1] + [c])).minimum > width:
+            parts.append([])
+        parts[-1].append(c)
+    return [make(cols) for cols in parts]
+
+
+def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdict: bool = True) -> dict:
+    """The verdict (unless `verdict` is False: `run` prints it last) and the results table; returns
+    {data set: Verdict} (verdict.py) so the caller prints the same one."""
+    import numpy as np
+
+    from medtune.diagnose import budget_lines
+    from medtune.evidence import RISK_NOTE, read_evidence, summary_table
+    from medtune.report import format_pm, trained_share
+    from medtune.store import open_store
+    from medtune.verdict import collapse_lines, pinned_lines, verdicts
 
     with open_store(store, must_exist=True) as s:
         if failed:
             print_failed(s.cells(), fmt)
-            return
-        m = s.metrics()
-        cells = read_cells(s) if not m.empty else None
-        collapsed = [] if cells is None else collapsed_cells(cells)
-        edges = [] if cells is None else edge_choices(chosen_values(cells))
+            return {}
+        empty = s.metrics().empty
         note = s.version_warning()
     if note:
         err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    if m.empty:
+    if empty:
         console.print(f"{store}: no finished cells yet.")
-        return
-    summary = summary_table(m)
+        return {}
+    ev = read_evidence(store)
+    vs = verdicts(ev)
+    summary = summary_table(ev.metrics)  # Brier and ECE at the training prevalence (evidence.RISK_NOTE)
+    recommended = {v.group for v in vs.values()}
+    share = ev.cells.set_index("cell_id")["info"].map(trained_share)
+    shares = ev.metrics.assign(s=ev.metrics.cell_id.map(share)).groupby("group")["s"].mean()
+    summary["recommended"] = summary.group.isin(recommended)  # last: csv readers keep their column order
+    summary["trainable_share"] = summary.group.map(shares)
     if fmt == Fmt.csv:
         sys.stdout.write(summary.to_csv(index=False))
-        return
+        return vs
     if fmt == Fmt.json:
-        sys.stdout.write(summary.to_json(orient="records", indent=2) + "\n")
-        return
+        import json
+
+        records = json.loads(summary.to_json(orient="records"))
+        from medtune.store import strict_json  # NaN (an undefined CI) as null: strict readers refuse NaN
+
+        doc = {"verdict": {ds: v.to_dict() for ds, v in vs.items()}, "results": records, "probabilities": RISK_NOTE}
+        sys.stdout.write(json.dumps(json.loads(strict_json(doc)), indent=2) + "\n")
+        return vs
+    if verdict:
+        print_verdicts(vs)
     stopped = summary[summary.pruned != ""] if "pruned" in summary else summary.iloc[:0]
-    shown = format_pm(summary.drop(columns=["pruned"], errors="ignore"))
-    table = Table(title=f"{store}: mean ± sd over folds and seeds (cells = folds x seeds)", show_lines=False)
-    for c in shown.columns:
-        table.add_column(c.replace("_", " "), overflow="fold")
-    for _, r in shown.iterrows():
-        table.add_row(*[str(v) for v in r])
-    print_table(table)
-    for line in collapsed + edges:  # diagnose.py: a model that predicts one class, a choice pinned at its list's end
-        console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
+    shown = format_pm(summary.drop(columns=["pruned"], errors="ignore"), None if wide else COMPACT)
+    if not wide:  # the main metric with its spread, the others' means: a row that fits 100 columns
+        for c in COMPACT[1:]:
+            short = {"auc": "AUC", "ece": "ECE", "sensitivity": "sens", "specificity": "spec"}[c]
+            if short in shown:
+                shown[short] = [f"{v:.3f}" if np.isfinite(v) else "–" for v in summary[c]]
+    shown.insert(0, "*", ["*" if r else "" for r in summary.recommended])
+    shown["trained"] = [f"{100 * x:.2f}%" if np.isfinite(x) else "–" for x in summary.trainable_share]
+    shown["s/cell"] = (summary.seconds / summary.n_cells).round(1)
+    shown = shown.drop(columns=["seconds"])
+    labels = [c for c in ["*", "dataset", "backbone", "strategy", "head", "variant"] if c in shown.columns]
+    fixed = {c: shown[c].iloc[0] for c in ("dataset", "backbone", "head", "cells")
+             if c in shown and shown[c].nunique() == 1}
+    labels = [c for c in labels if c not in fixed]
+    numbers = [c for c in shown.columns if c not in labels and c not in fixed]
+    title = " · ".join([str(store), *(f"{v} cells" if c == "cells" else str(v) for c, v in fixed.items())])
+    console.print(("mean ± sd over folds and seeds" if wide else "balanced accuracy mean ± sd, other metrics mean")
+                  + " (cells = folds x seeds); * = recommended (the verdict); ECE of probabilities at the training "
+                    "prevalence; --wide for every metric", soft_wrap=True, highlight=False)
+    tables = results_tables(shown, labels, numbers, table_width())
+    for i, table in enumerate(tables):  # the title as a line of its own: a long store path never wraps it
+        console.print(escape(title) + (f" ({i + 1}/{len(tables)})" if len(tables) > 1 else ""), soft_wrap=True,
+                      highlight=False)
+        print_table(table)
+    for line in collapse_lines(ev) + pinned_lines(ev) + budget_lines(ev.cells):
+        console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)  # diagnose.py: what the metrics do not shout
     for _, r in stopped.iterrows():  # racing.py: its row averages only the folds it ran
         console.print(f"pruned by racing ({int(r.n_cells)} cells): {escape(r.dataset)} {escape(r.backbone)} "
                       f"{escape(r.strategy)} {escape(r['head'])}: {escape(r.pruned)}")
+    return vs
 
 
 @app.command("list")

@@ -235,6 +235,11 @@ class ExperimentConfig(Strict):
     primary: str | None = Field(None, description="the strategy (its label, e.g. partial_ft(blocks=2), or name) declared "
                                 "before the run as the one to headline; default: auto_depth's nested choice if the "
                                 "grid has it, else the best mean score on the cells' inner validation splits")
+    recommend: Literal["leader", "one_se"] = Field("leader", description="the rule, fixed before the run, for the "
+                                                   "recommended (and deployed) configuration when no `primary` or "
+                                                   "auto_depth decides: leader = the best mean inner-validation score; "
+                                                   "one_se = the fewest trained parameters within one standard error "
+                                                   "(over folds) of that leader")
     operating_points: list[dict[Literal["sensitivity", "specificity"], float]] = Field(
         default_factory=list, description="thresholds chosen on each outer fold's inner validation split, e.g. "
         "[{sensitivity: 0.95}, {specificity: 0.90}]; the report gives the outer folds' sensitivity, specificity, "

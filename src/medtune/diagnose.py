@@ -8,6 +8,14 @@ in the output saying so (issue 15). A cell whose test-fold predictions put at le
 `COLLAPSE_SHARE` of the images in one class, where the true labels have more than one class and
 that class holds less than that share, is flagged in its `info`, in the run's output, in
 `medtune results` and in the report, with what to try.
+
+A fold can also fail without reaching 95%: on DDTI two full_ft folds called 82-86% of the images
+benign where 15% are, with a sensitivity of 0.17. `collapse` therefore also flags a fold by its
+class mix (MIX_RATIO, MIX_SHIFT, MIX_RECALL): one class predicted at least twice as often as it
+occurs, which moves at least a quarter of the fold into it, while the other classes' mean recall is
+at most one half. Each condition alone is a plausible working model (a class-weighted model
+over-calls a small class; a hard fold has low recall); together they describe a model that calls
+most images one class whatever they are.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ import numpy as np
 import pandas as pd
 
 COLLAPSE_SHARE = 0.95
+MIX_RATIO = 2.0  # predicted share of a class >= this x its true share ...
+MIX_SHIFT = 0.25  # ... moving at least this share of the fold into it ...
+MIX_RECALL = 0.5  # ... while the other classes' mean recall is at most this
 
 ADVICE = ("try: train.class_weight: balanced (the default) if it is off; a learning-rate choice such as "
           "lr: {choose: [1e-4, 3e-4, 1e-3]} (a too-high rate often ends in one class); bn_statistics: keep with "
@@ -26,7 +37,8 @@ ADVICE = ("try: train.class_weight: balanced (the default) if it is off; a learn
 
 def collapse(y_true: np.ndarray, probs: np.ndarray, class_names: list[str],
              share: float = COLLAPSE_SHARE) -> dict | None:
-    """The collapse record of one cell's test-fold predictions, or None if the predictions are spread."""
+    """The collapse record of one cell's test-fold predictions, or None if the predictions are spread
+    (module docstring: one class for `share` of the fold, or far off the fold's class mix)."""
     y_true = np.asarray(y_true)
     if len(y_true) == 0 or len(np.unique(y_true)) < 2:
         return None
@@ -34,27 +46,108 @@ def collapse(y_true: np.ndarray, probs: np.ndarray, class_names: list[str],
     counts = np.bincount(pred, minlength=len(class_names))
     top = int(counts.argmax())
     predicted, true = counts[top] / len(pred), float(np.mean(y_true == top))
-    if predicted < share or true >= share:
+    if true >= share:
         return None
-    return {"class": class_names[top], "predicted_share": round(float(predicted), 4),
-            "true_share": round(true, 4), "advice": ADVICE}
+    if predicted >= share:
+        return {"class": class_names[top], "predicted_share": round(float(predicted), 4),
+                "true_share": round(true, 4), "advice": ADVICE}
+    others = [c for c in np.unique(y_true) if c != top]
+    recall = float(np.mean([np.mean(pred[y_true == c] == c) for c in others]))
+    if predicted >= MIX_RATIO * true and predicted - true >= MIX_SHIFT and recall <= MIX_RECALL:
+        return {"class": class_names[top], "predicted_share": round(float(predicted), 4),
+                "true_share": round(true, 4), "other_recall": round(recall, 4), "rule": "class mix",
+                "advice": ADVICE}
+    return None
 
 
 def describe(cell: dict, record: dict) -> str:
     """One line for the run's output and `medtune results`."""
+    recall = (f", the other classes' mean recall {record['other_recall']:.2f}" if "other_recall" in record else "")
     return (f"collapsed: {cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} fold {cell['fold']} "
             f"predicts {record['class']!r} for {record['predicted_share']:.0%} of the test fold "
-            f"({record['true_share']:.0%} truly are); {record['advice']}")
+            f"({record['true_share']:.0%} truly are{recall}); {record['advice']}")
 
 
-def collapsed_cells(cells) -> list[str]:
-    """Lines for every flagged cell of a `store.read_cells` frame (info parsed)."""
+def collapsed_cells(cells, predictions=None, class_names: dict | None = None) -> list[str]:
+    """Lines for every flagged cell of a `store.read_cells` frame (info parsed). With the store's
+    `predictions` and {data set: class names}, the rule is applied now, so a store written under an
+    older rule gets today's diagnosis; else the record each cell stored."""
+    by_cell = dict(tuple(predictions.groupby("cell_id"))) if predictions is not None else None
     out = []
     for _, r in cells.iterrows():
         info = r["info"] if isinstance(r["info"], dict) else {}
-        if info.get("collapsed"):
-            out.append(describe(r.to_dict(), info["collapsed"]))
+        record = info.get("collapsed")
+        if by_cell is not None and class_names and r["cell_id"] in by_cell:
+            p = by_cell[r["cell_id"]]
+            record = collapse(p["y_true"].to_numpy(), np.array(p["probs"].tolist(), dtype=float),
+                              class_names[r["dataset"]])
+        if record:
+            out.append(describe(r.to_dict(), record))
     return out
+
+
+# --------------------------------------------------------------------------- a budget that ended the training
+BUDGET_SHARE = 0.8  # best epoch = last epoch in at least this share of a group's folds
+
+
+def budget_limited(cells) -> pd.DataFrame:
+    """One row per data set, backbone, strategy and head whose best epoch (on the inner validation
+    split) was its last one in at least BUDGET_SHARE of its cells: still improving when the epochs ran
+    out, so more epochs might change the ranking. A convex probe (no epochs) is never budget-limited."""
+    rows: dict[tuple, list[bool]] = {}
+    for _, r in cells.iterrows():
+        info = r["info"] if isinstance(r["info"], dict) else {}
+        history = info.get("history") or []
+        run = info.get("epochs_run", len(history))
+        if not run or info.get("best_epoch") is None or any("probe_C" in h for h in history):
+            continue
+        key = (r["dataset"], r["backbone"], r["strategy"], r["head"])
+        rows.setdefault(key, []).append(int(info["best_epoch"]) >= int(run) - 1)
+    out = [{"dataset": ds, "backbone": bb, "strategy": st, "head": hd, "last": sum(v), "cells": len(v)} for (ds, bb, st, hd), v in rows.items() if sum(v) / len(v) >= BUDGET_SHARE]
+    return pd.DataFrame(out, columns=["dataset", "backbone", "strategy", "head", "last", "cells"])
+
+
+def budget_lines(cells) -> list[str]:
+    """Lines for `medtune results`, the report and the verdict, one per budget-limited group."""
+    return [f"budget-limited: {r.dataset} {r.backbone} {r.strategy} {r['head']}: the best epoch was the last one in "
+            f"{r['last']} of {r.cells} folds; more epochs might change the ranking (raise train.epochs)"
+            for _, r in budget_limited(cells).iterrows()]
+
+
+# --------------------------------------------------------------------------- a head's own choice at its grid's end
+def head_choices(cells) -> pd.DataFrame:
+    """The probe's C, the SVM's C and the kNN's k chosen on each fold's inner split (info keys
+    `probe_C`, `svm_C`, `knn_k`, or the probe's history row), as `chosen_values` rows against the grid
+    each is chosen from, so `edge_choices` flags a pick pinned at its grid's end. A grid-edge flag
+    recorded by the cell (`*_at_edge`) is honoured as well."""
+    from medtune.heads import C_GRID, K_GRID
+    from medtune.probe import C_GRID as PROBE_GRID
+
+    grids = {"probe_C": list(PROBE_GRID), "svm_C": list(C_GRID), "knn_k": list(K_GRID)}
+    rows: dict[tuple, dict] = {}
+    for _, r in cells.sort_values(["seed", "fold"], kind="stable").iterrows():
+        info = r["info"] if isinstance(r["info"], dict) else {}
+        found = {k: info[k] for k in grids if info.get(k) is not None}
+        for h in info.get("history") or []:
+            if "probe_C" in h and "probe_C" not in found:
+                found["probe_C"] = h["probe_C"]
+        for key, value in found.items():
+            row = rows.setdefault((r["dataset"], r["backbone"], r["strategy"], key), {"folds": {}, "flag": 0})
+            row["folds"].setdefault((r["seed"], r["fold"]), value)
+            row["flag"] += bool(info.get(f"{key}_at_edge"))
+    out = []
+    for (ds, bb, st, key), row in rows.items():
+        picks = list(row["folds"].values())
+        edge = _edge(key, grids[key], picks)
+        if not edge["pinned"] and row["flag"] >= max(2, EDGE_SHARE * len(picks)):
+            edge = {"pinned": f"at its grid's edge in {row['flag']} of {len(picks)} folds", "try": ""}
+        if edge["pinned"]:  # medtune's own grid, not a config list: nothing to extend in the YAML
+            edge["try"] = ""
+        out.append({"dataset": ds, "backbone": bb, "strategy": st, "hyperparameter": key,
+                    "candidates": ", ".join(map(_text, grids[key])), "chosen per fold": ", ".join(map(_text, picks)),
+                    **edge})
+    cols = ["dataset", "backbone", "strategy", "hyperparameter", "candidates", "chosen per fold", "pinned", "try"]
+    return pd.DataFrame(out, columns=cols)
 
 
 # --------------------------------------------------------------------------- choices at the edge of their list
@@ -110,7 +203,8 @@ def edge_choices(table: pd.DataFrame) -> list[str]:
                                                     sort=False):
         groups = ", ".join(f"{r.strategy} ({r.pinned})" for _, r in g.iterrows())
         lines.append(f"choice at its edge: {ds} {bb}: {key} from [{cands}] was pinned at one end for {groups}; the "
-                     f"best value may lie beyond it: extend the list, e.g. {tried}")
+                     "best value may lie beyond it: " + (f"extend the list, e.g. {tried}" if tried else
+                                                          "the grid is medtune's own (not a config list)"))
     return lines
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medtune.headline import OPTIMISTIC, headline_groups
+from medtune.headline import OPTIMISTIC, choose
 from medtune.metrics import (MAIN_METRICS, at_threshold, auc, balanced_accuracy, bootstrap_ci, calibration,
                              corrected_ttest, from_counts, holm, threshold_for, wilcoxon)
-from medtune.racing import leaders as inner_leaders
+from medtune.racing import inner_scores
 from medtune.store import DISPLAY
 
 MAIN = "balanced_accuracy"
@@ -39,6 +39,9 @@ class Evidence:
     store: Path
     version_note: str | None = None
     inner_leaders: dict = field(default_factory=dict)  # {data set: group}: the inner-validation leader (racing.leaders)
+    inner: dict = field(default_factory=dict)  # {cell id: inner-validation score}: what the recommendation is chosen on
+    priors: dict = field(default_factory=dict)  # {cell id: training-fold class frequencies} of class-weighted cells
+    memo: dict = field(default_factory=dict, repr=False)  # what is computed once per read (verdict.verdicts)
 
     @property
     def config(self) -> dict:
@@ -68,9 +71,106 @@ def read_evidence(store_path: str | Path) -> Evidence:
         preds = s.predictions()
         runs = s.runs()
         racing = json.loads(runs.config_json.iloc[-1]).get("racing") if len(runs) else None
-        leaders = inner_leaders(s, racing["metric"] if racing else MAIN, m)
-        return Evidence(m, cells, preds[preds.cell_id.isin(cells.cell_id)], extra, read_datasets(s), runs,
-                        Path(store_path), s.version_warning(), leaders)
+        metric = racing["metric"] if racing else MAIN
+        inner = {c: sc.value for c, sc in inner_scores(s, m["cell_id"], metric).items()}
+        ev = Evidence(m, cells, preds[preds.cell_id.isin(cells.cell_id)], extra, read_datasets(s), runs,
+                      Path(store_path), s.version_warning(), {}, inner)
+    ev.priors = training_priors(ev)
+    ev.predictions = with_risk(ev.predictions, ev.priors)
+    ev.extra = with_risk(ev.extra, ev.priors)
+    ev.metrics = risk_metrics(ev)
+    ev.inner_leaders = {ds: c[2] for ds, c in choices(ev).items() if c[2] is not None}
+    return ev
+
+
+# --------------------------------------------------------------------------- probabilities as risks
+RISK_NOTE = ("Brier, ECE, PR-AUC, the reliability diagram, the decision curve and the operating points score "
+             "probabilities mapped back to the training folds' class frequencies (Bayes' prior correction) "
+             "wherever a cell was trained with class_weight: balanced, whose outputs estimate equal-prior "
+             "posteriors; classification metrics keep the decision rule the cells used")
+
+
+def class_weight_of(info: dict, config: dict) -> str | None:
+    """The cell's `train.class_weight` as it applied (info), else as configured; None when unknown."""
+    return info.get("class_weight") or (config.get("train") or {}).get("class_weight")
+
+
+def training_priors(ev: Evidence) -> dict[str, np.ndarray]:
+    """{cell id: class frequencies of its training fold} for every cell whose class_weight was balanced:
+    the data set's class counts (after the duplicate policy) minus the counts of the cell's test fold,
+    so stores written before the priors were recorded work too. Cells trained without class weights
+    (or whose data set record lacks counts) are absent: their probabilities are used as stored."""
+    out: dict[str, np.ndarray] = {}
+    if ev.cells.empty:
+        return out
+    counts_y = ev.predictions.groupby("cell_id")["y_true"].agg(list)
+    for _, c in ev.cells.iterrows():
+        config = json.loads(c["config_json"]) if isinstance(c.get("config_json"), str) else {}
+        if class_weight_of(c["info"] if isinstance(c["info"], dict) else {}, config) != "balanced":
+            continue
+        names, counts = ev.class_names(c.dataset), ev.info(c.dataset).get("class_counts") or {}
+        if not names or set(counts) != set(names) or c.cell_id not in counts_y.index:
+            continue
+        train = np.array([counts[n] for n in names], float) - np.bincount(counts_y[c.cell_id], minlength=len(names))
+        if (train < 0).any() or train.sum() <= 0:
+            continue
+        out[c.cell_id] = train / train.sum()
+    return out
+
+
+def to_risk(probs: np.ndarray, priors: np.ndarray | None) -> np.ndarray:
+    """Equal-prior posteriors -> posteriors at the training prevalence: p(k) * pi_k, renormalised."""
+    probs = np.asarray(probs, dtype=float)
+    if priors is None:
+        return probs
+    q = probs * np.asarray(priors)[None, :]
+    s = q.sum(1, keepdims=True)
+    return np.divide(q, s, out=probs.copy(), where=s > 0)
+
+
+def with_risk(p: pd.DataFrame, priors: dict[str, np.ndarray]) -> pd.DataFrame:
+    """`p` (predictions or extra predictions) with a `risk` column: each row's probabilities under its
+    cell's training prevalence (the stored ones where no correction applies)."""
+    p = p.copy()
+    if p.empty:
+        p["risk"] = pd.Series(dtype=object)
+        return p
+    risk = list(p["probs"])
+    for cid, idx in p.groupby("cell_id").indices.items():
+        if cid in priors:
+            fixed = to_risk(np.array([risk[i] for i in idx], dtype=float), priors[cid])
+            for i, row in zip(idx, fixed):
+                risk[i] = row.tolist()
+    p["risk"] = risk
+    return p
+
+
+def risk_metrics(ev: Evidence) -> pd.DataFrame:
+    """The store's per-cell metrics with Brier, ECE and PR-AUC recomputed at read time on the prior-corrected
+    probabilities (the stored ones were computed at cell time on the equal-prior outputs)."""
+    m = ev.metrics.copy()
+    if not ev.priors or not {"brier", "ece"} <= set(m.columns):
+        return m
+    by_cell = dict(tuple(ev.predictions[ev.predictions.cell_id.isin(ev.priors)].groupby("cell_id")))
+    for i, r in m.iterrows():
+        if r.cell_id not in by_cell:
+            continue
+        y, p, _ = _stack(by_cell[r.cell_id], "risk")
+        for k, v in calibration(y, p, positive_index(ev, r.dataset)).items():
+            if k in m.columns:
+                m.at[i, k] = v
+    return m
+
+
+def choices(ev: Evidence) -> dict[str, tuple[str, str, str | None]]:
+    """{data set: (group, how, inner-validation leader)}: headline.choose over each data set's done
+    cells, with their inner-validation scores and trainable shares, under the config's `recommend:`."""
+    cfg = ev.config
+    share = ev.cells.set_index("cell_id")["info"].map(lambda i: i.get("trainable_fraction", np.nan))
+    m = ev.metrics.assign(inner=ev.metrics.cell_id.map(lambda c: ev.inner.get(c, np.nan)),
+                          share=ev.metrics.cell_id.map(share))
+    return {ds: choose(sub, cfg.get("recommend") or "leader", cfg.get("primary"))
+            for ds, sub in m.groupby("dataset", sort=False) if not sub[MAIN].isna().all()}
 
 
 def short_strategy(label: str) -> str:
@@ -97,7 +197,21 @@ def grouping_text(info: dict) -> str:
                 if info.get("grouped") else "image-level, no patient ids")
     if info["patient_ids"]:
         return "patient-grouped"
-    return "image-level, no patient ids" + (" (only identical images kept together)" if info.get("grouped") else "")
+    kept = "near-duplicate groups" if near(info.get("duplicates") or {}) else "identical images"
+    return "image-level, no patient ids" + (f" (only {kept} kept together)" if info.get("grouped") else "")
+
+
+def near(dup: dict) -> bool:
+    """Whether the duplicate search also grouped perceptual near-copies (`near_duplicates: N` recorded)."""
+    return dup.get("near_duplicates") is not None
+
+
+def duplicates_text(dup: dict) -> str:
+    """What the duplicate search grouped, in words that match the record: near-duplicate groups when the
+    perceptual search ran (`near_duplicates`), groups of identical images otherwise."""
+    kind = "near-duplicate groups" if near(dup) else "groups of identical images"
+    return (f"{dup.get('duplicate_groups', 0)} {kind} ({dup.get('duplicate_images', 0)} extra copies), "
+            f"policy {dup.get('policy', '?')}")
 
 
 def positive_index(ev: Evidence, dataset: str) -> int | None:
@@ -120,10 +234,11 @@ def clusters(ev: Evidence, dataset: str, samples: np.ndarray) -> np.ndarray | No
     return samples if len(np.unique(samples)) < len(samples) else None
 
 
-def _stack(p: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(y_true, probs, sample). The store keeps probabilities to 6 decimals, so a row's sum misses 1 by
-    up to ~1e-6 (and scikit-learn's multiclass Brier score and AUC warn); rows are renormalised."""
-    probs = np.array(p.probs.tolist(), dtype=float).reshape(len(p), -1)
+def _stack(p: pd.DataFrame, column: str = "probs") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y_true, probs, sample); `column` "risk": the prior-corrected probabilities (RISK_NOTE). The store
+    keeps probabilities to 6 decimals, so a row's sum misses 1 by up to ~1e-6 (and scikit-learn's
+    multiclass Brier score and AUC warn); rows are renormalised."""
+    probs = np.array(p[column].tolist(), dtype=float).reshape(len(p), -1)
     if probs.size:
         probs = probs / probs.sum(1, keepdims=True)
     return p.y_true.to_numpy(), probs, p["sample"].to_numpy()
@@ -134,11 +249,13 @@ def group_cells(ev: Evidence, group: str) -> pd.DataFrame:
     return ev.cells[ev.cells.group == group]
 
 
-def pooled(ev: Evidence, group: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pooled(ev: Evidence, group: str, risk: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(y_true, probs, sample) of a group's out-of-fold predictions, every seed's: each sample once per
     seed, so the point estimate weighs the seeds equally (the cluster bootstrap keeps a sample's
-    seeds together)."""
-    return _stack(ev.predictions[ev.predictions.cell_id.isin(group_cells(ev, group).cell_id)])
+    seeds together). `risk`: probabilities at the training prevalence (RISK_NOTE), for calibration,
+    decision curves and thresholds; else as stored, for the decision rule's metrics."""
+    return _stack(ev.predictions[ev.predictions.cell_id.isin(group_cells(ev, group).cell_id)],
+                  "risk" if risk else "probs")
 
 
 def ci(ev: Evidence, dataset: str, y, p, samples, metric, n_boot: int) -> tuple[float, float, float]:
@@ -173,24 +290,32 @@ def summary_table(metrics: pd.DataFrame, columns: list[str] | None = None) -> pd
     return out.reset_index()
 
 
-def group_table(ev: Evidence, n_boot: int = 2000) -> pd.DataFrame:
-    """Per group: mean ± sd over folds and seeds, the pooled out-of-fold balanced accuracy with its
-    95% patient-bootstrap CI, whether it is its data set's headline (and how it was chosen), and
-    whether it has the best mean on the test folds (the optimistic view)."""
+def choice_table(ev: Evidence) -> pd.DataFrame:
+    """Per group: mean ± sd over folds and seeds, whether it is its data set's headline (and how it was
+    chosen: `choices`) and whether it has the best mean on the test folds (the optimistic view)."""
     t = summary_table(ev.metrics)
+    if "pruned" not in t:
+        t["pruned"] = ""
+    whole = t[MAIN].where(t.pruned == "")  # a group racing stopped averages fewer folds: never the "best"
+    t["best_on_test_folds"] = whole == whole.groupby(t.dataset).transform("max")
+    heads = choices(ev)
+    t["headline"] = [heads.get(d, (None,))[0] == g for d, g in zip(t.dataset, t.group)]
+    t["headline_how"] = [heads[d][1] if h else "" for d, h in zip(t.dataset, t.headline)]
+    return t
+
+
+def group_table(ev: Evidence, n_boot: int = 2000) -> pd.DataFrame:
+    """`choice_table` with each group's pooled out-of-fold balanced accuracy and its 95%
+    patient-bootstrap CI."""
+    t = choice_table(ev)
     pts, los, his = [], [], []
     for _, r in t.iterrows():
         y, p, s = pooled(ev, r.group)
         a = ci(ev, r.dataset, y, p, s, balanced_accuracy, n_boot)
         pts.append(a[0]), los.append(a[1]), his.append(a[2])
-    t["pooled_balanced_accuracy"], t["ci_low"], t["ci_high"] = pts, los, his
-    if "pruned" not in t:
-        t["pruned"] = ""
-    whole = t[MAIN].where(t.pruned == "")  # a group racing stopped averages fewer folds: never the "best"
-    t["best_on_test_folds"] = whole == whole.groupby(t.dataset).transform("max")
-    heads = headline_groups(ev.metrics, ev.config.get("primary"), inner_leaders=ev.inner_leaders)
-    t["headline"] = [heads.get(d, (None,))[0] == g for d, g in zip(t.dataset, t.group)]
-    t["headline_how"] = [heads[d][1] if h else "" for d, h in zip(t.dataset, t.headline)]
+    t.insert(t.columns.get_loc("best_on_test_folds"), "pooled_balanced_accuracy", pts)
+    t.insert(t.columns.get_loc("best_on_test_folds"), "ci_low", los)
+    t.insert(t.columns.get_loc("best_on_test_folds"), "ci_high", his)
     return t
 
 
@@ -243,16 +368,20 @@ def efficiency_table(ev: Evidence, t: pd.DataFrame, dataset: str) -> pd.DataFram
     return pd.DataFrame(rows).set_index("strategy")
 
 
-def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """The headline group against every other group of the data set on the same (seed, fold) pairs:
-    corrected resampled t-test (Nadeau & Bengio) and Wilcoxon signed-rank on balanced accuracy,
-    each with Holm-adjusted p-values over the family of comparisons."""
+def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str, others: list[str] | None = None) -> pd.DataFrame:
+    """The headline group against every other group of the data set (or the groups `others`) on the
+    same (seed, fold) pairs: corrected resampled t-test (Nadeau & Bengio) and Wilcoxon signed-rank on
+    balanced accuracy, each with Holm-adjusted p-values over the family of comparisons, and the mean
+    difference's 95% interval under the same corrected variance."""
+    from scipy import stats
+
     m = ev.metrics[ev.metrics.dataset == dataset]
     head = headline_row(t, dataset).group
     info = ev.cells.set_index("cell_id")["info"]
     a_all = m[m.group == head].set_index(["seed", "fold"])[MAIN]
     rows = []
-    for g, sub in m[m.group != head].groupby("group", sort=False):
+    todo = m[m.group != head] if others is None else m[m.group.isin(others) & (m.group != head)]
+    for g, sub in todo.groupby("group", sort=False):
         b_all = sub.set_index(["seed", "fold"])[MAIN]
         common = a_all.index.intersection(b_all.index)
         a, b = a_all.loc[common].to_numpy(), b_all.loc[common].to_numpy()
@@ -260,12 +389,16 @@ def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str) -> pd.DataFrame:
         n_test = np.mean([info[i].get("n_test", np.nan) for i in sub.cell_id])
         tt, p_t = corrected_ttest(a, b, n_train, n_test)
         _, p_w = wilcoxon(a, b)
-        rows.append({"compared with": label(sub.iloc[0]), "pairs": len(common),
-                     "mean difference": float(np.mean(a - b)) if len(common) else np.nan, "corrected t": tt,
-                     "p (corrected t)": p_t, "p (Wilcoxon)": p_w})
+        d = a - b
+        half = (stats.t.ppf(0.975, len(d) - 1) * np.sqrt((1 / len(d) + n_test / n_train) * d.var(ddof=1))
+                if len(d) >= 2 else np.nan)
+        mean = float(np.mean(d)) if len(common) else np.nan
+        rows.append({"compared with": label(sub.iloc[0]), "group": g, "pairs": len(common),
+                     "mean difference": mean, "95% CI low": mean - half, "95% CI high": mean + half,
+                     "corrected t": tt, "p (corrected t)": p_t, "p (Wilcoxon)": p_w})
     out = pd.DataFrame(rows)
     if not out.empty:
-        out.insert(5, "Holm p (corrected t)", holm(out["p (corrected t)"]))
+        out.insert(out.columns.get_loc("p (corrected t)") + 1, "Holm p (corrected t)", holm(out["p (corrected t)"]))
         out["Holm p (Wilcoxon)"] = holm(out["p (Wilcoxon)"])
     return out
 
@@ -298,7 +431,7 @@ def calibration_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int =
     pos = positive_index(ev, dataset)
     rows = []
     for _, r in t[t.dataset == dataset].iterrows():
-        y, p, s = pooled(ev, r.group)
+        y, p, s = pooled(ev, r.group, risk=True)
         row = {"group": label(r)}
         for key in ("brier", "ece", "pr_auc"):
             row[key] = fmt_ci(*ci(ev, dataset, y, p, s, lambda a, b, k=key: calibration(a, b, pos)[k], n_boot))
@@ -319,9 +452,9 @@ def operating_points(ev: Evidence, group: str, dataset: str, target: str, value:
         v = val[val.cell_id == c.cell_id]
         if v.empty:
             continue
-        yv, pv, _ = _stack(v)
+        yv, pv, _ = _stack(v, "risk")
         thr = threshold_for(yv == pos, pv[:, pos], target, value)
-        yt, pt, st = _stack(ev.predictions[ev.predictions.cell_id == c.cell_id])
+        yt, pt, st = _stack(ev.predictions[ev.predictions.cell_id == c.cell_id], "risk")
         rows.append({"fold": c.fold, "threshold": thr, "n_validation": len(yv)})
         ys.append(yt == pos), preds.append(pt[:, pos] >= thr), samples.append(st)
     if not rows:

@@ -11,13 +11,20 @@ score on the cells' inner validation splits (every cell stores its predictions t
 then it says so; a candidate racing stopped early (fewer folds) is never that row. `keep_best`
 uses the same rule for the deployed model, so the model a clinic gets is the one the headline
 describes.
+
+`recommend: one_se` (config) replaces (3) by the simpler alternative: among the groups whose mean
+inner-validation score lies within one standard error (over folds) of the leader's, the one that
+trains the fewest parameters (Breiman's one-standard-error rule): a tie on the inner splits is
+then settled by cost, not by noise. `recommend: leader` (the default) keeps the leader.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
-PRIMARY, NESTED, INNER, OPTIMISTIC = "primary", "nested", "inner", "optimistic"
+PRIMARY, NESTED, INNER, ONE_SE, OPTIMISTIC = "primary", "nested", "inner", "one_se", "optimistic"
+RULES = ("leader", "one_se")  # `recommend:` in the config
 
 HOW = {
     PRIMARY: "declared primary in the config before the run; its estimate is from the outer test folds",
@@ -26,6 +33,9 @@ HOW = {
     INNER: "the inner-validation leader: the best mean score on the cells' inner validation splits (never a test "
            "fold; under racing, among the candidates the race kept); its estimate is from the outer test folds, "
            "which took no part in the choice",
+    ONE_SE: "the one-standard-error rule: of the groups whose mean inner-validation score is within one standard "
+            "error (over folds) of the inner-validation leader's, the one training the fewest parameters (never a "
+            "test fold); its estimate is from the outer test folds, which took no part in the choice",
     OPTIMISTIC: "best mean on the outer test folds: an optimistic view, since the same folds chose it and score "
                 "it (no cell has an inner validation split: keep `train.val_fraction` above 0, declare `primary:` "
                 "or add `auto_depth` for an unbiased headline)",
@@ -66,6 +76,41 @@ def headline_group(cells: pd.DataFrame, primary: str | None = None, metric: str 
     whole = cells[cells["pruned"] == ""] if "pruned" in cells.columns else cells
     means = (whole if not whole.empty else cells).groupby("group")[metric].mean()
     return str(means.idxmax()), OPTIMISTIC
+
+
+def one_se_group(cells: pd.DataFrame, leader: str) -> str:
+    """The one-standard-error choice among ONE data set's groups, given the leader's key. `cells` needs
+    `group`, `inner` (the cell's inner-validation score) and `share` (its trainable share of the
+    network's parameters). The leader's standard error is sd / sqrt(n) over its folds (and seeds); with
+    fewer than two scored folds there is no error to allow and the leader stays. Ties in share go to the
+    higher inner mean, then to the key (no score from a test fold enters)."""
+    scored = cells.dropna(subset=["inner"])
+    lead = scored.loc[scored["group"] == leader, "inner"]
+    if len(lead) < 2:
+        return leader
+    se = float(lead.std(ddof=1) / np.sqrt(len(lead)))
+    means = scored.groupby("group")["inner"].mean()
+    share = cells.groupby("group")["share"].mean()
+    near = [g for g in means.index if means[g] >= means[leader] - se and np.isfinite(share.get(g, np.nan))]
+    if leader not in near:
+        return leader
+    return str(min(near, key=lambda g: (share[g], -means[g], g)))
+
+
+def choose(cells: pd.DataFrame, rule: str = "leader", primary: str | None = None,
+           metric: str = "balanced_accuracy") -> tuple[str, str, str | None]:
+    """(group, how, inner-validation leader or None) for ONE data set's done cells: the one rule every
+    reader of the store (verdict, report, results, keep_best) follows. `cells` as for headline_group
+    plus `inner` (inner-validation score per cell, NaN where none) and `share` (trainable share)."""
+    if rule not in RULES:
+        raise ValueError(f"recommend must be one of {RULES}, got {rule!r}")
+    whole = cells[cells["pruned"] == ""] if "pruned" in cells.columns else cells
+    means = whole.groupby("group")["inner"].mean().dropna() if "inner" in whole else pd.Series(dtype=float)
+    leader = str(max(means.index, key=lambda g: (means[g], g))) if len(means) else None
+    group, how = headline_group(cells, primary, metric, leader)
+    if how == INNER and rule == "one_se":
+        group, how = one_se_group(whole, leader), ONE_SE
+    return group, how, leader
 
 
 def headline_groups(cells: pd.DataFrame, primary: str | None = None, metric: str = "balanced_accuracy",

@@ -60,6 +60,32 @@ def read_inputs(inputs: list[str | Path], size: int) -> tuple[torch.Tensor, list
     return images, [str(f) for f, _ in items], [lab for _, lab in items]
 
 
+PREVALENCE = "at the training prevalence"
+EQUAL_PRIORS = ("under equal class priors, not risks at the data's prevalence: this model.json records no training "
+                "priors (saved by medtune before they were; rerun the grid to save them)")
+
+
+def fold_probabilities(bundle: Bundle, images: torch.Tensor, tta: str | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(the models' own mean probabilities, the probabilities to report, which ones those are). A
+    class-weighted (balanced) model outputs equal-prior posteriors; with its training fold's class
+    frequencies in model.json each fold model's output is mapped back to that prevalence
+    (evidence.to_risk), as the report scores them, and then averaged; without them (an older bundle)
+    the outputs are returned as they are, and said to be so. Unweighted models need no mapping."""
+    from medtune.evidence import to_risk
+
+    entries = bundle.meta.get("folds", [])
+    priors = [e.get("priors") for e in entries]
+    if bundle.meta.get("class_weight") == "none":
+        raw = bundle.predict_proba(images, tta=tta)
+        return raw, raw, PREVALENCE
+    if not priors or any(p is None for p in priors):
+        raw = bundle.predict_proba(images, tta=tta)
+        return raw, raw, EQUAL_PRIORS
+    raws = [bundle.select(e["fold"]).predict_proba(images, tta=tta) for e in entries]
+    risks = [to_risk(r, np.asarray(p, dtype=float)) for r, p in zip(raws, priors)]
+    return np.mean(raws, 0), np.mean(risks, 0), PREVALENCE
+
+
 def predict(model_dir: str | Path, inputs: list[str | Path], out: str | Path | None = None,
             cam: bool = False, fold: int | None = None, tta: str | None = None) -> pd.DataFrame:
     """Probabilities per class for every input image: the mean over the bundle's fold models (or
@@ -71,11 +97,13 @@ def predict(model_dir: str | Path, inputs: list[str | Path], out: str | Path | N
         require_grad_cam()  # before any work, not after the probabilities
     bundle: Bundle = load_bundle(model_dir).select(fold)
     images, paths, labels = read_inputs(inputs, bundle.image_size)
-    probs = bundle.predict_proba(images, tta=tta)
     names = bundle.meta["class_names"]
-    df = pd.DataFrame({"path": paths, "true": labels, "predicted": [names[i] for i in probs.argmax(1)]})
+    raw, probs, scale = fold_probabilities(bundle, images, tta)
+    # the predicted class keeps the decision rule the model was evaluated with (argmax of its own outputs)
+    df = pd.DataFrame({"path": paths, "true": labels, "predicted": [names[i] for i in raw.argmax(1)]})
     for j, name in enumerate(names):
         df[f"p_{name}"] = probs[:, j]
+    df["probabilities"] = scale
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,9 @@ from medtune.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters
                               efficiency_table, fold_ranks, short_strategy, group_cells, group_table, headline_row, label, main_table,
                               operating_points, operating_table, paired_tests, pooled, positive_index, rank_blocks,
                               grouping_text, read_evidence, subgroup_table, summary_table)
-from medtune.diagnose import chosen_values, collapsed_cells, edge_choices
-from medtune.headline import HOW, OPTIMISTIC
+from medtune.diagnose import budget_lines, chosen_values, edge_choices, head_choices
+from medtune.evidence import RISK_NOTE, near
+from medtune.headline import OPTIMISTIC
 from medtune.metrics import MAIN_METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
 from medtune.version import RESULTS_VERSION
 
@@ -284,6 +285,12 @@ def fig_curves(ev: Evidence, group: str, title: str):
 MAX_CURVES = 6  # more overlaid curves than this read as one tangle, with colours repeating
 
 
+def colours(t: pd.DataFrame, dataset: str) -> dict[str, str]:
+    """One colour per group of a data set, in the table's order: the calibration, decision-curve and
+    cost plots draw a group in the same colour."""
+    return {g: f"C{i % 10}" for i, g in enumerate(t[t.dataset == dataset].group)}
+
+
 def curve_rows(sub: pd.DataFrame) -> pd.DataFrame:
     """The groups one data set's overlaid curves show: all of them in a small grid, else the headline and
     the best mean on the test folds (the decision curve's pair); the tables beside keep every group."""
@@ -299,10 +306,11 @@ def fig_reliability(ev: Evidence, t: pd.DataFrame, dataset: str, n_bins: int = 1
 
     plt = _plt()
     pos = positive_index(ev, dataset)
+    colour = colours(t, dataset)
     fig, ax = plt.subplots(figsize=(6.5, 6))
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
-    for i, (_, r) in enumerate(curve_rows(t[t.dataset == dataset]).iterrows()):
-        y, p, _ = pooled(ev, r.group)
+    for _, r in curve_rows(t[t.dataset == dataset]).iterrows():
+        y, p, _ = pooled(ev, r.group, risk=True)
         if not len(y):
             continue
         event, prob = ((y == pos), p[:, pos]) if pos is not None else ((p.argmax(1) == y), p.max(1))
@@ -312,7 +320,7 @@ def fig_reliability(ev: Evidence, t: pd.DataFrame, dataset: str, n_bins: int = 1
         centre = (frac + z * z / (2 * n_b)) / (1 + z * z / n_b)
         half = z * np.sqrt(frac * (1 - frac) / n_b + z * z / (4 * n_b * n_b)) / (1 + z * z / n_b)
         ax.errorbar(mean_p, frac, yerr=[np.maximum(frac - (centre - half), 0), np.maximum(centre + half - frac, 0)],
-                    marker="o", ms=4, capsize=2, lw=1.5 if not r.headline else 3, color=f"C{i % 10}",
+                    marker="o", ms=4, capsize=2, lw=1.5 if not r.headline else 3, color=colour[r.group],
                     label=("★ " if r.headline else "") + ("† " if r.best_on_test_folds else "") + label(r))
     what = f"P({ev.class_names(dataset)[pos]})" if pos is not None else "top-label confidence"
     ax.set_xlabel(f"predicted {what} (bin mean)")
@@ -324,19 +332,22 @@ def fig_reliability(ev: Evidence, t: pd.DataFrame, dataset: str, n_bins: int = 1
     return fig
 
 
-def fig_decision(ev: Evidence, rows: list, dataset: str):
+def fig_decision(ev: Evidence, rows: list, dataset: str, colour: dict[str, str]):
     """Decision curve (net benefit against threshold probability, as dcurves defines it) of the given
-    groups' pooled out-of-fold predictions, with treat-all and treat-none."""
+    groups' pooled out-of-fold predictions at the training prevalence (RISK_NOTE: equal-prior
+    probabilities would be read as risks they are not), with treat-all and treat-none; `colour`: the
+    data set's group colours (`colours`)."""
     plt = _plt()
     pos = positive_index(ev, dataset)
     pt = np.arange(0.01, 1.0, 0.01)
     fig, ax = plt.subplots(figsize=(8, 4.8))
     prev = None
     for i, r in enumerate(rows):
-        y, p, _ = pooled(ev, r.group)
+        y, p, _ = pooled(ev, r.group, risk=True)
         model, all_ = net_benefit(y == pos, p[:, pos], pt)
         prev = (y == pos).mean()
-        ax.plot(pt, model, lw=2.5 if r.headline else 1.5, color=f"C{i}", label=("★ " if r.headline else "") + label(r))
+        ax.plot(pt, model, lw=2.5 if r.headline else 1.5, color=colour[r.group],
+                label=("★ " if r.headline else "") + label(r))
     if prev is not None:
         ax.plot(pt, all_, color="dimgrey", ls="--", label="treat all")
         ax.axhline(0, color="black", lw=1, label="treat none")
@@ -356,12 +367,13 @@ def fig_cost(t: pd.DataFrame, dataset: str):
     fig, ax = plt.subplots(figsize=(8, 4.8))
     secs = sub.seconds / sub.n_cells
     points = []
-    for i, (_, r) in enumerate(sub.iterrows()):
+    colour = colours(t, dataset)
+    for _, r in sub.iterrows():
         x = r.seconds / r.n_cells
         ax.errorbar([x], [r.pooled_balanced_accuracy], yerr=[[r.pooled_balanced_accuracy - r.ci_low],
                                                               [r.ci_high - r.pooled_balanced_accuracy]],
-                    marker="*" if r.headline else "o", ms=14 if r.headline else 7, capsize=4, color=f"C{i % 10}")
-        points.append((x, r.pooled_balanced_accuracy, label(r).split(" · ", 1)[-1], f"C{i % 10}"))
+                    marker="*" if r.headline else "o", ms=14 if r.headline else 7, capsize=4, color=colour[r.group])
+        points.append((x, r.pooled_balanced_accuracy, label(r).split(" · ", 1)[-1], colour[r.group]))
     if (secs > 0).all() and secs.max() / max(secs.min(), 1e-9) > 20:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -494,8 +506,9 @@ def patient_note(ev: Evidence, dataset: str) -> str:
                 return "Folds grouped by patient id (from the DICOM headers)."
             missing = "no <code>patient_id</code> column in the manifest" if manifest else "no <code>group_pattern</code>"
             return (f"<b>No patient ids were given</b> ({missing}): images of one patient may "
-                    "be in both training and test folds, which makes every figure here optimistic. Only identical "
-                    "images are kept together (see Duplicates and leakage).")
+                    "be in both training and test folds, which makes every figure here optimistic. Only "
+                    + ("near-duplicate groups are" if near(ev.info(dataset).get("duplicates") or {}) else
+                       "identical images are") + " kept together (see Duplicates and leakage).")
     return ""
 
 
@@ -519,9 +532,10 @@ TRAIN_SHOWN = ("epochs", "batch_size", "lr", "weight_decay", "patience", "val_fr
                "bn_statistics", "amp")
 
 
-def tripod_appendix(ev: Evidence) -> pd.DataFrame:
+def tripod_appendix(ev: Evidence, vs: dict | None = None) -> pd.DataFrame:
     """TRIPOD+AI / CLAIM items this run can fill from its configuration and data record, and what
-    the user must still state (the store cannot know eligibility, reference standard or ethics)."""
+    the user must still state (the store cannot know eligibility, reference standard or ethics).
+    `vs`: the verdicts (verdict.verdicts), whose lines state the recommendation and how it was chosen."""
     cfg, env = ev.config, (json.loads(ev.runs.env_json.iloc[-1]) if len(ev.runs) else {})
     ds = [d for d in ev.datasets.itertuples() if not str(d.info.get("role", "train")).startswith("external")]
     ext = [d for d in ev.datasets.itertuples() if str(d.info.get("role", "")).startswith("external")]
@@ -538,9 +552,12 @@ def tripod_appendix(ev: Evidence) -> pd.DataFrame:
                           f"{', ' + str(b['image_size']) + ' px' if b.get('image_size') else ''})"
                           for b in cfg.get("backbones", []))
     ops = ", ".join(f"{k} ≥ {v}" for p in cfg.get("operating_points", []) for k, v in p.items()) or "none declared"
-    headline_rule = (f"the strategy declared primary before the run ({cfg['primary']})" if cfg.get("primary") else
-                     "auto_depth's nested choice where the grid has it, else the best row on the test folds, "
-                     "labelled optimistic")
+    from medtune.verdict import verdicts
+
+    vs = verdicts(ev) if vs is None else vs
+    headline_rule = " ".join(" ".join(line.strip() for line in v.lines()) for v in vs.values())
+    if any(v.evaluation.startswith("a held-out") for v in vs.values()):
+        validation = "; ".join(f"{v.dataset}: {v.evaluation}" for v in vs.values()) + validation[validation.index(";"):]
     rows = [
         ("Data source and participants (TRIPOD 5, 6; CLAIM 7-9)", data,
          "Where and when the images were acquired, eligibility criteria, how patients were selected."),
@@ -555,7 +572,8 @@ def tripod_appendix(ev: Evidence) -> pd.DataFrame:
          + ", ".join(f"{k} {v}" for k, v in (cfg.get("train") or {}).items() if k in TRAIN_SHOWN), "—"),
         ("Model selection (TRIPOD 10d; CLAIM 26)", "epochs by early stopping on an inner validation split; depth "
          "by auto_depth's inner folds where used; operating points on inner validation splits; no choice uses a "
-         f"test fold. Headline: {headline_rule}", "—"),
+         f"test fold. Recommendation, by the rule `recommend: {cfg.get('recommend') or 'leader'}` fixed before the "
+         f"run: {headline_rule}", "—"),
         ("Validation (TRIPOD 10e, 12; CLAIM 29-32)", validation, "Whether the external set is a different site, "
          "time period or device, and how it differs (case mix, prevalence)."),
         ("Performance measures (TRIPOD 10d, 16; CLAIM 28, 37)", "balanced accuracy, sensitivity, specificity, PPV, "
@@ -573,25 +591,24 @@ def tripod_appendix(ev: Evidence) -> pd.DataFrame:
                         ).set_index("item")
 
 
-def headline_html(t: pd.DataFrame, ds: str, primary: str | None) -> str:
-    r = headline_row(t, ds)
-    how = r.headline_how
-    text = (f"<p class=headline><b>Headline: {html.escape(label(r))}</b>, balanced accuracy "
-            f"{fmt_ci(r.pooled_balanced_accuracy, r.ci_low, r.ci_high)} (pooled out-of-fold, 95% patient-bootstrap "
-            f"CI), fold mean {r[MAIN]:.3f} ± {r[f'{MAIN}_sd']:.3f} over {int(r.n_cells)} cells. "
-            f"<span class=note>How it was chosen: {html.escape(HOW[how])}.</span>")
-    if primary and how != "primary":
-        text += f" <span class=warn>The config's primary {html.escape(primary)!s} matches no strategy here.</span>"
-    best = t[(t.dataset == ds) & t.best_on_test_folds].iloc[0]
-    if how != OPTIMISTIC and best.group != r.group:
-        text += (f"<br><span class=note>Optimistic view (not the answer): the best mean on the test folds is "
-                 f"{html.escape(label(best))}, {best[MAIN]:.3f}; selecting it on the folds that score it inflates "
-                 "that figure.</span>")
-    return text + "</p>"
+def verdict_html(v, t: pd.DataFrame) -> str:
+    """The report's first box: the verdict's own lines (verdict.py), then the optimistic view it is not."""
+    lines = v.lines()
+    text = (f"<div class=headline><p><b>{html.escape(lines[0])}</b></p>"
+            + "".join(f"<p class={'warn' if line.strip().startswith('caveat:') else 'line'}>{html.escape(line.strip())}</p>"
+                      for line in lines[1:]))
+    best = t[(t.dataset == v.dataset) & t.best_on_test_folds]
+    if v.how != OPTIMISTIC and len(best) and best.iloc[0].group != v.group:
+        b = best.iloc[0]
+        text += (f"<p class=note>Optimistic view (not the answer): the best mean on the test folds is "
+                 f"{html.escape(label(b))}, {b[MAIN]:.3f}; selecting it on the folds that score it inflates "
+                 "that figure.</p>")
+    return text + "</div>"
 
 
 CSS_EXTRA = """
-p.headline { font-size: 16px; background: #f3f8ff; border-left: 5px solid #36c; padding: 8px 12px; }
+div.headline { font-size: 16px; background: #f3f8ff; border-left: 5px solid #36c; padding: 8px 12px; }
+div.headline p { margin: 0.25em 0; } div.headline p.warn { font-weight: normal; }
 .warn { color: #b00; font-weight: bold; } div.banner { background: #fff0f0; border: 2px solid #c33; padding: 8px 12px; }
 """
 
@@ -602,6 +619,9 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t = group_table(ev, n_boot)
+    from medtune.verdict import collapse_lines, pinned_lines, verdicts
+
+    vs = verdicts(ev, t, n_boot)
     small = max(200, n_boot // 4)  # the secondary tables' bootstraps
     cfg = ev.config
     primary = cfg.get("primary")
@@ -619,8 +639,8 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         "below is computed from the stored predictions. A row is one complete configuration (everything but "
         "fold and seed). <b>Main metric: balanced accuracy</b> (mean recall over classes, chance = 1/number of "
         "classes). Main tables: the pooled out-of-fold estimate with its 95% bootstrap CI, resampling patients "
-        "(not images). ★ marks the headline, chosen before or without the test folds; † marks the best mean on "
-        "the test folds, an optimistic view.</p>")
+        "(not images). ★ marks the recommendation (the verdict in the blue box), chosen without the test folds; "
+        "† marks the best mean on the test folds, an optimistic view.</p>")
     subgroups_all = []
     for ds in dict.fromkeys(t.dataset):
         class_names, info = ev.class_names(ds), ev.info(ds)
@@ -634,8 +654,8 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         body.append(f"<h2>{html.escape(ds)}</h2>")
         body.append(f"<p>{int(info.get('n', 0))} images, classes {html.escape(str(info.get('class_counts', class_names)))}"
                     f"{f'; positive class for sensitivity/specificity/PPV/NPV: <b>{html.escape(positive)}</b>' if positive else ''}."
-                    f" {patient_note(ev, ds)}</p>")
-        body.append(headline_html(t, ds, primary))
+                    f" {patient_note(ev, ds)} Evaluation: {html.escape(vs[ds].evaluation)}.</p>")
+        body.append(verdict_html(vs[ds], t))
         body.append("<h3>Balanced accuracy: strategy × backbone (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
                     + html_table(table, "strategy"))
         stopped = sub[sub.pruned != ""]
@@ -656,15 +676,17 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                         "full_ft's on the same backbone and head.</p>" + html_table(eff, "strategy"))
             md += ["### Trainable parameters and share of full fine-tuning\n", to_markdown(eff, "strategy"), ""]
         of = f" ({html.escape(positive)})" if positive else " (macro mean over classes)"
-        collapsed = collapsed_cells(ev.cells[ev.cells.dataset == ds])  # diagnose.py (select helper's lines)
+        collapsed = collapse_lines(ev, ds)  # diagnose.py's rule applied to the stored predictions
         if collapsed:
             body.append("<h3 class=warn>Collapsed cells: one class predicted</h3><ul>"
                         + "".join(f"<li>{html.escape(line)}</li>" for line in collapsed) + "</ul>")
         cells_ds = ev.cells[ev.cells.dataset == ds]
-        chosen = chosen_values(cells_ds)  # diagnose.py: `{choose: [...]}` picks, made on inner splits
+        # diagnose.py: `{choose: [...]}` picks and the heads' own C / k, all made on inner splits
+        chosen = pd.concat([t_ for t_ in (chosen_values(cells_ds), head_choices(cells_ds)) if not t_.empty]
+                           or [chosen_values(cells_ds)], ignore_index=True)
         if not chosen.empty:
             shown = chosen.drop(columns=["dataset", "try"] + (["backbone"] if chosen.backbone.nunique() == 1 else []))
-            edges = edge_choices(chosen)
+            edges = pinned_lines(ev, ds)
             body.append("<h3>Hyperparameters chosen on inner splits</h3><p class=note>For each outer fold, every "
                         "candidate of a <code>{choose: [...]}</code> was trained on the fold's fit part and scored "
                         "on its inner validation part; the value picked there is listed per fold (the test fold "
@@ -676,6 +698,13 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                            if edges else ""))
             md += ["### Hyperparameters chosen on inner splits\n", to_markdown(shown.set_index("strategy"), "strategy"),
                    "", *[f"- {line}" for line in edges], ""]
+        budget = budget_lines(cells_ds)
+        if budget:
+            body.append("<h3 class=warn>Budget-limited strategies</h3><p class=note>The best epoch on the inner "
+                        "validation split was the last one in at least 80% of the folds: the model was still "
+                        "improving when the epochs ran out, so more epochs might change the ranking.</p><ul class=warn>"
+                        + "".join(f"<li>{html.escape(line)}</li>" for line in budget) + "</ul>")
+            md += ["### Budget-limited strategies\n", *[f"- {line}" for line in budget], ""]
         detail = format_pm(sub.reset_index(drop=True))
         detail["seconds"] = detail["seconds"].round().astype(int)
         undefined = [c for c in ("ppv_undefined", "npv_undefined") if c in ev.metrics.columns]
@@ -687,7 +716,8 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                     f"<p class=note>Estimator: the mean over folds (and seeds), ± its sd (spread, not a CI). acc = accuracy, "
                     f"bal_acc = balanced accuracy, sens/spec/PPV/NPV{of}, F1 = macro F1, AUC = ROC area, PR-AUC = "
                     "average precision, Brier = Brier score, ECE = expected calibration error (10 equal-mass bins), "
-                    f"cells = folds × seeds averaged, seconds = training time.{flag}</p>"
+                    f"cells = folds × seeds averaged, seconds = training time. Brier, ECE and PR-AUC score "
+                    f"probabilities at the training prevalence (see Calibration).{flag}</p>"
                     + html_table(detail.drop(columns=["dataset"])))
         tests = paired_tests(ev, t, ds)
         if not tests.empty:
@@ -696,7 +726,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                         "n<sub>test</sub>/n<sub>train</sub>), because folds share training data) and Wilcoxon "
                         "signed-rank test, each with Holm-adjusted p-values over this family of "
                         f"{len(tests)} comparison(s). With few folds the Wilcoxon test cannot reach p &lt; 0.05.</p>"
-                        + html_table(tests.set_index("compared with"), "compared with"))
+                        + html_table(tests.drop(columns=["group"]).set_index("compared with"), "compared with"))
         ranks = fold_ranks(ev, ds)
         if len(ranks) >= 2:
             body.append("<h3>Mean rank over folds (descriptive)</h3><p class=note>Descriptive only: the folds of one "
@@ -711,6 +741,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                         f"<p class=note>Of P({html.escape(positive or (class_names[1] if len(class_names) == 2 else 'top label'))}). "
                         "Brier = mean squared error of the probability (lower is better); ECE = expected calibration "
                         "error over 10 equal-mass bins (lower is better); PR-AUC = average precision. "
+                        f"{html.escape(RISK_NOTE)}. "
                         + (f"The diagram shows the headline (★) and the best mean on the test folds (†); the table holds "
                            f"all {len(sub)} groups." if len(curve_rows(sub)) < len(sub) else "") + "</p>"
                         + html_table(cal, "group") + img(png(fig_reliability(ev, t, ds)), f"reliability {ds}"))
@@ -732,7 +763,8 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
             body.append("<h3>Decision curve</h3><p class=note>Net benefit = TP/n − FP/n · p<sub>t</sub>/(1 − "
                         "p<sub>t</sub>) at threshold probability p<sub>t</sub> (Vickers &amp; Elkin 2006, as the "
                         "dcurves package computes it); a model is useful where it lies above both treat-all and "
-                        "treat-none.</p>" + img(png(fig_decision(ev, rows, ds)), f"decision curve {ds}"))
+                        "treat-none. Probabilities at the training prevalence (see Calibration).</p>"
+                        + img(png(fig_decision(ev, rows, ds, colours(t, ds))), f"decision curve {ds}"))
         ext = external_table(ev, t, ds, small)
         if not ext.empty:
             body.append("<h3>Internal vs external validation</h3><p class=note>Internal: pooled out-of-fold "
@@ -765,11 +797,12 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                         + gallery_html(models[ds]))
         dup = info.get("duplicates", {})
         record = {k: v for k, v in info.items() if k not in ("clusters", "subgroups")}
-        body.append("<h3>Duplicates and leakage</h3><p>Identical images (after decoding) found: "
+        kind = "Near-duplicate groups (perceptual hash" if dup.get("near_duplicates") else "Identical images (after decoding"
+        body.append(f"<h3>Duplicates and leakage</h3><p>{kind}) found: "
                     f"<b>{dup.get('duplicate_groups', 0)}</b> groups, {dup.get('duplicate_images', 0)} extra copies, "
                     f"{dup.get('label_conflicts', 0)} with conflicting labels; policy <b>{html.escape(str(dup.get('policy', '?')))}</b> "
                     "(group: copies are kept in the same fold, so no image is both trained and tested on)."
-                    + (f" <b style='color:#b00'>{dup['label_conflicts']} set(s) of identical images carry different "
+                    + (f" <b style='color:#b00'>{dup['label_conflicts']} duplicate group(s) carry different "
                        "labels</b>: check them at the source (<code>medtune data check</code>)." if dup.get("label_conflicts") else "")
                     + f"</p><pre>{html.escape(json.dumps(record, default=str))}</pre>")
     if t.dataset.nunique() >= 2:
@@ -777,7 +810,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         body.append("<h2>Across data sets</h2>" + cd_section(wide, "blocks = data sets", "all data sets"))
     body.append("<h2>Appendix: TRIPOD+AI / CLAIM checklist</h2><p class=note>Filled from this run's configuration "
                 "and data record; the last column is what a manuscript must still state.</p>"
-                + html_table(tripod_appendix(ev), "item"))
+                + html_table(tripod_appendix(ev, vs), "item"))
     body.append("<h2>Configuration and environment</h2>")
     for _, r in ev.runs.iterrows():
         body.append(f"<h3>run {html.escape(r.run_id)}</h3><p>Resolved configuration:</p>"
