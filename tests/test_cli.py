@@ -143,21 +143,6 @@ def test_init_refuses_to_overwrite_and_explains_a_missing_folder(tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
-def test_expected_run_time_scales_the_measured_demo_figures():
-    """The constants are the benchmark's recorded seconds; the estimate scales them by the work."""
-    from medtune.starter import DEMO_CPU_SECONDS, Inspection, plan
-
-    rec = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/demo_speed.json").read_text())
-    assert DEMO_CPU_SECONDS == {k: v["seconds"] for k, v in rec["shipped"]["strategies"].items()}
-    counts = {"a": 300, "b": 300}
-    insp = Inspection(Path("x"), "folder", ["a", "b"], counts, ["f"] * 600, ["a"] * 300 + ["b"] * 300)
-    grid = plan(insp, cuda=False, cpus=2)
-    assert (grid["folds"], grid["epochs"]) == (5, 10)
-    # 600 images x 4 training folds x 10 epochs against the demo's 240 x 4 x 8: 3.125 times the work
-    assert abs(grid["seconds"]["full_ft"] - 159.1 * 3.125) < 1e-9
-    assert abs(grid["seconds"]["linear_probe"] - 7.6 * 3.125) < 1e-9
-
-
 @pytest.mark.skipif(not BUSI.is_dir(), reason="the BUSI folder (../shared/data/busi) is not on this machine")
 def test_init_on_busi_writes_a_file_medtune_run_accepts_unchanged(tmp_path):
     from medtune.config import load_config

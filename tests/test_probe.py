@@ -133,3 +133,25 @@ def test_probe_decisions_survive_bf16_autocast():
         logits = fwd.rest(torch.as_tensor(x, dtype=torch.bfloat16), POOLED)
     ref = x.astype(np.float64) @ fit.weight.T + fit.bias
     assert (logits.float().numpy().argmax(1) != ref.argmax(1)).sum() == 0
+
+
+def test_the_convex_fits_run_on_one_blas_thread(monkeypatch):
+    """OpenBLAS's threads spin-wait beside torch's (a demo probe cell: 57-67 s with two, 2-3 s with one):
+    the probe, SVM and kNN fits run with one BLAS thread."""
+    from threadpoolctl import threadpool_info
+
+    from medtune import heads, probe
+
+    seen = []
+    real_fit = probe.LogisticRegression.fit
+
+    def spy(self, *a, **k):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(probe.LogisticRegression, "fit", spy)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 8)), np.arange(60) % 2
+    probe.fit_linear_probe(x[:40], y[:40], x[40:], y[40:], 2)
+    assert seen and all(s == {1} for s in seen)
+    assert heads.fit_svm.__wrapped__ and heads.fit_knn.__wrapped__  # the same wrapper on the heads' fits

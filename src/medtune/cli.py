@@ -549,7 +549,7 @@ def init(
     Inspects DATA: classes and counts, a suggested positive class, the patient ids found, the duplicates,
     and a grid sized to the data and this machine with its expected run time. `medtune run OUT` runs it
     as written."""
-    from medtune.starter import write_starter
+    from medtune.starter import duration, write_starter
 
     target = out or Path(f"{(data.stem if data.is_file() else data.resolve().name) or 'experiment'}.yaml")
     try:
@@ -559,7 +559,7 @@ def init(
     except MedtuneError as exc:
         fail(exc)
     console.print(f"{path}: {insp.n} images, {len(insp.class_names)} classes, {grid['folds']} folds, "
-                  f"{len(grid['strategies'])} strategies, expected ~{sum(grid['seconds'].values()) / 60:.0f} min. "
+                  f"{len(grid['strategies'])} strategies, expected ~{duration(grid['total_seconds'])}. "
                   f"Read its comments, then `medtune run {path}`.", highlight=False)
 
 

@@ -64,7 +64,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from medtune.probe import search, widen_log
+from medtune.probe import one_blas_thread, search, widen_log
 
 HEADS = ("softmax", "svm", "knn")
 FEATURE_HEADS = ("svm", "knn")  # fitted on the trained network's pooled features
@@ -114,6 +114,7 @@ def _knn(k: int) -> Pipeline:
     return make_pipeline(KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute"))
 
 
+@one_blas_thread
 def fit_knn(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
             n_classes: int, class_weight: str = "balanced") -> KNNHead:
     """k from K_GRID by balanced accuracy on the inner split (a k larger than the training part is
@@ -162,6 +163,7 @@ def calibration_folds(y: np.ndarray, groups: np.ndarray | None) -> list[tuple[np
     return kept or splits[:1]
 
 
+@one_blas_thread
 def fit_svm(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
             n_classes: int, seed: int = 0, class_weight: str = "balanced",
             groups: np.ndarray | None = None) -> SVMHead:

@@ -27,6 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_sample_weight
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # the start; widened by `search` up to C_BOUNDS
@@ -83,6 +84,13 @@ def _logistic(C: float, class_weight: str | None, seed: int) -> LogisticRegressi
     return LogisticRegression(C=C, class_weight=class_weight, max_iter=2000, random_state=seed)
 
 
+# The convex fits (probe, SVM, kNN) are small, about 10^3 x 10^3, and run beside torch's own threads:
+# OpenBLAS's threads then spin-wait for cores torch holds. One BLAS thread is the fast setting for them
+# (benchmarks/results/init_estimate.json: a demo probe cell 57-67 s with OpenBLAS's 2 threads, 2-3 s with one).
+one_blas_thread = threadpool_limits.wrap(limits=1, user_api="blas")
+
+
+@one_blas_thread
 def fit_linear_probe(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_classes: int,
                      class_weight: str | None = None, seed: int = 0, grid: tuple[float, ...] = C_GRID) -> LinearFit:
     """Logistic regression on (x, y); C from `grid` by the (class-weighted, when `class_weight`

@@ -200,6 +200,26 @@ class Paused:
         return best["val_balanced_accuracy"], -best["val_loss"]
 
 
+def halving_rungs(n_candidates: int, epochs: int) -> list[tuple[int, int]]:
+    """The successive-halving schedule: per rung, (epochs every running candidate has trained when it
+    is ranked, how many candidates go on). The survivors then train to `epochs`."""
+    n, out = n_candidates, []
+    for i in range(max(1, math.ceil(math.log(n_candidates, ETA) - 1e-9)), 0, -1):
+        n = max(1, math.ceil(n / ETA))
+        out.append((max(1, math.ceil(epochs / ETA ** i)), n))
+    return out
+
+
+def halving_epochs(n_candidates: int, epochs: int) -> int:
+    """Candidate-epochs a halved choice trains when nothing stops early (the run-time estimate's unit;
+    without halving it is n_candidates * epochs)."""
+    total, running, done = 0, n_candidates, 0
+    for budget, keep in halving_rungs(n_candidates, epochs):
+        total += running * (budget - done)
+        running, done = keep, budget
+    return total + running * max(0, epochs - done)
+
+
 def halve(cands: list[Candidate], c: dict, table: ImageTable, fit_idx: np.ndarray, val_idx: np.ndarray,
           settings: TrainSettings, rt: Runtime) -> tuple[dict, dict]:
     """Successive halving (Jamieson & Talwalkar 2016) of a choice on the inner validation split:
@@ -208,13 +228,11 @@ def halve(cands: list[Candidate], c: dict, table: ImageTable, fit_idx: np.ndarra
     the best epoch's validation balanced accuracy (ties: lower loss) continue to E/ETA^(s-1), and so
     on to E. Returns ({key: (candidate, FitResult)} of the candidates trained to the end, record)."""
     runs = [Paused(cand, c, table, fit_idx, val_idx, settings, rt) for cand in cands]
-    rungs = max(1, math.ceil(math.log(len(runs), ETA) - 1e-9))
+    rungs = halving_rungs(len(runs), settings.epochs)
     stopped: dict[str, int] = {}
-    for i in range(rungs, 0, -1):
-        budget = max(1, math.ceil(settings.epochs / ETA ** i))
+    for budget, keep in rungs:
         for r in runs:
             r.advance(budget)
-        keep = max(1, math.ceil(len(runs) / ETA))
         ranked = sorted(runs, key=lambda r: r.score(), reverse=True)
         for r in ranked[keep:]:
             stopped[r.cand.key()] = len(r.rows)
@@ -222,7 +240,7 @@ def halve(cands: list[Candidate], c: dict, table: ImageTable, fit_idx: np.ndarra
         runs = ranked[:keep]
     for r in runs:
         r.advance(10**9)
-    record = {"halving": {"eta": ETA, "rungs": rungs, "stopped_after_epochs": stopped,
+    record = {"halving": {"eta": ETA, "rungs": len(rungs), "stopped_after_epochs": stopped,
                           "epochs_trained": sum(stopped.values()) + sum(len(r.rows) for r in runs),
                           "epochs_without_halving": len(cands) * settings.epochs}}
     return {r.cand.key(): (r.cand, r.result) for r in runs}, record

@@ -2,8 +2,10 @@
 
 Everything the file says is read from the data (classes and counts, patient ids in file names or
 a manifest's `patient_id` column or the DICOM headers, exact and near duplicates, the folds the
-smallest class allows) or from measured figures (the expected run time scales the demo's measured
-seconds, `benchmarks/results/demo_speed.json` and docs/gpu.md, by the work of the new grid). The
+smallest class allows) or from measured figures (the expected run time: the images' decoding timed
+while inspecting them, and a cost model of each strategy's cells fitted to measured runs,
+benchmarks/results/init_estimate.json, scaled for a GPU by docs/gpu.md's figure). The recipe is
+chosen on inner splits, not fixed: the learning rate by successive halving of a four-value list. The
 file is a plain experiment file: `medtune run FILE` accepts it unchanged, and every choice in it
 is a line to edit.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +23,18 @@ import numpy as np
 
 from medtune.errors import DataError
 
-# Measured: `medtune run configs/demo.yaml` (240 images, 5 folds, 8 epochs, EfficientNet-Lite0 @224)
-# on a 2-thread CPU, seconds of all 5 folds per strategy (benchmarks/results/demo_speed.json, "shipped").
-DEMO_WORK = {"images": 240, "folds": 5, "epochs": 8, "image_size": 224}
-DEMO_CPU_SECONDS = {"linear_probe": 7.6, "partial_ft": 32.5, "full_ft": 159.1}
-DEMO_CPU_THREADS = 2
-# Measured: the same grid's 15 cells took 70 s on an H100 against 199.2 s of cells on that CPU
-# (docs/gpu.md; benchmarks/results/demo_speed.json "cell_seconds").
+# The learning rate every rate-using strategy chooses on its inner split, by successive halving.
+LR_CHOICE = [1e-4, 3e-4, 1e-3, 3e-3]
+# Cost model of one outer fold's cell on a 2-thread CPU (EfficientNet-Lite0 at 224 px, batch 32):
+# (fixed seconds, seconds per training image and scheduled candidate-epoch), fitted to the demo's
+# cells at the recipe `init` writes (benchmarks/init_estimate.py --fit; the rows and how they were
+# measured are in benchmarks/results/init_estimate.json). The per-image figure absorbs how early
+# stopping ends a schedule on average and the frozen-prefix pass of a fold; the linear probe's unit
+# is one pass over the training images.
+COST = {"full_ft": (0.0, 0.06903), "linear_probe": (0.0, 0.06205), "partial_ft": (0.0, 0.01255)}
+COST_THREADS = 2
+# Measured: the demo's 15 cells took 70 s on an H100 against 199.2 s of cells on that CPU
+# (docs/gpu.md; benchmarks/results/demo_speed.json "cell_seconds", 2026-11-23).
 GPU_OVER_CPU = 70.0 / 199.2
 
 POSITIVE_WORDS = ("malignan", "cancer", "carcinoma", "tumor", "tumour", "melanoma", "positive", "abnormal",
@@ -135,26 +143,42 @@ def inspect(path: str | Path, near: int | None = 8) -> Inspection:
     return insp
 
 
-def plan(insp: Inspection, cuda: bool, cpus: int) -> dict:
-    """Folds, epochs, strategies and the expected seconds of each, sized to the data and the machine."""
+def plan(insp: Inspection, cuda: bool, cpus: int, load_seconds: float = 0.0) -> dict:
+    """Folds, epochs, strategies, the recipe chosen on inner splits and the expected seconds of each
+    strategy (`cell_seconds`), sized to the data and the machine. `load_seconds`: decoding the
+    images once, as measured while inspecting them."""
     smallest = min(insp.units_per_class().values())
     folds = max(2, min(5, smallest))
     epochs = 15 if insp.n < 300 else 10  # small sets: few steps an epoch, early stopping ends it sooner
     strategies = ["linear_probe", {"name": "partial_ft", "fraction": 0.15}, "full_ft"]
     if cuda:  # cheap on a GPU: the two-phase and regularised recipes as well
         strategies += ["lp_ft", "l2_sp"]
+    n_train = insp.n * (folds - 1) / folds
     seconds = {}
-    scale = (insp.n * (folds - 1) * epochs) / (DEMO_WORK["images"] * (DEMO_WORK["folds"] - 1) * DEMO_WORK["epochs"])
-    device_scale = GPU_OVER_CPU if cuda else 1.0
     for s in strategies:
         key = s if isinstance(s, str) else s["name"]
-        base = DEMO_CPU_SECONDS.get(key, DEMO_CPU_SECONDS["full_ft"] * (2 if key == "lp_ft" else 1))
-        seconds[key] = base * scale * device_scale
-    return {"folds": folds, "epochs": epochs, "strategies": strategies, "seconds": seconds,
+        seconds[key] = folds * cell_seconds(key, n_train, epochs, len(LR_CHOICE), halving=True) * (
+            GPU_OVER_CPU if cuda else 1.0)
+    return {"folds": folds, "epochs": epochs, "strategies": strategies, "seconds": seconds, "lr": LR_CHOICE,
+            "halving": True, "load_seconds": load_seconds, "total_seconds": sum(seconds.values()) + load_seconds,
             "smallest": smallest, "cuda": cuda, "cpus": cpus}
 
 
-def _duration(s: float) -> str:
+def cell_seconds(strategy: str, n_train: float, epochs: int, n_rates: int, halving: bool) -> float:
+    """Expected seconds of one outer fold's cell on COST_THREADS CPU threads (COST). A strategy without
+    a measured row is priced as full fine-tuning; lp_ft as its probe plus full fine-tuning."""
+    from medtune.select import halving_epochs
+
+    if strategy == "linear_probe":
+        fixed, per = COST["linear_probe"]
+        return fixed + per * n_train
+    work = halving_epochs(n_rates, epochs) if halving else n_rates * epochs
+    fixed, per = COST.get(strategy, COST["full_ft"])
+    extra = cell_seconds("linear_probe", n_train, epochs, n_rates, halving) if strategy == "lp_ft" else 0.0
+    return fixed + per * n_train * work + extra
+
+
+def duration(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
@@ -202,23 +226,28 @@ def render(insp: Inspection, grid: dict, data_path: str) -> str:
     if d.get("near_groups"):
         ds["near_duplicates"] = int(d["near_threshold"])
     where = "a CUDA GPU" if grid["cuda"] else f"this CPU ({grid['cpus']} cores)"
-    total = sum(grid["seconds"].values())
+    total = grid["total_seconds"]
     cfg = {"name": name, "datasets": [ds], "backbones": [{"name": "efficientnet_lite0", "image_size": 224}],
            "strategies": grid["strategies"], "heads": ["softmax"], "folds": grid["folds"], "seeds": [0],
-           "train": {"epochs": grid["epochs"], "batch_size": 32, "patience": 3}, "store": f"results/{name}.sqlite"}
+           "train": {"epochs": grid["epochs"], "batch_size": 32, "patience": 3, "lr": {"choose": grid["lr"]}},
+           "halving": grid["halving"], "store": f"results/{name}.sqlite"}
     body = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=110)
     notes = {
         "backbones:": "# EfficientNet-Lite0 with ImageNet weights ships with medtune (works offline); "
                       "`medtune list backbones` for others",
         "strategies:": "# three depths of fine-tuning (`medtune list strategies`); expected time on "
-                       + where + ": " + ", ".join(f"{k} {_duration(v)}" for k, v in grid["seconds"].items()),
+                       + where + ": " + ", ".join(f"{k} {duration(v)}" for k, v in grid["seconds"].items()),
         "folds:": f"# folds: the smallest class has {grid['smallest']} "
                   + ("patients" if insp.groups is not None else "images") + f"; {grid['folds']} folds keep each "
                   "class in every test fold",
-        "train:": f"# {grid['epochs']} epochs at most (early stopping on an inner split, patience 3). Expected "
-                  f"in all: ~{_duration(total)} on {where}, scaled from the demo's measured seconds"
-                  + ("" if grid["cuda"] else f" on {DEMO_CPU_THREADS} threads (more cores: faster)")
-                  + "; early stopping makes it shorter.",
+        "train:": f"# {grid['epochs']} epochs at most (early stopping on an inner split, patience 3); each outer "
+                  "training fold chooses its learning rate from lr's list on its own inner validation split "
+                  "(never the test fold). Expected in all: ~" + duration(total) + f" on {where} (decoding the "
+                  f"images ~{duration(grid['load_seconds'])}, measured while inspecting them; the cells from "
+                  "medtune's cost model, measured" + ("" if grid["cuda"] else f" on {COST_THREADS} threads; more "
+                  "cores: faster") + ").",
+        "halving:": "# successive halving of the learning-rate choice: every rate trains the first part of its "
+                    "schedule, the best continue to the end (docs/config.md)",
     }
     out = []
     for line in body.splitlines():
@@ -233,8 +262,9 @@ def write_starter(path: str | Path, out: str | Path, near: int | None = 8) -> tu
     """Inspect `path` and write the experiment file `out`; (out, what was found, the grid)."""
     import torch
 
+    t0 = time.perf_counter()
     insp = inspect(path, near)
-    grid = plan(insp, torch.cuda.is_available(), os.cpu_count() or 1)
+    grid = plan(insp, torch.cuda.is_available(), os.cpu_count() or 1, time.perf_counter() - t0)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(insp, grid, str(path)))
