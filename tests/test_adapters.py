@@ -160,8 +160,13 @@ def test_predict_on_the_deployed_lora_model_reproduces_its_stored_predictions(mo
     from medtune.predict import predict
     from medtune.store import Store
 
-    raw, store, _, _ = modern_grid
-    vit_only = {**raw, "backbones": raw["backbones"][:1], "strategies": ["lora"], "primary": "lora", "keep_best": True}
+    from medtune.evidence import to_risk
+
+    raw, _, _, _ = modern_grid
+    # its own store: the verdict is the store's, and the module's store also holds the ConvNeXt's LoRA
+    store = tmp_path / "vit.sqlite"
+    vit_only = {**raw, "backbones": raw["backbones"][:1], "strategies": ["lora"], "primary": "lora", "keep_best": True,
+                "store": str(store)}
     summary = medtune.run(vit_only, progress=False)
     best = Path(f"{store}.models/best")
     meta = json.loads((best / "model.json").read_text())
@@ -171,8 +176,9 @@ def test_predict_on_the_deployed_lora_model_reproduces_its_stored_predictions(mo
         with Store(store) as s:
             p = s.predictions([e["cell_id"]])
         df = predict(best, list(p.path), fold=e["fold"])
-        np.testing.assert_allclose(df[[f"p_{n}" for n in meta["class_names"]]].to_numpy(), np.array(p.probs.tolist()),
-                                   atol=PROB_ATOL)
+        # predict maps the class-weighted model's equal-prior output back to its training prevalence
+        np.testing.assert_allclose(df[[f"p_{n}" for n in meta["class_names"]]].to_numpy(),
+                                   to_risk(np.array(p.probs.tolist()), e["priors"]), atol=PROB_ATOL)
     assert summary.failed == 0
 
 

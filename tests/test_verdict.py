@@ -102,10 +102,10 @@ def test_the_same_verdict_text_in_run_results_json_report_card_and_appendix(lead
     best.mkdir()
     (best / "model.json").write_text(json.dumps({"dataset": "syn", "group": v.group, "backbone": "tiny_net",
                                                  "strategy": "full_ft", "head": "softmax", "folds": [{}] * 5}))
-    summary = SimpleNamespace(total=15, done=15, skipped=0, pruned={}, failed=0, seconds=1.0,
+    summary = SimpleNamespace(total=15, done=15, skipped=0, pruned={}, failed=0, elsewhere=0, seconds=1.0,
                               store=str(leader_store), duplicates={}, best_models=[str(best)])
     capsys.readouterr()
-    print_run_summary(summary)
+    print_run_summary(summary, "medtune run planted.yaml")
     out = capsys.readouterr().out.splitlines()
     assert out[-len(lines) - 1:-1] == lines
     assert out[-1].startswith("deployed: tiny_net · full_ft (syn, its 5 fold models) to ")

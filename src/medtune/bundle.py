@@ -214,19 +214,29 @@ class Deployable(nn.Module):
     normalisation lives inside, so a consumer only resizes and scales to [0, 1]. With several
     networks (the fold ensemble) the output is the mean of their probabilities: one graph."""
 
-    def __init__(self, models: list[nn.Module], mean: list[float], std: list[float], features: bool) -> None:
+    def __init__(self, models: list[nn.Module], mean: list[float], std: list[float], features: bool,
+                 priors: list[list[float]] | None = None) -> None:
         super().__init__()
         self.models = nn.ModuleList(models)
         self.features = features
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        # each fold model's training class frequencies: its equal-prior output is mapped back to that
+        # prevalence before the mean, as `predict` does (predict.fold_probabilities, evidence.to_risk)
+        self.map_priors = priors is not None
+        if priors is not None:
+            self.register_buffer("priors", torch.tensor(priors, dtype=torch.float32).unsqueeze(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         if self.features:
             m = self.models[0]
             return m.forward_head(m.forward_features(x), pre_logits=True)
-        return torch.stack([torch.softmax(m(x), 1) for m in self.models]).mean(0)
+        p = torch.stack([torch.softmax(m(x), 1) for m in self.models])
+        if self.map_priors:
+            p = p * self.priors
+            p = p / p.sum(2, keepdim=True)
+        return p.mean(0)
 
 
 def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
@@ -244,7 +254,10 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
     if not os.access(path, os.W_OK):
         raise MedtuneError(f"{path} is not writable, and export writes the model file and preprocessing.json there. "
                            "Copy the model directory somewhere writable (cp -r) and export the copy.")
-    module = Deployable(b.models, b.meta["mean"], b.meta["std"], features=features).eval()
+    priors = [e.get("priors") for e in b.meta["folds"]]
+    mapped = not features and b.meta.get("class_weight") != "none" and bool(priors) and None not in priors
+    module = Deployable(b.models, b.meta["mean"], b.meta["std"], features=features,
+                        priors=priors if mapped else None).eval()
     example = torch.rand(2, 3, b.image_size, b.image_size)
     suffix = "" if fold is None else f".fold{fold}"
     if fmt == "torchscript":
@@ -265,7 +278,10 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
            "image_size": b.image_size, "resize": RESIZE, "mean": b.meta["mean"], "std": b.meta["std"],
            "normalisation": "inside the model: (x - mean) / std per channel, x in [0, 1]", "class_names": b.meta["class_names"],
            "output": "features for svm.joblib (predict_proba)" if features else
-                     f"class probabilities, the mean over {len(b.models)} fold model(s)",
+                     f"class probabilities, the mean over {len(b.models)} fold model(s), "
+                     + ("each at its training fold's prevalence, as `medtune predict` gives them" if mapped or
+                        b.meta.get("class_weight") == "none" else "under equal class priors (model.json records "
+                        "no training priors)"),
            "folds": [e["fold"] for e in b.meta["folds"]],
            "backbone": b.meta["backbone"], "strategy": b.meta["strategy"], "head": b.meta["head"]}
     try:
