@@ -111,7 +111,7 @@ def test_a_planted_collapsed_cell_reaches_the_store_and_results(tmp_path, monkey
     assert all(i["collapsed"]["class"] == "benign" for i in infos)
     print_results(Path(cfg.store), Fmt.table, False)
     out = capsys.readouterr().out
-    assert "collapsed" in out and "class_weight" in out
+    assert "collapsed" in out and "the svm head" in out  # the advice leaves out the balanced weighting already set
     from medtune.report import build_report
 
     page = build_report(cfg.store, tmp_path / "report", n_boot=50)["html"].read_text()
@@ -158,3 +158,18 @@ def test_defaults_keep_every_strategy_clear_of_the_majority_class_on_1_to_5_data
     bacc = m.groupby("strategy").balanced_accuracy.mean()
     assert set(bacc.index) == set(list_strategies())
     assert (bacc > MAJORITY_MARGIN).all(), bacc.to_dict()
+
+
+def test_collapse_advice_leaves_out_what_the_cell_already_does():
+    """The demo (balanced weighting, a rate choice, `keep`) was told to try exactly those."""
+    from medtune.diagnose import advice, describe
+
+    done = {"train": {"class_weight": "balanced", "lr": {"choose": [1e-4, 1e-3]}, "bn_statistics": "keep"},
+            "strategy": {"name": "full_ft"}}
+    tip = advice(done)
+    assert "class_weight" not in tip and "lr:" not in tip and "bn_statistics" not in tip and "epochs" in tip
+    bare = advice({"train": {"class_weight": "none", "lr": 1e-3, "bn_statistics": "update"}, "strategy": {}})
+    assert "class_weight: balanced" in bare and "lr: {choose" in bare and "bn_statistics: keep" in bare
+    cell = {"dataset": "d", "backbone": "b", "strategy": "full_ft", "head": "softmax", "fold": 0, "config": done}
+    line = describe(cell, {"class": "x", "predicted_share": 0.9, "true_share": 0.3, "advice": "generic"})
+    assert line.endswith(tip)

@@ -60,12 +60,26 @@ def collapse(y_true: np.ndarray, probs: np.ndarray, class_names: list[str],
     return None
 
 
+def advice(config: dict | None) -> str:
+    """What to try after a collapse, leaving out what the cell's own config already does (a line that
+    suggests the value already set sends a user in a circle)."""
+    train = (config or {}).get("train", {})
+    lr = (config or {}).get("strategy", {}).get("lr", train.get("lr"))
+    tips = ([] if train.get("class_weight") == "balanced" else ["train.class_weight: balanced (the default)"]) + \
+           ([] if isinstance(lr, dict) else ["a learning-rate choice such as lr: {choose: [1e-4, 3e-4, 1e-3]} "
+                                             "(a too-high rate often ends in one class)"]) + \
+           ([] if train.get("bn_statistics") == "keep" else ["bn_statistics: keep with a lower lr"]) + \
+           ["more epochs or patience", "the svm head"]
+    return "try: " + "; ".join(tips)
+
+
 def describe(cell: dict, record: dict) -> str:
     """One line for the run's output and `medtune results`."""
     recall = (f", the other classes' mean recall {record['other_recall']:.2f}" if "other_recall" in record else "")
+    tip = advice(cell.get("config")) if cell.get("config") else record["advice"]
     return (f"collapsed: {cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} fold {cell['fold']} "
             f"predicts {record['class']!r} for {record['predicted_share']:.0%} of the test fold "
-            f"({record['true_share']:.0%} truly are{recall}); {record['advice']}")
+            f"({record['true_share']:.0%} truly are{recall}); {tip}")
 
 
 def collapsed_cells(cells, predictions=None, class_names: dict | None = None) -> list[str]:
@@ -82,7 +96,10 @@ def collapsed_cells(cells, predictions=None, class_names: dict | None = None) ->
             record = collapse(p["y_true"].to_numpy(), np.array(p["probs"].tolist(), dtype=float),
                               class_names[r["dataset"]])
         if record:
-            out.append(describe(r.to_dict(), record))
+            row = r.to_dict()
+            if "config" not in row and isinstance(row.get("config_json"), str):
+                row["config"] = json.loads(row["config_json"])
+            out.append(describe(row, record))
     return out
 
 
