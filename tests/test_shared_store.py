@@ -46,13 +46,22 @@ def run_three_and_kill_one(tmp_path: Path, cfg: Path) -> tuple[list[str], str, l
             procs.append(subprocess.Popen([PYTHON, "-m", "medtune", "run", str(cfg)], env=env, stdout=out,
                                           stderr=subprocess.STDOUT))
     store = tmp_path / "store.sqlite"
-    victim = procs[1]
-    wait_until(victim, lambda: holds_a_lease(store, victim.pid), "a claimed cell", logs[1])
+    # the victim is the first run seen holding a cell: a run that starts late may find every cell taken
+    holder: list[int] = []
+
+    def someone_holds() -> bool:
+        holder[:] = [i for i, p in enumerate(procs) if holds_a_lease(store, p.pid)][:1]
+        return bool(holder)
+
+    wait_until(procs[0], someone_holds, "a claimed cell", logs[0])
+    v = holder[0]
+    victim = procs[v]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    codes = [p.wait(timeout=600) for p in (procs[0], procs[2])]
+    rest = [i for i in range(3) if i != v]
+    codes = [procs[i].wait(timeout=600) for i in rest]
     texts = [log.read_text() for log in logs]
-    return [texts[0], texts[2]], texts[1], codes
+    return [texts[i] for i in rest], texts[v], codes
 
 
 def check_once(tmp_path: Path, survivors: list[str], victim: str, codes: list[int]) -> dict[str, str]:
