@@ -10,7 +10,7 @@ into a temporary folder, so a subset needs no copy), run it as written in a fres
 record, per strategy, the estimate `init` printed and the cell-seconds measured, with the wall
 clock of the whole run. Every form also records what the cost model of `medtune.starter` is
 calibrated on: per strategy and fold, the training images, the scheduled candidate-epochs and the
-cell's seconds (`starter.COST` is fitted to these rows, the demo's and a subset's; see the
+cell's seconds (`starter.COST` is fitted to these rows, the demo's so far; see the
 `fit` entry of the results file). Results: benchmarks/results/init_estimate.json (one entry per
 label, later runs replace earlier ones with the same label).
 """

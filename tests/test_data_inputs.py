@@ -345,21 +345,22 @@ def test_npz_data_check_lists_malformed_file_as_one_paragraph(tmp_path):
 
 
 # --------------------------------------------------------------------------- manifests: malformed files
-def test_manifest_row_with_extra_fields_is_named(tmp_path):
-    f = manifest(tmp_path / "d", [*BASE_ROWS, "benign/benign_0.png,benign,left,extra"])
-    with pytest.raises(DataError, match=r"line 5: 4 field\(s\) where the header has 2; quote values that contain commas"):
-        load_manifest(f, 16)
-
-
-def test_manifest_short_row_is_named(tmp_path):
-    f = manifest(tmp_path / "d", [*BASE_ROWS, "benign/benign_0.png"])
-    with pytest.raises(DataError, match=r"line 5: 1 field\(s\) where the header has 2"):
-        load_manifest(f, 16)
-
-
-def test_manifest_blank_label_is_named(tmp_path):
-    f = manifest(tmp_path / "d", [*BASE_ROWS, "benign/benign_0.png,"])
-    with pytest.raises(DataError, match=r"line 5: empty label"):
+@pytest.mark.parametrize("rows, message", [
+    (["benign/benign_0.png,benign,left,extra"],
+     r"line 5: 4 field\(s\) where the header has 2; quote values that contain commas"),
+    (["benign/benign_0.png"],
+     r"line 5: 1 field\(s\) where the header has 2"),
+    (["benign/benign_0.png,"],
+     r"line 5: empty label"),
+    (['"benign/benign_0.png,benign', "benign/benign_2.png,benign"],
+     r'line 5: a field opens a quote \(\"\) that does not close'),
+    (["benign,benign"],
+     r"line 5: 'benign' is a folder, not an image file"),
+])
+def test_a_malformed_manifest_row_is_named_by_its_line(tmp_path, rows, message):
+    """Extra or missing fields, a blank label, an unclosed quote, a folder: each names its line."""
+    f = manifest(tmp_path / "d", [*BASE_ROWS, *rows])
+    with pytest.raises(DataError, match=message):
         load_manifest(f, 16)
 
 
@@ -372,18 +373,6 @@ def test_manifest_line_numbers_count_blank_lines(tmp_path):
 def test_manifest_repeated_header_column_is_refused(tmp_path):
     f = manifest(tmp_path / "d", [r + ",x" for r in BASE_ROWS], header="path,label,label")
     with pytest.raises(DataError, match=r"column\(s\) label appear more than once in the header"):
-        load_manifest(f, 16)
-
-
-def test_manifest_unclosed_quote_is_named(tmp_path):
-    f = manifest(tmp_path / "d", [*BASE_ROWS, '"benign/benign_0.png,benign', "benign/benign_2.png,benign"])
-    with pytest.raises(DataError, match=r'line 5: a field opens a quote \(\"\) that does not close'):
-        load_manifest(f, 16)
-
-
-def test_manifest_row_naming_a_folder(tmp_path):
-    f = manifest(tmp_path / "d", [*BASE_ROWS, "benign,benign"])
-    with pytest.raises(DataError, match=r"line 5: 'benign' is a folder, not an image file"):
         load_manifest(f, 16)
 
 
