@@ -75,7 +75,7 @@ def fit(rows: list[dict]) -> dict[str, list[float]]:
 def measure(data: Path, per_class: int | None) -> dict:
     folder = subset(data, per_class) if per_class else data
     tmp = Path(tempfile.mkdtemp())
-    cfg_path, insp, grid = write_starter(folder, tmp / "exp.yaml", None)
+    cfg_path, insp, grid = write_starter(folder, tmp / "exp.yaml")  # as `medtune init` DATA does
     store = str(tmp / "exp.sqlite")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "medtune", "run", str(cfg_path), "--set", f"store={store}",

@@ -146,12 +146,14 @@ def with_risk(p: pd.DataFrame, priors: dict[str, np.ndarray]) -> pd.DataFrame:
 
 
 def risk_metrics(ev: Evidence) -> pd.DataFrame:
-    """The store's per-cell metrics with Brier, ECE and PR-AUC recomputed at read time on the prior-corrected
-    probabilities (the stored ones were computed at cell time on the equal-prior outputs)."""
+    """The store's per-cell metrics with Brier, ECE and PR-AUC recomputed at read time from the stored
+    predictions, on the prior-corrected probabilities (the stored values were computed at cell time on
+    the equal-prior outputs, and by whichever ECE estimator the cell's code had): every cell is scored
+    by today's estimator, whatever code wrote it."""
     m = ev.metrics.copy()
-    if not ev.priors or not {"brier", "ece"} <= set(m.columns):
+    if ev.predictions.empty or not {"brier", "ece"} <= set(m.columns):
         return m
-    by_cell = dict(tuple(ev.predictions[ev.predictions.cell_id.isin(ev.priors)].groupby("cell_id")))
+    by_cell = dict(tuple(ev.predictions.groupby("cell_id")))
     for i, r in m.iterrows():
         if r.cell_id not in by_cell:
             continue
@@ -426,7 +428,7 @@ def fold_ranks(ev: Evidence, dataset: str) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- calibration
 def calibration_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int = 500) -> pd.DataFrame:
-    """Per group, pooled out-of-fold: Brier score, ECE (10 equal-mass bins) and PR-AUC with 95%
+    """Per group, pooled out-of-fold: Brier score, ECE (equal-mass bins, monotonic sweep) and PR-AUC with 95%
     patient-bootstrap CIs, for the positive class (or multiclass Brier / top-label ECE / macro AP)."""
     pos = positive_index(ev, dataset)
     rows = []

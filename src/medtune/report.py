@@ -715,7 +715,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         body.append("<h3>All clinical metrics (mean ± sd over folds)</h3>"
                     f"<p class=note>Estimator: the mean over folds (and seeds), ± its sd (spread, not a CI). acc = accuracy, "
                     f"bal_acc = balanced accuracy, sens/spec/PPV/NPV{of}, F1 = macro F1, AUC = ROC area, PR-AUC = "
-                    "average precision, Brier = Brier score, ECE = expected calibration error (10 equal-mass bins), "
+                    "average precision, Brier = Brier score, ECE = expected calibration error (equal-mass bins, as many as keep the event rate rising: the monotonic sweep of Roelofs et al. 2022), "
                     f"cells = folds × seeds averaged, seconds = training time. Brier, ECE and PR-AUC score "
                     f"probabilities at the training prevalence (see Calibration).{flag}</p>"
                     + html_table(detail.drop(columns=["dataset"])))
@@ -740,7 +740,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
             body.append("<h3>Calibration and PR-AUC (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
                         f"<p class=note>Of P({html.escape(positive or (class_names[1] if len(class_names) == 2 else 'top label'))}). "
                         "Brier = mean squared error of the probability (lower is better); ECE = expected calibration "
-                        "error over 10 equal-mass bins (lower is better); PR-AUC = average precision. "
+                        "error over equal-mass bins, their number by the monotonic sweep (lower is better); PR-AUC = average precision. "
                         f"{html.escape(RISK_NOTE)}. "
                         + (f"The diagram shows the headline (★) and the best mean on the test folds (†); the table holds "
                            f"all {len(sub)} groups." if len(curve_rows(sub)) < len(sub) else "") + "</p>"

@@ -59,6 +59,7 @@ class Inspection:
     group_pattern: str | None = None
     groups_from: str | None = None  # "file names" | "the manifest's patient_id column" | "DICOM PatientID"
     duplicates: dict = field(default_factory=dict)
+    near_skipped: str | None = None  # why near duplicates were not searched: "--exact-only" or the missing extra
 
     @property
     def n(self) -> int:
@@ -112,6 +113,7 @@ def inspect(path: str | Path, near: int | None = 8) -> Inspection:
         labels = [table.class_names[y] for y in table.labels]
         insp = Inspection(path, "npz", table.class_names, dict(Counter(labels)), list(table.paths), labels)
         report = check_table(table, 5, near)
+        insp.near_skipped = None if near is not None else "--exact-only"
     else:
         if path.suffix.lower() == ".csv":
             files, y, class_names, groups = read_manifest(path)
@@ -133,10 +135,12 @@ def inspect(path: str | Path, near: int | None = 8) -> Inspection:
                 insp.groups = np.asarray([rx.search(f.name).group(1) for f in files], dtype=object)
                 groups_from = "file names"
         insp.groups_from = groups_from if insp.groups is not None else None
+        insp.near_skipped = None if near is not None else "--exact-only"
         try:
             report = check_files(insp.paths, list(y), class_names, 5, near, insp.groups, path.name)
         except DataError:  # no imagehash: exact copies only
             report = check_files(insp.paths, list(y), class_names, 5, None, insp.groups, path.name)
+            insp.near_skipped = "pip install 'medtune[data]' for the perceptual hash"
     s = report.summary()
     example = lambda groups: [[Path(report.files[i].path).name for i in g] for g in groups[:3]]  # noqa: E731
     insp.duplicates = {**s, "exact_examples": example(report.exact), "near_examples": example(report.near)}
@@ -208,7 +212,7 @@ def render(insp: Inspection, grid: dict, data_path: str) -> str:
                      f"groups ({d['near_extra_images']} extra images, {d['near_label_conflicts']} with conflicting "
                      "labels)" + (f", e.g. {', '.join(d['near_examples'][0])}" if d["near_examples"] else "") + ".")
     else:
-        lines.append("# Near duplicates: not searched (pip install 'medtune[data]' for the perceptual hash).")
+        lines.append(f"# Near duplicates: not searched ({insp.near_skipped or 'exact copies only'}).")
     lines.append("# `medtune data check` on this folder lists every duplicate group. `duplicates: group` keeps "
                  "identical images on one side of every split" + (", `near_duplicates` near copies too." if
                                                                    d.get("near_groups") else "."))

@@ -171,8 +171,8 @@ def _caveats(ev: Evidence, ds: str, rec: pd.Series, how: str, est: tuple, chance
     collapsed = collapse_lines(ev, ds)
     if collapsed:
         mine = sum(f" {rec.strategy} {rec['head']} fold " in line for line in collapsed)
-        out.append(f"{len(collapsed)} cell(s) collapsed to one class" + (f", {mine} of them the recommendation's"
-                                                                         if mine else ""))
+        out.append(f"{len(collapsed)} cell(s) collapsed: their predictions are far from the class mix, or one class"
+                   + (f"; {mine} of them the recommendation's" if mine else "") + " (the diagnosis lists each)")
     pinned = pinned_lines(ev, ds)
     if pinned:
         out.append(f"{len(pinned)} choice(s) pinned at the edge of their list: the best value may lie beyond it")
