@@ -76,3 +76,97 @@ def test_binary_auc_scores_the_positive_class_in_either_class_order(classes, pos
     assert auc(y, probs, positive=pos) == pytest.approx(1.0)
     # a classifier that ranks the positive class worst scores 0, in both orders too
     assert auc(y, probs[:, ::-1], positive=pos) == pytest.approx(0.0)
+
+
+# --------------------------------------------------------------------------- one balanced accuracy
+def test_balanced_accuracy_is_sklearns_mean_recall_over_the_classes_present():
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score as sklearn_score
+
+    from medtune.metrics import balanced_accuracy, balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    for n in (3, 7, 40):
+        for _ in range(50):
+            y = rng.integers(0, 4, n)  # a class can be absent from y, and predicted all the same
+            pred = rng.integers(0, 4, n)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # sklearn warns when pred holds a class y lacks
+                expected = sklearn_score(y, pred)
+            assert balanced_accuracy_score(y, pred) == expected  # exactly: stored numbers must not move
+            assert balanced_accuracy(y, probs_from_pred(pred, 4)) == expected
+
+
+# --------------------------------------------------------------------------- the metric table
+def table_rows():
+    from medtune.metrics import METRICS
+
+    return METRICS
+
+
+def test_the_metric_table_names_each_metric_once_and_orders_main_metrics():
+    from medtune.metrics import MAIN_METRICS
+
+    rows = table_rows()
+    names, shorts = [m.name for m in rows], [m.short for m in rows]
+    assert MAIN_METRICS == names and len(set(names)) == len(names) and len(set(shorts)) == len(shorts)
+    assert "balanced_accuracy" in names and all(m.legend for m in rows)
+
+
+def test_clinical_metrics_computes_every_metric_of_the_table():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    for k, positive in ((2, "c1"), (3, None), (3, "c2")):
+        yk = y % k
+        out = clinical_metrics(yk, probs_from_pred(yk[::-1], k), [f"c{i}" for i in range(k)], positive=positive)
+        assert {m.name for m in table_rows()} <= set(out)
+
+
+def test_racing_accepts_exactly_the_raceable_metrics_and_names_the_choices_otherwise():
+    from pydantic import ValidationError
+
+    from medtune.config import RacingConfig
+
+    raceable = [m.name for m in table_rows() if m.raceable]
+    assert "balanced_accuracy" in raceable and RacingConfig().metric == "balanced_accuracy"
+    for m in table_rows():
+        if m.raceable:
+            assert m.greater_is_better, f"racing keeps the highest score; {m.name} is lower-is-better"
+            assert RacingConfig(metric=m.name).metric == m.name
+        else:
+            with pytest.raises(ValidationError) as err:
+                RacingConfig(metric=m.name)
+            assert repr(m.name) in str(err.value) and all(r in str(err.value) for r in raceable)
+
+
+def test_the_report_legend_explains_every_short_label_of_the_table():
+    from medtune.report import metric_legend
+
+    text = metric_legend(" (malignant)")
+    for m in table_rows():
+        assert m.short in text and m.legend in text
+    one_vs_rest = "/".join(m.short for m in table_rows() if m.needs_positive)
+    assert f"{one_vs_rest} = " in text and text.count(" (malignant)") == 1
+    assert text.startswith("acc = accuracy, bal_acc = balanced accuracy, sens/spec/PPV/NPV = ")
+
+
+def test_results_wide_shows_a_column_per_metric_of_the_table_in_its_order(tmp_path):
+    from typer.testing import CliRunner
+
+    from medtune.cli import app
+    from medtune.store import Store
+    from planted import plant_cell, plant_dataset, plant_run
+
+    y = np.array([0, 1] * 4)
+    p = np.stack([1 - y * 0.8 - 0.1, y * 0.8 + 0.1], 1)
+    path = tmp_path / "s.sqlite"
+    with Store(path) as s:
+        plant_dataset(s), plant_run(s)
+        for fold in range(2):
+            plant_cell(s, {}, fold, 0, y, p, samples=np.arange(8 * fold, 8 * fold + 8))
+    res = CliRunner().invoke(app, ["results", "--store", str(path), "--wide"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    head = next(x for x in res.output.splitlines() if x.startswith("┃"))
+    columns = [c.strip() for c in head.strip().strip("┃").split("┃")]
+    shorts = [m.short.replace("_", " ") for m in table_rows()]
+    assert [c for c in columns if c in shorts] == shorts

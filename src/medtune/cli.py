@@ -295,7 +295,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
 
     from medtune.diagnose import budget_lines
     from medtune.evidence import RISK_NOTE, read_evidence, summary_table
-    from medtune.report import format_pm, trained_share
+    from medtune.report import SHORT, format_pm, trained_share
     from medtune.store import open_store
     from medtune.verdict import collapse_lines, pinned_lines, verdicts
 
@@ -336,9 +336,8 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
     shown = format_pm(summary.drop(columns=["pruned"], errors="ignore"), None if wide else COMPACT)
     if not wide:  # the main metric with its spread, the others' means: a row that fits 100 columns
         for c in COMPACT[1:]:
-            short = {"auc": "AUC", "ece": "ECE", "sensitivity": "sens", "specificity": "spec"}[c]
-            if short in shown:
-                shown[short] = [f"{v:.3f}" if np.isfinite(v) else "–" for v in summary[c]]
+            if SHORT[c] in shown:
+                shown[SHORT[c]] = [f"{v:.3f}" if np.isfinite(v) else "–" for v in summary[c]]
     shown.insert(0, "*", ["*" if r else "" for r in summary.recommended])
     shown["trained"] = [f"{100 * x:.2f}%" if np.isfinite(x) else "–" for x in summary.trainable_share]
     shown["s/cell"] = (summary.seconds / summary.n_cells).round(1)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from medtune.errors import ConfigError
+from medtune.metrics import RACEABLE_METRICS
 
 
 class Strict(BaseModel):
@@ -211,8 +212,17 @@ class RacingConfig(Strict):
     min_folds: int = Field(2, ge=2, description="rounds (seed, fold) every candidate runs before any is pruned")
     margin: float = Field(0.01, ge=0, le=1, description="a candidate is pruned only when worse by more than this: "
                           "a near-tie is never pruned")
-    metric: Literal["balanced_accuracy", "accuracy", "auc", "f1"] = Field(
+    metric: Literal[RACEABLE_METRICS] = Field(  # the metric table's raceable rows (metrics.py)
         "balanced_accuracy", description="the inner-validation score the race compares")
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _raceable(cls, v: Any) -> Any:
+        """Names the value and the choices; the table says which metrics racing may compare."""
+        if v not in RACEABLE_METRICS:
+            raise ValueError(f"{v!r} is not a metric racing can compare; choose one of: "
+                             f"{', '.join(RACEABLE_METRICS)}")
+        return v
 
 
 class ExperimentConfig(Strict):

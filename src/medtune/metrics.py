@@ -3,16 +3,50 @@
 For a binary task the positive class (e.g. "malignant") defines sensitivity, specificity, PPV
 and NPV. For more classes each of them is computed one-vs-rest per class and macro-averaged,
 and reported per class too (`sensitivity[benign]`, ...).
+
+`METRICS` is the one table of what medtune reports, after scikit-learn's scorer table
+(sklearn/metrics/_scorer.py): results' columns, the report's legend, racing's choices and the
+model card read it, so a new metric is one row there plus its computation in `clinical_metrics`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import (average_precision_score, brier_score_loss, confusion_matrix, f1_score,
                              roc_auc_score)
 
-MAIN_METRICS = ["accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "auc",
-                "pr_auc", "brier", "ece"]
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the metric table: the store's key and how tables, legends and racing treat it."""
+
+    name: str  # the key in the store, YAML, CSV and JSON
+    short: str  # the column label in `medtune results` and the report
+    legend: str  # what `short` stands for, in the report's legend
+    greater_is_better: bool = True  # as scikit-learn's make_scorer
+    needs_positive: bool = False  # a one-vs-rest figure of the positive class (macro mean without one)
+    raceable: bool = False  # racing may compare candidates by it on the inner validation splits
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("accuracy", "acc", "accuracy", raceable=True),
+    Metric("balanced_accuracy", "bal_acc", "balanced accuracy", raceable=True),
+    Metric("sensitivity", "sens", "sensitivity", needs_positive=True),
+    Metric("specificity", "spec", "specificity", needs_positive=True),
+    Metric("ppv", "PPV", "positive predictive value", needs_positive=True),
+    Metric("npv", "NPV", "negative predictive value", needs_positive=True),
+    Metric("f1", "F1", "macro F1", raceable=True),
+    Metric("auc", "AUC", "ROC area", raceable=True),
+    Metric("pr_auc", "PR-AUC", "average precision"),
+    Metric("brier", "Brier", "Brier score", greater_is_better=False),
+    Metric("ece", "ECE", "expected calibration error (equal-mass bins, as many as keep the event rate rising: "
+           "the monotonic sweep of Roelofs et al. 2022)", greater_is_better=False),
+)
+MAIN_METRICS = [m.name for m in METRICS]  # the order of every metrics table
+RACEABLE_METRICS = tuple(m.name for m in METRICS if m.raceable)
+ONE_VS_REST = tuple(m.name for m in METRICS if m.needs_positive)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -49,24 +83,23 @@ def clinical_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[st
     y_pred = probs.argmax(1)
     out: dict[str, float] = {"n": float(len(y_true))}
     out["accuracy"] = float(np.mean(y_pred == y_true))
-    present = np.unique(y_true)
-    out["balanced_accuracy"] = float(np.mean([np.mean(y_pred[y_true == c] == c) for c in present]))
+    out["balanced_accuracy"] = balanced_accuracy_score(y_true, y_pred)
     out["f1"] = float(f1_score(y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0))
     per_class = {}
     for c, name in enumerate(class_names):
         m = from_counts(**binary_counts(y_true, y_pred, c))
         per_class[name] = m
-        for key in ("sensitivity", "specificity", "ppv", "npv"):
+        for key in ONE_VS_REST:
             out[f"{key}[{name}]"] = m[key]
     if k == 2 or positive is not None:
         pos = class_names.index(positive) if positive is not None else 1
-        for key in ("sensitivity", "specificity", "ppv", "npv"):
+        for key in ONE_VS_REST:
             out[key] = per_class[class_names[pos]][key]
     else:
         # as scikit-learn's zero_division=0: an undefined class (never predicted: PPV 0/0; always
         # predicted: NPV 0/0) counts as 0 in the macro mean, and the count is flagged beside it,
         # so an always-majority model cannot score a macro PPV from the one class it predicts
-        for key in ("sensitivity", "specificity", "ppv", "npv"):
+        for key in ONE_VS_REST:
             vals = np.array([per_class[n][key] for n in class_names])
             out[key] = float(np.mean(np.nan_to_num(vals, nan=0.0)))
             if key in ("ppv", "npv"):
@@ -210,11 +243,19 @@ def confusion(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> np.ndarr
 # Pure functions over scores or pooled predictions: what a reviewer asks for beside mean ± sd.
 
 
-def balanced_accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Mean recall over the classes present in `y_true` (the report's headline metric)."""
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(probs).argmax(1)
+def balanced_accuracy_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The one balanced accuracy (the report's headline metric): mean recall over the classes present
+    in `y_true`, as scikit-learn's `balanced_accuracy_score`, without its warning when `y_pred` holds a
+    class `y_true` lacks (a bootstrap resample or a small inner split often does) and without its
+    input checks, which bootstrap_ci would pay thousands of times. NaN when `y_true` is empty."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
+
+
+def balanced_accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """`balanced_accuracy_score` of the most probable class: a metric of (y_true, probs), as
+    bootstrap_ci takes."""
+    return balanced_accuracy_score(y_true, np.asarray(probs).argmax(1))
 
 
 def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, metric=balanced_accuracy, n_boot: int = 2000,

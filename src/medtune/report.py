@@ -20,13 +20,25 @@ from medtune.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters
 from medtune.diagnose import budget_lines, chosen_values, edge_choices, head_choices
 from medtune.evidence import RISK_NOTE, near
 from medtune.headline import OPTIMISTIC
-from medtune.metrics import MAIN_METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
+from medtune.metrics import MAIN_METRICS, METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
 from medtune.version import RESULTS_VERSION
 
 FONT = 13  # points: readable when the page is printed
 
-SHORT = {"accuracy": "acc", "balanced_accuracy": "bal_acc", "sensitivity": "sens", "specificity": "spec",
-         "ppv": "PPV", "npv": "NPV", "f1": "F1", "auc": "AUC", "pr_auc": "PR-AUC", "brier": "Brier", "ece": "ECE"}
+SHORT = {m.name: m.short for m in METRICS}  # the metric table's column labels
+
+
+def metric_legend(of: str) -> str:
+    """'acc = accuracy, bal_acc = balanced accuracy, ...' from the metric table; the one-vs-rest
+    metrics share one entry, followed by `of` (whose class they describe)."""
+    parts, one_vs_rest = [], [m for m in METRICS if m.needs_positive]
+    for m in METRICS:
+        if not m.needs_positive:
+            parts.append(f"{m.short} = {m.legend}")
+        elif m is one_vs_rest[0]:
+            parts.append(f"{'/'.join(x.short for x in one_vs_rest)} = {'/'.join(x.legend for x in one_vs_rest)}{of}")
+    return ", ".join(parts)
+
 
 def pm(mean: float, sd: float, digits: int = 3) -> str:
     if np.isnan(mean):
@@ -675,7 +687,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
                         "weights after training). AUC and balanced accuracy: mean over folds, and as a share of "
                         "full_ft's on the same backbone and head.</p>" + html_table(eff, "strategy"))
             md += ["### Trainable parameters and share of full fine-tuning\n", to_markdown(eff, "strategy"), ""]
-        of = f" ({html.escape(positive)})" if positive else " (macro mean over classes)"
+        of = f" ({positive})" if positive else " (macro mean over classes)"
         collapsed = collapse_lines(ev, ds)  # diagnose.py's rule applied to the stored predictions
         if collapsed:
             body.append("<h3 class=warn>Collapsed cells: one class predicted</h3><ul>"
@@ -713,9 +725,8 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
             flag = (" <span class=warn>Some folds have classes never predicted (PPV undefined) or always predicted "
                     "(NPV undefined); they count as 0 in the macro means, as scikit-learn's zero_division=0.</span>")
         body.append("<h3>All clinical metrics (mean ± sd over folds)</h3>"
-                    f"<p class=note>Estimator: the mean over folds (and seeds), ± its sd (spread, not a CI). acc = accuracy, "
-                    f"bal_acc = balanced accuracy, sens/spec/PPV/NPV{of}, F1 = macro F1, AUC = ROC area, PR-AUC = "
-                    "average precision, Brier = Brier score, ECE = expected calibration error (equal-mass bins, as many as keep the event rate rising: the monotonic sweep of Roelofs et al. 2022), "
+                    "<p class=note>Estimator: the mean over folds (and seeds), ± its sd (spread, not a CI). "
+                    f"{html.escape(metric_legend(of))}, "
                     f"cells = folds × seeds averaged, seconds = training time. Brier, ECE and PR-AUC score "
                     f"probabilities at the training prevalence (see Calibration).{flag}</p>"
                     + html_table(detail.drop(columns=["dataset"])))
