@@ -25,6 +25,8 @@ import json
 import numpy as np
 import pandas as pd
 
+from medtune.metrics import balanced_accuracy_score
+
 COLLAPSE_SHARE = 0.95
 MIX_RATIO = 2.0  # predicted share of a class >= this x its true share ...
 MIX_SHIFT = 0.25  # ... moving at least this share of the fold into it ...
@@ -51,8 +53,8 @@ def collapse(y_true: np.ndarray, probs: np.ndarray, class_names: list[str],
     if predicted >= share:
         return {"class": class_names[top], "predicted_share": round(float(predicted), 4),
                 "true_share": round(true, 4), "advice": ADVICE}
-    others = [c for c in np.unique(y_true) if c != top]
-    recall = float(np.mean([np.mean(pred[y_true == c] == c) for c in others]))
+    rest = y_true != top  # the other classes' images: their balanced accuracy is their mean recall
+    recall = balanced_accuracy_score(y_true[rest], pred[rest])
     if predicted >= MIX_RATIO * true and predicted - true >= MIX_SHIFT and recall <= MIX_RECALL:
         return {"class": class_names[top], "predicted_share": round(float(predicted), 4),
                 "true_share": round(true, 4), "other_recall": round(recall, 4), "rule": "class mix",

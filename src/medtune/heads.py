@@ -57,13 +57,13 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
+from medtune.metrics import balanced_accuracy_score
 from medtune.probe import one_blas_thread, search, widen_log
 
 HEADS = ("softmax", "svm", "knn")

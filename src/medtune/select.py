@@ -26,6 +26,7 @@ from medtune.config import (AUTO_DEPTH, ExperimentConfig, StrategyConfig, auto_d
                             expand_choices, expand_params, is_choice)
 from medtune.data import ImageTable
 from medtune.errors import ConfigError
+from medtune.metrics import balanced_accuracy
 from medtune.splits import inner_split, kfold
 from medtune.strategies import Strategy, create_strategy, uses_learning_rate
 from medtune.train import FitResult, Runtime, TrainSettings, fit, fit_epochs, set_seed
@@ -251,9 +252,8 @@ def inner_score(result: FitResult, table: ImageTable, idx: np.ndarray, settings:
     """(balanced accuracy, class-balanced log loss) of a trained candidate on inner indices."""
     probs = result.predict_proba(table, idx)
     y = table.labels[idx]
+    bacc = balanced_accuracy(y, probs)
     present = np.unique(y)
-    pred = probs.argmax(1)
-    bacc = float(np.mean([np.mean(pred[y == k] == k) for k in present]))
     nll = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))
     loss = float(np.mean([nll[y == k].mean() for k in present]))
     return bacc, loss

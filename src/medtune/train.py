@@ -28,6 +28,7 @@ from medtune.config import TrainConfig
 from medtune.data import ImageTable
 from medtune.errors import TrainingError
 from medtune.features import (POOLED, FeatureCache, Forward, Inputs, Runtime, shared_cache)  # noqa: F401 - re-exported
+from medtune.metrics import balanced_accuracy
 from medtune.precision import (Stepper, autocast_dtype, compile_pays, cpu_lanes, in_lanes,  # noqa: F401
                                inference_batch_size, prepare_model, resolve_device, set_seed)
 from medtune.probe import fit_linear_probe, load_into
@@ -325,9 +326,7 @@ def evaluate(fwd: Forward, inputs: Inputs, table: ImageTable, idx: np.ndarray, r
     y = table.labels[idx]
     p = torch.as_tensor(probs)
     loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), torch.as_tensor(y), weight=None if weight is None else weight.cpu())
-    pred = probs.argmax(1)
-    recalls = [np.mean(pred[y == c] == c) for c in np.unique(y)]
-    return float(loss), float(np.mean(recalls))
+    return float(loss), balanced_accuracy(y, probs)
 
 
 @torch.no_grad()
