@@ -55,7 +55,7 @@ from torchvision import transforms as T
 import medtune
 from medtune.backbones import create_backbone
 from medtune.config import load_config
-from medtune.heads import fit_svm, full_proba
+from medtune.heads import create_head, full_proba
 from medtune.metrics import clinical_metrics
 from medtune.cells import prepare
 from medtune.probe import fit_linear_probe, load_into
@@ -260,8 +260,8 @@ def reference_grid(prepared, size, folds, epochs, views) -> dict:
                 set_trainable(model, "head")
                 plain_fit = DataLoader(Images([paths[i] for i in fit_idx], labels[fit_idx], size, False, mean, std),
                                        batch_size=32, num_workers=2)
-                svm = fit_svm(ref_predict(model, plain_fit, True), labels[fit_idx], ref_predict(model, val_l, True),
-                              labels[val_idx], len(names))
+                svm = create_head("svm").fit(ref_predict(model, plain_fit, True), labels[fit_idx],
+                                             ref_predict(model, val_l, True), labels[val_idx], len(names))
                 probs = full_proba(svm, ref_predict(model, test_l, True), len(names))
             else:
                 # the same learning rates as medtune: 1e-3, LP-FT's FT phase at 0.1x (ft_lr_scale)

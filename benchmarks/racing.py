@@ -148,7 +148,7 @@ def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, cl
 
     from medtune.cells import prepare
     from medtune.config import TrainConfig, load_config
-    from medtune.heads import fit_svm, full_proba
+    from medtune.heads import create_head, full_proba
     from medtune.metrics import clinical_metrics
     from medtune.splits import inner_split
 
@@ -181,8 +181,8 @@ def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, cl
                 if kind == "svm":
                     plain = DataLoader(Images([paths[i] for i in fit_idx], labels[fit_idx], size, False, mean, std),
                                        batch_size=32, num_workers=2)
-                    svm = fit_svm(ref_predict(model, plain, True), labels[fit_idx], ref_predict(model, val_l, True),
-                                  labels[val_idx], len(names))
+                    svm = create_head("svm").fit(ref_predict(model, plain, True), labels[fit_idx],
+                                                 ref_predict(model, val_l, True), labels[val_idx], len(names))
                     val_p = full_proba(svm, ref_predict(model, val_l, True), len(names))
                     test_p = full_proba(svm, ref_predict(model, test_l, True), len(names))
                 else:

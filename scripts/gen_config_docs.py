@@ -189,7 +189,7 @@ def render_strategies() -> str:
              "0 = frozen), plus at most a penalty and a gradient hook. Every key below works in YAML "
              "(`strategies: [- {name: KEY, param: value}]`), on the command line (`medtune list strategies`), "
              "in the store and in the report. A list value sweeps: `{name: partial_ft, blocks: [1, 2, 3]}` is "
-             "three strategies. The head is a separate axis (`heads: [softmax, svm, knn]`: the network's classifier, a linear SVM or a cosine kNN vote on its pooled features).\n\n",
+             "three strategies. The head is a separate axis (`heads: [softmax, svm, knn]`, `medtune list heads`: the network's classifier, a linear SVM or a cosine kNN vote on its pooled features; each head is one registered class in `heads.py`, and a feature head is saved with the deployed model as `head.joblib`).\n\n",
              "BatchNorm is a training setting shared by every strategy (`train.bn_statistics`, docs/config.md). "
              "`update` (the default, PyTorch's): a trained block's BatchNorm normalises with batch statistics. "
              "`keep` (the Keras fine-tuning recipe): every BatchNorm keeps its pretrained running statistics while "

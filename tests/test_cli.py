@@ -181,3 +181,12 @@ def test_the_wheel_ships_the_example_configs(tmp_path):
     shipped = {p.name for p in (root / "configs").glob("*.yaml")}
     assert {"demo.yaml", "smoke.yaml"} <= shipped
     assert {f"medtune/configs/{n}" for n in shipped} <= set(names)
+
+
+def test_list_heads_prints_every_registered_head_with_its_description():
+    from medtune.heads import HEADS
+
+    res = CliRunner().invoke(app, ["list", "heads"], terminal_width=250)
+    assert res.exit_code == 0, res.output
+    for name, cls in HEADS.items():
+        assert f" {name} " in res.output and cls.description in res.output, (name, res.output)

@@ -37,6 +37,12 @@ def test_unknown_strategy_and_backbone_names():
         load_config(raw=base() | {"backbones": ["resnet5"]})
 
 
+def test_an_unknown_head_is_named_with_the_registered_heads():
+    with pytest.raises(ConfigError, match=r"heads: .*unknown head 'smv'\. Did you mean svm\? Known: softmax, svm, knn"):
+        load_config(raw=base() | {"heads": ["softmax", "smv"]})
+    assert load_config(raw=base() | {"heads": ["knn", "svm"]}).heads == ["knn", "svm"]
+
+
 def test_strategy_sweeps_expand():
     assert expand_params({"blocks": [1, 2], "x": 0}) == [{"blocks": 1, "x": 0}, {"blocks": 2, "x": 0}]
 

@@ -154,4 +154,4 @@ def test_the_convex_fits_run_on_one_blas_thread(monkeypatch):
     x, y = rng.normal(size=(60, 8)), np.arange(60) % 2
     probe.fit_linear_probe(x[:40], y[:40], x[40:], y[40:], 2)
     assert seen and all(s == {1} for s in seen)
-    assert heads.fit_svm.__wrapped__ and heads.fit_knn.__wrapped__  # the same wrapper on the heads' fits
+    assert heads.SVMHead.fit.__wrapped__ and heads.KNNHead.fit.__wrapped__  # the same wrapper on the heads' fits

@@ -153,26 +153,56 @@ def test_export_torchscript_and_onnx_match_the_model(tiny_run_copy):
     np.testing.assert_allclose(sess.run(None, {"image": x.numpy()})[0], ref, atol=1e-4)
 
 
-def test_svm_bundle_round_trips_its_sklearn_head(tmp_path):
+def _svm_on_a_tiny_network():
+    """(network, images, their features, an SVM head fitted on them, model.json without folds)."""
     import timm
 
-    from medtune.heads import fit_svm, full_proba
+    from medtune.explain import normalise
+    from medtune.heads import create_head
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=2).eval()
     images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
     labels = np.array([0, 1] * 6)
-    from medtune.explain import normalise
-
     mean, std = [0.5] * 3, [0.25] * 3
     with torch.no_grad():
         feats = model.forward_head(model.forward_features(normalise(images, mean, std)), pre_logits=True).numpy()
-    svm = fit_svm(feats[:8], labels[:8], feats[8:], labels[8:], 2)
+    svm = create_head("svm").fit(feats[:8], labels[:8], feats[8:], labels[8:], 2)
     meta = {"backbone": "test_efficientnet", "class_names": ["a", "b"], "image_size": 32, "mean": mean, "std": std,
             "strategy": "linear_probe", "head": "svm"}
+    return model, images, feats, svm, meta
+
+
+def test_svm_bundle_round_trips_its_sklearn_head(tmp_path):
+    from medtune.heads import full_proba
+
+    model, images, feats, svm, meta = _svm_on_a_tiny_network()
     save_bundle(tmp_path, [(model.state_dict(), svm)], {**meta, "folds": [{"fold": 0, "cell_id": "c", "dir": "fold0"}]})
+    assert sorted(p.name for p in (tmp_path / "fold0").iterdir()) == ["head.joblib", "weights.pt"]
     b = load_bundle(tmp_path)
     np.testing.assert_allclose(b.predict_proba(images), full_proba(svm, feats, 2), atol=1e-5)
+
+
+def test_a_bundle_written_before_the_head_registry_still_loads_and_predicts(tmp_path):
+    """Older bundles hold the head as `svm.joblib`, pickled with `pipeline`, `C`, `priors`, `grid`,
+    `edge`: predict and export read them as before."""
+    import joblib
+
+    from medtune.bundle import export
+    from medtune.heads import SVMHead, full_proba
+
+    model, images, feats, svm, meta = _svm_on_a_tiny_network()
+    (tmp_path / "fold0").mkdir()
+    torch.save(model.state_dict(), tmp_path / "fold0" / "weights.pt")
+    old = object.__new__(SVMHead)
+    old.__dict__.update({"pipeline": svm.pipeline_, "C": svm.chosen_, "priors": svm.priors_, "grid": svm.grid_,
+                         "edge": svm.edge_})
+    joblib.dump(old, tmp_path / "fold0" / "svm.joblib")
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "folds": [{"fold": 0, "cell_id": "c", "dir": "fold0"}]}))
+    b = load_bundle(tmp_path)
+    np.testing.assert_allclose(b.predict_proba(images), full_proba(svm, feats, 2), atol=1e-5)
+    export(tmp_path, "torchscript")
+    assert "svm.joblib" in json.loads((tmp_path / "preprocessing.json").read_text())["output"]
 
 
 def test_rerun_keeps_the_saved_model(tiny_run_copy):

@@ -9,7 +9,7 @@ import torch
 
 import medtune
 from medtune.config import load_config
-from medtune.heads import fit_svm, full_proba
+from medtune.heads import create_head, full_proba
 from medtune.cells import expand, prepare, settings_from
 from medtune.store import Store
 from medtune.train import set_seed
@@ -162,11 +162,11 @@ def test_svm_head_probabilities_follow_the_balanced_svm_not_the_prevalence():
     order = rng.permutation(len(y))
     x, y = x[order], y[order]
     fit_, val_, test_ = slice(0, 200), slice(200, 280), slice(280, None)
-    svm = fit_svm(x[fit_], y[fit_], x[val_], y[val_], 3)
+    svm = create_head("svm").fit(x[fit_], y[fit_], x[val_], y[val_], 3)
     ours = full_proba(svm, x[test_], 3).argmax(1)
-    raw = svm.pipeline.predict_proba(x[test_]).argmax(1)  # calibrated, prevalence-weighted
-    decision = svm.pipeline.steps[-1][1].calibrated_classifiers_[0].estimator.predict(
-        svm.pipeline.steps[0][1].transform(x[test_]))
+    raw = svm.pipeline_.predict_proba(x[test_]).argmax(1)  # calibrated, prevalence-weighted
+    decision = svm.pipeline_.steps[-1][1].calibrated_classifiers_[0].estimator.predict(
+        svm.pipeline_.steps[0][1].transform(x[test_]))
     assert np.allclose(full_proba(svm, x[test_], 3).sum(1), 1.0)
     assert (ours == decision).mean() > (raw == decision).mean()
     assert balanced_accuracy_score(y[test_], ours) > balanced_accuracy_score(y[test_], raw) + 0.05

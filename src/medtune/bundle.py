@@ -1,7 +1,8 @@
 """The deployed model as a directory a clinic can run: weights + everything needed to preprocess.
 
-`<store>.models/best/` holds one `fold<k>/weights.pt` (and, for the SVM head, `svm.joblib`) per
-fold model of the deployed group, `model.json` (backbone, strategy, head, class names, image size,
+`<store>.models/best/` holds one `fold<k>/weights.pt` (and, for a head fitted on features,
+`head.joblib`) per fold model of the deployed group, `model.json` (backbone, strategy, head, class
+names, image size,
 mean/std, which cells of the store the folds are and how the group was chosen) and MODEL_CARD.md.
 The group is the one the report headlines (`headline.headline_group`: never chosen on the test
 folds unless it says so), and its networks are the very models whose out-of-fold predictions are
@@ -26,6 +27,8 @@ from medtune.errors import MedtuneError
 
 MODEL_JSON = "model.json"
 MODEL_CARD = "MODEL_CARD.md"
+HEAD_FILE = "head.joblib"  # a fitted feature head (heads.HEADS); model.json's `head` names which
+OLD_HEAD_FILE = "svm.joblib"  # what bundles before the head registry called it, for every feature head
 # How medtune.data.decode_image (training and `predict`) resizes image files: a consumer of the export
 # must do the same (bilinear is off by up to 0.10 in probability on the tiny test model).
 RESIZE = ("bicubic: PIL Image.resize((S, S), Image.BICUBIC) of the RGB image, then rounded to uint8 and divided "
@@ -46,19 +49,19 @@ def fold_models_dir(store_path: str | Path) -> Path:
     return models_dir(store_path) / "kept"
 
 
-def save_fold_model(store_path: str | Path, cell_id: str, state_dict: dict, svm: Any = None) -> None:
-    """Keep a cell's trained weights (and SVM head) so the deployed group needs no retraining."""
-    _write_model(fold_models_dir(store_path) / cell_id, state_dict, svm)
+def save_fold_model(store_path: str | Path, cell_id: str, state_dict: dict, head: Any = None) -> None:
+    """Keep a cell's trained weights (and feature head) so the deployed group needs no retraining."""
+    _write_model(fold_models_dir(store_path) / cell_id, state_dict, head)
 
 
-def _write_model(out: Path, state_dict: dict, svm: Any = None) -> None:
+def _write_model(out: Path, state_dict: dict, head: Any = None) -> None:
     """Each file is written under a name no other process uses, then renamed into place: a kill
     mid-write leaves no half file, and two runs sharing a store never rename each other's file."""
     out.mkdir(parents=True, exist_ok=True)
-    if svm is not None:
+    if head is not None:
         import joblib
 
-        _atomic(out / "svm.joblib", lambda f: joblib.dump(svm, f))
+        _atomic(out / HEAD_FILE, lambda f: joblib.dump(head, f))
     _atomic(out / "weights.pt", lambda f: torch.save(state_dict, f))
 
 
@@ -75,25 +78,27 @@ def _atomic(target: Path, write) -> None:
 
 
 def load_fold_model(store_path: str | Path, cell_id: str) -> tuple[dict, Any] | None:
-    """The kept (state dict, SVM or None) of a cell, or None when the grid did not keep it."""
+    """The kept (state dict, feature head or None) of a cell, or None when the grid did not keep it."""
     return _read_model(fold_models_dir(store_path) / cell_id)
 
 
 def _read_model(out: Path) -> tuple[dict, Any] | None:
-    """(state dict, SVM or None), or None when there is no weights.pt; an unreadable file (truncated,
-    overwritten) is a MedtuneError naming it."""
+    """(state dict, feature head or None), or None when there is no weights.pt; an unreadable file
+    (truncated, overwritten) is a MedtuneError naming it. An older bundle's `svm.joblib` is read too."""
     if not (out / "weights.pt").is_file():
         return None
-    svm = None
-    if (out / "svm.joblib").is_file():
-        import joblib
+    head = None
+    for name in (HEAD_FILE, OLD_HEAD_FILE):
+        if (out / name).is_file():
+            import joblib
 
-        try:
-            svm = joblib.load(out / "svm.joblib")
-        except Exception as exc:  # noqa: BLE001 - pickle/EOF/zlib errors of a damaged file
-            raise unreadable(out / "svm.joblib", exc) from exc
+            try:
+                head = joblib.load(out / name)
+            except Exception as exc:  # noqa: BLE001 - pickle/EOF/zlib errors of a damaged file
+                raise unreadable(out / name, exc) from exc
+            break
     try:
-        return torch.load(out / "weights.pt", map_location="cpu", weights_only=True), svm
+        return torch.load(out / "weights.pt", map_location="cpu", weights_only=True), head
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError, ...
         raise unreadable(out / "weights.pt", exc) from exc
 
@@ -106,13 +111,13 @@ def unreadable(path: Path, exc: BaseException) -> MedtuneError:
 
 
 def save_bundle(out: str | Path, models: list[tuple[dict, Any]], meta: dict) -> Path:
-    """The deployable directory: `fold<k>/weights.pt` (+ `svm.joblib`) per fold model, `model.json`."""
+    """The deployable directory: `fold<k>/weights.pt` (+ `head.joblib`) per fold model, `model.json`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("fold*"):
         shutil.rmtree(old, ignore_errors=True)
-    for entry, (state_dict, svm) in zip(meta["folds"], models):
-        _write_model(out / entry["dir"], state_dict, svm)
+    for entry, (state_dict, head) in zip(meta["folds"], models):
+        _write_model(out / entry["dir"], state_dict, head)
     (out / MODEL_JSON).write_text(json.dumps(meta, indent=1, default=str))
     return out
 
@@ -123,7 +128,7 @@ class Bundle:
 
     models: list[nn.Module]
     meta: dict
-    svms: list[Any]
+    heads: list[Any]  # each fold's fitted feature head, or None where the network's softmax is the head
 
     @property
     def image_size(self) -> int:
@@ -142,7 +147,7 @@ class Bundle:
         if fold not in folds:
             raise MedtuneError(f"this model has fold(s) {folds}; --fold {fold} is not one of them.")
         i = folds.index(fold)
-        return Bundle([self.models[i]], {**self.meta, "folds": [self.meta["folds"][i]]}, [self.svms[i]])
+        return Bundle([self.models[i]], {**self.meta, "folds": [self.meta["folds"][i]]}, [self.heads[i]])
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor, batch_size: int = 32, tta: str | None = None) -> np.ndarray:
@@ -155,15 +160,15 @@ class Bundle:
         k = len(self.meta["class_names"])
         views = [lambda x: x] + ([lambda x: torch.flip(x, dims=[3])] if tta == "flip" else [])
         total = np.zeros((len(images), k))
-        for model, svm in zip(self.models, self.svms):
+        for model, head in zip(self.models, self.heads):
             model.eval()
             for view in views:
                 out = []
                 for start in range(0, len(images), batch_size):
                     x = view(normalise(images[start:start + batch_size], self.meta["mean"], self.meta["std"]))
-                    if svm is not None:
+                    if head is not None:
                         feats = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
-                        out.append(_svm_proba(svm, feats, k))
+                        out.append(_head_proba(head, feats, k))
                     else:
                         out.append(torch.softmax(model(x).float(), 1).numpy())
                 if out:
@@ -171,10 +176,10 @@ class Bundle:
         return total / (len(self.models) * len(views))
 
 
-def _svm_proba(svm, feats: np.ndarray, k: int) -> np.ndarray:
+def _head_proba(head, feats: np.ndarray, k: int) -> np.ndarray:
     from medtune.heads import full_proba
 
-    return full_proba(svm, feats, k)
+    return full_proba(head, feats, k)
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -193,7 +198,7 @@ def load_bundle(path: str | Path) -> Bundle:
                            "again, or rerun the grid with `keep_best: true` to write it again.") from exc
     folds = meta.get("folds") or [{"dir": ".", "fold": meta.get("fold", 0), "cell_id": meta.get("cell_id")}]
     meta["folds"] = folds
-    models, svms = [], []
+    models, heads = [], []
     for entry in folds:
         kept = _read_model(path / entry["dir"])
         if kept is None:
@@ -205,12 +210,12 @@ def load_bundle(path: str | Path) -> Bundle:
         except (RuntimeError, TypeError, AttributeError) as exc:  # weights of another model, or not a state dict
             raise unreadable(path / entry["dir"] / "weights.pt", exc) from exc
         models.append(model.eval())
-        svms.append(kept[1])
-    return Bundle(models, meta, svms)
+        heads.append(kept[1])
+    return Bundle(models, meta, heads)
 
 
 class Deployable(nn.Module):
-    """RGB in [0, 1], (N, 3, S, S) -> probabilities (softmax head) or pre-logits features (SVM head):
+    """RGB in [0, 1], (N, 3, S, S) -> probabilities (softmax head) or pre-logits features (feature head):
     normalisation lives inside, so a consumer only resizes and scales to [0, 1]. With several
     networks (the fold ensemble) the output is the mean of their probabilities: one graph."""
 
@@ -244,11 +249,12 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
     directory, and `preprocessing.json`."""
     b = load_bundle(path).select(fold)
     path = Path(path)
-    features = b.svms[0] is not None
+    features = b.heads[0] is not None
+    head_file = HEAD_FILE if (path / b.meta["folds"][0]["dir"] / HEAD_FILE).is_file() else OLD_HEAD_FILE
     if features and len(b.models) > 1:
-        raise MedtuneError(f"{path}: an SVM head's ensemble is {len(b.models)} networks plus {len(b.models)} "
-                           "scikit-learn SVMs, which is not one graph; export one fold's network with --fold N "
-                           "(its features go to that fold's svm.joblib).")
+        raise MedtuneError(f"{path}: a {b.meta['head']} head's ensemble is {len(b.models)} networks plus "
+                           f"{len(b.models)} scikit-learn heads, which is not one graph; export one fold's network "
+                           f"with --fold N (its features go to that fold's {head_file}).")
     import os
 
     if not os.access(path, os.W_OK):
@@ -277,7 +283,7 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
     pre = {"input": "RGB float32 in [0, 1], shape (N, 3, S, S), resized to S x S",
            "image_size": b.image_size, "resize": RESIZE, "mean": b.meta["mean"], "std": b.meta["std"],
            "normalisation": "inside the model: (x - mean) / std per channel, x in [0, 1]", "class_names": b.meta["class_names"],
-           "output": "features for svm.joblib (predict_proba)" if features else
+           "output": f"features for {head_file} (predict_proba)" if features else
                      f"class probabilities, the mean over {len(b.models)} fold model(s), "
                      + ("each at its training fold's prevalence, as `medtune predict` gives them" if mapped or
                         b.meta.get("class_weight") == "none" else "under equal class priors (model.json records "

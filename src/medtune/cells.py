@@ -26,7 +26,7 @@ from medtune.data import ImageTable, load_dataset, manifest_columns
 from medtune.diagnose import collapse, describe
 from medtune.errors import MedtuneError, TrainingError
 from medtune import heads, probe
-from medtune.heads import DECISION_RULES, FEATURE_HEADS, fit_knn, fit_svm, full_proba
+from medtune.heads import DECISION_RULES, full_proba, head_class
 from medtune.metrics import clinical_metrics
 from medtune.select import ETA, cell_strategies, strategy_label, train_cell
 from medtune.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
@@ -223,7 +223,7 @@ class CellResult:
     info: dict
     seconds: float
     state_dict: dict | None = None
-    head_model: Any = None  # the fitted SVM or kNN head, kept with the state dict (keep_model)
+    head_model: Any = None  # the fitted feature head (heads.HEADS), kept with the state dict (keep_model)
     extra: list = field(default_factory=list)  # (kind, data set, idx, y, probs): inner_val and external predictions
 
 
@@ -255,20 +255,17 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     # one rule for both heads (heads.py): the same class weighting, argmax under the same priors
     info.update({"class_weight": class_weight, "decision_rule": DECISION_RULES[class_weight]})
     feature_head = None
-    if head in FEATURE_HEADS:
+    head_cls = head_class(head)
+    if head_cls.on_features:
         feats = lambda idx: result.features(table, idx)  # noqa: E731
-        args = (feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx], table.num_classes)
-        if head == "svm":
-            feature_head = fit_svm(*args, seed=c["seed"], class_weight=class_weight,
-                                   groups=None if groups is None else groups[fit_idx])
-            info["svm_C"] = feature_head.C
-        else:
-            feature_head = fit_knn(*args, class_weight=class_weight)
-            info["knn_k"] = feature_head.k
-        key = "svm_C" if head == "svm" else "knn_k"
-        info.setdefault("grids", {})[key] = feature_head.grid
-        if feature_head.edge:
-            info.setdefault("grid_edges", {})[key] = feature_head.edge
+        feature_head = head_cls(class_weight=class_weight, seed=c["seed"]).fit(
+            feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx], table.num_classes,
+            groups=None if groups is None else groups[fit_idx])
+        key = head_cls.info_key
+        info[key] = feature_head.chosen_
+        info.setdefault("grids", {})[key] = feature_head.grid_
+        if feature_head.edge_:
+            info.setdefault("grid_edges", {})[key] = feature_head.edge_
         probs = full_proba(feature_head, feats(test_idx), table.num_classes)
         other = lambda tbl, idx: full_proba(feature_head, result.features(tbl, idx), table.num_classes)  # noqa: E731
     else:

@@ -74,6 +74,7 @@ class Fmt(str, Enum):
 class What(str, Enum):
     backbones = "backbones"
     strategies = "strategies"
+    heads = "heads"
     weights = "weights"
     depths = "depths"
 
@@ -365,15 +366,17 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
 
 
 @app.command("list")
-def list_(what: What = typer.Argument(..., help="What to list: backbones, strategies, weights, or depths BACKBONE."),
+def list_(what: What = typer.Argument(..., help="What to list: backbones, strategies, heads, weights, or depths "
+                                      "BACKBONE."),
           backbone: Optional[str] = typer.Argument(None, help="For `depths`: a backbone name."),
           random_init: bool = typer.Option(False, "--random-init", help="For `depths`: no weights needed."),
           json_out: bool = typer.Option(False, "--json", help="For `depths`: print JSON.")) -> None:
-    """List the strategies, the backbones, the weight sources, or the depths of a backbone.
+    """List the strategies, the heads, the backbones, the weight sources, or the depths of a backbone.
 
-    Strategies: the names to use in a config, with their papers. Backbones: the studies' networks, with
-    where their weights come from. Weights: the named pretrained sources and whether they resolve here.
-    Depths: what the standard depth settings train (`medtune list depths resnet50 --random-init`)."""
+    Strategies: the names to use in a config, with their papers. Heads: the names `heads:` takes.
+    Backbones: the studies' networks, with where their weights come from. Weights: the named
+    pretrained sources and whether they resolve here. Depths: what the standard depth settings train
+    (`medtune list depths resnet50 --random-init`)."""
     if what == What.depths:
         list_depths(backbone, random_init, json_out)
     elif what == What.strategies:
@@ -386,6 +389,15 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones, strate
             cls = REGISTRY[name]
             params = ", ".join(f"{k}={v}" for k, v in cls().params().items())
             table.add_row(name, cls.summary, cls.citation, params or "–")
+        console.print(table)
+    elif what == What.heads:
+        from medtune.heads import HEADS
+
+        table = Table(title="heads (registry keys usable in `heads:`)")
+        for col in ("name", "what it does"):
+            table.add_column(col, overflow="fold")
+        for name, cls in HEADS.items():
+            table.add_row(name, cls.description)
         console.print(table)
     elif what == What.weights:
         from medtune.weights import rows, weights_dir

@@ -231,7 +231,10 @@ class ExperimentConfig(Strict):
     datasets: list[DatasetConfig] = Field(min_length=1, description="data sets; the grid's first axis")
     backbones: list[BackboneConfig] = Field(min_length=1, description="backbones: a timm name or a mapping; the second axis")
     strategies: list[StrategyConfig] = Field(min_length=1, description="strategies: a name or {name: ..., param: value}; the third axis")
-    heads: list[Literal["softmax", "svm", "knn"]] = Field(["softmax"], min_length=1, description="softmax = the trained classifier; svm = linear SVM on the tuned network's features; knn = k-nearest-neighbour vote on them (cosine, k chosen on the inner split; the MedMNIST+ protocol)")
+    heads: list[str] = Field(["softmax"], min_length=1, description="registered heads (`medtune list heads`): "
+                             "softmax = the trained classifier; svm = linear SVM on the tuned network's features; "
+                             "knn = k-nearest-neighbour vote on them (cosine, k chosen on the inner split; the "
+                             "MedMNIST+ protocol)")
     folds: int = Field(5, ge=2, le=20, description="k of the outer stratified (patient-grouped) k-fold")
     seeds: list[int] = Field([0], min_length=1, description="repeat the whole CV with these seeds (folds and initialisation)")
     train: TrainConfig = Field(TrainConfig(), description="training settings shared by every cell")
@@ -267,7 +270,7 @@ class ExperimentConfig(Strict):
                           "candidate trains the first third of its schedule, the best third continues (eta 3), so a "
                           "3-value choice costs about 1.7 full fits instead of 3; the survivor is trained exactly as alone")
     keep_best: bool = Field(True, description="after the grid, save the deployable model of the best cell group "
-                                                "(weights, preprocessing, SVM head, MODEL_CARD.md) to "
+                                                "(weights, preprocessing, feature head, MODEL_CARD.md) to "
                                                 "<store>.models/best/ for predict/export")
     tracking: Literal["none", "mlflow"] = Field("none", description="mlflow = log each cell to MLflow as it "
                                                 "finishes (pip install 'medtune[tracking]'); the store stays the source")
@@ -310,6 +313,19 @@ class ExperimentConfig(Strict):
             (target, value), = point.items()
             if not 0 < value <= 1:
                 raise ValueError(f"operating point {target}: {value} must be in (0, 1], e.g. 0.95")
+        return v
+
+    @field_validator("heads")
+    @classmethod
+    def _registered_heads(cls, v: list[str]) -> list[str]:
+        """Each name must be a registered head (heads.HEADS): the registry is the one list of them."""
+        from medtune.heads import head_class
+
+        for name in v:
+            try:
+                head_class(name)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return v
 
     @field_validator("seeds", "heads")

@@ -139,10 +139,10 @@ def head_choices(cells) -> pd.DataFrame:
     `probe_C`, `svm_C`, `knn_k`, or the probe's history row), as `chosen_values` rows against the grid
     each is chosen from, so `edge_choices` flags a pick pinned at its grid's end. A grid-edge flag
     recorded by the cell (`*_at_edge`) is honoured as well."""
-    from medtune.heads import C_GRID, K_GRID
+    from medtune.heads import HEADS
     from medtune.probe import C_GRID as PROBE_GRID
 
-    grids = {"probe_C": list(PROBE_GRID), "svm_C": list(C_GRID), "knn_k": list(K_GRID)}
+    grids = {"probe_C": list(PROBE_GRID), **{h.info_key: list(h.grid) for h in HEADS.values() if h.info_key}}
     rows: dict[tuple, dict] = {}
     for _, r in cells.sort_values(["seed", "fold"], kind="stable").iterrows():
         info = r["info"] if isinstance(r["info"], dict) else {}

@@ -49,8 +49,11 @@ def strategy_name(label: str) -> str:
 
 def _first(groups: pd.DataFrame) -> str:
     """Among several matching groups (several backbones or heads), a fixed choice that looks at no
-    score: the softmax head first, then backbone and variant by name."""
-    g = groups.assign(_svm=groups["head"] != "softmax").sort_values(["_svm", "backbone", "variant", "strategy"])
+    score: the network's own classifier (softmax) first, then backbone and variant by name."""
+    from medtune.heads import HEADS
+
+    own = [name for name, h in HEADS.items() if not h.on_features]
+    g = groups.assign(_fitted=~groups["head"].isin(own)).sort_values(["_fitted", "backbone", "variant", "strategy"])
     return str(g["group"].iloc[0])
 
 
