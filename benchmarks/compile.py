@@ -45,7 +45,7 @@ def one(model_name: str, size: int, batch: int, steps: int, compiled: bool, devi
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medtune.precision import autocast, autocast_dtype, prepare_model
+    from medtune.training.precision import autocast, autocast_dtype, prepare_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)

@@ -8,8 +8,8 @@
     REFERENCE_RECIPE): the cross-entropy weighted by inverse class frequency (scikit-learn's
     "balanced"), in training and in the validation loss that keeps the best epoch; the linear
     probe (linear_probe, LP-FT's first phase) fitted to convergence by logistic regression on
-    pooled features, C chosen on the validation loss (medtune's probe.py, as the SVM below uses
-    medtune's heads.py), LP-FT's after its BatchNorm statistics are re-estimated on the training
+    pooled features, C chosen on the validation loss (medtune's models/probe.py, as the SVM below uses
+    medtune's models/heads.py), LP-FT's after its BatchNorm statistics are re-estimated on the training
     images (medtune's lp_ft refresh_bn, recipe 3); frozen BatchNorm layers in eval mode, trained
     ones on batch statistics; one epoch of linear warm-up then cosine per phase, gradient-norm
     clipping at 5, the best validation epoch kept across LP-FT's two phases, and the same
@@ -53,14 +53,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 import medtune
-from medtune.backbones import create_backbone
+from medtune.models.backbones import create_backbone
 from medtune.config import load_config
-from medtune.heads import create_head, full_proba
-from medtune.metrics import clinical_metrics
-from medtune.cells import prepare
-from medtune.probe import fit_linear_probe, load_into
-from medtune.splits import inner_split
-from medtune.store import Store
+from medtune.models.heads import create_head, full_proba
+from medtune.results.metrics import clinical_metrics
+from medtune.grid.cells import prepare
+from medtune.models.probe import fit_linear_probe, load_into
+from medtune.data.splits import inner_split
+from medtune.results.store import Store
 
 ROOT = Path(__file__).resolve().parent
 KINDS = ["linear_probe", "svm", "partial_ft", "lp_ft", "full_ft"]
@@ -245,8 +245,10 @@ def reference_grid(prepared, size, folds, epochs, views) -> dict:
     kinds = {k: {"seconds": 0.0, "bacc": [], "auc": []} for k in KINDS}
 
     def loaders(fit_idx, val_idx, test_idx):
-        mk = lambda idx, train: DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std, views),
-                                           batch_size=32, shuffle=train, num_workers=2, persistent_workers=False)
+        def mk(idx, train):
+            return DataLoader(Images([paths[i] for i in idx], labels[idx], size, train, mean, std, views),
+                              batch_size=32, shuffle=train, num_workers=2, persistent_workers=False)
+
         return mk(fit_idx, True), mk(val_idx, False), mk(test_idx, False)
 
     for fold, (tr, te) in enumerate(prepared.splits(folds, 0)):

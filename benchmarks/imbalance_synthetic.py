@@ -2,7 +2,7 @@
 
     python benchmarks/imbalance_synthetic.py [--size 96] [--patients 60] [--folds 3] [--epochs 6]
 
-Two classes of `medtune.synthetic` (benign : malignant = 5 : 1, patients kept whole), written as
+Two classes of `medtune.data.synthetic` (benign : malignant = 5 : 1, patients kept whole), written as
 PNG files with patient ids, EfficientNet-Lite0 (embedded ImageNet weights), patient-grouped
 folds. Prints balanced accuracy per strategy and setting and writes
 benchmarks/results/imbalance_synthetic.{md,json}. Decided `train.class_weight: balanced` = class-weighted loss (see SETTINGS).
@@ -17,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 import medtune
-from medtune.store import Store
-from medtune.synthetic import make_ultrasound
+from medtune.results.store import Store
+from medtune.data.synthetic import make_ultrasound
 
 ROOT = Path(__file__).resolve().parent
 # The train settings compared. The recorded table (results/imbalance_synthetic.md) was measured with

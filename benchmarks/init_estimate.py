@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from medtune.select import halving_epochs
+from medtune.grid.select import halving_epochs
 from medtune.starter import COST, write_starter
-from medtune.store import Store
+from medtune.results.store import Store
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results" / "init_estimate.json"

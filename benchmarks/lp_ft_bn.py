@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from medtune.backbones import create_backbone
-from medtune.cells import prepare
+from medtune.models.backbones import create_backbone
+from medtune.grid.cells import prepare
 from medtune.config import load_config
-from medtune.features import Runtime, shared_cache
-from medtune.precision import autocast_dtype, resolve_device
-from medtune.strategies import create_strategy
-from medtune.train import fit
+from medtune.training.features import Runtime, shared_cache
+from medtune.training.precision import autocast_dtype, resolve_device
+from medtune.training.strategies import create_strategy
+from medtune.training.loop import fit
 
 VARIANTS = {"update, no refresh": ("update", False), "update + refresh (default)": ("update", True),
             "keep": ("keep", True)}

@@ -21,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 import medtune
-from medtune.report import to_markdown
-from medtune.store import Store, read_cells
+from medtune.report.html import to_markdown
+from medtune.results.store import Store, read_cells
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strategies_busi import every_nth, write_results  # noqa: E402

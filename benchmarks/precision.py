@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medtune.backbones import create_backbone
-from medtune.precision import FP32_DEPTHWISE_MAX_SIDE, cpu_lanes, depthwise_in_fp32, in_lanes, slow_bf16_depthwise
+from medtune.models.backbones import create_backbone
+from medtune.training.precision import FP32_DEPTHWISE_MAX_SIDE, cpu_lanes, depthwise_in_fp32, in_lanes, slow_bf16_depthwise
 
 ROOT = Path(__file__).resolve().parent
 CL = torch.channels_last

@@ -7,9 +7,9 @@
     to convergence once, as it has no learning rate, augmentation as often as medtune's 4 views);
 (b) medtune without racing: every strategy x fold, each with a 3-value learning-rate choice made
     on the inner validation split;
-(c) the same grid with `racing: on` (racing.py: candidates stopped when their inner-validation
+(c) the same grid with `racing: on` (grid/racing.py: candidates stopped when their inner-validation
     scores show them worse than the leader by more than the margin) and `halving: on` (each
-    learning-rate choice by successive halving on the inner split, select.py).
+    learning-rate choice by successive halving on the inner split, grid/select.py).
 
 Strategies (issue 19): linear_probe, the SVM head on frozen features, partial_ft(blocks=2), lp_ft,
 full_ft and l2_sp; Lite0 on BUSI. For each way it prints and stores the training seconds summed
@@ -50,8 +50,8 @@ import numpy as np
 import torch
 
 import medtune
-from medtune.racing import leaders
-from medtune.store import Store
+from medtune.grid.racing import leaders
+from medtune.results.store import Store
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -146,11 +146,11 @@ def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, cl
     accuracy) is appended to `rows_path` at once, and a rerun skips the rows already there."""
     from torch.utils.data import DataLoader
 
-    from medtune.cells import prepare
+    from medtune.grid.cells import prepare
     from medtune.config import TrainConfig, load_config
-    from medtune.heads import create_head, full_proba
-    from medtune.metrics import clinical_metrics
-    from medtune.splits import inner_split
+    from medtune.models.heads import create_head, full_proba
+    from medtune.results.metrics import clinical_metrics
+    from medtune.data.splits import inner_split
 
     cfg = load_config(raw={"datasets": [{"name": "busi", "path": data}], "backbones": ["efficientnet_lite0"],
                            "strategies": ["full_ft"], "folds": folds})

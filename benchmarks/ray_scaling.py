@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from medtune.config import load_config
-from medtune.cells import RunSummary, prepare, record
-from medtune.runner import run
-from medtune.store import Store
+from medtune.grid.cells import RunSummary, prepare, record
+from medtune.grid.runner import run
+from medtune.results.store import Store
 
 GRID = {
     "name": "ray-scaling",
@@ -97,7 +97,7 @@ def serial_parts(folder: Path) -> dict:
     n = len(data.table) // 2
     cell = {"cell_id": "x", "run_id": "r", "dataset": "d", "backbone": "b", "strategy": "s", "head": "softmax",
             "fold": 0, "n_folds": 2, "seed": 0, "config": {"a": 1}}
-    from medtune.cells import CellResult
+    from medtune.grid.cells import CellResult
 
     result = CellResult({f"m{i}": 0.5 for i in range(25)},
                         (np.arange(n), [f"p{i}" for i in range(n)], np.zeros(n, int), np.full((n, 3), 1 / 3)), {}, 1.0)

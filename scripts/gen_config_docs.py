@@ -1,7 +1,7 @@
 """Generate docs/config.md (the YAML reference) and docs/strategies.md (the strategy catalogue).
 
 Both are rendered from the code they document — the pydantic models of `medtune.config` and
-`medtune.strategies.REGISTRY` — so they cannot drift: tests/test_docs.py fails when the
+`medtune.training.strategies.REGISTRY` — so they cannot drift: tests/test_docs.py fails when the
 committed files differ from what this script writes. After changing a config field or a
 strategy, run:
 
@@ -182,14 +182,14 @@ def render_config() -> str:
 
 # --------------------------------------------------------------------------- strategies.md
 def render_strategies() -> str:
-    from medtune.strategies import REGISTRY, Strategy
+    from medtune.training.strategies import REGISTRY, Strategy
 
-    lines = [HEADER.format(src="medtune.strategies.REGISTRY"), "# Strategy catalogue\n\n",
+    lines = [HEADER.format(src="medtune.training.strategies.REGISTRY"), "# Strategy catalogue\n\n",
              "A strategy is a schedule of learning-rate scales over the backbone's blocks (stem to head, "
              "0 = frozen), plus at most a penalty and a gradient hook. Every key below works in YAML "
              "(`strategies: [- {name: KEY, param: value}]`), on the command line (`medtune list strategies`), "
              "in the store and in the report. A list value sweeps: `{name: partial_ft, blocks: [1, 2, 3]}` is "
-             "three strategies. The head is a separate axis (`heads: [softmax, svm, knn]`, `medtune list heads`: the network's classifier, a linear SVM or a cosine kNN vote on its pooled features; each head is one registered class in `heads.py`, and a feature head is saved with the deployed model as `head.joblib`).\n\n",
+             "three strategies. The head is a separate axis (`heads: [softmax, svm, knn]`, `medtune list heads`: the network's classifier, a linear SVM or a cosine kNN vote on its pooled features; each head is one registered class in `models/heads.py`, and a feature head is saved with the deployed model as `head.joblib`).\n\n",
              "BatchNorm is a training setting shared by every strategy (`train.bn_statistics`, docs/config.md). "
              "`update` (the default, PyTorch's): a trained block's BatchNorm normalises with batch statistics. "
              "`keep` (the Keras fine-tuning recipe): every BatchNorm keeps its pretrained running statistics while "

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medtune.backbones import create_backbone
-from medtune.strategies import PEFT_DEPTHS, STANDARD_DEPTHS, depth, parse_label
+from medtune.models.backbones import create_backbone
+from medtune.training.strategies import PEFT_DEPTHS, STANDARD_DEPTHS, depth, parse_label
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ["vgg16", "vgg19", "resnet50", "resnet101", "inception_v3", "densenet121", "resnetv2_50", "efficientnet_lite0"]

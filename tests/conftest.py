@@ -17,7 +17,7 @@ from PIL import Image
 import torch
 from hypothesis import HealthCheck, settings
 
-from medtune.synthetic import make_ultrasound
+from medtune.data.synthetic import make_ultrasound
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -100,12 +100,12 @@ def fresh_global_state():
     memoised feature chains, and the suite's torch thread count."""
 
     def reset() -> None:
-        for name in ("medtune.features", "medtune.train", "medtune.distributed"):
+        for name in ("medtune.training.features", "medtune.training.loop", "medtune.grid.distributed"):
             module = sys.modules.get(name)
             for attr in ("_SHARED_CACHE", "_CACHE"):
                 if module is not None and hasattr(module, attr):
                     setattr(module, attr, None)
-        backbones = sys.modules.get("medtune.backbones")
+        backbones = sys.modules.get("medtune.models.backbones")
         chain = getattr(backbones, "_feature_chain_cached", None)
         if chain is not None and hasattr(chain, "cache_clear"):
             chain.cache_clear()

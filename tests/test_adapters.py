@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from medtune import adapters
-from medtune.backbones import blocks, create_backbone
-from medtune.strategies import REGISTRY, create_strategy, depth
+from medtune.models import adapters
+from medtune.models.backbones import blocks, create_backbone
+from medtune.training.strategies import REGISTRY, create_strategy, depth
 from tests.conftest import PROB_ATOL, PYTHON, cli_env, tiny_png_config, write_png
 
 pytest.importorskip("peft")  # the `peft` extra (in dev)
@@ -130,7 +130,7 @@ def modern_grid(tmp_path_factory):
 
 
 def test_every_strategy_runs_on_a_vit_and_a_convnext_and_adapters_use_the_cache(modern_grid):
-    from medtune.store import Store, read_cells
+    from medtune.results.store import Store, read_cells
 
     raw, store, summary, strategies = modern_grid
     assert summary.failed == 0 and summary.done == 2 * 2 * len(strategies)
@@ -156,11 +156,11 @@ def test_predict_on_the_deployed_lora_model_reproduces_its_stored_predictions(mo
     """Declared primary: the ViT's LoRA group is deployed from the grid's own fold models (merged
     weights in a plain timm state dict), and `medtune predict` gives back each fold's stored output."""
     import medtune
-    from medtune.bundle import load_bundle
-    from medtune.predict import predict
-    from medtune.store import Store
+    from medtune.deploy.bundle import load_bundle
+    from medtune.deploy.predict import predict
+    from medtune.results.store import Store
 
-    from medtune.evidence import to_risk
+    from medtune.results.evidence import to_risk
 
     raw, _, _, _ = modern_grid
     # its own store: the verdict is the store's, and the module's store also holds the ConvNeXt's LoRA
@@ -206,8 +206,8 @@ def test_lora_attention_targets_on_a_cnn_fail_when_the_config_loads_naming_the_b
 
 
 def test_report_states_each_strategys_trainable_share_next_to_full_fine_tuning(modern_grid, tmp_path):
-    from medtune.evidence import efficiency_table, group_table, read_evidence
-    from medtune.report import build_report
+    from medtune.results.evidence import efficiency_table, group_table, read_evidence
+    from medtune.report.html import build_report
 
     _, store, _, _ = modern_grid
     ev = read_evidence(store)

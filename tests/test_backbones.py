@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from medtune.backbones import blocks, create_backbone, embedded_weights_path, feature_chain, preprocessing
+from medtune.models.backbones import blocks, create_backbone, embedded_weights_path, feature_chain, preprocessing
 from medtune.errors import BackboneError
 
 

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from conftest import tiny_config, write_png
 from medtune.cli import app
 from medtune.config import load_config
-from medtune.data import decode_image, load_folder, load_manifest
+from medtune.data.loaders import decode_image, load_folder, load_manifest
 from medtune.errors import BackboneError, ConfigError, DataError, MedtuneError
-from medtune.splits import check_foldable
-from medtune.store import SCHEMA_VERSION, Store
+from medtune.data.splits import check_foldable
+from medtune.results.store import SCHEMA_VERSION, Store
 
 
 def png_bytes(arr: np.ndarray, **kw) -> bytes:
@@ -293,8 +293,8 @@ def test_nan_loss_recorded_and_grid_continues(tmp_path, monkeypatch):
     """A non-finite loss fails its cell with the reason; the other cells of the grid still run.
     (A NaN penalty stands in for a diverged model: a real learning rate does not reliably get
     there on a toy model in one epoch.)"""
-    from medtune.runner import run
-    from medtune.strategies import FullFT
+    from medtune.grid.runner import run
+    from medtune.training.strategies import FullFT
 
     monkeypatch.setattr(FullFT, "penalty", lambda self, model, start: torch.tensor(float("nan")))
     cfg = load_config(tiny_config(tmp_path, strategies=["full_ft", "linear_probe"]))
@@ -309,8 +309,8 @@ def test_nan_loss_recorded_and_grid_continues(tmp_path, monkeypatch):
 
 def test_divergence_in_lp_ft_names_the_rate_its_fine_tuning_phase_ran_at(tmp_path, monkeypatch):
     """LP-FT fine-tunes at ft_lr_scale x train.lr: the message gives that rate, not train.lr alone."""
-    from medtune.runner import run
-    from medtune.strategies import LPFT
+    from medtune.grid.runner import run
+    from medtune.training.strategies import LPFT
 
     monkeypatch.setattr(LPFT, "penalty", lambda self, model, start: torch.tensor(float("nan")))
     cfg = load_config(tiny_config(tmp_path, strategies=[{"name": "lp_ft", "lp_epochs": 1}]),
@@ -323,7 +323,7 @@ def test_divergence_in_lp_ft_names_the_rate_its_fine_tuning_phase_ran_at(tmp_pat
 
 def test_exploding_finite_loss_is_stopped_as_diverged(tmp_path):
     """A huge learning rate gives a finite but exploding loss: the cell fails as diverged, the grid goes on."""
-    from medtune.runner import run
+    from medtune.grid.runner import run
 
     cfg = load_config(tiny_config(tmp_path, strategies=["full_ft"]),
                       ["train.lr=1e6", "train.warmup_epochs=0", "train.grad_clip=0", "train.epochs=3"])
@@ -337,7 +337,7 @@ def test_exploding_finite_loss_is_stopped_as_diverged(tmp_path):
 def test_absurd_learning_rate_recorded_with_advice(tmp_path):
     """lr=1e38 overflows inside the optimizer (CPU) or the weights (CUDA's fused AdamW); the cell fails with
     advice, not a bare traceback, and never with metrics of a broken model."""
-    from medtune.runner import run
+    from medtune.grid.runner import run
 
     # full_ft: the linear probe is a convex fit that takes no learning rate
     cfg = load_config(tiny_config(tmp_path, strategies=["full_ft"]), ["train.lr=1e38", "train.warmup_epochs=0"])
@@ -366,8 +366,8 @@ def test_store_path_is_not_sqlite(tmp_path):
 
 
 def test_out_of_memory_recorded_with_advice(tmp_path, monkeypatch):
-    import medtune.cells as cells
-    import medtune.runner as runner
+    import medtune.grid.cells as cells
+    import medtune.grid.runner as runner
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

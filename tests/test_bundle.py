@@ -11,10 +11,10 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from medtune.bundle import load_bundle
-from medtune.evidence import to_risk
-from medtune.predict import predict, read_inputs
-from medtune.store import Store
+from medtune.deploy.bundle import load_bundle
+from medtune.results.evidence import to_risk
+from medtune.deploy.predict import predict, read_inputs
+from medtune.results.store import Store
 from tests.conftest import PROB_ATOL, tiny_png_config
 
 
@@ -69,7 +69,7 @@ def test_flip_tta_averages_each_image_and_its_mirror(tiny_run):
 
 def test_onnx_ensemble_matches_the_torch_ensemble(tiny_run_copy):
     ort = pytest.importorskip("onnxruntime")
-    from medtune.bundle import export
+    from medtune.deploy.bundle import export
 
     store, _ = tiny_run_copy
     best = Path(f"{store}.models/best")
@@ -79,7 +79,7 @@ def test_onnx_ensemble_matches_the_torch_ensemble(tiny_run_copy):
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"image": (images.float() / 255).numpy()})[0]
     # the graph gives what `medtune predict` reports: each fold's output at its training prevalence, averaged
-    from medtune.predict import fold_probabilities
+    from medtune.deploy.predict import fold_probabilities
 
     np.testing.assert_allclose(got, fold_probabilities(b, images, None)[1], atol=1e-4)
     single = fold_probabilities(b.select(0), images, None)[1]
@@ -106,7 +106,7 @@ def test_model_card_figures_are_the_stores(tiny_run):
     counts = {c: len(list((Path(tiny_run[1]) / c).glob("*.png"))) for c in meta["class_names"]}
     assert "classes " + ", ".join(f"{c} {n}" for c, n in counts.items()) in card
     assert "Positive class: malignant" in card and "patient-grouped" in card
-    assert f"mean of the probabilities of its 2 fold models" in card
+    assert "mean of the probabilities of its 2 fold models" in card
     for section in ("## Data", "## Preprocessing", "## Calibration", "## Intended use", "## Limitations"):
         assert section in card
 
@@ -134,8 +134,8 @@ def test_onnx_with_the_documented_preprocessing_reproduces_predict(tiny_run_copy
     from PIL import Image
 
     from tests.conftest import write_png
-    from medtune.bundle import export
-    from medtune.predict import predict
+    from medtune.deploy.bundle import export
+    from medtune.deploy.predict import predict
 
     store, _ = tiny_run_copy
     best = Path(f"{store}.models/best")

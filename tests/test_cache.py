@@ -10,7 +10,7 @@ import pytest
 
 import medtune
 from conftest import DEVICE, TINY
-from medtune.store import Store
+from medtune.results.store import Store
 
 # The cached prefix is the same operations on the same inputs as the recomputed one, in the same
 # precision (amp on: bf16 both ways), so on the CPU the predictions agree to rounding (measured: 0.0
@@ -78,7 +78,7 @@ def test_two_data_sets_and_two_sizes_in_one_process_never_share_features(tmp_pat
     joint["size"] = [json.loads(c)["backbone"]["image_size"] for c in joint.config_json]
     for d in datasets:
         for b in backbones:
-            import medtune.train as train
+            import medtune.training.loop as train
 
             train._SHARED_CACHE = None  # what a new process would start with
             alone = {**together, "datasets": [d], "backbones": [b], "store": str(tmp_path / f"{d['name']}_{b['image_size']}.sqlite")}

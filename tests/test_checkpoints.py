@@ -4,7 +4,7 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from medtune.backbones import create_backbone, embedded_weights_path, timm_name
+from medtune.models.backbones import create_backbone, embedded_weights_path, timm_name
 from medtune.cli import app
 from medtune.config import load_config
 from medtune.errors import BackboneError
@@ -71,5 +71,5 @@ def test_embedded_lite_weights_map_positionally(name):
 def test_list_backbones_shows_lite_weights_installed():
     out = CliRunner().invoke(app, ["list", "backbones"], terminal_width=200).output
     for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
-        line = next(l for l in out.splitlines() if name in l)
+        line = next(row for row in out.splitlines() if name in row)
         assert "embedded (installed)" in line, line

@@ -12,11 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from medtune.cli import app
-from medtune.store import Store
+from medtune.results.store import Store
 from conftest import PYTHON, cli_env, tiny_config
 
 TRACEBACK = ("RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x1280 and 64x2)\n"
-             "Traceback (most recent call last):\n  File \"train.py\", line 1, in fit\n")
+             "Traceback (most recent call last):\n  File \"training/loop.py\", line 1, in fit\n")
 
 
 def failed_store(tmp_path: Path) -> Path:
@@ -184,7 +184,7 @@ def test_the_wheel_ships_the_example_configs(tmp_path):
 
 
 def test_list_heads_prints_every_registered_head_with_its_description():
-    from medtune.heads import HEADS
+    from medtune.models.heads import HEADS
 
     res = CliRunner().invoke(app, ["list", "heads"], terminal_width=250)
     assert res.exit_code == 0, res.output

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_config
 from medtune.cli import app
-from medtune.store import Store
+from medtune.results.store import Store
 
 GROUP = ["dataset", "backbone", "strategy", "head"]
 STRATEGIES = ["linear_probe", "full_ft"]
@@ -178,7 +178,7 @@ def test_results_of_a_resumed_store_never_mix_the_two_configurations(two_seeds, 
 def test_eta_prices_the_remaining_cells_by_their_kind_not_by_the_mean_of_all(monkeypatch):
     """Two cheap probe cells, then two 10x dearer full_ft cells: once one full_ft cell has finished,
     the ETA is that cell's time, 10 s (the plain mean over all finished cells said 4 s)."""
-    from medtune import cells as cells_mod
+    from medtune.grid import cells as cells_mod
 
     now = [0.0]
     monkeypatch.setattr(cells_mod.time, "perf_counter", lambda: now[0])

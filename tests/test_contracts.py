@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from medtune.backbones import blocks, chain, classifier_param_names, create_backbone
+from medtune.models.backbones import blocks, chain, classifier_param_names, create_backbone
 from medtune.config import AugmentConfig
-from medtune.strategies import REGISTRY, AutoRGN, AutoSNR, L2SP, create_strategy, depth, is_norm
-from medtune.train import FeatureCache, Runtime, TrainSettings, fit, fit_epochs, set_seed
+from medtune.training.strategies import REGISTRY, AutoRGN, AutoSNR, L2SP, create_strategy, depth, is_norm
+from medtune.training.loop import FeatureCache, Runtime, TrainSettings, fit, fit_epochs, set_seed
 from conftest import DEVICE, TINY
 
 SETTINGS = TrainSettings(epochs=2, batch_size=8, lr=3e-3, val_fraction=0.0, views=2, amp="off", patience=10,
@@ -223,8 +223,8 @@ def test_lp_ft_fits_its_probe_on_the_statistics_fine_tuning_starts_from(tiny_tab
 
 
 def test_refresh_bn_statistics_is_the_mean_over_the_views_and_changes_no_weight(tiny_table):
-    from medtune.features import Forward, Inputs
-    from medtune.train import refresh_bn_statistics
+    from medtune.training.features import Forward, Inputs
+    from medtune.training.loop import refresh_bn_statistics
     set_seed(0)
     model = create_backbone(TINY, pretrained=False, num_classes=tiny_table.num_classes)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -326,10 +326,10 @@ def test_frozen_and_unfrozen_strategies_draw_the_same_views(tiny_table):
     """Equal terms: a cached (frozen-prefix) strategy and one that trains from the input see, for the
     same seed, the same training images: the cached prefix output of a batch is the prefix applied to
     the images the uncached path draws, and view 0 is the plain image."""
-    from medtune.features import Forward, Inputs
+    from medtune.training.features import Forward, Inputs
 
     model = create_backbone(TINY, pretrained=False, num_classes=tiny_table.num_classes).eval()
-    from medtune.backbones import feature_chain
+    from medtune.models.backbones import feature_chain
 
     fwd = Forward(model, feature_chain(model, 48))
     settings = replace(SETTINGS, views=4, channels_last=False)
@@ -384,22 +384,18 @@ def test_gradient_criteria_skip_an_overflowed_fp16_step(criterion):
 
 def test_no_import_cycles_in_the_core():
     """Imports point one way, also inside functions: no module of the core (data, synthetic, splits,
-    quality, backbones, strategies, features, precision, probe, train) is on an import cycle."""
-    import ast
-    from pathlib import Path
+    quality, backbones, strategies, features, precision, probe, the training loop) is on an import cycle."""
+    from tests.test_imports import import_graph
 
-    src = Path(__file__).resolve().parents[1] / "src" / "medtune"
-    graph = {}
-    for f in src.glob("*.py"):
-        tree = ast.parse(f.read_text())
-        graph[f.stem] = {n.module.split(".")[1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                         and n.module and n.module.startswith("medtune.")}
+    graph = import_graph()
 
     def reaches(start, goal, seen=()):
         return any(m == goal or (m not in seen and reaches(m, goal, (*seen, m))) for m in graph.get(start, ()))
 
-    core = ["data", "synthetic", "table", "folds", "splits", "quality", "backbones", "strategies", "features",
-            "precision", "probe", "train"]
+    core = ["data.loaders", "data.synthetic", "data.table", "data.folds", "data.splits", "data.quality",
+            "models.backbones", "training.strategies", "training.features", "training.precision", "models.probe",
+            "training.loop"]
+    assert set(core) <= set(graph)
     assert [m for m in core if reaches(m, m)] == []
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medtune.data import decode_image, load_dataset, load_folder, load_manifest, manifest_columns
+from medtune.data.loaders import decode_image, load_dataset, load_folder, load_manifest, manifest_columns
 from medtune.errors import DataError
 
 

@@ -1,6 +1,6 @@
 """Bad data inputs a user hands medtune, as issues 37 and 38 found them: each must end in a clear
 message naming the file, line or value (an error, or a warning where the data stays usable), seen
-alike by `medtune run` (data.py) and `medtune data check` (quality.py)."""
+alike by `medtune run` (data/loaders.py) and `medtune data check` (data/quality.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import tiny_config, write_png
 from medtune.cli import app
-from medtune.data import load_folder, load_manifest, load_npz
+from medtune.data.loaders import load_folder, load_manifest, load_npz
 from medtune.errors import ConfigError, DataError
-from medtune.quality import check_targets
-from medtune.splits import check_foldable
+from medtune.data.splits import check_foldable
 
 
 def folder(root: Path, n: int = 3) -> Path:
@@ -299,7 +297,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = img.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
-    from medtune.data import decode_image
+    from medtune.data.loaders import decode_image
 
     out = decode_image(tmp_path / "rot.jpg", 24)
     assert out[0, :4].mean() > 200 and out[0, -4:].mean() < 50  # displayed: white on top, black below
@@ -399,7 +397,7 @@ def test_manifest_with_bom_and_windows_line_endings(tmp_path):
 
 
 def test_manifest_columns_reports_a_malformed_row(tmp_path):
-    from medtune.data import manifest_columns
+    from medtune.data.loaders import manifest_columns
 
     f = manifest(tmp_path / "d", [r + ",s1" for r in BASE_ROWS] + ["benign/benign_0.png,benign,s2,extra"],
                  header="path,label,site")
@@ -408,7 +406,7 @@ def test_manifest_columns_reports_a_malformed_row(tmp_path):
 
 
 def test_group_pattern_on_a_manifest_says_where_patient_ids_go(tmp_path):
-    from medtune.data import load_dataset
+    from medtune.data.loaders import load_dataset
 
     f = manifest(tmp_path / "d", BASE_ROWS)
     with pytest.raises(DataError, match=r"group_pattern reads patient ids from the file names of a folder data set; "
@@ -419,7 +417,7 @@ def test_group_pattern_on_a_manifest_says_where_patient_ids_go(tmp_path):
 # --------------------------------------------------------------------------- odd pixels and stray files
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_float_image_with_a_non_finite_pixel_keeps_its_range(tmp_path, bad):
-    from medtune.data import decode_image
+    from medtune.data.loaders import decode_image
 
     arr = np.linspace(0.0, 1.0, 16 * 16, dtype=np.float32).reshape(16, 16)
     arr[0, 0] = bad
@@ -437,7 +435,7 @@ def test_images_beside_the_class_folders_are_named_not_silently_ignored(tmp_path
 
 
 def test_run_warns_when_identical_images_carry_different_labels(tmp_path):
-    from medtune.splits import apply_duplicate_policy
+    from medtune.data.splits import apply_duplicate_policy
 
     data = folder(tmp_path / "d")
     (data / "malignant" / "copy.png").write_bytes((data / "benign" / "benign_0.png").read_bytes())
@@ -448,7 +446,7 @@ def test_run_warns_when_identical_images_carry_different_labels(tmp_path):
 
 
 def test_multi_page_tiff_says_what_to_do(tmp_path):
-    from medtune.data import decode_image
+    from medtune.data.loaders import decode_image
 
     frames = [Image.new("L", (16, 16), v) for v in (0, 80, 160)]
     frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])

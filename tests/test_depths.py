@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import torch
 
-from medtune.backbones import blocks, create_backbone, layers, stages
-from medtune.strategies import create_strategy, depth, scheduled_params
+from medtune.models.backbones import blocks, create_backbone, layers, stages
+from medtune.training.strategies import create_strategy, depth, scheduled_params
 from conftest import PYTHON, cli_env
 
 
@@ -81,8 +81,8 @@ def test_linear_probe_and_lp_fts_probe_fit_only_the_final_classifier_on_vgg():
     """VGG's fc block (fc6, fc7, classifier) heads its block chain, so head-only in blocks would have
     trained 89% of VGG16 under the probe's name, by SGD; the probe phases train the classifier alone,
     which makes them the convex probe (a learning-rate choice then has nothing to choose)."""
-    from medtune.backbones import chain, classifier_param_names
-    from medtune.strategies import uses_learning_rate
+    from medtune.models.backbones import chain, classifier_param_names
+    from medtune.training.strategies import uses_learning_rate
 
     model = create_backbone("vgg11", pretrained=False, num_classes=3)
     head = classifier_param_names(model)
@@ -125,7 +125,7 @@ def test_docs_depth_table_is_current_for_resnet50(resnet50):
     """docs/depths.json (rendered into docs/strategies.md) is what the code computes today."""
     from pathlib import Path
 
-    from medtune.strategies import PEFT_DEPTHS, STANDARD_DEPTHS, parse_label
+    from medtune.training.strategies import PEFT_DEPTHS, STANDARD_DEPTHS, parse_label
 
     stored = json.loads((Path(__file__).resolve().parents[1] / "docs" / "depths.json").read_text())
     assert set(stored) == {"vgg16", "vgg19", "resnet50", "resnet101", "inception_v3", "densenet121", "resnetv2_50",

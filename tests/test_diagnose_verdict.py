@@ -1,4 +1,4 @@
-"""diagnose.py's read-time diagnoses the verdict cites: collapse by class mix, budget-limited
+"""results/diagnose.py's read-time diagnoses the verdict cites: collapse by class mix, budget-limited
 strategies, a head's own C / k pinned at its grid's end. Each rule is tested on both sides."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from medtune.diagnose import budget_limited, budget_lines, collapse, edge_choices, head_choices
+from medtune.results.diagnose import budget_limited, budget_lines, collapse, edge_choices, head_choices
 
 NAMES = ["benign", "malignant"]
 
@@ -59,7 +59,7 @@ def test_budget_limited_when_the_best_epoch_is_the_last_in_most_folds():
 
 
 def test_a_heads_own_choice_pinned_at_its_grid_end_is_flagged():
-    from medtune.heads import C_GRID
+    from medtune.models.heads import C_GRID
 
     c = cells([{"strategy": "full_ft", "head": "svm", "fold": f, "info": {"svm_C": C_GRID[-1]}} for f in range(5)]
               + [{"strategy": "partial_ft", "head": "knn", "fold": f, "info": {"knn_k": [5, 11, 21, 11, 5][f]}}

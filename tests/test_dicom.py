@@ -1,12 +1,11 @@
 """DICOM decoding: modality LUT, window / VOI LUT, MONOCHROME1, multi-frame, PatientID groups."""
 
 import numpy as np
-import pydicom  # in the `dev` extra: a missing pydicom is a broken install, so these tests fail, not skip
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from medtune.data import decode_image, load_dataset
+from medtune.data.loaders import decode_image, load_dataset
 from medtune.errors import DataError
 
 # A 4x4 ramp of stored values 0..1500 (12 bits stored).

@@ -22,10 +22,10 @@ import torch
 import yaml
 
 from medtune.config import load_config
-from medtune.distributed import CRASH_ONCE_ENV, check_devices
+from medtune.grid.distributed import CRASH_ONCE_ENV, check_devices
 from medtune.errors import ConfigError
-from medtune.runner import run
-from medtune.store import Store
+from medtune.grid.runner import run
+from medtune.results.store import Store
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -38,7 +38,7 @@ def test_config_reference_lists_every_field():
 
 
 def test_strategy_catalogue_covers_the_registry_with_guidance():
-    from medtune.strategies import REGISTRY
+    from medtune.training.strategies import REGISTRY
 
     text = (ROOT / "docs/strategies.md").read_text()
     gen = generator()

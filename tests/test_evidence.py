@@ -7,10 +7,10 @@ import pytest
 from planted import noisy_probs, plant_cell, plant_dataset, plant_run
 
 from medtune.errors import MedtuneError
-from medtune.evidence import (external_table, group_table, operating_points, operating_table, read_evidence,
+from medtune.results.evidence import (external_table, group_table, operating_points, operating_table, read_evidence,
                               subgroup_table, summary_table)
-from medtune.headline import NESTED, OPTIMISTIC, PRIMARY, headline_group
-from medtune.store import Store, add_groups
+from medtune.results.headline import NESTED, OPTIMISTIC, PRIMARY, headline_group
+from medtune.results.store import Store, add_groups
 
 
 def _grid(store, groups, n_folds=2, n=40, seed=0, extra=None):
@@ -151,7 +151,7 @@ def test_without_patient_ids_an_images_seed_predictions_are_resampled_together(t
     """Two seeds predict each image twice: the bootstrap must draw an image with both its
     predictions (else the interval narrows as if there were twice the images); one seed needs no
     clusters at all."""
-    from medtune.evidence import clusters
+    from medtune.results.evidence import clusters
 
     with Store(tmp_path / "s.sqlite") as s:
         plant_dataset(s), plant_run(s)
@@ -169,7 +169,7 @@ def test_stored_probabilities_rounded_to_6_decimals_are_read_back_summing_to_one
     'do not sum to one' warning on any calibration bootstrap."""
     import warnings
 
-    from medtune.evidence import calibration_table, pooled
+    from medtune.results.evidence import calibration_table, pooled
 
     with Store(tmp_path / "s.sqlite") as s:
         plant_dataset(s, class_names=("c0", "c1", "c2"), positive=None), plant_run(s)
@@ -195,9 +195,9 @@ def test_grouping_text_says_no_patient_ids_when_only_identical_images_are_groupe
     says whether the loader found patient ids (a DICOM folder has them without any pattern)."""
     import torch
 
-    from medtune.cells import PreparedData, record_of
-    from medtune.data import ImageTable
-    from medtune.evidence import grouping_text
+    from medtune.grid.cells import PreparedData, record_of
+    from medtune.data.loaders import ImageTable
+    from medtune.results.evidence import grouping_text
 
     images = torch.zeros((4, 3, 8, 8), dtype=torch.uint8)
     labels = np.array([0, 0, 1, 1])

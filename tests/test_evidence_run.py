@@ -7,8 +7,8 @@ import pandas as pd
 
 import medtune
 from conftest import DEVICE, write_pngs
-from medtune.report import build_report
-from medtune.store import Store
+from medtune.report.html import build_report
+from medtune.results.store import Store
 
 
 def _manifest(root: Path) -> Path:

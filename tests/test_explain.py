@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 
-from medtune.backbones import create_backbone
-from medtune.explain import cam_maps, cam_target, gallery, normalise, overlay, target_layer
+from medtune.models.backbones import create_backbone
+from medtune.report.explain import cam_maps, cam_target, gallery, normalise, overlay, target_layer
 
 
 @pytest.mark.parametrize("arch, expected", [

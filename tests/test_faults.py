@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from conftest import PYTHON, cli_env, tiny_config
@@ -175,7 +174,7 @@ def test_a_damaged_store_is_named_by_report_results_run_and_track(tiny_run_copy,
 def test_the_model_card_of_a_group_the_store_no_longer_holds_is_an_error_not_an_index_error(tiny_run_copy):
     import json
 
-    from medtune.card import model_card
+    from medtune.report.card import model_card
 
     store, _ = tiny_run_copy
     meta = json.loads(Path(f"{store}.models/best/model.json").read_text())

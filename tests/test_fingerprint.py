@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 import medtune
-from medtune.cells import expand, precision_of
+from medtune.grid.cells import expand, precision_of
 from medtune.config import load_config
-from medtune.heads import HEADS
-from medtune.store import Store
-from medtune.strategies import list_strategies
+from medtune.models.heads import HEADS
+from medtune.results.store import Store
+from medtune.training.strategies import list_strategies
 from medtune.version import RESULTS_VERSION
 
 RECORD = Path(__file__).with_name("fingerprints.json")
@@ -99,7 +99,7 @@ def test_predictions_match_the_fingerprint_of_this_results_version():
 def test_settings_that_change_numbers_change_the_cell_id(tmp_path, monkeypatch):
     """amp is in the id after it is resolved on the device, and so are the searched grids: a CPU-fp32
     cell and a GPU-bf16 cell, or cells before and after a grid change, never share an id."""
-    import medtune.probe
+    import medtune.models.probe
 
     cfg = load_config(raw={**grid(tmp_path / "s.sqlite"), "strategies": ["linear_probe"], "heads": ["softmax"]})
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": "auto"})})
@@ -107,7 +107,7 @@ def test_settings_that_change_numbers_change_the_cell_id(tmp_path, monkeypatch):
     fp32, bf16 = ids(precision="float32"), ids(precision="bfloat16")
     assert set(fp32).isdisjoint(bf16)
     assert ids() == ids(precision=precision_of(cfg, torch.device("cpu")))
-    monkeypatch.setattr(medtune.probe, "C_GRID", (1e-2, 1e-1, 1.0))
+    monkeypatch.setattr(medtune.models.probe, "C_GRID", (1e-2, 1e-1, 1.0))
     assert set(ids(precision="float32")).isdisjoint(fp32)
 
 

@@ -19,9 +19,9 @@ from sklearn.utils.class_weight import compute_class_weight
 import medtune
 from conftest import smoke_raw
 from medtune.errors import ConfigError
-from medtune.heads import (C_GRID, HEADS, Head, SVMHead, calibration_folds, create_head, full_proba, head_class,
+from medtune.models.heads import (C_GRID, HEADS, Head, SVMHead, calibration_folds, create_head, full_proba, head_class,
                             list_heads)
-from medtune.store import Store
+from medtune.results.store import Store
 
 
 def _imbalanced(n=(200, 40), d=8, seed=0):
@@ -62,7 +62,7 @@ def test_both_heads_apply_the_configured_class_weighting(tmp_path, monkeypatch, 
             assert weight is not None and weight.max() > 1.3 * weight.min()
     assert {cw for cw, _ in seen["svm"]} == ({"balanced"} if class_weight == "balanced" else {None})
     if class_weight == "balanced":  # the loop's weights are scikit-learn's `balanced` ones, as the SVM's
-        from medtune.train import class_weights
+        from medtune.training.loop import class_weights
 
         ys = [y for _, y in seen["svm"] if len(np.unique(y)) == 3]
         assert ys
@@ -130,7 +130,7 @@ def test_a_feature_heads_validation_predictions_come_from_a_model_that_never_saw
 
 
 def knn_by_hand(fit_x, fit_y, val_x, val_y, test_x, n_classes=2):
-    """The kNN head as heads.py documents it, with scikit-learn alone: cosine neighbours, vote shares
+    """The kNN head as models/heads.py documents it, with scikit-learn alone: cosine neighbours, vote shares
     divided by the training class frequencies, k in (5, 11, 21) by inner balanced accuracy (first
     best wins), the index on the fit part only."""
     from sklearn.metrics import balanced_accuracy_score
@@ -166,8 +166,8 @@ def test_knn_head_is_a_cosine_vote_with_k_from_the_inner_split_and_equal_priors(
 def test_knn_cells_are_stored_and_their_bundle_reproduces_the_stored_predictions(tmp_path):
     import torch
 
-    from medtune.bundle import load_bundle
-    from medtune.cells import prepare
+    from medtune.deploy.bundle import load_bundle
+    from medtune.grid.cells import prepare
     from medtune.config import load_config
     from conftest import PROB_ATOL
 
@@ -281,4 +281,28 @@ def test_a_head_pickled_before_the_registry_still_predicts(tmp_path):
     joblib.dump(old, tmp_path / "svm.joblib")
     loaded = joblib.load(tmp_path / "svm.joblib")
     assert loaded.chosen_ == head.chosen_ and list(loaded.classes_) == [0, 1]
+    np.testing.assert_array_equal(full_proba(loaded, x[200:], 2), full_proba(head, x[200:], 2))
+
+
+def test_a_head_pickled_under_the_flat_layout_loads_from_a_bundle(tmp_path, monkeypatch):
+    """Before the package was split by stage, a head pickled as `medtune.heads.SVMHead`: a bundle's
+    fold directory with such a file still loads (bundle.old_module_names), and the alias is gone after."""
+    import sys
+
+    import joblib
+    import torch
+
+    from medtune.deploy.bundle import _read_model
+
+    x, y = _imbalanced()
+    head = create_head("svm").fit(x[:160], y[:160], x[160:200], y[160:200], 2)
+    monkeypatch.setattr(SVMHead, "__module__", "medtune.heads")
+    monkeypatch.setitem(sys.modules, "medtune.heads", sys.modules["medtune.models.heads"])
+    joblib.dump(head, tmp_path / "svm.joblib")
+    assert b"medtune.heads" in (tmp_path / "svm.joblib").read_bytes()
+    monkeypatch.undo()
+    torch.save({}, tmp_path / "weights.pt")
+    assert "medtune.heads" not in sys.modules
+    _, loaded = _read_model(tmp_path)
+    assert "medtune.heads" not in sys.modules
     np.testing.assert_array_equal(full_proba(loaded, x[200:], 2), full_proba(head, x[200:], 2))

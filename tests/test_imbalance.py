@@ -1,6 +1,6 @@
 """Class imbalance handled by default: `train.class_weight: balanced` weights every head's loss, the
 defaults get every strategy clear of the majority-class model on 1:5 data, and a collapsed cell
-is flagged (diagnose.py)."""
+is flagged (results/diagnose.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-import medtune.train as train
+import medtune.training.loop as train
 from conftest import DEVICE, tiny_config
 from medtune.config import load_config
-from medtune.diagnose import collapse
+from medtune.results.diagnose import collapse
 from medtune.errors import ConfigError
-from medtune.synthetic import make_ultrasound
+from medtune.data.synthetic import make_ultrasound
 
 MAJORITY_MARGIN = 0.6  # "clearly above" the 0.5 of a model that predicts the majority class
 
@@ -82,9 +82,9 @@ def test_a_collapsed_cell_is_flagged_with_advice():
 def test_a_planted_collapsed_cell_reaches_the_store_and_results(tmp_path, monkeypatch, capsys):
     """A cell whose model predicts one class (planted: the head outputs one class) is flagged in its info,
     in the run's output and in `medtune results`; the spread cells are not."""
-    import medtune.runner as runner
+    import medtune.grid.runner as runner
     from medtune.cli import Fmt, print_results
-    from medtune.train import FitResult
+    from medtune.training.loop import FitResult
 
     real = FitResult.predict_proba
 
@@ -104,7 +104,7 @@ def test_a_planted_collapsed_cell_reaches_the_store_and_results(tmp_path, monkey
     warned = [line for line in err if "collapsed" in line]
     assert len(warned) == 2  # one line per flagged cell, advice included (a log is read with grep, not at 80 columns)
     assert all(line.startswith("warning: collapsed") and line.rstrip().endswith("the svm head") for line in warned)
-    from medtune.store import Store, read_cells
+    from medtune.results.store import Store, read_cells
 
     with Store(cfg.store) as s:
         infos = read_cells(s)["info"].tolist()
@@ -112,7 +112,7 @@ def test_a_planted_collapsed_cell_reaches_the_store_and_results(tmp_path, monkey
     print_results(Path(cfg.store), Fmt.table, False)
     out = capsys.readouterr().out
     assert "collapsed" in out and "the svm head" in out  # the advice leaves out the balanced weighting already set
-    from medtune.report import build_report
+    from medtune.report.html import build_report
 
     page = build_report(cfg.store, tmp_path / "report", n_boot=50)["html"].read_text()
     assert "Collapsed cells" in page and "benign" in page
@@ -141,8 +141,8 @@ def test_defaults_keep_every_strategy_clear_of_the_majority_class_on_1_to_5_data
     the majority model's 0.5 (measured 0.69-1.00; unweighted, the 1:5 benchmark's softmax heads sat at
     0.50-0.52, benchmarks/results/imbalance_synthetic.md)."""
     import medtune
-    from medtune.store import Store
-    from medtune.strategies import list_strategies
+    from medtune.results.store import Store
+    from medtune.training.strategies import list_strategies
 
     data = _imbalanced_folder(tmp_path / "data", 36, 96)
     counts = {c.name: len(list(c.iterdir())) for c in data.iterdir()}
@@ -162,7 +162,7 @@ def test_defaults_keep_every_strategy_clear_of_the_majority_class_on_1_to_5_data
 
 def test_collapse_advice_leaves_out_what_the_cell_already_does():
     """The demo (balanced weighting, a rate choice, `keep`) was told to try exactly those."""
-    from medtune.diagnose import advice, describe
+    from medtune.results.diagnose import advice, describe
 
     done = {"train": {"class_weight": "balanced", "lr": {"choose": [1e-4, 1e-3]}, "bn_statistics": "keep"},
             "strategy": {"name": "full_ft"}}

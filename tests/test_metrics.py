@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from medtune.metrics import auc, clinical_metrics, from_counts
+from medtune.results.metrics import auc, clinical_metrics, from_counts
 
 
 def probs_from_pred(pred, k):
@@ -84,7 +84,7 @@ def test_balanced_accuracy_is_sklearns_mean_recall_over_the_classes_present():
 
     from sklearn.metrics import balanced_accuracy_score as sklearn_score
 
-    from medtune.metrics import balanced_accuracy, balanced_accuracy_score
+    from medtune.results.metrics import balanced_accuracy, balanced_accuracy_score
 
     rng = np.random.default_rng(0)
     for n in (3, 7, 40):
@@ -100,13 +100,13 @@ def test_balanced_accuracy_is_sklearns_mean_recall_over_the_classes_present():
 
 # --------------------------------------------------------------------------- the metric table
 def table_rows():
-    from medtune.metrics import METRICS
+    from medtune.results.metrics import METRICS
 
     return METRICS
 
 
 def test_the_metric_table_names_each_metric_once_and_orders_main_metrics():
-    from medtune.metrics import MAIN_METRICS
+    from medtune.results.metrics import MAIN_METRICS
 
     rows = table_rows()
     names, shorts = [m.name for m in rows], [m.short for m in rows]
@@ -140,7 +140,7 @@ def test_racing_accepts_exactly_the_raceable_metrics_and_names_the_choices_other
 
 
 def test_the_report_legend_explains_every_short_label_of_the_table():
-    from medtune.report import metric_legend
+    from medtune.report.html import metric_legend
 
     text = metric_legend(" (malignant)")
     for m in table_rows():
@@ -154,7 +154,7 @@ def test_results_wide_shows_a_column_per_metric_of_the_table_in_its_order(tmp_pa
     from typer.testing import CliRunner
 
     from medtune.cli import app
-    from medtune.store import Store
+    from medtune.results.store import Store
     from planted import plant_cell, plant_dataset, plant_run
 
     y = np.array([0, 1] * 4)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from medtune.backbones import create_backbone
-from medtune.strategies import create_strategy
-from medtune.features import FeatureCache, Runtime
-from medtune.precision import FP32_DEPTHWISE_MAX_SIDE, depthwise_in_fp32, slow_bf16_depthwise
-from medtune.train import TrainSettings, fit
+from medtune.models.backbones import create_backbone
+from medtune.training.strategies import create_strategy
+from medtune.training.features import FeatureCache, Runtime
+from medtune.training.precision import FP32_DEPTHWISE_MAX_SIDE, depthwise_in_fp32, slow_bf16_depthwise
+from medtune.training.loop import TrainSettings, fit
 
 @pytest.fixture(scope="module")
 def nets():
@@ -74,8 +74,8 @@ def test_a_fit_on_cached_features_records_and_uses_the_precision(name, amp, expe
 def test_no_grad_passes_in_lanes_give_the_same_features_in_order(tiny_table, monkeypatch):
     """Cache filling and prediction run batches side by side on a CPU; the result must not depend on it:
     same order, same augmentation draws, same numbers, and the caller's thread count is restored."""
-    import medtune.features as features
-    import medtune.precision as precision
+    import medtune.training.features as features
+    import medtune.training.precision as precision
 
     settings = TrainSettings(epochs=1, batch_size=8, val_fraction=0.0, views=3, amp="off", warmup_epochs=0)
     model = create_backbone("test_efficientnet", pretrained=False, num_classes=tiny_table.num_classes)
@@ -103,7 +103,7 @@ def test_stepper_without_fp16_takes_the_plain_optimizer_step():
     zero_grad / backward / step (and keep the true gradients for strategies and clipping)."""
     import torch
 
-    from medtune.precision import Stepper
+    from medtune.training.precision import Stepper
 
     torch.manual_seed(0)
     a = torch.nn.Linear(4, 2)
@@ -128,9 +128,9 @@ def test_stepper_without_fp16_takes_the_plain_optimizer_step():
 def test_compile_is_off_by_rule_where_it_was_measured_not_to_pay_and_not_part_of_the_cell_key(tiny_table, tmp_path):
     """`compile: auto` follows COMPILE_PAYS (measured slower on a CPU: benchmarks/results/compile.json),
     the epoch records what applied, and the setting changes no cell id (rounding only, like `device`)."""
-    from medtune.cells import expand
+    from medtune.grid.cells import expand
     from medtune.config import ExperimentConfig
-    from medtune.precision import COMPILE_PAYS, compile_pays
+    from medtune.training.precision import COMPILE_PAYS, compile_pays
 
     cpu = torch.device("cpu")
     assert compile_pays(cpu, "auto") is COMPILE_PAYS["cpu"] is False

@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, log_loss
 from sklearn.preprocessing import StandardScaler
 
-from medtune.probe import C_BOUNDS, C_GRID, fit_linear_probe, load_into, search, widen_log
+from medtune.models.probe import C_BOUNDS, C_GRID, fit_linear_probe, load_into, search, widen_log
 
 
 def blobs(n, seed, k=3, d=20):
@@ -116,9 +116,9 @@ def test_search_widens_only_past_a_strictly_winning_end():
 def test_probe_decisions_survive_bf16_autocast():
     """The probe's folded weights (standardisation inside) in a bf16 classifier flipped 97 of 2,000
     decisions on a dense toy; the network's classifier runs in fp32, so bf16 inputs decide as the fit."""
-    from medtune.backbones import create_backbone
-    from medtune.features import POOLED, Forward
-    from medtune.precision import autocast
+    from medtune.models.backbones import create_backbone
+    from medtune.training.features import POOLED, Forward
+    from medtune.training.precision import autocast
 
     model = create_backbone("test_efficientnet", False, 3).eval()
     d = model.get_classifier().in_features
@@ -140,7 +140,9 @@ def test_the_convex_fits_run_on_one_blas_thread(monkeypatch):
     the probe, SVM and kNN fits run with one BLAS thread."""
     from threadpoolctl import threadpool_info
 
-    from medtune import heads, probe
+    from medtune.models import heads
+
+    from medtune.models import probe
 
     seen = []
     real_fit = probe.LogisticRegression.fit

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from medtune.data import decode_image
+from medtune.data.loaders import decode_image
 from medtune.errors import DataError
-from medtune.metrics import clinical_metrics
-from medtune.splits import kfold
+from medtune.results.metrics import clinical_metrics
+from medtune.data.splits import kfold
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

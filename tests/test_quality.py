@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from conftest import tiny_config
 from medtune.cli import app
-from medtune.data import ImageTable
+from medtune.data.loaders import ImageTable
 from medtune.errors import DataError
-from medtune.quality import check_targets, near_duplicate_groups, straddling
-from medtune.splits import apply_duplicate_policy, assert_disjoint, kfold
+from medtune.data.quality import check_targets, near_duplicate_groups, straddling
+from medtune.data.splits import apply_duplicate_policy, assert_disjoint, kfold
 
 
 def smooth_image(seed: int, size: int = 64) -> np.ndarray:
@@ -166,10 +166,10 @@ def test_ignore_policy_records_but_does_not_group():
 
 
 def test_decision_recorded_in_store(tmp_path, monkeypatch):
-    import medtune.cells as cells
-    import medtune.runner as runner
+    import medtune.grid.cells as cells
+    import medtune.grid.runner as runner
     from medtune.config import load_config
-    from medtune.store import Store
+    from medtune.results.store import Store
 
     monkeypatch.setattr(cells, "run_cell", lambda *a, **k: (_ for _ in ()).throw(MemoryError))
     monkeypatch.setattr(runner, "execute", lambda *a, **k: "skipped in this test")

@@ -1,4 +1,4 @@
-"""Racing across folds (racing.py): a far-worse candidate stops after the minimum folds, a near-tie
+"""Racing across folds (grid/racing.py): a far-worse candidate stops after the minimum folds, a near-tie
 never does, and an interrupted race resumes to the same end with no cell run twice or lost.
 
 The race driver is tested with planted cells: `run_round` writes each cell with inner-validation
@@ -17,9 +17,9 @@ import pytest
 from conftest import PYTHON, cli_env, tiny_config
 from medtune.config import RacingConfig, load_config
 from medtune.errors import ConfigError
-from medtune.racing import PRUNED, Score, prune, race
-from medtune.cells import cell_id
-from medtune.store import Store
+from medtune.grid.racing import PRUNED, Score, prune, race
+from medtune.grid.cells import cell_id
+from medtune.results.store import Store
 from planted import BASE, merge, plant_dataset
 
 N_VAL = 80
@@ -65,7 +65,7 @@ def planted_store(tmp_path) -> Store:
 def favour_on_test_folds(store: Store, strategy: str):
     """Make the test folds disagree with the inner splits: `strategy` gets the best test-fold mean.
     Returns the store's group table, indexed by strategy."""
-    from medtune.evidence import group_table, read_evidence
+    from medtune.results.evidence import group_table, read_evidence
 
     store.conn.execute("UPDATE metrics SET value = 0.99 WHERE name='balanced_accuracy' AND cell_id IN "
                        "(SELECT cell_id FROM cells WHERE strategy=?)", (strategy,))
@@ -190,7 +190,7 @@ def test_sigkill_during_a_race_and_rerun(tmp_path):
 def test_the_report_headlines_the_race_leader_and_lists_the_pruned(tmp_path):
     """Under racing the headline is the leader on inner validation scores (not the best test-fold
     mean), and a pruned candidate is listed with its reason, never the optimistic † row."""
-    from medtune.report import build_report
+    from medtune.report.html import build_report
     from planted import plant_run
 
     skills = {"good": [0.90, 0.875, 0.925, 0.90, 0.875], "bad": [0.50, 0.4625, 0.525, 0.50, 0.55],
@@ -212,9 +212,9 @@ def test_without_racing_the_headline_and_deployed_group_are_the_inner_validation
     validation splits, not on the test folds, which are planted to favour another candidate; the
     group keep_best deploys is the same one (bundle.deployed_group). Without any inner-validation
     predictions the headline falls back to the test folds' best and says it is optimistic."""
-    from medtune.bundle import deployed_group
-    from medtune.evidence import group_table, read_evidence
-    from medtune.racing import leaders
+    from medtune.deploy.bundle import deployed_group
+    from medtune.results.evidence import group_table, read_evidence
+    from medtune.grid.racing import leaders
     from planted import plant_run
 
     skills = {"good": [0.90, 0.875, 0.925, 0.90, 0.875], "close": [0.875, 0.85, 0.85, 0.875, 0.85]}

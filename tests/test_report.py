@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medtune.bundle import load_bundle, save_bundle
+from medtune.deploy.bundle import load_bundle, save_bundle
 from medtune.cli import app
-from medtune.evidence import to_risk
-from medtune.store import Store
+from medtune.results.evidence import to_risk
+from medtune.results.store import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -114,7 +114,7 @@ def test_predict_reproduces_the_stores_predictions(tiny_run, tmp_path):
 
 def test_predict_single_files_and_manifest(tiny_run, tmp_path):
     store, data = tiny_run
-    from medtune.predict import predict
+    from medtune.deploy.predict import predict
 
     files = sorted(data.rglob("*.png"))[:3]
     manifest = data / "few.csv"
@@ -141,7 +141,7 @@ def test_export_torchscript_and_onnx_match_the_model(tiny_run_copy):
     pre = json.loads((model_dir / "preprocessing.json").read_text())
     assert pre["image_size"] == b.image_size and pre["class_names"] == b.meta["class_names"]
     images = torch.randint(0, 256, (3, 3, b.image_size, b.image_size), dtype=torch.uint8)
-    from medtune.predict import fold_probabilities
+    from medtune.deploy.predict import fold_probabilities
 
     ref = fold_probabilities(b, images, None)[1]  # what `medtune predict` reports: each fold at its prevalence
     x = images.float() / 255.0
@@ -157,8 +157,8 @@ def _svm_on_a_tiny_network():
     """(network, images, their features, an SVM head fitted on them, model.json without folds)."""
     import timm
 
-    from medtune.explain import normalise
-    from medtune.heads import create_head
+    from medtune.report.explain import normalise
+    from medtune.models.heads import create_head
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=2).eval()
@@ -174,7 +174,7 @@ def _svm_on_a_tiny_network():
 
 
 def test_svm_bundle_round_trips_its_sklearn_head(tmp_path):
-    from medtune.heads import full_proba
+    from medtune.models.heads import full_proba
 
     model, images, feats, svm, meta = _svm_on_a_tiny_network()
     save_bundle(tmp_path, [(model.state_dict(), svm)], {**meta, "folds": [{"fold": 0, "cell_id": "c", "dir": "fold0"}]})
@@ -188,8 +188,8 @@ def test_a_bundle_written_before_the_head_registry_still_loads_and_predicts(tmp_
     `edge`: predict and export read them as before."""
     import joblib
 
-    from medtune.bundle import export
-    from medtune.heads import SVMHead, full_proba
+    from medtune.deploy.bundle import export
+    from medtune.models.heads import SVMHead, full_proba
 
     model, images, feats, svm, meta = _svm_on_a_tiny_network()
     (tmp_path / "fold0").mkdir()
@@ -242,7 +242,7 @@ def _depth_inputs():
     """A group table and its cells for one data set: three depth settings, two other methods, two heads."""
     from types import SimpleNamespace
 
-    from medtune.evidence import MAIN
+    from medtune.results.evidence import MAIN
 
     share = {"linear_probe": 0.001, "partial_ft(fraction=0.15)": 0.5, "full_ft": 1.0, "lp_ft": 1.0, "l2_sp": 1.0}
     rows, cells = [], []
@@ -256,7 +256,7 @@ def _depth_inputs():
 
 
 def test_depth_plot_joins_only_the_depth_settings_into_the_curve():
-    from medtune.report import fig_depth
+    from medtune.report.html import fig_depth
 
     ev, t = _depth_inputs()
     fig = fig_depth(ev, t, "d")
@@ -273,7 +273,7 @@ def test_depth_plot_joins_only_the_depth_settings_into_the_curve():
 def test_figure_labels_do_not_overlap_each_other():
     """Twelve points on top of each other, a few beside them and a row of long labels side by side: the
     rendered labels are disjoint."""
-    from medtune.report import _plt, place_labels
+    from medtune.report.html import _plt, place_labels
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -302,8 +302,8 @@ def test_reliability_diagram_of_a_large_grid_shows_the_headline_and_the_test_fol
     past six groups the diagram shows the headline and the † group; a small grid shows every group."""
     from planted import noisy_probs, plant_cell, plant_dataset, plant_run
 
-    from medtune.evidence import group_table, read_evidence
-    from medtune.report import fig_reliability
+    from medtune.results.evidence import group_table, read_evidence
+    from medtune.report.html import fig_reliability
 
     def figure_labels(n_groups):
         path = tmp_path / f"s{n_groups}.sqlite"

@@ -9,10 +9,10 @@ import torch
 
 import medtune
 from medtune.config import load_config
-from medtune.heads import create_head, full_proba
-from medtune.cells import expand, prepare, settings_from
-from medtune.store import Store
-from medtune.train import set_seed
+from medtune.models.heads import create_head, full_proba
+from medtune.grid.cells import expand, prepare, settings_from
+from medtune.results.store import Store
+from medtune.training.loop import set_seed
 from conftest import PROB_ATOL, TINY, smoke_raw
 
 
@@ -62,13 +62,13 @@ def test_svm_head_predictions_come_from_an_svm_on_network_features(tmp_path):
     stored = np.array(preds[preds.cell_id == cell.cell_id].sort_values("sample")["probs"].tolist())
     data = prepare(cfg.datasets[0], 48, 2)
     tr, te = data.splits(2, 0)[0]
-    from medtune.splits import inner_split
+    from medtune.data.splits import inner_split
 
     fit_idx, val_idx = inner_split(tr, data.table.labels, data.groups, 0.3, 0)
     assert len(val_idx) > 0  # C is chosen on a real inner split
     set_seed(0)
     model = medtune.create_backbone(TINY, pretrained=False, num_classes=3).eval()
-    from medtune.backbones import preprocessing
+    from medtune.models.backbones import preprocessing
 
     pre = preprocessing(model)
     mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
@@ -83,7 +83,7 @@ def test_svm_head_predictions_come_from_an_svm_on_network_features(tmp_path):
 
 
 def balanced_svm_by_hand(fit_x, fit_y, val_x, val_y, test_x, groups=None):
-    """The head as heads.py documents it, written here with scikit-learn alone: C from the grid
+    """The head as models/heads.py documents it, written here with scikit-learn alone: C from the grid
     1e-4..1e-2 by inner balanced accuracy (first best wins), then fitted on the fit part alone with
     3-fold sigmoid calibration (folds grouped by patient: `groups` of the fit part), probabilities
     divided by the training class frequencies and renormalised."""
@@ -124,7 +124,7 @@ def test_auto_depth_picks_by_inner_cv_and_records_it(tmp_path):
         scores = info["auto_depth"]["scores"]
         assert set(scores) == {"linear_probe", "full_ft"}
         assert all(0.0 <= v <= 1.0 for v in scores.values())  # inner balanced accuracies
-        # the pick is the best inner score (ties: the lower inner loss, select.py), and that strategy is what trained
+        # the pick is the best inner score (ties: the lower inner loss, grid/select.py), and that strategy is what trained
         losses = info["auto_depth"]["losses"]
         assert info["auto_depth"]["picked"] == max(("linear_probe", "full_ft"), key=lambda k: (scores[k], -losses[k]))
         assert info["strategy_label"] == info["auto_depth"]["picked"]
@@ -176,8 +176,8 @@ def test_best_model_is_the_grids_own_fold0_model_not_a_retrain(tmp_path, monkeyp
     """keep_best saves the fold-0 model the grid trained (no extra cell); a store whose models were not
     kept (resumed from an older run) gets that cell retrained instead, and either way the bundle
     reproduces the stored predictions."""
-    import medtune.cells as cells
-    from medtune.bundle import fold_models_dir, load_bundle
+    import medtune.grid.cells as cells
+    from medtune.deploy.bundle import fold_models_dir, load_bundle
 
     calls = []
     real = cells.run_cell

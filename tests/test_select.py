@@ -10,16 +10,16 @@ import pytest
 import torch
 
 import medtune
-from conftest import DEVICE, TINY, smoke_raw
+from conftest import DEVICE, smoke_raw
 from medtune.config import load_config
-from medtune.data import ImageTable
+from medtune.data.loaders import ImageTable
 from medtune.errors import ConfigError
-from medtune.cells import PreparedData, expand, model_key, run_cell, settings_from
-from medtune.select import candidates, fit_candidate, inner_score
-from medtune.splits import kfold
-from medtune.store import Store
-from medtune.strategies import REGISTRY
-from medtune.train import Runtime
+from medtune.grid.cells import PreparedData, expand, model_key, run_cell, settings_from
+from medtune.grid.select import candidates, fit_candidate, inner_score
+from medtune.data.splits import kfold
+from medtune.results.store import Store
+from medtune.training.strategies import REGISTRY
+from medtune.training.loop import Runtime
 
 
 def _cells(raw: dict) -> list[dict]:
@@ -44,8 +44,8 @@ def test_a_list_is_a_grid_axis_and_a_choice_is_one_cell(tmp_path):
 
 def test_plain_strategies_keep_their_cell_config():
     """A strategy without choices is stored as before choices existed: {name, **params()}."""
-    from medtune.select import cell_strategy
-    from medtune.strategies import create_strategy
+    from medtune.grid.select import cell_strategy
+    from medtune.training.strategies import create_strategy
 
     s = create_strategy("partial_ft", blocks=2)
     assert cell_strategy("partial_ft", {"blocks": 2}) == {"name": s.name, **s.params()}
@@ -155,8 +155,8 @@ def test_auto_depth_is_a_selector_not_a_strategy(tmp_path):
 def test_an_lr_choice_for_the_convex_probe_trains_one_candidate(bn, expected):
     """linear_probe is fitted by logistic regression (no learning rate) unless BatchNorm follows the
     batch, when SGD trains it: three lr candidates would be three identical fits in the first case."""
-    from medtune.select import without_unused_lr
-    from medtune.train import TrainSettings
+    from medtune.grid.select import without_unused_lr
+    from medtune.training.loop import TrainSettings
 
     settings = TrainSettings(epochs=3, bn_statistics=bn)
     spec = {"name": "linear_probe", "lr": {"choose": [1e-4, 1e-3, 1e-2]}}
@@ -172,7 +172,7 @@ def test_an_lr_choice_for_the_convex_probe_trains_one_candidate(bn, expected):
 def dropout_models(monkeypatch):
     """Cell models with dropout before the classifier (timm's EfficientNet `drop_rate`): training then
     draws from the global generator, as dropout and drop-path do in real backbones."""
-    import medtune.select as select_module
+    import medtune.grid.select as select_module
 
     real = select_module.create_backbone
 
@@ -187,8 +187,8 @@ def dropout_models(monkeypatch):
 def test_interleaved_candidates_train_exactly_as_alone(tmp_path, dropout_models):
     """Two candidates advanced one epoch at a time in turn end as each trains alone: each keeps its
     own random state (select.Paused); without it the second's dropout draws would shift the first's."""
-    from medtune.cells import prepare
-    from medtune.select import Paused
+    from medtune.grid.cells import prepare
+    from medtune.grid.select import Paused
 
     raw = smoke_raw(tmp_path, epochs=3, patience=3, val_fraction=0.3, views=1)
     raw["backbones"][0]["image_size"] = 32
@@ -214,7 +214,7 @@ def test_successive_halving_trains_less_and_its_survivor_exactly_as_alone(tmp_pa
     """`halving: on`: three learning rates train the first third of their schedule, one continues;
     the survivor's model is the one it gets trained alone (same predictions), the epochs trained are
     well under 3 full fits, and the halving is part of the cell (its id changes)."""
-    from medtune.cells import prepare
+    from medtune.grid.cells import prepare
 
     raw = smoke_raw(tmp_path, epochs=6, patience=6, val_fraction=0.3, views=1)
     raw["backbones"][0]["image_size"] = 32
@@ -254,9 +254,9 @@ def test_a_choice_pinned_at_its_lists_end_is_shown_with_what_to_try(tmp_path, ca
     from planted import noisy_probs, plant_cell, plant_dataset, plant_run
 
     from medtune.cli import Fmt, print_results
-    from medtune.diagnose import chosen_values, edge_choices
-    from medtune.report import build_report
-    from medtune.store import read_cells
+    from medtune.results.diagnose import chosen_values, edge_choices
+    from medtune.report.html import build_report
+    from medtune.results.store import read_cells
 
     lrs = [1e-4, 3e-4, 1e-3]
     picks = {"bitfit": [1e-3, 1e-3, 3e-4, 1e-3, 1e-3], "full_ft": [1e-3, 3e-4, 3e-4, 1e-4, 1e-3]}

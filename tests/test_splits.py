@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from medtune.data import ImageTable
+from medtune.data.loaders import ImageTable
 from medtune.errors import DataError
-from medtune.splits import apply_duplicate_policy, check_foldable, inner_split, kfold
+from medtune.data.splits import apply_duplicate_policy, check_foldable, inner_split, kfold
 
 
 def table_with_duplicates():
@@ -48,7 +48,7 @@ def test_class_smaller_than_folds_is_refused_with_advice():
 
 
 # --------------------------------------------------------------------------- cv: by_site
-from medtune.splits import by_site  # noqa: E402
+from medtune.data.splits import by_site  # noqa: E402
 
 
 def test_by_site_leaves_each_site_out_once():

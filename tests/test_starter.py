@@ -11,11 +11,11 @@ import torch
 import yaml
 
 from conftest import DEVICE, smoke_raw
-from medtune.cells import expand, model_key, prepare, run_cell, settings_from
+from medtune.grid.cells import expand, model_key, prepare, run_cell, settings_from
 from medtune.config import load_config
-from medtune.select import halving_epochs, halving_rungs
+from medtune.grid.select import halving_epochs, halving_rungs
 from medtune.starter import COST, LR_CHOICE, Inspection, cell_seconds, plan, render
-from medtune.train import Runtime
+from medtune.training.loop import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from medtune.synthetic import CLASS_NAMES, make_ultrasound
+from medtune.data.synthetic import CLASS_NAMES, make_ultrasound
 
 
 def test_deterministic_by_seed_and_grouped_by_patient():

@@ -14,8 +14,8 @@ from typer.testing import CliRunner  # noqa: E402
 
 from medtune.cli import app  # noqa: E402
 from medtune.config import load_config  # noqa: E402
-from medtune.runner import run  # noqa: E402
-from medtune.store import Store  # noqa: E402
+from medtune.grid.runner import run  # noqa: E402
+from medtune.results.store import Store  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def test_tracking_mlflow_in_the_config_logs_cells_as_they_finish(tmp_path, monke
     cfg = load_config(tiny_config(tmp_path, tracking="mlflow", tracking_uri=uri))
     summary = run(cfg, progress=False, on_cell=count)
     assert summary.done == 2 and seen == [1, 2]
-    from medtune.tracking import track_store
+    from medtune.report.tracking import track_store
 
     assert track_store(tmp_path / "store.sqlite", uri, "tiny", report=False).created == 0
     assert len(cell_runs(uri, "tiny")) == 2

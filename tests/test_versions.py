@@ -1,15 +1,14 @@
 """The results version: part of each cell id, stored with each cell, flagged when a store mixes it."""
 
-import warnings
 
 import numpy as np
 import pytest
 from planted import plant_cell
 
-import medtune.cells as cells
-import medtune.runner as runner
+import medtune.grid.cells as cells
+import medtune.grid.runner as runner
 from medtune.config import load_config
-from medtune.store import Store
+from medtune.results.store import Store
 from medtune.version import RESULTS_VERSION
 
 

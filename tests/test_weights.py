@@ -18,7 +18,7 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from medtune.backbones import create_backbone
+from medtune.models.backbones import create_backbone
 from medtune.cli import app
 from medtune.errors import BackboneError
 
@@ -77,7 +77,7 @@ def test_hf_hub_offline_is_respected_without_probing(monkeypatch, no_network):
 
 def test_all_missing_weights_of_a_grid_are_named_in_one_error(no_network):
     from medtune.config import BackboneConfig
-    from medtune.runner import check_weights
+    from medtune.grid.runner import check_weights
     from medtune.config import load_config
 
     cfg = load_config(ROOT / "configs/smoke.yaml", [])
@@ -116,7 +116,7 @@ def test_checkpoint_with_right_sha256_loads_its_tensors(tiny_checkpoint):
 
 def test_grid_pins_the_checkpoint_hash_into_the_cell_config(tiny_checkpoint):
     from medtune.config import load_config
-    from medtune.runner import check_weights
+    from medtune.grid.runner import check_weights
 
     path, _ = tiny_checkpoint
     cfg = load_config(ROOT / "configs/smoke.yaml", [f"backbones.0={{name: resnet10t, checkpoint: {path}}}"])
@@ -175,7 +175,7 @@ def create_backbone_has_lite0() -> bool:
 
 
 def test_a_bundle_rebuilt_from_a_state_dict_keeps_the_named_weights_preprocessing():
-    from medtune.bundle import load_state
+    from medtune.deploy.bundle import load_state
 
     state = create_backbone("resnet50", pretrained=False, num_classes=2).state_dict()
     cell = {"backbone": "resnet50", "config": {"backbone": {"name": "resnet50", "weights": "radimagenet"}}}

@@ -6,10 +6,10 @@ Public API (mirrors the CLI): `load_dataset`, `create_backbone`, `create_strateg
 
 from medtune.version import __version__  # noqa: E402 - one place, importable without the package
 
-from medtune.backbones import STUDY_BACKBONES, create_backbone  # noqa: E402
+from medtune.models.backbones import STUDY_BACKBONES, create_backbone  # noqa: E402
 from medtune.config import load_config  # noqa: E402
-from medtune.data import load_dataset  # noqa: E402
-from medtune.strategies import create_strategy, list_strategies  # noqa: E402
+from medtune.data.loaders import load_dataset  # noqa: E402
+from medtune.training.strategies import create_strategy, list_strategies  # noqa: E402
 
 
 def list_backbones() -> list[str]:
@@ -22,7 +22,7 @@ def run(config, store: str | None = None, overrides: list[str] | None = None, pr
     from pathlib import Path
 
     from medtune.config import ExperimentConfig
-    from medtune.runner import run as _run
+    from medtune.grid.runner import run as _run
 
     if isinstance(config, (str, Path)):
         config = load_config(config, overrides)
@@ -35,7 +35,7 @@ def run(config, store: str | None = None, overrides: list[str] | None = None, pr
 
 def results(store: str):
     """Per-cell metrics from a results store as a pandas DataFrame."""
-    from medtune.store import open_store
+    from medtune.results.store import open_store
 
     with open_store(store, must_exist=True) as s:
         return s.metrics()

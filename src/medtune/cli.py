@@ -119,7 +119,7 @@ def run(
     Every cell (data set x backbone x strategy x head x seed x fold) of CONFIG is written to the results
     store as it finishes; running again skips finished cells."""
     from medtune.config import load_config
-    from medtune.runner import run as run_grid
+    from medtune.grid.runner import run as run_grid
 
     from medtune.errors import Interrupted
 
@@ -141,7 +141,7 @@ def print_run_summary(summary, resume: str) -> None:
     where a reader of the log looks, and in the exit status a script reads."""
     import json
 
-    from medtune.evidence import duplicates_text
+    from medtune.results.evidence import duplicates_text
 
     raced = f"{len(summary.pruned)} candidate(s) pruned by racing, " if summary.pruned else ""
     shared = f"{summary.elsewhere} by other runs sharing the store, " if summary.elsewhere else ""
@@ -210,7 +210,7 @@ def results(
     The verdict first (the recommended configuration, whether depth matters, its cost and caveats), then
     mean ± sd of each metric over folds (and seeds), one row per data set, backbone, strategy and head,
     the recommended row marked *; --failed lists the failed cells with their errors."""
-    from medtune.store import guarded
+    from medtune.results.store import guarded
 
     try:
         with guarded(store, "reading it"):  # a damaged store: one paragraph, not pandas' traceback
@@ -291,14 +291,14 @@ def results_tables(shown, labels: list[str], numbers: list[str], width: int) -> 
 
 def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdict: bool = True) -> dict:
     """The verdict (unless `verdict` is False: `run` prints it last) and the results table; returns
-    {data set: Verdict} (verdict.py) so the caller prints the same one."""
+    {data set: Verdict} (results/verdict.py) so the caller prints the same one."""
     import numpy as np
 
-    from medtune.diagnose import budget_lines
-    from medtune.evidence import RISK_NOTE, read_evidence, summary_table
-    from medtune.report import SHORT, format_pm, trained_share
-    from medtune.store import open_store
-    from medtune.verdict import collapse_lines, pinned_lines, verdicts
+    from medtune.results.diagnose import budget_lines
+    from medtune.results.evidence import RISK_NOTE, read_evidence, summary_table
+    from medtune.report.html import SHORT, format_pm, trained_share
+    from medtune.results.store import open_store
+    from medtune.results.verdict import collapse_lines, pinned_lines, verdicts
 
     with open_store(store, must_exist=True) as s:
         if failed:
@@ -326,7 +326,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
         import json
 
         records = json.loads(summary.to_json(orient="records"))
-        from medtune.store import strict_json  # NaN (an undefined CI) as null: strict readers refuse NaN
+        from medtune.results.store import strict_json  # NaN (an undefined CI) as null: strict readers refuse NaN
 
         doc = {"verdict": {ds: v.to_dict() for ds, v in vs.items()}, "results": records, "probabilities": RISK_NOTE}
         sys.stdout.write(json.dumps(json.loads(strict_json(doc)), indent=2) + "\n")
@@ -358,8 +358,8 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
                       highlight=False)
         print_table(table)
     for line in collapse_lines(ev) + pinned_lines(ev) + budget_lines(ev.cells):
-        console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)  # diagnose.py: what the metrics do not shout
-    for _, r in stopped.iterrows():  # racing.py: its row averages only the folds it ran
+        console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)  # results/diagnose.py: what the metrics do not shout
+    for _, r in stopped.iterrows():  # grid/racing.py: its row averages only the folds it ran
         console.print(f"pruned by racing ({int(r.n_cells)} cells): {escape(r.dataset)} {escape(r.backbone)} "
                       f"{escape(r.strategy)} {escape(r['head'])}: {escape(r.pruned)}")
     return vs
@@ -380,7 +380,7 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones, strate
     if what == What.depths:
         list_depths(backbone, random_init, json_out)
     elif what == What.strategies:
-        from medtune.strategies import REGISTRY
+        from medtune.training.strategies import REGISTRY
 
         table = Table(title="strategies (registry keys usable in YAML)")
         for col in ("name", "what it does", "source", "parameters"):
@@ -391,7 +391,7 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones, strate
             table.add_row(name, cls.summary, cls.citation, params or "–")
         console.print(table)
     elif what == What.heads:
-        from medtune.heads import HEADS
+        from medtune.models.heads import HEADS
 
         table = Table(title="heads (registry keys usable in `heads:`)")
         for col in ("name", "what it does"):
@@ -400,7 +400,7 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones, strate
             table.add_row(name, cls.description)
         console.print(table)
     elif what == What.weights:
-        from medtune.weights import rows, weights_dir
+        from medtune.models.weights import rows, weights_dir
 
         table = Table(title=f"named weights (`weights: KEY` on a backbone; files are looked for in {weights_dir()})")
         for col in ("weights", "backbone", "kind", "status", "where"):
@@ -409,7 +409,7 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones, strate
             table.add_row(r["weights"], r["backbone"], r["kind"], r["status"], r["where"])
         console.print(table)
     else:
-        from medtune.backbones import EMBEDDED, STUDY_BACKBONES, embedded_weights_path, timm_name
+        from medtune.models.backbones import EMBEDDED, STUDY_BACKBONES, embedded_weights_path, timm_name
 
         table = Table(title="backbones of the studies (any timm model name also works)")
         for col in ("name", "timm architecture", "weights"):
@@ -427,9 +427,9 @@ def list_depths(backbone: str | None, random_init: bool, json_out: bool) -> None
     """The standard depth settings on one backbone: trained blocks and fraction of parameters."""
     import json
 
-    from medtune.backbones import create_backbone
+    from medtune.models.backbones import create_backbone
     from medtune.errors import ConfigError
-    from medtune.strategies import PEFT_DEPTHS, STANDARD_DEPTHS, depth, parse_label
+    from medtune.training.strategies import PEFT_DEPTHS, STANDARD_DEPTHS, depth, parse_label
 
     if not backbone:
         raise typer.BadParameter("`medtune list depths` needs a backbone, e.g. `medtune list depths resnet50 --random-init`.")
@@ -477,7 +477,7 @@ def data_check(
     repeated manifest rows or near duplicates with different labels, stay 0); 1 when files cannot
     be used, a manifest gives one file two labels or patient ids, or identical images carry
     different labels; 2 when the target itself cannot be read."""
-    from medtune.quality import check_targets
+    from medtune.data.quality import check_targets
 
     try:
         reports = check_targets(target, folds, None if exact_only else near, group_pattern)
@@ -583,9 +583,9 @@ def report(
 
     One self-contained HTML file (tables with 95% CIs, depth plot, ROC, confusion, critical-difference
     diagram, training curves, Grad-CAM gallery, config) plus results.csv, results.md and results.tex."""
-    from medtune.report import build_report
+    from medtune.report.html import build_report
 
-    from medtune.store import guarded, open_store
+    from medtune.results.store import guarded, open_store
 
     try:
         with guarded(store, "reading it"):
@@ -627,7 +627,7 @@ def export(
 
     The fold ensemble becomes one graph (input: RGB in [0, 1]; normalisation and the average over folds
     inside), with preprocessing.json beside it."""
-    from medtune.bundle import export as export_model
+    from medtune.deploy.bundle import export as export_model
 
     try:
         for f in format:
@@ -653,7 +653,7 @@ def predict(
     """Class probabilities for new images from a deployed model.
 
     Writes OUT/predictions.csv: by default the mean over the fold models; Grad-CAM overlays with --cam."""
-    from medtune.predict import predict as run_predict
+    from medtune.deploy.predict import predict as run_predict
 
     try:
         with working(f"predict: loading {model} and predicting {len(images)} input(s)"):
@@ -682,8 +682,8 @@ def track(
     One run per cell (resolved config as params, final and per-epoch metrics, the kept model as
     artifacts) and one run with the report. Runs already there (tagged with the cell id) are kept, so
     tracking again adds only new cells."""
-    from medtune.store import guarded
-    from medtune.tracking import track_store
+    from medtune.results.store import guarded
+    from medtune.report.tracking import track_store
 
     try:
         with guarded(store, "reading it"), working(f"track: copying the cells of {store} to MLflow"):

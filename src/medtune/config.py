@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from medtune.errors import ConfigError
-from medtune.metrics import RACEABLE_METRICS
+from medtune.results.metrics import RACEABLE_METRICS
 
 
 class Strict(BaseModel):
@@ -82,7 +82,7 @@ class BackboneConfig(Strict):
 
 
 class Choose(Strict):
-    """`{choose: [a, b, c]}`: one value picked per outer fold on its inner validation split (select.py), unlike a list, which is a grid axis (one cell per value)."""
+    """`{choose: [a, b, c]}`: one value picked per outer fold on its inner validation split (grid/select.py), unlike a list, which is a grid axis (one cell per value)."""
 
     choose: list[float | int | str] = Field(min_length=1, description="the values to choose among on inner splits")
 
@@ -206,13 +206,13 @@ class TrainConfig(Strict):
 
 class RacingConfig(Strict):
     """`racing: on` (these defaults) or a mapping of them: stop candidates that the inner validation
-    splits show to be worse than the leader (racing.py says how)."""
+    splits show to be worse than the leader (grid/racing.py says how)."""
     confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence that a pruned candidate is worse than the "
                               "leader by more than `margin`, over the whole race")
     min_folds: int = Field(2, ge=2, description="rounds (seed, fold) every candidate runs before any is pruned")
     margin: float = Field(0.01, ge=0, le=1, description="a candidate is pruned only when worse by more than this: "
                           "a near-tie is never pruned")
-    metric: Literal[RACEABLE_METRICS] = Field(  # the metric table's raceable rows (metrics.py)
+    metric: Literal[RACEABLE_METRICS] = Field(  # the metric table's raceable rows (results/metrics.py)
         "balanced_accuracy", description="the inner-validation score the race compares")
 
     @field_validator("metric", mode="before")
@@ -319,7 +319,7 @@ class ExperimentConfig(Strict):
     @classmethod
     def _registered_heads(cls, v: list[str]) -> list[str]:
         """Each name must be a registered head (heads.HEADS): the registry is the one list of them."""
-        from medtune.heads import head_class
+        from medtune.models.heads import head_class
 
         for name in v:
             try:
@@ -475,8 +475,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def _check_names(cfg: ExperimentConfig, source: str) -> None:
     """Strategy and backbone names are checked here, before any data is loaded: every value of
     every sweep and every `{choose: [...]}` must make a valid strategy."""
-    from medtune.backbones import check_name
-    from medtune.strategies import create_strategy
+    from medtune.models.backbones import check_name
+    from medtune.training.strategies import create_strategy
 
     lora_targets: set[str] = set()  # explicit LoRA targets, checked against every backbone below
     for s in cfg.strategies:
@@ -531,7 +531,7 @@ def _check_fixed_input_size(name: str, image_size: int, source: str) -> None:
     architecture is built on the meta device (no memory, no weights) to read its patch embedding."""
     import torch
 
-    from medtune.backbones import create_architecture, timm_name
+    from medtune.models.backbones import create_architecture, timm_name
 
     try:  # as create_backbone builds it: timm's ViTs with a patch grid that follows the input
         with torch.device("meta"):
@@ -553,8 +553,8 @@ def _check_lora_targets(name: str, targets: list[str], source: str) -> None:
         return
     import torch
 
-    from medtune.adapters import lora_modules
-    from medtune.backbones import create_architecture, timm_name
+    from medtune.models.adapters import lora_modules
+    from medtune.models.backbones import create_architecture, timm_name
 
     try:
         with torch.device("meta"):
@@ -589,7 +589,7 @@ def choice_values(value: Any) -> list | None:
 
 def expand_choices(params: dict[str, Any]) -> list[dict[str, Any]]:
     """{alpha: {choose: [0.01, 0.1]}, beta: 0} -> [{alpha: 0.01, beta: 0}, {alpha: 0.1, beta: 0}]: the
-    candidates among which one cell chooses on its inner split (select.py), not cells of the grid."""
+    candidates among which one cell chooses on its inner split (grid/select.py), not cells of the grid."""
     import itertools
 
     keys = [k for k, v in params.items() if is_choice(v)]

@@ -100,9 +100,9 @@ def suggest_positive(counts: dict[str, int]) -> tuple[str | None, str]:
 
 def inspect(path: str | Path, near: int | None = 8) -> Inspection:
     """Classes, groups and duplicates of a folder, manifest, DICOM tree or .npz."""
-    from medtune.data import list_folder, load_npz, read_manifest
-    from medtune.dicom import is_dicom, patient_ids
-    from medtune.quality import check_files, check_table
+    from medtune.data.loaders import list_folder, load_npz, read_manifest
+    from medtune.data.dicom import is_dicom, patient_ids
+    from medtune.data.quality import check_files, check_table
 
     path = Path(path)
     if not path.exists():
@@ -171,7 +171,7 @@ def plan(insp: Inspection, cuda: bool, cpus: int, load_seconds: float = 0.0) -> 
 def cell_seconds(strategy: str, n_train: float, epochs: int, n_rates: int, halving: bool) -> float:
     """Expected seconds of one outer fold's cell on COST_THREADS CPU threads (COST). A strategy without
     a measured row is priced as full fine-tuning; lp_ft as its probe plus full fine-tuning."""
-    from medtune.select import halving_epochs
+    from medtune.grid.select import halving_epochs
 
     if strategy == "linear_probe":
         fixed, per = COST["linear_probe"]

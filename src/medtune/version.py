@@ -9,7 +9,7 @@ History: 1 = cells written before the version existed (no `results_version` in t
 2 = binary AUC scored on the declared positive class (it used column 1 whatever `positive` said);
     macro PPV/NPV count an undefined class as 0 (they skipped it); PR-AUC, Brier score and ECE stored.
 3 = `train.class_weight: balanced` by default for both heads (the softmax loss was unweighted), the
-    SVM's calibration folds grouped by patient, `{choose: [...]}` choices and auto_depth in select.py
+    SVM's calibration folds grouped by patient, `{choose: [...]}` choices and auto_depth in grid/select.py
     (ties to the lower inner loss).
     Also: at `views: 1` the uncached path (cache: false, or nothing frozen as in full_ft) no longer draws from
     the training generator, so its epoch order from epoch 2 on is the cached path's.
@@ -26,7 +26,7 @@ History: 1 = cells written before the version existed (no `results_version` in t
     validation), like the softmax head: their inner-validation predictions, which racing, the
     recommended strategy and the operating points read, had come from a model fitted on those
     very images (an SVM on frozen BUSI features: 0.93-0.99 there, 0.77-0.80 on the test folds).
-    Also: racing floors the fold differences' variance (racing.py), so it prunes fewer candidates.
+    Also: racing floors the fold differences' variance (grid/racing.py), so it prunes fewer candidates.
 6 = lp_ft re-estimates the BatchNorm statistics on the training images before its probe under
     `bn_statistics: update` (`refresh_bn`, on by default): its probe had been fitted on the pretrained
     statistics while fine-tuning normalised with batch statistics, so fine-tuning began from a head

@@ -1,0 +1,1 @@
+"""The deployable model: fold ensembles kept from the store, prediction and export."""

@@ -1,0 +1,493 @@
+"""One cell of the grid: its data, its configuration and id, its training and scoring, and how its
+outcome is recorded in the store and shown while the grid runs.
+
+Everything an executor needs to run cells lives here, so the local loop (grid/runner.py), the Ray
+executor (grid/distributed.py) and the deployed-model refit (deploy/bundle.py) all import from this module and
+none of them imports the grid orchestration back: there is no import cycle between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from medtune.version import __version__
+from medtune.models.backbones import default_image_size
+from medtune.config import AUTO_DEPTH, ExperimentConfig
+from medtune.data.loaders import ImageTable, load_dataset, manifest_columns
+from medtune.results.diagnose import collapse, describe
+from medtune.errors import MedtuneError, TrainingError
+from medtune.models import heads
+from medtune.models import probe
+from medtune.models.heads import DECISION_RULES, full_proba, head_class
+from medtune.results.metrics import clinical_metrics
+from medtune.grid.select import ETA, cell_strategies, strategy_label, train_cell
+from medtune.data.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
+from medtune.results.store import Store
+from medtune.training.loop import Runtime, TrainSettings, autocast_dtype, resolve_device
+from medtune.version import RESULTS_VERSION
+
+
+# --------------------------------------------------------------------------- data preparation
+@dataclass
+class PreparedData:
+    """A data set at one image size, with its groups after the duplicate policy and its folds."""
+
+    table: ImageTable
+    groups: np.ndarray | None
+    duplicates: dict
+    positive: str | None
+    folds: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    official: bool = False  # `split: official`: the source's own train+val vs test, one "fold"
+    inner: dict[tuple, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    sites: np.ndarray | None = None  # `cv: by_site`: leave-one-site-out folds instead of k-fold
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)  # manifest columns per image (subgroups)
+    external: dict[str, ImageTable] = field(default_factory=dict)  # `test_datasets`, predicted without refitting
+
+    def splits(self, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.sites is not None:
+            if "by_site" not in self.folds:
+                self.folds["by_site"] = by_site(self.table.labels, self.groups, self.sites, self.table.name)
+            return self.folds["by_site"]
+        if self.official:
+            s = self.table.split
+            return [(np.flatnonzero(s != "test"), np.flatnonzero(s == "test"))]
+        if seed not in self.folds:
+            self.folds[seed] = kfold(self.table.labels, self.groups, n_folds, seed)
+        return self.folds[seed]
+
+    def fit_val(self, n_folds: int, seed: int, fold: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """The (fit, validation) inner split of an outer training fold, computed once: every cell of
+        the fold shares it (a grouped split of BUSI takes 0.2 s, paid twice per cell before)."""
+        key = (n_folds, seed, fold, fraction)
+        if key not in self.inner:
+            train_idx = self.splits(n_folds, seed)[fold][0]
+            self.inner[key] = inner_split(train_idx, self.table.labels, self.groups, fraction, seed)
+        return self.inner[key]
+
+
+def n_folds_of(ds, folds: int) -> int:
+    """An official train/test split is a single fold; otherwise the config's k."""
+    return 1 if ds.options.get("split") == "official" else folds
+
+
+def record_of(data: PreparedData, positive: str | None, role: str = "train") -> dict:
+    """The store's record of a data set: counts, duplicates, and per sample (by table position) the
+    patient cluster for the bootstrap and the subgroup columns."""
+    t = data.table
+    clusters = (np.unique(data.groups.astype(str), return_inverse=True)[1].tolist() if data.groups is not None
+                else None)
+    return {"duplicates": data.duplicates, "n": len(t), "class_counts": t.class_counts(),
+            "grouped": data.groups is not None, "patient_ids": t.groups is not None, "positive": positive, "role": role, "clusters": clusters,
+            "subgroups": {k: [str(x) for x in v] for k, v in data.attributes.items()}}
+
+
+def prepare_external(ext, image_size: int, class_names: list[str]) -> PreparedData:
+    """A `test_datasets` entry at one image size: same classes in the same order as the training set,
+    its own duplicate policy, no folds (it is only ever predicted)."""
+    opts = dict(ext.options)
+    if ext.group_pattern:
+        opts["group_pattern"] = ext.group_pattern
+    table = load_dataset(ext.path, source=ext.source, image_size=image_size, name=ext.display_name(), **opts)
+    if table.class_names != class_names:
+        raise MedtuneError(f"test data set {ext.display_name()!r} has classes {table.class_names}; the training data "
+                           f"has {class_names}. An external set must use the same class names.")
+    table, groups, record = apply_duplicate_policy(table, ext.duplicates, ext.near_duplicates)
+    return PreparedData(table, groups, record, ext.positive)
+
+
+def prepare(ds, image_size: int, n_folds: int, columns: list[str] = (), cv: str = "kfold") -> PreparedData:
+    opts = dict(ds.options)
+    split = opts.pop("split", "merged")
+    if split not in ("official", "merged"):
+        raise MedtuneError(f"data set {ds.display_name()!r}: options.split must be official or merged, not {split!r}.")
+    if ds.group_pattern:
+        opts["group_pattern"] = ds.group_pattern
+    table = load_dataset(ds.path, source=ds.source, image_size=image_size, name=ds.display_name(), **opts)
+    if ds.positive is not None and ds.positive not in table.class_names:
+        raise MedtuneError(f"data set {ds.display_name()!r}: positive class {ds.positive!r} is not one of "
+                           f"{table.class_names}.")
+    table, groups, record = apply_duplicate_policy(table, ds.duplicates, ds.near_duplicates)
+    if split == "official":
+        if table.split is None or not (table.split == "test").any() or (table.split == "test").all():
+            raise MedtuneError(f"data set {ds.display_name()!r}: `split: official` needs a source with its own "
+                               "train/test split (a MedMNIST .npz); use `split: merged` for k-fold CV.")
+        train, test = (table.split != "test"), (table.split == "test")
+        leaked = {table.digests[i] for i in np.flatnonzero(train)} & {table.digests[i] for i in np.flatnonzero(test)}
+        if leaked:
+            raise MedtuneError(f"data set {ds.display_name()!r}: the official split has {len(leaked)} identical "
+                               "image(s) in both train/val and test; set `duplicates: drop` or use `split: merged`.")
+        return PreparedData(table, groups, record, ds.positive, official=True)
+    names = list(dict.fromkeys([*columns, *(["site"] if cv == "by_site" else [])]))
+    attrs: dict[str, np.ndarray] = {}
+    if names:
+        values = manifest_columns(ds.path, names, ds.options.get("root"))
+        attrs = {n: np.asarray([values[n].get(p, "") for p in table.paths], dtype=object) for n in names}
+    if cv == "by_site":
+        data = PreparedData(table, groups, record, ds.positive, sites=attrs["site"], attributes=attrs)
+        data.splits(0, 0)  # checks the sites now, before any training
+        return data
+    check_foldable(table.labels, groups, table.class_names, n_folds, ds.display_name())
+    return PreparedData(table, groups, record, ds.positive, attributes=attrs)
+
+
+# --------------------------------------------------------------------------- cells
+def settings_from(cfg: ExperimentConfig) -> TrainSettings:
+    """The loop's settings. A chosen `lr` is NaN here: each candidate replaces it (grid/select.py), so a
+    path that forgot to would fail loudly instead of training at a guessed rate."""
+    return cfg.train.model_copy(update={"lr": math.nan}) if isinstance(cfg.train.lr, dict) else cfg.train
+
+
+def cell_id(config: dict) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def numerics() -> dict:
+    """The module constants that change a cell's numbers (the searched grids, their bounds and steps,
+    halving's ETA), hashed into every cell id: changing one can never reuse numbers computed under
+    another, without waiting for a hand-bumped RESULTS_VERSION."""
+    return {"probe_C_grid": list(probe.C_GRID), "probe_C_bounds": list(probe.C_BOUNDS), "probe_C_step": probe.C_STEP,
+            "svm_C_grid": list(heads.C_GRID), "svm_C_bounds": list(heads.C_BOUNDS), "svm_C_step": heads.C_STEP,
+            "knn_k_grid": list(heads.K_GRID), "halving_eta": ETA}
+
+
+def precision_of(cfg: ExperimentConfig, device: torch.device) -> str:
+    """The dtype a cell computes in, `amp: auto` resolved on the device that runs it: CPU-fp32 and
+    GPU-bf16 cells differ in numbers, so they differ in id. Under Ray with GPUs the worker's GPU
+    decides; the driver may have none, so the id says what it knows (autocast on CUDA, or fp32)."""
+    if cfg.executor == "ray" and cfg.device != "cpu" and cfg.gpus_per_cell > 0:
+        return "float32" if cfg.train.amp == "off" else "cuda autocast"
+    dtype = autocast_dtype(device, cfg.train.amp)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
+           n_folds_by: dict[str, int] | None = None, precision: str | None = None) -> list[dict]:
+    """Every cell of the grid as a JSON-serialisable dict with its id. `n_folds_by` gives the fold
+    count of data sets whose folds come from the data (`cv: by_site`: one per site); `precision` is
+    precision_of the device that runs the grid (default: the config's device here)."""
+    cells = []
+    train = cfg.train.model_dump(exclude={"compile"})  # how it runs, like `device`: not what it computes
+    if precision is None:
+        precision = precision_of(cfg, resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu"))
+    constants = numerics()
+    for ds in cfg.datasets:
+        for bb in cfg.backbones:
+            size = bb.image_size or default_image_size(bb.name)
+            for strategy in cell_strategies(cfg):
+                for seed in cfg.seeds:
+                    n_folds = (n_folds_by or {}).get(f"{ds.display_name()}@{size}") or n_folds_of(ds, cfg.folds)
+                    for fold in range(n_folds):
+                        for head in cfg.heads:  # innermost: cells differing only in head share training
+                            config = {
+                                "dataset": {**ds.model_dump(), "fingerprint": fingerprints[f"{ds.display_name()}@{size}"]},
+                                "backbone": {**bb.model_dump(), "image_size": size},
+                                "strategy": strategy,
+                                "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": train,
+                                "results_version": RESULTS_VERSION, "precision": precision,
+                                "numerics": constants,
+                            }
+                            if cfg.test_datasets:  # what a cell predicts besides its test fold is part of it
+                                config["test_datasets"] = [{**t.model_dump(), "fingerprint": fingerprints[
+                                    f"{t.display_name()}@{size}"]} for t in cfg.test_datasets]
+                            if cfg.cv != "kfold":
+                                config["cv"] = cfg.cv
+                            if cfg.halving:  # it can change the choice, so it is part of the cell
+                                config["halving"] = True
+                            cells.append({"cell_id": cell_id(config), "run_id": run_id, "dataset": ds.display_name(),
+                                          "backbone": bb.name, "strategy": strategy_label(strategy), "head": head,
+                                          "fold": fold, "n_folds": n_folds, "seed": seed, "config": config})
+    return cells
+
+
+def model_key(cell: dict) -> tuple:
+    """What the frozen weights depend on: the cache key of a backbone. Random-init weights depend on
+    the cell's seed (the model is built right after `set_seed`), pretrained ones do not."""
+    b = cell["config"]["backbone"]
+    random_init = not b["pretrained"] and not b["checkpoint"] and not b.get("weights")
+    return (b["name"], b["pretrained"], b["checkpoint"], b.get("weights"), b.get("sha256"), b["image_size"],
+            cell["config"]["seed"] if random_init else None)
+
+
+@dataclass
+class CellResult:
+    metrics: dict[str, float]
+    predictions: tuple
+    info: dict
+    seconds: float
+    state_dict: dict | None = None
+    head_model: Any = None  # the fitted feature head (heads.HEADS), kept with the state dict (keep_model)
+    extra: list = field(default_factory=list)  # (kind, data set, idx, y, probs): inner_val and external predictions
+
+
+def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime, keep_model: bool = False) -> CellResult:
+    """Train and evaluate one cell: outer fold `fold` of `n_folds`, with the inner split for early
+    stopping (and the SVM's C). Everything that happens is recorded in `info`."""
+    t0 = time.perf_counter()
+    c = cell["config"]
+    table, groups = data.table, data.groups
+    train_idx, test_idx = data.splits(c["n_folds"], c["seed"])[c["fold"]]
+    assert_disjoint(train_idx, test_idx, table, groups, duplicates=data.duplicates.get("policy") != "ignore")
+    info: dict[str, Any] = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
+    head = c["head"]
+    # Training is a function of the cell without its head (train_for_cell never sees it): the memo
+    # only saves cells that differ in head from training the same network again.
+    fit_key = training_key(c)
+    memo = rt.fit_memo if rt.fit_memo is not None else {}
+    if fit_key in memo:
+        strategy, result, picked = memo[fit_key]
+        info["shared_training_with_other_head"] = True
+    else:
+        strategy, result, picked = train_for_cell(c, data, train_idx, settings, rt)
+        memo.clear()  # keep one: the next cell with the same training is the next head
+        memo[fit_key] = (strategy, result, picked)
+    if picked:
+        info["auto_depth" if c["strategy"]["name"] == AUTO_DEPTH else "choice"] = picked
+    fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
+    class_weight = c["train"]["class_weight"]
+    # one rule for both heads (models/heads.py): the same class weighting, argmax under the same priors
+    info.update({"class_weight": class_weight, "decision_rule": DECISION_RULES[class_weight]})
+    feature_head = None
+    head_cls = head_class(head)
+    if head_cls.on_features:
+        feats = lambda idx: result.features(table, idx)  # noqa: E731
+        feature_head = head_cls(class_weight=class_weight, seed=c["seed"]).fit(
+            feats(fit_idx), table.labels[fit_idx], feats(val_idx), table.labels[val_idx], table.num_classes,
+            groups=None if groups is None else groups[fit_idx])
+        key = head_cls.info_key
+        info[key] = feature_head.chosen_
+        info.setdefault("grids", {})[key] = feature_head.grid_
+        if feature_head.edge_:
+            info.setdefault("grid_edges", {})[key] = feature_head.edge_
+        probs = full_proba(feature_head, feats(test_idx), table.num_classes)
+        other = lambda tbl, idx: full_proba(feature_head, result.features(tbl, idx), table.num_classes)  # noqa: E731
+    else:
+        probs = result.predict_proba(table, test_idx)
+        other = result.predict_proba
+    # the inner validation split's predictions (operating points are chosen there, never on the test
+    # fold) and each external set's, by the same model without refitting
+    extra = [("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(table, val_idx))] if len(val_idx) else []
+    for name, ext in data.external.items():
+        every = np.arange(len(ext))
+        extra.append(("external", name, every, ext.labels, other(ext, every)))
+    if not np.isfinite(probs).all():  # never metrics of NaN predictions
+        raise TrainingError(f"the trained model predicts inf/NaN probabilities (lr {settings.lr:g}): the run "
+                            "diverged. Lower train.lr or keep train.grad_clip on.")
+    y = table.labels[test_idx]
+    metrics = clinical_metrics(y, probs, table.class_names, positive=data.positive)
+    collapsed = collapse(y, probs, table.class_names)
+    if collapsed:
+        info["collapsed"] = collapsed
+    # budget: a best epoch that is the last one run says more epochs might have helped (diagnose)
+    info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
+                 "epochs_scheduled": settings.epochs,
+                 "best_epoch_is_last": bool(result.history) and result.best_epoch == len(result.history) - 1,
+                 "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics,
+                 "trainable_fraction": result.trainable_fraction, "cache_hits": result.cache_hits})
+    if result.history:
+        info["trainable_blocks"] = [h["trainable_blocks"] for h in result.history]
+    probe = [h for h in result.history if "probe_C" in h]
+    if probe:  # the (last) probe's C, the grid searched and whether it is still at a bound
+        info["probe_C"] = probe[-1]["probe_C"]
+        info.setdefault("grids", {})["probe_C"] = probe[-1]["probe_C_grid"]
+        if probe[-1]["probe_C_edge"]:
+            info.setdefault("grid_edges", {})["probe_C"] = probe[-1]["probe_C_edge"]
+    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
+    preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
+    return CellResult(metrics, preds, info, time.perf_counter() - t0, state,
+                      feature_head if keep_model else None, extra)
+
+
+def training_key(c: dict) -> str:
+    """What a cell's training depends on: its config without the head."""
+    return cell_id({k: v for k, v in c.items() if k != "head"})
+
+
+def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings: TrainSettings, rt: Runtime):
+    """The training part of a cell: (strategy used, FitResult, record of the choice made on inner splits
+    or None). It takes no head: every head is fitted on the one network its strategy trained, so a
+    cell's numbers never depend on which heads are listed, in what order, or on the executor."""
+    fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
+    return train_cell(c, data.table, data.groups, train_idx, fit_idx, val_idx, settings, rt)
+
+
+# --------------------------------------------------------------------------- recording and showing outcomes
+@dataclass
+class RunSummary:
+    run_id: str
+    total: int
+    skipped: int
+    done: int
+    failed: int
+    seconds: float
+    store: str
+    duplicates: dict = field(default_factory=dict)
+    best_models: list[str] = field(default_factory=list)
+    collapsed: list[str] = field(default_factory=list)  # diagnose.describe of each flagged cell
+    pruned: dict[str, str] = field(default_factory=dict)  # racing: {group key: "candidate: why it stopped"}
+    elsewhere: int = 0  # cells of this run's to-do list that other processes sharing the store finished
+
+
+def _warn(line: str) -> None:
+    """One warning, one line wherever it goes (soft_wrap: a terminal wraps it, a log keeps it whole
+    for grep, where rich would break it at 80 columns)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def record(store: Store, cell: dict, outcome: CellResult | str, summary: RunSummary) -> str:
+    """Write one finished cell (or its error) to the store; the only place cells are written."""
+    if isinstance(outcome, CellResult):
+        outcome.info.setdefault("medtune_version", __version__)
+        store.save_cell(cell, "done", outcome.metrics, outcome.predictions, outcome.seconds, info=outcome.info,
+                        extra=outcome.extra)
+        summary.done += 1
+        if outcome.info.get("collapsed"):  # said where the run is watched, not only in the store
+            summary.collapsed.append(describe(cell, outcome.info["collapsed"]))
+            _warn(summary.collapsed[-1])
+        return "done"
+    store.save_cell(cell, "failed", error=outcome)
+    summary.failed += 1
+    return "failed"
+
+
+def execute(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime,
+            keep_model: bool = False) -> CellResult | str:
+    """Run a cell; a user-fixable problem or a crash inside the cell becomes its recorded error."""
+    try:
+        return run_cell(cell, data, settings, rt, keep_model)
+    except torch.cuda.OutOfMemoryError:
+        return (f"out of memory on {rt.device} (batch_size {settings.batch_size}, image size "
+                f"{cell['config']['backbone']['image_size']}). Lower train.batch_size or the backbone's image_size.")
+    except MedtuneError as exc:
+        return str(exc)
+    except (RuntimeError, ValueError) as exc:
+        if "out of memory" in str(exc).lower():
+            return f"out of memory: {exc}. Lower train.batch_size or image_size."
+        if "overflow" in str(exc).lower():
+            return (f"numeric overflow while training (lr {settings.lr:g}): {exc}. The run diverged; "
+                    "lower train.lr or keep train.grad_clip on.")
+        return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
+
+
+class GridProgress:
+    """Progress that fits where it runs. On a terminal, rich's live bar. Anywhere else (a pipe, a file,
+    a CI log), where a live bar prints nothing until it stops, one flushed line per finished cell:
+    its labels, status, balanced accuracy, seconds, cells done / total and the ETA, so a log of a
+    long grid is never silent. Both executors report through this one class.
+
+    N in "[n/N]" is the cells left when this run (or racing round) started; n counts those finished
+    since, here or by another process sharing the store. Only the process that ran a cell prints its
+    line, so across the logs of runs sharing a store each finished cell is printed once.
+
+    The ETA prices each remaining cell at the mean seconds of the finished cells of its kind
+    (backbone, strategy, head), an unseen kind at the mean of all, and turns cell-seconds into wall
+    clock at the rate so far (so parallel Ray workers count). A plain mean over all cells ran low
+    for the whole second half of a grid that runs the cheap linear probes first."""
+
+    def __init__(self, cells: list[dict], title: str, enabled: bool = True, stream=None) -> None:
+        import sys
+
+        self.total, self.title, self.enabled = len(cells), title, enabled
+        self.stream = stream or sys.stdout
+        self.live = enabled and self.stream.isatty()
+        self.done = 0
+        self.left = [cell_kind(c) for c in cells]  # the kinds still to finish (with repeats)
+        self.seconds: dict[tuple, list[float]] = {}  # finished cells' seconds by kind
+        self.t0 = self.last = time.perf_counter()
+        self.said_waiting = False
+
+    def __enter__(self) -> "GridProgress":
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            # the ETA column is this class's estimate, not rich's mean rate (see the class docstring)
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(self.title, total=self.total, eta="–")
+        elif self.enabled:
+            print(self.title, file=self.stream, flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.bar.stop()
+
+    def starting(self, cell: dict) -> None:
+        if self.live:
+            self.bar.update(self.task, description=labels(cell))
+
+    def finished(self, cell: dict, outcome: "CellResult | str") -> None:
+        now = time.perf_counter()
+        seconds = outcome.seconds if isinstance(outcome, CellResult) else now - self.last
+        self.last, self.done = now, self.done + 1
+        kind = cell_kind(cell)
+        if kind in self.left:
+            self.left.remove(kind)
+        self.seconds.setdefault(kind, []).append(seconds)
+        eta = format_seconds(self.eta(now)) if self.done < self.total else "done"
+        if self.live:
+            self.bar.update(self.task, advance=1, description=f"{labels(cell)}: {status_text(outcome)}", eta=eta)
+        elif self.enabled:
+            print(f"[{self.done}/{self.total}] {labels(cell)}: {status_text(outcome)}, {seconds:.1f} s; "
+                  f"ETA {eta}", file=self.stream, flush=True)
+
+    def elsewhere(self, cell: dict) -> None:
+        """A cell another process sharing the store finished: it counts, it is not printed here."""
+        self.done += 1
+        if (kind := cell_kind(cell)) in self.left:
+            self.left.remove(kind)
+        if self.live:
+            self.bar.update(self.task, advance=1)
+
+    def waiting(self, n: int, store: str) -> None:
+        """Said once: every cell left is running in another process; this one waits for them."""
+        if self.said_waiting:
+            return
+        self.said_waiting = True
+        text = f"waiting for {n} cell(s) that other runs sharing {store} are computing"
+        if self.live:
+            self.bar.update(self.task, description=text)
+        elif self.enabled:
+            print(text, file=self.stream, flush=True)
+
+    def eta(self, now: float) -> float:
+        """Seconds of wall clock left (see the class docstring)."""
+        spent = sum(map(sum, self.seconds.values()))
+        mean_all = spent / max(sum(map(len, self.seconds.values())), 1)
+        priced = sum(float(np.mean(self.seconds[k])) if k in self.seconds else mean_all for k in self.left)
+        return (now - self.t0) * priced / spent if spent > 0 else mean_all * len(self.left)
+
+
+def cell_kind(cell: dict) -> tuple:
+    """What a cell's cost depends on most: backbone, strategy and head (not fold or seed)."""
+    return cell["backbone"], cell["strategy"], cell["head"]
+
+
+def labels(cell: dict) -> str:
+    return (f"{cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} seed {cell['seed']} "
+            f"fold {cell['fold']}")
+
+
+def status_text(outcome: "CellResult | str") -> str:
+    if isinstance(outcome, CellResult):
+        return f"balanced_accuracy {outcome.metrics.get('balanced_accuracy', float('nan')):.3f}"
+    first = next((line for line in outcome.splitlines() if line.strip()), "")
+    return f"FAILED: {first[:160]}"
+
+
+def format_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+

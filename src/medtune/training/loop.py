@@ -1,0 +1,351 @@
+"""The one training loop, read top to bottom.
+
+A strategy's `phases` say, epoch by epoch, how fast each unit trains. The loop freezes what is at
+0, gets its inputs from `features.Inputs` (the frozen prefix's cached output, or the views
+themselves), and takes AdamW steps at lr x warm-up/cosine x the unit's scale. An epoch in which
+only the linear classifier trains is a convex problem: the probe is fitted to convergence
+(`models/probe.py`) instead. Early stopping keeps the epoch with the lowest loss on the inner
+validation split. Device and precision live in `training/precision.py`, views and cache in `training/features.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medtune.models.backbones import chain as unit_chain, classifier_param_names, feature_chain
+from medtune.config import TrainConfig
+from medtune.data.loaders import ImageTable
+from medtune.errors import TrainingError
+from medtune.training.features import (POOLED, FeatureCache, Forward, Inputs, Runtime, shared_cache)  # noqa: F401 - re-exported
+from medtune.results.metrics import balanced_accuracy
+from medtune.training.precision import (Stepper, autocast_dtype, compile_pays, cpu_lanes, in_lanes,  # noqa: F401
+                               inference_batch_size, prepare_model, resolve_device, set_seed)
+from medtune.models.probe import fit_linear_probe, load_into
+from medtune.training.strategies import Strategy, is_norm
+
+TrainSettings = TrainConfig  # the one definition of every training hyperparameter
+
+
+def fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.ndarray, strategy: Strategy,
+        settings: TrainSettings, rt: Runtime, seed: int = 0) -> "FitResult":
+    """Train `model` on table[train_idx] with early stopping on table[val_idx]; returns the best epoch's model."""
+    epochs = fit_epochs(model, table, train_idx, val_idx, strategy, settings, rt, seed)
+    while True:
+        try:
+            next(epochs)
+        except StopIteration as done:
+            return done.value
+
+
+def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.ndarray, strategy: Strategy,
+               settings: TrainSettings, rt: Runtime, seed: int = 0) -> Iterator[dict]:
+    """`fit`, pausing after each evaluated epoch: yields that epoch's history row, returns the
+    FitResult. Successive halving (grid/select.py) advances several of these a few epochs at a time."""
+    t0 = time.perf_counter()
+    set_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    strategy.adapt(model)  # LoRA/SSF add their tensors here (seeded); merged back at the end
+    hits_before = rt.cache.hits if rt.cache else 0
+    prepare_model(model, rt.device, rt.amp_dtype, settings.amp, settings.channels_last)
+    fwd = Forward(model, feature_chain(model, image_size=min(64, table.image_size)) if settings.cache else None)
+    compiled = compile_pays(rt.device, settings.compile)
+    rest = torch.compile(fwd.rest) if compiled else fwd.rest  # the trained part; recompiles per cut
+    optimizer = build_optimizer(model, strategy, settings)
+    groups = optimizer.param_groups
+    may_train = {g["name"] for g in groups if strategy.trains_tensor(g["name"], g["is_head"], g["norm"])}
+    start_state = {n: p.detach().clone() for n, p in model.named_parameters() if n not in classifier_param_names(model)}
+    y_all = torch.as_tensor(table.labels, device=rt.device)
+    weight = (class_weights(table.labels[train_idx], table.num_classes).to(rt.device)
+              if class_weight_mode(settings) else None)
+    steps = max(1, math.ceil(len(train_idx) / settings.batch_size))
+    stepper = Stepper(optimizer, rt.amp_dtype)
+    history, best, trained, first_loss, bn, inputs = [], (math.inf, -1, None), set(), None, settings.bn_statistics, None
+    phases = strategy.phases(settings.epochs)
+    for p, phase in enumerate(phases):
+        bn = phase.bn or settings.bn_statistics
+        chain = unit_chain(model, phase.unit)
+        bad_epochs, probed = 0, False
+        for e in range(phase.epochs):
+            epoch = len(history)
+            scale = {n: s if n in may_train else 0.0 for n, s in unit_scales(chain, phase.scales(e, chain), strategy).items()}
+            frozen = frozenset(n for n, s in scale.items() if s == 0)
+            for g in groups:
+                g["params"][0].requires_grad_(scale[g["name"]] > 0)
+            # a frozen block whose BatchNorm follows the batch (update_all) is no pure function of the image
+            cut = fwd.cut(frozen, settings.cache and bn != "update_all")
+            probe = bn != "update_all" and fwd.cut(frozen, True) == POOLED
+            if probe and probed:  # the probe is fitted once per phase, not once per epoch
+                continue
+            probed = probed or probe
+            if probe and phase.refresh_bn and any((q.bn or settings.bn_statistics) == "update"
+                                                  for q in phases[p + 1:] if q.epochs):
+                refresh_bn_statistics(model, Inputs(table, fwd, 0, settings, rt), train_idx, settings.batch_size)
+                # the pooled features under statistics of these training images: cached under their own key,
+                # shared by the candidates of a learning-rate choice (the refresh is deterministic)
+                refreshed = hashlib.sha1(np.asarray(train_idx, np.int64).tobytes()).hexdigest()[:16]
+                inputs = Inputs(table, fwd, POOLED, settings, dataclasses.replace(
+                    rt, model_key=(*rt.model_key, "bn refreshed on", refreshed, settings.batch_size)))
+            elif inputs is None or inputs.cut != (POOLED if probe else cut):
+                inputs = Inputs(table, fwd, POOLED if probe else cut, settings, rt)
+            if probe:  # only the classifier trains: fit it to convergence, once for the phase
+                fit_probe(model, inputs, table, train_idx, val_idx, settings, seed, history)
+                trained |= classifier_param_names(model)
+            else:
+                set_train_mode(model, bn)
+                order = train_idx[epoch_order(table.labels[train_idx], gen)]
+                running, seen = 0.0, 0
+                for step in range(steps):
+                    idx = order[step * settings.batch_size:(step + 1) * settings.batch_size]
+                    if len(idx) < 2 and step > 0:  # a trailing batch of one breaks BatchNorm; skip it
+                        continue
+                    x, y = inputs.batch(idx, train=True, gen=gen), y_all[torch.as_tensor(idx, device=rt.device)]
+                    with inputs.autocast():
+                        loss = F.cross_entropy(rest(x, inputs.cut).float(), y, weight=weight)
+                        total_loss = loss + strategy.penalty(model, start_state)
+                    value = float(total_loss.detach())
+                    first_loss = value if first_loss is None else first_loss
+                    if not math.isfinite(value) or value > 100 * max(first_loss, 1.0):  # NaN, inf or 100x the start
+                        raise TrainingError(f"the loss diverged to {value:.4g} at epoch {epoch}, step {step} (it started "
+                                            f"at {first_loss:.4g}; {rate(settings.lr, scale)}). Lower train.lr or keep "
+                                            "train.grad_clip on.")
+                    stepper.backward(total_loss)
+                    lr_t = settings.lr * cosine_lr(e * steps + step, phase.epochs * steps, int(settings.warmup_epochs * steps))
+                    for g in groups:
+                        g["lr"] = lr_t * scale[g["name"]]
+                    stepper.true_gradients()  # strategies and clipping see the true gradients
+                    strategy.after_backward(groups, step)
+                    trained |= {g["name"] for g in groups if g["params"][0].grad is not None}
+                    if settings.grad_clip:
+                        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], settings.grad_clip)
+                    stepper.step()
+                    running, seen = running + loss.item() * len(idx), seen + len(idx)
+                check_finite(groups, scale, epoch, rate(settings.lr, scale))
+                history.append({"epoch": epoch, "train_loss": running / max(seen, 1)})
+            val_loss, val_bacc = evaluate(fwd, inputs, table, val_idx, rt, weight)
+            history[-1].update({"val_loss": val_loss, "val_balanced_accuracy": val_bacc, "cut": inputs.cut, "bn": bn,
+                                "precision": str(inputs.dtype).removeprefix("torch.") if inputs.dtype else "float32",
+                                "compiled": compiled and not probe,
+                                "trainable_blocks": sum(1 for b in chain if any(scale[n] > 0 for n in b.param_names))})
+            if len(val_idx) and val_loss < best[0] - 1e-6:
+                best, bad_epochs = (val_loss, epoch, copy.deepcopy(model.state_dict())), 0
+            else:
+                bad_epochs += 1
+            yield history[-1]
+            if p == len(phases) - 1 and len(val_idx) and bad_epochs >= settings.patience:
+                break  # early stopping only inside the last phase: an LP phase must not end the run
+    if best[2] is not None:
+        model.load_state_dict(best[2])
+    model.eval()
+    sizes = {n: q.numel() for n, q in model.named_parameters()}
+    fraction = sum(sizes[n] for n in trained) / sum(sizes.values())  # of the adapted model's parameters
+    changed = strategy.merge(model)  # an adapter folded into plain weights: a plain timm model again
+    if changed:
+        trained = (trained & {n for n, _ in model.named_parameters()}) | changed
+        fwd = Forward(model, feature_chain(model, image_size=min(64, table.image_size)) if settings.cache else None)
+    names = {n for n, _ in model.named_parameters()}
+    return FitResult(model, history, best[1], time.perf_counter() - t0, fwd, settings, rt,
+                     frozenset(names - trained), fraction, (rt.cache.hits if rt.cache else 0) - hits_before, bn)
+
+
+@dataclass
+class FitResult:
+    """A trained model and how it was trained; it predicts (`predict_proba`, `features`) from the
+    deepest prefix that never trained, cached where the settings allow."""
+
+    model: nn.Module
+    history: list[dict]
+    best_epoch: int
+    seconds: float
+    forward: Forward
+    settings: TrainSettings
+    rt: Runtime
+    never_trained: frozenset[str]  # bit-identical to the start weights (and their BatchNorm statistics unless update_all)
+    trainable_fraction: float  # share of the parameters (by count) that received a gradient
+    cache_hits: int = 0  # frozen-prefix outputs this fit found in the cache (computed by an earlier fit)
+    bn_statistics: str = "update"  # as applied in the last phase
+    _inputs: dict = field(default_factory=dict, repr=False)
+
+    def inputs(self, table: ImageTable) -> Inputs:
+        key = table.fingerprint()
+        if key not in self._inputs:
+            self._inputs = {key: Inputs(table, self.forward, self.forward.cut(
+                self.never_trained, self.settings.cache and self.bn_statistics != "update_all"), self.settings, self.rt)}
+        return self._inputs[key]
+
+    def predict_proba(self, table: ImageTable, idx: np.ndarray) -> np.ndarray:
+        return predict_proba(self.forward, self.inputs(table), idx, self.rt)
+
+    def features(self, table: ImageTable, idx: np.ndarray) -> np.ndarray:
+        """Penultimate (pre-logits) features, what the SVM head is fitted on."""
+        return predict_proba(self.forward, self.inputs(table), idx, self.rt, features=True)
+
+
+def fit_probe(model: nn.Module, inputs: Inputs, table: ImageTable, train_idx: np.ndarray, val_idx: np.ndarray,
+              settings: TrainSettings, seed: int, history: list[dict]) -> None:
+    """The linear probe on every view of the training images' pooled features (the training
+    distribution), C chosen on the validation split's plain view."""
+    x, pos = inputs.all_views(train_idx)
+    x_val = inputs.cached[0, torch.as_tensor(val_idx)].float().numpy()
+    # a balanced sampler's counterpart in a convex fit is the balanced class weight
+    balanced = class_weight_mode(settings)
+    res = fit_linear_probe(x.numpy(), table.labels[pos], x_val, table.labels[val_idx], table.num_classes,
+                           balanced, seed)
+    load_into(model.get_classifier(), res)
+    history.append({"epoch": len(history), "train_loss": math.nan, "probe_C": res.C, "probe_C_grid": res.grid,
+                    "probe_C_edge": res.edge})
+
+
+def unit_scales(chain, scales: list[float], strategy: Strategy) -> dict[str, float]:
+    """Per-tensor learning-rate scales from one scale per unit of the chain."""
+    if len(scales) != len(chain):
+        raise TrainingError(f"strategy {strategy.label()} returned {len(scales)} scales for {len(chain)} units")
+    return {n: s for b, s in zip(chain, scales) for n in b.param_names}
+
+
+def build_optimizer(model: nn.Module, strategy: Strategy, settings: TrainSettings) -> torch.optim.AdamW:
+    """One AdamW group per tensor, built once, so optimizer state survives unfreezing and per-tensor
+    strategies (Auto-RGN, BitFit) can act on single tensors."""
+    head = classifier_param_names(model)
+    groups = [{"params": [p], "name": n, "is_head": n in head, "norm": is_norm(n, p, model),
+               "weight_decay": settings.weight_decay if p.ndim > 1 and strategy.decays_weights else 0.0}
+              for n, p in model.named_parameters()]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=settings.lr, fused=fused or None)
+
+
+def class_weight_mode(settings: TrainSettings) -> str | None:
+    """"balanced" or None, from `train.class_weight` (one rule for the loss and the SVM head)."""
+    return None if settings.class_weight == "none" else settings.class_weight
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights (scikit-learn's "balanced": n / (k n_c))."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return torch.tensor(counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Warm-up then cosine to zero; a pure function of the step within a phase (nanoGPT style)."""
+    if total <= 0:
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_order(labels: np.ndarray, gen: torch.Generator) -> np.ndarray:
+    """A permutation of the training positions. Imbalance is met by the class-weighted loss, not by
+    resampling (measured better on 1:5 data: benchmarks/results/imbalance_synthetic.md)."""
+    return torch.randperm(len(labels), generator=gen).numpy()
+
+
+def rate(lr: float, scale: dict[str, float]) -> str:
+    """The rate a phase trains at, as a divergence message names it: a phase whose largest scale is not
+    1 (LP-FT's fine-tuning at ft_lr_scale) says so, else "lower train.lr" reads as the wrong number."""
+    top = max(scale.values(), default=1.0)
+    return f"lr {lr:g}" if top == 1 else f"lr {lr * top:g} = train.lr {lr:g} x this phase's scale {top:g}"
+
+
+def check_finite(groups: list[dict], scale: dict[str, float], epoch: int, lr: str) -> None:
+    """A step can overflow the weights without raising (CUDA's fused AdamW takes any lr): the next
+    loss would be NaN, but after the last step there is no next loss to look at."""
+    trained = [g["params"][0].detach() for g in groups if scale[g["name"]] > 0]
+    if trained and not bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()):  # one sync
+        raise TrainingError(f"the weights became inf/NaN at epoch {epoch} ({lr}): the run diverged. "
+                            "Lower train.lr or keep train.grad_clip on.")
+
+
+def set_train_mode(model: nn.Module, bn_statistics: str) -> None:
+    """Train mode, with BatchNorm as `bn_statistics` asks:
+    update: BatchNorm of trained blocks normalises with batch statistics; frozen blocks keep theirs,
+      so a frozen block really is frozen.
+    keep: every BatchNorm normalises with its running statistics (eval mode), so the model validated
+      and tested is the one trained. Measured (5 folds, balanced accuracy): on the demo grid (160
+      training images a fold, lr 3e-4) full_ft 0.53 +- 0.09 with update (training loss still 0.46
+      after 8 epochs) and 0.96 +- 0.06 with keep, partial_ft 0.88 and 0.80; on BUSI at lr 1e-3 for 3
+      epochs the other way round: full_ft 0.80 +- 0.01 with update, 0.64 +- 0.20 with keep, partial_ft
+      0.83 and 0.76. Without batch statistics a high learning rate is not tamed: keep needs a lower one.
+    update_all: every BatchNorm uses batch statistics, frozen blocks too."""
+    model.train()
+    if bn_statistics == "update_all":
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters())  # recursing: SSF's scale and shift live in a submodule
+            if bn_statistics == "keep" or (params and not any(p.requires_grad for p in params)):
+                m.eval()
+
+
+@torch.no_grad()
+def refresh_bn_statistics(model: nn.Module, images: "Inputs", idx: np.ndarray, batch_size: int) -> None:
+    """Re-estimate every BatchNorm's running statistics on every view of table[idx] (AdaBN, Li et al.
+    2016): forward passes with only BatchNorm in train mode, its momentum off so the statistics are
+    the mean over the batches, in a fixed order. No weight changes."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    was = model.training
+    model.eval()
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    views = images.s.views
+    order = [(v, s) for v in range(views) for s in range(0, len(idx), batch_size)]
+    for v, s in order:
+        part = torch.as_tensor(idx[s:s + batch_size])
+        if len(part) < 2:  # a batch of one has no variance
+            continue
+        with images.autocast():
+            model(images.images(part, torch.full_like(part, v)))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was)
+
+
+@torch.no_grad()
+def evaluate(fwd: Forward, inputs: Inputs, table: ImageTable, idx: np.ndarray, rt: Runtime,
+             weight: torch.Tensor | None) -> tuple[float, float]:
+    """Validation loss and balanced accuracy (view 0, eval mode)."""
+    if len(idx) == 0:
+        return math.nan, math.nan
+    probs = predict_proba(fwd, inputs, idx, rt)
+    y = table.labels[idx]
+    p = torch.as_tensor(probs)
+    loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), torch.as_tensor(y), weight=None if weight is None else weight.cpu())
+    return float(loss), balanced_accuracy(y, probs)
+
+
+@torch.no_grad()
+def predict_proba(fwd: Forward, inputs: Inputs, idx: np.ndarray, rt: Runtime, features: bool = False) -> np.ndarray:
+    """Class probabilities (or penultimate features) for table[idx], view 0, eval mode."""
+    if len(idx) == 0:  # keep the shape: run one image, return none
+        return predict_proba(fwd, inputs, np.arange(1), rt, features)[:0]
+    was = fwd.model.training
+    fwd.model.eval()
+    gen = torch.Generator().manual_seed(0)  # view 0 draws nothing from it
+    bs = inference_batch_size(rt.device, inputs.table.image_size)
+
+    def one(part: np.ndarray) -> torch.Tensor:
+        x = inputs.batch(part, train=False, gen=gen)
+        with torch.no_grad(), inputs.autocast():  # both are per thread
+            if features:
+                return fwd.features(x, inputs.cut).float().cpu()
+            return torch.softmax(fwd.rest(x, inputs.cut).float(), 1).cpu()
+
+    out = in_lanes(one, [idx[s:s + bs] for s in range(0, len(idx), bs)], cpu_lanes(rt.device))
+    fwd.model.train(was)
+    return torch.cat(out).numpy()
