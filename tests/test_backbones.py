@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from medtune.models.backbones import blocks, create_backbone, embedded_weights_path, feature_chain, preprocessing
+from medtune.models.backbones import blocks, create_backbone, feature_chain, preprocessing
+from medtune.models.weights import embedded_weights_path
 from medtune.errors import BackboneError
 
 

@@ -4,7 +4,8 @@ import timm
 import torch
 from typer.testing import CliRunner
 
-from medtune.models.backbones import create_backbone, embedded_weights_path, timm_name
+from medtune.models.backbones import create_backbone, timm_name
+from medtune.models.weights import embedded_weights_path
 from medtune.cli import app
 from medtune.config import load_config
 from medtune.errors import BackboneError

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import pydicom  # noqa: F401 - in the `dev` extra: a missing pydicom is a broken install, so these tests fail, not skip
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

@@ -409,7 +409,8 @@ def list_(what: What = typer.Argument(..., help="What to list: backbones, strate
             table.add_row(r["weights"], r["backbone"], r["kind"], r["status"], r["where"])
         console.print(table)
     else:
-        from medtune.models.backbones import EMBEDDED, STUDY_BACKBONES, embedded_weights_path, timm_name
+        from medtune.models.backbones import EMBEDDED, STUDY_BACKBONES, timm_name
+        from medtune.models.weights import embedded_weights_path
 
         table = Table(title="backbones of the studies (any timm model name also works)")
         for col in ("name", "timm architecture", "weights"):
