@@ -689,8 +689,8 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         of = f" ({positive})" if positive else " (macro mean over classes)"
         collapsed = collapse_lines(ev, ds)  # results/diagnose.py's rule applied to the stored predictions
         if collapsed:
-            body.append("<h3 class=warn>Collapsed cells: one class predicted</h3><ul>"
-                        + "".join(f"<li>{html.escape(line)}</li>" for line in collapsed) + "</ul>")
+            body.append("<h3 class=warn>Collapsed cells: one class predicted, or predictions far from the class "
+                        "mix</h3><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in collapsed) + "</ul>")
         cells_ds = ev.cells[ev.cells.dataset == ds]
         # results/diagnose.py: `{choose: [...]}` picks and the heads' own C / k, all made on inner splits
         chosen = pd.concat([t_ for t_ in (chosen_values(cells_ds), head_choices(cells_ds)) if not t_.empty]
