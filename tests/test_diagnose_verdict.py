@@ -69,3 +69,22 @@ def test_a_heads_own_choice_pinned_at_its_grid_end_is_flagged():
     assert list(pinned.hyperparameter) == ["svm_C"] and pinned.pinned.iloc[0].startswith("largest 0.01 in 5 of 5")
     lines = edge_choices(t)
     assert len(lines) == 1 and "svm_C" in lines[0] and "full_ft" in lines[0]
+
+
+def test_a_choice_inside_its_widened_grid_is_not_pinned():
+    """The probe's and heads' grids widen past an end that wins (probe.search) and each cell records the grid it
+    searched and whether the pick still sat at a bound (`grids`, `grid_edges`). On BUSI the probe chose C 1e-3 in
+    every fold after widening down to 1e-4: the smallest of the start grid, inside the searched one, so not
+    pinned. A pick at a bound the search could not pass is pinned."""
+    from medtune.models.probe import C_GRID
+
+    searched = [C_GRID[0] / 10, *C_GRID]
+    inside = cells([{"strategy": "linear_probe", "fold": f,
+                     "info": {"probe_C": C_GRID[0], "grids": {"probe_C": searched}}} for f in range(5)])
+    t = head_choices(inside)
+    assert list(t.pinned) == [""] and t.candidates.iloc[0].startswith("0.0001")
+    at_bound = cells([{"strategy": "linear_probe", "fold": f,
+                       "info": {"probe_C": 1e-6, "grids": {"probe_C": [1e-6, *searched]},
+                                "grid_edges": {"probe_C": "low"}}} for f in range(5)])
+    t = head_choices(at_bound)
+    assert t.pinned.iloc[0] == "at the bound of its search (low) in 5 of 5 folds"

@@ -136,9 +136,12 @@ def budget_lines(cells) -> list[str]:
 # --------------------------------------------------------------------------- a head's own choice at its grid's end
 def head_choices(cells) -> pd.DataFrame:
     """The probe's C, the SVM's C and the kNN's k chosen on each fold's inner split (info keys
-    `probe_C`, `svm_C`, `knn_k`, or the probe's history row), as `chosen_values` rows against the grid
-    each is chosen from, so `edge_choices` flags a pick pinned at its grid's end. A grid-edge flag
-    recorded by the cell (`*_at_edge`) is honoured as well."""
+    `probe_C`, `svm_C`, `knn_k`, or the probe's history row), as `chosen_values` rows, so `edge_choices`
+    flags a pick pinned at its grid's end. These grids widen past an end that wins (probe.search), and a
+    cell records what it searched (`grids`) and whether its pick stayed at a bound the search could not
+    pass (`grid_edges`): where cells record that, it decides, since a pick at the start grid's end is
+    inside the searched one. Stores written before the widening are judged against the start grid (and
+    the `*_at_edge` flags they recorded)."""
     from medtune.models.heads import HEADS
     from medtune.models.probe import C_GRID as PROBE_GRID
 
@@ -151,19 +154,30 @@ def head_choices(cells) -> pd.DataFrame:
             if "probe_C" in h and "probe_C" not in found:
                 found["probe_C"] = h["probe_C"]
         for key, value in found.items():
-            row = rows.setdefault((r["dataset"], r["backbone"], r["strategy"], key), {"folds": {}, "flag": 0})
+            row = rows.setdefault((r["dataset"], r["backbone"], r["strategy"], key),
+                                  {"folds": {}, "flag": 0, "searched": set(), "bound": []})
             row["folds"].setdefault((r["seed"], r["fold"]), value)
             row["flag"] += bool(info.get(f"{key}_at_edge"))
+            row["searched"] |= set((info.get("grids") or {}).get(key) or [])
+            if (info.get("grid_edges") or {}).get(key):
+                row["bound"].append(info["grid_edges"][key])
     out = []
     for (ds, bb, st, key), row in rows.items():
         picks = list(row["folds"].values())
-        edge = _edge(key, grids[key], picks)
-        if not edge["pinned"] and row["flag"] >= max(2, EDGE_SHARE * len(picks)):
-            edge = {"pinned": f"at its grid's edge in {row['flag']} of {len(picks)} folds", "try": ""}
+        if row["searched"]:  # the cells say what they searched and where a pick stayed at a bound
+            candidates = sorted(row["searched"])
+            hits = len(row["bound"])
+            edge = {"pinned": (f"at the bound of its search ({'/'.join(sorted(set(row['bound'])))}) in {hits} of "
+                               f"{len(picks)} folds") if hits >= max(1, EDGE_SHARE * len(picks)) else "", "try": ""}
+        else:
+            candidates = grids[key]
+            edge = _edge(key, candidates, picks)
+            if not edge["pinned"] and row["flag"] >= max(2, EDGE_SHARE * len(picks)):
+                edge = {"pinned": f"at its grid's edge in {row['flag']} of {len(picks)} folds", "try": ""}
         if edge["pinned"]:  # medtune's own grid, not a config list: nothing to extend in the YAML
             edge["try"] = ""
         out.append({"dataset": ds, "backbone": bb, "strategy": st, "hyperparameter": key,
-                    "candidates": ", ".join(map(_text, grids[key])), "chosen per fold": ", ".join(map(_text, picks)),
+                    "candidates": ", ".join(map(_text, candidates)), "chosen per fold": ", ".join(map(_text, picks)),
                     **edge})
     cols = ["dataset", "backbone", "strategy", "hyperparameter", "candidates", "chosen per fold", "pinned", "try"]
     return pd.DataFrame(out, columns=cols)
