@@ -284,3 +284,32 @@ def test_keep_best_deploys_the_verdict_and_records_the_rule_and_priors(tiny_run)
     assert all(len(e["priors"]) == len(meta["class_names"]) for e in meta["folds"])
     card = (Path(f"{store}.models/best") / "MODEL_CARD.md").read_text()
     assert card.split("```")[1].strip("\n").splitlines() == v.lines()
+
+
+def test_an_unfinished_group_is_left_out_of_the_choice_and_named(tmp_path):
+    """An interrupted run (BUSI, 2026-12-07: auto_depth had 1 of 5 folds done and was recommended on it): a
+    group that has not finished the folds the others have is left out of the recommendation, whichever
+    rule would pick it, and the verdict names it."""
+    from medtune.results.evidence import read_evidence
+    from medtune.results.verdict import verdicts
+
+    inner = {"linear_probe": [0.80] * 5, "partial_ft": [0.95] * 5, "full_ft": [0.85] * 5}
+    store = plant_grid(tmp_path / "a.sqlite", inner, {s: [2.0] * 5 for s in inner})
+    store.conn.execute("UPDATE cells SET status='failed' WHERE strategy='partial_ft' AND fold > 0")
+    store.conn.commit()
+    store.close()
+    v = verdicts(read_evidence(tmp_path / "a.sqlite"))["syn"]
+    assert v.strategy == "full_ft" and v.how == "inner"
+    assert any("unfinished" in c and "partial_ft (1 of 5 folds)" in c for c in v.caveats), v.caveats
+
+
+def test_the_nested_choice_waits_for_its_folds():
+    from medtune.results.headline import choose
+
+    rows = [{"group": g, "strategy": s, "seed": 0, "fold": f, "inner": i, "share": 1.0, "balanced_accuracy": 0.8}
+            for g, s, folds, i in (("a", "auto_depth(candidates=('x', 'y'))", 1, 0.9), ("b", "full_ft", 5, 0.85))
+            for f in range(folds)]
+    cells = pd.DataFrame(rows).assign(backbone="x", head="softmax", variant="", pruned="")
+    assert choose(cells) == ("b", "inner", "b")
+    finished = pd.concat([cells] + [cells[cells.group == "a"].assign(fold=f) for f in range(1, 5)], ignore_index=True)
+    assert choose(finished) == ("a", "nested", "a")

@@ -100,6 +100,22 @@ def one_se_group(cells: pd.DataFrame, leader: str) -> str:
     return str(min(near, key=lambda g: (share[g], -means[g], g)))
 
 
+def unfinished(cells: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """{group: (its done (seed, fold) cells, the most any group has)} for ONE data set's groups that have
+    not finished the folds the others have (an interrupted or partly failed run). Racing's pruned groups
+    stopped by design and are not unfinished. Such a group is left out of the recommendation: an estimate
+    from a subset of the folds is not comparable, and the nested choice took precedence however few of its
+    folds were done."""
+    if not {"seed", "fold"} <= set(cells.columns) or cells.empty:
+        return {}
+    running = cells[cells["pruned"] == ""] if "pruned" in cells.columns else cells
+    done = running.drop_duplicates(["group", "seed", "fold"]).groupby("group").size()
+    if done.empty:
+        return {}
+    most = int(done.max())
+    return {str(g): (int(n), most) for g, n in done.items() if n < most}
+
+
 def choose(cells: pd.DataFrame, rule: str = "leader", primary: str | None = None,
            metric: str = "balanced_accuracy") -> tuple[str, str, str | None]:
     """(group, how, inner-validation leader or None) for ONE data set's done cells: the one rule every
@@ -107,6 +123,9 @@ def choose(cells: pd.DataFrame, rule: str = "leader", primary: str | None = None
     plus `inner` (inner-validation score per cell, NaN where none) and `share` (trainable share)."""
     if rule not in RULES:
         raise ValueError(f"recommend must be one of {RULES}, got {rule!r}")
+    late = unfinished(cells)
+    if len(late) < cells["group"].nunique():
+        cells = cells[~cells["group"].isin(late)]
     whole = cells[cells["pruned"] == ""] if "pruned" in cells.columns else cells
     means = whole.groupby("group")["inner"].mean().dropna() if "inner" in whole else pd.Series(dtype=float)
     leader = str(max(means.index, key=lambda g: (means[g], g))) if len(means) else None

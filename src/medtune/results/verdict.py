@@ -23,7 +23,7 @@ import pandas as pd
 from medtune.results.diagnose import budget_limited, chosen_values, collapsed_cells, edge_choices, head_choices
 from medtune.results.evidence import (MAIN, Evidence, choice_table, ci, fmt_ci, label, near, paired_tests, pooled,
                               read_evidence, short_strategy)
-from medtune.results.headline import INNER, NESTED, ONE_SE, OPTIMISTIC, PRIMARY
+from medtune.results.headline import INNER, NESTED, ONE_SE, OPTIMISTIC, PRIMARY, unfinished
 from medtune.results.metrics import balanced_accuracy
 
 N_BOOT = 2000  # as the report's main table: the verdict's interval is the table's
@@ -168,6 +168,13 @@ def _caveats(ev: Evidence, ds: str, rec: pd.Series, how: str, est: tuple, chance
     if near(dup) and dup.get("duplicate_groups"):
         out.append(f"folds kept {dup['duplicate_groups']} near-duplicate groups together (perceptual hash within "
                    f"{dup['near_duplicates']} bits)")
+    late = unfinished(ev.metrics[ev.metrics.dataset == ds])
+    if late:
+        names = {r.group: short_strategy(r.strategy) + ("" if r["head"] == "softmax" else f" {r['head']}")
+                 for _, r in ev.metrics[ev.metrics.group.isin(late)].drop_duplicates("group").iterrows()}
+        out.append("unfinished, left out of the choice: " + ", ".join(
+            f"{names.get(g, g)} ({n} of {most} folds)" for g, (n, most) in late.items())
+            + "; `medtune run` with the same config finishes them")
     collapsed = collapse_lines(ev, ds)
     if collapsed:
         mine = sum(f" {rec.strategy} {rec['head']} fold " in line for line in collapsed)
