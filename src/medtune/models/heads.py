@@ -144,6 +144,14 @@ class Head:
         p = p / self.priors_
         return p / p.sum(axis=1, keepdims=True)
 
+    @staticmethod
+    def _choose(grid, y_val: np.ndarray, score, widen):
+        """probe.search over `grid` by `score` on the inner split; without a split holding two classes
+        there is nothing to choose on, and the first value is taken."""
+        if len(y_val) and len(np.unique(y_val)) > 1:
+            return search(grid, score, widen)
+        return search(grid, lambda v: -1.0, lambda v, side: None)
+
     def _check_class_weight(self) -> None:
         if self.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"class_weight must be one of {CLASS_WEIGHTS}, got {self.class_weight!r}")
@@ -206,10 +214,8 @@ class SVMHead(Head):
         cw = self.class_weight
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            found = search(C_GRID, lambda C: -1.0, lambda C, side: None)  # nothing to choose on: the first C
-            if len(y_val) and len(np.unique(y_val)) > 1:
-                found = search(C_GRID, lambda C: balanced_accuracy_score(y_val, make_pipeline(
-                    StandardScaler(), _svm(C, cw)).fit(X, y).predict(X_val)), widen_log(*C_BOUNDS, C_STEP))
+            found = self._choose(C_GRID, y_val, lambda C: balanced_accuracy_score(y_val, make_pipeline(
+                StandardScaler(), _svm(C, cw)).fit(X, y).predict(X_val)), widen_log(*C_BOUNDS, C_STEP))
             if groups is not None and len(groups) != len(y):
                 raise ValueError(f"groups has {len(groups)} entries for {len(y)} training rows")
             folds = calibration_folds(y, groups)
@@ -243,7 +249,6 @@ class KNNHead(Head):
         self._check_class_weight()
         n = len(y)
         usable = [k for k in K_GRID if k <= n] or [max(1, n)]
-        found = search(usable, lambda k: -1.0, lambda k, side: None)  # nothing to choose on: the first k
 
         def score(k: int) -> float:
             trial = KNNHead(self.class_weight, self.seed)._fit_at(k, X, y, n_classes)
@@ -253,8 +258,7 @@ class KNNHead(Head):
             new = max(1, (k // 2) | 1) if side == "low" else min(n, 2 * k + 1)
             return None if new == k else new
 
-        if len(y_val) and len(np.unique(y_val)) > 1:
-            found = search(usable, score, widen)
+        found = self._choose(usable, y_val, score, widen)
         self._fit_at(min(found.best, n), X, y, n_classes)
         self.grid_, self.edge_ = found.grid, found.edge
         return self
