@@ -151,6 +151,9 @@ def test_a_resumed_store_after_set_epochs_runs_the_new_cells_beside_the_old(two_
     _, store, _ = two_seeds
     copy, out = resumed_with_more_epochs(two_seeds, tmp_path)
     assert any(line.startswith("8 cells: 8 run, 0 already done, 0 failed,") for line in out.splitlines())  # nothing reused
+    # ... and the run says why, as one house-style warning line (no Python source line under it)
+    assert "warning: resuming: " in out and "`train.epochs`: 3 there, 1 here" in out
+    assert "UserWarning" not in out and "summary = run_grid" not in out
     old = per_cell(store).set_index("cell_id")
     with Store(copy) as s:
         cells = s.cells()

@@ -167,3 +167,23 @@ def test_compile_on_trains_the_compiled_forward_to_the_same_numbers(tiny_table):
         assert [h["compiled"] for h in result.history] == [mode == "on"]
         losses[mode] = result.history[0]["train_loss"]
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-3)
+
+
+@pytest.mark.parametrize("cap, bf16", [("AVX512_CORE", False), ("avx2", False), ("AVX512_CORE_VNNI", False),
+                                       ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True), ("ALL", True),
+                                       (None, True)])
+def test_amp_auto_on_a_bf16_cpu_honours_onednn_isa_cap(monkeypatch, cap, bf16):
+    """A oneDNN ISA cap below AVX512_CORE_BF16 (ONEDNN_MAX_CPU_ISA, the documented oneDNN switch) makes
+    bf16 slow, so `amp: auto` resolves to fp32 there, as on a CPU without bf16; it is also how a store
+    computed in fp32 on another machine is resumed on a bf16 one (the cell id holds the resolved dtype)."""
+    from medtune.training import precision
+    monkeypatch.setattr(precision, "cpu_flags", lambda: "fpu avx512f avx512_bf16 amx_bf16")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    cpu = torch.device("cpu")
+    assert precision.autocast_dtype(cpu, "auto") == (torch.bfloat16 if bf16 else None)
+    assert precision.autocast_dtype(cpu, "on") == torch.bfloat16  # `on` is what the user asked for
+    assert precision.autocast_dtype(cpu, "off") is None

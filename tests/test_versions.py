@@ -86,3 +86,35 @@ def test_results_and_report_flag_an_old_store(tmp_path):
     assert res.exit_code == 0, res.output
     assert "results version 1" in res.output
     assert "Mixed or old results" in (tmp_path / "r" / "report.html").read_text()
+
+
+def _flatten_test_cfg(path):
+    return load_config(raw={"datasets": [{"name": "syn", "source": "synthetic",
+                                          "options": {"n_patients": 8, "images_per_patient": 1, "seed": 0}}],
+                            "backbones": [{"name": "test_efficientnet", "pretrained": False, "image_size": 32}],
+                            "strategies": ["linear_probe"], "folds": 2, "keep_best": False, "store": str(path),
+                            "train": {"epochs": 1, "batch_size": 8, "views": 1, "patience": 1}, "device": "cpu"})
+
+
+def test_a_store_computed_in_another_precision_is_named_when_nothing_resumes(tmp_path, monkeypatch):
+    """Cells finished in fp32 on a CPU without bf16 are not reused on a bf16 CPU (`amp: auto` resolves
+    to another dtype there); the resumed run says which setting kept them apart and how to match it,
+    and with oneDNN capped below bf16 (the documented switch) the same store resumes with nothing to run."""
+    import warnings
+    from medtune.training import precision
+
+    cfg = _flatten_test_cfg(tmp_path / "s.sqlite")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: "fpu avx512f")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    first = runner.run(cfg, progress=False)
+    assert first.total == 2 and first.skipped == 0
+    monkeypatch.setattr(precision, "cpu_flags", lambda: "fpu avx512f avx512_bf16")
+    with pytest.warns(UserWarning, match=r"2 finished cell\(s\).*precision.*float32.*bfloat16.*ONEDNN_MAX_CPU_ISA"):
+        again = runner.run(cfg, progress=False)
+    assert again.skipped == 0  # not reused: the numbers differ
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        resumed = runner.run(cfg, progress=False)
+    assert resumed.skipped == 2 and resumed.total == 2

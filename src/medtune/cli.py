@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -59,10 +60,22 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """medtune's own warnings as one `warning:` paragraph on stderr, as the CLI's other notes are; a
+    library's keep Python's form (file, line), which says where to look."""
+    if "medtune" in Path(filename).parts:
+        err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        default_show_warning(message, category, filename, lineno, file, line)
+
+
+default_show_warning = warnings.showwarning
+
+
 @app.callback()
 def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
                                               help="Print medtune's version and exit.")) -> None:
-    pass
+    warnings.showwarning = show_warning
 
 
 class Fmt(str, Enum):

@@ -122,6 +122,10 @@ def _run(cfg: ExperimentConfig, path: Path, progress: bool, on_cell, t0: float, 
             done = store.done_ids()
             store.add_run(run_id, cfg.model_dump(), env)
         todo = [c for c in cells if c["cell_id"] not in done]
+        if todo and (note := store.unmatched_note(todo)) is not None:
+            import warnings
+
+            warnings.warn(f"resuming: {note}", stacklevel=3)
         summary.run_id, summary.total, summary.skipped = run_id, len(cells), len(cells) - len(todo)
         summary.duplicates = {k: v.duplicates for k, v in prepared.items()}
         _run_grid(cfg, store, cells, todo, prepared, device, summary, progress, on_cell, since)

@@ -511,8 +511,62 @@ class Store:
                 "recomputes them under new cell ids; tables here include only version "
                 f"{RESULTS_VERSION} cells when there are any.")
 
+    def unmatched_note(self, todo: list[dict]) -> str | None:
+        """A sentence for a resumed `run` when finished cells of this store match cells about to run in
+        every label (data set, backbone, strategy, head, seed, fold) but not in id: which settings of
+        the cell config kept them apart, with their values there and here, so a user who expected a
+        resume learns why nothing was reused. None when there are none (results versions are
+        `version_warning`'s)."""
+        label = ("dataset", "backbone", "strategy", "head", "seed", "fold")
+        wanted = {tuple(c[k] for k in label): c for c in todo}
+        rows = self.conn.execute(f"SELECT {', '.join(label)}, config_json FROM cells WHERE status='done'").fetchall()
+        differ: dict[str, list] = {}
+        n = 0
+        for *key, config_json in rows:
+            cell = wanted.get(tuple(key))
+            if cell is None:
+                continue
+            there, here = flat(json.loads(config_json)), flat(cell["config"])
+            keys = [k for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)
+                    and not k.startswith("results_version")]
+            if not keys:
+                continue
+            n += 1
+            for k in keys:
+                differ.setdefault(k, [there.get(k), here.get(k)])
+        if not n:
+            return None
+        what = "; ".join(f"`{k}`: {v[0]!r} there, {v[1]!r} here" for k, v in list(differ.items())[:4])
+        more = f" and {len(differ) - 4} more setting(s)" if len(differ) > 4 else ""
+        hints = [hint for prefix, hint in UNMATCHED_HINTS.items() if any(k.startswith(prefix) for k in differ)]
+        return (f"{self.path} holds {n} finished cell(s) of this grid's data sets, models, strategies and folds that "
+                f"differ from this run's in {what}{more}; they are not reused, since their numbers would differ. "
+                + " ".join(hints))
+
     def integrity_ok(self) -> bool:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# What to do about a setting that keeps a finished cell from being reused (Store.unmatched_note).
+UNMATCHED_HINTS = {
+    "precision": "`precision` is what `train.amp: auto` resolved to on the machine that ran the cell; to resume "
+                 "float32 cells on a CPU with bf16, run with ONEDNN_MAX_CPU_ISA=AVX512_CORE (oneDNN's own cap, "
+                 "under which `auto` resolves to float32).",
+    "dataset.options": "A data set's options (its root folder included, written the same way) are part of its cells.",
+    "dataset.fingerprint": "The images or labels changed since those cells ran.",
+    "numerics": "medtune's searched grids (C, k) changed since those cells ran.",
+}
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    """A cell config as dotted keys: {'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def open_store(path: str | Path, must_exist: bool = False) -> Store:

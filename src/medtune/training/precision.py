@@ -8,6 +8,7 @@ run time, and what applied is recorded per epoch in the cell (`history[].precisi
 from __future__ import annotations
 
 import ctypes
+import os
 import types
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,13 +27,27 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: where bf16 autocast on the CPU is faster than fp32."""
+def cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
+            return fh.read()
     except OSError:
+        return ""
+
+
+# oneDNN's ISA names below AVX512_CORE_BF16 (its `ONEDNN_MAX_CPU_ISA` values): capped there, oneDNN
+# has no bf16 kernels and bf16 autocast is slower than fp32.
+ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX, unless oneDNN is capped below it (`ONEDNN_MAX_CPU_ISA=AVX512_CORE`): where
+    bf16 autocast on the CPU is faster than fp32. The cap is also how a store computed in fp32 on
+    another CPU resumes on a bf16 one, as `amp: auto` resolves to fp32 there too (docs/config.md)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in ISAS_WITHOUT_BF16:
         return False
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
