@@ -170,7 +170,7 @@ def render_config() -> str:
         lines.append(f"## {section_name(model)}\n\n")
         if where:
             lines.append(f"YAML path: `{where}`.")
-            doc = inspect.cleandoc(model.__doc__ or "") if model.__doc__ != BaseModel.__doc__ else ""
+            doc = " ".join(inspect.cleandoc(model.__doc__ or "").split()) if model.__doc__ != BaseModel.__doc__ else ""
             lines.append(f" {doc}\n\n" if doc and "A base class" not in doc else "\n\n")
         lines.append("| key | type | default | description |\n|---|---|---|---|\n")
         for name, field in model.model_fields.items():

@@ -124,7 +124,8 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a config value without editing the file; the value "
                                                     "is YAML, list entries are numbered from 0: --set train.epochs=3 "
                                                     "--set datasets.0.path=../data/busi (repeatable)."),
-    quiet: bool = typer.Option(False, "--quiet", help="Hide the progress: the bar on a terminal, one line per finished cell "
+    quiet: bool = typer.Option(False, "--quiet", help="Hide the progress: the bar on a terminal, one line per "
+                                                      "finished cell "
                                                  "elsewhere (the summary is still printed)."),
 ) -> None:
     """Train and evaluate every cell of an experiment; rerun to resume.
@@ -136,7 +137,8 @@ def run(
 
     from medtune.errors import Interrupted
 
-    resume = " ".join(["medtune run", shlex.quote(str(config))] + ([f"--store {shlex.quote(str(store))}"] if store else [])
+    resume = " ".join(["medtune run", shlex.quote(str(config))]
+                      + ([f"--store {shlex.quote(str(store))}"] if store else [])
                       + [f"--set {shlex.quote(o)}" for o in set_])
     try:
         cfg = load_config(config_path(config), set_)
@@ -202,9 +204,10 @@ def interrupted(summary, resume: str) -> None:
                           highlight=False, soft_wrap=True)
     else:
         kept = summary.skipped + summary.done + summary.elsewhere
-        err_console.print(f"interrupted: {summary.done} cell(s) finished by this run, {kept} of {summary.total} in all, "
-                          f"are kept in {escape(summary.store)}; the cell in flight was not recorded. "
-                          f"`{escape(resume)}` resumes without redoing finished cells.", highlight=False, soft_wrap=True)
+        err_console.print(f"interrupted: {summary.done} cell(s) finished by this run, {kept} of {summary.total} in "
+                          f"all, are kept in {escape(summary.store)}; the cell in flight was not recorded. "
+                          f"`{escape(resume)}` resumes without redoing finished cells.",
+                          highlight=False, soft_wrap=True)
     raise typer.Exit(130)
 
 
@@ -213,7 +216,8 @@ def results(
     store: Path = typer.Option(Path("results/medtune.sqlite"), "--store",
                                help="SQLite results store: the `store` of the config you ran (e.g. "
                                     "results/demo.sqlite for configs/demo.yaml)."),
-    format: Fmt = typer.Option(Fmt.table, "--format", help="Output format: table to read, csv or json for other tools."),
+    format: Fmt = typer.Option(Fmt.table, "--format",
+                               help="Output format: table to read, csv or json for other tools."),
     failed: bool = typer.Option(False, "--failed", help="List failed cells and their errors instead."),
     wide: bool = typer.Option(False, "--wide", help="Every metric (accuracy, PPV, NPV, F1, PR-AUC, Brier too), "
                                                    "not only the ones that decide."),
@@ -287,7 +291,8 @@ def results_tables(shown, labels: list[str], numbers: list[str], width: int) -> 
     def make(cols: list[str]) -> Table:
         t = Table(show_lines=False)
         for c in labels:
-            t.add_column(c.replace("_", " "), overflow="fold", min_width=min(8, max(len(str(v)) for v in [c, *shown[c]])))
+            width = min(8, max(len(str(v)) for v in [c, *shown[c]]))
+            t.add_column(c.replace("_", " "), overflow="fold", min_width=width)
         for c in cols:
             t.add_column(c.replace("_", " "), no_wrap=True, justify="right")
         for _, r in shown.iterrows():
@@ -371,7 +376,8 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
                       highlight=False)
         print_table(table)
     for line in collapse_lines(ev) + pinned_lines(ev) + budget_lines(ev.cells):
-        console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)  # results/diagnose.py: what the metrics do not shout
+        # results/diagnose.py: what the metrics do not shout
+        console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
     for _, r in stopped.iterrows():  # grid/racing.py: its row averages only the folds it ran
         console.print(f"pruned by racing ({int(r.n_cells)} cells): {escape(r.dataset)} {escape(r.backbone)} "
                       f"{escape(r.strategy)} {escape(r['head'])}: {escape(r.pruned)}")
@@ -446,7 +452,8 @@ def list_depths(backbone: str | None, random_init: bool, json_out: bool) -> None
     from medtune.training.strategies import PEFT_DEPTHS, STANDARD_DEPTHS, depth, parse_label
 
     if not backbone:
-        raise typer.BadParameter("`medtune list depths` needs a backbone, e.g. `medtune list depths resnet50 --random-init`.")
+        raise typer.BadParameter("`medtune list depths` needs a backbone, e.g. `medtune list depths resnet50 "
+                                 "--random-init`.")
     model = create_backbone(backbone, pretrained=not random_init, num_classes=2)
     rows, missing = [], []
     for label in (*STANDARD_DEPTHS, *PEFT_DEPTHS):
@@ -555,7 +562,8 @@ def print_quality(r, show: int) -> None:
 def print_duplicate_group(r, kind: str, g: list[int], conflict: bool, across: bool) -> None:
     """One group of copies that matters: labelled differently, or in both train/val and test of an
     official split; members with their labels, so a mislabelled copy is visible."""
-    what = f"{kind} duplicates" + (" across splits" if across else "") + (" with conflicting labels" if conflict else "")
+    what = (f"{kind} duplicates" + (" across splits" if across else "")
+            + (" with conflicting labels" if conflict else ""))
     members = escape(", ".join(f"{r.files[i].path} [{r.class_names[r.files[i].label]}]" for i in g))
     console.print(f"[yellow]{what}:[/] {members}", highlight=False)
 
@@ -608,7 +616,8 @@ def report(
                 statuses = dict(s.conn.execute("SELECT status, COUNT(*) FROM cells GROUP BY status").fetchall())
             if not statuses.get("done") and statuses.get("failed"):
                 raise MedtuneError(f"every cell in {store} failed ({statuses['failed']} cells), so there is nothing to "
-                                   f"report. `medtune results --store {shlex.quote(str(store))} --failed` shows why; fix "
+                                   f"report. `medtune results --store {shlex.quote(str(store))} --failed` shows why; "
+                                   f"fix "
                                    "the cause and rerun `medtune run CONFIG`.")
             if note:
                 err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)

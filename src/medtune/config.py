@@ -53,13 +53,15 @@ class DatasetConfig(Strict):
 
 class BackboneConfig(Strict):
     name: str = Field(description="timm model name or a study alias (`medtune list backbones`)")
-    pretrained: bool = Field(True, description="false = random init, asked for knowingly; true never falls back silently")
+    pretrained: bool = Field(True, description="false = random init, asked for knowingly; true never falls back "
+                                               "silently")
     checkpoint: str | None = Field(None, description="local .pth/.pt/.bin/.safetensors state dict to start from")
     image_size: int | None = Field(None, ge=16, le=1024, description="default: the weights' own input size")
     weights: str | None = Field(None, description="named pretrained weights: a registry key (`medtune list weights`, "
                                                   "e.g. radimagenet) or a timm tag of this architecture")
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
-                               description="expected sha256 of `checkpoint` (or of the named file); a mismatch is refused")
+                               description="expected sha256 of `checkpoint` (or of the named file); a mismatch is "
+                                           "refused")
 
     @field_validator("sha256", mode="before")
     @classmethod
@@ -82,7 +84,8 @@ class BackboneConfig(Strict):
 
 
 class Choose(Strict):
-    """`{choose: [a, b, c]}`: one value picked per outer fold on its inner validation split (grid/select.py), unlike a list, which is a grid axis (one cell per value)."""
+    """`{choose: [a, b, c]}`: one value picked per outer fold on its inner validation split (grid/select.py),
+    unlike a list, which is a grid axis (one cell per value)."""
 
     choose: list[float | int | str] = Field(min_length=1, description="the values to choose among on inner splits")
 
@@ -103,7 +106,8 @@ def strategy_entry(s: Any) -> Any:
 
 
 class StrategyConfig(Strict):
-    """A strategy and its hyperparameters; a list value sweeps (`blocks: [1, 2, 3]`), a `{choose: [...]}` value is chosen on the inner split of each outer fold."""
+    """A strategy and its hyperparameters; a list value sweeps (`blocks: [1, 2, 3]`), a `{choose: [...]}` value
+    is chosen on the inner split of each outer fold."""
 
     name: str = Field(description="registry key (`medtune list strategies`, docs/strategies.md)")
     params: dict[str, Any] = Field(default_factory=dict, description="hyperparameters; a list value sweeps, "
@@ -148,20 +152,27 @@ class TrainConfig(Strict):
                                "{choose: [1e-4, 3e-4, 1e-3]} picks it per outer fold on the inner validation split")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     warmup_epochs: float = Field(1.0, ge=0, description="linear warm-up before the cosine decay")
-    patience: int = Field(5, ge=1, description="early stopping: epochs without improvement on the inner validation split")
-    val_fraction: float = Field(0.15, ge=0, lt=0.5, description="share of each training fold held out (by patient) for early stopping")
+    patience: int = Field(5, ge=1, description="early stopping: epochs without improvement on the inner validation "
+                                               "split")
+    val_fraction: float = Field(0.15, ge=0, lt=0.5, description="share of each training fold held out (by patient) "
+                                                                "for early stopping")
     class_weight: Literal["balanced", "none"] = Field(
         "balanced", description="balanced = every head weights its loss by inverse class frequency (softmax: "
         "cross-entropy, SVM: class_weight) and predicts the argmax under equal class priors; none = unweighted, "
         "argmax under the training fold's class frequencies")
-    views: int = Field(4, ge=1, description="a training image is shown plain with probability 1/views, else augmented; "
-                       "the frozen-prefix cache holds the plain view and views-1 fixed augmented ones (1 = no augmentation)")
-    cache: bool = Field(True, description="cache the output of frozen leading blocks, much faster: the same predictions "
-                       "as false at views 1; with more views the frozen part sees views-1 fixed augmentations of each "
-                       "image instead of fresh ones")
-    amp: Literal["auto", "on", "off"] = Field("auto", description="mixed precision: auto = bf16 on CUDA and bf16-capable CPUs, "
-                                                        "with strided or wide depthwise convolutions kept in fp32 on a CPU "
-                                                        "(measured faster there); on = bf16 everywhere")
+    views: int = Field(
+        4, ge=1, description="a training image is shown plain with probability 1/views, else augmented; "
+        "the frozen-prefix cache holds the plain view and views-1 fixed augmented ones (1 = no augmentation)")
+    cache: bool = Field(
+        True, description="cache the output of frozen leading blocks, much faster: the same predictions "
+        "as false at views 1; with more views the frozen part sees views-1 fixed augmentations of each "
+        "image instead of fresh ones")
+    amp: Literal["auto", "on", "off"] = Field(
+        "auto", description="mixed precision: auto = bf16 on CUDA and bf16-capable CPUs, "
+        "with strided or wide depthwise convolutions kept in fp32 on a CPU "
+        "(measured faster there); on = bf16 everywhere. The cell id holds the resolved precision, so a store "
+        "computed in fp32 is not reused on a bf16 machine; `ONEDNN_MAX_CPU_ISA=AVX512_CORE` (oneDNN's own cap) "
+        "makes `auto` resolve to fp32 there and resumes it")
     channels_last: bool = Field(True, description="channels-last memory layout (faster convolutions on GPU)")
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile (inductor) the trained part of the network: auto = where it was "
@@ -229,14 +240,17 @@ class ExperimentConfig(Strict):
     name: str = Field("experiment", description="name of the experiment, saved with each run")
     # Every axis needs at least one entry: an empty one would make a grid of 0 cells that "succeeds".
     datasets: list[DatasetConfig] = Field(min_length=1, description="data sets; the grid's first axis")
-    backbones: list[BackboneConfig] = Field(min_length=1, description="backbones: a timm name or a mapping; the second axis")
-    strategies: list[StrategyConfig] = Field(min_length=1, description="strategies: a name or {name: ..., param: value}; the third axis")
+    backbones: list[BackboneConfig] = Field(min_length=1, description="backbones: a timm name or a mapping; the "
+                                                                      "second axis")
+    strategies: list[StrategyConfig] = Field(min_length=1, description="strategies: a name or {name: ..., param: "
+                                                                       "value}; the third axis")
     heads: list[str] = Field(["softmax"], min_length=1, description="registered heads (`medtune list heads`): "
                              "softmax = the trained classifier; svm = linear SVM on the tuned network's features; "
                              "knn = k-nearest-neighbour vote on them (cosine, k chosen on the inner split; the "
                              "MedMNIST+ protocol)")
     folds: int = Field(5, ge=2, le=20, description="k of the outer stratified (patient-grouped) k-fold")
-    seeds: list[int] = Field([0], min_length=1, description="repeat the whole CV with these seeds (folds and initialisation)")
+    seeds: list[int] = Field([0], min_length=1, description="repeat the whole CV with these seeds (folds and "
+                                                            "initialisation)")
     train: TrainConfig = Field(TrainConfig(), description="training settings shared by every cell")
     store: str = Field("results/medtune.sqlite", description="SQLite results store (`--store` overrides)")
     device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -245,7 +259,8 @@ class ExperimentConfig(Strict):
     gpus_per_cell: float = Field(0, ge=0)
     cpus_per_cell: float = Field(1, gt=0)
     max_retries: int = Field(2, ge=0)
-    primary: str | None = Field(None, description="the strategy (its label, e.g. partial_ft(blocks=2), or name) declared "
+    primary: str | None = Field(None, description="the strategy (its label, e.g. partial_ft(blocks=2), or name) "
+                                                  "declared "
                                 "before the run as the one to headline; default: auto_depth's nested choice if the "
                                 "grid has it, else the best mean score on the cells' inner validation splits")
     recommend: Literal["leader", "one_se"] = Field("leader", description="the rule, fixed before the run, for the "
@@ -268,12 +283,14 @@ class ExperimentConfig(Strict):
                                         "confidence, min_folds, margin, metric); off by default")
     halving: bool = Field(False, description="successive halving of each `{choose: [...]}` on the inner split: every "
                           "candidate trains the first third of its schedule, the best third continues (eta 3), so a "
-                          "3-value choice costs about 1.7 full fits instead of 3; the survivor is trained exactly as alone")
+                          "3-value choice costs about 1.7 full fits instead of 3; the survivor is trained exactly as "
+                          "alone")
     keep_best: bool = Field(True, description="after the grid, save the deployable model of the best cell group "
                                                 "(weights, preprocessing, feature head, MODEL_CARD.md) to "
                                                 "<store>.models/best/ for predict/export")
     tracking: Literal["none", "mlflow"] = Field("none", description="mlflow = log each cell to MLflow as it "
-                                                "finishes (pip install 'medtune[tracking]'); the store stays the source")
+                                                "finishes (pip install 'medtune[tracking]'); the store stays the "
+                                                "source")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db in the "
                                                        "current folder (artifacts in ./mlruns), offline")
 
@@ -420,7 +437,8 @@ def parse_override(raw: dict, assignment: str) -> dict:
     for i, key in enumerate(keys[:-1]):
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} has {len(node)} entries; {key!r} is not an index")
+                raise ConfigError(f"--set {path}: {'.'.join(keys[:i])} has {len(node)} entries; {key!r} is not an "
+                                  f"index")
             node = node[int(key)]
         else:
             if not isinstance(node, dict):
@@ -449,7 +467,8 @@ def normalise_raw(raw: dict) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                raw: dict | None = None) -> ExperimentConfig:
     source = str(path) if path else "config"
     if raw is None:
         p = Path(path)  # type: ignore[arg-type]

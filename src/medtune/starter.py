@@ -190,7 +190,8 @@ def render(insp: Inspection, grid: dict, data_path: str) -> str:
     """The experiment file's text: YAML with comments that give the reasons."""
     import yaml
 
-    name = re.sub(r"[^A-Za-z0-9_]+", "_", insp.path.stem if insp.path.is_file() else insp.path.name).strip("_") or "data"
+    stem = insp.path.stem if insp.path.is_file() else insp.path.name
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_") or "data"
     positive, why = suggest_positive(insp.counts)
     d = insp.duplicates
     lines = [f"# Written by `medtune init {data_path}`: edit any line; `medtune run THIS_FILE` runs it.",

@@ -1,1 +1,2 @@
-"""Reading images into an ImageTable: folders, manifests, DICOM, .npz, the generator; quality checks, duplicates and folds."""
+"""Reading images into an ImageTable: folders, manifests, DICOM, .npz, the generator; quality checks,
+duplicates and folds."""

@@ -30,7 +30,8 @@ def _pydicom():
     try:
         import pydicom
     except ImportError as exc:
-        raise DataError("reading DICOM files needs pydicom: `pip install 'medtune[dicom]'` (or `pip install pydicom`).") from exc
+        raise DataError("reading DICOM files needs pydicom: `pip install 'medtune[dicom]'` "
+                        "(or `pip install pydicom`).") from exc
     return pydicom
 
 
@@ -40,7 +41,8 @@ def _read(path: Path, data: bytes | None = None, pixels: bool = True):
         return pydicom.dcmread(io.BytesIO(data) if data is not None else str(path), force=True,
                                stop_before_pixels=not pixels)
     except Exception as exc:  # noqa: BLE001 - every parser failure means the same to the user
-        raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc}). Re-export or remove it.") from exc
+        raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc}). "
+                        "Re-export or remove it.") from exc
 
 
 def dicom_to_uint8(ds, path: str | Path, frame: int | None = None) -> np.ndarray:

@@ -95,7 +95,8 @@ def decode_image(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXE
         img = decode_dicom(path, data, frame)
         w, h = img.size
         if w * h > max_pixels:
-            raise DataError(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels:,}; raise `max_pixels` if genuine.")
+            raise DataError(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels:,}; raise `max_pixels` if "
+                            f"genuine.")
         if strict and (why := unusable(img)):
             raise DataError(f"{path}: {why}")
         img = to_rgb(img).resize((size, size), Image.BICUBIC)
@@ -633,8 +634,9 @@ def _download_medmnist(flag: str, size: int, folder: Path, target: Path) -> None
         folder.mkdir(parents=True, exist_ok=True)
         getattr(medmnist.dataset, info["python_class"])(split="test", download=True, size=size, root=str(folder))
     except Exception as exc:  # noqa: BLE001 - offline, proxy, checksum: the remedy is the same
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no detail"
         raise DataError(f"MedMNIST {flag!r} ({size} px) could not be downloaded ({type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else 'no detail'}). {how}") from exc
+                        f"{detail}). {how}") from exc
     if not target.is_file():
         raise DataError(f"MedMNIST download finished but {target} is missing. {how}")
 

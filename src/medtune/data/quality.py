@@ -237,7 +237,8 @@ def check_table(table, n_folds: int = 5, threshold: int | None = DEFAULT_NEAR_TH
     from medtune.data.folds import kfold
 
     h, w = table.images.shape[-2:]
-    files = [FileInfo(p, int(y), (int(w), int(h)), "RGB", d) for p, y, d in zip(table.paths, table.labels, table.digests)]
+    files = [FileInfo(p, int(y), (int(w), int(h)), "RGB", d)
+             for p, y, d in zip(table.paths, table.labels, table.digests)]
     report = QualityReport(table.name, table.class_names, files, threshold, 1 if official else n_folds,
                            grouped_by_patient=table.groups is not None, official=official,
                            split=None if table.split is None else [str(s) for s in table.split])
@@ -272,10 +273,12 @@ def check_targets(target: str | Path, n_folds: int | None = None, threshold: int
             t = ds.near_duplicates if ds.near_duplicates is not None else threshold
             source = ds.source
             if source == "auto" and ds.path:
-                source = "manifest" if ds.path.lower().endswith(".csv") else "npz" if ds.path.lower().endswith(".npz") else "folder"
+                suffix = ds.path.lower()
+                source = "manifest" if suffix.endswith(".csv") else "npz" if suffix.endswith(".npz") else "folder"
             if source in ("folder", "manifest"):
                 reports.append(_check_path(Path(ds.path), k, t, ds.group_pattern, ds.display_name(),
-                                           ds.options.get("max_pixels"), ds.options.get("classes"), ds.options.get("root")))
+                                           ds.options.get("max_pixels"), ds.options.get("classes"),
+                                           ds.options.get("root")))
             else:
                 options = dict(ds.options)
                 split = options.pop("split", "merged")  # read by `run`'s fold planning, not by the loader
@@ -295,7 +298,8 @@ def check_targets(target: str | Path, n_folds: int | None = None, threshold: int
                         "experiment .yaml.")
     if target.suffix.lower() == ".npz":
         return [check_table(load_dataset(target, source="npz", image_size=None), n_folds or 5, threshold)]
-    return [_check_path(target, n_folds or 5, threshold, group_pattern, target.stem if target.is_file() else target.name)]
+    name = target.stem if target.is_file() else target.name
+    return [_check_path(target, n_folds or 5, threshold, group_pattern, name)]
 
 
 def _check_path(path: Path, n_folds: int, threshold: int | None, group_pattern: str | None, name: str,

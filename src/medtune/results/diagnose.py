@@ -122,7 +122,8 @@ def budget_limited(cells) -> pd.DataFrame:
             continue
         key = (r["dataset"], r["backbone"], r["strategy"], r["head"])
         rows.setdefault(key, []).append(int(info["best_epoch"]) >= int(run) - 1)
-    out = [{"dataset": ds, "backbone": bb, "strategy": st, "head": hd, "last": sum(v), "cells": len(v)} for (ds, bb, st, hd), v in rows.items() if sum(v) / len(v) >= BUDGET_SHARE]
+    out = [{"dataset": ds, "backbone": bb, "strategy": st, "head": hd, "last": sum(v), "cells": len(v)}
+           for (ds, bb, st, hd), v in rows.items() if sum(v) / len(v) >= BUDGET_SHARE]
     return pd.DataFrame(out, columns=["dataset", "backbone", "strategy", "head", "last", "cells"])
 
 
@@ -261,5 +262,6 @@ def _edge(key: str, values: list, picks: list) -> dict[str, str]:
         beyond = end * end / inner if end > 0 and inner > 0 else end + (end - inner)
         beyond = round(beyond) if all(isinstance(v, int) for v in nums) else float(f"{beyond:.1g}")
         listed = ", ".join(map(_text, [*nums[1:], beyond] if word == "largest" else [beyond, *nums[:-1]]))
-        return {"pinned": f"{word} {_text(end)} in {hits} of {len(picks)} folds", "try": f"{key}: {{choose: [{listed}]}}"}
+        return {"pinned": f"{word} {_text(end)} in {hits} of {len(picks)} folds",
+                "try": f"{key}: {{choose: [{listed}]}}"}
     return none

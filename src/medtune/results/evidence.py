@@ -186,7 +186,8 @@ def short_strategy(label: str) -> str:
 
 def label(row) -> str:
     """One readable name per cell group within a data set."""
-    name = f"{row['backbone']} · {short_strategy(row['strategy'])}" + ("" if row["head"] == "softmax" else f" · {row['head']}")
+    name = f"{row['backbone']} · {short_strategy(row['strategy'])}"
+    name += "" if row["head"] == "softmax" else f" · {row['head']}"
     return name + (f" [{row['variant']}]" if row.get("variant") else "")
 
 
@@ -512,8 +513,10 @@ def external_table(ev: Evidence, t: pd.DataFrame, dataset: str, n_boot: int = 50
             rows.append({"group": label(r), "external set": name,
                          "internal bal. acc. (out-of-fold)": fmt_ci(r.pooled_balanced_accuracy, r.ci_low, r.ci_high),
                          "external bal. acc. (fold models, mean ± sd)":
-                             f"{per_fold[:, 0].mean():.3f} ± {per_fold[:, 0].std(ddof=1) if len(per_fold) > 1 else 0:.3f}",
-                         "external bal. acc. (fold-average model)": fmt_ci(*ci(ev, name, y, p, s, balanced_accuracy, n_boot)),
+                             f"{per_fold[:, 0].mean():.3f} ± "
+                             f"{per_fold[:, 0].std(ddof=1) if len(per_fold) > 1 else 0:.3f}",
+                         "external bal. acc. (fold-average model)":
+                             fmt_ci(*ci(ev, name, y, p, s, balanced_accuracy, n_boot)),
                          "internal AUC (out-of-fold)": auc(*pooled(ev, r.group)[:2], pos),
                          "external AUC (fold-average model)": auc(y, p, pos), "external n": len(y)})
     return pd.DataFrame(rows)

@@ -111,7 +111,8 @@ def clinical_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[st
 
 
 # --------------------------------------------------------------------------- calibration
-def calibration(y_true: np.ndarray, probs: np.ndarray, positive: int | None, n_bins: int | None = None) -> dict[str, float]:
+def calibration(y_true: np.ndarray, probs: np.ndarray, positive: int | None,
+                n_bins: int | None = None) -> dict[str, float]:
     """PR-AUC (average precision), Brier score and ECE. With a positive class: of its probability
     (scikit-learn's binary `brier_score_loss`, `average_precision_score`); without one: the
     multiclass Brier score, macro one-vs-rest average precision and the top-label ECE."""

@@ -263,7 +263,8 @@ class Store:
         except sqlite3.DatabaseError as exc:
             if "malformed" in str(exc):  # a store once, damaged since: say so and how to recover
                 raise store_error(self.path, exc, "opening it") from exc
-            raise MedtuneError(f"{self.path} is not a medtune results store ({exc}). Give another --store path.") from exc
+            raise MedtuneError(f"{self.path} is not a medtune results store ({exc}). "
+                               "Give another --store path.") from exc
         if row is not None and int(row[0]) != SCHEMA_VERSION:
             raise MedtuneError(f"{self.path} was written by a medtune with store schema {row[0]}; this version "
                                f"reads schema {SCHEMA_VERSION}. Use a new --store path, or the medtune that wrote it.")
@@ -313,7 +314,8 @@ class Store:
         """Leases of other owners that are still alive: cells running elsewhere now."""
         rows = self.conn.execute("SELECT host, pid, heartbeat FROM leases WHERE owner != ?", (self.owner,)).fetchall()
         now, host = time.time(), socket.gethostname()
-        return sum(1 for h, pid, beat in rows if now - beat < lease_seconds() and not (h == host and not pid_alive(pid)))
+        return sum(1 for h, pid, beat in rows
+                   if now - beat < lease_seconds() and not (h == host and not pid_alive(pid)))
 
     @contextlib.contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -401,7 +403,8 @@ class Store:
                  seconds, time.time(), strict_json(info or {})))
             if metrics:
                 self.conn.executemany("INSERT INTO metrics VALUES (?,?,?)",
-                                      [(cid, k, None if v is None or np.isnan(v) else float(v)) for k, v in metrics.items()])
+                                      [(cid, k, None if v is None or np.isnan(v) else float(v))
+                                       for k, v in metrics.items()])
             if predictions is not None:
                 idx, paths, y, probs = predictions
                 self.conn.executemany(
@@ -419,7 +422,8 @@ class Store:
         return {r[0] for r in self.conn.execute("SELECT cell_id FROM cells WHERE status='done'")}
 
     def cells(self) -> pd.DataFrame:
-        return pd.read_sql_query("SELECT * FROM cells ORDER BY dataset, backbone, strategy, head, seed, fold", self.conn)
+        return pd.read_sql_query("SELECT * FROM cells ORDER BY dataset, backbone, strategy, head, seed, fold",
+                                 self.conn)
 
     def current_ids(self) -> set[str] | None:
         """Done cells of this medtune's results version, or None when the store holds no older ones
