@@ -170,3 +170,20 @@ def test_results_wide_shows_a_column_per_metric_of_the_table_in_its_order(tmp_pa
     columns = [c.strip() for c in head.strip().strip("┃").split("┃")]
     shorts = [m.short.replace("_", " ") for m in table_rows()]
     assert [c for c in columns if c in shorts] == shorts
+
+
+def test_a_metric_is_one_row_of_the_table(monkeypatch):
+    """Adding a metric is one `Metric` row with its `compute`: clinical_metrics computes every row (here
+    Matthews' correlation from scikit-learn, on the argmax decision)."""
+    from sklearn.metrics import matthews_corrcoef
+
+    from medtune.results import metrics
+
+    mcc = metrics.Metric("mcc", "MCC", "Matthews correlation",
+                         lambda s: float(matthews_corrcoef(s.y_true, s.y_pred)))
+    monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, mcc))
+    y = np.array([0, 0, 1, 1, 2, 2, 1, 0])
+    p = probs_from_pred(np.array([0, 1, 1, 1, 2, 0, 1, 0]), 3)
+    m = metrics.clinical_metrics(y, p, ["a", "b", "c"])
+    assert m["mcc"] == pytest.approx(matthews_corrcoef(y, p.argmax(1)))
+    assert m["balanced_accuracy"] == pytest.approx(np.mean([2 / 3, 1.0, 0.5]))

@@ -6,43 +6,81 @@ and reported per class too (`sensitivity[benign]`, ...).
 
 `METRICS` is the one table of what medtune reports, after scikit-learn's scorer table
 (sklearn/metrics/_scorer.py): results' columns, the report's legend, racing's choices and the
-model card read it, so a new metric is one row there plus its computation in `clinical_metrics`.
+model card read it, and `clinical_metrics` computes each row's `compute`: a new metric is one row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from sklearn.metrics import (average_precision_score, brier_score_loss, confusion_matrix, f1_score,
                              roc_auc_score)
 
 
+class Scored:
+    """One set of predictions as every metric function reads it: labels, probabilities, the argmax
+    decision and the positive class's index (None: a multiclass task without one, macro means)."""
+
+    def __init__(self, y_true: np.ndarray, probs: np.ndarray, class_names: list[str], positive: str | None) -> None:
+        self.y_true = np.asarray(y_true)
+        self.probs = np.asarray(probs, dtype=np.float64)
+        self.class_names = class_names
+        self.k = len(class_names)
+        self.y_pred = self.probs.argmax(1)
+        self.positive = class_names.index(positive) if positive is not None else (1 if self.k == 2 else None)
+        # one-vs-rest figures of every class (sensitivity, specificity, PPV, NPV, accuracy)
+        self.per_class = {name: from_counts(**binary_counts(self.y_true, self.y_pred, c))
+                          for c, name in enumerate(class_names)}
+
+    def one_vs_rest(self, key: str) -> float:
+        """The positive class's figure; without one, the macro mean over the classes, an undefined
+        class (never predicted: PPV 0/0; always predicted: NPV 0/0) counting as 0, as scikit-learn's
+        zero_division=0, so an always-majority model cannot score a macro PPV from the one class it
+        predicts (the count of undefined ones is reported beside it: `clinical_metrics`)."""
+        if self.positive is not None:
+            return self.per_class[self.class_names[self.positive]][key]
+        return float(np.mean(np.nan_to_num(self.by_class(key), nan=0.0)))
+
+    def by_class(self, key: str) -> np.ndarray:
+        return np.array([self.per_class[n][key] for n in self.class_names])
+
+
 @dataclass(frozen=True)
 class Metric:
-    """One row of the metric table: the store's key and how tables, legends and racing treat it."""
+    """One row of the metric table: the store's key, how to compute it and how tables, legends and
+    racing treat it."""
 
     name: str  # the key in the store, YAML, CSV and JSON
     short: str  # the column label in `medtune results` and the report
     legend: str  # what `short` stands for, in the report's legend
+    compute: Callable[[Scored], float]  # the figure from one set of predictions
     greater_is_better: bool = True  # as scikit-learn's make_scorer
     needs_positive: bool = False  # a one-vs-rest figure of the positive class (macro mean without one)
     raceable: bool = False  # racing may compare candidates by it on the inner validation splits
 
 
+def _one_vs_rest(key: str) -> Callable[[Scored], float]:
+    return lambda s: s.one_vs_rest(key)
+
+
 METRICS: tuple[Metric, ...] = (
-    Metric("accuracy", "acc", "accuracy", raceable=True),
-    Metric("balanced_accuracy", "bal_acc", "balanced accuracy", raceable=True),
-    Metric("sensitivity", "sens", "sensitivity", needs_positive=True),
-    Metric("specificity", "spec", "specificity", needs_positive=True),
-    Metric("ppv", "PPV", "positive predictive value", needs_positive=True),
-    Metric("npv", "NPV", "negative predictive value", needs_positive=True),
-    Metric("f1", "F1", "macro F1", raceable=True),
-    Metric("auc", "AUC", "ROC area", raceable=True),
-    Metric("pr_auc", "PR-AUC", "average precision"),
-    Metric("brier", "Brier", "Brier score", greater_is_better=False),
+    Metric("accuracy", "acc", "accuracy", lambda s: float(np.mean(s.y_pred == s.y_true)), raceable=True),
+    Metric("balanced_accuracy", "bal_acc", "balanced accuracy",
+           lambda s: balanced_accuracy_score(s.y_true, s.y_pred), raceable=True),
+    Metric("sensitivity", "sens", "sensitivity", _one_vs_rest("sensitivity"), needs_positive=True),
+    Metric("specificity", "spec", "specificity", _one_vs_rest("specificity"), needs_positive=True),
+    Metric("ppv", "PPV", "positive predictive value", _one_vs_rest("ppv"), needs_positive=True),
+    Metric("npv", "NPV", "negative predictive value", _one_vs_rest("npv"), needs_positive=True),
+    Metric("f1", "F1", "macro F1", lambda s: float(f1_score(s.y_true, s.y_pred, labels=list(range(s.k)),
+                                                            average="macro", zero_division=0)), raceable=True),
+    Metric("auc", "AUC", "ROC area", lambda s: auc(s.y_true, s.probs, positive=s.positive), raceable=True),
+    Metric("pr_auc", "PR-AUC", "average precision", lambda s: pr_auc(s.y_true, s.probs, s.positive)),
+    Metric("brier", "Brier", "Brier score", lambda s: brier(s.y_true, s.probs, s.positive), greater_is_better=False),
     Metric("ece", "ECE", "expected calibration error (equal-mass bins, as many as keep the event rate rising: "
-           "the monotonic sweep of Roelofs et al. 2022)", greater_is_better=False),
+           "the monotonic sweep of Roelofs et al. 2022)",
+           lambda s: calibration_error(s.y_true, s.probs, s.positive), greater_is_better=False),
 )
 MAIN_METRICS = [m.name for m in METRICS]  # the order of every metrics table
 RACEABLE_METRICS = tuple(m.name for m in METRICS if m.raceable)
@@ -71,42 +109,21 @@ def from_counts(tp: int, fn: int, tn: int, fp: int) -> dict[str, float]:
 
 def clinical_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: list[str],
                      positive: str | None = None) -> dict[str, float]:
-    """All metrics medtune reports for one set of predictions.
+    """Every metric of METRICS for one set of predictions, plus the one-vs-rest figures of each class
+    (`sensitivity[benign]`, ...) and, for a multiclass task without a positive class, how many classes'
+    PPV/NPV were undefined (`ppv_undefined`).
 
     Binary: `positive` names the positive class (default: the second class). Multiclass:
     one-vs-rest per class, macro-averaged; `positive`, if given, adds its own one-vs-rest
     figures as the headline sensitivity/specificity/PPV/NPV.
     """
-    y_true = np.asarray(y_true)
-    probs = np.asarray(probs, dtype=np.float64)
-    k = len(class_names)
-    y_pred = probs.argmax(1)
-    out: dict[str, float] = {"n": float(len(y_true))}
-    out["accuracy"] = float(np.mean(y_pred == y_true))
-    out["balanced_accuracy"] = balanced_accuracy_score(y_true, y_pred)
-    out["f1"] = float(f1_score(y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0))
-    per_class = {}
-    for c, name in enumerate(class_names):
-        m = from_counts(**binary_counts(y_true, y_pred, c))
-        per_class[name] = m
-        for key in ONE_VS_REST:
-            out[f"{key}[{name}]"] = m[key]
-    if k == 2 or positive is not None:
-        pos = class_names.index(positive) if positive is not None else 1
-        for key in ONE_VS_REST:
-            out[key] = per_class[class_names[pos]][key]
-    else:
-        # as scikit-learn's zero_division=0: an undefined class (never predicted: PPV 0/0; always
-        # predicted: NPV 0/0) counts as 0 in the macro mean, and the count is flagged beside it,
-        # so an always-majority model cannot score a macro PPV from the one class it predicts
-        for key in ONE_VS_REST:
-            vals = np.array([per_class[n][key] for n in class_names])
-            out[key] = float(np.mean(np.nan_to_num(vals, nan=0.0)))
-            if key in ("ppv", "npv"):
-                out[f"{key}_undefined"] = float(np.isnan(vals).sum())
-    pos = class_names.index(positive) if positive is not None else (1 if k == 2 else None)
-    out["auc"] = auc(y_true, probs, positive=pos)
-    out.update(calibration(y_true, probs, pos))
+    s = Scored(y_true, probs, class_names, positive)
+    out: dict[str, float] = {"n": float(len(s.y_true))}
+    out.update({m.name: m.compute(s) for m in METRICS})
+    for name, figures in s.per_class.items():
+        out.update({f"{key}[{name}]": figures[key] for key in ONE_VS_REST})
+    if s.positive is None:
+        out.update({f"{key}_undefined": float(np.isnan(s.by_class(key)).sum()) for key in ("ppv", "npv")})
     return out
 
 
@@ -117,22 +134,34 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, positive: int | None,
     (scikit-learn's binary `brier_score_loss`, `average_precision_score`); without one: the
     multiclass Brier score, macro one-vs-rest average precision and the top-label ECE."""
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
-    k = probs.shape[1]
-    out = {"pr_auc": float("nan"), "brier": float("nan"), "ece": float("nan")}
+    return {"pr_auc": pr_auc(y_true, probs, positive), "brier": brier(y_true, probs, positive),
+            "ece": calibration_error(y_true, probs, positive, n_bins)}
+
+
+def pr_auc(y_true: np.ndarray, probs: np.ndarray, positive: int | None) -> float:
+    """Average precision of the positive class; without one, the macro mean over the classes present."""
     if positive is not None:
         t = y_true == positive
-        if t.any():
-            out["pr_auc"] = float(average_precision_score(t, probs[:, positive]))
-        out["brier"] = float(brier_score_loss(t, probs[:, positive], pos_label=True))
-        out["ece"] = ece(t.astype(float), probs[:, positive], n_bins)
-        return out
-    present = [c for c in range(k) if (y_true == c).any()]
-    if present:
-        out["pr_auc"] = float(np.mean([average_precision_score(y_true == c, probs[:, c]) for c in present]))
+        return float(average_precision_score(t, probs[:, positive])) if t.any() else float("nan")
+    present = [c for c in range(probs.shape[1]) if (y_true == c).any()]
+    if not present:
+        return float("nan")
+    return float(np.mean([average_precision_score(y_true == c, probs[:, c]) for c in present]))
+
+
+def brier(y_true: np.ndarray, probs: np.ndarray, positive: int | None) -> float:
+    """Brier score of P(positive); without a positive class, the multiclass Brier score."""
+    if positive is not None:
+        return float(brier_score_loss(y_true == positive, probs[:, positive], pos_label=True))
     rows = probs.sum(1, keepdims=True)  # float32 softmax sums to 1 only within ~1e-7; sklearn warns on that
-    out["brier"] = float(brier_score_loss(y_true, probs / np.where(rows > 0, rows, 1), labels=list(range(k))))
-    out["ece"] = ece((probs.argmax(1) == y_true).astype(float), probs.max(1), n_bins)
-    return out
+    return float(brier_score_loss(y_true, probs / np.where(rows > 0, rows, 1), labels=list(range(probs.shape[1]))))
+
+
+def calibration_error(y_true: np.ndarray, probs: np.ndarray, positive: int | None, n_bins: int | None = None) -> float:
+    """ECE of P(positive); without a positive class, the top-label ECE (`ece`)."""
+    if positive is not None:
+        return ece((y_true == positive).astype(float), probs[:, positive], n_bins)
+    return ece((probs.argmax(1) == y_true).astype(float), probs.max(1), n_bins)
 
 
 def equal_mass_bins(p: np.ndarray, n_bins: int) -> list[np.ndarray]:
