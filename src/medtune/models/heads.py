@@ -1,56 +1,12 @@
-"""Heads: the network's own softmax, a linear SVM or a k-nearest-neighbour vote on its penultimate
-features.
+"""Heads: the network's own softmax, a linear SVM (Bal-Ghaoui et al. 2023) or a k-nearest-neighbour
+vote (the MedMNIST+ protocol) on its penultimate features.
 
-Bal-Ghaoui et al. 2023 replace the softmax layer by a linear SVM on deep features and report
-about +6% for their best models. Here the SVM is fitted on the tuned network's pre-logits
-features of the training fold's fit part: C is chosen on the inner validation split (balanced
-accuracy), and the SVM at that C is fitted on the fit part with probabilities from Platt-style
-sigmoid calibration, so AUC and the probability-based report work for both heads.
-
-Every head trains on the fit part only and keeps the inner validation split for its choices, as
-the softmax head does (the split stops its training early): the heads then train on the same
-images, and a cell's inner-validation predictions come from a model that never saw them, which
-racing, the recommended strategy and the operating points rely on. (Refitting on fit + validation,
-as medtune did up to results version 4, scored an SVM on frozen BUSI features 0.93-0.99 balanced
-accuracy on inner validation images it had been fitted on, against 0.77-0.80 on the test folds.)
-
-Each head is one registered class (`HEADS`, `create_head`, `medtune list heads`), as each strategy is:
-it knows its name, how it is fitted and the info key of the hyperparameter it chooses, so no other
-module branches on a head's name.
-
-Both heads follow one rule (`train.class_weight`, stored per cell with the decision rule):
-- balanced (default): the softmax head's cross-entropy and the SVM's hinge loss weight each class
-  by n / (k * n_class) (scikit-learn's `class_weight="balanced"`, `train.class_weights`), and both
-  predict the argmax of probabilities under equal class priors: a class-weighted cross-entropy
-  fits the posterior of a class-balanced population, and the SVM's calibrated probabilities are
-  divided by the training frequencies and renormalised (below).
-- none: unweighted losses, argmax of probabilities under the training fold's class frequencies.
-Measured on generated 1:5 ultrasound (benchmarks/results/imbalance_synthetic.md, Lite0 96 px, 3
-folds): the softmax head's balanced accuracy (linear probe / partial / full) was 0.51 / 0.50 /
-0.52 unweighted, 0.49 / 0.56 / 0.59 with a class-balanced sampler and 0.62 / 0.64 / 0.65 with
-the class-weighted loss, which is therefore what `balanced` means.
-
-The kNN head is the MedMNIST+ protocol's (Doerrich et al. 2024) training-free evaluation of a
-backbone's features: cosine distance on the pooled features, probabilities = the neighbours' vote
-shares, k chosen from K_GRID on the inner validation split (balanced accuracy), the index holding
-the fit part only. A vote has no class weights, so `balanced` applies the one rule
-of both other heads through the probabilities: vote shares divided by the training frequencies
-and renormalised (equal class priors), `none` keeps the raw shares.
-
-The calibration folds are grouped by patient (StratifiedGroupKFold on the table's groups), as
-every other split: images of one patient in both the part an SVM is fitted on and the part its
-sigmoid is calibrated on would make the calibration optimistic.
-
-Two choices measured on BUSI (Lite0 features at 224 px, fold 0 of 5):
-- The calibrated probabilities carry the training prevalence back in: their argmax fell to
-  balanced accuracy 0.64 where the class-balanced SVM's own decision reached 0.80. The head
-  therefore reports probabilities under equal class priors (calibrated / training frequency,
-  renormalised), whose argmax agrees with the SVM's decision (0.80), as the paper's SVM does.
-- On standardised deep features (d = 1280 > n) the classes are separable, so large C
-  approaches the hard-margin solution while liblinear needs seconds to get there (C = 1: 5000
-  iterations, 6 s, not converged; C = 0.03: 1 s; C = 0.001: 38 iterations, 0.09 s). The grid
-  starts at 1e-4..1e-2, which keeps the head's cost well below a second per fold, and widens past
-  an end only where that end wins on the inner split (probe.search).
+Each head is one registered class (`HEADS`, `create_head`, `medtune list heads`), after scikit-learn's
+estimator contract, as each strategy is: it knows its name, how it is fitted and the info key of the
+hyperparameter it chooses, so no other module branches on a head's name. Every head trains on the
+training fold's fit part and makes its choices on the inner validation split; under
+`class_weight: balanced` every head predicts under equal class priors. docs/heads.md says why, with
+the measurements behind each choice.
 """
 
 from __future__ import annotations
