@@ -326,3 +326,45 @@ def test_reliability_diagram_of_a_large_grid_shows_the_headline_and_the_test_fol
     assert many[0] == "perfectly calibrated" and many[1] == "★ tiny_net · full_ft"  # the primary, though weakest
     assert set(many[2:]) == best and 1 <= len(best) < 7  # the best mean(s) on the test folds, not all eight
     assert len(figure_labels(4)[0]) == 5
+
+
+def test_no_function_of_the_report_is_over_80_lines():
+    """Issue #39: the page and the model card read as a table of contents of small section functions."""
+    import ast
+
+    import medtune.report
+
+    long = [(p.name, n.name, n.end_lineno - n.lineno + 1)
+            for p in sorted(Path(medtune.report.__file__).parent.glob("*.py"))
+            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if n.end_lineno - n.lineno + 1 > 80]
+    assert not long
+
+
+def test_a_section_that_does_not_apply_is_left_out_of_the_page(tmp_path):
+    """One data set, no racing, no external set, subgroups, operating points or saved model: those
+    sections give "" (build_report joins what each section returns), and add nothing to results.md."""
+    from planted import noisy_probs, plant_cell, plant_dataset, plant_run
+
+    from medtune.report import html as report
+    from medtune.results.evidence import group_table, read_evidence
+    from medtune.results.verdict import verdicts
+
+    rng = np.random.default_rng(0)
+    with Store(tmp_path / "s.sqlite") as s:
+        plant_dataset(s), plant_run(s)
+        for name in ("linear_probe", "full_ft"):
+            for fold in range(2):
+                y = np.array([0, 1] * 20)
+                plant_cell(s, {"strategy": {"name": name}}, fold, 0, y, noisy_probs(y, 1.0, rng),
+                           samples=np.arange(fold * 40, (fold + 1) * 40), label=name)
+    ev = read_evidence(tmp_path / "s.sqlite")
+    t = group_table(ev, n_boot=50)
+    pg = report.Page(ev, t, verdicts(ev, t, 50), small=200, models={})
+    d = report.data_of(pg, "syn")
+    for section in (report.section_racing, report.section_external, report.section_subgroups,
+                    report.section_operating_points, report.section_gallery):
+        assert section(pg, d) == "", section.__name__
+    assert report.section_across_datasets(pg) == "" and not pg.md and not pg.subgroups
+    assert report.section_main_table(pg, d).startswith("<h3>Balanced accuracy: strategy × backbone")
+    assert pg.md[0] == "## syn\n" and len(pg.tex) == 1  # the sections add their text tables as they go

@@ -55,7 +55,8 @@ def cam_target(model: nn.Module, image_size: tuple[int, int] | None = None) -> t
                                                         grid=_patch_grid(model, image_size))
     if getattr(model, "output_fmt", None) == "NHWC":  # Swin, Swin V2, MambaOut: stages run channels-last
         norm = getattr(model, "norm", None)
-        name = "norm" if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else model.feature_info[-1]["module"]
+        name = ("norm" if isinstance(norm, nn.Module) and not isinstance(norm, nn.Identity) else
+                model.feature_info[-1]["module"])
         return name, model.get_submodule(name), nhwc_to_nchw
     return (*_nchw_target(model), None)
 

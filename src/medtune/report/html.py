@@ -8,15 +8,17 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from medtune.results.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters, external_table, fmt_ci,  # noqa: F401
-                              efficiency_table, fold_ranks, short_strategy, group_cells, group_table, headline_row, label, main_table,
-                              operating_points, operating_table, paired_tests, pooled, positive_index, rank_blocks,
-                              grouping_text, read_evidence, subgroup_table, summary_table)
+                                      efficiency_table, fold_ranks, short_strategy, group_cells, group_table,
+                                      headline_row, label, main_table, operating_points, operating_table,
+                                      paired_tests, pooled, positive_index, rank_blocks, grouping_text, read_evidence,
+                                      subgroup_table, summary_table)
 from medtune.results.diagnose import budget_lines, chosen_values, head_choices
 from medtune.results.evidence import RISK_NOTE, near
 from medtune.results.headline import OPTIMISTIC
@@ -131,7 +133,8 @@ def place_labels(ax, points: list[tuple[float, float, str, str]], fontsize: floa
         placed.append(box)
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(pad / per_pt, (k * line - line / 2) / per_pt),
                     fontsize=fontsize, color=colour, va="bottom",
-                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": colour, "shrinkA": 0, "shrinkB": 3} if k else None)
+                    arrowprops=({"arrowstyle": "-", "lw": 0.5, "color": colour, "shrinkA": 0, "shrinkB": 3}
+                                if k else None))
 
 
 def fig_depth(ev: Evidence, t: pd.DataFrame, dataset: str):
@@ -277,8 +280,10 @@ def fig_curves(ev: Evidence, group: str, title: str):
             continue
         ep = [e["epoch"] + 1 for e in h]
         colour = f"C{i % 10}"
-        picked = (r["info"].get("auto_depth") or {}).get("picked")  # the nested choice trains a different strategy per fold
-        name = f"fold {r.fold}" + (f" ({picked})" if picked else "") + ("" if r.seed == sel.seed.min() else f" seed {r.seed}")
+        # the nested choice trains a different strategy per fold
+        picked = (r["info"].get("auto_depth") or {}).get("picked")
+        name = (f"fold {r.fold}" + (f" ({picked})" if picked else "")
+                + ("" if r.seed == sel.seed.min() else f" seed {r.seed}"))
         ax.plot(ep, [e["train_loss"] for e in h], color=colour, marker="o", label=f"{name} train")
         val = [e["val_loss"] for e in h]
         if not all(v is None or np.isnan(v) for v in val):
@@ -435,7 +440,8 @@ def to_latex(df: pd.DataFrame, caption: str, index_name: str = "") -> str:
 CSS = """
 body { font-family: Helvetica, Arial, sans-serif; font-size: 15px; max-width: 1250px; margin: 2em auto; color: #111; }
 h1 { font-size: 26px; } h2 { font-size: 21px; border-bottom: 2px solid #ccc; margin-top: 2em; } h3 { font-size: 17px; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 13px; display: block; max-width: 100%; overflow-x: auto; } td, th { border: 1px solid #bbb; padding: 3px 5px; text-align: left; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 13px; display: block; \
+max-width: 100%; overflow-x: auto; } td, th { border: 1px solid #bbb; padding: 3px 5px; text-align: left; }
 th { background: #eef; } td.best { font-weight: bold; background: #fff4c2; }
 img { max-width: 100%; } .row { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 figure { margin: 0; } figcaption { font-size: 14px; color: #333; max-width: 260px; }
@@ -505,7 +511,8 @@ def patient_note(ev: Evidence, dataset: str) -> str:
             if name != dataset:
                 continue
             if d.get("group_pattern"):
-                return f"Folds grouped by patient id (file-name pattern <code>{html.escape(d['group_pattern'])}</code>)."
+                return ("Folds grouped by patient id (file-name pattern "
+                        f"<code>{html.escape(d['group_pattern'])}</code>).")
             if d.get("source") == "synthetic":
                 return "Folds grouped by (generated) patient id."
             manifest = str(d.get("path", "")).lower().endswith(".csv")
@@ -516,7 +523,8 @@ def patient_note(ev: Evidence, dataset: str) -> str:
                         "Folds grouped by the manifest's patient_id column where it has one.")
             if has_ids:  # neither pattern nor manifest: the DICOM headers
                 return "Folds grouped by patient id (from the DICOM headers)."
-            missing = "no <code>patient_id</code> column in the manifest" if manifest else "no <code>group_pattern</code>"
+            missing = ("no <code>patient_id</code> column in the manifest" if manifest else
+                       "no <code>group_pattern</code>")
             return (f"<b>No patient ids were given</b> ({missing}): images of one patient may "
                     "be in both training and test folds, which makes every figure here optimistic. Only "
                     + ("near-duplicate groups are" if near(ev.info(dataset).get("duplicates") or {}) else
@@ -607,8 +615,8 @@ def verdict_html(v, t: pd.DataFrame) -> str:
     """The report's first box: the verdict's own lines (results/verdict.py), then the optimistic view it is not."""
     lines = v.lines()
     text = (f"<div class=headline><p><b>{html.escape(lines[0])}</b></p>"
-            + "".join(f"<p class={'warn' if line.strip().startswith('caveat:') else 'line'}>{html.escape(line.strip())}</p>"
-                      for line in lines[1:]))
+            + "".join(f"<p class={'warn' if line.strip().startswith('caveat:') else 'line'}>"
+                      f"{html.escape(line.strip())}</p>" for line in lines[1:]))
     best = t[(t.dataset == v.dataset) & t.best_on_test_folds]
     if v.how != OPTIMISTIC and len(best) and best.iloc[0].group != v.group:
         b = best.iloc[0]
@@ -625,26 +633,52 @@ div.headline p { margin: 0.25em 0; } div.headline p.warn { font-weight: normal; 
 """
 
 
-def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000) -> dict[str, Path]:
-    """Write report.html (self-contained), results.csv, subgroups.csv, results.md and results.tex."""
-    ev = read_evidence(store_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t = group_table(ev, n_boot)
-    from medtune.results.verdict import collapse_lines, pinned_lines, verdicts
+@dataclass(frozen=True, eq=False)
+class Page:
+    """What every section of the page reads: the store's evidence, its group table `t`, the verdicts
+    `vs`, the bootstrap size of the secondary tables (`small`) and the saved models. The sections also
+    add to the text files written beside report.html: `md` (results.md after its heading), `tex`
+    (results.tex) and `subgroups` (subgroups.csv); they do so in page order, so each file keeps it."""
+    ev: Evidence
+    t: pd.DataFrame
+    vs: dict
+    small: int
+    models: dict[str, Path]
+    md: list[str] = field(default_factory=list)
+    tex: list[str] = field(default_factory=list)
+    subgroups: list[pd.DataFrame] = field(default_factory=list)
 
-    vs = verdicts(ev, t, n_boot)
-    small = max(200, n_boot // 4)  # the secondary tables' bootstraps
-    cfg = ev.config
-    models = best_models(ev.store)
-    md = [f"# medtune results: {ev.store.name}\n",
-          "Balanced accuracy, pooled out-of-fold [95% patient-bootstrap CI]; ★ = headline (chosen without the "
-          "test folds), † = best mean on the test folds (optimistic).\n"]
-    tex = []
-    body = [f"<h1>medtune report: {html.escape(ev.store.name)}</h1>"]
-    if ev.version_note:
-        body.append(f"<div class=banner><b>Mixed or old results:</b> {html.escape(ev.version_note)}</div>")
-    body.append(
+
+@dataclass(frozen=True, eq=False)
+class Data:
+    """One data set's part of the page: its classes and record, its rows of the group table (`sub`),
+    the headline row and its cells."""
+    name: str
+    class_names: list[str]
+    info: dict
+    positive: str | None
+    sub: pd.DataFrame
+    head: pd.Series
+    cells: pd.DataFrame
+
+
+def data_of(pg: Page, ds: str) -> Data:
+    info = pg.ev.info(ds)
+    return Data(ds, pg.ev.class_names(ds), info, info.get("positive"), pg.t[pg.t.dataset == ds],
+                headline_row(pg.t, ds), pg.ev.cells[pg.ev.cells.dataset == ds])
+
+
+# --------------------------------------------------------------------------- sections: the page's top
+def section_title(pg: Page) -> str:
+    title = f"<h1>medtune report: {html.escape(pg.ev.store.name)}</h1>"
+    if pg.ev.version_note:
+        title += f"<div class=banner><b>Mixed or old results:</b> {html.escape(pg.ev.version_note)}</div>"
+    return title
+
+
+def section_reading(pg: Page) -> str:
+    """How to read the page: what a row and the marks are, before any number."""
+    return (
         "<p>Each cell of the grid (data set × backbone × strategy × head × fold) was trained and tested under "
         "cross-validation, grouped by patient where the data set gives patient ids; every number and figure "
         "below is computed from the stored predictions. A row is one complete configuration (everything but "
@@ -652,188 +686,319 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
         "classes). Main tables: the pooled out-of-fold estimate with its 95% bootstrap CI, resampling patients "
         "(not images). ★ marks the recommendation (the verdict in the blue box), chosen without the test folds; "
         "† marks the best mean on the test folds, an optimistic view.</p>")
-    subgroups_all = []
+
+
+# --------------------------------------------------------------------------- sections: one data set
+def section_dataset(pg: Page, d: Data) -> str:
+    positive = (f"; positive class for sensitivity/specificity/PPV/NPV: <b>{html.escape(d.positive)}</b>"
+                if d.positive else "")
+    classes = html.escape(str(d.info.get("class_counts", d.class_names)))
+    return (f"<h2>{html.escape(d.name)}</h2>"
+            f"<p>{int(d.info.get('n', 0))} images, classes {classes}{positive}."
+            f" {patient_note(pg.ev, d.name)} Evaluation: {html.escape(pg.vs[d.name].evaluation)}.</p>")
+
+
+def section_verdict(pg: Page, d: Data) -> str:
+    return verdict_html(pg.vs[d.name], pg.t)
+
+
+def section_main_table(pg: Page, d: Data) -> str:
+    table = main_table(pg.t, d.name)
+    pg.md.extend([f"## {d.name}\n", to_markdown(table, "strategy"), ""])
+    pg.tex.append(to_latex(table, f"{d.name}: balanced accuracy, pooled out-of-fold [95% patient-bootstrap CI]; "
+                           "star = headline, dagger = best on test folds", "strategy"))
+    return ("<h3>Balanced accuracy: strategy × backbone (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
+            + html_table(table, "strategy"))
+
+
+def section_racing(pg: Page, d: Data) -> str:
+    stopped = d.sub[d.sub.pruned != ""]
+    if not len(stopped):
+        return ""
+    pg.md.extend(["### Stopped early by racing\n", *[f"- {label(r)}: {r.pruned}" for _, r in stopped.iterrows()], ""])
+    return ("<h3>Racing: candidates stopped early</h3><p class=note>Under <code>racing:</code> the grid ran "
+            "fold by fold and stopped each candidate below that its inner validation splits (never a test "
+            "fold) showed to be worse than the leader by more than the margin; its rows above average only "
+            "the folds it ran, and it is never the † row.</p><ul>"
+            + "".join(f"<li><b>{html.escape(label(r))}</b> ({int(r.n_cells)} cell(s)): "
+                      f"{html.escape(r.pruned)}</li>" for _, r in stopped.iterrows()) + "</ul>")
+
+
+def section_efficiency(pg: Page, d: Data) -> str:
+    eff = efficiency_table(pg.ev, pg.t, d.name)
+    if eff.empty:
+        return ""
+    pg.md.extend(["### Trainable parameters and share of full fine-tuning\n", to_markdown(eff, "strategy"), ""])
+    return ("<h3>What each strategy trains, and what it keeps of full fine-tuning</h3>"
+            "<p class=note>Trainable params: the share of the network's parameters that received a "
+            "gradient (the new head included; for LoRA and SSF the adapter's own tensors, merged into the "
+            "weights after training). AUC and balanced accuracy: mean over folds, and as a share of "
+            "full_ft's on the same backbone and head.</p>" + html_table(eff, "strategy"))
+
+
+def section_collapsed(pg: Page, d: Data) -> str:
+    from medtune.results.verdict import collapse_lines
+
+    collapsed = collapse_lines(pg.ev, d.name)  # results/diagnose.py's rule applied to the stored predictions
+    if not collapsed:
+        return ""
+    return ("<h3 class=warn>Collapsed cells: one class predicted, or predictions far from the class "
+            "mix</h3><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in collapsed) + "</ul>")
+
+
+def section_chosen(pg: Page, d: Data) -> str:
+    """results/diagnose.py: `{choose: [...]}` picks and the heads' own C / k, all made on inner splits."""
+    from medtune.results.verdict import pinned_lines
+
+    chosen = pd.concat([t_ for t_ in (chosen_values(d.cells), head_choices(d.cells)) if not t_.empty]
+                       or [chosen_values(d.cells)], ignore_index=True)
+    if chosen.empty:
+        return ""
+    shown = chosen.drop(columns=["dataset", "try"] + (["backbone"] if chosen.backbone.nunique() == 1 else []))
+    edges = pinned_lines(pg.ev, d.name)
+    pg.md.extend(["### Hyperparameters chosen on inner splits\n", to_markdown(shown.set_index("strategy"), "strategy"),
+                  "", *[f"- {line}" for line in edges], ""])
+    return ("<h3>Hyperparameters chosen on inner splits</h3><p class=note>For each outer fold, every "
+            "candidate of a <code>{choose: [...]}</code> was trained on the fold's fit part and scored "
+            "on its inner validation part; the value picked there is listed per fold (the test fold "
+            "took no part). <i>pinned</i>: the pick sat at the same end of its list in at least 80% of the "
+            "folds, so the best value may lie outside the list: the row then measured the list, not the "
+            "method.</p>"
+            + html_table(shown.set_index("strategy"), "strategy")
+            + ("<ul class=warn>" + "".join(f"<li>{html.escape(line)}</li>" for line in edges) + "</ul>"
+               if edges else ""))
+
+
+def section_budget(pg: Page, d: Data) -> str:
+    budget = budget_lines(d.cells)
+    if not budget:
+        return ""
+    pg.md.extend(["### Budget-limited strategies\n", *[f"- {line}" for line in budget], ""])
+    return ("<h3 class=warn>Budget-limited strategies</h3><p class=note>The best epoch on the inner "
+            "validation split was the last one in at least 80% of the folds: the model was still "
+            "improving when the epochs ran out, so more epochs might change the ranking.</p><ul class=warn>"
+            + "".join(f"<li>{html.escape(line)}</li>" for line in budget) + "</ul>")
+
+
+def section_metrics(pg: Page, d: Data) -> str:
+    ev = pg.ev
+    of = f" ({d.positive})" if d.positive else " (macro mean over classes)"
+    detail = format_pm(d.sub.reset_index(drop=True))
+    detail["seconds"] = detail["seconds"].round().astype(int)
+    undefined = [c for c in ("ppv_undefined", "npv_undefined") if c in ev.metrics.columns]
+    flag = ""
+    if undefined and (ev.metrics[ev.metrics.dataset == d.name][undefined].fillna(0).to_numpy() > 0).any():
+        flag = (" <span class=warn>Some folds have classes never predicted (PPV undefined) or always predicted "
+                "(NPV undefined); they count as 0 in the macro means, as scikit-learn's zero_division=0.</span>")
+    return ("<h3>All clinical metrics (mean ± sd over folds)</h3>"
+            "<p class=note>Estimator: the mean over folds (and seeds), ± its sd (spread, not a CI). "
+            f"{html.escape(metric_legend(of))}, "
+            f"cells = folds × seeds averaged, seconds = training time. Brier, ECE and PR-AUC score "
+            f"probabilities at the training prevalence (see Calibration).{flag}</p>"
+            + html_table(detail.drop(columns=["dataset"])))
+
+
+def section_paired_tests(pg: Page, d: Data) -> str:
+    tests = paired_tests(pg.ev, pg.t, d.name)
+    if tests.empty:
+        return ""
+    return ("<h3>Is the headline different from the others? Paired tests on the same folds</h3>"
+            "<p class=note>Corrected resampled t-test (Nadeau &amp; Bengio 2003: variance × (1/k + "
+            "n<sub>test</sub>/n<sub>train</sub>), because folds share training data) and Wilcoxon "
+            "signed-rank test, each with Holm-adjusted p-values over this family of "
+            f"{len(tests)} comparison(s). With few folds the Wilcoxon test cannot reach p &lt; 0.05.</p>"
+            + html_table(tests.drop(columns=["group"]).set_index("compared with"), "compared with"))
+
+
+def section_ranks(pg: Page, d: Data) -> str:
+    ranks = fold_ranks(pg.ev, d.name)
+    if len(ranks) < 2:
+        return ""
+    return ("<h3>Mean rank over folds (descriptive)</h3><p class=note>Descriptive only: the folds of one "
+            "data set share training data and are not independent blocks, so no Friedman/Nemenyi test "
+            "is run here (it is, across data sets, when the store has several).</p>"
+            + html_table(ranks, "group"))
+
+
+def section_depth(pg: Page, d: Data) -> str:
+    return "<h3>Depth of fine-tuning</h3>" + img(png(fig_depth(pg.ev, pg.t, d.name)), f"depth plot {d.name}")
+
+
+def section_cost(pg: Page, d: Data) -> str:
+    return "<h3>Accuracy against training cost</h3>" + img(png(fig_cost(pg.t, d.name)), f"cost plot {d.name}")
+
+
+def section_calibration(pg: Page, d: Data) -> str:
+    cal = calibration_table(pg.ev, pg.t, d.name, pg.small)
+    if cal.empty:
+        return ""
+    of = d.positive or (d.class_names[1] if len(d.class_names) == 2 else "top label")
+    shown = (f"The diagram shows the headline (★) and the best mean on the test folds (†); the table holds "
+             f"all {len(d.sub)} groups." if len(curve_rows(d.sub)) < len(d.sub) else "")
+    return ("<h3>Calibration and PR-AUC (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
+            f"<p class=note>Of P({html.escape(of)}). "
+            "Brier = mean squared error of the probability (lower is better); ECE = expected calibration "
+            "error over equal-mass bins, their number by the monotonic sweep (lower is better); "
+            "PR-AUC = average precision. "
+            f"{html.escape(RISK_NOTE)}. " + shown + "</p>"
+            + html_table(cal, "group") + img(png(fig_reliability(pg.ev, pg.t, d.name)), f"reliability {d.name}"))
+
+
+def section_operating_points(pg: Page, d: Data) -> str:
+    points = pg.ev.config.get("operating_points") or []
+    if not points:
+        return ""
+    opt = operating_table(pg.ev, pg.t, d.name, points, pg.small)
+    if opt.empty:
+        return ("<h3>Operating points</h3><p class=note>No operating points: they need a positive class "
+                "(binary, or `positive:` on the data set) and inner validation predictions.</p>")
+    return ("<h3>Operating points chosen on inner validation splits</h3><p class=note>For each outer "
+            "fold the threshold on P(positive) is the strictest reaching the target on that fold's "
+            "inner validation split; the fold's test images are then called at it. Pooled outer-fold "
+            "figures [95% patient-bootstrap CI]: what a clinic would see at a threshold fixed in "
+            "advance.</p>" + html_table(opt.set_index("group"), "group"))
+
+
+def section_decision_curve(pg: Page, d: Data) -> str:
+    if positive_index(pg.ev, d.name) is None:
+        return ""
+    rows = [d.head] + [r for _, r in d.sub[d.sub.best_on_test_folds].iterrows() if r.group != d.head.group]
+    return ("<h3>Decision curve</h3><p class=note>Net benefit = TP/n − FP/n · p<sub>t</sub>/(1 − "
+            "p<sub>t</sub>) at threshold probability p<sub>t</sub> (Vickers &amp; Elkin 2006, as the "
+            "dcurves package computes it); a model is useful where it lies above both treat-all and "
+            "treat-none. Probabilities at the training prevalence (see Calibration).</p>"
+            + img(png(fig_decision(pg.ev, rows, d.name, colours(pg.t, d.name))), f"decision curve {d.name}"))
+
+
+def section_external(pg: Page, d: Data) -> str:
+    ext = external_table(pg.ev, pg.t, d.name, pg.small)
+    if ext.empty:
+        return ""
+    return ("<h3>Internal vs external validation</h3><p class=note>Internal: pooled out-of-fold "
+            "predictions. External: each outer fold's model predicts the external set as it is (no "
+            "refitting, no recalibration); the fold-average model averages their probabilities.</p>"
+            + html_table(ext.set_index("group"), "group"))
+
+
+def section_subgroups(pg: Page, d: Data) -> str:
+    sg = subgroup_table(pg.ev, pg.t, d.name, pg.small)
+    if sg.empty:
+        return ""
+    pg.subgroups.append(sg)
+    shown = sg[sg.group == label(d.head)].drop(columns=["dataset", "group"])
+    return ("<h3>Subgroups (headline model, pooled out-of-fold)</h3><p class=note>Per value of the "
+            "manifest columns under <code>subgroups:</code>; every group's rows are in subgroups.csv. "
+            "Small subgroups give wide intervals.</p>" + html_table(shown.set_index("subgroup"), "subgroup"))
+
+
+def section_roc_confusion(pg: Page, d: Data) -> str:
+    y, p, _ = pooled(pg.ev, d.head.group)
+    if not (len(d.class_names) and len(y)):
+        return ""
+    name = label(d.head)
+    return (f"<h3>Headline model ({html.escape(name)}): ROC and confusion matrix (pooled out-of-fold)</h3>"
+            "<div class=row>"
+            + img(png(fig_roc(y, p, d.class_names, d.positive, "ROC: headline model")), f"ROC {d.name}")
+            + img(png(fig_confusion(y, p, d.class_names, "Confusion: headline model")), f"confusion {d.name}")
+            + "</div>")
+
+
+def section_training_curves(pg: Page, d: Data) -> str:
+    fig = fig_curves(pg.ev, d.head.group, f"{label(d.head)}: loss per epoch")
+    return "<h3>Training curves of the headline group</h3>" + img(png(fig), f"training curves {d.name}")
+
+
+def section_gallery(pg: Page, d: Data) -> str:
+    model = pg.models.get(d.name)
+    if model is None or not (model / "gallery" / "gallery.json").is_file():
+        return ""
+    saved = json.loads((model / "model.json").read_text()).get("cell_id")
+    same = saved in set(group_cells(pg.ev, d.head.group).cell_id)
+    return ("<h3>Grad-CAM gallery of the saved model</h3>"
+            + ("" if same else "<p class=warn>The saved model is not from the headline group (it was kept "
+               "by an older rule: best mean on the test folds); read its pictures with that in mind.</p>")
+            + gallery_html(model))
+
+
+def section_duplicates(pg: Page, d: Data) -> str:
+    dup = d.info.get("duplicates", {})
+    record = {k: v for k, v in d.info.items() if k not in ("clusters", "subgroups")}
+    kind = ("Near-duplicate groups (perceptual hash" if dup.get("near_duplicates") else
+            "Identical images (after decoding")
+    policy = html.escape(str(dup.get("policy", "?")))
+    return (f"<h3>Duplicates and leakage</h3><p>{kind}) found: "
+            f"<b>{dup.get('duplicate_groups', 0)}</b> groups, {dup.get('duplicate_images', 0)} extra copies, "
+            f"{dup.get('label_conflicts', 0)} with conflicting labels; policy <b>{policy}</b> "
+            "(group: copies are kept in the same fold, so no image is both trained and tested on)."
+            + (f" <b style='color:#b00'>{dup['label_conflicts']} duplicate group(s) carry different "
+               "labels</b>: check them at the source (<code>medtune data check</code>)."
+               if dup.get("label_conflicts") else "")
+            + f"</p><pre>{html.escape(json.dumps(record, default=str))}</pre>")
+
+
+# --------------------------------------------------------------------------- sections: the page's end
+def section_across_datasets(pg: Page) -> str:
+    if pg.t.dataset.nunique() < 2:
+        return ""
+    return "<h2>Across data sets</h2>" + cd_section(rank_blocks(pg.ev), "blocks = data sets", "all data sets")
+
+
+def section_tripod(pg: Page) -> str:
+    return ("<h2>Appendix: TRIPOD+AI / CLAIM checklist</h2><p class=note>Filled from this run's configuration "
+            "and data record; the last column is what a manuscript must still state.</p>"
+            + html_table(tripod_appendix(pg.ev, pg.vs), "item"))
+
+
+def section_configuration(pg: Page) -> str:
+    return "<h2>Configuration and environment</h2>" + "".join(
+        f"<h3>run {html.escape(r.run_id)}</h3><p>Resolved configuration:</p>"
+        f"<pre>{html.escape(json.dumps(json.loads(r.config_json), indent=1))}</pre><p>Environment:</p>"
+        f"<pre>{html.escape(json.dumps(json.loads(r.env_json), indent=1))}</pre>" for _, r in pg.ev.runs.iterrows())
+
+
+# --------------------------------------------------------------------------- the page: its table of contents
+PAGE_TOP = (section_title, section_reading)
+DATASET_SECTIONS = (section_dataset, section_verdict, section_main_table, section_racing, section_efficiency,
+                    section_collapsed, section_chosen, section_budget, section_metrics, section_paired_tests,
+                    section_ranks, section_depth, section_cost, section_calibration, section_operating_points,
+                    section_decision_curve, section_external, section_subgroups, section_roc_confusion,
+                    section_training_curves, section_gallery, section_duplicates)
+PAGE_END = (section_across_datasets, section_tripod, section_configuration)
+
+
+def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000) -> dict[str, Path]:
+    """Write report.html (self-contained), results.csv, subgroups.csv, results.md and results.tex: the
+    page is its sections in order (PAGE_TOP, DATASET_SECTIONS for each data set, PAGE_END), each
+    returning its HTML, or "" where it does not apply."""
+    from medtune.results.verdict import verdicts
+
+    ev = read_evidence(store_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t = group_table(ev, n_boot)
+    pg = Page(ev, t, verdicts(ev, t, n_boot), small=max(200, n_boot // 4),  # the secondary tables' bootstraps
+              models=best_models(ev.store))
+    body = [section(pg) for section in PAGE_TOP]
     for ds in dict.fromkeys(t.dataset):
-        class_names, info = ev.class_names(ds), ev.info(ds)
-        positive = info.get("positive")
-        sub = t[t.dataset == ds]
-        head = headline_row(t, ds)
-        table = main_table(t, ds)
-        md += [f"## {ds}\n", to_markdown(table, "strategy"), ""]
-        tex.append(to_latex(table, f"{ds}: balanced accuracy, pooled out-of-fold [95% patient-bootstrap CI]; "
-                            "star = headline, dagger = best on test folds", "strategy"))
-        body.append(f"<h2>{html.escape(ds)}</h2>")
-        body.append(f"<p>{int(info.get('n', 0))} images, classes {html.escape(str(info.get('class_counts', class_names)))}"
-                    f"{f'; positive class for sensitivity/specificity/PPV/NPV: <b>{html.escape(positive)}</b>' if positive else ''}."
-                    f" {patient_note(ev, ds)} Evaluation: {html.escape(vs[ds].evaluation)}.</p>")
-        body.append(verdict_html(vs[ds], t))
-        body.append("<h3>Balanced accuracy: strategy × backbone (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
-                    + html_table(table, "strategy"))
-        stopped = sub[sub.pruned != ""]
-        if len(stopped):
-            body.append("<h3>Racing: candidates stopped early</h3><p class=note>Under <code>racing:</code> the grid ran "
-                        "fold by fold and stopped each candidate below that its inner validation splits (never a test "
-                        "fold) showed to be worse than the leader by more than the margin; its rows above average only "
-                        "the folds it ran, and it is never the † row.</p><ul>"
-                        + "".join(f"<li><b>{html.escape(label(r))}</b> ({int(r.n_cells)} cell(s)): "
-                                  f"{html.escape(r.pruned)}</li>" for _, r in stopped.iterrows()) + "</ul>")
-            md += ["### Stopped early by racing\n", *[f"- {label(r)}: {r.pruned}" for _, r in stopped.iterrows()], ""]
-        eff = efficiency_table(ev, t, ds)
-        if not eff.empty:
-            body.append("<h3>What each strategy trains, and what it keeps of full fine-tuning</h3>"
-                        "<p class=note>Trainable params: the share of the network's parameters that received a "
-                        "gradient (the new head included; for LoRA and SSF the adapter's own tensors, merged into the "
-                        "weights after training). AUC and balanced accuracy: mean over folds, and as a share of "
-                        "full_ft's on the same backbone and head.</p>" + html_table(eff, "strategy"))
-            md += ["### Trainable parameters and share of full fine-tuning\n", to_markdown(eff, "strategy"), ""]
-        of = f" ({positive})" if positive else " (macro mean over classes)"
-        collapsed = collapse_lines(ev, ds)  # results/diagnose.py's rule applied to the stored predictions
-        if collapsed:
-            body.append("<h3 class=warn>Collapsed cells: one class predicted, or predictions far from the class "
-                        "mix</h3><ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in collapsed) + "</ul>")
-        cells_ds = ev.cells[ev.cells.dataset == ds]
-        # results/diagnose.py: `{choose: [...]}` picks and the heads' own C / k, all made on inner splits
-        chosen = pd.concat([t_ for t_ in (chosen_values(cells_ds), head_choices(cells_ds)) if not t_.empty]
-                           or [chosen_values(cells_ds)], ignore_index=True)
-        if not chosen.empty:
-            shown = chosen.drop(columns=["dataset", "try"] + (["backbone"] if chosen.backbone.nunique() == 1 else []))
-            edges = pinned_lines(ev, ds)
-            body.append("<h3>Hyperparameters chosen on inner splits</h3><p class=note>For each outer fold, every "
-                        "candidate of a <code>{choose: [...]}</code> was trained on the fold's fit part and scored "
-                        "on its inner validation part; the value picked there is listed per fold (the test fold "
-                        "took no part). <i>pinned</i>: the pick sat at the same end of its list in at least 80% of the "
-                        "folds, so the best value may lie outside the list: the row then measured the list, not the "
-                        "method.</p>"
-                        + html_table(shown.set_index("strategy"), "strategy")
-                        + ("<ul class=warn>" + "".join(f"<li>{html.escape(line)}</li>" for line in edges) + "</ul>"
-                           if edges else ""))
-            md += ["### Hyperparameters chosen on inner splits\n", to_markdown(shown.set_index("strategy"), "strategy"),
-                   "", *[f"- {line}" for line in edges], ""]
-        budget = budget_lines(cells_ds)
-        if budget:
-            body.append("<h3 class=warn>Budget-limited strategies</h3><p class=note>The best epoch on the inner "
-                        "validation split was the last one in at least 80% of the folds: the model was still "
-                        "improving when the epochs ran out, so more epochs might change the ranking.</p><ul class=warn>"
-                        + "".join(f"<li>{html.escape(line)}</li>" for line in budget) + "</ul>")
-            md += ["### Budget-limited strategies\n", *[f"- {line}" for line in budget], ""]
-        detail = format_pm(sub.reset_index(drop=True))
-        detail["seconds"] = detail["seconds"].round().astype(int)
-        undefined = [c for c in ("ppv_undefined", "npv_undefined") if c in ev.metrics.columns]
-        flag = ""
-        if undefined and (ev.metrics[ev.metrics.dataset == ds][undefined].fillna(0).to_numpy() > 0).any():
-            flag = (" <span class=warn>Some folds have classes never predicted (PPV undefined) or always predicted "
-                    "(NPV undefined); they count as 0 in the macro means, as scikit-learn's zero_division=0.</span>")
-        body.append("<h3>All clinical metrics (mean ± sd over folds)</h3>"
-                    "<p class=note>Estimator: the mean over folds (and seeds), ± its sd (spread, not a CI). "
-                    f"{html.escape(metric_legend(of))}, "
-                    f"cells = folds × seeds averaged, seconds = training time. Brier, ECE and PR-AUC score "
-                    f"probabilities at the training prevalence (see Calibration).{flag}</p>"
-                    + html_table(detail.drop(columns=["dataset"])))
-        tests = paired_tests(ev, t, ds)
-        if not tests.empty:
-            body.append("<h3>Is the headline different from the others? Paired tests on the same folds</h3>"
-                        "<p class=note>Corrected resampled t-test (Nadeau &amp; Bengio 2003: variance × (1/k + "
-                        "n<sub>test</sub>/n<sub>train</sub>), because folds share training data) and Wilcoxon "
-                        "signed-rank test, each with Holm-adjusted p-values over this family of "
-                        f"{len(tests)} comparison(s). With few folds the Wilcoxon test cannot reach p &lt; 0.05.</p>"
-                        + html_table(tests.drop(columns=["group"]).set_index("compared with"), "compared with"))
-        ranks = fold_ranks(ev, ds)
-        if len(ranks) >= 2:
-            body.append("<h3>Mean rank over folds (descriptive)</h3><p class=note>Descriptive only: the folds of one "
-                        "data set share training data and are not independent blocks, so no Friedman/Nemenyi test "
-                        "is run here (it is, across data sets, when the store has several).</p>"
-                        + html_table(ranks, "group"))
-        body.append("<h3>Depth of fine-tuning</h3>" + img(png(fig_depth(ev, t, ds)), f"depth plot {ds}"))
-        body.append("<h3>Accuracy against training cost</h3>" + img(png(fig_cost(t, ds)), f"cost plot {ds}"))
-        cal = calibration_table(ev, t, ds, small)
-        if not cal.empty:
-            body.append("<h3>Calibration and PR-AUC (pooled out-of-fold [95% patient-bootstrap CI])</h3>"
-                        f"<p class=note>Of P({html.escape(positive or (class_names[1] if len(class_names) == 2 else 'top label'))}). "
-                        "Brier = mean squared error of the probability (lower is better); ECE = expected calibration "
-                        "error over equal-mass bins, their number by the monotonic sweep (lower is better); PR-AUC = average precision. "
-                        f"{html.escape(RISK_NOTE)}. "
-                        + (f"The diagram shows the headline (★) and the best mean on the test folds (†); the table holds "
-                           f"all {len(sub)} groups." if len(curve_rows(sub)) < len(sub) else "") + "</p>"
-                        + html_table(cal, "group") + img(png(fig_reliability(ev, t, ds)), f"reliability {ds}"))
-        points = cfg.get("operating_points") or []
-        if points:
-            opt = operating_table(ev, t, ds, points, small)
-            if opt.empty:
-                body.append("<h3>Operating points</h3><p class=note>No operating points: they need a positive class "
-                            "(binary, or `positive:` on the data set) and inner validation predictions.</p>")
-            else:
-                body.append("<h3>Operating points chosen on inner validation splits</h3><p class=note>For each outer "
-                            "fold the threshold on P(positive) is the strictest reaching the target on that fold's "
-                            "inner validation split; the fold's test images are then called at it. Pooled outer-fold "
-                            "figures [95% patient-bootstrap CI]: what a clinic would see at a threshold fixed in "
-                            "advance.</p>" + html_table(opt.set_index("group"), "group"))
-        pos = positive_index(ev, ds)
-        if pos is not None:
-            rows = [head] + [r for _, r in sub[sub.best_on_test_folds].iterrows() if r.group != head.group]
-            body.append("<h3>Decision curve</h3><p class=note>Net benefit = TP/n − FP/n · p<sub>t</sub>/(1 − "
-                        "p<sub>t</sub>) at threshold probability p<sub>t</sub> (Vickers &amp; Elkin 2006, as the "
-                        "dcurves package computes it); a model is useful where it lies above both treat-all and "
-                        "treat-none. Probabilities at the training prevalence (see Calibration).</p>"
-                        + img(png(fig_decision(ev, rows, ds, colours(t, ds))), f"decision curve {ds}"))
-        ext = external_table(ev, t, ds, small)
-        if not ext.empty:
-            body.append("<h3>Internal vs external validation</h3><p class=note>Internal: pooled out-of-fold "
-                        "predictions. External: each outer fold's model predicts the external set as it is (no "
-                        "refitting, no recalibration); the fold-average model averages their probabilities.</p>"
-                        + html_table(ext.set_index("group"), "group"))
-        sg = subgroup_table(ev, t, ds, small)
-        if not sg.empty:
-            subgroups_all.append(sg)
-            shown = sg[sg.group == label(head)].drop(columns=["dataset", "group"])
-            body.append("<h3>Subgroups (headline model, pooled out-of-fold)</h3><p class=note>Per value of the "
-                        "manifest columns under <code>subgroups:</code>; every group's rows are in subgroups.csv. "
-                        "Small subgroups give wide intervals.</p>" + html_table(shown.set_index("subgroup"), "subgroup"))
-        y, p, _ = pooled(ev, head.group)
-        if len(class_names) and len(y):
-            name = label(head)
-            body.append(f"<h3>Headline model ({html.escape(name)}): ROC and confusion matrix (pooled out-of-fold)</h3>"
-                        "<div class=row>"
-                        + img(png(fig_roc(y, p, class_names, positive, "ROC: headline model")), f"ROC {ds}")
-                        + img(png(fig_confusion(y, p, class_names, "Confusion: headline model")), f"confusion {ds}")
-                        + "</div>")
-        body.append("<h3>Training curves of the headline group</h3>"
-                    + img(png(fig_curves(ev, head.group, f"{label(head)}: loss per epoch")), f"training curves {ds}"))
-        if ds in models and (models[ds] / "gallery" / "gallery.json").is_file():
-            saved = json.loads((models[ds] / "model.json").read_text()).get("cell_id")
-            same = saved in set(group_cells(ev, head.group).cell_id)
-            body.append("<h3>Grad-CAM gallery of the saved model</h3>"
-                        + ("" if same else "<p class=warn>The saved model is not from the headline group (it was kept "
-                           "by an older rule: best mean on the test folds); read its pictures with that in mind.</p>")
-                        + gallery_html(models[ds]))
-        dup = info.get("duplicates", {})
-        record = {k: v for k, v in info.items() if k not in ("clusters", "subgroups")}
-        kind = "Near-duplicate groups (perceptual hash" if dup.get("near_duplicates") else "Identical images (after decoding"
-        body.append(f"<h3>Duplicates and leakage</h3><p>{kind}) found: "
-                    f"<b>{dup.get('duplicate_groups', 0)}</b> groups, {dup.get('duplicate_images', 0)} extra copies, "
-                    f"{dup.get('label_conflicts', 0)} with conflicting labels; policy <b>{html.escape(str(dup.get('policy', '?')))}</b> "
-                    "(group: copies are kept in the same fold, so no image is both trained and tested on)."
-                    + (f" <b style='color:#b00'>{dup['label_conflicts']} duplicate group(s) carry different "
-                       "labels</b>: check them at the source (<code>medtune data check</code>)." if dup.get("label_conflicts") else "")
-                    + f"</p><pre>{html.escape(json.dumps(record, default=str))}</pre>")
-    if t.dataset.nunique() >= 2:
-        wide = rank_blocks(ev)
-        body.append("<h2>Across data sets</h2>" + cd_section(wide, "blocks = data sets", "all data sets"))
-    body.append("<h2>Appendix: TRIPOD+AI / CLAIM checklist</h2><p class=note>Filled from this run's configuration "
-                "and data record; the last column is what a manuscript must still state.</p>"
-                + html_table(tripod_appendix(ev, vs), "item"))
-    body.append("<h2>Configuration and environment</h2>")
-    for _, r in ev.runs.iterrows():
-        body.append(f"<h3>run {html.escape(r.run_id)}</h3><p>Resolved configuration:</p>"
-                    f"<pre>{html.escape(json.dumps(json.loads(r.config_json), indent=1))}</pre><p>Environment:</p>"
-                    f"<pre>{html.escape(json.dumps(json.loads(r.env_json), indent=1))}</pre>")
+        d = data_of(pg, ds)
+        body += [section(pg, d) for section in DATASET_SECTIONS]
+    body += [section(pg) for section in PAGE_END]
+    return write_report(pg, out, "".join(body))
+
+
+def write_report(pg: Page, out: Path, body: str) -> dict[str, Path]:
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>medtune report</title>"
-            f"<style>{CSS}{CSS_EXTRA}</style></head><body>{''.join(body)}</body></html>")
-    paths = {"html": out / "report.html", "csv": out / "results.csv", "md": out / "results.md", "tex": out / "results.tex"}
+            f"<style>{CSS}{CSS_EXTRA}</style></head><body>{body}</body></html>")
+    paths = {"html": out / "report.html", "csv": out / "results.csv", "md": out / "results.md",
+             "tex": out / "results.tex"}
     paths["html"].write_text(page, encoding="utf-8")
-    t.to_csv(paths["csv"], index=False)
-    if subgroups_all:
+    pg.t.to_csv(paths["csv"], index=False)
+    if pg.subgroups:
         paths["subgroups"] = out / "subgroups.csv"
-        pd.concat(subgroups_all).to_csv(paths["subgroups"], index=False)
+        pd.concat(pg.subgroups).to_csv(paths["subgroups"], index=False)
+    md = [f"# medtune results: {pg.ev.store.name}\n",
+          "Balanced accuracy, pooled out-of-fold [95% patient-bootstrap CI]; ★ = headline (chosen without the "
+          "test folds), † = best mean on the test folds (optimistic).\n", *pg.md]
     paths["md"].write_text("\n".join(md) + "\n", encoding="utf-8")
-    paths["tex"].write_text("\n".join(tex), encoding="utf-8")
+    paths["tex"].write_text("\n".join(pg.tex), encoding="utf-8")
     return paths

@@ -34,7 +34,8 @@ def require_mlflow():
         import mlflow  # noqa: F401
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
-        raise MedtuneError(f"MLflow tracking needs the `mlflow` package ({exc}); pip install 'medtune[tracking]'.") from exc
+        raise MedtuneError(f"MLflow tracking needs the `mlflow` package ({exc}); "
+                           "pip install 'medtune[tracking]'.") from exc
     return MlflowClient
 
 
@@ -94,7 +95,8 @@ class Tracker:
             if model_dir is not None:
                 self.attach_model(existing, model_dir)
             return existing
-        name = f"{row['dataset']} {row['backbone']} {row['strategy']} {row['head']} seed {row['seed']} fold {row['fold']}"
+        name = (f"{row['dataset']} {row['backbone']} {row['strategy']} {row['head']} "
+                f"seed {row['seed']} fold {row['fold']}")
         tags = {CELL_TAG: row["cell_id"], KIND_TAG: "cell", "mlflow.runName": name,
                 **{f"medtune.{k}": str(row[k]) for k in ("dataset", "backbone", "strategy", "head", "fold", "seed",
                                                         "n_folds", "run_id")}}
