@@ -30,7 +30,8 @@ from medtune.models import probe
 from medtune.models.heads import DECISION_RULES, full_proba, head_class
 from medtune.results.metrics import clinical_metrics
 from medtune.grid.select import ETA, cell_strategies, strategy_label, train_cell
-from medtune.data.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
+from medtune.data.splits import (LeaveOneSiteOut, OfficialSplit, PatientKFold, apply_duplicate_policy,
+                                   assert_disjoint, check_foldable, inner_split)
 from medtune.results.store import Store
 from medtune.training.loop import Runtime, TrainSettings, autocast_dtype, resolve_device
 from medtune.version import RESULTS_VERSION
@@ -52,17 +53,22 @@ class PreparedData:
     attributes: dict[str, np.ndarray] = field(default_factory=dict)  # manifest columns per image (subgroups)
     external: dict[str, ImageTable] = field(default_factory=dict)  # `test_datasets`, predicted without refitting
 
-    def splits(self, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def splitter(self, n_folds: int, seed: int) -> PatientKFold | LeaveOneSiteOut | OfficialSplit:
+        """The outer folds' splitter (data/splits.py): leave one site out under `cv: by_site`, the
+        source's own train/test under `split: official` (n_folds and seed unused for both), else
+        patient-grouped stratified k-fold."""
         if self.sites is not None:
-            if "by_site" not in self.folds:
-                self.folds["by_site"] = by_site(self.table.labels, self.groups, self.sites, self.table.name)
-            return self.folds["by_site"]
+            return LeaveOneSiteOut(self.sites, self.table.name)
         if self.official:
-            s = self.table.split
-            return [(np.flatnonzero(s != "test"), np.flatnonzero(s == "test"))]
-        if seed not in self.folds:
-            self.folds[seed] = kfold(self.table.labels, self.groups, n_folds, seed)
-        return self.folds[seed]
+            return OfficialSplit(self.table.split)
+        return PatientKFold(n_folds, seed)
+
+    def splits(self, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The outer (train, test) folds, computed once per seed (once in all for sites and official)."""
+        key = "by_site" if self.sites is not None else "official" if self.official else seed
+        if key not in self.folds:
+            self.folds[key] = list(self.splitter(n_folds, seed).split(None, self.table.labels, self.groups))
+        return self.folds[key]
 
     def fit_val(self, n_folds: int, seed: int, fold: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
         """The (fit, validation) inner split of an outer training fold, computed once: every cell of
@@ -75,7 +81,9 @@ class PreparedData:
 
 
 def n_folds_of(ds, folds: int) -> int:
-    """An official train/test split is a single fold; otherwise the config's k."""
+    """The fold count a config alone tells: an official train/test split is a single fold
+    (OfficialSplit), otherwise the config's k. Folds that come from the data (`cv: by_site`) are
+    counted by the prepared data's splitter (runner: `expand`'s `n_folds_by`)."""
     return 1 if ds.options.get("split") == "official" else folds
 
 

@@ -106,7 +106,8 @@ def _run(cfg: ExperimentConfig, path: Path, progress: bool, on_cell, t0: float, 
                     fingerprints[f"{ext.display_name()}@{size}"] = e.table.fingerprint()
                     datasets.append((ext.display_name(), e.table.class_names,
                                      record_of(e, ext.positive or ds.positive, role=f"external to {ds.display_name()}")))
-    n_folds_by = {k: len(p.splits(0, 0)) for k, p in prepared.items() if p.sites is not None}
+    # each data set's fold count from its splitter: k, one per site (`cv: by_site`) or 1 (`split: official`)
+    n_folds_by = {k: p.splitter(cfg.folds, 0).get_n_splits() for k, p in prepared.items()}
     cells = expand(cfg, run_id, fingerprints, n_folds_by, precision_of(cfg, device))
     check_repeats(cells)
     env = {**environment(device), "weights": weights_record}
