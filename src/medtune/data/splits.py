@@ -67,7 +67,8 @@ def effective_groups(table: ImageTable, dup: DuplicateReport) -> np.ndarray | No
     there are neither patient ids nor duplicates."""
     if table.groups is None and not dup.groups:
         return None
-    base = table.groups if table.groups is not None else np.asarray([f"img{i}" for i in range(len(table))], dtype=object)
+    base = (table.groups if table.groups is not None
+            else np.asarray([f"img{i}" for i in range(len(table))], dtype=object))
     parent = {g: g for g in base}
 
     def find(a):
@@ -114,7 +115,8 @@ def apply_duplicate_policy(table: ImageTable, policy: str,
     return table, effective_groups(table, dup), record
 
 
-def check_foldable(labels: np.ndarray, groups: np.ndarray | None, class_names: list[str], n_folds: int, where: str) -> None:
+def check_foldable(labels: np.ndarray, groups: np.ndarray | None, class_names: list[str], n_folds: int,
+                   where: str) -> None:
     """Every class needs at least `n_folds` images (patients, with groups) to appear in every test fold."""
     for c, name in enumerate(class_names):
         mask = labels == c

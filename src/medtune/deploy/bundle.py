@@ -302,7 +302,8 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
         raise MedtuneError(f"unknown export format {fmt!r}; use torchscript or onnx.")
     pre = {"input": "RGB float32 in [0, 1], shape (N, 3, S, S), resized to S x S",
            "image_size": b.image_size, "resize": RESIZE, "mean": b.meta["mean"], "std": b.meta["std"],
-           "normalisation": "inside the model: (x - mean) / std per channel, x in [0, 1]", "class_names": b.meta["class_names"],
+           "normalisation": "inside the model: (x - mean) / std per channel, x in [0, 1]",
+           "class_names": b.meta["class_names"],
            "output": f"features for {head_file} (predict_proba)" if features else
                      f"class probabilities, the mean over {len(b.models)} fold model(s), "
                      + ("each at its training fold's prevalence, as `medtune predict` gives them" if mapped or

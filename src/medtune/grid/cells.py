@@ -97,7 +97,8 @@ def record_of(data: PreparedData, positive: str | None, role: str = "train") -> 
     clusters = (np.unique(data.groups.astype(str), return_inverse=True)[1].tolist() if data.groups is not None
                 else None)
     return {"duplicates": data.duplicates, "n": len(t), "class_counts": t.class_counts(),
-            "grouped": data.groups is not None, "patient_ids": t.groups is not None, "positive": positive, "role": role, "clusters": clusters,
+            "grouped": data.groups is not None, "patient_ids": t.groups is not None, "positive": positive,
+            "role": role, "clusters": clusters,
             "subgroups": {k: [str(x) for x in v] for k, v in data.attributes.items()}}
 
 
@@ -320,7 +321,8 @@ class CellResult:
     extra: list = field(default_factory=list)  # (kind, data set, idx, y, probs): inner_val and external predictions
 
 
-def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime, keep_model: bool = False) -> CellResult:
+def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime,
+             keep_model: bool = False) -> CellResult:
     """Train and evaluate one cell: outer fold `fold` of `n_folds`, with the inner split for early
     stopping (and the SVM's C). Everything that happens is recorded in `info`."""
     t0 = time.perf_counter()
@@ -366,7 +368,8 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         other = result.predict_proba
     # the inner validation split's predictions (operating points are chosen there, never on the test
     # fold) and each external set's, by the same model without refitting
-    extra = [("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(table, val_idx))] if len(val_idx) else []
+    extra = ([("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(table, val_idx))]
+             if len(val_idx) else [])
     for name, ext in data.external.items():
         every = np.arange(len(ext))
         extra.append(("external", name, every, ext.labels, other(ext, every)))

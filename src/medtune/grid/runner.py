@@ -54,8 +54,9 @@ def environment(device: torch.device) -> dict:
     import sklearn
     import timm
 
-    return {"medtune": __version__, "torch": torch.__version__, "timm": timm.__version__, "sklearn": sklearn.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+    return {"medtune": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "sklearn": sklearn.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": str(device),
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "git_commit": git_commit(),
             "hostname": platform.node()}
