@@ -381,6 +381,15 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     collapsed = collapse(y, probs, table.class_names)
     if collapsed:
         info["collapsed"] = collapsed
+    record_training(info, result, strategy, settings)
+    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
+    preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
+    return CellResult(metrics, preds, info, time.perf_counter() - t0, state,
+                      feature_head if keep_model else None, extra)
+
+
+def record_training(info: dict, result, strategy, settings: TrainSettings) -> None:
+    """What a cell's training did, into its `info`: epochs, the strategy, the probe's C."""
     # budget: a best epoch that is the last one run says more epochs might have helped (diagnose)
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
                  "epochs_scheduled": settings.epochs,
@@ -395,10 +404,6 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         info.setdefault("grids", {})["probe_C"] = probe[-1]["probe_C_grid"]
         if probe[-1]["probe_C_edge"]:
             info.setdefault("grid_edges", {})["probe_C"] = probe[-1]["probe_C_edge"]
-    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
-    preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
-    return CellResult(metrics, preds, info, time.perf_counter() - t0, state,
-                      feature_head if keep_model else None, extra)
 
 
 def training_key(c: dict) -> str:
