@@ -7,20 +7,28 @@ duplicates are merged into one group (`duplicates: group`, the default), refused
 much leakage inflates the metrics, never for a result you report). `near_duplicates: N` extends
 the policy to images whose perceptual hashes differ in at most N bits (`medtune.data.quality`).
 With groups, folds come from scikit-learn's StratifiedGroupKFold, else StratifiedKFold.
+
+The outer folds come from splitter objects with scikit-learn's interface (`split(X, y, groups)`,
+`get_n_splits()`): PatientKFold (k-fold, data/folds.py), LeaveOneSiteOut (`cv: by_site`) and
+OfficialSplit (`split: official`); `kfold` and `by_site` are their folds as lists.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
 from medtune.data.loaders import ImageTable
 from medtune.errors import DataError, DataWarning
-from medtune.data.folds import kfold
+from medtune.data.folds import PatientKFold, kfold
 
 DUPLICATE_POLICIES = ("group", "error", "drop", "ignore")
+__all__ = ["PatientKFold", "LeaveOneSiteOut", "OfficialSplit", "kfold", "by_site", "inner_split",
+           "apply_duplicate_policy", "assert_disjoint", "check_foldable", "find_duplicates", "effective_groups",
+           "DuplicateReport", "DUPLICATE_POLICIES"]
 
 
 @dataclass
@@ -59,7 +67,8 @@ def effective_groups(table: ImageTable, dup: DuplicateReport) -> np.ndarray | No
     there are neither patient ids nor duplicates."""
     if table.groups is None and not dup.groups:
         return None
-    base = table.groups if table.groups is not None else np.asarray([f"img{i}" for i in range(len(table))], dtype=object)
+    base = (table.groups if table.groups is not None
+            else np.asarray([f"img{i}" for i in range(len(table))], dtype=object))
     parent = {g: g for g in base}
 
     def find(a):
@@ -106,7 +115,8 @@ def apply_duplicate_policy(table: ImageTable, policy: str,
     return table, effective_groups(table, dup), record
 
 
-def check_foldable(labels: np.ndarray, groups: np.ndarray | None, class_names: list[str], n_folds: int, where: str) -> None:
+def check_foldable(labels: np.ndarray, groups: np.ndarray | None, class_names: list[str], n_folds: int,
+                   where: str) -> None:
     """Every class needs at least `n_folds` images (patients, with groups) to appear in every test fold."""
     for c, name in enumerate(class_names):
         mask = labels == c
@@ -157,28 +167,59 @@ def assert_disjoint(train_idx: np.ndarray, test_idx: np.ndarray, table: ImageTab
         raise DataError(f"{len(leaked)} identical image(s) are on both sides of a split; set `duplicates: group`.")
 
 
-def by_site(labels: np.ndarray, groups: np.ndarray | None, sites: np.ndarray, where: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Leave-one-site-out folds (`cv: by_site`): fold i tests on site i (sorted by name) and trains on
-    every other site, so the estimate is of a model meeting a hospital it has never seen. A
-    patient imaged at two sites, or a training side missing a class, is refused."""
-    from sklearn.model_selection import LeaveOneGroupOut
+class LeaveOneSiteOut:
+    """Leave-one-site-out folds (`cv: by_site`), with sklearn's splitter interface: fold i tests on
+    site i (sorted by name) and trains on every other site, so the estimate is of a model meeting a
+    hospital it has never seen. `split(X, y, groups)` refuses a patient (`groups`) imaged at two
+    sites, or a training side missing a class; `where` names the data set in those errors."""
 
-    sites = np.asarray(sites, dtype=object)
-    names = sorted(set(sites))
-    if len(names) < 2:
-        raise DataError(f"{where}: `cv: by_site` needs at least 2 sites in the manifest's `site` column; found "
-                        f"{names}. Use `cv: kfold`.")
-    if groups is not None:
-        spans = {g for g in set(groups) if len(set(sites[groups == g])) > 1}
-        if spans:
-            raise DataError(f"{where}: {len(spans)} patient(s) appear at more than one site (e.g. {sorted(spans)[0]!r}); "
-                            "fix the `site` or `patient_id` column, since leave-one-site-out would leak them.")
-    code = np.asarray([names.index(s) for s in sites])
-    folds = [(tr, te) for tr, te in LeaveOneGroupOut().split(np.zeros(len(labels)), labels, code)]
-    folds.sort(key=lambda f: code[f[1][0]])
-    for tr, te in folds:
-        missing = sorted(set(labels) - set(labels[tr]))
-        if missing:
-            raise DataError(f"{where}: without site {names[code[te[0]]]!r} the training side lacks class(es) "
-                            f"{missing}; every class must be seen at other sites. Use `cv: kfold`.")
-    return folds
+    def __init__(self, sites: np.ndarray, where: str = "data set") -> None:
+        self.sites, self.where = np.asarray(sites, dtype=object), where
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        return len(set(self.sites))
+
+    def split(self, X, y: np.ndarray, groups: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        from sklearn.model_selection import LeaveOneGroupOut
+
+        labels, sites, where = y, self.sites, self.where
+        names = sorted(set(sites))
+        if len(names) < 2:
+            raise DataError(f"{where}: `cv: by_site` needs at least 2 sites in the manifest's `site` column; found "
+                            f"{names}. Use `cv: kfold`.")
+        if groups is not None:
+            spans = {g for g in set(groups) if len(set(sites[groups == g])) > 1}
+            if spans:
+                raise DataError(f"{where}: {len(spans)} patient(s) appear at more than one site "
+                                f"(e.g. {sorted(spans)[0]!r}); "
+                                "fix the `site` or `patient_id` column, since leave-one-site-out would leak them.")
+        code = np.asarray([names.index(s) for s in sites])
+        folds = [(tr, te) for tr, te in LeaveOneGroupOut().split(np.zeros(len(labels)), labels, code)]
+        folds.sort(key=lambda f: code[f[1][0]])
+        for tr, te in folds:
+            missing = sorted(set(labels) - set(labels[tr]))
+            if missing:
+                raise DataError(f"{where}: without site {names[code[te[0]]]!r} the training side lacks class(es) "
+                                f"{missing}; every class must be seen at other sites. Use `cv: kfold`.")
+        return iter(folds)
+
+
+class OfficialSplit:
+    """The source's own split as the one fold (`split: official`, a MedMNIST .npz), with sklearn's
+    splitter interface, like its PredefinedSplit: train on train+val, test on test."""
+
+    def __init__(self, split: np.ndarray) -> None:
+        self.split_of = np.asarray(split)
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        return 1
+
+    def split(self, X=None, y=None, groups=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        s = self.split_of
+        return iter([(np.flatnonzero(s != "test"), np.flatnonzero(s == "test"))])
+
+
+def by_site(labels: np.ndarray, groups: np.ndarray | None, sites: np.ndarray,
+            where: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Leave-one-site-out folds as a list (LeaveOneSiteOut)."""
+    return list(LeaveOneSiteOut(sites, where).split(None, labels, groups))

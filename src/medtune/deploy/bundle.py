@@ -302,7 +302,8 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
         raise MedtuneError(f"unknown export format {fmt!r}; use torchscript or onnx.")
     pre = {"input": "RGB float32 in [0, 1], shape (N, 3, S, S), resized to S x S",
            "image_size": b.image_size, "resize": RESIZE, "mean": b.meta["mean"], "std": b.meta["std"],
-           "normalisation": "inside the model: (x - mean) / std per channel, x in [0, 1]", "class_names": b.meta["class_names"],
+           "normalisation": "inside the model: (x - mean) / std per channel, x in [0, 1]",
+           "class_names": b.meta["class_names"],
            "output": f"features for {head_file} (predict_proba)" if features else
                      f"class probabilities, the mean over {len(b.models)} fold model(s), "
                      + ("each at its training fold's prevalence, as `medtune predict` gives them" if mapped or
@@ -346,11 +347,6 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
     was not kept (a store resumed from an older run, Ray) is retrained with `keep_model` and its
     cell rewritten, so the store again holds exactly that model's predictions. Skipped when the
     directory already holds that group's models."""
-    from medtune.models.backbones import preprocessing
-    from medtune.report.explain import gallery, grad_cam_installed
-    from medtune.grid.cells import model_key, run_cell
-    from medtune.training.loop import Runtime, autocast_dtype, shared_cache
-
     m = store.metrics()
     if m.empty:
         return []
@@ -359,82 +355,110 @@ def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device,
     chosen, ev = deployed(store.path)
     saved = []
     for i, ds in enumerate(dict.fromkeys(c["dataset"] for c in cells)):
-        sub = m[m.dataset == ds]
-        if sub.empty or sub["balanced_accuracy"].isna().all():
+        picked = _deployed_cells(m[m.dataset == ds], ds, chosen, by_id)
+        if picked is None:
             continue
-        if ds not in chosen:
-            continue
-        verdict = chosen[ds]
-        group, how = verdict.group, verdict.how
-        members = sub[sub.group == group]
-        if members.empty:  # the store's recommendation is a group this run's config no longer lists
-            warnings.warn(f"{ds}: the recommended group ({verdict.name}) has no cell in this run's grid; no model "
-                          "was deployed. Rerun its config, or `medtune report` for the whole store.", stacklevel=2)
-            continue
-        members = members[members.seed == members.seed.min()].sort_values("fold")
-        fold_cells = [by_id[c] for c in members.cell_id]
+        verdict, members, fold_cells = picked
         out = best_dir(store.path, ds, first=i == 0)
         ids = [c["cell_id"] for c in fold_cells]
         if (out / MODEL_JSON).is_file() and [e.get("cell_id") for e in
                                              json.loads((out / MODEL_JSON).read_text()).get("folds", [])] == ids:
             saved.append(out)
             continue
-        models, first_predictions, retrained = [], None, False
-        for cell in fold_cells:
-            data = prepared[f"{ds}@{cell['config']['backbone']['image_size']}"]
-            kept = load_fold_model(store.path, cell["cell_id"])
-            if kept is not None:  # the grid kept this cell's model: its predictions are already in the store
-                p = store.predictions([cell["cell_id"]])
-                predictions = (p["sample"].to_numpy(), list(p["path"]), p["y_true"].to_numpy(),
-                               np.array(p["probs"].tolist()))
-            else:  # resumed from a store whose models were not kept (or Ray): retrain that cell
-                rt = Runtime(device, shared_cache() if settings.cache else None, model_key(cell),
-                             autocast_dtype(device, settings.amp))
-                try:
-                    result = run_cell(cell, data, settings, rt, keep_model=True)
-                except (MedtuneError, RuntimeError, ValueError) as exc:  # the grid's results stand without it
-                    warnings.warn(f"{ds}: fold {cell['fold']} of the deployed group ({cell['strategy']}) could not "
-                                  f"be retrained and was left out of the bundle: {exc}", stacklevel=2)
-                    continue
-                store.save_cell(cell, "done", result.metrics, result.predictions, result.seconds, info=result.info,
-                                extra=result.extra)
-                retrained = True
-                kept, predictions = (result.state_dict, result.head_model), result.predictions
-            models.append((cell, kept))
-            if first_predictions is None:
-                first_predictions = (cell, kept, predictions)
+        models, first_predictions, retrained = _fold_models(fold_cells, ds, prepared, settings, device, store)
         if not models:
             continue
-        cell0, (state0, _), (test_idx, paths, y, probs) = first_predictions
-        data = prepared[f"{ds}@{cell0['config']['backbone']['image_size']}"]
-        table = data.table
-        model_for_pre = load_state(cell0, table.num_classes, state0)
-        meta = {"dataset": ds, "backbone": cell0["backbone"], "strategy": cell0["strategy"], "head": cell0["head"],
-                "class_names": table.class_names, "image_size": table.image_size,
-                **_mean_std(preprocessing(model_for_pre)), "group": group, "chosen_by": how,
-                "recommend": verdict.rule, "verdict": verdict.lines(),
-                "class_weight": (cell0["config"].get("train") or {}).get("class_weight"),
-
-                "folds": [{"fold": c["fold"], "cell_id": c["cell_id"], "dir": f"fold{c['fold']}",
-                           # the training fold's class frequencies: predict maps equal-prior outputs back with them
-                           "priors": ev.priors[c["cell_id"]].tolist() if c["cell_id"] in ev.priors else None}
-                          for c, _ in models],
-                "cell_id": cell0["cell_id"], "fold": cell0["fold"],  # the first fold's, as before ensembles
-                "n_folds": cell0["n_folds"], "seed": cell0["seed"],
-                "group_mean_balanced_accuracy": float(members["balanced_accuracy"].mean()), "store": str(store.path),
-                "positive": data.positive, "config": cell0["config"]}
-        save_bundle(out, [k for _, k in models], meta)
-        from medtune.report.card import write_model_card
-
-        write_model_card(out, store.path, meta, None if retrained else ev)  # a retrained cell changed the store
-        if grad_cam_installed():
-            gallery(model_for_pre, table.images[torch.as_tensor(np.array(test_idx))], np.asarray(y), np.asarray(probs),
-                    paths, table.class_names, meta["mean"], meta["std"], out / "gallery")
-        else:
-            print(f"{ds}: best model saved to {out}; no Grad-CAM gallery (pip install 'medtune[report]' for one)")
+        _save_deployed(out, ds, models, first_predictions, prepared, store, verdict, members, ev, retrained)
         saved.append(out)
     shutil.rmtree(fold_models_dir(store.path), ignore_errors=True)  # the deployed folds are saved; the rest go
     return saved
+
+
+def _deployed_cells(sub, ds: str, chosen: dict, by_id: dict) -> tuple | None:
+    """(verdict, its group's metrics rows of the first seed, their cells by fold) of data set `ds`,
+    or None when nothing is deployed for it (no scores, no verdict, or a group not in this grid)."""
+    if sub.empty or sub["balanced_accuracy"].isna().all():
+        return None
+    if ds not in chosen:
+        return None
+    verdict = chosen[ds]
+    members = sub[sub.group == verdict.group]
+    if members.empty:  # the store's recommendation is a group this run's config no longer lists
+        warnings.warn(f"{ds}: the recommended group ({verdict.name}) has no cell in this run's grid; no model "
+                      "was deployed. Rerun its config, or `medtune report` for the whole store.", stacklevel=3)
+        return None
+    members = members[members.seed == members.seed.min()].sort_values("fold")
+    return verdict, members, [by_id[c] for c in members.cell_id]
+
+
+def _fold_models(fold_cells: list, ds: str, prepared: dict, settings, device: torch.device, store) -> tuple:
+    """([(cell, (state dict, head))] of the fold models, (cell, model, test-fold predictions) of the
+    first, whether one was retrained): each kept model as the grid saved it, else retrained with its
+    cell rewritten in the store; a fold that fails to retrain is left out with a warning."""
+    from medtune.grid.cells import data_key_of, model_key, run_cell
+    from medtune.training.loop import Runtime, autocast_dtype, shared_cache
+
+    models, first_predictions, retrained = [], None, False
+    for cell in fold_cells:
+        data = prepared[data_key_of(cell)]
+        kept = load_fold_model(store.path, cell["cell_id"])
+        if kept is not None:  # the grid kept this cell's model: its predictions are already in the store
+            p = store.predictions([cell["cell_id"]])
+            predictions = (p["sample"].to_numpy(), list(p["path"]), p["y_true"].to_numpy(),
+                           np.array(p["probs"].tolist()))
+        else:  # resumed from a store whose models were not kept (or Ray): retrain that cell
+            rt = Runtime(device, shared_cache() if settings.cache else None, model_key(cell),
+                         autocast_dtype(device, settings.amp))
+            try:
+                result = run_cell(cell, data, settings, rt, keep_model=True)
+            except (MedtuneError, RuntimeError, ValueError) as exc:  # the grid's results stand without it
+                warnings.warn(f"{ds}: fold {cell['fold']} of the deployed group ({cell['strategy']}) could not "
+                              f"be retrained and was left out of the bundle: {exc}", stacklevel=3)
+                continue
+            store.save_cell(cell, "done", result.metrics, result.predictions, result.seconds, info=result.info,
+                            extra=result.extra)
+            retrained = True
+            kept, predictions = (result.state_dict, result.head_model), result.predictions
+        models.append((cell, kept))
+        if first_predictions is None:
+            first_predictions = (cell, kept, predictions)
+    return models, first_predictions, retrained
+
+
+def _save_deployed(out: Path, ds: str, models: list, first_predictions: tuple, prepared: dict, store, verdict,
+                   members, ev, retrained: bool) -> None:
+    """Write the bundle of `models` to `out`: model.json, the weights, MODEL_CARD.md and fold 0's
+    Grad-CAM gallery. `ev`: the store's evidence, read before any fold was `retrained`."""
+    from medtune.grid.cells import data_key_of
+    from medtune.models.backbones import preprocessing
+    from medtune.report.card import write_model_card
+    from medtune.report.explain import gallery, grad_cam_installed
+
+    cell0, (state0, _), (test_idx, paths, y, probs) = first_predictions
+    data = prepared[data_key_of(cell0)]
+    table = data.table
+    model_for_pre = load_state(cell0, table.num_classes, state0)
+    meta = {"dataset": ds, "backbone": cell0["backbone"], "strategy": cell0["strategy"], "head": cell0["head"],
+            "class_names": table.class_names, "image_size": table.image_size,
+            **_mean_std(preprocessing(model_for_pre)), "group": verdict.group, "chosen_by": verdict.how,
+            "recommend": verdict.rule, "verdict": verdict.lines(),
+            "class_weight": (cell0["config"].get("train") or {}).get("class_weight"),
+
+            "folds": [{"fold": c["fold"], "cell_id": c["cell_id"], "dir": f"fold{c['fold']}",
+                       # the training fold's class frequencies: predict maps equal-prior outputs back with them
+                       "priors": ev.priors[c["cell_id"]].tolist() if c["cell_id"] in ev.priors else None}
+                      for c, _ in models],
+            "cell_id": cell0["cell_id"], "fold": cell0["fold"],  # the first fold's, as before ensembles
+            "n_folds": cell0["n_folds"], "seed": cell0["seed"],
+            "group_mean_balanced_accuracy": float(members["balanced_accuracy"].mean()), "store": str(store.path),
+            "positive": data.positive, "config": cell0["config"]}
+    save_bundle(out, [k for _, k in models], meta)
+    write_model_card(out, store.path, meta, None if retrained else ev)  # a retrained cell changed the store
+    if grad_cam_installed():
+        gallery(model_for_pre, table.images[torch.as_tensor(np.array(test_idx))], np.asarray(y), np.asarray(probs),
+                paths, table.class_names, meta["mean"], meta["std"], out / "gallery")
+    else:
+        print(f"{ds}: best model saved to {out}; no Grad-CAM gallery (pip install 'medtune[report]' for one)")
 
 
 def _mean_std(pre: dict) -> dict:

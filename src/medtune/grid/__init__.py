@@ -1,1 +1,2 @@
-"""The experiment grid: cells and their ids, choices on inner splits, racing and halving, the runner and the Ray executor."""
+"""The experiment grid: cells and their ids, choices on inner splits, racing and halving, the runner and
+the Ray executor."""

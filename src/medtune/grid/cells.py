@@ -1,5 +1,6 @@
 """One cell of the grid: its data, its configuration and id, its training and scoring, and how its
-outcome is recorded in the store and shown while the grid runs.
+outcome is recorded in the store and shown while the grid runs. `Grid` is the whole grid of an
+experiment as one iterable (data set x backbone x strategy x seed x fold x head), yielding `Cell`s.
 
 Everything an executor needs to run cells lives here, so the local loop (grid/runner.py), the Ray
 executor (grid/distributed.py) and the deployed-model refit (deploy/bundle.py) all import from this module and
@@ -9,12 +10,14 @@ none of them imports the grid orchestration back: there is no import cycle betwe
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +33,8 @@ from medtune.models import probe
 from medtune.models.heads import DECISION_RULES, full_proba, head_class
 from medtune.results.metrics import clinical_metrics
 from medtune.grid.select import ETA, cell_strategies, strategy_label, train_cell
-from medtune.data.splits import apply_duplicate_policy, assert_disjoint, by_site, check_foldable, inner_split, kfold
+from medtune.data.splits import (LeaveOneSiteOut, OfficialSplit, PatientKFold, apply_duplicate_policy,
+                                   assert_disjoint, check_foldable, inner_split)
 from medtune.results.store import Store
 from medtune.training.loop import Runtime, TrainSettings, autocast_dtype, resolve_device
 from medtune.version import RESULTS_VERSION
@@ -52,17 +56,22 @@ class PreparedData:
     attributes: dict[str, np.ndarray] = field(default_factory=dict)  # manifest columns per image (subgroups)
     external: dict[str, ImageTable] = field(default_factory=dict)  # `test_datasets`, predicted without refitting
 
-    def splits(self, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def splitter(self, n_folds: int, seed: int) -> PatientKFold | LeaveOneSiteOut | OfficialSplit:
+        """The outer folds' splitter (data/splits.py): leave one site out under `cv: by_site`, the
+        source's own train/test under `split: official` (n_folds and seed unused for both), else
+        patient-grouped stratified k-fold."""
         if self.sites is not None:
-            if "by_site" not in self.folds:
-                self.folds["by_site"] = by_site(self.table.labels, self.groups, self.sites, self.table.name)
-            return self.folds["by_site"]
+            return LeaveOneSiteOut(self.sites, self.table.name)
         if self.official:
-            s = self.table.split
-            return [(np.flatnonzero(s != "test"), np.flatnonzero(s == "test"))]
-        if seed not in self.folds:
-            self.folds[seed] = kfold(self.table.labels, self.groups, n_folds, seed)
-        return self.folds[seed]
+            return OfficialSplit(self.table.split)
+        return PatientKFold(n_folds, seed)
+
+    def splits(self, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The outer (train, test) folds, computed once per seed (once in all for sites and official)."""
+        key = "by_site" if self.sites is not None else "official" if self.official else seed
+        if key not in self.folds:
+            self.folds[key] = list(self.splitter(n_folds, seed).split(None, self.table.labels, self.groups))
+        return self.folds[key]
 
     def fit_val(self, n_folds: int, seed: int, fold: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
         """The (fit, validation) inner split of an outer training fold, computed once: every cell of
@@ -75,7 +84,9 @@ class PreparedData:
 
 
 def n_folds_of(ds, folds: int) -> int:
-    """An official train/test split is a single fold; otherwise the config's k."""
+    """The fold count a config alone tells: an official train/test split is a single fold
+    (OfficialSplit), otherwise the config's k. Folds that come from the data (`cv: by_site`) are
+    counted by the prepared data's splitter (runner: `expand`'s `n_folds_by`)."""
     return 1 if ds.options.get("split") == "official" else folds
 
 
@@ -86,7 +97,8 @@ def record_of(data: PreparedData, positive: str | None, role: str = "train") -> 
     clusters = (np.unique(data.groups.astype(str), return_inverse=True)[1].tolist() if data.groups is not None
                 else None)
     return {"duplicates": data.duplicates, "n": len(t), "class_counts": t.class_counts(),
-            "grouped": data.groups is not None, "patient_ids": t.groups is not None, "positive": positive, "role": role, "clusters": clusters,
+            "grouped": data.groups is not None, "patient_ids": t.groups is not None, "positive": positive,
+            "role": role, "clusters": clusters,
             "subgroups": {k: [str(x) for x in v] for k, v in data.attributes.items()}}
 
 
@@ -169,43 +181,124 @@ def precision_of(cfg: ExperimentConfig, device: torch.device) -> str:
     return "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
-           n_folds_by: dict[str, int] | None = None, precision: str | None = None) -> list[dict]:
-    """Every cell of the grid as a JSON-serialisable dict with its id. `n_folds_by` gives the fold
-    count of data sets whose folds come from the data (`cv: by_site`: one per site); `precision` is
+def data_key(name: str, image_size: int) -> str:
+    """The key of a data set at one image size (`name@size`): what prepared data, fingerprints and
+    fold counts are looked up by."""
+    return f"{name}@{image_size}"
+
+
+def data_key_of(cell: Mapping) -> str:
+    """The `data_key` of the data a cell trains and tests on."""
+    return data_key(cell["dataset"], cell["config"]["backbone"]["image_size"])
+
+
+@dataclass(frozen=True, eq=False)
+class Cell(Mapping):
+    """One cell of the grid. Read-only, and a Mapping with the keys of the dict a cell was before
+    (`cell["config"]`, `cell.get(...)`, `{**cell}`, equal to that dict), so every consumer (the store,
+    racing, deploy, Ray's pickling) reads it as it read the dict. `config` is what `cell_id` hashes."""
+
+    cell_id: str
+    run_id: str
+    dataset: str
+    backbone: str
+    strategy: str  # the strategy's label (the full strategy is config["strategy"])
+    head: str
+    fold: int
+    n_folds: int
+    seed: int
+    config: dict
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in CELL_KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(CELL_KEYS)
+
+    def __len__(self) -> int:
+        return len(CELL_KEYS)
+
+    @property
+    def data_key(self) -> str:
+        return data_key_of(self)
+
+
+CELL_KEYS = tuple(f.name for f in fields(Cell))
+
+
+class Grid:
+    """Every cell of an experiment, after scikit-learn's ParameterGrid: iterating is one
+    `itertools.product` over the axes data set x backbone x strategy x seed x fold x head (head
+    innermost: cells differing only in head share training), in that order, which is the order of
+    the store's to-do list. A data set's fold count is `n_folds_by[data_key]` when given (folds that
+    come from the data, `cv: by_site`: one per site), else the config's (`n_folds_of`); the fold
+    axis runs to the largest and each data set keeps its own first folds. `precision` is
     precision_of the device that runs the grid (default: the config's device here)."""
-    cells = []
-    train = cfg.train.model_dump(exclude={"compile"})  # how it runs, like `device`: not what it computes
-    if precision is None:
-        precision = precision_of(cfg, resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu"))
-    constants = numerics()
-    for ds in cfg.datasets:
-        for bb in cfg.backbones:
-            size = bb.image_size or default_image_size(bb.name)
-            for strategy in cell_strategies(cfg):
-                for seed in cfg.seeds:
-                    n_folds = (n_folds_by or {}).get(f"{ds.display_name()}@{size}") or n_folds_of(ds, cfg.folds)
-                    for fold in range(n_folds):
-                        for head in cfg.heads:  # innermost: cells differing only in head share training
-                            config = {
-                                "dataset": {**ds.model_dump(), "fingerprint": fingerprints[f"{ds.display_name()}@{size}"]},
-                                "backbone": {**bb.model_dump(), "image_size": size},
-                                "strategy": strategy,
-                                "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": train,
-                                "results_version": RESULTS_VERSION, "precision": precision,
-                                "numerics": constants,
-                            }
-                            if cfg.test_datasets:  # what a cell predicts besides its test fold is part of it
-                                config["test_datasets"] = [{**t.model_dump(), "fingerprint": fingerprints[
-                                    f"{t.display_name()}@{size}"]} for t in cfg.test_datasets]
-                            if cfg.cv != "kfold":
-                                config["cv"] = cfg.cv
-                            if cfg.halving:  # it can change the choice, so it is part of the cell
-                                config["halving"] = True
-                            cells.append({"cell_id": cell_id(config), "run_id": run_id, "dataset": ds.display_name(),
-                                          "backbone": bb.name, "strategy": strategy_label(strategy), "head": head,
-                                          "fold": fold, "n_folds": n_folds, "seed": seed, "config": config})
-    return cells
+
+    def __init__(self, cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
+                 n_folds_by: dict[str, int] | None = None, precision: str | None = None) -> None:
+        if precision is None:
+            device = resolve_device(cfg.device) if cfg.executor == "local" else torch.device("cpu")
+            precision = precision_of(cfg, device)
+        self.cfg, self.run_id, self.fingerprints, self.precision = cfg, run_id, fingerprints, precision
+        self.train = cfg.train.model_dump(exclude={"compile"})  # how it runs, like `device`: not what it computes
+        self.numerics = numerics()
+        sizes = [bb.image_size or default_image_size(bb.name) for bb in cfg.backbones]
+        self.n_folds = {data_key(ds.display_name(), size): (n_folds_by or {}).get(data_key(ds.display_name(), size))
+                        or n_folds_of(ds, cfg.folds) for ds in cfg.datasets for size in sizes}
+        self.axes = {
+            "dataset": list(cfg.datasets),
+            "backbone": list(zip(cfg.backbones, sizes)),  # with its image size
+            "strategy": [(s, strategy_label(s)) for s in cell_strategies(cfg)],  # with its label
+            "seed": list(cfg.seeds),
+            "fold": range(max(self.n_folds.values(), default=0)),  # each data set runs its own first n_folds
+            "head": list(cfg.heads),  # innermost: cells differing only in head share training
+        }
+
+    def __iter__(self) -> Iterator[Cell]:
+        for ds, (bb, size), (strategy, label), seed, fold, head in itertools.product(*self.axes.values()):
+            n_folds = self.n_folds[data_key(ds.display_name(), size)]
+            if fold < n_folds:
+                config = self.config(ds, bb, size, strategy, head, fold, n_folds, seed)
+                yield Cell(cell_id(config), self.run_id, ds.display_name(), bb.name, label, head, fold, n_folds, seed,
+                           config)
+
+    def __len__(self) -> int:
+        a = self.axes
+        folds = sum(self.n_folds[data_key(ds.display_name(), size)] for ds in a["dataset"] for _, size in a["backbone"])
+        return folds * len(a["strategy"]) * len(a["seed"]) * len(a["head"])
+
+    def config(self, ds, bb, size: int, strategy: dict, head: str, fold: int, n_folds: int, seed: int) -> dict:
+        """What a cell computes, hashed into its id: every key and value here is in the id of every
+        cell already stored, so a change here makes each of them run again."""
+        cfg = self.cfg
+        config = {
+            "dataset": {**ds.model_dump(), "fingerprint": self.fingerprints[data_key(ds.display_name(), size)]},
+            "backbone": {**bb.model_dump(), "image_size": size},
+            "strategy": strategy,
+            "head": head, "fold": fold, "n_folds": n_folds, "seed": seed, "train": self.train,
+            "results_version": RESULTS_VERSION, "precision": self.precision,
+            "numerics": self.numerics,
+        }
+        if cfg.test_datasets:  # what a cell predicts besides its test fold is part of it
+            config["test_datasets"] = [{**t.model_dump(), "fingerprint": self.fingerprints[
+                data_key(t.display_name(), size)]} for t in cfg.test_datasets]
+        if cfg.cv != "kfold":
+            config["cv"] = cfg.cv
+        if cfg.halving:  # it can change the choice, so it is part of the cell
+            config["halving"] = True
+        return config
+
+
+def expand(cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
+           n_folds_by: dict[str, int] | None = None, precision: str | None = None) -> list[Cell]:
+    """Every cell of the grid, in order (Grid): read-only Mappings, JSON-serialisable as dicts, with
+    their ids. `n_folds_by` gives the fold count of data sets whose folds come from the data
+    (`cv: by_site`: one per site); `precision` is precision_of the device that runs the grid
+    (default: the config's device here)."""
+    return list(Grid(cfg, run_id, fingerprints, n_folds_by, precision))
 
 
 def model_key(cell: dict) -> tuple:
@@ -228,7 +321,8 @@ class CellResult:
     extra: list = field(default_factory=list)  # (kind, data set, idx, y, probs): inner_val and external predictions
 
 
-def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime, keep_model: bool = False) -> CellResult:
+def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtime,
+             keep_model: bool = False) -> CellResult:
     """Train and evaluate one cell: outer fold `fold` of `n_folds`, with the inner split for early
     stopping (and the SVM's C). Everything that happens is recorded in `info`."""
     t0 = time.perf_counter()
@@ -274,7 +368,8 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         other = result.predict_proba
     # the inner validation split's predictions (operating points are chosen there, never on the test
     # fold) and each external set's, by the same model without refitting
-    extra = [("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(table, val_idx))] if len(val_idx) else []
+    extra = ([("inner_val", cell["dataset"], val_idx, table.labels[val_idx], other(table, val_idx))]
+             if len(val_idx) else [])
     for name, ext in data.external.items():
         every = np.arange(len(ext))
         extra.append(("external", name, every, ext.labels, other(ext, every)))
@@ -286,6 +381,15 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     collapsed = collapse(y, probs, table.class_names)
     if collapsed:
         info["collapsed"] = collapsed
+    record_training(info, result, strategy, settings)
+    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
+    preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
+    return CellResult(metrics, preds, info, time.perf_counter() - t0, state,
+                      feature_head if keep_model else None, extra)
+
+
+def record_training(info: dict, result, strategy, settings: TrainSettings) -> None:
+    """What a cell's training did, into its `info`: epochs, the strategy, the probe's C."""
     # budget: a best epoch that is the last one run says more epochs might have helped (diagnose)
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
                  "epochs_scheduled": settings.epochs,
@@ -300,10 +404,6 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         info.setdefault("grids", {})["probe_C"] = probe[-1]["probe_C_grid"]
         if probe[-1]["probe_C_edge"]:
             info.setdefault("grid_edges", {})["probe_C"] = probe[-1]["probe_C_edge"]
-    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()} if keep_model else None
-    preds = (test_idx, [table.paths[i] for i in test_idx], y, probs)
-    return CellResult(metrics, preds, info, time.perf_counter() - t0, state,
-                      feature_head if keep_model else None, extra)
 
 
 def training_key(c: dict) -> str:

@@ -1,6 +1,7 @@
-"""The grid: data set x backbone x strategy x head x seed x fold, one cell at a time, resumable.
+"""The grid: data set x backbone x strategy x seed x fold x head, one cell at a time, resumable.
 
-A cell is a plain JSON-serialisable dict; its id is a hash of its resolved configuration
+A cell (grid/cells.py's Grid yields them) is a read-only mapping whose `config` is a
+JSON-serialisable dict; its id is a hash of that resolved configuration
 (including the data set's content fingerprint), so the same cell always gets the same id and a
 rerun skips every id the store already holds as done. Cells are executed by a local loop or by
 Ray (`executor: ray`). With `racing:` the cells run round by round (grid/racing.py), each round through
@@ -31,8 +32,9 @@ import torch
 
 from medtune.version import __version__
 from medtune.models.backbones import default_image_size
-from medtune.grid.cells import (CellResult, GridProgress, PreparedData, RunSummary, execute, expand, labels, model_key,
-                           precision_of, prepare, prepare_external, record, record_of, settings_from)
+from medtune.grid.cells import (Cell, CellResult, GridProgress, PreparedData, RunSummary, data_key, data_key_of,
+                                execute, expand, labels, model_key, precision_of, prepare, prepare_external, record,
+                                record_of, settings_from)
 from medtune.config import ExperimentConfig
 from medtune.errors import Interrupted, StoreError
 from medtune.results.store import Store, check_store_path, guarded, store_error
@@ -52,8 +54,9 @@ def environment(device: torch.device) -> dict:
     import sklearn
     import timm
 
-    return {"medtune": __version__, "torch": torch.__version__, "timm": timm.__version__, "sklearn": sklearn.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+    return {"medtune": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "sklearn": sklearn.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": str(device),
             "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "git_commit": git_commit(),
             "hostname": platform.node()}
@@ -88,25 +91,9 @@ def _run(cfg: ExperimentConfig, path: Path, progress: bool, on_cell, t0: float, 
     # Every backbone's weights, once, before any data or cell: missing weights fail here in seconds.
     cfg, weights_record = check_weights(cfg)
     run_id = hashlib.sha1(f"{time.time()}-{os.getpid()}".encode()).hexdigest()[:12]
-    prepared: dict[str, PreparedData] = {}
-    fingerprints: dict[str, str] = {}
-    datasets: list[tuple[str, list[str], dict]] = []  # written once the store is opened
-    for ds in cfg.datasets:
-        for bb in cfg.backbones:
-            size = bb.image_size or default_image_size(bb.name)
-            key = f"{ds.display_name()}@{size}"
-            if key not in prepared:
-                prepared[key] = prepare(ds, size, cfg.folds, cfg.subgroups, cfg.cv)
-                fingerprints[key] = prepared[key].table.fingerprint()
-                datasets.append((ds.display_name(), prepared[key].table.class_names,
-                                 record_of(prepared[key], ds.positive)))
-                for ext in cfg.test_datasets:
-                    e = prepare_external(ext, size, prepared[key].table.class_names)
-                    prepared[key].external[ext.display_name()] = e.table
-                    fingerprints[f"{ext.display_name()}@{size}"] = e.table.fingerprint()
-                    datasets.append((ext.display_name(), e.table.class_names,
-                                     record_of(e, ext.positive or ds.positive, role=f"external to {ds.display_name()}")))
-    n_folds_by = {k: len(p.splits(0, 0)) for k, p in prepared.items() if p.sites is not None}
+    prepared, fingerprints, datasets = prepare_all(cfg)
+    # each data set's fold count from its splitter: k, one per site (`cv: by_site`) or 1 (`split: official`)
+    n_folds_by = {k: p.splitter(cfg.folds, 0).get_n_splits() for k, p in prepared.items()}
     cells = expand(cfg, run_id, fingerprints, n_folds_by, precision_of(cfg, device))
     check_repeats(cells)
     env = {**environment(device), "weights": weights_record}
@@ -136,10 +123,35 @@ def _run(cfg: ExperimentConfig, path: Path, progress: bool, on_cell, t0: float, 
     return summary
 
 
-def _run_grid(cfg: ExperimentConfig, store: Store, cells: list[dict], todo: list[dict], prepared: dict,
+def prepare_all(cfg: ExperimentConfig) -> tuple[dict[str, PreparedData], dict[str, str],
+                                                list[tuple[str, list[str], dict]]]:
+    """Every data set of the grid at every image size its backbones take, keyed by `data_key`, with
+    its `test_datasets`: (prepared data, content fingerprints, the store's data set records)."""
+    prepared: dict[str, PreparedData] = {}
+    fingerprints: dict[str, str] = {}
+    datasets: list[tuple[str, list[str], dict]] = []  # written once the store is opened
+    for ds in cfg.datasets:
+        for bb in cfg.backbones:
+            size = bb.image_size or default_image_size(bb.name)
+            key = data_key(ds.display_name(), size)
+            if key in prepared:
+                continue
+            prepared[key] = data = prepare(ds, size, cfg.folds, cfg.subgroups, cfg.cv)
+            fingerprints[key] = data.table.fingerprint()
+            datasets.append((ds.display_name(), data.table.class_names, record_of(data, ds.positive)))
+            for ext in cfg.test_datasets:
+                e = prepare_external(ext, size, data.table.class_names)
+                data.external[ext.display_name()] = e.table
+                fingerprints[data_key(ext.display_name(), size)] = e.table.fingerprint()
+                datasets.append((ext.display_name(), e.table.class_names,
+                                 record_of(e, ext.positive or ds.positive, role=f"external to {ds.display_name()}")))
+    return prepared, fingerprints, datasets
+
+
+def _run_grid(cfg: ExperimentConfig, store: Store, cells: list[Cell], todo: list[Cell], prepared: dict,
               device: torch.device, summary: RunSummary, progress: bool, on_cell, since: float) -> None:
     settings = settings_from(cfg)
-    data_of = {c["cell_id"]: prepared[f"{c['dataset']}@{c['config']['backbone']['image_size']}"] for c in todo}
+    data_of = {c["cell_id"]: prepared[data_key_of(c)] for c in todo}
     if cfg.tracking == "mlflow":  # each done cell goes to MLflow as it finishes
         from medtune.report.tracking import live
 
@@ -161,7 +173,7 @@ def _run_grid(cfg: ExperimentConfig, store: Store, cells: list[dict], todo: list
         from medtune.grid.racing import race
 
         for c in cells:
-            data_of.setdefault(c["cell_id"], prepared[f"{c['dataset']}@{c['config']['backbone']['image_size']}"])
+            data_of.setdefault(c["cell_id"], prepared[data_key_of(c)])
         started = False
         if cfg.executor == "ray":  # one Ray session for every round
             from medtune.grid.distributed import connect
@@ -196,7 +208,7 @@ def _run_grid(cfg: ExperimentConfig, store: Store, cells: list[dict], todo: list
         track_store(store.path, cfg.tracking_uri, cfg.name, report=False)
 
 
-def check_repeats(cells: list[dict]) -> None:
+def check_repeats(cells: list[Cell]) -> None:
     """Two entries that resolve to the same cells (a sweep value that repeats another strategy entry,
     `blocks: [1, 2]` beside `blocks: 1`) would run them twice: refused, naming the cell."""
     from medtune.errors import ConfigError

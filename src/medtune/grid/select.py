@@ -152,8 +152,8 @@ def without_unused_lr(cands: list[Candidate], settings: TrainSettings) -> list[C
 def fit_candidate(cand: Candidate, c: dict, table: ImageTable, fit_idx: np.ndarray, val_idx: np.ndarray,
                   settings: TrainSettings, rt: Runtime) -> FitResult:
     """Train one candidate from the cell's backbone, seeded so the result does not depend on what ran before."""
-    return fit(cell_model(c, table), table, fit_idx, val_idx, cand.strategy, settings.model_copy(update={"lr": cand.lr}),
-               rt, seed=c["seed"])
+    return fit(cell_model(c, table), table, fit_idx, val_idx, cand.strategy,
+               settings.model_copy(update={"lr": cand.lr}), rt, seed=c["seed"])
 
 
 def cell_model(c: dict, table: ImageTable):
@@ -197,7 +197,8 @@ class Paused:
 
     def score(self) -> tuple[float, float]:
         """(balanced accuracy, -loss) of the best epoch so far on the inner validation split."""
-        best = min(self.rows, key=lambda r: r["val_loss"]) if self.rows else {"val_balanced_accuracy": -1, "val_loss": 0}
+        best = (min(self.rows, key=lambda r: r["val_loss"]) if self.rows
+                else {"val_balanced_accuracy": -1, "val_loss": 0})
         return best["val_balanced_accuracy"], -best["val_loss"]
 
 
