@@ -3,7 +3,7 @@
 Both add a few trainable tensors to a pretrained timm model in place and, after training, fold
 them back into the plain weights (`merge_*`), so what the feature cache, the bundle, `export` and
 `predict` see is an ordinary timm model with its ordinary state-dict keys. The strategies that
-use them (`lora`, `ssf` in training/strategies.py) only name the tensors that train.
+use them (`lora`, `ssf` in training/strategies/peft.py) only name the tensors that train.
 
 What is adapted, and why:
 - LoRA (Hu et al., ICLR 2022): a low-rank update B A (rank r, scaled alpha / r, B starting at
