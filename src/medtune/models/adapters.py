@@ -57,7 +57,8 @@ def lora_modules(model: nn.Module, targets: str) -> list[str]:
         if name in skip:
             continue
         if targets == "attention":
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ("qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj"):
+            projections = ("qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj")
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in projections:
                 out.append(name)
         elif isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
             out.append(name)

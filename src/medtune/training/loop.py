@@ -256,7 +256,8 @@ class FitResult:
     forward: Forward
     settings: TrainSettings
     rt: Runtime
-    never_trained: frozenset[str]  # bit-identical to the start weights (and their BatchNorm statistics unless update_all)
+    # bit-identical to the start weights (and their BatchNorm statistics unless update_all)
+    never_trained: frozenset[str]
     trainable_fraction: float  # share of the parameters (by count) that received a gradient
     cache_hits: int = 0  # frozen-prefix outputs this fit found in the cache (computed by an earlier fit)
     bn_statistics: str = "update"  # as applied in the last phase
@@ -265,8 +266,8 @@ class FitResult:
     def inputs(self, table: ImageTable) -> Inputs:
         key = table.fingerprint()
         if key not in self._inputs:
-            self._inputs = {key: Inputs(table, self.forward, self.forward.cut(
-                self.never_trained, self.settings.cache and self.bn_statistics != "update_all"), self.settings, self.rt)}
+            cut = self.forward.cut(self.never_trained, self.settings.cache and self.bn_statistics != "update_all")
+            self._inputs = {key: Inputs(table, self.forward, cut, self.settings, self.rt)}
         return self._inputs[key]
 
     def predict_proba(self, table: ImageTable, idx: np.ndarray) -> np.ndarray:
@@ -411,7 +412,8 @@ def evaluate(fwd: Forward, inputs: Inputs, table: ImageTable, idx: np.ndarray, r
     probs = predict_proba(fwd, inputs, idx, rt)
     y = table.labels[idx]
     p = torch.as_tensor(probs)
-    loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), torch.as_tensor(y), weight=None if weight is None else weight.cpu())
+    loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), torch.as_tensor(y),
+                      weight=None if weight is None else weight.cpu())
     return float(loss), balanced_accuracy(y, probs)
 
 

@@ -68,7 +68,8 @@ def depth(strategy: Strategy, model: nn.Module, epochs: int = 10) -> dict[str, A
 def trains_backbone(strategy: Strategy, epochs: int) -> bool:
     """Whether any phase trains something below the head, asked of a long generic chain (no model
     needed): the SVM head on a strategy that never does can skip training altogether."""
-    chain = [Block(f"b{i}", (f"b{i}.weight",), n_layers=1) for i in range(999)] + [Block("head", ("head.weight",), n_layers=1)]
+    chain = ([Block(f"b{i}", (f"b{i}.weight",), n_layers=1) for i in range(999)]
+             + [Block("head", ("head.weight",), n_layers=1)])
     return any(any(s > 0 for s in phase.scales(e, chain)[:-1])
                for phase in strategy.phases(epochs) for e in range(phase.epochs))
 

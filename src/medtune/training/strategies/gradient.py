@@ -94,7 +94,8 @@ class AutoSNR(_GradientCriterion):
     `threshold` are frozen for the epoch, the others train at the full rate."""
 
     name: ClassVar[str] = "auto_snr"
-    summary: ClassVar[str] = "Tensors whose gradient signal-to-noise ratio is below a threshold are frozen for the epoch."
+    summary: ClassVar[str] = ("Tensors whose gradient signal-to-noise ratio is below a threshold are frozen "
+                              "for the epoch.")
     citation: ClassVar[str] = "Lee et al., ICLR 2023 (Surgical fine-tuning)"
     threshold: float = 0.95
 

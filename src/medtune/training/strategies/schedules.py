@@ -59,7 +59,8 @@ class LPFT(Strategy):
             raise ValueError("lp_epochs must be >= 1 and ft_lr_scale > 0")
 
     def phases(self, epochs: int) -> list[Phase]:
-        probe = dataclasses.replace(self.phase(self.lp_epochs, head_only, unit="classifier"), refresh_bn=self.refresh_bn)
+        probe = dataclasses.replace(self.phase(self.lp_epochs, head_only, unit="classifier"),
+                                    refresh_bn=self.refresh_bn)
         return [probe, self.phase(epochs, everything(self.ft_lr_scale))]
 
 
