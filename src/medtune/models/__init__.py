@@ -1,1 +1,2 @@
-"""Networks and what sits on them: backbones and their weights, adapters (PEFT), the heads fitted on features, the convex probe."""
+"""Networks and what sits on them: backbones and their weights, adapters (PEFT), the heads fitted on
+features, the convex probe."""

@@ -3,7 +3,7 @@
 Both add a few trainable tensors to a pretrained timm model in place and, after training, fold
 them back into the plain weights (`merge_*`), so what the feature cache, the bundle, `export` and
 `predict` see is an ordinary timm model with its ordinary state-dict keys. The strategies that
-use them (`lora`, `ssf` in training/strategies.py) only name the tensors that train.
+use them (`lora`, `ssf` in training/strategies/peft.py) only name the tensors that train.
 
 What is adapted, and why:
 - LoRA (Hu et al., ICLR 2022): a low-rank update B A (rank r, scaled alpha / r, B starting at
@@ -57,7 +57,8 @@ def lora_modules(model: nn.Module, targets: str) -> list[str]:
         if name in skip:
             continue
         if targets == "attention":
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ("qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj"):
+            projections = ("qkv", "q", "k", "v", "q_proj", "k_proj", "v_proj")
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in projections:
                 out.append(name)
         elif isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
             out.append(name)

@@ -62,11 +62,13 @@ def load_positional(model: nn.Module, state: dict[str, torch.Tensor], source: st
     checking every shape; any mismatch is an error, not a partial load."""
     target = model.state_dict()
     if len(state) != len(target):
-        raise BackboneError(f"{source}: {len(state)} tensors, but the model has {len(target)}; not the same architecture.")
+        raise BackboneError(f"{source}: {len(state)} tensors, but the model has {len(target)}; "
+                            "not the same architecture.")
     mapped = {}
     for (src_key, src), (dst_key, dst) in zip(state.items(), target.items()):
         if src.shape != dst.shape:
-            raise BackboneError(f"{source}: tensor {src_key} {tuple(src.shape)} does not fit {dst_key} {tuple(dst.shape)}.")
+            raise BackboneError(f"{source}: tensor {src_key} {tuple(src.shape)} does not fit "
+                                f"{dst_key} {tuple(dst.shape)}.")
         mapped[dst_key] = src
     model.load_state_dict(mapped, strict=True)
 
@@ -101,7 +103,8 @@ def load_checkpoint(model: nn.Module, path: Path, rename: tuple[tuple[str, str],
     own = model.state_dict()
     head = {f"{model.default_cfg.get('classifier', 'fc')}.weight", f"{model.default_cfg.get('classifier', 'fc')}.bias"}
     state = {k: v for k, v in state.items() if not (k in head and k in own and own[k].shape != v.shape)}
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
     if wrong:  # torch would raise a RuntimeError; this is the user's file, so say which one
         raise BackboneError(f"checkpoint {path} does not match the architecture {type(model).__name__}: shapes differ "
                             f"for {', '.join(wrong[:3])}{'...' if len(wrong) > 3 else ''}. Check the backbone name.")
@@ -109,7 +112,8 @@ def load_checkpoint(model: nn.Module, path: Path, rename: tuple[tuple[str, str],
     missing = [k for k in missing if k not in head]
     if missing or unexpected:
         raise BackboneError(
-            f"checkpoint {path} does not match the architecture: missing {missing[:5]}{'...' if len(missing) > 5 else ''},"
+            f"checkpoint {path} does not match the architecture: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''},"
             f" unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
         )
 
@@ -322,7 +326,8 @@ def _layers_cached(model: nn.Module) -> tuple[Block, ...]:
     if pending:  # a trailing non-layer parameter joins the last layer
         out[-1] = Block(out[-1].name, out[-1].param_names + tuple(pending))
     last = blocks(model)[-1]
-    out.append(last if set(last.param_names) == head else Block("classifier", tuple(n for n in last.param_names if n in head), n_layers=1))
+    out.append(last if set(last.param_names) == head
+               else Block("classifier", tuple(n for n in last.param_names if n in head), n_layers=1))
     return tuple(out)
 
 

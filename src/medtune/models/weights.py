@@ -237,7 +237,8 @@ def _file(name: str, arch: str, path: Path, expected: str | None, src: WeightSou
     if expected is not None and actual.lower() != expected.strip().lower():
         raise BackboneError(f"checkpoint {path} has sha256 {actual}, but {expected.strip().lower()} was expected "
                             f"for backbone {name!r}: a different or damaged file. Replace it, or correct `sha256:`.")
-    return Resolved(arch, "file", path, actual, src, note="sha256 verified" if expected else "sha256 recorded on first use")
+    return Resolved(arch, "file", path, actual, src,
+                    note="sha256 verified" if expected else "sha256 recorded on first use")
 
 
 def _hub(name: str, tag: str, src: WeightSource | None, network: bool | None) -> Resolved:
@@ -327,7 +328,8 @@ def rows() -> list[dict]:
             status, where = ("installed", str(path)) if path else ("needs install", s.get)
         elif s.kind == "file":
             path = weights_dir() / s.location
-            status, where = ("file present", str(path)) if path.is_file() else ("needs a file", f"{s.get}; put it at {path}")
+            status, where = (("file present", str(path)) if path.is_file()
+                             else ("needs a file", f"{s.get}; put it at {path}"))
         else:
             path = hub_cached_file(s.location)
             status, where = ("hub cache", str(path)) if path else (

@@ -1,1 +1,2 @@
-"""The one training loop, the fine-tuning strategies (schedules of phases), frozen-prefix features and numeric precision."""
+"""The one training loop, the fine-tuning strategies (schedules of phases), frozen-prefix features and
+numeric precision."""

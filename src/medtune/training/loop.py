@@ -16,7 +16,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from medtune.results.metrics import balanced_accuracy
 from medtune.training.precision import (Stepper, autocast_dtype, compile_pays, cpu_lanes, in_lanes,  # noqa: F401
                                inference_batch_size, prepare_model, resolve_device, set_seed)
 from medtune.models.probe import fit_linear_probe, load_into
-from medtune.training.strategies import Strategy, is_norm
+from medtune.training.strategies import Phase, Strategy, is_norm
 
 TrainSettings = TrainConfig  # the one definition of every training hyperparameter
 
@@ -52,6 +52,74 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
                settings: TrainSettings, rt: Runtime, seed: int = 0) -> Iterator[dict]:
     """`fit`, pausing after each evaluated epoch: yields that epoch's history row, returns the
     FitResult. Successive halving (grid/select.py) advances several of these a few epochs at a time."""
+    run = start_fit(model, table, train_idx, val_idx, strategy, settings, rt, seed)
+    bn = settings.bn_statistics
+    phases = strategy.phases(settings.epochs)
+    for p, phase in enumerate(phases):
+        bn = phase.bn or settings.bn_statistics
+        chain = unit_chain(model, phase.unit)
+        bad_epochs, probed = 0, False
+        for e in range(phase.epochs):
+            epoch = len(run.history)
+            scale = epoch_scales(run, chain, phase, e)
+            frozen = frozenset(n for n, s in scale.items() if s == 0)
+            # a frozen block whose BatchNorm follows the batch (update_all) is no pure function of the image
+            cut = run.fwd.cut(frozen, settings.cache and bn != "update_all")
+            probe = bn != "update_all" and run.fwd.cut(frozen, True) == POOLED
+            if probe and probed:  # the probe is fitted once per phase, not once per epoch
+                continue
+            probed = probed or probe
+            choose_inputs(run, phases, p, cut, probe)
+            if probe:  # only the classifier trains: fit it to convergence, once for the phase
+                fit_probe(model, run.inputs, table, train_idx, val_idx, settings, seed, run.history)
+                run.trained |= classifier_param_names(model)
+            else:
+                train_epoch(run, phase, e, epoch, scale, bn)
+            val_loss = validate_epoch(run, chain, scale, bn, probe)
+            if len(val_idx) and val_loss < run.best[0] - 1e-6:
+                run.best, bad_epochs = (val_loss, epoch, copy.deepcopy(model.state_dict())), 0
+            else:
+                bad_epochs += 1
+            yield run.history[-1]
+            if p == len(phases) - 1 and len(val_idx) and bad_epochs >= settings.patience:
+                break  # early stopping only inside the last phase: an LP phase must not end the run
+    return finish_fit(run, bn)
+
+
+@dataclass
+class Fitting:
+    """One fit in progress: what `start_fit` set up once, and what the epochs accumulate."""
+
+    model: nn.Module
+    table: ImageTable
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    strategy: Strategy
+    settings: TrainSettings
+    rt: Runtime
+    t0: float
+    gen: torch.Generator  # the epochs' order and the views' augmentation draw from it, in that order
+    hits_before: int
+    fwd: Forward
+    compiled: bool
+    rest: Callable  # fwd.rest, compiled where it pays
+    groups: list[dict]  # the optimizer's per-tensor groups
+    may_train: set[str]  # the tensors the strategy lets train at all
+    start_state: dict[str, torch.Tensor]  # the pretrained tensors (L2-SP's reference)
+    y_all: torch.Tensor
+    weight: torch.Tensor | None  # class weights of the loss
+    steps: int  # per epoch
+    stepper: Stepper
+    history: list[dict] = field(default_factory=list)
+    best: tuple = (math.inf, -1, None)  # validation loss, epoch, state dict
+    trained: set[str] = field(default_factory=set)  # tensors that received a gradient (or were probed)
+    first_loss: float | None = None
+    inputs: Inputs | None = None
+
+
+def start_fit(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_idx: np.ndarray, strategy: Strategy,
+              settings: TrainSettings, rt: Runtime, seed: int) -> Fitting:
+    """Seed, adapt the model to the strategy, prepare it for the device, build the optimizer."""
     t0 = time.perf_counter()
     set_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -69,93 +137,111 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
     weight = (class_weights(table.labels[train_idx], table.num_classes).to(rt.device)
               if class_weight_mode(settings) else None)
     steps = max(1, math.ceil(len(train_idx) / settings.batch_size))
-    stepper = Stepper(optimizer, rt.amp_dtype)
-    history, best, trained, first_loss, bn, inputs = [], (math.inf, -1, None), set(), None, settings.bn_statistics, None
-    phases = strategy.phases(settings.epochs)
-    for p, phase in enumerate(phases):
-        bn = phase.bn or settings.bn_statistics
-        chain = unit_chain(model, phase.unit)
-        bad_epochs, probed = 0, False
-        for e in range(phase.epochs):
-            epoch = len(history)
-            scale = {n: s if n in may_train else 0.0 for n, s in unit_scales(chain, phase.scales(e, chain), strategy).items()}
-            frozen = frozenset(n for n, s in scale.items() if s == 0)
-            for g in groups:
-                g["params"][0].requires_grad_(scale[g["name"]] > 0)
-            # a frozen block whose BatchNorm follows the batch (update_all) is no pure function of the image
-            cut = fwd.cut(frozen, settings.cache and bn != "update_all")
-            probe = bn != "update_all" and fwd.cut(frozen, True) == POOLED
-            if probe and probed:  # the probe is fitted once per phase, not once per epoch
-                continue
-            probed = probed or probe
-            if probe and phase.refresh_bn and any((q.bn or settings.bn_statistics) == "update"
-                                                  for q in phases[p + 1:] if q.epochs):
-                refresh_bn_statistics(model, Inputs(table, fwd, 0, settings, rt), train_idx, settings.batch_size)
-                # the pooled features under statistics of these training images: cached under their own key,
-                # shared by the candidates of a learning-rate choice (the refresh is deterministic)
-                refreshed = hashlib.sha1(np.asarray(train_idx, np.int64).tobytes()).hexdigest()[:16]
-                inputs = Inputs(table, fwd, POOLED, settings, dataclasses.replace(
-                    rt, model_key=(*rt.model_key, "bn refreshed on", refreshed, settings.batch_size)))
-            elif inputs is None or inputs.cut != (POOLED if probe else cut):
-                inputs = Inputs(table, fwd, POOLED if probe else cut, settings, rt)
-            if probe:  # only the classifier trains: fit it to convergence, once for the phase
-                fit_probe(model, inputs, table, train_idx, val_idx, settings, seed, history)
-                trained |= classifier_param_names(model)
-            else:
-                set_train_mode(model, bn)
-                order = train_idx[epoch_order(table.labels[train_idx], gen)]
-                running, seen = 0.0, 0
-                for step in range(steps):
-                    idx = order[step * settings.batch_size:(step + 1) * settings.batch_size]
-                    if len(idx) < 2 and step > 0:  # a trailing batch of one breaks BatchNorm; skip it
-                        continue
-                    x, y = inputs.batch(idx, train=True, gen=gen), y_all[torch.as_tensor(idx, device=rt.device)]
-                    with inputs.autocast():
-                        loss = F.cross_entropy(rest(x, inputs.cut).float(), y, weight=weight)
-                        total_loss = loss + strategy.penalty(model, start_state)
-                    value = float(total_loss.detach())
-                    first_loss = value if first_loss is None else first_loss
-                    if not math.isfinite(value) or value > 100 * max(first_loss, 1.0):  # NaN, inf or 100x the start
-                        raise TrainingError(f"the loss diverged to {value:.4g} at epoch {epoch}, step {step} (it started "
-                                            f"at {first_loss:.4g}; {rate(settings.lr, scale)}). Lower train.lr or keep "
-                                            "train.grad_clip on.")
-                    stepper.backward(total_loss)
-                    lr_t = settings.lr * cosine_lr(e * steps + step, phase.epochs * steps, int(settings.warmup_epochs * steps))
-                    for g in groups:
-                        g["lr"] = lr_t * scale[g["name"]]
-                    stepper.true_gradients()  # strategies and clipping see the true gradients
-                    strategy.after_backward(groups, step)
-                    trained |= {g["name"] for g in groups if g["params"][0].grad is not None}
-                    if settings.grad_clip:
-                        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], settings.grad_clip)
-                    stepper.step()
-                    running, seen = running + loss.item() * len(idx), seen + len(idx)
-                check_finite(groups, scale, epoch, rate(settings.lr, scale))
-                history.append({"epoch": epoch, "train_loss": running / max(seen, 1)})
-            val_loss, val_bacc = evaluate(fwd, inputs, table, val_idx, rt, weight)
-            history[-1].update({"val_loss": val_loss, "val_balanced_accuracy": val_bacc, "cut": inputs.cut, "bn": bn,
-                                "precision": str(inputs.dtype).removeprefix("torch.") if inputs.dtype else "float32",
-                                "compiled": compiled and not probe,
-                                "trainable_blocks": sum(1 for b in chain if any(scale[n] > 0 for n in b.param_names))})
-            if len(val_idx) and val_loss < best[0] - 1e-6:
-                best, bad_epochs = (val_loss, epoch, copy.deepcopy(model.state_dict())), 0
-            else:
-                bad_epochs += 1
-            yield history[-1]
-            if p == len(phases) - 1 and len(val_idx) and bad_epochs >= settings.patience:
-                break  # early stopping only inside the last phase: an LP phase must not end the run
-    if best[2] is not None:
-        model.load_state_dict(best[2])
+    return Fitting(model, table, train_idx, val_idx, strategy, settings, rt, t0, gen, hits_before, fwd, compiled,
+                   rest, groups, may_train, start_state, y_all, weight, steps, Stepper(optimizer, rt.amp_dtype))
+
+
+def epoch_scales(run: Fitting, chain, phase: Phase, e: int) -> dict[str, float]:
+    """Each tensor's learning-rate scale in epoch `e` of the phase (0 for a tensor the strategy never
+    lets train); a tensor at 0 stops requiring a gradient."""
+    scales = unit_scales(chain, phase.scales(e, chain), run.strategy)
+    scale = {n: s if n in run.may_train else 0.0 for n, s in scales.items()}
+    for g in run.groups:
+        g["params"][0].requires_grad_(scale[g["name"]] > 0)
+    return scale
+
+
+def choose_inputs(run: Fitting, phases: list[Phase], p: int, cut: int, probe: bool) -> None:
+    """The epoch's inputs: the pooled features for a probe (under BatchNorm statistics refreshed on
+    the training images when phase `p` asks and a later phase normalises with batch statistics), else
+    the output of the frozen prefix up to `cut`; kept from the last epoch when that is the same."""
+    settings, table, train_idx = run.settings, run.table, run.train_idx
+    if probe and phases[p].refresh_bn and any((q.bn or settings.bn_statistics) == "update"
+                                              for q in phases[p + 1:] if q.epochs):
+        refresh_bn_statistics(run.model, Inputs(table, run.fwd, 0, settings, run.rt), train_idx, settings.batch_size)
+        # the pooled features under statistics of these training images: cached under their own key,
+        # shared by the candidates of a learning-rate choice (the refresh is deterministic)
+        refreshed = hashlib.sha1(np.asarray(train_idx, np.int64).tobytes()).hexdigest()[:16]
+        run.inputs = Inputs(table, run.fwd, POOLED, settings, dataclasses.replace(
+            run.rt, model_key=(*run.rt.model_key, "bn refreshed on", refreshed, settings.batch_size)))
+    elif run.inputs is None or run.inputs.cut != (POOLED if probe else cut):
+        run.inputs = Inputs(table, run.fwd, POOLED if probe else cut, settings, run.rt)
+
+
+def train_epoch(run: Fitting, phase: Phase, e: int, epoch: int, scale: dict[str, float], bn: str) -> None:
+    """One epoch of AdamW steps over the training images in a seeded order (a trailing batch of one
+    left out); appends the epoch's history row with its mean training loss."""
+    set_train_mode(run.model, bn)
+    order = run.train_idx[epoch_order(run.table.labels[run.train_idx], run.gen)]
+    running, seen = 0.0, 0
+    for step in range(run.steps):
+        idx = order[step * run.settings.batch_size:(step + 1) * run.settings.batch_size]
+        if len(idx) < 2 and step > 0:  # a trailing batch of one breaks BatchNorm; skip it
+            continue
+        loss = train_step(run, idx, phase, e, epoch, step, scale)
+        running, seen = running + loss.item() * len(idx), seen + len(idx)
+    check_finite(run.groups, scale, epoch, rate(run.settings.lr, scale))
+    run.history.append({"epoch": epoch, "train_loss": running / max(seen, 1)})
+
+
+def train_step(run: Fitting, idx: np.ndarray, phase: Phase, e: int, epoch: int, step: int,
+               scale: dict[str, float]) -> torch.Tensor:
+    """One minibatch: the loss (plus the strategy's penalty), a divergence check, the backward pass,
+    the scheduled per-tensor rates, the strategy's gradient hook, clipping and the AdamW step.
+    Returns the cross-entropy loss."""
+    settings, groups, inputs, steps = run.settings, run.groups, run.inputs, run.steps
+    x, y = inputs.batch(idx, train=True, gen=run.gen), run.y_all[torch.as_tensor(idx, device=run.rt.device)]
+    with inputs.autocast():
+        loss = F.cross_entropy(run.rest(x, inputs.cut).float(), y, weight=run.weight)
+        total_loss = loss + run.strategy.penalty(run.model, run.start_state)
+    value = float(total_loss.detach())
+    run.first_loss = value if run.first_loss is None else run.first_loss
+    if not math.isfinite(value) or value > 100 * max(run.first_loss, 1.0):  # NaN, inf or 100x the start
+        raise TrainingError(f"the loss diverged to {value:.4g} at epoch {epoch}, step {step} (it started "
+                            f"at {run.first_loss:.4g}; {rate(settings.lr, scale)}). Lower train.lr or keep "
+                            "train.grad_clip on.")
+    run.stepper.backward(total_loss)
+    lr_t = settings.lr * cosine_lr(e * steps + step, phase.epochs * steps, int(settings.warmup_epochs * steps))
+    for g in groups:
+        g["lr"] = lr_t * scale[g["name"]]
+    run.stepper.true_gradients()  # strategies and clipping see the true gradients
+    run.strategy.after_backward(groups, step)
+    run.trained |= {g["name"] for g in groups if g["params"][0].grad is not None}
+    if settings.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.grad is not None], settings.grad_clip)
+    run.stepper.step()
+    return loss
+
+
+def validate_epoch(run: Fitting, chain, scale: dict[str, float], bn: str, probe: bool) -> float:
+    """The validation loss and balanced accuracy of the epoch just trained, with how it was trained,
+    added to its history row; returns the validation loss."""
+    inputs = run.inputs
+    val_loss, val_bacc = evaluate(run.fwd, inputs, run.table, run.val_idx, run.rt, run.weight)
+    run.history[-1].update({"val_loss": val_loss, "val_balanced_accuracy": val_bacc, "cut": inputs.cut, "bn": bn,
+                            "precision": str(inputs.dtype).removeprefix("torch.") if inputs.dtype else "float32",
+                            "compiled": run.compiled and not probe,
+                            "trainable_blocks": sum(1 for b in chain if any(scale[n] > 0 for n in b.param_names))})
+    return val_loss
+
+
+def finish_fit(run: Fitting, bn: str) -> "FitResult":
+    """The best epoch's weights (the last epoch's without a validation split), in eval mode, with an
+    adapter merged back into plain weights."""
+    model, settings, table, trained, fwd = run.model, run.settings, run.table, run.trained, run.fwd
+    if run.best[2] is not None:
+        model.load_state_dict(run.best[2])
     model.eval()
     sizes = {n: q.numel() for n, q in model.named_parameters()}
     fraction = sum(sizes[n] for n in trained) / sum(sizes.values())  # of the adapted model's parameters
-    changed = strategy.merge(model)  # an adapter folded into plain weights: a plain timm model again
+    changed = run.strategy.merge(model)  # an adapter folded into plain weights: a plain timm model again
     if changed:
         trained = (trained & {n for n, _ in model.named_parameters()}) | changed
         fwd = Forward(model, feature_chain(model, image_size=min(64, table.image_size)) if settings.cache else None)
     names = {n for n, _ in model.named_parameters()}
-    return FitResult(model, history, best[1], time.perf_counter() - t0, fwd, settings, rt,
-                     frozenset(names - trained), fraction, (rt.cache.hits if rt.cache else 0) - hits_before, bn)
+    return FitResult(model, run.history, run.best[1], time.perf_counter() - run.t0, fwd, settings, run.rt,
+                     frozenset(names - trained), fraction,
+                     (run.rt.cache.hits if run.rt.cache else 0) - run.hits_before, bn)
 
 
 @dataclass
@@ -170,7 +256,8 @@ class FitResult:
     forward: Forward
     settings: TrainSettings
     rt: Runtime
-    never_trained: frozenset[str]  # bit-identical to the start weights (and their BatchNorm statistics unless update_all)
+    # bit-identical to the start weights (and their BatchNorm statistics unless update_all)
+    never_trained: frozenset[str]
     trainable_fraction: float  # share of the parameters (by count) that received a gradient
     cache_hits: int = 0  # frozen-prefix outputs this fit found in the cache (computed by an earlier fit)
     bn_statistics: str = "update"  # as applied in the last phase
@@ -179,8 +266,8 @@ class FitResult:
     def inputs(self, table: ImageTable) -> Inputs:
         key = table.fingerprint()
         if key not in self._inputs:
-            self._inputs = {key: Inputs(table, self.forward, self.forward.cut(
-                self.never_trained, self.settings.cache and self.bn_statistics != "update_all"), self.settings, self.rt)}
+            cut = self.forward.cut(self.never_trained, self.settings.cache and self.bn_statistics != "update_all")
+            self._inputs = {key: Inputs(table, self.forward, cut, self.settings, self.rt)}
         return self._inputs[key]
 
     def predict_proba(self, table: ImageTable, idx: np.ndarray) -> np.ndarray:
@@ -325,7 +412,8 @@ def evaluate(fwd: Forward, inputs: Inputs, table: ImageTable, idx: np.ndarray, r
     probs = predict_proba(fwd, inputs, idx, rt)
     y = table.labels[idx]
     p = torch.as_tensor(probs)
-    loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), torch.as_tensor(y), weight=None if weight is None else weight.cpu())
+    loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), torch.as_tensor(y),
+                      weight=None if weight is None else weight.cpu())
     return float(loss), balanced_accuracy(y, probs)
 
 

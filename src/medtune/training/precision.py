@@ -23,7 +23,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device {device!r} was asked for, but CUDA is not available here; use `device: auto` or `cpu`.")
+        raise TrainingError(f"device {device!r} was asked for, but CUDA is not available here; "
+                            "use `device: auto` or `cpu`.")
     return torch.device(device)
 
 
