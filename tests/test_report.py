@@ -328,19 +328,6 @@ def test_reliability_diagram_of_a_large_grid_shows_the_headline_and_the_test_fol
     assert len(figure_labels(4)[0]) == 5
 
 
-def test_no_function_of_the_report_is_over_80_lines():
-    """Issue #39: the page and the model card read as a table of contents of small section functions."""
-    import ast
-
-    import medtune.report
-
-    long = [(p.name, n.name, n.end_lineno - n.lineno + 1)
-            for p in sorted(Path(medtune.report.__file__).parent.glob("*.py"))
-            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-            if n.end_lineno - n.lineno + 1 > 80]
-    assert not long
-
-
 def test_a_section_that_does_not_apply_is_left_out_of_the_page(tmp_path):
     """One data set, no racing, no external set, subgroups, operating points or saved model: those
     sections give "" (build_report joins what each section returns), and add nothing to results.md."""
