@@ -155,7 +155,8 @@ def main() -> None:
             rows["break_even_steps_warm"] = rows["compile_overhead_warm_s"] / saving if saving > 0 else None
             if e["gflop_per_image"] is not None:
                 gflop = e["gflop_per_image"] * args.batch
-                rows["fraction_of_bf16_peak"] = {"eager": gflop / e["step_s"] / peak, "compiled": gflop / w["step_s"] / peak}
+                rows["fraction_of_bf16_peak"] = {"eager": gflop / e["step_s"] / peak,
+                                                 "compiled": gflop / w["step_s"] / peak}
             else:
                 rows["fraction_of_bf16_peak"] = None
         rows.update({"bf16_matmul_peak_gflops": peak, "measured_at": time.strftime("%Y-%m-%d %H:%M")})

@@ -33,8 +33,8 @@ METRICS = ["balanced_accuracy", "sensitivity", "specificity", "auc"]
 
 def run(extra: list[str]) -> dict:
     store = str(Path(tempfile.mkdtemp()) / "demo.sqlite")
-    cmd = [sys.executable, "-m", "medtune", "run", str(ROOT.parent / "configs" / "demo.yaml"), "--set", f"store={store}",
-           *extra]
+    cmd = [sys.executable, "-m", "medtune", "run", str(ROOT.parent / "configs" / "demo.yaml"),
+           "--set", f"store={store}", *extra]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -44,7 +44,8 @@ def run(extra: list[str]) -> dict:
     for strategy, rows in m.groupby("strategy"):
         per[strategy] = {"seconds": round(float(rows["seconds"].sum()), 1),
                          **{k: f"{rows[k].mean():.3f}±{rows[k].std(ddof=1):.3f}" for k in METRICS},
-                         "balanced_accuracy_folds": [round(float(v), 3) for v in rows.sort_values("fold")["balanced_accuracy"]]}
+                         "balanced_accuracy_folds": [round(float(v), 3)
+                                                     for v in rows.sort_values("fold")["balanced_accuracy"]]}
     return {"command": " ".join(["medtune", "run", "configs/demo.yaml", *extra]), "wall_seconds": round(wall, 1),
             "cell_seconds": round(float(m["seconds"].sum()), 1), "strategies": per}
 
@@ -70,8 +71,8 @@ def main() -> None:
     rank = lambda key: sorted(same, key=lambda k: -same[k][key])  # noqa: E731
     result["same_table"] = {"strategies": same, "same_ranking": rank("shipped") == rank("baseline")}
     print(json.dumps(result["same_table"], indent=1))
-    print(f"demo: baseline {base['wall_seconds']:.0f} s / shipped {fast['wall_seconds']:.0f} s = {result['wall_ratio']}x "
-          f"(cells only {result['cell_ratio']}x)")
+    print(f"demo: baseline {base['wall_seconds']:.0f} s / shipped {fast['wall_seconds']:.0f} s = "
+          f"{result['wall_ratio']}x (cells only {result['cell_ratio']}x)")
     out = ROOT / "results" / "demo_speed.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

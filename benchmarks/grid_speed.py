@@ -172,7 +172,8 @@ def ref_train(model, loader, epochs, lr, val_loader, weight=None, best=None, pen
                             weight_decay=0.0 if penalty else 1e-4)
     warmup, total = len(loader), epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup))))
+        opt, lambda t: ((t + 1) / warmup if t < warmup
+                        else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))))
     best = best or [float("inf"), None]
     for _ in range(epochs):
         freeze_bn(model)
@@ -338,8 +339,9 @@ def main() -> None:
     ours["peak_rss_gb"] = peak_rss_gb()
     print(json.dumps(ours, indent=1), flush=True)
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "size": size, "folds": folds,
-              "epochs": args.epochs, "views": args.views, "every": args.every, "reference_recipe": REFERENCE_RECIPE, "medtune": ours, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+              "epochs": args.epochs, "views": args.views, "every": args.every, "reference_recipe": REFERENCE_RECIPE,
+              "medtune": ours, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "measured_at": time.strftime("%Y-%m-%d %H:%M")}
     suffix = ("_quick" if args.quick else "") + (f"_every{args.every}" if args.every > 1 else "")
     out = ROOT / "results" / f"grid_speed{suffix}.json"
     previous = json.loads(out.read_text()) if args.reuse_reference and out.is_file() else {}
@@ -360,8 +362,10 @@ def main() -> None:
         for k in KINDS:
             a, b = ours["kinds"][k], ref["kinds"][k]
             ratio = b["seconds"] / max(a["seconds_with_overhead"], 1e-9)
-            agree = abs(a["balanced_accuracy"] - b["balanced_accuracy"]) <= max(a["balanced_accuracy_sd"], b["balanced_accuracy_sd"])
-            rows.append({"kind": k, "medtune_s": round(float(a["seconds_with_overhead"]), 1), "reference_s": round(b["seconds"], 1),
+            agree = (abs(a["balanced_accuracy"] - b["balanced_accuracy"])
+                     <= max(a["balanced_accuracy_sd"], b["balanced_accuracy_sd"]))
+            rows.append({"kind": k, "medtune_s": round(float(a["seconds_with_overhead"]), 1),
+                         "reference_s": round(b["seconds"], 1),
                          "ratio": round(float(ratio), 1), "bacc_medtune": round(a["balanced_accuracy"], 3),
                          "bacc_reference": round(b["balanced_accuracy"], 3), "agree_within_sd": bool(agree)})
         result["table"] = rows

@@ -2,10 +2,10 @@
 
     python benchmarks/imbalance_synthetic.py [--size 96] [--patients 60] [--folds 3] [--epochs 6]
 
-Two classes of `medtune.data.synthetic` (benign : malignant = 5 : 1, patients kept whole), written as
-PNG files with patient ids, EfficientNet-Lite0 (embedded ImageNet weights), patient-grouped
-folds. Prints balanced accuracy per strategy and setting and writes
-benchmarks/results/imbalance_synthetic.{md,json}. Decided `train.class_weight: balanced` = class-weighted loss (see SETTINGS).
+Two classes of `medtune.data.synthetic` (benign : malignant = 5 : 1, patients kept whole), written as PNG
+files with patient ids, EfficientNet-Lite0 (embedded ImageNet weights), patient-grouped folds. Prints balanced
+accuracy per strategy and setting and writes benchmarks/results/imbalance_synthetic.{md,json}. Decided
+`train.class_weight: balanced` = class-weighted loss (see SETTINGS).
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def fit(rows: list[dict]) -> dict[str, list[float]]:
     cost = {}
     for key in sorted({r["strategy"] for r in rows}):
         mine = [r for r in rows if r["strategy"] == key]
-        cost[key] = [0.0, round(sum(r["seconds"] for r in mine) / sum(r["n_train"] * r["work_epochs"] for r in mine), 5)]
+        cost[key] = [0.0, round(sum(r["seconds"] for r in mine)
+                                / sum(r["n_train"] * r["work_epochs"] for r in mine), 5)]
     return cost
 
 

@@ -40,7 +40,8 @@ def table(store: Path) -> pd.DataFrame:
     rows = []
     for label, g in m.groupby("strategy_label", sort=False):
         rows.append({"strategy": label, "cells": len(g), "trainable %": 100 * g.trainable_fraction.mean(),
-                     "balanced_accuracy": g.balanced_accuracy.mean(), "balanced_accuracy_sd": g.balanced_accuracy.std(ddof=1),
+                     "balanced_accuracy": g.balanced_accuracy.mean(),
+                     "balanced_accuracy_sd": g.balanced_accuracy.std(ddof=1),
                      "auc": g.auc.mean(), "auc_sd": g.auc.std(ddof=1), "seconds": g.seconds.sum()})
     out = pd.DataFrame(rows)
     full = out.loc[out.strategy == "full_ft", "auc"]
@@ -58,7 +59,8 @@ def main() -> None:
     suffix = f"_every{args.every}" if args.every > 1 else ""
     data = every_nth(args.data, args.every) if args.every > 1 else args.data
     store = ROOT / "results" / f"peft_busi{suffix}.sqlite"
-    raw = {"name": "peft_busi", "datasets": [{"name": "busi", "path": data, "positive": "malignant", "duplicates": "group"}],
+    raw = {"name": "peft_busi",
+           "datasets": [{"name": "busi", "path": data, "positive": "malignant", "duplicates": "group"}],
            "backbones": [{"name": "efficientnet_lite0", "image_size": 224}], "strategies": STRATEGIES,
            "heads": ["softmax"], "folds": 5, "seeds": [0], "store": str(store), "keep_best": False,
            "train": {"epochs": args.epochs, "batch_size": 32, "lr": args.lr, "patience": 3}}
@@ -73,14 +75,15 @@ def main() -> None:
         "AUC": [f"{a:.3f} ± {s:.3f}" for a, s in zip(t.auc, t.auc_sd)],
         "AUC / full_ft": t["auc / full_ft"].map(lambda v: f"{100 * v:.0f}%"),
         "train s (5 folds)": t.seconds.map(lambda v: f"{v:.0f}")})
-    md = [f"# LoRA and SSF against the depth strategies on BUSI (EfficientNet-Lite0, 224 px, 5 folds{f', every {args.every}th image' if args.every > 1 else ''})",
+    md = ["# LoRA and SSF against the depth strategies on BUSI (EfficientNet-Lite0, 224 px, 5 folds"
+          f"{f', every {args.every}th image' if args.every > 1 else ''})",
           "", f"Command: `{command}`  ",
           f"Measured {time.strftime('%Y-%m-%d %H:%M')}, 2 CPU cores; wall clock {wall:.0f} s for {summary.total} cells "
-          f"({summary.done} run now, {summary.skipped} resumed, {summary.failed} failed). Every strategy: {args.epochs} "
-          f"epochs, lr {args.lr:g} (one rate for all: no choice), batch 32, 4 augmentation views, class_weight balanced, "
-          "BatchNorm rule `update`, early stopping on the inner validation split. Trainable params: the share of the "
-          "(adapted) model's parameters that received a gradient, the new 3-class head included. Mean ± sd over folds; "
-          "positive class malignant.", "",
+          f"({summary.done} run now, {summary.skipped} resumed, {summary.failed} failed). Every strategy: "
+          f"{args.epochs} epochs, lr {args.lr:g} (one rate for all: no choice), batch 32, 4 augmentation views, "
+          "class_weight balanced, BatchNorm rule `update`, early stopping on the inner validation split. Trainable "
+          "params: the share of the (adapted) model's parameters that received a gradient, the new 3-class head "
+          "included. Mean ± sd over folds; positive class malignant.", "",
           to_markdown(shown.set_index("strategy"), "strategy")]
     write_results(f"peft_busi{suffix}", md, summary.collapsed,
                   {"command": command, "wall_seconds": wall, "rows": t.to_dict(orient="records")})

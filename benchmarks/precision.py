@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.models.backbones import create_backbone
-from medtune.training.precision import FP32_DEPTHWISE_MAX_SIDE, cpu_lanes, depthwise_in_fp32, in_lanes, slow_bf16_depthwise
+from medtune.training.precision import (FP32_DEPTHWISE_MAX_SIDE, cpu_lanes, depthwise_in_fp32, in_lanes,
+                                        slow_bf16_depthwise)
 
 ROOT = Path(__file__).resolve().parent
 CL = torch.channels_last
@@ -74,7 +75,8 @@ def inference_lanes(size: int = 224, n: int = 320, batch: int = 16) -> dict:
 
     lanes = cpu_lanes(torch.device("cpu"))
     out = {"threads": torch.get_num_threads(), "lanes": lanes}
-    for name, run in (("intra_op", lambda: [one(x) for x in batches]), ("lanes", lambda: in_lanes(one, batches, lanes))):
+    for name, run in (("intra_op", lambda: [one(x) for x in batches]),
+                      ("lanes", lambda: in_lanes(one, batches, lanes))):
         run()  # warm-up
         t0 = time.perf_counter()
         run()
@@ -173,10 +175,11 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}")
         return
-    result = {"command": "python benchmarks/precision.py", "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+    result = {"command": "python benchmarks/precision.py", "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "measured_at": time.strftime("%Y-%m-%d %H:%M")}
     print("EfficientNet-Lite0 forward_features @224, bf16, img/s by batch size", flush=True)
-    result["inference_img_per_s_by_batch"] = inference_batches(create_backbone("efficientnet_lite0", num_classes=3), 224)
+    result["inference_img_per_s_by_batch"] = inference_batches(
+        create_backbone("efficientnet_lite0", num_classes=3), 224)
     print("EfficientNet-Lite0 depthwise convolutions @224, fwd + bwd ms, batch 32", flush=True)
     result["depthwise_fwd_bwd_ms_batch32"] = depthwise_layers()
     result["train_step_ms_batch32"] = {}

@@ -55,8 +55,9 @@ from medtune.results.store import Store
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+# (benchmarks/ is not a package)
 from grid_speed import (REFERENCE_RECIPE, Images, balanced_weight, every_nth, ref_model,  # noqa: E402
-                        ref_predict, ref_probe, ref_refresh_bn, ref_train, set_trainable)  # (benchmarks/ is not a package)
+                        ref_predict, ref_probe, ref_refresh_bn, ref_train, set_trainable)
 
 LRS = [3e-4, 1e-3, 3e-3]
 
@@ -262,7 +263,8 @@ def main() -> None:
             continue
         print(f"({way}) {data} @ {args.size}px, {args.folds} folds, {args.epochs} epochs, lr choose {LRS}", flush=True)
         clock = WallClock(keep / "wall.json", way)
-        result[way] = measure(grid(data, args.size, args.folds, args.epochs, str(keep / f"{way}.sqlite"), racing), clock)
+        result[way] = measure(
+            grid(data, args.size, args.folds, args.epochs, str(keep / f"{way}.sqlite"), racing), clock)
         partial_path.write_text(json.dumps(result, indent=1))
         r = result[way]
         print(f"  {r['cell_seconds']:.0f} cell-seconds, {r['wall_seconds']:.0f} s wall over {r['invocations']} "
@@ -271,7 +273,8 @@ def main() -> None:
     if "a" in ways:
         print("(a) the hand-written loop over every strategy x rate x fold", flush=True)
         clock = WallClock(keep / "wall.json", "a_reference")
-        result["a_reference"] = reference(data, args.size, args.folds, args.epochs, keep / "reference_rows.jsonl", clock)
+        result["a_reference"] = reference(data, args.size, args.folds, args.epochs,
+                                          keep / "reference_rows.jsonl", clock)
         partial_path.write_text(json.dumps(result, indent=1))
         a = result["a_reference"]
         print(f"  {a['cell_seconds']:.0f} cell-seconds, {a['wall_seconds']:.0f} s wall over {a['invocations']} "

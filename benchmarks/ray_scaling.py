@@ -76,7 +76,8 @@ def on_ray(workers: int, folder: Path) -> dict:
         warm = timed(grid(folder, f"ray{workers}w", 1, executor="ray", cpus_per_cell=1))
     finally:
         ray.shutdown()
-    return {"executor": "ray", "workers": workers, "threads": 1, "ray_init_s": round(t_init, 2), "cold": cold, "warm": warm}
+    return {"executor": "ray", "workers": workers, "threads": 1, "ray_init_s": round(t_init, 2),
+            "cold": cold, "warm": warm}
 
 
 def serial_parts(folder: Path) -> dict:
@@ -108,7 +109,8 @@ def serial_parts(folder: Path) -> dict:
         for i in range(reps):
             record(s, {**cell, "cell_id": f"x{i}"}, result, summary)
         t_write = (time.perf_counter() - t0) / reps
-    return {"prepare_s": round(t_prepare, 3), "ray_put_get_s": round(t_put, 4), "store_write_per_cell_ms": round(1000 * t_write, 2),
+    return {"prepare_s": round(t_prepare, 3), "ray_put_get_s": round(t_put, 4),
+            "store_write_per_cell_ms": round(1000 * t_write, 2),
             "n_images": len(data.table), "table_mb": round(data.table.images.numel() / 2**20, 2)}
 
 

@@ -96,7 +96,8 @@ def logreg_reference(cfg, size: int, folds: int, cache: Path) -> pd.DataFrame:
         test_idx = data.splits(folds, 0)[fold][1]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scores = {C: balanced_accuracy_score(y[val_idx], model(C).fit(feats[fit_idx], y[fit_idx]).predict(feats[val_idx]))
+            scores = {C: balanced_accuracy_score(y[val_idx],
+                                                 model(C).fit(feats[fit_idx], y[fit_idx]).predict(feats[val_idx]))
                       for C in LOGREG_C}
             best = max(scores, key=scores.get)
             both = np.concatenate([fit_idx, val_idx])
@@ -158,8 +159,8 @@ def main() -> None:
           f"{reference.C.tolist()}). Positive class for sensitivity/specificity/PPV/NPV: malignant. "
           "Mean ± sd over folds.", "",
           to_markdown(shown.drop(columns=["dataset", "backbone"]).set_index("strategy"), "strategy"), "",
-          "Learning rate chosen on each outer fold's inner split (results/diagnose.py; a pick at the same end of the list "
-          "in most folds means the best rate may lie outside it):", "",
+          "Learning rate chosen on each outer fold's inner split (results/diagnose.py; a pick at the same end of the "
+          "list in most folds means the best rate may lie outside it):", "",
           to_markdown(chosen.drop(columns=["dataset", "backbone", "try"]).set_index("strategy"), "strategy"), "",
           *[f"- {line}" for line in edges]]
     write_results(f"strategies_busi{suffix}", md, summary.collapsed,

@@ -36,7 +36,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def train_speed(model_name: str, size: int, batch: int, amp: bool, channels_last: bool, steps: int = 5) -> tuple[float, float]:
+def train_speed(model_name: str, size: int, batch: int, amp: bool, channels_last: bool,
+                steps: int = 5) -> tuple[float, float]:
     model = timm.create_model(model_name, pretrained=False, num_classes=3)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -79,7 +80,8 @@ def main() -> None:
         ips, fpi = train_speed(args.model, args.size, args.batch, amp, cl)
         achieved = ips * fpi / 1e9
         rows[label] = {"img_per_s": ips, "gflop_per_image": fpi / 1e9, "achieved_gflops": achieved,
-                       "fraction_of_bf16_peak": achieved / peak["bf16"], "fraction_of_fp32_peak": achieved / peak["fp32"]}
+                       "fraction_of_bf16_peak": achieved / peak["bf16"],
+                       "fraction_of_fp32_peak": achieved / peak["fp32"]}
     out = {"command": " ".join(["python", *sys.argv]), "model": args.model, "size": args.size, "batch": args.batch,
            "threads": torch.get_num_threads(), "matmul_peak_gflops": peak, "full_ft": rows, "torch": torch.__version__}
     print(json.dumps(out, indent=1))

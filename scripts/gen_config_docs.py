@@ -88,7 +88,8 @@ def type_name(ann) -> str:
         return "mapping"
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return f"[{section_name(ann)}](#{anchor(ann)})"
-    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(ann, getattr(ann, "__name__", str(ann)))
+    return {str: "string", int: "integer", float: "number", bool: "boolean"}.get(
+        ann, getattr(ann, "__name__", str(ann)))
 
 
 def default_text(field) -> str:
@@ -185,11 +186,14 @@ def render_strategies() -> str:
     from medtune.training.strategies import REGISTRY, Strategy
 
     lines = [HEADER.format(src="medtune.training.strategies.REGISTRY"), "# Strategy catalogue\n\n",
-             "A strategy is a schedule of learning-rate scales over the backbone's blocks (stem to head, "
-             "0 = frozen), plus at most a penalty and a gradient hook. Every key below works in YAML "
-             "(`strategies: [- {name: KEY, param: value}]`), on the command line (`medtune list strategies`), "
-             "in the store and in the report. A list value sweeps: `{name: partial_ft, blocks: [1, 2, 3]}` is "
-             "three strategies. The head is a separate axis (`heads: [softmax, svm, knn]`, `medtune list heads`: the network's classifier, a linear SVM or a cosine kNN vote on its pooled features; each head is one registered class in `models/heads.py`, and a feature head is saved with the deployed model as `head.joblib`).\n\n",
+             "A strategy is a schedule of learning-rate scales over the backbone's blocks (stem to head, 0 = frozen), "
+             "plus at most a penalty and a gradient hook. Every key below works in YAML "
+             "(`strategies: [- {name: KEY, param: value}]`), on the command line (`medtune list strategies`), in the "
+             "store and in the report. A list value sweeps: `{name: partial_ft, blocks: [1, 2, 3]}` is three "
+             "strategies. The head is a separate axis (`heads: [softmax, svm, knn]`, `medtune list heads`: the "
+             "network's classifier, a linear SVM or a cosine kNN vote on its pooled features; each head is one "
+             "registered class in `models/heads.py`, and a feature head is saved with the deployed model as "
+             "`head.joblib`).\n\n",
              "BatchNorm is a training setting shared by every strategy (`train.bn_statistics`, docs/config.md). "
              "`update` (the default, PyTorch's): a trained block's BatchNorm normalises with batch statistics. "
              "`keep` (the Keras fine-tuning recipe): every BatchNorm keeps its pretrained running statistics while "
@@ -218,7 +222,8 @@ def render_strategies() -> str:
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         lines.append(f"## {name}\n\n{cls.summary}\n\n*Source:* {cls.citation}.\n\n")
-        doc = cls.__doc__ if cls.__doc__ and cls.__doc__ != Strategy.__doc__ and "(" not in cls.__doc__[:len(cls.__name__) + 1] else ""
+        doc = (cls.__doc__ if cls.__doc__ and cls.__doc__ != Strategy.__doc__
+               and "(" not in cls.__doc__[:len(cls.__name__) + 1] else "")
         if doc:
             lines.append(textwrap.fill(" ".join(inspect.cleandoc(doc).split()), 100) + "\n\n")
         params = [(f.name, f.default) for f in dataclasses.fields(cls)]

@@ -144,8 +144,9 @@ def pytest_runtest_makereport(item, call):
         if not skip_is_allowed(reason):
             rep.outcome = "failed"
             rep.longrepr = (f"unexpected skip under CI/MEDTUNE_STRICT_SKIPS: {reason}\n"
-                            f"Only a skip naming an optional extra outside `dev` ({', '.join(sorted(OPTIONAL_EXTRAS))}) "
-                            "as medtune[extra] is allowed; install what is missing (make setup-dev).")
+                            "Only a skip naming an optional extra outside `dev` "
+                            f"({', '.join(sorted(OPTIONAL_EXTRAS))}) as medtune[extra] is allowed; install what is "
+                            "missing (make setup-dev).")
 
 
 @pytest.fixture(scope="session")
@@ -157,7 +158,8 @@ def smoke_raw(tmp_path, **train) -> dict:
     """The smoke grid as a dict, with its store under tmp_path."""
     return {
         "name": "t",
-        "datasets": [{"name": "syn", "source": "synthetic", "options": {"n_patients": 12, "images_per_patient": 2, "seed": 0}}],
+        "datasets": [{"name": "syn", "source": "synthetic",
+                      "options": {"n_patients": 12, "images_per_patient": 2, "seed": 0}}],
         "backbones": [{"name": TINY, "pretrained": False, "image_size": 48}],
         "strategies": ["linear_probe", {"name": "partial_ft", "blocks": 1}, "full_ft"],
         "folds": 2,

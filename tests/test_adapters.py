@@ -86,7 +86,8 @@ def test_ssf_on_batchnorm_in_train_mode_is_a_scale_and_shift_of_its_output():
     beta = bn.parametrizations.bias[0].ssf_shift
     assert gamma is bn.parametrizations.bias[0].ssf_scale  # one scale for weight and bias
     x = torch.randn(8, w.numel(), 4, 4)
-    expected = F.batch_norm(x, None, None, w, b, training=True, eps=bn.eps) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+    expected = (F.batch_norm(x, None, None, w, b, training=True, eps=bn.eps) * gamma.view(1, -1, 1, 1)
+                + beta.view(1, -1, 1, 1))
     torch.testing.assert_close(bn(x), bn.act(expected))
 
 
@@ -102,7 +103,8 @@ def test_list_depths_states_the_parameter_share_of_each_peft_strategy():
     model = create_backbone(VIT, pretrained=False, num_classes=2)
     head = sum(p.numel() for p in model.get_classifier().parameters())
     assert rows["lora"]["trainable_params"] == len(model.blocks) * 8 * (192 + 576) + head
-    assert depth(create_strategy("lora", rank=4), model)["trainable_params"] == len(model.blocks) * 4 * (192 + 576) + head
+    assert (depth(create_strategy("lora", rank=4), model)["trainable_params"]
+            == len(model.blocks) * 4 * (192 + 576) + head)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +198,8 @@ def test_lora_attention_targets_on_a_cnn_fail_when_the_config_loads_naming_the_b
 
     raw = {"datasets": [{"name": "d", "source": "synthetic"}], "backbones": [VIT, CONVNEXT],
            "strategies": [{"name": "lora", "targets": ["conv", "attention"]}]}
-    with pytest.raises(ConfigError, match=rf"backbone '{CONVNEXT}': lora\(targets='attention'\) finds no layer.*targets='conv'"):
+    with pytest.raises(ConfigError,
+                       match=rf"backbone '{CONVNEXT}': lora\(targets='attention'\) finds no layer.*targets='conv'"):
         load_config(raw=raw)
     load_config(raw={**raw, "backbones": [VIT]})  # a transformer has both
     auto = {**raw, "strategies": ["linear_probe", {"name": "auto_depth", "candidates": [

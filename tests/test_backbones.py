@@ -31,14 +31,16 @@ def test_missing_hub_weights_are_an_error_not_random_init():
 
 
 @pytest.mark.parametrize("name,expected", [
-    ("resnet50", ["conv1+bn1"] + [f"layer{s}.{b}" for s, n in zip((1, 2, 3, 4), (3, 4, 6, 3)) for b in range(n)] + ["head"]),
+    ("resnet50",
+     ["conv1+bn1"] + [f"layer{s}.{b}" for s, n in zip((1, 2, 3, 4), (3, 4, 6, 3)) for b in range(n)] + ["head"]),
     ("efficientnet_lite0", None),
 ])
 def test_block_split_stem_to_head(name, expected):
     model = create_backbone(name, pretrained=False, num_classes=2)
     bl = blocks(model)
     assert bl[-1].name == "head"
-    assert set(bl[-1].param_names) == {n for n, _ in model.get_classifier().named_parameters(prefix=bl[-1].param_names[0].rsplit(".", 1)[0])}
+    assert set(bl[-1].param_names) == {
+        n for n, _ in model.get_classifier().named_parameters(prefix=bl[-1].param_names[0].rsplit(".", 1)[0])}
     names = [n for b in bl for n in b.param_names]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # every parameter, once
     if expected:

@@ -167,7 +167,8 @@ def test_manifest_missing_columns(tmp_path):
 
 def test_manifest_unknown_label(tmp_path):
     f = manifest(tmp_path, "path,label\nimg/a.png,benign\nimg/b.png,malignnat\n")
-    with pytest.raises(DataError, match=r"unknown label\(s\) \['malignnat'\]; the config's classes are \['benign', 'malignant'\]"):
+    with pytest.raises(DataError,
+                       match=r"unknown label\(s\) \['malignnat'\]; the config's classes are \['benign', 'malignant'\]"):
         load_manifest(f, 16, classes=["benign", "malignant"])
 
 
@@ -181,7 +182,8 @@ def test_manifest_path_escaping_folder(tmp_path):
     sub = tmp_path / "inner"
     f = manifest(sub, "path,label\nimg/a.png,benign\n../x.png,malignant\n")
     write_png(tmp_path / "x.png", 3)  # exists, but outside the manifest's folder
-    with pytest.raises(DataError, match=r"line 3: path '\.\./x\.png' points outside the manifest's folder .*\(refused\)"):
+    with pytest.raises(DataError,
+                       match=r"line 3: path '\.\./x\.png' points outside the manifest's folder .*\(refused\)"):
         load_manifest(f, 16)
 
 
@@ -210,7 +212,8 @@ def test_manifest_not_utf8(tmp_path):
 # --------------------------------------------------------------------------- folders and folds
 def test_class_smaller_than_folds(image_folder):
     table = load_folder(image_folder, 16)
-    with pytest.raises(DataError, match=r"data: class 'benign' has 6 images, fewer than the 10 folds asked for\. Use `folds: 6`"):
+    with pytest.raises(DataError,
+                       match=r"data: class 'benign' has 6 images, fewer than the 10 folds asked for\. Use `folds: 6`"):
         check_foldable(table.labels, table.groups, table.class_names, 10, "data")
     check_foldable(table.labels, table.groups, table.class_names, 6, "data")
 
@@ -241,7 +244,8 @@ def test_missing_data_folder(tmp_path):
 
 
 def test_group_pattern_not_matching(image_folder):
-    with pytest.raises(DataError, match=r"benign_0\.png: file name does not match group_pattern '\^P.*every file needs a patient id"):
+    with pytest.raises(DataError, match=r"benign_0\.png: file name does not match group_pattern '\^P.*"
+                                        r"every file needs a patient id"):
         load_folder(image_folder, 16, group_pattern=r"^P(\d+)")
 
 
@@ -270,13 +274,15 @@ def test_bad_set_override(tmp_path):
         load_config(cfg, ["train.epochs"])
     with pytest.raises(ConfigError, match=r"train\.epochs: Input should be a valid integer"):
         load_config(cfg, ["train.epochs=many"])
-    with pytest.raises(ConfigError, match=r"--set strategies\.5\.blocks: strategies has 1 entries; '5' is not an index"):
+    with pytest.raises(ConfigError,
+                       match=r"--set strategies\.5\.blocks: strategies has 1 entries; '5' is not an index"):
         load_config(cfg, ["strategies.5.blocks=2"])
 
 
 def test_bad_duplicates_value(tmp_path):
     cfg = tiny_config(tmp_path)
-    with pytest.raises(ConfigError, match=r"datasets\.0\.duplicates: Input should be 'group', 'error', 'drop' or 'ignore'"):
+    with pytest.raises(ConfigError,
+                       match=r"datasets\.0\.duplicates: Input should be 'group', 'error', 'drop' or 'ignore'"):
         load_config(cfg, ["datasets.0.duplicates=merge"])
 
 
@@ -354,7 +360,8 @@ def test_incompatible_store_schema(tmp_path):
     Store(path).close()
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
-    with pytest.raises(MedtuneError, match=rf"old\.sqlite was written by a medtune with store schema {SCHEMA_VERSION + 1}"):
+    with pytest.raises(MedtuneError,
+                       match=rf"old\.sqlite was written by a medtune with store schema {SCHEMA_VERSION + 1}"):
         Store(path)
 
 

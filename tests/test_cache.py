@@ -23,7 +23,8 @@ ATOL = {"off": 1e-5, "on": 1e-5} if DEVICE == "cpu" else {"off": 5e-3, "on": 3e-
 def grid(tmp_path, name: str, **train) -> dict:
     return {
         "name": name,
-        "datasets": [{"name": "syn", "source": "synthetic", "options": {"n_patients": 10, "images_per_patient": 2, "seed": 0}}],
+        "datasets": [{"name": "syn", "source": "synthetic",
+                      "options": {"n_patients": 10, "images_per_patient": 2, "seed": 0}}],
         "backbones": [{"name": TINY, "pretrained": False, "image_size": 32}],
         # head only (cut after pooling) and the top block trained (cut inside the chain)
         "strategies": ["linear_probe", {"name": "partial_ft", "blocks": 1}],
@@ -63,8 +64,8 @@ def test_two_data_sets_and_two_sizes_in_one_process_never_share_features(tmp_pat
     """One grid over two data sets of the same shape (a key without the data fingerprint would hand the
     second the first's features, silently) at two image sizes, against each pair run on its own with
     a fresh cache: identical predictions."""
-    datasets = [{"name": f"syn{s}", "source": "synthetic", "options": {"n_patients": 8, "images_per_patient": 2, "seed": s}}
-                for s in (1, 2)]
+    datasets = [{"name": f"syn{s}", "source": "synthetic",
+                 "options": {"n_patients": 8, "images_per_patient": 2, "seed": s}} for s in (1, 2)]
     backbones = [{"name": TINY, "pretrained": False, "image_size": size} for size in (32, 40)]
     together = {**grid(tmp_path, "together", amp="off"), "datasets": datasets, "backbones": backbones,
                 "strategies": ["linear_probe"]}
@@ -81,10 +82,13 @@ def test_two_data_sets_and_two_sizes_in_one_process_never_share_features(tmp_pat
             import medtune.training.loop as train
 
             train._SHARED_CACHE = None  # what a new process would start with
-            alone = {**together, "datasets": [d], "backbones": [b], "store": str(tmp_path / f"{d['name']}_{b['image_size']}.sqlite")}
+            alone = {**together, "datasets": [d], "backbones": [b],
+                     "store": str(tmp_path / f"{d['name']}_{b['image_size']}.sqlite")}
             assert medtune.run(alone, progress=False).done == 2
             ref = predictions(alone["store"]).reset_index()
-            got = joint[(joint.dataset == d["name"]) & (joint["size"] == b["image_size"])].sort_values(["fold", "sample"])
+            got = (joint[(joint.dataset == d["name"]) & (joint["size"] == b["image_size"])]
+                   .sort_values(["fold", "sample"]))
             assert len(got) == len(ref) == 16
-            np.testing.assert_allclose(np.array(got.probs.tolist()), np.array(ref.sort_values(["fold", "sample"]).probs.tolist()),
+            np.testing.assert_allclose(np.array(got.probs.tolist()),
+                                       np.array(ref.sort_values(["fold", "sample"]).probs.tolist()),
                                        atol=ATOL["off"], err_msg=f"{d['name']} at {b['image_size']} px")

@@ -117,7 +117,8 @@ def test_init_on_a_folder_with_patient_ids_writes_a_file_the_grid_runs(tmp_path)
     import re
 
     ids = {re.search(ds.group_pattern, n).group(1) for n in names}
-    assert len(ids) == 12 and all(n.startswith(i + "_") for n in names for i in [re.search(ds.group_pattern, n).group(1)])
+    assert len(ids) == 12 and all(n.startswith(i + "_")
+                                  for n in names for i in [re.search(ds.group_pattern, n).group(1)])
     assert ds.positive == "malignant" and ds.path == str(data)
     counts = {c: len(list((data / c).glob("*.png"))) for c in ("benign", "malignant", "normal")}
     assert f"24 images in 3 classes: benign {counts['benign']}, malignant {counts['malignant']}, " \

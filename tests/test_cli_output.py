@@ -150,7 +150,8 @@ def resumed_with_more_epochs(two_seeds, tmp_path):
 def test_a_resumed_store_after_set_epochs_runs_the_new_cells_beside_the_old(two_seeds, tmp_path):
     _, store, _ = two_seeds
     copy, out = resumed_with_more_epochs(two_seeds, tmp_path)
-    assert any(line.startswith("8 cells: 8 run, 0 already done, 0 failed,") for line in out.splitlines())  # nothing reused
+    # nothing reused
+    assert any(line.startswith("8 cells: 8 run, 0 already done, 0 failed,") for line in out.splitlines())
     # ... and the run says why, as one house-style warning line (no Python source line under it)
     assert "warning: resuming: " in out and "`train.epochs`: 3 there, 1 here" in out
     assert "UserWarning" not in out and "summary = run_grid" not in out
@@ -185,8 +186,8 @@ def test_eta_prices_the_remaining_cells_by_their_kind_not_by_the_mean_of_all(mon
 
     now = [0.0]
     monkeypatch.setattr(cells_mod.time, "perf_counter", lambda: now[0])
-    grid = [{"cell_id": str(i), "dataset": "d", "backbone": "b", "strategy": s, "head": "softmax", "seed": 0, "fold": i % 2}
-            for i, s in enumerate(["linear_probe", "linear_probe", "full_ft", "full_ft"])]
+    grid = [{"cell_id": str(i), "dataset": "d", "backbone": "b", "strategy": s, "head": "softmax", "seed": 0,
+             "fold": i % 2} for i, s in enumerate(["linear_probe", "linear_probe", "full_ft", "full_ft"])]
     out = io.StringIO()
     with cells_mod.GridProgress(grid, "grid", stream=out) as bar:
         for cell, seconds in zip(grid[:3], [1.0, 1.0, 10.0]):

@@ -112,7 +112,8 @@ def test_frozen_blocks_are_bit_identical_and_gradients_follow_the_schedule(name,
     by_name = dict(model.named_parameters())
     for e, (names, expected) in enumerate(zip(per_epoch, sgd)):
         if name == "bitfit":
-            expected = {p for p in expected if p.endswith("bias") or is_norm(p, by_name[p], model) or p in bl[-1].param_names}
+            expected = {p for p in expected
+                        if p.endswith("bias") or is_norm(p, by_name[p], model) or p in bl[-1].param_names}
         if name in ADAPTERS:
             # the adapter's own tensors and the classifier get gradients, nothing else (the model
             # was merged back after training, so its names are the plain model's)
@@ -185,7 +186,8 @@ def probe_epoch(strategy, table, settings, cache):
     model = create_backbone(TINY, pretrained=False, num_classes=table.num_classes)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     idx = np.arange(len(table))
-    epochs = fit_epochs(model, table, idx, idx[:0], strategy, settings, Runtime(torch.device(DEVICE), cache, (TINY, 48), None))
+    epochs = fit_epochs(model, table, idx, idx[:0], strategy, settings,
+                        Runtime(torch.device(DEVICE), cache, (TINY, 48), None))
     assert "probe_C" in next(epochs)
     return model, start
 
@@ -205,12 +207,14 @@ def test_lp_ft_fits_its_probe_on_the_statistics_fine_tuning_starts_from(tiny_tab
     again, _ = probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table, settings, cache)
     assert cache.hits == hits + 1  # the refreshed features, computed once
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
-    assert stats(moved) and not {k for k in moved if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))} - \
-        classifier_param_names(model)  # only statistics and the probed head changed
-    model, start = probe_epoch(create_strategy("lp_ft", lp_epochs=1, refresh_bn=False), tiny_table, settings, FeatureCache())
+    assert stats(moved) and not (
+        {k for k in moved if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+        - classifier_param_names(model))  # only statistics and the probed head changed
+    model, start = probe_epoch(create_strategy("lp_ft", lp_epochs=1, refresh_bn=False), tiny_table,
+                               settings, FeatureCache())
     assert not stats(changed(model, start))
-    model, start = probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table, replace(settings, bn_statistics="keep"),
-                               FeatureCache())
+    model, start = probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table,
+                               replace(settings, bn_statistics="keep"), FeatureCache())
     assert not stats(changed(model, start))
     # a linear probe after LP-FT, sharing the cache, gets the pretrained statistics' features
     _, _, after = train(create_strategy("linear_probe"), tiny_table, replace(settings, val_fraction=0.0))
@@ -229,7 +233,8 @@ def test_refresh_bn_statistics_is_the_mean_over_the_views_and_changes_no_weight(
     model = create_backbone(TINY, pretrained=False, num_classes=tiny_table.num_classes)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     settings = replace(SETTINGS, batch_size=len(tiny_table))  # one batch per view: the mean is exact
-    inputs = Inputs(tiny_table, Forward(model, None), 0, settings, Runtime(torch.device(DEVICE), None, (TINY, 48), None))
+    inputs = Inputs(tiny_table, Forward(model, None), 0, settings,
+                    Runtime(torch.device(DEVICE), None, (TINY, 48), None))
     idx = np.arange(len(tiny_table))
     with torch.no_grad():
         stem = [model.conv_stem(inputs.images(torch.as_tensor(idx), torch.full((len(idx),), v))) for v in range(2)]

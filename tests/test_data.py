@@ -26,7 +26,8 @@ def test_folder_loader_decodes_once_and_keeps_names(tmp_path):
 def test_manifest_loader_with_patients(tmp_path):
     for i in range(4):
         write_png(tmp_path / "img" / f"{i}.png", i * 40)
-    (tmp_path / "m.csv").write_text("path,label,patient_id\nimg/0.png,a,p1\nimg/1.png,b,p1\nimg/2.png,a,p2\nimg/3.png,b,p3\n")
+    (tmp_path / "m.csv").write_text("path,label,patient_id\n"
+                                    "img/0.png,a,p1\nimg/1.png,b,p1\nimg/2.png,a,p2\nimg/3.png,b,p3\n")
     t = load_manifest(tmp_path / "m.csv", 16)
     assert t.class_names == ["a", "b"] and list(t.labels) == [0, 1, 0, 1] and list(t.groups) == ["p1", "p1", "p2", "p3"]
 
@@ -34,7 +35,8 @@ def test_manifest_loader_with_patients(tmp_path):
 def test_npz_merges_splits_and_keeps_the_official_split(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "m.npz", train_images=rng.integers(0, 255, (6, 28, 28), dtype=np.uint8),
-             train_labels=np.array([[0], [1], [0], [1], [0], [1]]), test_images=rng.integers(0, 255, (2, 28, 28), dtype=np.uint8),
+             train_labels=np.array([[0], [1], [0], [1], [0], [1]]),
+             test_images=rng.integers(0, 255, (2, 28, 28), dtype=np.uint8),
              test_labels=np.array([[0], [1]]))
     t = load_dataset(tmp_path / "m.npz", image_size=32)
     assert t.images.shape == (8, 3, 32, 32) and list(t.split) == ["train"] * 6 + ["test"] * 2

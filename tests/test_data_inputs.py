@@ -61,7 +61,7 @@ def test_group_pattern_matching_an_empty_id_is_refused(tmp_path):
         load_folder(folder(tmp_path / "d"), 16, group_pattern="(z*)")
 
 
-# --------------------------------------------------------------------------- images that decode but carry nothing (issue 37)
+# ---------------------------------------------------------------------- images that decode but carry nothing (issue 37)
 @pytest.mark.parametrize("size", [(1, 1), (300, 2)])
 def test_tiny_image_refused_by_run_and_listed_by_data_check(tmp_path, size):
     data = folder(tmp_path / "d")
@@ -254,7 +254,8 @@ def test_one_patient_class_advice_names_patients():
 
 def test_few_images_class_advice_suggests_a_smaller_fold_count():
     labels = np.array([0] * 6 + [1] * 3)
-    with pytest.raises(DataError, match=r"class 'rare' has 3 images, fewer than the 5 folds asked for\. Use `folds: 3`"):
+    with pytest.raises(DataError,
+                       match=r"class 'rare' has 3 images, fewer than the 5 folds asked for\. Use `folds: 3`"):
         check_foldable(labels, None, ["benign", "rare"], 5, "d")
 
 

@@ -51,7 +51,8 @@ def test_layers_are_the_parameterised_modules_in_forward_order(resnet50):
 def test_partial_fractions_train_strictly_nested_sets_below_layer4(resnet50):
     sets = [scheduled_params(create_strategy("partial_ft", fraction=p), resnet50) for p in (0.05, 0.15, 0.3)]
     assert sets[0] < sets[1] < sets[2]
-    fractions = [depth(create_strategy("partial_ft", fraction=p), resnet50)["trainable_fraction"] for p in (0.05, 0.15, 0.3)]
+    fractions = [depth(create_strategy("partial_ft", fraction=p), resnet50)["trainable_fraction"]
+                 for p in (0.05, 0.15, 0.3)]
     assert fractions[0] < fractions[1] < fractions[2]
     assert fractions[0] < share(resnet50, ("layer4.", "fc."))
     # ceil(0.05 x 107) = 6 layers: fc and the last 5 of layer4.2 (bn3, conv3, bn2, conv2, bn1)

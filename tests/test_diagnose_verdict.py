@@ -55,7 +55,8 @@ def test_budget_limited_when_the_best_epoch_is_the_last_in_most_folds():
                                                                  "history": [{"probe_C": 1.0}]}} for f in range(5)])
     t = budget_limited(c)
     assert list(t.strategy) == ["full_ft"] and int(t["last"].iloc[0]) == 4  # 4 of 5 = 80%; partial 3 of 5 is not
-    assert budget_lines(c)[0].startswith("budget-limited: d b full_ft softmax: the best epoch was the last one in 4 of 5")
+    assert budget_lines(c)[0].startswith(
+        "budget-limited: d b full_ft softmax: the best epoch was the last one in 4 of 5")
 
 
 def test_a_heads_own_choice_pinned_at_its_grid_end_is_flagged():

@@ -156,7 +156,8 @@ def test_cell_whose_worker_always_dies_is_failed_and_the_grid_goes_on(crash_once
     assert (summary.done, summary.failed) == (3, 1)
     crashed_cell = crash_once.read_text().split()[0]
     rows = store_rows(tmp_path / "s.sqlite")
-    assert rows[crashed_cell]["status"] == "failed" and "worker died on each of 1 attempts" in rows[crashed_cell]["error"]
+    assert (rows[crashed_cell]["status"] == "failed"
+            and "worker died on each of 1 attempts" in rows[crashed_cell]["error"])
     assert all(r["status"] == "done" for cid, r in rows.items() if cid != crashed_cell)
     again = run(load_config(raw=cfg), progress=False)  # a failed cell is not "done": the rerun retries it alone
     assert (again.skipped, again.done, again.failed) == (3, 1, 0)

@@ -20,8 +20,9 @@ def _grid(store, groups, n_folds=2, n=40, seed=0, extra=None):
         for fold in range(n_folds):
             y = np.array([0, 1] * (n // 2))
             p = noisy_probs(y, skill, rng)
-            plant_cell(store, {**change, "n_folds": n_folds}, fold, 0, y, p, samples=np.arange(fold * n, (fold + 1) * n),
-                       label=label, extra=extra(fold, y, p) if extra else None)
+            plant_cell(store, {**change, "n_folds": n_folds}, fold, 0, y, p,
+                       samples=np.arange(fold * n, (fold + 1) * n), label=label,
+                       extra=extra(fold, y, p) if extra else None)
 
 
 def test_two_image_sizes_of_one_backbone_are_two_rows(tmp_path):
@@ -59,7 +60,8 @@ def test_a_group_holding_one_seed_and_fold_twice_is_refused():
 
 
 def _metrics(rows):
-    return pd.DataFrame(rows, columns=["dataset", "group", "strategy", "backbone", "head", "variant", "balanced_accuracy"])
+    return pd.DataFrame(rows,
+                        columns=["dataset", "group", "strategy", "backbone", "head", "variant", "balanced_accuracy"])
 
 
 def test_headline_prefers_primary_then_nested_and_labels_the_fallback_optimistic():
@@ -178,7 +180,8 @@ def test_stored_probabilities_rounded_to_6_decimals_are_read_back_summing_to_one
             y = np.arange(30) % 3
             p = np.full((30, 3), 1 / 3)
             p[np.arange(30), y] += rng.uniform(0, 0.2, 30)
-            plant_cell(s, {"n_folds": 2}, fold, 0, y, p / p.sum(1, keepdims=True), samples=np.arange(fold * 30, (fold + 1) * 30))
+            plant_cell(s, {"n_folds": 2}, fold, 0, y, p / p.sum(1, keepdims=True),
+                       samples=np.arange(fold * 30, (fold + 1) * 30))
     ev = read_evidence(tmp_path / "s.sqlite")
     stored = np.array(ev.predictions.probs.tolist())
     assert np.abs(stored.sum(1) - 1).max() > 0  # the store did round

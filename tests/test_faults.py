@@ -220,7 +220,8 @@ def test_a_duplicated_yaml_key_is_refused_naming_key_and_line(tmp_path):
 
 @pytest.mark.parametrize("axis,entries,named", [
     ("strategies", ["linear_probe", {"name": "linear_probe"}], "linear_probe"),
-    ("strategies", [{"name": "partial_ft", "blocks": 1}, {"name": "partial_ft", "params": {"blocks": 1}}], "partial_ft"),
+    ("strategies", [{"name": "partial_ft", "blocks": 1}, {"name": "partial_ft", "params": {"blocks": 1}}],
+     "partial_ft"),
     ("backbones", [{"name": "test_efficientnet", "pretrained": False, "image_size": 32}] * 2, "test_efficientnet"),
 ])
 def test_an_entry_listed_twice_is_refused_naming_it(tmp_path, axis, entries, named):
@@ -233,7 +234,8 @@ def test_an_entry_listed_twice_is_refused_naming_it(tmp_path, axis, entries, nam
 
 
 def test_a_sweep_that_repeats_another_entry_is_refused(tmp_path):
-    cfg = tiny_config(tmp_path, strategies=[{"name": "partial_ft", "blocks": [1, 2]}, {"name": "partial_ft", "blocks": 1}])
+    cfg = tiny_config(tmp_path,
+                      strategies=[{"name": "partial_ft", "blocks": [1, 2]}, {"name": "partial_ft", "blocks": 1}])
     result = invoke("run", cfg, "--quiet")
     assert result.exit_code == 2, result.output
     assert "twice" in one_paragraph(result.output) and "partial_ft" in one_paragraph(result.output)

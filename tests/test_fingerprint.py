@@ -38,7 +38,8 @@ def grid(store: Path) -> dict:
     an inner validation split large enough that the probe, SVM and kNN choose on it."""
     return {
         "name": "fingerprint",
-        "datasets": [{"name": "syn", "source": "synthetic", "options": {"n_patients": 16, "images_per_patient": 2, "seed": 0}}],
+        "datasets": [{"name": "syn", "source": "synthetic",
+                      "options": {"n_patients": 16, "images_per_patient": 2, "seed": 0}}],
         "backbones": [{"name": "test_efficientnet", "pretrained": False, "image_size": 32}],
         "strategies": list_strategies(), "heads": list(HEADS), "folds": 2, "seeds": [0],
         "train": {"epochs": 1, "batch_size": 8, "views": 2, "patience": 1, "amp": "off", "val_fraction": 0.3},

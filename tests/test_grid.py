@@ -92,7 +92,8 @@ def test_the_grid_is_the_old_six_loops(name):
 def test_the_default_precision_is_the_configs_device():
     cfg = load_config(raw=GRIDS["many"][0])
     here = precision_of(cfg, resolve_device(cfg.device))
-    assert [c["cell_id"] for c in Grid(cfg, "r", Prints())] == [c["cell_id"] for c in Grid(cfg, "r", Prints(), None, here)]
+    assert ([c["cell_id"] for c in Grid(cfg, "r", Prints())]
+            == [c["cell_id"] for c in Grid(cfg, "r", Prints(), None, here)])
 
 
 def test_a_cell_reads_pickles_and_serialises_like_its_dict():

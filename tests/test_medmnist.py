@@ -118,5 +118,6 @@ def test_download_through_medmnist_then_named_classes(tmp_path, monkeypatch):
 def test_without_medmnist_package_the_message_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "medmnist", None)
     monkeypatch.setitem(sys.modules, "medmnist.info", None)
-    with pytest.raises(DataError, match=r"breastmnist_128\.npz.*medtune\[medmnist\]|medtune\[medmnist\].*breastmnist_128"):
+    with pytest.raises(DataError,
+                       match=r"breastmnist_128\.npz.*medtune\[medmnist\]|medtune\[medmnist\].*breastmnist_128"):
         load_dataset(tmp_path, source="medmnist", image_size=100, flag="breastmnist")

@@ -62,7 +62,8 @@ def test_auc_is_nan_when_a_class_is_absent():
     assert np.isnan(auc(y, p))
 
 
-@pytest.mark.parametrize("classes,positive", [(["malignant", "normal"], "malignant"), (["benign", "malignant"], "malignant"),
+@pytest.mark.parametrize("classes,positive", [(["malignant", "normal"], "malignant"),
+                                              (["benign", "malignant"], "malignant"),
                                               (["malignant", "normal"], "normal"), (["benign", "malignant"], "benign")])
 def test_binary_auc_scores_the_positive_class_in_either_class_order(classes, positive):
     """A perfect classifier has AUC 1 whether the positive class sorts first or last (the old

@@ -16,7 +16,8 @@ from medtune.training.loop import TrainSettings, fit
 
 @pytest.fixture(scope="module")
 def nets():
-    return {name: create_backbone(name, pretrained=False, num_classes=3) for name in ("test_efficientnet", "test_resnet")}
+    return {name: create_backbone(name, pretrained=False, num_classes=3)
+            for name in ("test_efficientnet", "test_resnet")}
 
 
 def conv_output_dtypes(model, x, amp):
@@ -145,7 +146,8 @@ def test_compile_is_off_by_rule_where_it_was_measured_not_to_pay_and_not_part_of
     result = fit(model, tiny_table, idx, idx[:0], create_strategy("partial_ft", blocks=1), settings, rt)
     assert [h["compiled"] for h in result.history] == [False]
 
-    raw = {"name": "k", "datasets": [{"name": "syn", "source": "synthetic"}], "backbones": [{"name": "test_resnet", "pretrained": False, "image_size": 48}],
+    raw = {"name": "k", "datasets": [{"name": "syn", "source": "synthetic"}],
+           "backbones": [{"name": "test_resnet", "pretrained": False, "image_size": 48}],
            "strategies": ["full_ft"], "folds": 2}
     ids = [[c["cell_id"] for c in expand(ExperimentConfig.model_validate({**raw, "train": {"compile": mode}}), "r",
                                          {"syn@48": "f"})] for mode in ("auto", "on")]

@@ -51,7 +51,8 @@ def trainer(store: Store, skills: dict[str, list[float]], log: list, stop_after:
             pred = np.where(right, y, 1 - y)
             probs = np.stack([1.0 - pred, pred.astype(float)], 1) * 0.8 + 0.1
             store.save_cell(c, "done", {"balanced_accuracy": acc}, (np.arange(2), ["a", "b"], y[:2], probs[:2]), 1.0,
-                            info={"n_train": 400, "n_test": 2}, extra=[("inner_val", "syn", np.arange(N_VAL), y, probs)])
+                            info={"n_train": 400, "n_test": 2},
+                            extra=[("inner_val", "syn", np.arange(N_VAL), y, probs)])
             log.append((c["strategy"], c["fold"]))
     return run_round
 

@@ -99,14 +99,16 @@ def balanced_svm_by_hand(fit_x, fit_y, val_x, val_y, test_x, groups=None):
     svc = lambda C: LinearSVC(C=C, class_weight="balanced", max_iter=5000, dual="auto")  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        scores = {C: balanced_accuracy_score(val_y, make_pipeline(StandardScaler(), svc(C)).fit(fit_x, fit_y).predict(val_x))
+        scores = {C: balanced_accuracy_score(val_y,
+                                             make_pipeline(StandardScaler(), svc(C)).fit(fit_x, fit_y).predict(val_x))
                   for C in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)}
         best = next(C for C, v in scores.items() if v == max(scores.values()))
         x, y = fit_x, fit_y
         from sklearn.model_selection import StratifiedGroupKFold
 
         cv = 3 if groups is None else list(StratifiedGroupKFold(3).split(x, y, groups))
-        calibrated = make_pipeline(StandardScaler(), CalibratedClassifierCV(svc(best), method="sigmoid", cv=cv)).fit(x, y)
+        calibrated = make_pipeline(StandardScaler(),
+                                   CalibratedClassifierCV(svc(best), method="sigmoid", cv=cv)).fit(x, y)
     p = calibrated.predict_proba(test_x) / (np.bincount(y, minlength=3)[calibrated.classes_] / len(y))
     out = np.zeros((len(test_x), 3))
     out[:, calibrated.classes_] = p / p.sum(1, keepdims=True)
@@ -124,7 +126,8 @@ def test_auto_depth_picks_by_inner_cv_and_records_it(tmp_path):
         scores = info["auto_depth"]["scores"]
         assert set(scores) == {"linear_probe", "full_ft"}
         assert all(0.0 <= v <= 1.0 for v in scores.values())  # inner balanced accuracies
-        # the pick is the best inner score (ties: the lower inner loss, grid/select.py), and that strategy is what trained
+        # the pick is the best inner score (ties: the lower inner loss, grid/select.py),
+        # and that strategy is what trained
         losses = info["auto_depth"]["losses"]
         assert info["auto_depth"]["picked"] == max(("linear_probe", "full_ft"), key=lambda k: (scores[k], -losses[k]))
         assert info["strategy_label"] == info["auto_depth"]["picked"]
@@ -145,7 +148,8 @@ def test_heads_share_one_training_run(tmp_path):
         cells = s.cells()
     import json
 
-    shared = {(r.head, r.fold): json.loads(r.info_json).get("shared_training_with_other_head", False) for r in cells.itertuples()}
+    shared = {(r.head, r.fold): json.loads(r.info_json).get("shared_training_with_other_head", False)
+              for r in cells.itertuples()}
     assert shared == {("softmax", 0): False, ("softmax", 1): False, ("svm", 0): True, ("svm", 1): True}
 
 

@@ -79,7 +79,8 @@ def _planted_table(n_patients: int = 24, size: int = 32) -> tuple[ImageTable, np
     level = np.where(bright, 190, 60)[:, None, None, None]
     images = np.clip(level + rng.normal(0, 25, (len(labels), 1, size, size)), 0, 255).astype(np.uint8)
     images = torch.from_numpy(np.repeat(images, 3, axis=1))
-    table = ImageTable(images, labels, ["dark", "bright"], [f"mem://{g}" for g in groups], groups=groups, name="planted")
+    table = ImageTable(images, labels, ["dark", "bright"], [f"mem://{g}" for g in groups],
+                       groups=groups, name="planted")
     return table, test0
 
 
@@ -303,4 +304,5 @@ def test_a_choice_pinned_at_its_lists_end_is_shown_with_what_to_try(tmp_path, ca
     assert lines[0] in out and lines[1] in out  # whole, not wrapped at the terminal's width
     page = build_report(path, tmp_path / "report", n_boot=50)["html"].read_text()
     assert "Hyperparameters chosen on inner splits" in page and "0.001, 0.001, 0.0003, 0.001, 0.001" in page
-    assert "largest 0.001 in 4 of 5 folds" in page and html.escape(lines[1]) in page and "tiny_net full_ft (" not in page
+    assert ("largest 0.001 in 4 of 5 folds" in page and html.escape(lines[1]) in page
+            and "tiny_net full_ft (" not in page)

@@ -63,7 +63,8 @@ def test_by_site_leaves_each_site_out_once():
 def test_by_site_refuses_a_patient_at_two_sites_and_a_site_holding_a_whole_class():
     labels = np.array([0, 1, 0, 1])
     with pytest.raises(DataError, match="more than one site"):
-        by_site(labels, np.array(["p1", "p2", "p1", "p3"], dtype=object), np.array(["a", "a", "b", "b"], dtype=object), "t")
+        by_site(labels, np.array(["p1", "p2", "p1", "p3"], dtype=object),
+                np.array(["a", "a", "b", "b"], dtype=object), "t")
     with pytest.raises(DataError, match="lacks class"):
         by_site(np.array([0, 0, 1, 0]), None, np.array(["a", "a", "b", "a"], dtype=object), "t")
     with pytest.raises(DataError, match="at least 2 sites"):

@@ -144,7 +144,8 @@ def test_radimagenet_file_in_the_authors_layout_loads_with_its_preprocessing(no_
     model = create_backbone("resnet50", weights="radimagenet", num_classes=2)
     assert torch.equal(model.state_dict()["layer3.2.conv2.weight"], seq.state_dict()["6.2.conv2.weight"])
     assert torch.equal(model.state_dict()["bn1.running_var"], seq.state_dict()["1.running_var"])
-    assert tuple(model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5) and tuple(model.pretrained_cfg["std"]) == (0.5, 0.5, 0.5)
+    assert (tuple(model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
+            and tuple(model.pretrained_cfg["std"]) == (0.5, 0.5, 0.5))
 
 
 def test_named_weights_must_fit_the_backbone_and_exist():
@@ -158,7 +159,8 @@ def test_list_weights_says_what_resolves_here_and_where_the_rest_goes(no_network
     runner = CliRunner()
     res = runner.invoke(app, ["list", "weights"])
     assert res.exit_code == 0, res.output
-    rows = {line.split()[1]: line for line in res.output.splitlines() if line.startswith("│") and line.split()[1] != "│"}
+    rows = {line.split()[1]: line for line in res.output.splitlines()
+            if line.startswith("│") and line.split()[1] != "│"}
     assert "needs a file" in rows["radimagenet"]
     assert "needs a download" in rows["dinov2_vits14"]
     assert ("installed" in rows["efficientnet_lite0"]) == (create_backbone_has_lite0())
