@@ -418,3 +418,37 @@ def test_transformers_cache_their_frozen_prefix_at_the_configured_size(backbone,
         res = fit(model, tiny_table, idx, idx[:0], create_strategy("partial_ft", blocks=1), SETTINGS, rt)
         cuts.append(res.history[0]["cut"])
     assert cuts[0] == cuts[1] > 0 and cache.misses == 1 and cache.hits >= 1
+
+
+def test_adding_a_strategy_is_one_registered_class(tmp_path, monkeypatch):
+    """A new method is one `Strategy` subclass stating its schedule: registered, it is a valid `strategies:`
+    entry, its cells run and store the share it trained; neither the trainer nor the grid learns its name."""
+    import json
+    from typing import ClassVar
+
+    import yaml
+
+    import medtune
+    from conftest import tiny_config
+    from medtune.results.store import Store
+    from medtune.training.strategies import REGISTRY, Phase, Strategy, everything, head_only
+
+    @dataclasses.dataclass(frozen=True)
+    class HeadThenAll(Strategy):
+        name: ClassVar[str] = "head_then_all"
+        summary: ClassVar[str] = "the head alone for the first epoch, then every block (a test strategy)"
+        citation: ClassVar[str] = "none"
+
+        def phases(self, epochs: int) -> list[Phase]:
+            return [self.phase(1, head_only), self.phase(max(epochs - 1, 1), everything())]
+
+    monkeypatch.setitem(REGISTRY, HeadThenAll.name, HeadThenAll)  # unregistered when the test ends
+    raw = yaml.safe_load(tiny_config(tmp_path, strategies=["linear_probe", "head_then_all"]).read_text())
+    raw["train"].update(epochs=2, patience=2)
+    summary = medtune.run(raw, progress=False)
+    assert summary.failed == 0 and summary.done == 4, summary
+    with Store(raw["store"]) as s:
+        cells = s.cells()
+    info = {r.strategy: json.loads(r.info_json) for r in cells.itertuples() if r.fold == 0}
+    assert info["head_then_all"]["trainable_fraction"] == pytest.approx(1.0)
+    assert info["linear_probe"]["trainable_fraction"] < 0.5
