@@ -46,11 +46,15 @@ def test_head_order_and_list_do_not_change_any_cell(tmp_path):
 def test_cells_record_the_grids_searched_and_the_budget(tmp_path):
     """The keys a diagnosis reads: each head's pick and grid, a bound flag only where one was hit,
     and whether the best epoch was the last of the scheduled ones."""
-    rows = _rows(tmp_path, "a", ["softmax", "svm", "knn"])
+    rows = _rows(tmp_path, "a", ["softmax", "svm", "knn"], strategies=("linear_probe", "full_ft"))
+    assert {strategy for strategy, _, _ in rows} == {"linear_probe", "full_ft"}
     for (strategy, head, fold), (_, _, info) in rows.items():
         key = {"softmax": "probe_C", "svm": "svm_C", "knn": "knn_k"}[head]
-        assert info[key] in info["grids"][key]
+        if strategy == "linear_probe" or head != "softmax":  # full_ft's softmax head chooses nothing
+            assert info[key] in info["grids"][key]
         assert set(info.get("grid_edges", {})) <= {key, "probe_C"}
-        assert info["probe_C"] in info["grids"]["probe_C"]  # every head's network had its probe fitted
+        if strategy == "linear_probe":  # every head's network had its probe fitted
+            assert info["probe_C"] in info["grids"]["probe_C"]
         assert info["epochs_scheduled"] == 1 and info["epochs_run"] == len(info["history"])
-        assert info["best_epoch_is_last"] == (info["best_epoch"] == info["epochs_run"] - 1)
+        convex = any("probe_C" in h for h in info["history"])  # the probe: one fit, no epochs to run out
+        assert info["best_epoch_is_last"] == (None if convex else info["best_epoch"] == info["epochs_run"] - 1)

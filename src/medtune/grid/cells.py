@@ -390,10 +390,12 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
 
 def record_training(info: dict, result, strategy, settings: TrainSettings) -> None:
     """What a cell's training did, into its `info`: epochs, the strategy, the probe's C."""
-    # budget: a best epoch that is the last one run says more epochs might have helped (diagnose)
+    # budget: a best epoch that is the last one run says more epochs might have helped (diagnose); a
+    # convex probe runs no epochs (one fit to convergence), so the question does not arise (None)
+    convex = any("probe_C" in h for h in result.history)
+    last = bool(result.history) and result.best_epoch == len(result.history) - 1
     info.update({"best_epoch": result.best_epoch, "history": result.history, "epochs_run": len(result.history),
-                 "epochs_scheduled": settings.epochs,
-                 "best_epoch_is_last": bool(result.history) and result.best_epoch == len(result.history) - 1,
+                 "epochs_scheduled": settings.epochs, "best_epoch_is_last": None if convex else last,
                  "strategy_label": strategy.label(), "bn_statistics": result.bn_statistics,
                  "trainable_fraction": result.trainable_fraction, "cache_hits": result.cache_hits})
     if result.history:
