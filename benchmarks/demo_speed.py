@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 ROOT = Path(__file__).resolve().parent
 BASELINE = ["--set", "train.cache=false", "--set", "train.amp=off", "--set", "train.channels_last=false"]

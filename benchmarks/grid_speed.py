@@ -56,11 +56,11 @@ import medtune
 from medtune.models.backbones import create_backbone
 from medtune.config import load_config
 from medtune.models.heads import create_head, full_proba
-from medtune.results.metrics import clinical_metrics
+from medtune.evaluation.metrics import clinical_metrics
 from medtune.grid.cells import prepare
 from medtune.models.probe import fit_linear_probe, load_into
 from medtune.data.splits import inner_split
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 ROOT = Path(__file__).resolve().parent
 KINDS = ["linear_probe", "svm", "partial_ft", "lp_ft", "full_ft"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 import medtune
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from medtune.data.synthetic import make_ultrasound
 
 ROOT = Path(__file__).resolve().parent

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from medtune.grid.select import halving_epochs
 from medtune.starter import COST, write_starter
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results" / "init_estimate.json"

@@ -22,7 +22,7 @@ import pandas as pd
 
 import medtune
 from medtune.report.html import to_markdown
-from medtune.results.store import Store, read_cells
+from medtune.evaluation.store import Store, read_cells
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from strategies_busi import every_nth, write_results  # noqa: E402

@@ -51,7 +51,7 @@ import torch
 
 import medtune
 from medtune.grid.racing import leaders
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -150,7 +150,7 @@ def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, cl
     from medtune.grid.cells import prepare
     from medtune.config import TrainConfig, load_config
     from medtune.models.heads import create_head, full_proba
-    from medtune.results.metrics import clinical_metrics
+    from medtune.evaluation.metrics import clinical_metrics
     from medtune.data.splits import inner_split
 
     cfg = load_config(raw={"datasets": [{"name": "busi", "path": data}], "backbones": ["efficientnet_lite0"],

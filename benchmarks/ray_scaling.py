@@ -26,7 +26,7 @@ import torch
 from medtune.config import load_config
 from medtune.grid.cells import RunSummary, prepare, record
 from medtune.grid.runner import run
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 GRID = {
     "name": "ray-scaling",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medtune.results.evidence import choices, label, read_evidence
-from medtune.results.headline import RULES
+from medtune.evaluation.evidence import choices, label, read_evidence
+from medtune.evaluation.headline import RULES
 
 OUT = Path(__file__).resolve().parent / "results" / "recommend_rule.json"
 

@@ -31,11 +31,11 @@ import torch
 import medtune
 from medtune.models.backbones import create_backbone, preprocessing
 from medtune.config import load_config
-from medtune.results.diagnose import chosen_values, edge_choices
-from medtune.results.metrics import clinical_metrics
+from medtune.evaluation.diagnose import chosen_values, edge_choices
+from medtune.evaluation.metrics import clinical_metrics
 from medtune.report.html import format_pm, summary_table, to_markdown
 from medtune.grid.cells import prepare
-from medtune.results.store import Store, read_cells
+from medtune.evaluation.store import Store, read_cells
 from medtune.training.strategies import list_strategies
 
 ROOT = Path(__file__).resolve().parent
@@ -159,8 +159,8 @@ def main() -> None:
           f"{reference.C.tolist()}). Positive class for sensitivity/specificity/PPV/NPV: malignant. "
           "Mean ± sd over folds.", "",
           to_markdown(shown.drop(columns=["dataset", "backbone"]).set_index("strategy"), "strategy"), "",
-          "Learning rate chosen on each outer fold's inner split (results/diagnose.py; a pick at the same end of the "
-          "list in most folds means the best rate may lie outside it):", "",
+          "Learning rate chosen on each outer fold's inner split (evaluation/diagnose.py; a pick at the same end of "
+          "the list in most folds means the best rate may lie outside it):", "",
           to_markdown(chosen.drop(columns=["dataset", "backbone", "try"]).set_index("strategy"), "strategy"), "",
           *[f"- {line}" for line in edges]]
     write_results(f"strategies_busi{suffix}", md, summary.collapsed,
@@ -170,7 +170,7 @@ def main() -> None:
 def write_results(stem: str, md: list[str], collapsed: list[str], payload: dict) -> None:
     """benchmarks/results/STEM.md (the table, the command, any collapsed cells) and STEM.json; prints the md."""
     if collapsed:
-        md = [*md, "", "Collapsed cells (results/diagnose.py):", *[f"- {line}" for line in collapsed]]
+        md = [*md, "", "Collapsed cells (evaluation/diagnose.py):", *[f"- {line}" for line in collapsed]]
     (ROOT / "results" / f"{stem}.md").write_text("\n".join(md) + "\n")
     (ROOT / "results" / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     print("\n".join(md))

@@ -47,7 +47,7 @@ PY
 $PY -m medtune predict "$store.models/best" "$OUT_DIR/scans" --cam --out "$OUT_DIR/preds" || rc=1
 $PY - "$store" <<'PY' || rc=1
 import sys
-from medtune.results.store import Store, read_cells
+from medtune.evaluation.store import Store, read_cells
 with Store(sys.argv[1]) as s:
     done, runs = read_cells(s), s.runs()
     print(f"{len(done)} cells done; run environment:", runs.iloc[-1].to_dict())
@@ -63,7 +63,7 @@ echo "== 3. fp16 + GradScaler (a GPU without bf16) against bf16, same grid"
 $PY - "$OUT_DIR" <<'PY' || rc=1
 import sys, torch
 import medtune
-from medtune.results.store import Store, read_cells
+from medtune.evaluation.store import Store, read_cells
 raw = {"name": "amp", "datasets": [{"name": "syn", "source": "synthetic", "options": {"n_patients": 30, "images_per_patient": 4, "seed": 0}}],
        "backbones": [{"name": "efficientnet_lite0", "image_size": 128}],
        "strategies": ["linear_probe", {"name": "partial_ft", "blocks": 2}, "full_ft", "l2_sp", "auto_rgn"],

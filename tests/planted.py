@@ -8,7 +8,7 @@ import copy
 import numpy as np
 
 from medtune.grid.cells import cell_id
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from medtune.version import RESULTS_VERSION
 
 BASE = {
@@ -31,7 +31,7 @@ def plant_cell(store: Store, change: dict, fold: int, seed: int, y: np.ndarray, 
                info: dict | None = None, label: str | None = None, metrics: dict | None = None,
                extra: list | None = None) -> dict:
     """Write one done cell whose config is BASE updated by `change` (nested dicts merge)."""
-    from medtune.results.metrics import clinical_metrics
+    from medtune.evaluation.metrics import clinical_metrics
 
     config = merge(BASE, change)
     config.update(fold=fold, seed=seed)

@@ -132,7 +132,7 @@ def modern_grid(tmp_path_factory):
 
 
 def test_every_strategy_runs_on_a_vit_and_a_convnext_and_adapters_use_the_cache(modern_grid):
-    from medtune.results.store import Store, read_cells
+    from medtune.evaluation.store import Store, read_cells
 
     raw, store, summary, strategies = modern_grid
     assert summary.failed == 0 and summary.done == 2 * 2 * len(strategies)
@@ -160,9 +160,9 @@ def test_predict_on_the_deployed_lora_model_reproduces_its_stored_predictions(mo
     import medtune
     from medtune.deploy.bundle import load_bundle
     from medtune.deploy.predict import predict
-    from medtune.results.store import Store
+    from medtune.evaluation.store import Store
 
-    from medtune.results.evidence import to_risk
+    from medtune.evaluation.evidence import to_risk
 
     raw, _, _, _ = modern_grid
     # its own store: the verdict is the store's, and the module's store also holds the ConvNeXt's LoRA
@@ -209,7 +209,7 @@ def test_lora_attention_targets_on_a_cnn_fail_when_the_config_loads_naming_the_b
 
 
 def test_report_states_each_strategys_trainable_share_next_to_full_fine_tuning(modern_grid, tmp_path):
-    from medtune.results.evidence import efficiency_table, group_table, read_evidence
+    from medtune.evaluation.evidence import efficiency_table, group_table, read_evidence
     from medtune.report.html import build_report
 
     _, store, _, _ = modern_grid

@@ -60,3 +60,20 @@ def test_public_names():
         medtune.load_dataset(source="synthetic", image_size=32, n_patients=4)
     with pytest.raises(MedtuneError, match="fram"):
         medtune.load_dataset(source="synthetic", image_size=32, fram=2)
+
+
+def test_the_api_function_and_the_stage_packages_do_not_shadow_each_other():
+    """`medtune.results(store)` is the notebook API; no stage sub-package may carry a public function's
+    name, or `import medtune.<pkg>.<module> as m` and `medtune.<pkg>.<module>` break (a sub-package of that
+    name had replaced, or been replaced by, the function, depending on import order)."""
+    import importlib
+    import pkgutil
+
+    import medtune
+
+    for info in pkgutil.iter_modules(medtune.__path__):
+        if info.ispkg:
+            assert info.name not in medtune.__all__, info.name
+            module = importlib.import_module(f"medtune.{info.name}")
+            assert getattr(medtune, info.name) is module
+    assert callable(medtune.results)

@@ -19,7 +19,7 @@ from medtune.config import load_config
 from medtune.data.loaders import decode_image, load_folder, load_manifest
 from medtune.errors import BackboneError, ConfigError, DataError, MedtuneError
 from medtune.data.splits import check_foldable
-from medtune.results.store import SCHEMA_VERSION, Store
+from medtune.evaluation.store import SCHEMA_VERSION, Store
 
 
 def png_bytes(arr: np.ndarray, **kw) -> bytes:

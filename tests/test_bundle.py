@@ -12,9 +12,9 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from medtune.deploy.bundle import load_bundle
-from medtune.results.evidence import to_risk
+from medtune.evaluation.evidence import to_risk
 from medtune.deploy.predict import predict, read_inputs
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from tests.conftest import PROB_ATOL, tiny_png_config
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import medtune
 from conftest import DEVICE, TINY
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 # The cached prefix is the same operations on the same inputs as the recomputed one, in the same
 # precision (amp on: bf16 both ways), so on the CPU the predictions agree to rounding (measured: 0.0

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medtune.cli import app
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from conftest import PYTHON, cli_env, tiny_config
 
 TRACEBACK = ("RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x1280 and 64x2)\n"

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_config
 from medtune.cli import app
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 GROUP = ["dataset", "backbone", "strategy", "head"]
 STRATEGIES = ["linear_probe", "full_ft"]

@@ -430,7 +430,7 @@ def test_adding_a_strategy_is_one_registered_class(tmp_path, monkeypatch):
 
     import medtune
     from conftest import tiny_config
-    from medtune.results.store import Store
+    from medtune.evaluation.store import Store
     from medtune.training.strategies import REGISTRY, Phase, Strategy, everything, head_only
 
     @dataclasses.dataclass(frozen=True)

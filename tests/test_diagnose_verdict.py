@@ -1,4 +1,4 @@
-"""results/diagnose.py's read-time diagnoses the verdict cites: collapse by class mix, budget-limited
+"""evaluation/diagnose.py's read-time diagnoses the verdict cites: collapse by class mix, budget-limited
 strategies, a head's own C / k pinned at its grid's end. Each rule is tested on both sides."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from medtune.results.diagnose import budget_limited, budget_lines, collapse, edge_choices, head_choices
+from medtune.evaluation.diagnose import budget_limited, budget_lines, collapse, edge_choices, head_choices
 
 NAMES = ["benign", "malignant"]
 

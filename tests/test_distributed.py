@@ -25,7 +25,7 @@ from medtune.config import load_config
 from medtune.grid.distributed import CRASH_ONCE_ENV, check_devices
 from medtune.errors import ConfigError
 from medtune.grid.runner import run
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

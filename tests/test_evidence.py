@@ -7,10 +7,10 @@ import pytest
 from planted import noisy_probs, plant_cell, plant_dataset, plant_run
 
 from medtune.errors import MedtuneError
-from medtune.results.evidence import (external_table, group_table, operating_points, operating_table, read_evidence,
+from medtune.evaluation.evidence import (external_table, group_table, operating_points, operating_table, read_evidence,
                               subgroup_table, summary_table)
-from medtune.results.headline import NESTED, OPTIMISTIC, PRIMARY, headline_group
-from medtune.results.store import Store, add_groups
+from medtune.evaluation.headline import NESTED, OPTIMISTIC, PRIMARY, headline_group
+from medtune.evaluation.store import Store, add_groups
 
 
 def _grid(store, groups, n_folds=2, n=40, seed=0, extra=None):
@@ -153,7 +153,7 @@ def test_without_patient_ids_an_images_seed_predictions_are_resampled_together(t
     """Two seeds predict each image twice: the bootstrap must draw an image with both its
     predictions (else the interval narrows as if there were twice the images); one seed needs no
     clusters at all."""
-    from medtune.results.evidence import clusters
+    from medtune.evaluation.evidence import clusters
 
     with Store(tmp_path / "s.sqlite") as s:
         plant_dataset(s), plant_run(s)
@@ -171,7 +171,7 @@ def test_stored_probabilities_rounded_to_6_decimals_are_read_back_summing_to_one
     'do not sum to one' warning on any calibration bootstrap."""
     import warnings
 
-    from medtune.results.evidence import calibration_table, pooled
+    from medtune.evaluation.evidence import calibration_table, pooled
 
     with Store(tmp_path / "s.sqlite") as s:
         plant_dataset(s, class_names=("c0", "c1", "c2"), positive=None), plant_run(s)
@@ -200,7 +200,7 @@ def test_grouping_text_says_no_patient_ids_when_only_identical_images_are_groupe
 
     from medtune.grid.cells import PreparedData, record_of
     from medtune.data.loaders import ImageTable
-    from medtune.results.evidence import grouping_text
+    from medtune.evaluation.evidence import grouping_text
 
     images = torch.zeros((4, 3, 8, 8), dtype=torch.uint8)
     labels = np.array([0, 0, 1, 1])

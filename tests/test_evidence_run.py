@@ -8,7 +8,7 @@ import pandas as pd
 import medtune
 from conftest import DEVICE, write_pngs
 from medtune.report.html import build_report
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 
 def _manifest(root: Path) -> Path:

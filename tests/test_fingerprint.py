@@ -21,7 +21,7 @@ import medtune
 from medtune.grid.cells import expand, precision_of
 from medtune.config import load_config
 from medtune.models.heads import HEADS
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from medtune.training.strategies import list_strategies
 from medtune.version import RESULTS_VERSION
 

@@ -10,7 +10,7 @@ import yaml
 
 import medtune
 from conftest import tiny_config
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 
 def _rows(tmp_path, name: str, heads: list[str], strategies=("linear_probe",)) -> dict:

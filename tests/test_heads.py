@@ -21,7 +21,7 @@ from conftest import smoke_raw
 from medtune.errors import ConfigError
 from medtune.models.heads import (C_GRID, HEADS, Head, SVMHead, calibration_folds, create_head, full_proba, head_class,
                             list_heads)
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 
 def _imbalanced(n=(200, 40), d=8, seed=0):

@@ -1,6 +1,6 @@
 """Class imbalance handled by default: `train.class_weight: balanced` weights every head's loss, the
 defaults get every strategy clear of the majority-class model on 1:5 data, and a collapsed cell
-is flagged (results/diagnose.py)."""
+is flagged (evaluation/diagnose.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import medtune.training.loop as train
 from conftest import DEVICE, tiny_config
 from medtune.config import load_config
-from medtune.results.diagnose import collapse
+from medtune.evaluation.diagnose import collapse
 from medtune.errors import ConfigError
 from medtune.data.synthetic import make_ultrasound
 
@@ -104,7 +104,7 @@ def test_a_planted_collapsed_cell_reaches_the_store_and_results(tmp_path, monkey
     warned = [line for line in err if "collapsed" in line]
     assert len(warned) == 2  # one line per flagged cell, advice included (a log is read with grep, not at 80 columns)
     assert all(line.startswith("warning: collapsed") and line.rstrip().endswith("the svm head") for line in warned)
-    from medtune.results.store import Store, read_cells
+    from medtune.evaluation.store import Store, read_cells
 
     with Store(cfg.store) as s:
         infos = read_cells(s)["info"].tolist()
@@ -141,7 +141,7 @@ def test_defaults_keep_every_strategy_clear_of_the_majority_class_on_1_to_5_data
     the majority model's 0.5 (measured 0.69-1.00; unweighted, the 1:5 benchmark's softmax heads sat at
     0.50-0.52, benchmarks/results/imbalance_synthetic.md)."""
     import medtune
-    from medtune.results.store import Store
+    from medtune.evaluation.store import Store
     from medtune.training.strategies import list_strategies
 
     data = _imbalanced_folder(tmp_path / "data", 36, 96)
@@ -162,7 +162,7 @@ def test_defaults_keep_every_strategy_clear_of_the_majority_class_on_1_to_5_data
 
 def test_collapse_advice_leaves_out_what_the_cell_already_does():
     """The demo (balanced weighting, a rate choice, `keep`) was told to try exactly those."""
-    from medtune.results.diagnose import advice, describe
+    from medtune.evaluation.diagnose import advice, describe
 
     done = {"train": {"class_weight": "balanced", "lr": {"choose": [1e-4, 1e-3]}, "bn_statistics": "keep"},
             "strategy": {"name": "full_ft"}}

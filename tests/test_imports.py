@@ -68,9 +68,9 @@ def test_find_cycle_finds_a_planted_cycle():
 
 def test_imports_of_counts_function_local_and_package_imports():
     src = ("import numpy\nfrom medtune.grid.cells import run_cell\nfrom medtune.models import adapters\n"
-           "def f():\n    from medtune import __version__\n    import medtune.results.store\n")
-    modules = {"grid.cells", "models.adapters", "results.store", "models"}
-    assert imports_of(src, modules) == {"grid.cells", "models.adapters", "__init__", "results.store"}
+           "def f():\n    from medtune import __version__\n    import medtune.evaluation.store\n")
+    modules = {"grid.cells", "models.adapters", "evaluation.store", "models"}
+    assert imports_of(src, modules) == {"grid.cells", "models.adapters", "__init__", "evaluation.store"}
 
 
 def test_no_import_cycle_among_medtune_modules():
@@ -79,7 +79,7 @@ def test_no_import_cycle_among_medtune_modules():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-STAGES = ("data", "models", "training", "grid", "results", "report", "deploy")
+STAGES = ("data", "models", "training", "grid", "evaluation", "report", "deploy")
 
 
 def stage(module: str) -> str:
@@ -87,14 +87,14 @@ def stage(module: str) -> str:
 
 
 def test_the_package_reads_as_the_pipeline():
-    """At most a dozen modules at the top; what is read from a store (results/, report/) never imports the
+    """At most a dozen modules at the top; what is read from a store (evaluation/, report/) never imports the
     training code, and nothing below the entry points (cli, the package) imports the grid (which alone
     knows cells and folds) but the grid itself and deploy (which rebuilds a kept cell's model)."""
     top = [p.name for p in SRC.glob("*.py")]
     assert len(top) <= 12, top
     graph = import_graph()
     into_training = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
-                           if stage(m) in ("results", "report") and stage(d) == "training")
+                           if stage(m) in ("evaluation", "report") and stage(d) == "training")
     assert not into_training, into_training
     allowed = {"grid", "top", "deploy"}
     into_grid = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps

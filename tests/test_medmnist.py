@@ -9,7 +9,7 @@ import pytest
 import medtune
 from medtune.data.loaders import load_dataset
 from medtune.errors import DataError, MedtuneError
-from medtune.results.store import open_store
+from medtune.evaluation.store import open_store
 
 N = {"train": 16, "val": 4, "test": 8}
 

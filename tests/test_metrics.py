@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from medtune.results.metrics import auc, clinical_metrics, from_counts
+from medtune.evaluation.metrics import auc, clinical_metrics, from_counts
 
 
 def probs_from_pred(pred, k):
@@ -85,7 +85,7 @@ def test_balanced_accuracy_is_sklearns_mean_recall_over_the_classes_present():
 
     from sklearn.metrics import balanced_accuracy_score as sklearn_score
 
-    from medtune.results.metrics import balanced_accuracy, balanced_accuracy_score
+    from medtune.evaluation.metrics import balanced_accuracy, balanced_accuracy_score
 
     rng = np.random.default_rng(0)
     for n in (3, 7, 40):
@@ -101,13 +101,13 @@ def test_balanced_accuracy_is_sklearns_mean_recall_over_the_classes_present():
 
 # --------------------------------------------------------------------------- the metric table
 def table_rows():
-    from medtune.results.metrics import METRICS
+    from medtune.evaluation.metrics import METRICS
 
     return METRICS
 
 
 def test_the_metric_table_names_each_metric_once_and_orders_main_metrics():
-    from medtune.results.metrics import MAIN_METRICS
+    from medtune.evaluation.metrics import MAIN_METRICS
 
     rows = table_rows()
     names, shorts = [m.name for m in rows], [m.short for m in rows]
@@ -155,7 +155,7 @@ def test_results_wide_shows_a_column_per_metric_of_the_table_in_its_order(tmp_pa
     from typer.testing import CliRunner
 
     from medtune.cli import app
-    from medtune.results.store import Store
+    from medtune.evaluation.store import Store
     from planted import plant_cell, plant_dataset, plant_run
 
     y = np.array([0, 1] * 4)
@@ -178,7 +178,7 @@ def test_a_metric_is_one_row_of_the_table(monkeypatch):
     Matthews' correlation from scikit-learn, on the argmax decision)."""
     from sklearn.metrics import matthews_corrcoef
 
-    from medtune.results import metrics
+    from medtune.evaluation import metrics
 
     mcc = metrics.Metric("mcc", "MCC", "Matthews correlation",
                          lambda s: float(matthews_corrcoef(s.y_true, s.y_pred)))

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from medtune.results.metrics import calibration, net_benefit
-from medtune.results.store import Store
+from medtune.evaluation.metrics import calibration, net_benefit
+from medtune.evaluation.store import Store
 from planted import plant_cell, plant_run
 
 
@@ -56,7 +56,7 @@ def toy_store(path, class_weight: str = "balanced"):
 def test_the_decision_curve_draws_true_risks_above_treat_none(tmp_path):
     """At a threshold of 0.4 the model's net benefit on its true risks is positive; read as risks,
     the equal-prior outputs would put it below treat-none. The drawn curve is the true one."""
-    from medtune.results.evidence import group_table, pooled, read_evidence
+    from medtune.evaluation.evidence import group_table, pooled, read_evidence
     from medtune.report.html import fig_decision
 
     y, true = toy_store(tmp_path / "t.sqlite")
@@ -78,7 +78,7 @@ def test_the_decision_curve_draws_true_risks_above_treat_none(tmp_path):
 def test_ece_and_brier_are_read_at_the_training_prevalence(tmp_path):
     """The store's ECE (computed at cell time on the equal-prior outputs) is replaced at read time; the
     classification metrics and the stored rows are left alone."""
-    from medtune.results.evidence import read_evidence
+    from medtune.evaluation.evidence import read_evidence
 
     toy_store(tmp_path / "t.sqlite")
     with Store(tmp_path / "t.sqlite") as s:
@@ -96,7 +96,7 @@ def test_ece_and_brier_are_read_at_the_training_prevalence(tmp_path):
 
 
 def test_unweighted_cells_are_not_corrected(tmp_path):
-    from medtune.results.evidence import read_evidence
+    from medtune.evaluation.evidence import read_evidence
 
     toy_store(tmp_path / "n.sqlite", class_weight="none")
     ev = read_evidence(tmp_path / "n.sqlite")
@@ -105,7 +105,7 @@ def test_unweighted_cells_are_not_corrected(tmp_path):
 
 
 def test_the_training_priors_are_the_dataset_counts_minus_the_test_fold(tmp_path):
-    from medtune.results.evidence import read_evidence
+    from medtune.evaluation.evidence import read_evidence
 
     y, _ = toy_store(tmp_path / "t.sqlite")
     ev = read_evidence(tmp_path / "t.sqlite")
@@ -129,7 +129,7 @@ class FakeBundle:
 
 
 def test_predict_maps_each_fold_model_back_with_its_own_priors_or_says_it_cannot():
-    from medtune.results.evidence import to_risk
+    from medtune.evaluation.evidence import to_risk
     from medtune.deploy.predict import EQUAL_PRIORS, PREVALENCE, fold_probabilities
 
     out = {0: np.array([[0.5, 0.5], [0.2, 0.8]]), 1: np.array([[0.6, 0.4], [0.3, 0.7]])}

@@ -16,7 +16,7 @@ from PIL import Image
 
 from medtune.data.loaders import decode_image
 from medtune.errors import DataError
-from medtune.results.metrics import clinical_metrics
+from medtune.evaluation.metrics import clinical_metrics
 from medtune.data.splits import kfold
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -169,7 +169,7 @@ def test_decision_recorded_in_store(tmp_path, monkeypatch):
     import medtune.grid.cells as cells
     import medtune.grid.runner as runner
     from medtune.config import load_config
-    from medtune.results.store import Store
+    from medtune.evaluation.store import Store
 
     monkeypatch.setattr(cells, "run_cell", lambda *a, **k: (_ for _ in ()).throw(MemoryError))
     monkeypatch.setattr(runner, "execute", lambda *a, **k: "skipped in this test")

@@ -19,7 +19,7 @@ from medtune.config import RacingConfig, load_config
 from medtune.errors import ConfigError
 from medtune.grid.racing import PRUNED, Score, prune, race
 from medtune.grid.cells import cell_id
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from planted import BASE, merge, plant_dataset
 
 N_VAL = 80
@@ -66,7 +66,7 @@ def planted_store(tmp_path) -> Store:
 def favour_on_test_folds(store: Store, strategy: str):
     """Make the test folds disagree with the inner splits: `strategy` gets the best test-fold mean.
     Returns the store's group table, indexed by strategy."""
-    from medtune.results.evidence import group_table, read_evidence
+    from medtune.evaluation.evidence import group_table, read_evidence
 
     store.conn.execute("UPDATE metrics SET value = 0.99 WHERE name='balanced_accuracy' AND cell_id IN "
                        "(SELECT cell_id FROM cells WHERE strategy=?)", (strategy,))
@@ -214,7 +214,7 @@ def test_without_racing_the_headline_and_deployed_group_are_the_inner_validation
     group keep_best deploys is the same one (bundle.deployed_group). Without any inner-validation
     predictions the headline falls back to the test folds' best and says it is optimistic."""
     from medtune.deploy.bundle import deployed_group
-    from medtune.results.evidence import group_table, read_evidence
+    from medtune.evaluation.evidence import group_table, read_evidence
     from medtune.grid.racing import leaders
     from planted import plant_run
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from medtune.deploy.bundle import load_bundle, save_bundle
 from medtune.cli import app
-from medtune.results.evidence import to_risk
-from medtune.results.store import Store
+from medtune.evaluation.evidence import to_risk
+from medtune.evaluation.store import Store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -242,7 +242,7 @@ def _depth_inputs():
     """A group table and its cells for one data set: three depth settings, two other methods, two heads."""
     from types import SimpleNamespace
 
-    from medtune.results.evidence import MAIN
+    from medtune.evaluation.evidence import MAIN
 
     share = {"linear_probe": 0.001, "partial_ft(fraction=0.15)": 0.5, "full_ft": 1.0, "lp_ft": 1.0, "l2_sp": 1.0}
     rows, cells = [], []
@@ -302,7 +302,7 @@ def test_reliability_diagram_of_a_large_grid_shows_the_headline_and_the_test_fol
     past six groups the diagram shows the headline and the † group; a small grid shows every group."""
     from planted import noisy_probs, plant_cell, plant_dataset, plant_run
 
-    from medtune.results.evidence import group_table, read_evidence
+    from medtune.evaluation.evidence import group_table, read_evidence
     from medtune.report.html import fig_reliability
 
     def figure_labels(n_groups):
@@ -334,8 +334,8 @@ def test_a_section_that_does_not_apply_is_left_out_of_the_page(tmp_path):
     from planted import noisy_probs, plant_cell, plant_dataset, plant_run
 
     from medtune.report import html as report
-    from medtune.results.evidence import group_table, read_evidence
-    from medtune.results.verdict import verdicts
+    from medtune.evaluation.evidence import group_table, read_evidence
+    from medtune.evaluation.verdict import verdicts
 
     rng = np.random.default_rng(0)
     with Store(tmp_path / "s.sqlite") as s:

@@ -11,7 +11,7 @@ import medtune
 from medtune.config import load_config
 from medtune.models.heads import create_head, full_proba
 from medtune.grid.cells import expand, prepare, settings_from
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from medtune.training.loop import set_seed
 from conftest import PROB_ATOL, TINY, smoke_raw
 

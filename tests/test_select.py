@@ -17,7 +17,7 @@ from medtune.errors import ConfigError
 from medtune.grid.cells import PreparedData, expand, model_key, run_cell, settings_from
 from medtune.grid.select import candidates, fit_candidate, inner_score
 from medtune.data.splits import kfold
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from medtune.training.strategies import REGISTRY
 from medtune.training.loop import Runtime
 
@@ -255,9 +255,9 @@ def test_a_choice_pinned_at_its_lists_end_is_shown_with_what_to_try(tmp_path, ca
     from planted import noisy_probs, plant_cell, plant_dataset, plant_run
 
     from medtune.cli import Fmt, print_results
-    from medtune.results.diagnose import chosen_values, edge_choices
+    from medtune.evaluation.diagnose import chosen_values, edge_choices
     from medtune.report.html import build_report
-    from medtune.results.store import read_cells
+    from medtune.evaluation.store import read_cells
 
     lrs = [1e-4, 3e-4, 1e-3]
     picks = {"bitfit": [1e-3, 1e-3, 3e-4, 1e-3, 1e-3], "full_ft": [1e-3, 3e-4, 3e-4, 1e-4, 1e-3]}

@@ -1,4 +1,4 @@
-"""Several `medtune run` processes sharing one store (results/store.py's leases): one is SIGKILLed while it
+"""Several `medtune run` processes sharing one store (evaluation/store.py's leases): one is SIGKILLed while it
 holds a cell, and the grid still ends with every cell computed exactly once, each finished cell's
 "[n/N]" line printed once across the logs, the survivors exiting 0, no traceback anywhere."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 from conftest import PYTHON, cli_env, tiny_config
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_kill_resume import store_state, wait_until  # noqa: E402

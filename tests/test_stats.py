@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medtune.results.metrics import (
+from medtune.evaluation.metrics import (
     average_ranks,
     balanced_accuracy,
     bootstrap_ci,
@@ -113,7 +113,7 @@ def test_cd_diagram_draws_one_bar_per_clique():
 
 
 # --------------------------------------------------------------------------- issue 16: evidence
-from medtune.results.metrics import (at_threshold, bootstrap_ci as _boot, calibration, clinical_metrics, ece, holm,  # noqa: E402
+from medtune.evaluation.metrics import (at_threshold, bootstrap_ci as _boot, calibration, clinical_metrics, ece, holm,  # noqa: E402
                              net_benefit,
                              threshold_for)
 
@@ -218,7 +218,7 @@ def test_ece_sweep_is_less_biased_than_ten_bins_on_a_small_fold():
 
 
 def test_ece_sweep_bins_stop_at_the_first_non_monotone_count():
-    from medtune.results.metrics import sweep_bins
+    from medtune.evaluation.metrics import sweep_bins
 
     p = np.arange(8) / 8
     assert sweep_bins(np.array([0, 0, 0, 0, 1, 1, 1, 1.0]), p) == 8  # perfectly ordered: every count

@@ -15,7 +15,7 @@ from typer.testing import CliRunner  # noqa: E402
 from medtune.cli import app  # noqa: E402
 from medtune.config import load_config  # noqa: E402
 from medtune.grid.runner import run  # noqa: E402
-from medtune.results.store import Store  # noqa: E402
+from medtune.evaluation.store import Store  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The verdict (results/verdict.py): one recommendation per data set, chosen without the test folds, printed
+"""The verdict (evaluation/verdict.py): one recommendation per data set, chosen without the test folds, printed
 in the same words by `medtune run`, `medtune results` (table and JSON), the report, MODEL_CARD.md
 and the TRIPOD appendix; the one-standard-error rule; whether depth matters; caveats.
 
@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medtune.cli import app
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from planted import noisy_probs, plant_cell, plant_run
 
 N_FOLD = 40  # test images per fold
@@ -71,8 +71,8 @@ def leader_store(tmp_path):
 
 
 def test_the_verdict_is_the_inner_leader_not_the_best_test_fold_row(leader_store):
-    from medtune.results.evidence import group_table, read_evidence
-    from medtune.results.verdict import verdicts
+    from medtune.evaluation.evidence import group_table, read_evidence
+    from medtune.evaluation.verdict import verdicts
 
     ev = read_evidence(leader_store)
     t = group_table(ev, n_boot=50).set_index("strategy")
@@ -89,9 +89,9 @@ def test_the_same_verdict_text_in_run_results_json_report_card_and_appendix(lead
     (linear_probe): every place a person reads the answer gives the same lines."""
     from medtune.report.card import model_card
     from medtune.cli import print_run_summary
-    from medtune.results.evidence import read_evidence
+    from medtune.evaluation.evidence import read_evidence
     from medtune.report.html import build_report, tripod_appendix
-    from medtune.results.verdict import store_verdicts
+    from medtune.evaluation.verdict import store_verdicts
 
     v = store_verdicts(leader_store)["syn"]
     lines = v.lines()
@@ -151,8 +151,8 @@ def test_one_se_prefers_the_fewest_parameters_within_one_standard_error(tmp_path
     """linear_probe's inner mean (0.84) is within one SE of full_ft's (0.85 ± 0.022 sd over 5 folds, SE
     0.010); partial_ft (0.80) is not. `recommend: leader` keeps full_ft, `recommend: one_se` takes the
     probe; a probe two SEs below stays out."""
-    from medtune.results.evidence import read_evidence
-    from medtune.results.verdict import verdicts
+    from medtune.evaluation.evidence import read_evidence
+    from medtune.evaluation.verdict import verdicts
 
     inner = {"linear_probe": [0.84] * 5, "partial_ft": [0.80] * 5, "full_ft": [0.825, 0.875, 0.85, 0.825, 0.875]}
     test = {s: [2.0] * 5 for s in inner}
@@ -168,7 +168,7 @@ def test_one_se_prefers_the_fewest_parameters_within_one_standard_error(tmp_path
 
 
 def test_one_se_on_a_frame_without_spread_keeps_the_leader():
-    from medtune.results.headline import choose
+    from medtune.evaluation.headline import choose
 
     cells = pd.DataFrame({"group": ["a", "b"], "strategy": ["full_ft", "linear_probe"], "backbone": "x",
                           "head": "softmax", "variant": "", "pruned": "", "inner": [0.9, 0.89],
@@ -181,8 +181,8 @@ def test_one_se_on_a_frame_without_spread_keeps_the_leader():
 def test_depth_said_in_words_both_ways(tmp_path):
     """Equal test-fold skill: no detectable difference. full_ft far better on every fold: fine-tuning
     beyond the probe gains, with its interval."""
-    from medtune.results.evidence import read_evidence
-    from medtune.results.verdict import verdicts
+    from medtune.evaluation.evidence import read_evidence
+    from medtune.evaluation.verdict import verdicts
 
     inner = {"linear_probe": [0.70] * 5, "full_ft": [0.85] * 5}
     same = plant_grid(tmp_path / "same.sqlite", inner, {"linear_probe": [2.0] * 5, "full_ft": [2.0] * 5})
@@ -199,8 +199,8 @@ def test_depth_said_in_words_both_ways(tmp_path):
 
 
 def test_caveats_that_apply_and_none_that_do_not(tmp_path):
-    from medtune.results.evidence import read_evidence
-    from medtune.results.verdict import verdicts
+    from medtune.evaluation.evidence import read_evidence
+    from medtune.evaluation.verdict import verdicts
 
     inner = {"linear_probe": [0.70] * 5, "full_ft": [0.85] * 5}
     plant_grid(tmp_path / "ok.sqlite", inner, {"linear_probe": [2.0] * 5, "full_ft": [2.0] * 5}).close()
@@ -219,8 +219,8 @@ def test_caveats_that_apply_and_none_that_do_not(tmp_path):
 
 
 def test_an_official_split_is_a_held_out_test_set_scored_once(tmp_path, capsys):
-    from medtune.results.evidence import read_evidence
-    from medtune.results.verdict import verdicts
+    from medtune.evaluation.evidence import read_evidence
+    from medtune.evaluation.verdict import verdicts
 
     inner = {"linear_probe": [0.70], "full_ft": [0.85]}
     plant_grid(tmp_path / "o.sqlite", inner, {"linear_probe": [2.0], "full_ft": [2.0]}, folds=1).close()
@@ -235,7 +235,7 @@ def test_a_group_has_one_colour_in_the_calibration_decision_and_cost_plots(leade
     coloured them by that order (C0, C1) while the other plots coloured by table order."""
     from matplotlib.colors import to_hex
 
-    from medtune.results.evidence import group_table, label, read_evidence
+    from medtune.evaluation.evidence import group_table, label, read_evidence
     from medtune.report.html import fig_cost, fig_decision, fig_reliability, colours
 
     ev = read_evidence(leader_store)
@@ -274,7 +274,7 @@ def test_results_fit_100_columns_and_no_number_wraps(leader_store, wide):
 def test_keep_best_deploys_the_verdict_and_records_the_rule_and_priors(tiny_run):
     from pathlib import Path
 
-    from medtune.results.verdict import store_verdicts
+    from medtune.evaluation.verdict import store_verdicts
 
     store, _ = tiny_run
     meta = json.loads((Path(f"{store}.models/best") / "model.json").read_text())
@@ -290,8 +290,8 @@ def test_an_unfinished_group_is_left_out_of_the_choice_and_named(tmp_path):
     """An interrupted run (BUSI, 2026-12-07: auto_depth had 1 of 5 folds done and was recommended on it): a
     group that has not finished the folds the others have is left out of the recommendation, whichever
     rule would pick it, and the verdict names it."""
-    from medtune.results.evidence import read_evidence
-    from medtune.results.verdict import verdicts
+    from medtune.evaluation.evidence import read_evidence
+    from medtune.evaluation.verdict import verdicts
 
     inner = {"linear_probe": [0.80] * 5, "partial_ft": [0.95] * 5, "full_ft": [0.85] * 5}
     store = plant_grid(tmp_path / "a.sqlite", inner, {s: [2.0] * 5 for s in inner})
@@ -304,7 +304,7 @@ def test_an_unfinished_group_is_left_out_of_the_choice_and_named(tmp_path):
 
 
 def test_the_nested_choice_waits_for_its_folds():
-    from medtune.results.headline import choose
+    from medtune.evaluation.headline import choose
 
     rows = [{"group": g, "strategy": s, "seed": 0, "fold": f, "inner": i, "share": 1.0, "balanced_accuracy": 0.8}
             for g, s, folds, i in (("a", "auto_depth(candidates=('x', 'y'))", 1, 0.9), ("b", "full_ft", 5, 0.85))

@@ -8,7 +8,7 @@ from planted import plant_cell
 import medtune.grid.cells as cells
 import medtune.grid.runner as runner
 from medtune.config import load_config
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from medtune.version import RESULTS_VERSION
 
 

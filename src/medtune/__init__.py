@@ -35,7 +35,7 @@ def run(config, store: str | None = None, overrides: list[str] | None = None, pr
 
 def results(store: str):
     """Per-cell metrics from a results store as a pandas DataFrame."""
-    from medtune.results.store import open_store
+    from medtune.evaluation.store import open_store
 
     with open_store(store, must_exist=True) as s:
         return s.metrics()

@@ -156,7 +156,7 @@ def print_run_summary(summary, resume: str) -> None:
     where a reader of the log looks, and in the exit status a script reads."""
     import json
 
-    from medtune.results.evidence import duplicates_text
+    from medtune.evaluation.evidence import duplicates_text
 
     raced = f"{len(summary.pruned)} candidate(s) pruned by racing, " if summary.pruned else ""
     shared = f"{summary.elsewhere} by other runs sharing the store, " if summary.elsewhere else ""
@@ -227,7 +227,7 @@ def results(
     The verdict first (the recommended configuration, whether depth matters, its cost and caveats), then
     mean ± sd of each metric over folds (and seeds), one row per data set, backbone, strategy and head,
     the recommended row marked *; --failed lists the failed cells with their errors."""
-    from medtune.results.store import guarded
+    from medtune.evaluation.store import guarded
 
     try:
         with guarded(store, "reading it"):  # a damaged store: one paragraph, not pandas' traceback
@@ -309,14 +309,14 @@ def results_tables(shown, labels: list[str], numbers: list[str], width: int) -> 
 
 def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdict: bool = True) -> dict:
     """The verdict (unless `verdict` is False: `run` prints it last) and the results table; returns
-    {data set: Verdict} (results/verdict.py) so the caller prints the same one."""
+    {data set: Verdict} (evaluation/verdict.py) so the caller prints the same one."""
     import numpy as np
 
-    from medtune.results.diagnose import budget_lines
-    from medtune.results.evidence import RISK_NOTE, read_evidence, summary_table
+    from medtune.evaluation.diagnose import budget_lines
+    from medtune.evaluation.evidence import RISK_NOTE, read_evidence, summary_table
     from medtune.report.html import SHORT, format_pm, trained_share
-    from medtune.results.store import open_store
-    from medtune.results.verdict import collapse_lines, pinned_lines, verdicts
+    from medtune.evaluation.store import open_store
+    from medtune.evaluation.verdict import collapse_lines, pinned_lines, verdicts
 
     with open_store(store, must_exist=True) as s:
         if failed:
@@ -344,7 +344,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
         import json
 
         records = json.loads(summary.to_json(orient="records"))
-        from medtune.results.store import strict_json  # NaN (an undefined CI) as null: strict readers refuse NaN
+        from medtune.evaluation.store import strict_json  # NaN (an undefined CI) as null: strict readers refuse NaN
 
         doc = {"verdict": {ds: v.to_dict() for ds, v in vs.items()}, "results": records, "probabilities": RISK_NOTE}
         sys.stdout.write(json.dumps(json.loads(strict_json(doc)), indent=2) + "\n")
@@ -376,7 +376,7 @@ def print_results(store: Path, fmt: Fmt, failed: bool, wide: bool = False, verdi
                       highlight=False)
         print_table(table)
     for line in collapse_lines(ev) + pinned_lines(ev) + budget_lines(ev.cells):
-        # results/diagnose.py: what the metrics do not shout
+        # evaluation/diagnose.py: what the metrics do not shout
         console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
     for _, r in stopped.iterrows():  # grid/racing.py: its row averages only the folds it ran
         console.print(f"pruned by racing ({int(r.n_cells)} cells): {escape(r.dataset)} {escape(r.backbone)} "
@@ -607,7 +607,7 @@ def report(
     diagram, training curves, Grad-CAM gallery, config) plus results.csv, results.md and results.tex."""
     from medtune.report.html import build_report
 
-    from medtune.results.store import guarded, open_store
+    from medtune.evaluation.store import guarded, open_store
 
     try:
         with guarded(store, "reading it"):
@@ -705,7 +705,7 @@ def track(
     One run per cell (resolved config as params, final and per-epoch metrics, the kept model as
     artifacts) and one run with the report. Runs already there (tagged with the cell id) are kept, so
     tracking again adds only new cells."""
-    from medtune.results.store import guarded
+    from medtune.evaluation.store import guarded
     from medtune.report.tracking import track_store
 
     try:

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from medtune.errors import ConfigError
-from medtune.results.metrics import RACEABLE_METRICS
+from medtune.evaluation.metrics import RACEABLE_METRICS
 
 
 class Strict(BaseModel):
@@ -223,7 +223,7 @@ class RacingConfig(Strict):
     min_folds: int = Field(2, ge=2, description="rounds (seed, fold) every candidate runs before any is pruned")
     margin: float = Field(0.01, ge=0, le=1, description="a candidate is pruned only when worse by more than this: "
                           "a near-tie is never pruned")
-    metric: Literal[RACEABLE_METRICS] = Field(  # the metric table's raceable rows (results/metrics.py)
+    metric: Literal[RACEABLE_METRICS] = Field(  # the metric table's raceable rows (evaluation/metrics.py)
         "balanced_accuracy", description="the inner-validation score the race compares")
 
     @field_validator("metric", mode="before")

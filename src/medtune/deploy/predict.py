@@ -71,7 +71,7 @@ def fold_probabilities(bundle: Bundle, images: torch.Tensor, tta: str | None) ->
     frequencies in model.json each fold model's output is mapped back to that prevalence
     (evidence.to_risk), as the report scores them, and then averaged; without them (an older bundle)
     the outputs are returned as they are, and said to be so. Unweighted models need no mapping."""
-    from medtune.results.evidence import to_risk
+    from medtune.evaluation.evidence import to_risk
 
     entries = bundle.meta.get("folds", [])
     priors = [e.get("priors") for e in entries]

@@ -26,16 +26,16 @@ from medtune.version import __version__
 from medtune.models.backbones import default_image_size
 from medtune.config import AUTO_DEPTH, ExperimentConfig
 from medtune.data.loaders import ImageTable, load_dataset, manifest_columns
-from medtune.results.diagnose import collapse, describe
+from medtune.evaluation.diagnose import collapse, describe
 from medtune.errors import MedtuneError, TrainingError
 from medtune.models import heads
 from medtune.models import probe
 from medtune.models.heads import DECISION_RULES, full_proba, head_class
-from medtune.results.metrics import clinical_metrics
+from medtune.evaluation.metrics import clinical_metrics
 from medtune.grid.select import ETA, cell_strategies, strategy_label, train_cell
 from medtune.data.splits import (LeaveOneSiteOut, OfficialSplit, PatientKFold, apply_duplicate_policy,
                                    assert_disjoint, check_foldable, inner_split)
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from medtune.training.loop import Runtime, TrainSettings, autocast_dtype, resolve_device
 from medtune.version import RESULTS_VERSION
 

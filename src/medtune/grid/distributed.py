@@ -29,7 +29,7 @@ import torch
 from medtune.config import ExperimentConfig
 from medtune.errors import ConfigError
 from medtune.grid.cells import CellResult, GridProgress, PreparedData, RunSummary, execute, model_key, record
-from medtune.results.store import Store
+from medtune.evaluation.store import Store
 from medtune.training.loop import FeatureCache, Runtime, TrainSettings, autocast_dtype
 
 # Test-only, read by the workers (set it before Ray starts): a directory. While it holds a file `armed`,

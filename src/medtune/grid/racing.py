@@ -36,9 +36,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from medtune.results.inner import Score, inner_scores
-from medtune.results.metrics import corrected_ttest, holm
-from medtune.results.store import Store, group_key
+from medtune.evaluation.inner import Score, inner_scores
+from medtune.evaluation.metrics import corrected_ttest, holm
+from medtune.evaluation.store import Store, group_key
 
 PRUNED = "pruned"
 
@@ -89,7 +89,7 @@ def prune(scores: dict[str, dict[tuple, Score]], looks: int, confidence: float, 
 def leaders(store: Store, metric: str, m: pd.DataFrame | None = None) -> dict[str, str]:
     """{data set: group key} of the inner-validation leader: the best mean inner-validation `metric`
     among the groups racing did not stop (all groups without racing). The headline and the deployed
-    model when no `primary` or auto_depth decides (results/headline.py); a data set whose cells hold no
+    model when no `primary` or auto_depth decides (evaluation/headline.py); a data set whose cells hold no
     inner-validation predictions (`val_fraction: 0`) has none. `m`: the store's `metrics()`, when
     the caller has read it already."""
     m = store.metrics() if m is None else m

@@ -7,12 +7,12 @@ rerun skips every id the store already holds as done. Cells are executed by a lo
 Ray (`executor: ray`). With `racing:` the cells run round by round (grid/racing.py), each round through
 the same executor.
 
-Several local runs may share one store (results/store.py's leases): each claims a cell before running it
+Several local runs may share one store (evaluation/store.py's leases): each claims a cell before running it
 and skips cells others hold or finished. A run that finds the cells left all held by live others
 waits for them instead of exiting, so that a racing round is decided on all of its cells, the
 deployed model is chosen from the whole grid, and the exit status and summary describe the whole
 grid (a script that runs `report` after `medtune run` sees every cell). A process that dies
-leaves its lease behind; the others take its cell over (results/store.py says when).
+leaves its lease behind; the others take its cell over (evaluation/store.py says when).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from medtune.grid.cells import (Cell, CellResult, GridProgress, PreparedData, Ru
                                 record_of, settings_from)
 from medtune.config import ExperimentConfig
 from medtune.errors import Interrupted, StoreError
-from medtune.results.store import Store, check_store_path, guarded, store_error
+from medtune.evaluation.store import Store, check_store_path, guarded, store_error
 from medtune.training.loop import Runtime, TrainSettings, autocast_dtype, resolve_device, shared_cache
 
 

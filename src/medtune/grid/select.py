@@ -26,7 +26,7 @@ from medtune.config import (AUTO_DEPTH, ExperimentConfig, StrategyConfig, auto_d
                             expand_choices, expand_params, is_choice)
 from medtune.data.loaders import ImageTable
 from medtune.errors import ConfigError
-from medtune.results.metrics import balanced_accuracy
+from medtune.evaluation.metrics import balanced_accuracy
 from medtune.data.splits import inner_split, kfold
 from medtune.training.strategies import Strategy, create_strategy, uses_learning_rate
 from medtune.training.loop import FitResult, Runtime, TrainSettings, fit, fit_epochs, set_seed

@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from medtune.errors import ConfigError
-from medtune.results.metrics import balanced_accuracy_score
+from medtune.evaluation.metrics import balanced_accuracy_score
 from medtune.models.probe import one_blas_thread, search, widen_log
 
 HEADS: dict[str, type["Head"]] = {}  # registry key -> class, in registration order (softmax first)

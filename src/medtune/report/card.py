@@ -1,6 +1,6 @@
 """MODEL_CARD.md for a deployed bundle: what it was trained on and how well it did, from the store.
 
-Every figure is read from the results store through `medtune.results.evidence`, the module the report's
+Every figure is read from the results store through `medtune.evaluation.evidence`, the module the report's
 tables come from, so the card and the report say the same numbers: the group's mean ± sd over
 folds, the pooled out-of-fold balanced accuracy with its 95% patient-bootstrap CI, and the
 calibration (Brier, ECE, PR-AUC). Intended use and limitations are stated from the run's record
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-    from medtune.results.verdict import Verdict
+    from medtune.evaluation.verdict import Verdict
 
 N_BOOT = 2000  # as the report's tables
 
@@ -38,9 +38,9 @@ class Facts:
 
 
 def read_facts(store_path: str | Path, meta: dict, ev=None) -> Facts:
-    from medtune.results.evidence import calibration_table, ci, pooled, read_evidence, summary_table
-    from medtune.results.metrics import balanced_accuracy
-    from medtune.results.verdict import verdicts
+    from medtune.evaluation.evidence import calibration_table, ci, pooled, read_evidence, summary_table
+    from medtune.evaluation.metrics import balanced_accuracy
+    from medtune.evaluation.verdict import verdicts
 
     ev = read_evidence(store_path) if ev is None else ev
     ds, group = meta["dataset"], meta["group"]
@@ -79,8 +79,8 @@ def card_verdict(f: Facts) -> list[str]:
 
 
 def card_data(f: Facts) -> list[str]:
-    from medtune.results.evidence import duplicates_text, grouping_text
-    from medtune.results.verdict import evaluation_text
+    from medtune.evaluation.evidence import duplicates_text, grouping_text
+    from medtune.evaluation.verdict import evaluation_text
 
     meta, info = f.meta, f.info
     counts = info.get("class_counts", {})
@@ -111,7 +111,7 @@ def card_preprocessing(f: Facts) -> list[str]:
 
 
 def card_model(f: Facts) -> list[str]:
-    from medtune.results.headline import HOW
+    from medtune.evaluation.headline import HOW
 
     meta = f.meta
     return ["## Model",
@@ -122,8 +122,8 @@ def card_model(f: Facts) -> list[str]:
 
 
 def card_performance(f: Facts) -> list[str]:
-    from medtune.results.evidence import fmt_ci
-    from medtune.results.metrics import MAIN_METRICS
+    from medtune.evaluation.evidence import fmt_ci
+    from medtune.evaluation.metrics import MAIN_METRICS
 
     row = f.row
     lines = ["## Cross-validated performance (outer test folds)",
@@ -138,7 +138,7 @@ def card_performance(f: Facts) -> list[str]:
 
 
 def card_calibration(f: Facts) -> list[str]:
-    from medtune.results.evidence import RISK_NOTE
+    from medtune.evaluation.evidence import RISK_NOTE
 
     lines = ["## Calibration (pooled out-of-fold, 95% CI)"]
     if not f.cal.empty:

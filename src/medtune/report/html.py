@@ -1,5 +1,5 @@
 """The HTML report and its CSV/MD/TeX tables: presentation only; the numbers come from
-`medtune.results.evidence`, which reads the results store (and the PNGs the runner wrote beside it),
+`medtune.evaluation.evidence`, which reads the results store (and the PNGs the runner wrote beside it),
 never a model."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medtune.results.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters, external_table, fmt_ci,  # noqa: F401
+from medtune.evaluation.evidence import (GROUP, MAIN, Evidence, calibration_table, clusters, external_table, fmt_ci,  # noqa: F401
                                       efficiency_table, fold_ranks, short_strategy, group_cells, group_table,
                                       headline_row, label, main_table, operating_points, operating_table,
                                       paired_tests, pooled, positive_index, rank_blocks, grouping_text, read_evidence,
                                       subgroup_table, summary_table)
-from medtune.results.diagnose import budget_lines, chosen_values, head_choices
-from medtune.results.evidence import RISK_NOTE, near
-from medtune.results.headline import OPTIMISTIC
-from medtune.results.metrics import MAIN_METRICS, METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
+from medtune.evaluation.diagnose import budget_lines, chosen_values, head_choices
+from medtune.evaluation.evidence import RISK_NOTE, near
+from medtune.evaluation.headline import OPTIMISTIC
+from medtune.evaluation.metrics import MAIN_METRICS, METRICS, cd_cliques, confusion, friedman, nemenyi_cd, net_benefit
 from medtune.version import RESULTS_VERSION
 
 FONT = 13  # points: readable when the page is printed
@@ -572,7 +572,7 @@ def tripod_appendix(ev: Evidence, vs: dict | None = None) -> pd.DataFrame:
                           f"{', ' + str(b['image_size']) + ' px' if b.get('image_size') else ''})"
                           for b in cfg.get("backbones", []))
     ops = ", ".join(f"{k} ≥ {v}" for p in cfg.get("operating_points", []) for k, v in p.items()) or "none declared"
-    from medtune.results.verdict import verdicts
+    from medtune.evaluation.verdict import verdicts
 
     vs = verdicts(ev) if vs is None else vs
     headline_rule = " ".join(" ".join(line.strip() for line in v.lines()) for v in vs.values())
@@ -612,7 +612,7 @@ def tripod_appendix(ev: Evidence, vs: dict | None = None) -> pd.DataFrame:
 
 
 def verdict_html(v, t: pd.DataFrame) -> str:
-    """The report's first box: the verdict's own lines (results/verdict.py), then the optimistic view it is not."""
+    """The report's first box: the verdict's own lines (evaluation/verdict.py), then the optimistic view it is not."""
     lines = v.lines()
     text = (f"<div class=headline><p><b>{html.escape(lines[0])}</b></p>"
             + "".join(f"<p class={'warn' if line.strip().startswith('caveat:') else 'line'}>"
@@ -737,9 +737,9 @@ def section_efficiency(pg: Page, d: Data) -> str:
 
 
 def section_collapsed(pg: Page, d: Data) -> str:
-    from medtune.results.verdict import collapse_lines
+    from medtune.evaluation.verdict import collapse_lines
 
-    collapsed = collapse_lines(pg.ev, d.name)  # results/diagnose.py's rule applied to the stored predictions
+    collapsed = collapse_lines(pg.ev, d.name)  # evaluation/diagnose.py's rule applied to the stored predictions
     if not collapsed:
         return ""
     return ("<h3 class=warn>Collapsed cells: one class predicted, or predictions far from the class "
@@ -747,8 +747,8 @@ def section_collapsed(pg: Page, d: Data) -> str:
 
 
 def section_chosen(pg: Page, d: Data) -> str:
-    """results/diagnose.py: `{choose: [...]}` picks and the heads' own C / k, all made on inner splits."""
-    from medtune.results.verdict import pinned_lines
+    """evaluation/diagnose.py: `{choose: [...]}` picks and the heads' own C / k, all made on inner splits."""
+    from medtune.evaluation.verdict import pinned_lines
 
     chosen = pd.concat([t_ for t_ in (chosen_values(d.cells), head_choices(d.cells)) if not t_.empty]
                        or [chosen_values(d.cells)], ignore_index=True)
@@ -970,7 +970,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
     """Write report.html (self-contained), results.csv, subgroups.csv, results.md and results.tex: the
     page is its sections in order (PAGE_TOP, DATASET_SECTIONS for each data set, PAGE_END), each
     returning its HTML, or "" where it does not apply."""
-    from medtune.results.verdict import verdicts
+    from medtune.evaluation.verdict import verdicts
 
     ev = read_evidence(store_path)
     out = Path(out_dir)

@@ -134,9 +134,9 @@ class Tracker:
     def grid(self, store_path: Path, report_dir: Path | None) -> str:
         """The store's own run: the report as artifacts (logged again when it changed)."""
         key = str(Path(store_path).resolve())
-        rid = self.find("medtune.results.store", key)
+        rid = self.find("medtune.evaluation.store", key)
         if rid is None:
-            rid = self.client.create_run(self.experiment_id, tags={KIND_TAG: "grid", "medtune.results.store": key,
+            rid = self.client.create_run(self.experiment_id, tags={KIND_TAG: "grid", "medtune.evaluation.store": key,
                                                                    "mlflow.runName": f"grid {Path(store_path).name}"}
                                          ).info.run_id
             if report_dir is not None and report_dir.is_dir():
@@ -174,7 +174,7 @@ def experiment_name(store) -> str:
 def track_store(store_path: str | Path, uri: str | None = None, experiment: str | None = None,
                 report: bool = True) -> TrackSummary:
     """Every done cell of the store as an MLflow run (existing ones kept), and the report."""
-    from medtune.results.store import open_store
+    from medtune.evaluation.store import open_store
 
     store_path = Path(store_path)
     with open_store(store_path, must_exist=True) as s:

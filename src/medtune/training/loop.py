@@ -28,7 +28,7 @@ from medtune.config import TrainConfig
 from medtune.data.loaders import ImageTable
 from medtune.errors import TrainingError
 from medtune.training.features import (POOLED, FeatureCache, Forward, Inputs, Runtime, shared_cache)  # noqa: F401 - re-exported
-from medtune.results.metrics import balanced_accuracy
+from medtune.evaluation.metrics import balanced_accuracy
 from medtune.training.precision import (Stepper, autocast_dtype, compile_pays, cpu_lanes, in_lanes,  # noqa: F401
                                inference_batch_size, prepare_model, resolve_device, set_seed)
 from medtune.models.probe import fit_linear_probe, load_into

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medtune.results.diagnose import budget_limited, chosen_values, collapsed_cells, edge_choices, head_choices
-from medtune.results.evidence import (MAIN, Evidence, choice_table, ci, fmt_ci, label, near, paired_tests, pooled,
+from medtune.evaluation.diagnose import budget_limited, chosen_values, collapsed_cells, edge_choices, head_choices
+from medtune.evaluation.evidence import (MAIN, Evidence, choice_table, ci, fmt_ci, label, near, paired_tests, pooled,
                               read_evidence, short_strategy)
-from medtune.results.headline import INNER, NESTED, ONE_SE, OPTIMISTIC, PRIMARY, unfinished
-from medtune.results.metrics import balanced_accuracy
+from medtune.evaluation.headline import INNER, NESTED, ONE_SE, OPTIMISTIC, PRIMARY, unfinished
+from medtune.evaluation.metrics import balanced_accuracy
 
 N_BOOT = 2000  # as the report's main table: the verdict's interval is the table's
 ALPHA = 0.05

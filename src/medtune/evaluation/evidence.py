@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medtune.results.headline import choose
-from medtune.results.metrics import (MAIN_METRICS, at_threshold, auc, balanced_accuracy, bootstrap_ci, calibration,
+from medtune.evaluation.headline import choose
+from medtune.evaluation.metrics import (MAIN_METRICS, at_threshold, auc, balanced_accuracy, bootstrap_ci, calibration,
                              corrected_ttest, from_counts, holm, threshold_for, wilcoxon)
-from medtune.results.inner import inner_scores
-from medtune.results.store import DISPLAY
+from medtune.evaluation.inner import inner_scores
+from medtune.evaluation.store import DISPLAY
 
 MAIN = "balanced_accuracy"
 GROUP = [*DISPLAY, "variant"]  # how a group is shown; `group` (its key) is what rows are computed by
@@ -59,7 +59,7 @@ class Evidence:
 
 def read_evidence(store_path: str | Path) -> Evidence:
     from medtune.errors import MedtuneError
-    from medtune.results.store import open_store, read_cells, read_datasets
+    from medtune.evaluation.store import open_store, read_cells, read_datasets
 
     with open_store(store_path, must_exist=True) as s:
         m = s.metrics()
@@ -416,7 +416,7 @@ def rank_blocks(ev: Evidence) -> pd.DataFrame:
 
 def fold_ranks(ev: Evidence, dataset: str) -> pd.DataFrame:
     """Descriptive only: each group's mean rank over the (seed, fold) pairs of one data set."""
-    from medtune.results.metrics import average_ranks
+    from medtune.evaluation.metrics import average_ranks
 
     sub = ev.metrics[ev.metrics.dataset == dataset].copy()
     sub["method"] = [label(r) for _, r in sub.iterrows()]

@@ -25,7 +25,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from medtune.results.metrics import balanced_accuracy_score
+from medtune.evaluation.metrics import balanced_accuracy_score
 
 COLLAPSE_SHARE = 0.95
 MIX_RATIO = 2.0  # predicted share of a class >= this x its true share ...

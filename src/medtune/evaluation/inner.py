@@ -12,8 +12,8 @@ from typing import Iterable
 
 import numpy as np
 
-from medtune.results.metrics import clinical_metrics
-from medtune.results.store import Store
+from medtune.evaluation.metrics import clinical_metrics
+from medtune.evaluation.store import Store
 
 
 @dataclass(frozen=True)
