@@ -530,7 +530,7 @@ class Store:
             cell = wanted.get(tuple(key))
             if cell is None:
                 continue
-            there, here = flat(json.loads(config_json)), flat(cell["config"])
+            there, here = flatten(json.loads(config_json)), flatten(cell["config"])
             keys = [k for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)
                     and not k.startswith("results_version")]
             if not keys:
@@ -560,17 +560,6 @@ UNMATCHED_HINTS = {
     "dataset.fingerprint": "The images or labels changed since those cells ran.",
     "numerics": "medtune's searched grids (C, k) changed since those cells ran.",
 }
-
-
-def flat(config: dict, prefix: str = "") -> dict:
-    """A cell config as dotted keys: {'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}."""
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, dict) and v:
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def open_store(path: str | Path, must_exist: bool = False) -> Store:
