@@ -251,6 +251,11 @@ class ExperimentConfig(Strict):
     folds: int = Field(5, ge=2, le=20, description="k of the outer stratified (patient-grouped) k-fold")
     seeds: list[int] = Field([0], min_length=1, description="repeat the whole CV with these seeds (folds and "
                                                             "initialisation)")
+    train_sizes: list[float | int] = Field([1.0], min_length=1, description="learning curves: run every cell at "
+                                           "these sizes of its outer training fold, a fraction of the fold's "
+                                           "training patients (0.25) or a number of them (40); nested, stratified, "
+                                           "patient-intact subsets beside the same test fold; 1.0 (the whole fold, "
+                                           "where the verdict is made) must be among them")
     train: TrainConfig = Field(TrainConfig(), description="training settings shared by every cell")
     store: str = Field("results/medtune.sqlite", description="SQLite results store (`--store` overrides)")
     device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -314,6 +319,16 @@ class ExperimentConfig(Strict):
             raise ValueError(f"racing.min_folds ({self.racing.min_folds}) leaves no round to prune after "
                              f"({self.folds} folds x {len(self.seeds)} seed(s)); lower it or turn racing off.")
         return self
+
+    @field_validator("train_sizes")
+    @classmethod
+    def _train_sizes(cls, v: list) -> list:
+        from medtune.data.subsets import check_sizes
+
+        try:
+            return check_sizes(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("racing", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medtune.data.subsets import FULL, check_sizes, is_full, size_label
 from medtune.evaluation.headline import choose
 from medtune.evaluation.metrics import (MAIN_METRICS, at_threshold, auc, balanced_accuracy, bootstrap_ci, calibration,
                              corrected_ttest, from_counts, holm, threshold_for, wilcoxon)
@@ -57,15 +58,24 @@ class Evidence:
         return list(d.loc[dataset, "class_names"]) if dataset in d.index else []
 
 
-def read_evidence(store_path: str | Path) -> Evidence:
+def read_evidence(store_path: str | Path, train_size: float | int = FULL) -> Evidence:
+    """The evidence of one training-set size (learning curves, data/subsets.py): the full size by
+    default, where the verdict, the tables and the paired tests are made; `train_sizes_in` lists
+    the sizes a store holds."""
     from medtune.errors import MedtuneError
-    from medtune.evaluation.store import open_store, read_cells, read_datasets
+    from medtune.evaluation.store import at_size, open_store, read_cells, read_datasets
 
     with open_store(store_path, must_exist=True) as s:
-        m = s.metrics()
-        if m.empty:
+        every = s.metrics()
+        m = at_size(every, train_size)
+        if every.empty:
             raise MedtuneError(f"{store_path} holds no finished cells yet; run `medtune run CONFIG` first.")
-        cells = read_cells(s)
+        if m.empty:
+            done = ", ".join(size_label(x) for x in dict.fromkeys(every["train_size"]))
+            raise MedtuneError(f"{store_path} holds no finished cells at training size {size_label(train_size)} yet "
+                               f"(only at {done}); the verdict is made at the full size. Resume the run "
+                               "(`medtune run CONFIG`) to finish it.")
+        cells = at_size(read_cells(s), train_size)
         extra = s.extra_predictions()
         extra = extra[extra.cell_id.isin(cells.cell_id)]
         preds = s.predictions()
@@ -83,6 +93,19 @@ def read_evidence(store_path: str | Path) -> Evidence:
     return ev
 
 
+def train_sizes_in(store_path: str | Path) -> list[float | int]:
+    """The training-set sizes of a store's finished cells, smallest first (patient counts before
+    fractions, as `train_sizes` sorts them), the full size last."""
+    from medtune.evaluation.store import open_store
+
+    with open_store(store_path, must_exist=True) as s:
+        m = s.metrics()
+    sizes = [] if m.empty else list(dict.fromkeys(m["train_size"]))
+    if any(is_full(x) for x in sizes):
+        return check_sizes(sizes)
+    return sorted(sizes, key=lambda x: (isinstance(x, float), x))
+
+
 # --------------------------------------------------------------------------- probabilities as risks
 RISK_NOTE = ("Brier, ECE, PR-AUC, the reliability diagram, the decision curve and the operating points score "
              "probabilities mapped back to the training folds' class frequencies (Bayes' prior correction) "
@@ -97,16 +120,23 @@ def class_weight_of(info: dict, config: dict) -> str | None:
 
 def training_priors(ev: Evidence) -> dict[str, np.ndarray]:
     """{cell id: class frequencies of its training fold} for every cell whose class_weight was balanced:
-    the data set's class counts (after the duplicate policy) minus the counts of the cell's test fold,
-    so stores written before the priors were recorded work too. Cells trained without class weights
-    (or whose data set record lacks counts) are absent: their probabilities are used as stored."""
+    the counts the cell recorded of what it trained on (`train_class_counts`: a learning curve's
+    subset too), else the data set's class counts (after the duplicate policy) minus the counts of
+    the cell's test fold, so stores written before the counts were recorded work too. Cells trained
+    without class weights (or whose data set record lacks counts) are absent: their probabilities
+    are used as stored."""
     out: dict[str, np.ndarray] = {}
     if ev.cells.empty:
         return out
     counts_y = ev.predictions.groupby("cell_id")["y_true"].agg(list)
     for _, c in ev.cells.iterrows():
         config = json.loads(c["config_json"]) if isinstance(c.get("config_json"), str) else {}
-        if class_weight_of(c["info"] if isinstance(c["info"], dict) else {}, config) != "balanced":
+        info = c["info"] if isinstance(c["info"], dict) else {}
+        if class_weight_of(info, config) != "balanced":
+            continue
+        if sum(info.get("train_class_counts") or []) > 0:
+            own = np.asarray(info["train_class_counts"], float)
+            out[c.cell_id] = own / own.sum()
             continue
         names, counts = ev.class_names(c.dataset), ev.info(c.dataset).get("class_counts") or {}
         if not names or set(counts) != set(names) or c.cell_id not in counts_y.index:

@@ -29,6 +29,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from medtune.data.subsets import FULL, size_of
+
 from medtune.errors import MedtuneError, StoreError
 from medtune.version import RESULTS_VERSION, UNVERSIONED
 
@@ -149,7 +151,9 @@ def variant_labels(configs: dict[str, dict]) -> dict[str, str]:
     (e.g. 'backbone.image_size=224'); '' for a group whose name is already unique."""
     if len(configs) < 2:
         return {g: "" for g in configs}
-    flat = {g: flatten({k: v for k, v in c.items() if k not in NOT_GROUPED}) for g, c in configs.items()}
+    # a training-set size is never a variant's name: each size is read on its own (evidence.read_evidence)
+    flat = {g: flatten({k: v for k, v in c.items() if k not in (*NOT_GROUPED, "train_size")})
+            for g, c in configs.items()}
     keys = sorted(set().union(*flat.values()))
     differing = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flat.values()}) > 1]
     return {g: ", ".join(f"{k}={f.get(k)}" for k in differing) for g, f in flat.items()}
@@ -452,6 +456,7 @@ class Store:
         wide.columns.name = None
         cells = long.drop_duplicates("cell_id").set_index("cell_id")[keys[1:] + ["seconds", "config_json"]]
         out = add_groups(cells.join(wide).reset_index())
+        out["train_size"] = sizes_of(out)
         reasons = self.pruned_groups()
         out["pruned"] = [reasons.get(g, "") for g in out["group"]]  # racing: why a group stopped early
         return out.drop(columns=["config_json"])
@@ -591,4 +596,20 @@ def read_cells(store: Store) -> pd.DataFrame:
         df = df[df.cell_id.isin(current)]
     if not df.empty:
         df = add_groups(df)
+        df["train_size"] = sizes_of(df)
     return _json_cols(df, {"info_json": "info"})
+
+
+def sizes_of(df: pd.DataFrame) -> list:
+    """Each row's training-set size (data/subsets.py: FULL, 1.0, where the config names none), from
+    its `config_json`: an object column, fractions beside patient counts."""
+    return [size_of(json.loads(c)) for c in df["config_json"]]
+
+
+def at_size(df: pd.DataFrame, size: float | int = FULL) -> pd.DataFrame:
+    """The rows of one training-set size (a frame with `train_size`; the full size by default): the
+    verdict, tables and tests read the full size, the learning curves every size."""
+    if df.empty or "train_size" not in df:
+        return df
+    keep = [type(s) is type(size) and s == size for s in df["train_size"]]
+    return df[keep]

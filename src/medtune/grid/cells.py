@@ -35,6 +35,7 @@ from medtune.evaluation.metrics import clinical_metrics
 from medtune.grid.select import ETA, cell_strategies, strategy_label, train_cell
 from medtune.data.splits import (LeaveOneSiteOut, OfficialSplit, PatientKFold, apply_duplicate_policy,
                                    assert_disjoint, check_foldable, inner_split)
+from medtune.data.subsets import FULL, is_full, size_label, size_of, train_subset
 from medtune.evaluation.store import Store
 from medtune.training.loop import Runtime, TrainSettings, autocast_dtype, resolve_device
 from medtune.version import RESULTS_VERSION
@@ -73,12 +74,21 @@ class PreparedData:
             self.folds[key] = list(self.splitter(n_folds, seed).split(None, self.table.labels, self.groups))
         return self.folds[key]
 
-    def fit_val(self, n_folds: int, seed: int, fold: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-        """The (fit, validation) inner split of an outer training fold, computed once: every cell of
-        the fold shares it (a grouped split of BUSI takes 0.2 s, paid twice per cell before)."""
-        key = (n_folds, seed, fold, fraction)
+    def train_fold(self, n_folds: int, seed: int, fold: int, size: float | int = FULL) -> np.ndarray:
+        """The training side of an outer fold at a training-set size (data/subsets.py): the whole
+        fold at the full size, else a nested, stratified, patient-intact subset of it."""
+        train_idx = self.splits(n_folds, seed)[fold][0]
+        return train_subset(train_idx, self.table.labels, self.groups, size, seed, fold, self.table.class_names,
+                            self.table.name)
+
+    def fit_val(self, n_folds: int, seed: int, fold: int, fraction: float,
+                size: float | int = FULL) -> tuple[np.ndarray, np.ndarray]:
+        """The (fit, validation) inner split of an outer training fold (at a size: of its subset, by
+        the same rule), computed once: every cell of the fold shares it (a grouped split of BUSI
+        takes 0.2 s, paid twice per cell before)."""
+        key = (n_folds, seed, fold, fraction, size)
         if key not in self.inner:
-            train_idx = self.splits(n_folds, seed)[fold][0]
+            train_idx = self.train_fold(n_folds, seed, fold, size)
             self.inner[key] = inner_split(train_idx, self.table.labels, self.groups, fraction, seed)
         return self.inner[key]
 
@@ -224,6 +234,11 @@ class Cell(Mapping):
     def data_key(self) -> str:
         return data_key_of(self)
 
+    @property
+    def train_size(self) -> float | int:
+        """The share (or number) of the fold's training patients the cell trains on (data/subsets.py)."""
+        return size_of(self.config)
+
 
 CELL_KEYS = tuple(f.name for f in fields(Cell))
 
@@ -234,7 +249,9 @@ class Grid:
     innermost: cells differing only in head share training), in that order, which is the order of
     the store's to-do list. A data set's fold count is `n_folds_by[data_key]` when given (folds that
     come from the data, `cv: by_site`: one per site), else the config's (`n_folds_of`); the fold
-    axis runs to the largest and each data set keeps its own first folds. `precision` is
+    axis runs to the largest and each data set keeps its own first folds. `train_sizes` (learning
+    curves) runs between backbone and strategy, smallest first, so an interrupted grid holds whole
+    sizes. `precision` is
     precision_of the device that runs the grid (default: the config's device here)."""
 
     def __init__(self, cfg: ExperimentConfig, run_id: str, fingerprints: dict[str, str],
@@ -251,6 +268,7 @@ class Grid:
         self.axes = {
             "dataset": list(cfg.datasets),
             "backbone": list(zip(cfg.backbones, sizes)),  # with its image size
+            "train_size": list(cfg.train_sizes),  # learning curves (data/subsets.py); [1.0] without
             "strategy": [(s, strategy_label(s)) for s in cell_strategies(cfg)],  # with its label
             "seed": list(cfg.seeds),
             "fold": range(max(self.n_folds.values(), default=0)),  # each data set runs its own first n_folds
@@ -258,19 +276,20 @@ class Grid:
         }
 
     def __iter__(self) -> Iterator[Cell]:
-        for ds, (bb, size), (strategy, label), seed, fold, head in itertools.product(*self.axes.values()):
+        for ds, (bb, size), train_size, (strategy, label), seed, fold, head in itertools.product(*self.axes.values()):
             n_folds = self.n_folds[data_key(ds.display_name(), size)]
             if fold < n_folds:
-                config = self.config(ds, bb, size, strategy, head, fold, n_folds, seed)
+                config = self.config(ds, bb, size, strategy, head, fold, n_folds, seed, train_size)
                 yield Cell(cell_id(config), self.run_id, ds.display_name(), bb.name, label, head, fold, n_folds, seed,
                            config)
 
     def __len__(self) -> int:
         a = self.axes
         folds = sum(self.n_folds[data_key(ds.display_name(), size)] for ds in a["dataset"] for _, size in a["backbone"])
-        return folds * len(a["strategy"]) * len(a["seed"]) * len(a["head"])
+        return folds * len(a["train_size"]) * len(a["strategy"]) * len(a["seed"]) * len(a["head"])
 
-    def config(self, ds, bb, size: int, strategy: dict, head: str, fold: int, n_folds: int, seed: int) -> dict:
+    def config(self, ds, bb, size: int, strategy: dict, head: str, fold: int, n_folds: int, seed: int,
+               train_size: float | int = FULL) -> dict:
         """What a cell computes, hashed into its id: every key and value here is in the id of every
         cell already stored, so a change here makes each of them run again."""
         cfg = self.cfg
@@ -289,6 +308,8 @@ class Grid:
             config["cv"] = cfg.cv
         if cfg.halving:  # it can change the choice, so it is part of the cell
             config["halving"] = True
+        if not is_full(train_size):  # the full size writes nothing: cells stored before sizes existed resume
+            config["train_size"] = train_size
         return config
 
 
@@ -328,9 +349,13 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
     t0 = time.perf_counter()
     c = cell["config"]
     table, groups = data.table, data.groups
-    train_idx, test_idx = data.splits(c["n_folds"], c["seed"])[c["fold"]]
+    test_idx = data.splits(c["n_folds"], c["seed"])[c["fold"]][1]
+    train_idx = data.train_fold(c["n_folds"], c["seed"], c["fold"], size_of(c))
     assert_disjoint(train_idx, test_idx, table, groups, duplicates=data.duplicates.get("policy") != "ignore")
-    info: dict[str, Any] = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx))}
+    info: dict[str, Any] = {"n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
+                            "n_train_patients": n_patients_in(train_idx, groups),
+                            "train_class_counts": np.bincount(table.labels[train_idx],
+                                                              minlength=table.num_classes).tolist()}
     head = c["head"]
     # Training is a function of the cell without its head (train_for_cell never sees it): the memo
     # only saves cells that differ in head from training the same network again.
@@ -345,7 +370,7 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
         memo[fit_key] = (strategy, result, picked)
     if picked:
         info["auto_depth" if c["strategy"]["name"] == AUTO_DEPTH else "choice"] = picked
-    fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
+    fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction, size_of(c))
     class_weight = c["train"]["class_weight"]
     # one rule for both heads (models/heads.py): the same class weighting, argmax under the same priors
     info.update({"class_weight": class_weight, "decision_rule": DECISION_RULES[class_weight]})
@@ -388,6 +413,11 @@ def run_cell(cell: dict, data: PreparedData, settings: TrainSettings, rt: Runtim
                       feature_head if keep_model else None, extra)
 
 
+def n_patients_in(idx: np.ndarray, groups: np.ndarray | None) -> int:
+    """Patients (groups; images without them) among table positions `idx`: a learning curve's x."""
+    return int(len(np.unique(groups[idx].astype(str)))) if groups is not None else int(len(idx))
+
+
 def record_training(info: dict, result, strategy, settings: TrainSettings) -> None:
     """What a cell's training did, into its `info`: epochs, the strategy, the probe's C."""
     # budget: a best epoch that is the last one run says more epochs might have helped (diagnose); a
@@ -417,7 +447,7 @@ def train_for_cell(c: dict, data: PreparedData, train_idx: np.ndarray, settings:
     """The training part of a cell: (strategy used, FitResult, record of the choice made on inner splits
     or None). It takes no head: every head is fitted on the one network its strategy trained, so a
     cell's numbers never depend on which heads are listed, in what order, or on the executor."""
-    fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction)
+    fit_idx, val_idx = data.fit_val(c["n_folds"], c["seed"], c["fold"], settings.val_fraction, size_of(c))
     return train_cell(c, data.table, data.groups, train_idx, fit_idx, val_idx, settings, rt)
 
 
@@ -573,13 +603,14 @@ class GridProgress:
 
 
 def cell_kind(cell: dict) -> tuple:
-    """What a cell's cost depends on most: backbone, strategy and head (not fold or seed)."""
-    return cell["backbone"], cell["strategy"], cell["head"]
+    """What a cell's cost depends on most: backbone, strategy, head and training-set size (not fold or seed)."""
+    return cell["backbone"], cell["strategy"], cell["head"], size_of(cell["config"])
 
 
 def labels(cell: dict) -> str:
+    size = size_of(cell["config"])
     return (f"{cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} seed {cell['seed']} "
-            f"fold {cell['fold']}")
+            f"fold {cell['fold']}" + ("" if is_full(size) else f" size {size_label(size)}"))
 
 
 def status_text(outcome: "CellResult | str") -> str:

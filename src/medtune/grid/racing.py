@@ -38,7 +38,8 @@ import pandas as pd
 
 from medtune.evaluation.inner import Score, inner_scores
 from medtune.evaluation.metrics import corrected_ttest, holm
-from medtune.evaluation.store import Store, group_key
+from medtune.data.subsets import is_full, size_label, size_of
+from medtune.evaluation.store import Store, at_size, group_key
 
 PRUNED = "pruned"
 
@@ -92,7 +93,7 @@ def leaders(store: Store, metric: str, m: pd.DataFrame | None = None) -> dict[st
     model when no `primary` or auto_depth decides (evaluation/headline.py); a data set whose cells hold no
     inner-validation predictions (`val_fraction: 0`) has none. `m`: the store's `metrics()`, when
     the caller has read it already."""
-    m = store.metrics() if m is None else m
+    m = at_size(store.metrics() if m is None else m)  # the full training size, where the verdict is made
     if m.empty:
         return {}
     m = m[m["pruned"] == ""]
@@ -107,13 +108,15 @@ def leaders(store: Store, metric: str, m: pd.DataFrame | None = None) -> dict[st
 
 
 def race(cells: list[dict], store: Store, run_round: Callable[[list[dict], str], None], settings) -> dict[str, str]:
-    """Run `cells` (the whole grid, done ones included) as races, one per data set; `run_round(todo,
+    """Run `cells` (the whole grid, done ones included) as races, one per data set and training-set
+    size (learning curves: each size is its own race, never a small size against the full); `run_round(todo,
     stage)` trains and records the given cells (`stage` names the round for the progress line).
     Returns {group key: "candidate: why"} of the pruned candidates. `settings`: the RacingConfig."""
     pruned: dict[str, str] = {}
     by_dataset: dict[str, list[dict]] = defaultdict(list)
     for c in cells:
-        by_dataset[c["dataset"]].append(c)
+        size = size_of(c["config"])
+        by_dataset[c["dataset"] if is_full(size) else f"{c['dataset']} at {size_label(size)}"].append(c)
     for dataset, dcells in by_dataset.items():
         group_of = {c["cell_id"]: group_key(c["config"]) for c in dcells}
         rounds = sorted({round_key(c) for c in dcells})

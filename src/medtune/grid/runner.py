@@ -137,6 +137,7 @@ def prepare_all(cfg: ExperimentConfig) -> tuple[dict[str, PreparedData], dict[st
             if key in prepared:
                 continue
             prepared[key] = data = prepare(ds, size, cfg.folds, cfg.subgroups, cfg.cv)
+            check_train_sizes(data, cfg)
             fingerprints[key] = data.table.fingerprint()
             datasets.append((ds.display_name(), data.table.class_names, record_of(data, ds.positive)))
             for ext in cfg.test_datasets:
@@ -146,6 +147,18 @@ def prepare_all(cfg: ExperimentConfig) -> tuple[dict[str, PreparedData], dict[st
                 datasets.append((ext.display_name(), e.table.class_names,
                                  record_of(e, ext.positive or ds.positive, role=f"external to {ds.display_name()}")))
     return prepared, fingerprints, datasets
+
+
+def check_train_sizes(data: PreparedData, cfg: ExperimentConfig) -> None:
+    """Every training-set size of every outer fold drawn now (data/subsets.py: cheap), so a size too
+    small for an inner split is refused before any training, not as a failed cell per fold."""
+    if len(cfg.train_sizes) == 1:
+        return
+    for seed in cfg.seeds:
+        n_folds = len(data.splits(cfg.folds, seed))
+        for fold in range(n_folds):
+            for size in cfg.train_sizes:
+                data.train_fold(n_folds, seed, fold, size)
 
 
 def _run_grid(cfg: ExperimentConfig, store: Store, cells: list[Cell], todo: list[Cell], prepared: dict,
