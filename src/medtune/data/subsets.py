@@ -26,6 +26,9 @@ import numpy as np
 from medtune.errors import ConfigError, DataError
 
 FULL = 1.0  # the whole outer training fold: the cell every store held before sizes existed
+# The version of the drawing rule below, in every subset cell's id: a change to how subsets are drawn
+# (the order, the rounding, the minimum) bumps it, so a resumed store never reuses cells of another rule.
+SUBSET_RULE = 1
 MIN_PATIENTS_PER_CLASS = 2  # a subset must still allow an inner (fit, validation) split per class
 
 

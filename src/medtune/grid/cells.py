@@ -35,7 +35,7 @@ from medtune.evaluation.metrics import clinical_metrics
 from medtune.grid.select import ETA, cell_strategies, strategy_label, train_cell
 from medtune.data.splits import (LeaveOneSiteOut, OfficialSplit, PatientKFold, apply_duplicate_policy,
                                    assert_disjoint, check_foldable, inner_split)
-from medtune.data.subsets import FULL, is_full, size_label, size_of, train_subset
+from medtune.data.subsets import FULL, SUBSET_RULE, is_full, size_label, size_of, train_subset
 from medtune.evaluation.store import Store
 from medtune.training.loop import Runtime, TrainSettings, autocast_dtype, resolve_device
 from medtune.version import RESULTS_VERSION
@@ -310,6 +310,7 @@ class Grid:
             config["halving"] = True
         if not is_full(train_size):  # the full size writes nothing: cells stored before sizes existed resume
             config["train_size"] = train_size
+            config["subset_rule"] = SUBSET_RULE  # how the subset is drawn: a new rule never reuses old cells
         return config
 
 
