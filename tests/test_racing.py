@@ -233,3 +233,24 @@ def test_without_racing_the_headline_and_deployed_group_are_the_inner_validation
     t = group_table(read_evidence(store.path), n_boot=20).set_index("strategy")
     assert t.loc["close", "headline"] and t.loc["close", "headline_how"] == "optimistic"
 
+
+
+def test_each_training_set_size_is_its_own_race(tmp_path):
+    """Learning curves (train_sizes): every candidate scores lower at 25% of the data than at the full
+    size; raced together, the small sizes would all be 'worse than the leader' and pruned. Each size
+    is its own race, so none is: a small size is never pruned for being small."""
+    skills = {"a": [0.55, 0.5625, 0.55, 0.5375, 0.55], "b": [0.5625, 0.55, 0.5375, 0.55, 0.5625]}
+    full = {"a": [0.9, 0.9125, 0.9, 0.8875, 0.9], "b": [0.9125, 0.9, 0.8875, 0.9, 0.9125]}
+    cells = grid(skills) + grid(full)
+    for c in cells[:len(cells) // 2]:  # the first copy: the 25% cells
+        c["config"] = merge(c["config"], {"train_size": 0.25})
+        c["cell_id"] = cell_id(c["config"])
+    by_size = {0.25: skills, 1.0: full}
+    store, log = planted_store(tmp_path), []
+
+    def sized(todo, stage=""):  # the planted trainer, at the skills of each cell's size
+        for c in todo:
+            trainer(store, by_size[c["config"].get("train_size", 1.0)], log)([c], stage)
+    out = race(cells, store, sized, RacingConfig(min_folds=2))
+    assert out == {}
+    assert len(log) == len(cells)
