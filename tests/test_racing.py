@@ -254,3 +254,22 @@ def test_each_training_set_size_is_its_own_race(tmp_path):
     out = race(cells, store, sized, RacingConfig(min_folds=2))
     assert out == {}
     assert len(log) == len(cells)
+
+
+def test_the_inner_leader_is_the_full_sizes(tmp_path):
+    """The recommendation (and the deployed model) is made at the full training size: a small size's
+    inner-validation score, on fewer fit images, never names the leader."""
+    from medtune.evaluation.store import group_key
+    from medtune.grid.racing import leaders
+
+    small = {"a": [0.95] * 5, "b": [0.6] * 5}
+    full = {"a": [0.8] * 5, "b": [0.9] * 5}
+    cells = grid(small) + grid(full)
+    for c in cells[:len(cells) // 2]:
+        c["config"] = merge(c["config"], {"train_size": 0.25})
+        c["cell_id"] = cell_id(c["config"])
+    store, log = planted_store(tmp_path), []
+    for c in cells:
+        trainer(store, small if "train_size" in c["config"] else full, log)([c])
+    b_full = next(c for c in cells if c["strategy"] == "b" and "train_size" not in c["config"])
+    assert leaders(store, "balanced_accuracy") == {"syn": group_key(b_full["config"])}
