@@ -138,3 +138,28 @@ def test_a_size_too_small_is_refused_before_any_cell_trains(tmp_path):
     if Path(raw["store"]).exists():  # nothing written: no cell, not even the tables
         with sqlite3.connect(raw["store"]) as conn:
             assert not conn.execute("SELECT name FROM sqlite_master WHERE name='cells'").fetchall()
+
+
+def test_the_verdict_and_tables_read_the_full_size_and_each_size_reads_alone(tmp_path):
+    from medtune.errors import MedtuneError
+    from medtune.evaluation.evidence import read_evidence, train_sizes_in
+    from planted import noisy_probs, plant_cell, plant_dataset, plant_run
+
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 20)
+    with Store(tmp_path / "s.sqlite") as store:
+        plant_dataset(store)
+        plant_run(store)
+        for size in (0.25, 1.0):
+            for fold in range(3):
+                change = {"strategy": {"name": "full_ft"}, **({} if size == 1.0 else {"train_size": size})}
+                plant_cell(store, change, fold, 0, y, noisy_probs(y, 4 * size, rng))
+    with pytest.raises(MedtuneError, match="no finished cells at training size 10%"):
+        read_evidence(tmp_path / "s.sqlite", 0.1)
+    assert train_sizes_in(tmp_path / "s.sqlite") == [0.25, 1.0]
+    full, quarter = read_evidence(tmp_path / "s.sqlite"), read_evidence(tmp_path / "s.sqlite", 0.25)
+    assert list(full.metrics.train_size) == [1.0] * 3 and list(quarter.metrics.train_size) == [0.25] * 3
+    assert set(full.cells.cell_id) == set(full.metrics.cell_id) and set(full.predictions.cell_id) <= set(
+        full.cells.cell_id)
+    assert set(full.metrics.variant) == {""}  # a size is never shown as a variant of the strategy
+    assert not set(full.metrics.group) & set(quarter.metrics.group)
