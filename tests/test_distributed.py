@@ -75,7 +75,7 @@ def store_rows(path: Path) -> dict[str, dict]:
     for _, c in cells.iterrows():
         p = preds[preds.cell_id == c.cell_id]
         metrics = m.loc[c.cell_id].drop(["dataset", "backbone", "strategy", "head", "fold", "seed", "seconds",
-                                              "group", "variant", "pruned"]) \
+                                              "group", "variant", "pruned", "train_size"]) \
             if c.cell_id in m.index else None
         out[c.cell_id] = {"status": c.status, "error": c.error, "info": json.loads(c.info_json),
                           "metrics": metrics, "samples": list(p["sample"]), "probs": np.array(list(p["probs"]))}
@@ -104,6 +104,23 @@ def test_ray_gives_the_same_store_as_local(ray_cluster, tmp_path):
         assert b[cid]["info"]["worker"]["device"] == "cpu" and "worker" not in a[cid]["info"]
     print(f"max |metric diff| = {worst_metric:.3g}, max |prob diff| = {worst_prob:.3g}")
     assert worst_metric <= 1e-6 and worst_prob <= 1e-5
+
+
+def test_ray_runs_each_training_set_size_as_the_local_loop(ray_cluster, tmp_path):
+    """`train_sizes` under Ray: the workers draw the same subsets (same patients, same test folds)."""
+    raw = dict(strategies=("linear_probe",), train_sizes=[0.5, 1.0])
+    local = grid(tmp_path / "local.sqlite", **raw)
+    local["datasets"][0]["options"]["n_patients"] = 60
+    remote = {**grid(tmp_path / "ray.sqlite", executor="ray", **raw), "datasets": local["datasets"]}
+    assert run(load_config(raw=local), progress=False).done == run(load_config(raw=remote), progress=False).done == 4
+    a, b = store_rows(tmp_path / "local.sqlite"), store_rows(tmp_path / "ray.sqlite")
+    assert set(a) == set(b) and len(a) == 4
+    for cid in a:
+        assert a[cid]["samples"] == b[cid]["samples"]
+        assert a[cid]["info"]["n_train_patients"] == b[cid]["info"]["n_train_patients"]
+        assert a[cid]["info"]["train_class_counts"] == b[cid]["info"]["train_class_counts"]
+    n = sorted(r["info"]["n_train_patients"] for r in a.values())
+    assert n[:2] == [round(n[2] / 2), round(n[3] / 2)] or n[:2] == [round(n[3] / 2), round(n[2] / 2)]
 
 
 def test_ray_races_round_by_round_like_the_local_loop(ray_cluster, tmp_path):
