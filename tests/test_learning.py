@@ -56,10 +56,10 @@ def plant_curves(path, acc: dict[str, list[float]], sizes=SIZES, seed: int = 0) 
 
 
 def curves(tmp_path, acc, name="s.sqlite", **kw):
-    from medtune.evaluation.learning import learning_curves
+    from medtune.evaluation.verdict import learning_of
 
     plant_curves(tmp_path / name, acc, **kw).close()
-    return learning_curves(tmp_path / name, n_boot=500)
+    return learning_of(tmp_path / name, n_boot=500)
 
 
 BASE = [0.70, 0.74, 0.78, 0.80]

@@ -131,11 +131,12 @@ class LearningCurves:
         return self.points[self.points.dataset == dataset]
 
     def lines(self, dataset: str) -> list[str]:
-        """Three lines: the recommendation at each size, the crossover, the extrapolation."""
+        """Three lines: the recommendation at each size (where judged), the crossover, the extrapolation."""
         if dataset not in self.crossovers:
             return []
-        return [recommendation_line(self.recommended.get(dataset, [])), self.crossovers[dataset].line(),
-                extrapolation_line(self.extrapolations.get(dataset, []), self.crossovers[dataset].full)]
+        recs = [recommendation_line(self.recommended[dataset])] if self.recommended.get(dataset) else []
+        return recs + [self.crossovers[dataset].line(),
+                       extrapolation_line(self.extrapolations.get(dataset, []), self.crossovers[dataset].full)]
 
     def to_frame(self) -> pd.DataFrame:
         out = self.points.copy()
@@ -191,9 +192,8 @@ def curve_names(points: pd.DataFrame) -> list[str]:
 
 # --------------------------------------------------------------------------- the recommendation by size
 def depth_mattered(v) -> bool:
-    from medtune.evaluation.verdict import ALPHA as V_ALPHA
-
-    return any(c.holm_p < V_ALPHA for c in v.comparisons)
+    """Whether a verdict's depth comparisons found a difference (Holm-adjusted p below ALPHA)."""
+    return any(c.holm_p < ALPHA for c in v.comparisons)
 
 
 def recommendation_line(recs: list[tuple]) -> str:
@@ -343,12 +343,13 @@ def extrapolation_line(ex: list[Extrapolation], full_leader: str) -> str:
 
 
 # --------------------------------------------------------------------------- everything, once
-def learning_curves(source: str | Path | Evidence, n_boot: int = N_BOOT) -> LearningCurves:
-    """The learning curves of a store (a path, or the full size's Evidence, on which they are kept)."""
-    from medtune.evaluation.verdict import verdicts
-
+def learning_curves(source: str | Path | Evidence, n_boot: int = N_BOOT, judge=None) -> LearningCurves:
+    """The learning curves of a store (a path, or the full size's Evidence, on which they are kept).
+    `judge` is verdict.verdicts, (Evidence, group table, n_boot) -> {data set: Verdict}, for the
+    recommendation at each size; the verdict module passes it (`verdict.learning_of`), since it prints
+    these lines: the import goes one way. Without it the recommendation line is left out."""
     full_ev = source if isinstance(source, Evidence) else read_evidence(source)
-    key = ("learning", n_boot)
+    key = ("learning", n_boot, judge is not None)
     if key in full_ev.memo:
         return full_ev.memo[key]
     sizes = train_sizes_in(full_ev.store)
@@ -358,7 +359,7 @@ def learning_curves(source: str | Path | Evidence, n_boot: int = N_BOOT) -> Lear
         pts, t = size_points(ev, size, n_boot)
         evs[size] = ev
         frames.append(pts)
-        for ds, v in verdicts(ev, t, n_boot).items():
+        for ds, v in (judge(ev, t, n_boot) if judge else {}).items():
             patients = pts.loc[pts.group == v.group, "n_patients"]
             recs.setdefault(ds, []).append((size, float(patients.mean()) if len(patients) else np.nan,
                                             short_strategy(v.strategy) if pts[pts.dataset == ds][CURVE[1:4]]

@@ -7,8 +7,10 @@ rule fixed before the run, `headline.choose`: `primary:`, auto_depth, else the i
 leader or, under `recommend: one_se`, the fewest trained parameters within one standard error of
 it), its outer estimate with the cluster-bootstrap CI, whether depth matters here (the
 recommendation against the shallowest and the deepest candidate of its backbone and head, paired
-over folds, Holm-adjusted), its cost, and the caveats that apply. `Verdict.lines()` is the one
-renderer: `medtune run`, `medtune results`, the report, MODEL_CARD.md and the TRIPOD appendix print
+over folds, Holm-adjusted), its cost, and the caveats that apply; where the store holds several
+training-set sizes, three learning-curve lines (evaluation/learning.py: the recommendation at each
+size, the crossover, the extrapolation to twice the data). `Verdict.lines()` is the one renderer:
+`medtune run`, `medtune results`, the report, MODEL_CARD.md and the TRIPOD appendix print
 the same lines, and `bundle.keep_best` deploys `Verdict.group`.
 """
 
@@ -24,6 +26,7 @@ from medtune.data.subsets import is_full
 from medtune.evaluation.diagnose import budget_limited, chosen_values, collapsed_cells, edge_choices, head_choices
 from medtune.evaluation.evidence import (MAIN, Evidence, choice_table, ci, fmt_ci, label, near, paired_tests, pooled,
                               read_evidence, short_strategy, train_sizes_in)
+from medtune.evaluation.learning import LearningCurves, learning_curves
 from medtune.evaluation.headline import INNER, NESTED, ONE_SE, OPTIMISTIC, PRIMARY, unfinished
 from medtune.evaluation.metrics import balanced_accuracy
 
@@ -251,12 +254,15 @@ def verdicts(ev: Evidence, t: pd.DataFrame | None = None, n_boot: int = N_BOOT) 
 def with_learning_curves(ev: Evidence, out: dict[str, Verdict], n_boot: int) -> dict[str, Verdict]:
     """The verdicts with their learning-curve lines, where `ev` is a store's full size and the store
     holds other sizes too (evaluation/learning.py); a store of one size prints as before."""
-    from medtune.evaluation.learning import learning_curves
-
     if not out or not all(is_full(s) for s in ev.metrics.get("train_size", [])) or len(train_sizes_in(ev.store)) < 2:
         return out
-    lc = learning_curves(ev, n_boot)
+    lc = learning_of(ev, n_boot)
     return {ds: replace(v, sizes=tuple(lc.lines(ds))) for ds, v in out.items()}
+
+
+def learning_of(source: str | Path | Evidence, n_boot: int = N_BOOT) -> LearningCurves:
+    """A store's learning curves with the verdict at each size (kept on the full size's Evidence)."""
+    return learning_curves(source, n_boot, judge=verdicts)
 
 
 def store_verdicts(store_path: str | Path, n_boot: int = N_BOOT) -> dict[str, Verdict]:

@@ -837,19 +837,19 @@ def section_learning_curves(pg: Page, d: Data) -> str:
     """evaluation/learning.py, where the store holds more than one training-set size: the figure, the
     table and the verdict's own curve lines; "" for a store of one size."""
     from medtune.evaluation.evidence import train_sizes_in
-    from medtune.evaluation.learning import learning_curves
+    from medtune.evaluation.verdict import learning_of
     from medtune.report.learning_plot import curve_figure
 
     if len(train_sizes_in(pg.ev.store)) < 2:
         return ""
-    lc = learning_curves(pg.ev, pg.n_boot)  # kept on the evidence: the verdict's lines are these
+    lc = learning_of(pg.ev, pg.n_boot)  # kept on the evidence: the verdict's lines are these
     if d.name not in lc.crossovers:
         return ""
     lines, table = lc.lines(d.name), lc.table(d.name)
     pg.md.extend(["### Learning curves\n", lc.markdown(d.name), "", *[f"- {line}" for line in lines], ""])
     if pg.out is not None:
         name = f"learning_curves_{''.join(ch if ch.isalnum() else '_' for ch in d.name)}.png"
-        png_file(curve_figure(lc, d.name), pg.out / name)
+        png_file(curve_figure(lc, d.name, _plt()), pg.out / name)
         pg.md.extend([f"![learning curves of {d.name}]({name})", ""])
     return ("<h3>Learning curves: would more data change the answer?</h3><p class=note>Every cell was also run on "
             "part of its outer training fold: nested subsets (a smaller size lies inside a larger one), "
@@ -860,7 +860,8 @@ def section_learning_curves(pg: Page, d: Data) -> str:
             "leaders excludes 0 on one side, and its change between the sizes excludes 0 too. The point at 2x is "
             "an inverse power law fitted to the curve: <b>an extrapolation is a model, not a measurement</b>, made "
             "only where the law follows the points within their intervals; the bottom panel is what each size "
-            "cost.</p>" + img(png(curve_figure(lc, d.name)), f"learning curves {d.name}") + html_table(table, "curve")
+            "cost.</p>" + img(png(curve_figure(lc, d.name, _plt())), f"learning curves {d.name}")
+            + html_table(table, "curve")
             + "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
 
 

@@ -37,14 +37,17 @@ def size_ticks(ax, sub, target: float) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def curve_figure(lc: LearningCurves, dataset: str):
+def curve_figure(lc: LearningCurves, dataset: str, plt=None):
     """x: training patients (log scale; ticks name each size and its patients); y: pooled out-of-fold
     balanced accuracy with its 95% CI band, one line per curve, its trained share in the legend; a
     dashed segment to the 2x extrapolation and its interval where one was made. Below: mean cell
-    seconds per size (what each point cost)."""
-    from medtune.report.html import _plt
+    seconds per size (what each point cost). `plt`: the report's pyplot (html._plt, its fonts; this module
+    does not import html, which imports it), else matplotlib's on the Agg backend."""
+    if plt is None:
+        import matplotlib
 
-    plt = _plt()
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     sub = lc.of(dataset).dropna(subset=["n_patients"])
     style = series_style(sub)
     ex = {e.curve: e for e in lc.extrapolations.get(dataset, []) if e.made}
