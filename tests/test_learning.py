@@ -157,7 +157,30 @@ def test_the_report_has_a_learning_curve_section_with_several_sizes_and_none_wit
     paths = build_report(tmp_path / "m.sqlite", tmp_path / "r", n_boot=200)
     page = paths["html"].read_text()
     assert "<h3>Learning curves" in page and "a model, not a measurement" in page
-    assert "### Learning curves" in paths["md"].read_text()
+    md = paths["md"].read_text()
+    assert "### Learning curves" in md and "![learning curves of syn](learning_curves_syn.png)" in md
+    assert (tmp_path / "r" / "learning_curves_syn.png").stat().st_size > 10_000
+    assert page.index("<h3>Depth of fine-tuning") < page.index("<h3>Learning curves") < page.index(
+        "<h3>Accuracy against training cost")
     plant_curves(tmp_path / "one.sqlite", POWER, sizes=(1.0,)).close()
     paths = build_report(tmp_path / "one.sqlite", tmp_path / "r1", n_boot=200)
     assert "Learning curves" not in paths["html"].read_text() and "Learning curves" not in paths["md"].read_text()
+
+
+def test_the_figure_draws_each_curve_with_its_share_band_2x_point_and_cost(tmp_path):
+    from medtune.report.learning_plot import curve_figure
+
+    lc = curves(tmp_path, POWER)
+    fig = curve_figure(lc, "syn")
+    ax, cost = fig.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full_ft (100% trained)",
+                                                                   "linear_probe (0.1% trained)"]
+    from matplotlib.collections import PolyCollection
+
+    assert ax.get_xscale() == "log"
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 2  # one CI band per curve
+    ticks = [t.get_text() for t in cost.get_xticklabels()]
+    assert ticks == ["10%\n32 pts", "25%\n80 pts", "50%\n160 pts", "100%\n320 pts", "2x (model)\n640 pts"]
+    made = [c for c in ax.containers]  # the 2x points, each with its interval
+    assert len(made) == 2 and all(c.lines[0].get_xdata()[0] > 600 for c in made)
+    assert len(cost.lines) == 2 and list(cost.lines[0].get_ydata()) == pytest.approx([3, 6, 11, 21])  # full_ft

@@ -9,7 +9,8 @@ from medtune.evaluation.learning import LearningCurves
 from medtune.data.subsets import is_full, size_label
 
 DODGE = 1.06  # extrapolated points of several curves sit this factor apart on the log axis
-STYLES = ("-", "--", ":", "-.")  # one per backbone / head / variant series where a data set has several
+STYLES = ("-", "--", "-.", (0, (6, 2, 1, 2, 1, 2)))  # one per backbone / head / variant series where there are several
+EXTRAPOLATED = ":"  # the segment to a 2x point: dotted, a style no measured series has
 
 
 def series_style(sub) -> dict[str, tuple[str, str]]:
@@ -65,7 +66,7 @@ def curve_figure(lc: LearningCurves, dataset: str, plt=None):
             x = e.patients * DODGE ** (list(ex).index(curve) - (len(ex) - 1) / 2)  # intervals side by side
             if len(last):
                 ax.plot([last.n_patients.iloc[0], x], [last.estimate.iloc[0], e.estimate], color=colour,
-                        ls=(0, (4, 3)), lw=1.5)
+                        ls=EXTRAPOLATED, lw=1.8)
             ax.errorbar([x], [e.estimate], yerr=[[e.estimate - e.low], [e.high - e.estimate]],
                         marker="o", mfc="white", color=colour, capsize=4, ls="none")
         cost.plot(d.n_patients, d.seconds, marker="o", color=colour, ls=ls, lw=1.5)
@@ -79,7 +80,9 @@ def curve_figure(lc: LearningCurves, dataset: str, plt=None):
     ax.set_ylabel("balanced accuracy\n(pooled out-of-fold, 95% CI)")
     ax.set_title(f"{dataset}: learning curves (nested subsets, same test folds)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=11, title="strategy", title_fontsize=11)
+    several = sub[["backbone", "head", "variant"]].drop_duplicates().shape[0] > 1
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=11, title_fontsize=11,
+              title="backbone · strategy" if several else "strategy")
     cost.set_ylabel("seconds\nper cell")
     cost.set_xlabel("training patients per fold (mean over folds; log scale)")
     if (sub.seconds > 0).all() and sub.seconds.max() / sub.seconds.min() > 20:
