@@ -91,6 +91,18 @@ def test_parallel_curves_are_no_crossover_even_when_noise_swaps_a_small_size(tmp
     assert near.lines("syn")[1].startswith("crossover: the curves cross within their noise")
 
 
+def test_a_tie_at_the_top_is_not_a_change_of_leader():
+    """Three curves level at 50%: the full size's leader still leads there (nothing to bootstrap)."""
+    import pandas as pd
+
+    from medtune.evaluation.learning import crossover
+
+    est = {"b": [0.75, 0.80, 0.80], "c": [0.70, 0.80, 0.78], "a": [0.80, 0.80, 0.85]}  # a listed last
+    pts = pd.DataFrame([{"curve": k, "size": s, "estimate": e, "n_patients": 100 * s, "group": f"{k}{s}"}
+                        for k, es in est.items() for s, e in zip((0.25, 0.5, 1.0), es)])
+    assert crossover(pts, {}, [0.25, 0.5, 1.0], "syn", 10).kind == "none"
+
+
 POWER = {"full_ft": [1 - (0.9 * n ** -0.5 + 0.10) for n in (32, 80, 160, 320)],  # 0.741, 0.799, 0.829, 0.850
          "linear_probe": [1 - (0.5 * n ** -0.5 + 0.18) for n in (32, 80, 160, 320)]}
 

@@ -9,16 +9,18 @@ A store run with `train_sizes:` holds every cell at several sizes of its outer t
   cluster-bootstrap CI (evidence.group_table: at the full size the main table's own numbers), the
   mean trainable share and the mean cell seconds;
 - **the recommendation at each size**: verdict.verdicts of that size's evidence (the rule fixed
-  before the run, applied to that size's inner-validation scores) and whether depth mattered there;
+  before the run, applied to that size's inner-validation scores) and whether depth mattered there
+  (passed in as `judge`: verdict.learning_of does, so this module does not import the verdict);
 - **crossover**, judged on the pooled estimates. F leads at the full size; walking down from the
-  full size, the first size whose leader S is not F closes the interval (S leads at the smaller
-  end, F from the larger end up). The gap F − S is bootstrapped at that smaller size and at the full
-  size, and so is its change between them, all paired: the same test patients resampled together
-  for the four (size, curve) predictions. It is a **crossover** only if the order reverses, at least
-  one side's gap has a 95% interval excluding 0, and the change of the gap excludes 0 too (parallel
-  curves change their gap by nothing, whatever their noise). Otherwise the curves **cross within
-  their noise**; where F leads at every size there is **no crossover**. The interval resamples test
-  patients, not training subsets, so it understates the training-set part of the noise;
+  full size, the first size where F is not at the top (a tie counts as the top) closes the
+  interval, S being that size's leader (S leads at the smaller end, F from the larger end up). The
+  gap F − S is bootstrapped at that smaller size and at the full size, and so is its change between
+  them, all paired: the same test patients resampled together for the four (size, curve)
+  predictions. It is a **crossover** only if the order reverses, at least one side's gap has a 95%
+  interval excluding 0, and the change of the gap excludes 0 too (parallel curves change their gap
+  by nothing, whatever their noise). Otherwise the curves **cross within their noise**; where F
+  leads at every size there is **no crossover**. The interval resamples test patients, not
+  training subsets, so it understates the training-set part of the noise;
 - **extrapolation to twice the full size's patients**, per curve: the inverse power law
   err(n) = a·n^(−b) + c on error = 1 − balanced accuracy, fitted by weighted least squares
   (scipy's curve_fit, weights 1/CI half-width; a ≥ 0, b in [0, 2], c in [0, 1]). Three parameters
@@ -75,7 +77,7 @@ def distinguishable(interval: tuple[float, float, float]) -> bool:
 @dataclass(frozen=True)
 class Crossover:
     """Whether the full size's leader `full` led all the way down, and if not, where and how surely."""
-    kind: str  # "none", "noise" or "crossover"
+    kind: str  # "none", "noise", "crossover", or "unpaired" (the two leaders not both run at both sizes)
     full: str
     small: str = ""
     below: str = ""  # the size where `small` leads
@@ -87,6 +89,9 @@ class Crossover:
     def line(self) -> str:
         if self.kind == "none":
             return f"crossover: none, {self.full} leads at every size"
+        if self.kind == "unpaired":
+            return (f"crossover: not judged ({self.small} leads at {self.below}, {self.full} from {self.above} on, "
+                    "but the two were not both run at both sizes)")
         gaps = (f"{self.full} − {self.small} {fmt_gap(self.at_small)} there, {fmt_gap(self.at_full)} at the full "
                 f"size (change {fmt_gap(self.change)})")
         if self.kind == "crossover":
@@ -191,8 +196,11 @@ def curve_names(points: pd.DataFrame) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the recommendation by size
-def depth_mattered(v) -> bool:
-    """Whether a verdict's depth comparisons found a difference (Holm-adjusted p below ALPHA)."""
+def depth_mattered(v) -> bool | None:
+    """Whether a verdict's depth comparisons found a difference (Holm-adjusted p below ALPHA); None
+    where it made none (one depth tried, or too few folds)."""
+    if not v.comparisons or max(c.pairs for c in v.comparisons) < 3:
+        return None
     return any(c.holm_p < ALPHA for c in v.comparisons)
 
 
@@ -206,9 +214,10 @@ def recommendation_line(recs: list[tuple]) -> str:
             runs.append((name, [size_text(size, patients)]))
     said = "; ".join(f"{name} at {', '.join(where)}" for name, where in runs)
     mattered = [size_label(s) for s, _, _, d in recs if d]
-    depth = (f"depth mattered (Holm p < {ALPHA:g}) at {', '.join(mattered)}" if mattered
-             else "no detectable difference between depths at any size")
-    return f"learning curve: recommended {said}; {depth}"
+    compared = any(d is not None for *_, d in recs)
+    depth = (f"; depth mattered (Holm p < {ALPHA:g}) at {', '.join(mattered)}" if mattered
+             else "; no detectable difference between depths at any size" if compared else "")
+    return f"learning curve: recommended {said}{depth}"
 
 
 # --------------------------------------------------------------------------- crossover
@@ -239,21 +248,24 @@ def crossover(pts: pd.DataFrame, evs: dict, sizes: list, dataset: str, n_boot: i
     lead = {s: d for s, d in lead.items() if len(d) and np.isfinite(d.estimate.iloc[0])}
     order = [s for s in sizes if s in lead]
     full = lead[order[-1]].iloc[0]
+
+    def leads(size) -> bool:  # F at the top of a size, a tie included
+        d = lead[size]
+        return bool((d[d.curve == full.curve].estimate >= d.estimate.iloc[0]).any())
+
     j = len(order) - 1
-    while j > 0 and lead[order[j - 1]].iloc[0].curve == full.curve:
+    while j > 0 and leads(order[j - 1]):
         j -= 1
     if j == 0:
         return Crossover("none", full.curve)
     below, above = order[j - 1], order[j]
     small = lead[below].iloc[0]
+    where = (full.curve, small.curve, size_text(below, small.n_patients),
+             size_text(above, lead[above].iloc[0].n_patients))
     mine = lead[below][lead[below].curve == full.curve]
-    if mine.empty:
-        return Crossover("noise", full.curve, small.curve, size_text(below, small.n_patients),
-                         size_text(above, full.n_patients))
     partner = lead[order[-1]][lead[order[-1]].curve == small.curve]
-    if partner.empty:
-        return Crossover("noise", full.curve, small.curve, size_text(below, small.n_patients),
-                         size_text(above, full.n_patients))
+    if mine.empty or partner.empty:  # one of the two was not run at both sizes: no paired gap
+        return Crossover("unpaired", *where)
     y, c, s = aligned(evs, [(below, mine.iloc[0].group), (below, small.group), (order[-1], full.group),
                             (order[-1], partner.iloc[0].group)])
     ev = evs[order[-1]]
@@ -261,8 +273,7 @@ def crossover(pts: pd.DataFrame, evs: dict, sizes: list, dataset: str, n_boot: i
     at_full = ci(ev, dataset, y, c, s, gap(2), n_boot)
     change = ci(ev, dataset, y, c, s, lambda y_, c_: gap(2)(y_, c_) - gap(0)(y_, c_), n_boot)
     sure = (distinguishable(at_small) or distinguishable(at_full)) and distinguishable(change)
-    return Crossover("crossover" if sure else "noise", full.curve, small.curve, size_text(below, small.n_patients),
-                     size_text(above, lead[above].iloc[0].n_patients), at_small, at_full, change)
+    return Crossover("crossover" if sure else "noise", *where, at_small, at_full, change)
 
 
 # --------------------------------------------------------------------------- extrapolation
