@@ -254,7 +254,9 @@ def verdicts(ev: Evidence, t: pd.DataFrame | None = None, n_boot: int = N_BOOT) 
 def with_learning_curves(ev: Evidence, out: dict[str, Verdict], n_boot: int) -> dict[str, Verdict]:
     """The verdicts with their learning-curve lines, where `ev` is a store's full size and the store
     holds other sizes too (evaluation/learning.py); a store of one size prints as before."""
-    if not out or not all(is_full(s) for s in ev.metrics.get("train_size", [])) or len(train_sizes_in(ev.store)) < 2:
+    if not out or "train_size" not in ev.metrics or not all(is_full(s) for s in ev.metrics["train_size"]):
+        return out  # a smaller size's own verdicts (the curve's points), or a frame built by hand
+    if len(train_sizes_in(ev.store)) < 2:
         return out
     lc = learning_of(ev, n_boot)
     return {ds: replace(v, sizes=tuple(lc.lines(ds))) for ds, v in out.items()}
