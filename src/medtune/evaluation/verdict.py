@@ -7,22 +7,26 @@ rule fixed before the run, `headline.choose`: `primary:`, auto_depth, else the i
 leader or, under `recommend: one_se`, the fewest trained parameters within one standard error of
 it), its outer estimate with the cluster-bootstrap CI, whether depth matters here (the
 recommendation against the shallowest and the deepest candidate of its backbone and head, paired
-over folds, Holm-adjusted), its cost, and the caveats that apply. `Verdict.lines()` is the one
-renderer: `medtune run`, `medtune results`, the report, MODEL_CARD.md and the TRIPOD appendix print
+over folds, Holm-adjusted), its cost, and the caveats that apply; where the store holds several
+training-set sizes, three learning-curve lines (evaluation/learning.py: the recommendation at each
+size, the crossover, the extrapolation to twice the data). `Verdict.lines()` is the one renderer:
+`medtune run`, `medtune results`, the report, MODEL_CARD.md and the TRIPOD appendix print
 the same lines, and `bundle.keep_best` deploys `Verdict.group`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from medtune.data.subsets import is_full
 from medtune.evaluation.diagnose import budget_limited, chosen_values, collapsed_cells, edge_choices, head_choices
 from medtune.evaluation.evidence import (MAIN, Evidence, choice_table, ci, fmt_ci, label, near, paired_tests, pooled,
-                              read_evidence, short_strategy)
+                              read_evidence, short_strategy, train_sizes_in)
+from medtune.evaluation.learning import LearningCurves, learning_curves
 from medtune.evaluation.headline import INNER, NESTED, ONE_SE, OPTIMISTIC, PRIMARY, unfinished
 from medtune.evaluation.metrics import balanced_accuracy
 
@@ -71,6 +75,7 @@ class Verdict:
     share: float
     comparisons: tuple[Comparison, ...] = ()
     caveats: tuple[str, ...] = field(default_factory=tuple)
+    sizes: tuple[str, ...] = ()  # the learning curve's lines (evaluation/learning.py) where the store has sizes
 
     def lines(self) -> list[str]:
         chosen = CHOSEN[self.how].format(leader=f", {self.leader}" if self.leader and self.leader != self.name else "")
@@ -81,6 +86,7 @@ class Verdict:
                f"bootstrap CI; {self.evaluation}; chance {self.chance:.3f})",
                f"  chosen by {chosen}",
                f"  depth: {self.depth}",
+               *[f"  {line}" for line in self.sizes],
                f"  cost: {share}, {self.seconds:.1f} s of training per fold"]
         out += [f"  caveat: {c}" for c in self.caveats]
         return out
@@ -92,6 +98,7 @@ class Verdict:
         d = asdict(self)
         d["comparisons"] = [asdict(c) for c in self.comparisons]
         d["caveats"] = list(self.caveats)
+        d["sizes"] = list(self.sizes)
         d["text"] = self.lines()
         return d
 
@@ -239,8 +246,25 @@ def verdicts(ev: Evidence, t: pd.DataFrame | None = None, n_boot: int = N_BOOT) 
             seconds=float(members.seconds.mean()), share=float(shares.get(rec.group, np.nan)),
             comparisons=comps,
             caveats=tuple(_caveats(ev, ds, rec, rec.headline_how, est, chance, n_folds, pairs)))
-    ev.memo[key] = out
+    ev.memo[key] = out  # before the learning curves, which read the full size's verdicts from here
+    ev.memo[key] = out = with_learning_curves(ev, out, n_boot)
     return out
+
+
+def with_learning_curves(ev: Evidence, out: dict[str, Verdict], n_boot: int) -> dict[str, Verdict]:
+    """The verdicts with their learning-curve lines, where `ev` is a store's full size and the store
+    holds other sizes too (evaluation/learning.py); a store of one size prints as before."""
+    if not out or "train_size" not in ev.metrics or not all(is_full(s) for s in ev.metrics["train_size"]):
+        return out  # a smaller size's own verdicts (the curve's points), or a frame built by hand
+    if len(train_sizes_in(ev.store)) < 2:
+        return out
+    lc = learning_of(ev, n_boot)
+    return {ds: replace(v, sizes=tuple(lc.lines(ds))) for ds, v in out.items()}
+
+
+def learning_of(source: str | Path | Evidence, n_boot: int = N_BOOT) -> LearningCurves:
+    """A store's learning curves with the verdict at each size (kept on the full size's Evidence)."""
+    return learning_curves(source, n_boot, judge=verdicts)
 
 
 def store_verdicts(store_path: str | Path, n_boot: int = N_BOOT) -> dict[str, Verdict]:

@@ -89,6 +89,13 @@ def png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def png_file(fig, path: Path) -> Path:
+    """A figure written as a PNG file beside results.md (which links it), closed as `png` closes it."""
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
 def trained_share(info: dict) -> float:
     """The share of the network's parameters a cell trained (the new head included), or NaN."""
     f = info.get("trainable_fraction")
@@ -647,6 +654,8 @@ class Page:
     md: list[str] = field(default_factory=list)
     tex: list[str] = field(default_factory=list)
     subgroups: list[pd.DataFrame] = field(default_factory=list)
+    n_boot: int = 2000  # the main table's bootstrap (the learning curves' points use it too)
+    out: Path | None = None  # where report.html is written: figures that results.md links go beside it
 
 
 @dataclass(frozen=True, eq=False)
@@ -824,6 +833,38 @@ def section_depth(pg: Page, d: Data) -> str:
     return "<h3>Depth of fine-tuning</h3>" + img(png(fig_depth(pg.ev, pg.t, d.name)), f"depth plot {d.name}")
 
 
+def section_learning_curves(pg: Page, d: Data) -> str:
+    """evaluation/learning.py, where the store holds more than one training-set size: the figure, the
+    table and the verdict's own curve lines; "" for a store of one size."""
+    from medtune.evaluation.evidence import train_sizes_in
+    from medtune.evaluation.verdict import learning_of
+    from medtune.report.learning_plot import curve_figure
+
+    if len(train_sizes_in(pg.ev.store)) < 2:
+        return ""
+    lc = learning_of(pg.ev, pg.n_boot)  # kept on the evidence: the verdict's lines are these
+    if d.name not in lc.crossovers:
+        return ""
+    lines, table = lc.lines(d.name), lc.table(d.name)
+    pg.md.extend(["### Learning curves\n", lc.markdown(d.name), "", *[f"- {line}" for line in lines], ""])
+    if pg.out is not None:
+        name = f"learning_curves_{''.join(ch if ch.isalnum() else '_' for ch in d.name)}.png"
+        png_file(curve_figure(lc, d.name, _plt()), pg.out / name)
+        pg.md.extend([f"![learning curves of {d.name}]({name})", ""])
+    return ("<h3>Learning curves: would more data change the answer?</h3><p class=note>Every cell was also run on "
+            "part of its outer training fold: nested subsets (a smaller size lies inside a larger one), "
+            "stratified by class and patient-intact, scored on the same outer test folds as the full size, so the "
+            "sizes differ only in how much the model trained on. x: training patients per fold (mean over folds); "
+            "y: pooled out-of-fold balanced accuracy with its 95% patient-bootstrap CI, at the full size the main "
+            "table's figure. A crossover is claimed only where the leader changes, the gap between the two "
+            "leaders excludes 0 on one side, and its change between the sizes excludes 0 too. The point at 2x is "
+            "an inverse power law fitted to the curve: <b>an extrapolation is a model, not a measurement</b>, made "
+            "only where the law follows the points within their intervals; the bottom panel is what each size "
+            "cost.</p>" + img(png(curve_figure(lc, d.name, _plt())), f"learning curves {d.name}")
+            + html_table(table, "curve")
+            + "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
+
+
 def section_cost(pg: Page, d: Data) -> str:
     return "<h3>Accuracy against training cost</h3>" + img(png(fig_cost(pg.t, d.name)), f"cost plot {d.name}")
 
@@ -960,9 +1001,9 @@ def section_configuration(pg: Page) -> str:
 PAGE_TOP = (section_title, section_reading)
 DATASET_SECTIONS = (section_dataset, section_verdict, section_main_table, section_racing, section_efficiency,
                     section_collapsed, section_chosen, section_budget, section_metrics, section_paired_tests,
-                    section_ranks, section_depth, section_cost, section_calibration, section_operating_points,
-                    section_decision_curve, section_external, section_subgroups, section_roc_confusion,
-                    section_training_curves, section_gallery, section_duplicates)
+                    section_ranks, section_depth, section_learning_curves, section_cost, section_calibration,
+                    section_operating_points, section_decision_curve, section_external, section_subgroups,
+                    section_roc_confusion, section_training_curves, section_gallery, section_duplicates)
 PAGE_END = (section_across_datasets, section_tripod, section_configuration)
 
 
@@ -977,7 +1018,7 @@ def build_report(store_path: str | Path, out_dir: str | Path, n_boot: int = 2000
     out.mkdir(parents=True, exist_ok=True)
     t = group_table(ev, n_boot)
     pg = Page(ev, t, verdicts(ev, t, n_boot), small=max(200, n_boot // 4),  # the secondary tables' bootstraps
-              models=best_models(ev.store))
+              models=best_models(ev.store), n_boot=n_boot, out=out)
     body = [section(pg) for section in PAGE_TOP]
     for ds in dict.fromkeys(t.dataset):
         d = data_of(pg, ds)
