@@ -70,24 +70,26 @@ def main() -> None:
 
 
 def write_results(store: Path, out: Path, command: str, wall: float) -> None:
-    from medtune.evaluation.learning import curve_figure, learning_curves
-    from medtune.report.html import png_file
+    from medtune.evaluation.verdict import learning_of, store_verdicts
+    from medtune.report.html import _plt, png_file
+    from medtune.report.learning_plot import curve_figure
 
     secs = cell_seconds(store)
     full = secs.get(1.0, float("nan"))
     total = sum(secs.values())
-    lc = learning_curves(store)
+    lc = learning_of(store)
+    verdict = store_verdicts(store)["busi"]
     md = ["# Learning curves on BUSI (EfficientNet-Lite0 @224, 5 folds, sizes " +
           " / ".join(size_label(s) for s in SIZES) + ")", "",
           f"Command: `{command}` (this run's wall clock: {wall:.0f} s; resumed runs count only their own part).  ",
-          f"Store: `{store.relative_to(ROOT.parent)}`.", "", "## The curves", "", lc.markdown(), "",
-          "## What the verdict says", "", "```", *lc.lines(), "```", "",
+          f"Store: `{store.relative_to(ROOT.parent) if store.is_relative_to(ROOT.parent) else store}`.", "", "## The curves", "", lc.markdown("busi"), "",
+          "## What the verdict says (`medtune results --store ...`, verbatim)", "", "```", *verdict.lines(), "```", "",
           "## Cost per size (training cell-seconds, all strategies and folds)", "",
           "| size | cell-seconds | / full size |", "|---|---|---|",
           *[f"| {size_label(s)} | {v:.0f} | {v / full:.2f} |" for s, v in secs.items()],
           f"| all sizes | {total:.0f} | {total / full:.2f} |", ""]
     out.with_suffix(".md").write_text("\n".join(md) + "\n", encoding="utf-8")
-    png_file(curve_figure(lc, "busi"), out.with_suffix(".png"))
+    png_file(curve_figure(lc, "busi", _plt()), out.with_suffix(".png"))
     print("\n".join(md))
 
 

@@ -152,7 +152,8 @@ def test_the_verdict_and_tables_read_the_full_size_and_each_size_reads_alone(tmp
         plant_run(store)
         for size in (0.25, 1.0):
             for fold in range(3):
-                change = {"strategy": {"name": "full_ft"}, **({} if size == 1.0 else {"train_size": size})}
+                change = {"strategy": {"name": "full_ft"},
+                          **({} if size == 1.0 else {"train_size": size, "subset_rule": SUBSET_RULE})}
                 plant_cell(store, change, fold, 0, y, noisy_probs(y, 4 * size, rng))
     with pytest.raises(MedtuneError, match="no finished cells at training size 10%"):
         read_evidence(tmp_path / "s.sqlite", 0.1)

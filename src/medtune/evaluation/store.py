@@ -124,6 +124,9 @@ def guarded(path: str | Path, doing: str = "") -> Iterator[None]:
 
 DISPLAY = ["dataset", "backbone", "strategy", "head"]  # how a group is named; `variant` tells apart the rest
 NOT_GROUPED = ("fold", "seed")  # the only settings a group's cells may differ in
+# a training-set size (data/subsets.py) is never a variant's name: each size is read on its own
+# (evidence.read_evidence), and the learning curves join a strategy's sizes by its name and variant
+SIZE_KEYS = ("train_size", "subset_rule")
 
 
 def group_key(config: dict) -> str:
@@ -151,8 +154,7 @@ def variant_labels(configs: dict[str, dict]) -> dict[str, str]:
     (e.g. 'backbone.image_size=224'); '' for a group whose name is already unique."""
     if len(configs) < 2:
         return {g: "" for g in configs}
-    # a training-set size is never a variant's name: each size is read on its own (evidence.read_evidence)
-    flat = {g: flatten({k: v for k, v in c.items() if k not in (*NOT_GROUPED, "train_size")})
+    flat = {g: flatten({k: v for k, v in c.items() if k not in (*NOT_GROUPED, *SIZE_KEYS)})
             for g, c in configs.items()}
     keys = sorted(set().union(*flat.values()))
     differing = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flat.values()}) > 1]
