@@ -69,6 +69,11 @@ def main() -> None:
     write_results(store, ROOT / "results" / f"learning_curves_busi{suffix}", " ".join(["python", *sys.argv]), wall)
 
 
+def shown(path: Path) -> Path:
+    """A path as the note shows it: relative to the repository when inside it."""
+    return path.relative_to(ROOT.parent) if path.is_relative_to(ROOT.parent) else path
+
+
 def write_results(store: Path, out: Path, command: str, wall: float) -> None:
     from medtune.evaluation.verdict import learning_of, store_verdicts
     from medtune.report.html import _plt, png_file
@@ -82,7 +87,7 @@ def write_results(store: Path, out: Path, command: str, wall: float) -> None:
     md = ["# Learning curves on BUSI (EfficientNet-Lite0 @224, 5 folds, sizes " +
           " / ".join(size_label(s) for s in SIZES) + ")", "",
           f"Command: `{command}` (this run's wall clock: {wall:.0f} s; resumed runs count only their own part).  ",
-          f"Store: `{store.relative_to(ROOT.parent) if store.is_relative_to(ROOT.parent) else store}`.", "", "## The curves", "", lc.markdown("busi"), "",
+          f"Store: `{shown(store)}`.", "", "## The curves", "", lc.markdown("busi"), "",
           "## What the verdict says (`medtune results --store ...`, verbatim)", "", "```", *verdict.lines(), "```", "",
           "## Cost per size (training cell-seconds, all strategies and folds)", "",
           "| size | cell-seconds | / full size |", "|---|---|---|",
