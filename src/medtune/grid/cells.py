@@ -605,11 +605,11 @@ class GridProgress:
 
 def cell_kind(cell: dict) -> tuple:
     """What a cell's cost depends on most: backbone, strategy, head and training-set size (not fold or seed)."""
-    return cell["backbone"], cell["strategy"], cell["head"], size_of(cell["config"])
+    return cell["backbone"], cell["strategy"], cell["head"], size_of(cell.get("config") or {})
 
 
 def labels(cell: dict) -> str:
-    size = size_of(cell["config"])
+    size = size_of(cell.get("config") or {})
     return (f"{cell['dataset']} {cell['backbone']} {cell['strategy']} {cell['head']} seed {cell['seed']} "
             f"fold {cell['fold']}" + ("" if is_full(size) else f" size {size_label(size)}"))
 
