@@ -160,6 +160,7 @@ def test_the_verdict_and_tables_read_the_full_size_and_each_size_reads_alone(tmp
     assert train_sizes_in(tmp_path / "s.sqlite") == [0.25, 1.0]
     full, quarter = read_evidence(tmp_path / "s.sqlite"), read_evidence(tmp_path / "s.sqlite", 0.25)
     assert list(full.metrics.train_size) == [1.0] * 3 and list(quarter.metrics.train_size) == [0.25] * 3
+    assert (full.train_size, quarter.train_size, full.sizes) == (1.0, 0.25, [0.25, 1.0])
     assert set(full.cells.cell_id) == set(full.metrics.cell_id) and set(full.predictions.cell_id) <= set(
         full.cells.cell_id)
     assert set(full.metrics.variant) == {""}  # a size is never shown as a variant of the strategy

@@ -363,7 +363,7 @@ def learning_curves(source: str | Path | Evidence, n_boot: int = N_BOOT, judge=N
     key = ("learning", n_boot, judge is not None)
     if key in full_ev.memo:
         return full_ev.memo[key]
-    sizes = train_sizes_in(full_ev.store)
+    sizes = full_ev.sizes or train_sizes_in(full_ev.store)
     evs, frames, recs = {}, [], {}
     for size in sizes:
         ev = full_ev if is_full(size) else read_evidence(full_ev.store, size)

@@ -25,7 +25,7 @@ import pandas as pd
 from medtune.data.subsets import is_full
 from medtune.evaluation.diagnose import budget_limited, chosen_values, collapsed_cells, edge_choices, head_choices
 from medtune.evaluation.evidence import (MAIN, Evidence, choice_table, ci, fmt_ci, label, near, paired_tests, pooled,
-                              read_evidence, short_strategy, train_sizes_in)
+                              read_evidence, short_strategy)
 from medtune.evaluation.learning import LearningCurves, learning_curves
 from medtune.evaluation.headline import INNER, NESTED, ONE_SE, OPTIMISTIC, PRIMARY, unfinished
 from medtune.evaluation.metrics import balanced_accuracy
@@ -254,10 +254,8 @@ def verdicts(ev: Evidence, t: pd.DataFrame | None = None, n_boot: int = N_BOOT) 
 def with_learning_curves(ev: Evidence, out: dict[str, Verdict], n_boot: int) -> dict[str, Verdict]:
     """The verdicts with their learning-curve lines, where `ev` is a store's full size and the store
     holds other sizes too (evaluation/learning.py); a store of one size prints as before."""
-    if not out or "train_size" not in ev.metrics or not all(is_full(s) for s in ev.metrics["train_size"]):
-        return out  # a smaller size's own verdicts (the curve's points), or a frame built by hand
-    if len(train_sizes_in(ev.store)) < 2:
-        return out
+    if not out or not is_full(ev.train_size) or len(ev.sizes) < 2:
+        return out  # a smaller size's own verdicts (the curve's points), a store of one size, or built by hand
     lc = learning_of(ev, n_boot)
     return {ds: replace(v, sizes=tuple(lc.lines(ds))) for ds, v in out.items()}
 
