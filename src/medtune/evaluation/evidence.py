@@ -44,7 +44,7 @@ class Evidence:
     priors: dict = field(default_factory=dict)  # {cell id: training-fold class frequencies} of class-weighted cells
     memo: dict = field(default_factory=dict, repr=False)  # what is computed once per read (verdict.verdicts)
     train_size: float | int = FULL  # the training-set size this evidence is of (read_evidence)
-    sizes: list = field(default_factory=list)  # every size the store holds (sizes_of), full size last
+    sizes: list = field(default_factory=list)  # every size the store holds (distinct_sizes), full size last
 
     @property
     def config(self) -> dict:
@@ -87,7 +87,7 @@ def read_evidence(store_path: str | Path, train_size: float | int = FULL) -> Evi
         inner = {c: sc.value for c, sc in inner_scores(s, m["cell_id"], metric).items()}
         ev = Evidence(m, cells, preds[preds.cell_id.isin(cells.cell_id)], extra, read_datasets(s), runs,
                       Path(store_path), s.version_warning(), {}, inner, train_size=train_size,
-                      sizes=sizes_of(every))
+                      sizes=distinct_sizes(every))
     ev.priors = training_priors(ev)
     ev.predictions = with_risk(ev.predictions, ev.priors)
     ev.extra = with_risk(ev.extra, ev.priors)
@@ -102,10 +102,10 @@ def train_sizes_in(store_path: str | Path) -> list[float | int]:
     from medtune.evaluation.store import open_store
 
     with open_store(store_path, must_exist=True) as s:
-        return sizes_of(s.metrics())
+        return distinct_sizes(s.metrics())
 
 
-def sizes_of(m: pd.DataFrame) -> list[float | int]:
+def distinct_sizes(m: pd.DataFrame) -> list[float | int]:
     """The training-set sizes of a metrics frame (Store.metrics), ordered as `train_sizes_in`."""
     sizes = [] if m.empty else list(dict.fromkeys(m["train_size"]))
     if any(is_full(x) for x in sizes):
