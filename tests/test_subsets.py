@@ -165,3 +165,28 @@ def test_the_verdict_and_tables_read_the_full_size_and_each_size_reads_alone(tmp
         full.cells.cell_id)
     assert set(full.metrics.variant) == {""}  # a size is never shown as a variant of the strategy
     assert not set(full.metrics.group) & set(quarter.metrics.group)
+
+
+def test_a_resumed_grid_does_not_call_its_other_sizes_unmatched(tmp_path):
+    """The cells of the other sizes share every label with a full-size cell left to run; they are
+    this grid's own cells, reused, and the resumed run must not warn that they "differ" and are not
+    reused (it had, naming `train_size`, on the BUSI learning-curve resume)."""
+    import sqlite3
+    import warnings
+
+    import medtune
+
+    raw = smoke_raw(tmp_path)
+    raw["datasets"][0]["options"]["n_patients"] = 40
+    raw.update(strategies=["linear_probe"], train_sizes=[0.5, 1.0])
+    medtune.run(raw, progress=False)
+    with Store(raw["store"], read_only=True) as s:
+        m = s.metrics()
+    lost = at_size(m, 1.0).query("fold == 1").cell_id.iloc[0]
+    with sqlite3.connect(raw["store"]) as conn:
+        for table in ("metrics", "predictions", "extra_predictions", "cells"):
+            conn.execute(f"DELETE FROM {table} WHERE cell_id = ?", (lost,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        again = medtune.run(raw, progress=False)
+    assert (again.total, again.skipped) == (4, 3)

@@ -524,20 +524,21 @@ class Store:
 
     def unmatched_note(self, todo: list[dict]) -> str | None:
         """A sentence for a resumed `run` when finished cells of this store match cells about to run in
-        every label (data set, backbone, strategy, head, seed, fold) but not in id: which settings of
+        every label (data set, backbone, strategy, head, seed, fold, training-set size) but not in id: which settings of
         the cell config kept them apart, with their values there and here, so a user who expected a
         resume learns why nothing was reused. None when there are none (results versions are
         `version_warning`'s)."""
         label = ("dataset", "backbone", "strategy", "head", "seed", "fold")
-        wanted = {tuple(c[k] for k in label): c for c in todo}
+        wanted = {(*(c[k] for k in label), size_of(c["config"])): c for c in todo}
         rows = self.conn.execute(f"SELECT {', '.join(label)}, config_json FROM cells WHERE status='done'").fetchall()
         differ: dict[str, list] = {}
         n = 0
         for *key, config_json in rows:
-            cell = wanted.get(tuple(key))
+            there = json.loads(config_json)
+            cell = wanted.get((*key, size_of(there)))  # another size of a cell is another cell, not a mismatch
             if cell is None:
                 continue
-            there, here = flatten(json.loads(config_json)), flatten(cell["config"])
+            there, here = flatten(there), flatten(cell["config"])
             keys = [k for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)
                     and not k.startswith("results_version")]
             if not keys:
