@@ -31,10 +31,15 @@ def exact(y: np.ndarray, acc: float, rng: np.random.Generator) -> np.ndarray:
     return np.stack([1 - called, called], 1) * 0.8 + 0.1
 
 
+FOLD_SD = 0.02  # fold-to-fold spread of a curve's score around its mean (as trained folds vary)
+
+
 def plant_curves(path, acc: dict[str, list[float]], sizes=SIZES, seed: int = 0) -> Store:
     """A binary data set of FOLDS folds × N_FOLD test images: strategy s at sizes[i] scores acc[s][i] on
-    every fold's test images and inner-validation split; its cells record n_train_patients growing with
-    the size and seconds growing with size and share."""
+    average over the folds, each fold off by its own zero-sum draw of spread FOLD_SD (so a paired
+    difference over folds has a variance, and the pooled score is acc[s][i]), and exactly acc[s][i]
+    on its inner-validation split; its cells record n_train_patients growing with the size and seconds
+    growing with size and share."""
     store = Store(path)
     n = N_FOLD * FOLDS
     store.add_dataset("syn", ["benign", "malignant"],
@@ -47,8 +52,10 @@ def plant_curves(path, acc: dict[str, list[float]], sizes=SIZES, seed: int = 0) 
         for size, a in zip(sizes, accs):
             change = {"strategy": {"name": s}, "n_folds": FOLDS, **({} if size == 1.0 else {"train_size": size})}
             patients = round(size * FULL_PATIENTS)
-            for f in range(FOLDS):
-                plant_cell(store, change, f, 0, y, exact(y, a, rng), samples=np.arange(f * N_FOLD, (f + 1) * N_FOLD),
+            spread = rng.normal(0, FOLD_SD, FOLDS)
+            for f, off in enumerate(spread - spread.mean()):
+                plant_cell(store, change, f, 0, y, exact(y, a + off, rng),
+                           samples=np.arange(f * N_FOLD, (f + 1) * N_FOLD),
                            seconds=1 + 20 * size * SHARES[s],
                            info={"trainable_fraction": SHARES[s], "n_train": patients, "n_train_patients": patients},
                            extra=[("inner_val", "syn", np.arange(N_FOLD), y, exact(y, a, rng))])
@@ -75,7 +82,23 @@ def test_a_strategy_that_wins_only_at_the_full_size_is_a_crossover_at_the_right_
     assert (c.below, c.above) == ("50% (160 patients)", "100% (320 patients)")
     assert c.at_small[0] == pytest.approx(-0.02, abs=0.01) and c.at_full[1] > 0 and c.change[1] > 0
     line = lc.lines("syn")[1]
-    assert line.startswith("crossover between 50% (160 patients) and 100% (320 patients): linear_probe leads at 50%")
+    assert line.startswith("crossover between 50% (160 patients) and 100% (320 patients): on the test folds "
+                           "linear_probe leads at 50%")
+
+
+def test_the_crossover_gap_at_the_full_size_is_the_depth_lines_own_interval(tmp_path):
+    """One pair, one interval: partial_ft − linear_probe at the full size is printed by the depth line
+    (the paired test over folds) and by the crossover line; both give the same numbers (the crossover
+    had bootstrapped test patients and printed a second, narrower interval for the same gap)."""
+    from medtune.evaluation.verdict import store_verdicts
+
+    lc = curves(tmp_path, CROSS)
+    v = store_verdicts(tmp_path / "s.sqlite", n_boot=500)["syn"]
+    comp = next(c for c in v.comparisons if c.strategy == "linear_probe")
+    assert lc.crossovers["syn"].at_full == pytest.approx((comp.diff, comp.low, comp.high))
+    said = next(line for line in v.lines() if "crossover" in line)
+    assert f"{comp.diff:+.3f} [{comp.low:+.3f}, {comp.high:+.3f}] at the full size" in said
+    assert f"[{comp.low:+.3f}, {comp.high:+.3f}]" in next(line for line in v.lines() if "depth:" in line)
 
 
 def test_parallel_curves_are_no_crossover_even_when_noise_swaps_a_small_size(tmp_path):
@@ -84,7 +107,7 @@ def test_parallel_curves_are_no_crossover_even_when_noise_swaps_a_small_size(tmp
     their noise."""
     lc = curves(tmp_path, {"linear_probe": BASE, "full_ft": [a - 0.08 for a in BASE]})
     assert lc.crossovers["syn"].kind == "none"
-    assert lc.lines("syn")[1] == "crossover: none, linear_probe leads at every size"
+    assert lc.lines("syn")[1] == "crossover: none, linear_probe leads on the test folds at every size"
     near = curves(tmp_path, {"linear_probe": BASE, "full_ft": [0.725, 0.725, 0.75, 0.775]}, name="near.sqlite")
     c = near.crossovers["syn"]
     assert c.kind == "noise" and c.below == "10% (32 patients)" and c.above == "25% (80 patients)"
@@ -100,7 +123,7 @@ def test_a_tie_at_the_top_is_not_a_change_of_leader():
     est = {"b": [0.75, 0.80, 0.80], "c": [0.70, 0.80, 0.78], "a": [0.80, 0.80, 0.85]}  # a listed last
     pts = pd.DataFrame([{"curve": k, "size": s, "estimate": e, "n_patients": 100 * s, "group": f"{k}{s}"}
                         for k, es in est.items() for s, e in zip((0.25, 0.5, 1.0), es)])
-    assert crossover(pts, {}, [0.25, 0.5, 1.0], "syn", 10).kind == "none"
+    assert crossover(pts, {}, [0.25, 0.5, 1.0]).kind == "none"
 
 
 POWER = {"full_ft": [1 - (0.9 * n ** -0.5 + 0.10) for n in (32, 80, 160, 320)],  # 0.741, 0.799, 0.829, 0.850
@@ -151,8 +174,9 @@ def test_the_verdict_prints_the_curve_lines_only_when_the_store_has_several_size
     v = verdicts(read_evidence(tmp_path / "m.sqlite"), n_boot=300)["syn"]
     lines = v.lines()
     depth = next(i for i, line in enumerate(lines) if line.startswith("  depth:"))
-    assert lines[depth + 1].startswith("  learning curve: recommended linear_probe at 10% (32 patients), 25% (80 "
-                                       "patients), 50% (160 patients); partial_ft at 100% (320 patients)")
+    assert lines[depth + 1].startswith("  learning curve: on each size's inner splits the rule recommends linear_probe "
+                                       "at 10% (32 patients), 25% (80 patients), 50% (160 patients); partial_ft at "
+                                       "100% (320 patients)")
     assert lines[depth + 2].startswith("  crossover between 50% (160 patients) and 100% (320 patients)")
     assert lines[depth + 3].startswith("  extrapolated to 2x (640 patients")
     assert lines[depth + 4].startswith("  cost: ")
@@ -185,7 +209,7 @@ def test_the_figure_draws_each_curve_with_its_share_band_2x_point_and_cost(tmp_p
     lc = curves(tmp_path, POWER)
     fig = curve_figure(lc, "syn")
     ax, cost = fig.axes
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["full_ft (100% trained)",
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["full_ft (100% trained)",
                                                                    "linear_probe (0.1% trained)"]
     from matplotlib.collections import PolyCollection
 

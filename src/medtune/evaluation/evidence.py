@@ -19,7 +19,7 @@ import pandas as pd
 from medtune.data.subsets import FULL, check_sizes, is_full, size_label
 from medtune.evaluation.headline import choose
 from medtune.evaluation.metrics import (MAIN_METRICS, at_threshold, auc, balanced_accuracy, bootstrap_ci, calibration,
-                             corrected_ttest, from_counts, holm, threshold_for, wilcoxon)
+                             corrected_interval, corrected_ttest, from_counts, holm, threshold_for, wilcoxon)
 from medtune.evaluation.inner import inner_scores
 from medtune.evaluation.store import DISPLAY
 
@@ -413,8 +413,6 @@ def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str, others: list[str] 
     same (seed, fold) pairs: corrected resampled t-test (Nadeau & Bengio) and Wilcoxon signed-rank on
     balanced accuracy, each with Holm-adjusted p-values over the family of comparisons, and the mean
     difference's 95% interval under the same corrected variance."""
-    from scipy import stats
-
     m = ev.metrics[ev.metrics.dataset == dataset]
     head = headline_row(t, dataset).group
     info = ev.cells.set_index("cell_id")["info"]
@@ -429,12 +427,9 @@ def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str, others: list[str] 
         n_test = np.mean([info[i].get("n_test", np.nan) for i in sub.cell_id])
         tt, p_t = corrected_ttest(a, b, n_train, n_test)
         _, p_w = wilcoxon(a, b)
-        d = a - b
-        half = (stats.t.ppf(0.975, len(d) - 1) * np.sqrt((1 / len(d) + n_test / n_train) * d.var(ddof=1))
-                if len(d) >= 2 else np.nan)
-        mean = float(np.mean(d)) if len(common) else np.nan
+        mean, low, high = corrected_interval(a, b, n_train, n_test)
         rows.append({"compared with": label(sub.iloc[0]), "group": g, "pairs": len(common),
-                     "mean difference": mean, "95% CI low": mean - half, "95% CI high": mean + half,
+                     "mean difference": mean, "95% CI low": low, "95% CI high": high,
                      "corrected t": tt, "p (corrected t)": p_t, "p (Wilcoxon)": p_w})
     out = pd.DataFrame(rows)
     if not out.empty:

@@ -14,13 +14,15 @@ A store run with `train_sizes:` holds every cell at several sizes of its outer t
 - **crossover**, judged on the pooled estimates. F leads at the full size; walking down from the
   full size, the first size where F is not at the top (a tie counts as the top) closes the
   interval, S being that size's leader (S leads at the smaller end, F from the larger end up). The
-  gap F − S is bootstrapped at that smaller size and at the full size, and so is its change between
-  them, all paired: the same test patients resampled together for the four (size, curve)
-  predictions. It is a **crossover** only if the order reverses, at least one side's gap has a 95%
-  interval excluding 0, and the change of the gap excludes 0 too (parallel curves change their gap
-  by nothing, whatever their noise). Otherwise the curves **cross within their noise**; where F
-  leads at every size there is **no crossover**. The interval resamples test patients, not
-  training subsets, so it understates the training-set part of the noise;
+  gap F − S at that smaller size and at the full size, and its change between them, are paired over
+  the outer folds (every size is scored on the same test folds) with the interval every paired
+  difference in medtune gets (metrics.corrected_interval: Nadeau & Bengio's corrected variance,
+  which counts the training sets' part of the noise as a bootstrap over test patients does not),
+  the full size's correction at every size: at the full size the gap's interval is the one the
+  depth line and the paired-tests table print for the same pair. It is a **crossover** only if the
+  order reverses, at least one side's gap has a 95% interval excluding 0, and the change of the gap
+  excludes 0 too (parallel curves change their gap by nothing, whatever their noise). Otherwise the
+  curves **cross within their noise**; where F leads at every size there is **no crossover**;
 - **extrapolation to twice the full size's patients**, per curve: the inverse power law
   err(n) = a·n^(−b) + c on error = 1 − balanced accuracy, fitted by weighted least squares
   (scipy's curve_fit, weights 1/CI half-width; a ≥ 0, b in [0, 2], c in [0, 1]). Three parameters
@@ -45,9 +47,9 @@ import numpy as np
 import pandas as pd
 
 from medtune.data.subsets import is_full, size_label
-from medtune.evaluation.evidence import Evidence, ci, fmt_ci, group_table, label, read_evidence, short_strategy, \
+from medtune.evaluation.evidence import MAIN, Evidence, fmt_ci, group_table, label, read_evidence, short_strategy, \
     train_sizes_in
-from medtune.evaluation.metrics import balanced_accuracy_score
+from medtune.evaluation.metrics import corrected_interval
 
 N_BOOT = 2000  # as the main table: the full size's points are the table's intervals
 N_DRAWS = 200  # refits of the parametric bootstrap of an extrapolation
@@ -88,17 +90,16 @@ class Crossover:
 
     def line(self) -> str:
         if self.kind == "none":
-            return f"crossover: none, {self.full} leads at every size"
+            return f"crossover: none, {self.full} leads on the test folds at every size"
         if self.kind == "unpaired":
-            return (f"crossover: not judged ({self.small} leads at {self.below}, {self.full} from {self.above} on, "
-                    "but the two were not both run at both sizes)")
+            return (f"crossover: not judged (on the test folds {self.small} leads at {self.below}, {self.full} "
+                    f"from {self.above} on, but the two were not both run at both sizes)")
         gaps = (f"{self.full} − {self.small} {fmt_gap(self.at_small)} there, {fmt_gap(self.at_full)} at the full "
                 f"size (change {fmt_gap(self.change)})")
+        who = f"on the test folds {self.small} leads at {self.below}, {self.full} from {self.above} on"
         if self.kind == "crossover":
-            return (f"crossover between {self.below} and {self.above}: {self.small} leads at {self.below}, "
-                    f"{self.full} from {self.above} on; {gaps}")
-        return (f"crossover: the curves cross within their noise ({self.small} leads at {self.below}, {self.full} "
-                f"from {self.above} on; {gaps})")
+            return f"crossover between {self.below} and {self.above}: {who}; {gaps}"
+        return f"crossover: the curves cross within their noise ({who}; {gaps})"
 
 
 def fmt_gap(x: tuple[float, float, float]) -> str:
@@ -205,7 +206,8 @@ def depth_mattered(v) -> bool | None:
 
 
 def recommendation_line(recs: list[tuple]) -> str:
-    """`learning curve: recommended linear_probe at 10% (32 patients), 25% (80 patients); full_ft at ...`"""
+    """`learning curve: on each size's inner splits the rule recommends linear_probe at 10% (32 patients),
+    25% (80 patients); full_ft at ...`: recommended, as the verdict is, never read off the test folds."""
     runs: list[tuple[str, list[str]]] = []
     for size, patients, name, _ in recs:
         if runs and runs[-1][0] == name:
@@ -217,31 +219,24 @@ def recommendation_line(recs: list[tuple]) -> str:
     compared = any(d is not None for *_, d in recs)
     depth = (f"; depth mattered (Holm p < {ALPHA:g}) at {', '.join(mattered)}" if mattered
              else "; no detectable difference between depths at any size" if compared else "")
-    return f"learning curve: recommended {said}{depth}"
+    return f"learning curve: on each size's inner splits the rule recommends {said}{depth}"
 
 
 # --------------------------------------------------------------------------- crossover
-def aligned(evs: dict, cols: list[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(y, predicted class per column, sample) of the (size, group) columns' out-of-fold predictions,
-    matched by (seed, sample): every size is scored on the same test folds."""
-    joined = None
-    for k, (size, group) in enumerate(cols):
-        ev = evs[size]
-        p = ev.predictions.merge(ev.cells.loc[ev.cells.group == group, ["cell_id", "seed"]], on="cell_id")
-        f = pd.DataFrame({"seed": p.seed.to_numpy(), "sample": p["sample"].to_numpy(), "y": p.y_true.to_numpy(),
-                          f"c{k}": [int(np.argmax(x)) for x in p.probs]}).set_index(["seed", "sample"])
-        joined = f if joined is None else joined.join(f.drop(columns="y"), how="inner")
-    joined = joined.sort_index()
-    return (joined.y.to_numpy(), joined[[f"c{k}" for k in range(len(cols))]].to_numpy(),
-            joined.index.get_level_values("sample").to_numpy())
+def fold_scores(ev: Evidence, group: str) -> pd.Series:
+    """A group's balanced accuracy per (seed, fold): what the paired comparisons pair."""
+    m = ev.metrics
+    return m[m.group == group].set_index(["seed", "fold"])[MAIN]
 
 
-def gap(i: int):
-    """Balanced accuracy of column i minus column i + 1."""
-    return lambda y, c: balanced_accuracy_score(y, c[:, i]) - balanced_accuracy_score(y, c[:, i + 1])
+def fold_sizes(ev: Evidence, group: str) -> tuple[float, float]:
+    """(mean training images, mean test images) of a group's cells: the Nadeau-Bengio correction's ratio."""
+    info = ev.cells.loc[ev.cells.group == group, "info"]
+    return (float(np.mean([i.get("n_train", np.nan) for i in info])),
+            float(np.mean([i.get("n_test", np.nan) for i in info])))
 
 
-def crossover(pts: pd.DataFrame, evs: dict, sizes: list, dataset: str, n_boot: int) -> Crossover:
+def crossover(pts: pd.DataFrame, evs: dict, sizes: list) -> Crossover:
     """The rule of the module's docstring, on one data set's points."""
     lead = {s: pts[pts["size"].map(lambda x, s=s: type(x) is type(s) and x == s)].sort_values(
         "estimate", ascending=False) for s in sizes}
@@ -266,12 +261,16 @@ def crossover(pts: pd.DataFrame, evs: dict, sizes: list, dataset: str, n_boot: i
     partner = lead[order[-1]][lead[order[-1]].curve == small.curve]
     if mine.empty or partner.empty:  # one of the two was not run at both sizes: no paired gap
         return Crossover("unpaired", *where)
-    y, c, s = aligned(evs, [(below, mine.iloc[0].group), (below, small.group), (order[-1], full.group),
-                            (order[-1], partner.iloc[0].group)])
-    ev = evs[order[-1]]
-    at_small = ci(ev, dataset, y, c, s, gap(0), n_boot)
-    at_full = ci(ev, dataset, y, c, s, gap(2), n_boot)
-    change = ci(ev, dataset, y, c, s, lambda y_, c_: gap(2)(y_, c_) - gap(0)(y_, c_), n_boot)
+    cols = [(below, mine.iloc[0].group), (below, small.group), (order[-1], full.group),
+            (order[-1], partner.iloc[0].group)]
+    scores = pd.concat([fold_scores(evs[s], g) for s, g in cols], axis=1, join="inner").to_numpy().T
+    f_small, s_small, f_full, s_full = scores
+    # one correction for every size: the full size's ratio (its folds' training sets overlap most), so
+    # that at the full size the gap's interval is the depth line's and the paired-tests table's
+    n_train, n_test = fold_sizes(evs[order[-1]], full.group)
+    at_small = corrected_interval(f_small, s_small, n_train, n_test)
+    at_full = corrected_interval(f_full, s_full, n_train, n_test)
+    change = corrected_interval(f_full - s_full, f_small - s_small, n_train, n_test)
     sure = (distinguishable(at_small) or distinguishable(at_full)) and distinguishable(change)
     return Crossover("crossover" if sure else "noise", *where, at_small, at_full, change)
 
@@ -381,7 +380,7 @@ def learning_curves(source: str | Path | Evidence, n_boot: int = N_BOOT, judge=N
     lc = LearningCurves(points, sizes, recs)
     for ds in dict.fromkeys(points.dataset):
         pts = lc.of(ds)
-        lc.crossovers[ds] = crossover(pts, evs, sizes, ds, n_boot)
+        lc.crossovers[ds] = crossover(pts, evs, sizes)
         full = pts[pts["size"].map(is_full)]
         target = 2 * float(full.n_patients.mean()) if len(full) else np.nan
         lc.extrapolations[ds] = [extrapolate(c, d.sort_values("n_patients"), target)

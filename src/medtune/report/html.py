@@ -856,8 +856,10 @@ def section_learning_curves(pg: Page, d: Data) -> str:
             "stratified by class and patient-intact, scored on the same outer test folds as the full size, so the "
             "sizes differ only in how much the model trained on. x: training patients per fold (mean over folds); "
             "y: pooled out-of-fold balanced accuracy with its 95% patient-bootstrap CI, at the full size the main "
-            "table's figure. A crossover is claimed only where the leader changes, the gap between the two "
-            "leaders excludes 0 on one side, and its change between the sizes excludes 0 too. The point at 2x is "
+            "table's figure. A crossover is claimed only where the leader on the test folds changes, the gap "
+            "between the two leaders (paired over the folds, with the depth comparisons' interval) excludes 0 on "
+            "one side, and its change between the sizes excludes 0 too. What the rule recommends at each size is "
+            "chosen on that size's inner splits, as the verdict is. The point at 2x is "
             "an inverse power law fitted to the curve: <b>an extrapolation is a model, not a measurement</b>, made "
             "only where the law follows the points within their intervals; the bottom panel is what each size "
             "cost.</p>" + img(png(curve_figure(lc, d.name, _plt())), f"learning curves {d.name}")
