@@ -316,6 +316,18 @@ def every_nth(data: str, n: int, parent: Path | None = None) -> str:
     return str(out)
 
 
+def machine() -> dict:
+    """The CPU the figures are of, and the precision medtune's half ran in (`amp: auto`: bf16 where
+    the CPU has AVX512-BF16, float32 elsewhere; the reference loop is float32 everywhere), since a
+    ratio measured on one CPU is no figure for another."""
+    from medtune.training.precision import autocast_dtype
+
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    dtype = autocast_dtype(torch.device("cpu"), "auto")
+    return {"cpu": name, "medtune_precision": str(dtype).removeprefix("torch.") if dtype else "float32"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="128 px, 2 folds, 3 epochs")
@@ -341,7 +353,7 @@ def main() -> None:
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "size": size, "folds": folds,
               "epochs": args.epochs, "views": args.views, "every": args.every, "reference_recipe": REFERENCE_RECIPE,
               "medtune": ours, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+              "measured_at": time.strftime("%Y-%m-%d %H:%M"), **machine()}
     suffix = ("_quick" if args.quick else "") + (f"_every{args.every}" if args.every > 1 else "")
     out = ROOT / "results" / f"grid_speed{suffix}.json"
     previous = json.loads(out.read_text()) if args.reuse_reference and out.is_file() else {}

@@ -81,8 +81,14 @@ def curve_figure(lc: LearningCurves, dataset: str, plt=None):
     ax.set_title(f"{dataset}: learning curves (nested subsets, same test folds)")
     ax.grid(alpha=0.3)
     several = sub[["backbone", "head", "variant"]].drop_duplicates().shape[0] > 1
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=11, title_fontsize=11,
-              title="backbone · strategy" if several else "strategy")
+    # beneath the plots, not beside them: a long strategy label (a rate choice) beside the axes left
+    # them half the width and ran the size ticks into each other
+    handles, labels = ax.get_legend_handles_labels()
+    legend_in = 0.28 * (len(labels) + 1)  # inches: a row per curve and the title
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + legend_in)
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.005), fontsize=11, title_fontsize=11,
+               title="backbone · strategy" if several else "strategy", frameon=False)
     cost.set_ylabel("seconds\nper cell")
     cost.set_xlabel("training patients per fold (mean over folds; log scale)")
     if (sub.seconds > 0).all() and sub.seconds.max() / sub.seconds.min() > 20:
@@ -91,5 +97,5 @@ def curve_figure(lc: LearningCurves, dataset: str, plt=None):
         cost.set_yscale("log")
         cost.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     cost.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_in / (height + legend_in), 1, 1))
     return fig
