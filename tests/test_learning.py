@@ -176,7 +176,7 @@ def test_the_verdict_prints_the_curve_lines_only_when_the_store_has_several_size
     depth = next(i for i, line in enumerate(lines) if line.startswith("  depth:"))
     assert lines[depth + 1].startswith("  learning curve: on each size's inner splits the rule recommends linear_probe "
                                        "at 10% (32 patients), 25% (80 patients), 50% (160 patients); partial_ft at "
-                                       "100% (320 patients)")
+                                       "100% (320 patients) (inner splits of 80 images a fold at 10%, 80 at 100%)")
     assert lines[depth + 2].startswith("  crossover between 50% (160 patients) and 100% (320 patients)")
     assert lines[depth + 3].startswith("  extrapolated to 2x (640 patients")
     assert lines[depth + 4].startswith("  cost: ")

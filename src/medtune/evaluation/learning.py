@@ -129,7 +129,8 @@ class LearningCurves:
     at each size, the crossover and the extrapolations per data set."""
     points: pd.DataFrame
     sizes: list
-    recommended: dict[str, list[tuple]] = field(default_factory=dict)  # {ds: [(size, patients, name, depth)]}
+    # {ds: [(size, patients, name, depth mattered, inner-validation images a fold)]}
+    recommended: dict[str, list[tuple]] = field(default_factory=dict)
     crossovers: dict[str, Crossover] = field(default_factory=dict)
     extrapolations: dict[str, list[Extrapolation]] = field(default_factory=dict)
 
@@ -205,21 +206,33 @@ def depth_mattered(v) -> bool | None:
     return any(c.holm_p < ALPHA for c in v.comparisons)
 
 
+def inner_images(ev: Evidence, group: str) -> float:
+    """Mean images a fold of a group's inner-validation splits (NaN where none were stored): what a
+    recommendation at that size was chosen on."""
+    val = ev.extra[(ev.extra.kind == "inner_val") & ev.extra.cell_id.isin(ev.cells.cell_id[ev.cells.group == group])]
+    per_cell = val.groupby("cell_id").size()
+    return float(per_cell.mean()) if len(per_cell) else np.nan
+
+
 def recommendation_line(recs: list[tuple]) -> str:
     """`learning curve: on each size's inner splits the rule recommends linear_probe at 10% (32 patients),
     25% (80 patients); full_ft at ...`: recommended, as the verdict is, never read off the test folds."""
     runs: list[tuple[str, list[str]]] = []
-    for size, patients, name, _ in recs:
+    for size, patients, name, *_ in recs:
         if runs and runs[-1][0] == name:
             runs[-1][1].append(size_text(size, patients))
         else:
             runs.append((name, [size_text(size, patients)]))
     said = "; ".join(f"{name} at {', '.join(where)}" for name, where in runs)
-    mattered = [size_label(s) for s, _, _, d in recs if d]
-    compared = any(d is not None for *_, d in recs)
+    mattered = [size_label(s) for s, _, _, d, _ in recs if d]
+    compared = any(d is not None for _, _, _, d, _ in recs)
     depth = (f"; depth mattered (Holm p < {ALPHA:g}) at {', '.join(mattered)}" if mattered
              else "; no detectable difference between depths at any size" if compared else "")
-    return f"learning curve: on each size's inner splits the rule recommends {said}{depth}"
+    # how many images each choice rested on, smallest and full size: a choice on a handful is noise
+    val = [(s, n) for s, _, _, _, n in recs if np.isfinite(n)]
+    split = (f" (inner splits of {val[0][1]:.0f} images a fold at {size_label(val[0][0])}, {val[-1][1]:.0f} at "
+             f"{size_label(val[-1][0])})" if len(val) >= 2 else "")
+    return f"learning curve: on each size's inner splits the rule recommends {said}{split}{depth}"
 
 
 # --------------------------------------------------------------------------- crossover
@@ -373,7 +386,8 @@ def learning_curves(source: str | Path | Evidence, n_boot: int = N_BOOT, judge=N
             patients = pts.loc[pts.group == v.group, "n_patients"]
             recs.setdefault(ds, []).append((size, float(patients.mean()) if len(patients) else np.nan,
                                             short_strategy(v.strategy) if pts[pts.dataset == ds][CURVE[1:4]]
-                                            .drop_duplicates().shape[0] == 1 else v.name, depth_mattered(v)))
+                                            .drop_duplicates().shape[0] == 1 else v.name, depth_mattered(v),
+                                            inner_images(ev, v.group)))
     points = pd.concat(frames, ignore_index=True)
     points["curve"] = curve_names(points)
     points["text"] = [fmt_ci(m, lo, hi) for m, lo, hi in zip(points.estimate, points.ci_low, points.ci_high)]
