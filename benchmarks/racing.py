@@ -22,6 +22,14 @@ outer estimate (mean balanced accuracy over the outer test folds, with the fold 
 
 Results: benchmarks/results/racing[_everyN].json. `--skip-reference` leaves (a) out.
 
+`--grid user` is issue 41's user-scale grid: EfficientNet-Lite0/1/2 (each at its own resolution) x
+linear_probe, partial_ft(blocks=2), full_ft, lp_ft, l2_sp and lora, each with `lr: {choose: [1e-4, 3e-4,
+1e-3, 3e-3]}`, softmax head, ways (b) and (c) only; results in racing_user_grid[_everyN].json, with
+(c)'s training seconds as a share of (b)'s (the issue asks <= 0.4 with the same recommendation).
+
+    python benchmarks/racing.py --grid user --every 20 --epochs 1 --keep ~/racing_user_dev   # a check
+    python benchmarks/racing.py --grid user --keep ~/racing_user --ways c                    # the record
+
 The full-size run takes longer than one working session here, so it can be spread over several:
 with `--keep DIR`, the stores of (b) and (c) and the finished (fold, strategy) rows of (a) are kept
 in DIR, and running the same command again resumes each way where it stopped (finished cells are
@@ -60,6 +68,11 @@ from grid_speed import (REFERENCE_RECIPE, Images, balanced_weight, every_nth, re
                         ref_predict, ref_probe, ref_refresh_bn, ref_train, set_trainable)
 
 LRS = [3e-4, 1e-3, 3e-3]
+# issue 41's user-scale grid (`--grid user`): the three embedded backbones at their own resolutions, the
+# depths from a probe to full fine-tuning and LoRA, a four-value rate list; softmax head only
+USER_BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+USER_STRATEGIES = ["linear_probe", {"name": "partial_ft", "blocks": 2}, "full_ft", "lp_ft", "l2_sp", "lora"]
+USER_LRS = [1e-4, 3e-4, 1e-3, 3e-3]
 
 
 class WallClock:
@@ -104,6 +117,15 @@ class WallClock:
         return self._update(complete=True)
 
 
+def user_grid(data: str, folds: int, epochs: int, store: str, racing: bool) -> dict:
+    """`--grid user`: USER_BACKBONES x USER_STRATEGIES, each rate chosen from USER_LRS on the inner split."""
+    return {"name": "racing_user_grid", "datasets": [{"name": "busi", "path": data}],
+            "backbones": USER_BACKBONES, "strategies": USER_STRATEGIES,
+            "folds": folds, "seeds": [0], "store": store, "keep_best": False,
+            "train": {"epochs": epochs, "batch_size": 32, "lr": {"choose": USER_LRS}, "patience": epochs},
+            "racing": "on" if racing else "off", "halving": racing}
+
+
 def grid(data: str, size: int, folds: int, epochs: int, store: str, racing: bool) -> dict:
     choose = {"choose": LRS}
     base = {
@@ -126,18 +148,20 @@ def measure(raw: dict, clock: WallClock) -> dict:
     with Store(raw["store"]) as s:
         m = s.metrics()
         lead = leaders(s, "balanced_accuracy").get("busi")
-    rows = m.groupby("group").agg(strategy=("strategy", "first"), head=("head", "first"),
-                                  bacc=("balanced_accuracy", "mean"), sd=("balanced_accuracy", "std"),
-                                  folds=("fold", "count"), seconds=("seconds", "sum"), pruned=("pruned", "first"))
+    rows = m.groupby("group").agg(backbone=("backbone", "first"), strategy=("strategy", "first"),
+                                  head=("head", "first"), bacc=("balanced_accuracy", "mean"),
+                                  sd=("balanced_accuracy", "std"), folds=("fold", "count"),
+                                  seconds=("seconds", "sum"), pruned=("pruned", "first"))
     best = rows.loc[lead]
     return {"wall_seconds": wall, "invocations": len(invocations), "cell_seconds": float(m["seconds"].sum()),
             "cells_run_last_invocation": int(summary.done),
             "pruned": list(summary.pruned.values()),
-            "recommended": f"{best.strategy} · {best['head']}", "recommended_bacc": float(best.bacc),
+            "recommended": f"{best.backbone} · {best.strategy} · {best['head']}", "recommended_bacc": float(best.bacc),
             "recommended_sd": float(best.sd),
-            "rows": [{"strategy": r.strategy, "head": r["head"], "bacc": round(float(r.bacc), 4),
-                      "sd": round(float(r.sd), 4) if np.isfinite(r.sd) else None, "folds": int(r.folds),
-                      "seconds": round(float(r.seconds), 1), "pruned": bool(r.pruned)} for _, r in rows.iterrows()]}
+            "rows": [{"backbone": r.backbone, "strategy": r.strategy, "head": r["head"],
+                      "bacc": round(float(r.bacc), 4), "sd": round(float(r.sd), 4) if np.isfinite(r.sd) else None,
+                      "folds": int(r.folds), "seconds": round(float(r.seconds), 1), "pruned": bool(r.pruned)}
+                     for _, r in rows.iterrows()]}
 
 
 def reference(data: str, size: int, folds: int, epochs: int, rows_path: Path, clock: WallClock) -> dict:
@@ -231,18 +255,25 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--grid", choices=["issue19", "user"], default="issue19",
+                    help="issue19: Lite0, 6 strategies x 2 heads, 3 rates (default); user: issue 41's Lite0/1/2 x "
+                         "linear_probe, partial_ft(blocks=2), full_ft, lp_ft, l2_sp, lora x 4 rates, ways b and c "
+                         "only, each backbone at its own resolution (--size is not used)")
     ap.add_argument("--ways", default="b,c,a", help="which ways to run, comma-separated (default: b,c,a)")
     ap.add_argument("--skip-reference", action="store_true", help="leave way (a) out (as --ways b,c)")
     ap.add_argument("--keep", type=Path, help="keep the ways' stores and clocks in this folder, so that the "
                     "same command run again resumes them (default: a new temporary folder)")
     args = ap.parse_args()
-    ways = set(args.ways.split(",")) - ({"a"} if args.skip_reference else set())
+    user = args.grid == "user"
+    ways = set(args.ways.split(",")) - ({"a"} if args.skip_reference or user else set())
     if not ways or ways - {"a", "b", "c"}:
         ap.error(f"--ways takes a comma-separated subset of a,b,c; got {args.ways!r}")
     keep = args.keep or Path(tempfile.mkdtemp())
     keep.mkdir(parents=True, exist_ok=True)
-    settings = {"data": str(Path(args.data).resolve()), "size": args.size, "folds": args.folds, "epochs": args.epochs,
-                "every": args.every, "lrs": LRS}
+    settings = {"data": str(Path(args.data).resolve()), "size": None if user else args.size, "folds": args.folds,
+                "epochs": args.epochs, "every": args.every, "lrs": USER_LRS if user else LRS}
+    if user:
+        settings.update(grid="user", backbones=USER_BACKBONES, strategies=USER_STRATEGIES)
     settings_path = keep / "settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         ap.error(f"{settings_path} was kept by a run with other settings ({settings_path.read_text().strip()}); "
@@ -261,10 +292,13 @@ def main() -> None:
     for way, racing in (("b_no_racing", False), ("c_racing", True)):
         if way[0] not in ways:
             continue
-        print(f"({way}) {data} @ {args.size}px, {args.folds} folds, {args.epochs} epochs, lr choose {LRS}", flush=True)
+        where = "each backbone's own resolution" if user else f"{args.size}px"
+        print(f"({way}) {data} @ {where}, {args.folds} folds, {args.epochs} epochs, lr choose {settings['lrs']}",
+              flush=True)
         clock = WallClock(keep / "wall.json", way)
-        result[way] = measure(
-            grid(data, args.size, args.folds, args.epochs, str(keep / f"{way}.sqlite"), racing), clock)
+        raw = (user_grid(data, args.folds, args.epochs, str(keep / f"{way}.sqlite"), racing) if user
+               else grid(data, args.size, args.folds, args.epochs, str(keep / f"{way}.sqlite"), racing))
+        result[way] = measure(raw, clock)
         partial_path.write_text(json.dumps(result, indent=1))
         r = result[way]
         print(f"  {r['cell_seconds']:.0f} cell-seconds, {r['wall_seconds']:.0f} s wall over {r['invocations']} "
@@ -292,7 +326,9 @@ def main() -> None:
     print(f"(b)/(c) training seconds: {result['training_seconds_ratio_b_over_c']:.2f}x; same recommendation: "
           f"{result['same_recommendation']}; estimate within one fold-sd: {result['estimate_within_one_sd']}")
     partial_path.write_text(json.dumps(result, indent=1))
-    out = ROOT / "results" / f"racing{f'_every{args.every}' if args.every > 1 else ''}.json"
+    result["training_seconds_c_over_b"] = c["cell_seconds"] / max(b["cell_seconds"], 1e-9)  # issue 41: <= 0.4
+    name = "racing_user_grid" if user else "racing"
+    out = ROOT / "results" / f"{name}{f'_every{args.every}' if args.every > 1 else ''}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 
