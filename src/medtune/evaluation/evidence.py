@@ -408,6 +408,19 @@ def efficiency_table(ev: Evidence, t: pd.DataFrame, dataset: str) -> pd.DataFram
     return pd.DataFrame(rows).set_index("strategy")
 
 
+def fold_scores(ev: Evidence, group: str) -> pd.Series:
+    """A group's balanced accuracy per (seed, fold): what the paired comparisons pair."""
+    m = ev.metrics
+    return m[m.group == group].set_index(["seed", "fold"])[MAIN]
+
+
+def fold_sizes(ev: Evidence, group: str) -> tuple[float, float]:
+    """(mean training images, mean test images) of a group's cells: the Nadeau-Bengio correction's ratio."""
+    info = group_cells(ev, group)["info"]
+    return (float(np.mean([i.get("n_train", np.nan) for i in info])),
+            float(np.mean([i.get("n_test", np.nan) for i in info])))
+
+
 def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str, others: list[str] | None = None) -> pd.DataFrame:
     """The headline group against every other group of the data set (or the groups `others`) on the
     same (seed, fold) pairs: corrected resampled t-test (Nadeau & Bengio) and Wilcoxon signed-rank on
@@ -415,16 +428,14 @@ def paired_tests(ev: Evidence, t: pd.DataFrame, dataset: str, others: list[str] 
     difference's 95% interval under the same corrected variance."""
     m = ev.metrics[ev.metrics.dataset == dataset]
     head = headline_row(t, dataset).group
-    info = ev.cells.set_index("cell_id")["info"]
-    a_all = m[m.group == head].set_index(["seed", "fold"])[MAIN]
+    a_all = fold_scores(ev, head)
     rows = []
     todo = m[m.group != head] if others is None else m[m.group.isin(others) & (m.group != head)]
     for g, sub in todo.groupby("group", sort=False):
-        b_all = sub.set_index(["seed", "fold"])[MAIN]
+        b_all = fold_scores(ev, g)
         common = a_all.index.intersection(b_all.index)
         a, b = a_all.loc[common].to_numpy(), b_all.loc[common].to_numpy()
-        n_train = np.mean([info[i].get("n_train", np.nan) for i in sub.cell_id])
-        n_test = np.mean([info[i].get("n_test", np.nan) for i in sub.cell_id])
+        n_train, n_test = fold_sizes(ev, g)
         tt, p_t = corrected_ttest(a, b, n_train, n_test)
         _, p_w = wilcoxon(a, b)
         mean, low, high = corrected_interval(a, b, n_train, n_test)

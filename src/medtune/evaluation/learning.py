@@ -47,8 +47,8 @@ import numpy as np
 import pandas as pd
 
 from medtune.data.subsets import is_full, size_label
-from medtune.evaluation.evidence import MAIN, Evidence, fmt_ci, group_table, label, read_evidence, short_strategy, \
-    train_sizes_in
+from medtune.evaluation.evidence import Evidence, fmt_ci, fold_scores, fold_sizes, group_cells, group_table, label, \
+    read_evidence, short_strategy, train_sizes_in
 from medtune.evaluation.metrics import corrected_interval
 
 N_BOOT = 2000  # as the main table: the full size's points are the table's intervals
@@ -209,7 +209,7 @@ def depth_mattered(v) -> bool | None:
 def inner_images(ev: Evidence, group: str) -> float:
     """Mean images a fold of a group's inner-validation splits (NaN where none were stored): what a
     recommendation at that size was chosen on."""
-    val = ev.extra[(ev.extra.kind == "inner_val") & ev.extra.cell_id.isin(ev.cells.cell_id[ev.cells.group == group])]
+    val = ev.extra[(ev.extra.kind == "inner_val") & ev.extra.cell_id.isin(group_cells(ev, group).cell_id)]
     per_cell = val.groupby("cell_id").size()
     return float(per_cell.mean()) if len(per_cell) else np.nan
 
@@ -236,19 +236,6 @@ def recommendation_line(recs: list[tuple]) -> str:
 
 
 # --------------------------------------------------------------------------- crossover
-def fold_scores(ev: Evidence, group: str) -> pd.Series:
-    """A group's balanced accuracy per (seed, fold): what the paired comparisons pair."""
-    m = ev.metrics
-    return m[m.group == group].set_index(["seed", "fold"])[MAIN]
-
-
-def fold_sizes(ev: Evidence, group: str) -> tuple[float, float]:
-    """(mean training images, mean test images) of a group's cells: the Nadeau-Bengio correction's ratio."""
-    info = ev.cells.loc[ev.cells.group == group, "info"]
-    return (float(np.mean([i.get("n_train", np.nan) for i in info])),
-            float(np.mean([i.get("n_test", np.nan) for i in info])))
-
-
 def crossover(pts: pd.DataFrame, evs: dict, sizes: list) -> Crossover:
     """The rule of the module's docstring, on one data set's points."""
     lead = {s: pts[pts["size"].map(lambda x, s=s: type(x) is type(s) and x == s)].sort_values(
