@@ -196,8 +196,8 @@ def test_lp_ft_fits_its_probe_on_the_statistics_fine_tuning_starts_from(tiny_tab
     """Under `update`, fine-tuning normalises with the training images' batch statistics, so LP-FT
     first re-estimates the running statistics on them and fits the probe on those features (Kumar
     et al.'s use_new_bn_stats). Without the refresh the probe sees the start statistics; under `keep`
-    nothing is refreshed. The refreshed features are cached under their own key: a second fit on the
-    same images reuses them, and the pretrained statistics' features are untouched."""
+    nothing is refreshed. The refreshed statistics and features are cached under their own key: a second
+    fit on the same images reuses them, and the pretrained statistics' features are untouched."""
     stats = lambda names: {k for k in names if k.endswith(("running_mean", "running_var"))}  # noqa: E731
     settings = replace(SETTINGS, epochs=1, bn_statistics="update")
     cache = FeatureCache()
@@ -205,7 +205,7 @@ def test_lp_ft_fits_its_probe_on_the_statistics_fine_tuning_starts_from(tiny_tab
     moved = changed(model, start)
     hits = cache.hits
     again, _ = probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table, settings, cache)
-    assert cache.hits == hits + 1  # the refreshed features, computed once
+    assert cache.hits == hits + 2  # the refreshed statistics and their features, each computed once
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     assert stats(moved) and not (
         {k for k in moved if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
@@ -224,6 +224,24 @@ def test_lp_ft_fits_its_probe_on_the_statistics_fine_tuning_starts_from(tiny_tab
                  np.arange(len(tiny_table)), np.arange(0), create_strategy("linear_probe"), settings, rt)
     idx = np.arange(len(tiny_table))
     assert np.array_equal(shared.predict_proba(tiny_table, idx), after.predict_proba(tiny_table, idx))
+
+
+def test_the_refreshed_statistics_are_computed_once_for_the_candidates_of_a_rate_choice(tiny_table, monkeypatch):
+    """The candidates of a learning-rate choice start LP-FT from the same weights on the same images,
+    so the refresh pass (every view of the training images) runs once and the others load its
+    statistics, bit for bit; without a cache every fit refreshes."""
+    import medtune.training.loop as loop
+    calls = []
+    real = loop.refresh_bn_statistics
+    monkeypatch.setattr(loop, "refresh_bn_statistics", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    settings = replace(SETTINGS, epochs=1, bn_statistics="update")
+    cache = FeatureCache()
+    first, _ = probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table, settings, cache)
+    second, _ = probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table, replace(settings, lr=1e-4), cache)
+    assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    probe_epoch(create_strategy("lp_ft", lp_epochs=1), tiny_table, settings, None)
+    assert len(calls) == 2
 
 
 def test_refresh_bn_statistics_is_the_mean_over_the_views_and_changes_no_weight(tiny_table):
@@ -452,3 +470,28 @@ def test_adding_a_strategy_is_one_registered_class(tmp_path, monkeypatch):
     info = {r.strategy: json.loads(r.info_json) for r in cells.itertuples() if r.fold == 0}
     assert info["head_then_all"]["trainable_fraction"] == pytest.approx(1.0)
     assert info["linear_probe"]["trainable_fraction"] < 0.5
+
+
+@pytest.mark.parametrize("name, reused", [("full_ft", True), ("partial_ft", True), ("lora", False)])
+def test_the_inner_validation_predictions_are_the_best_epochs_own(tiny_table, monkeypatch, name, reused):
+    """The best epoch's validation pass already predicted the inner validation images with the very
+    weights and inputs the fit returns, so asking for them again (the choice's inner scores, the cell's
+    stored inner_val predictions) costs no forward pass and gives the same numbers bit for bit. An
+    adapter merged into the weights changes them by rounding: then they are computed again."""
+    import medtune.training.loop as loop
+    settings = replace(SETTINGS, epochs=2, amp="auto")
+    set_seed(0)
+    model = create_backbone(TINY, pretrained=False, num_classes=tiny_table.num_classes)
+    idx = np.arange(len(tiny_table))
+    val_idx = idx[::3]
+    fit_idx = np.setdiff1d(idx, val_idx)
+    rt = Runtime(torch.device(DEVICE), FeatureCache(), (TINY, 48), None)
+    result = fit(model, tiny_table, fit_idx, val_idx, create_strategy(name), settings, rt)
+    fresh = loop.predict_proba(result.forward, result.inputs(tiny_table), val_idx, rt)
+    calls = []
+    real = loop.predict_proba
+    monkeypatch.setattr(loop, "predict_proba", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert np.array_equal(result.predict_proba(tiny_table, val_idx), fresh)
+    assert (not calls) == reused
+    result.predict_proba(tiny_table, val_idx[:-1])  # other images are predicted
+    assert calls

@@ -75,7 +75,8 @@ def norm_tensors(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, 
 
 
 class FeatureCache:
-    """Outputs of a frozen prefix, per (model key, data set, cut, views); bounded in bytes.
+    """Outputs of a frozen prefix, per (model key, data set, cut, views), and LP-FT's refreshed
+    BatchNorm statistics (training/loop.py `refresh_statistics`); bounded in bytes.
 
     The model key must identify the pretrained weights (backbone name, source, image size):
     every cell of the grid that shares them shares the cache, across folds and strategies.
@@ -88,7 +89,7 @@ class FeatureCache:
         self.misses = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.store.values())
+        return sum(size(v) for v in self.store.values())
 
     def get(self, key: tuple, compute) -> torch.Tensor:
         if key in self.store:
@@ -101,6 +102,13 @@ class FeatureCache:
         while self.nbytes() > self.max_bytes and len(self.store) > 1:
             self.store.pop(next(iter(self.store)))
         return value
+
+
+def size(value: torch.Tensor | dict) -> int:
+    """Bytes of a cached tensor, or of a dict of them (a model's refreshed BatchNorm statistics)."""
+    if isinstance(value, dict):
+        return sum(size(v) for v in value.values())
+    return value.numel() * value.element_size()
 
 
 _SHARED_CACHE: FeatureCache | None = None

@@ -75,9 +75,10 @@ def fit_epochs(model: nn.Module, table: ImageTable, train_idx: np.ndarray, val_i
                 run.trained |= classifier_param_names(model)
             else:
                 train_epoch(run, phase, e, epoch, scale, bn)
-            val_loss = validate_epoch(run, chain, scale, bn, probe)
+            val_loss, val_probs = validate_epoch(run, chain, scale, bn, probe)
             if len(val_idx) and val_loss < run.best[0] - 1e-6:
                 run.best, bad_epochs = (val_loss, epoch, copy.deepcopy(model.state_dict())), 0
+                run.best_val = (run.inputs.cut, run.inputs.rt.model_key, val_probs)
             else:
                 bad_epochs += 1
             yield run.history[-1]
@@ -112,6 +113,7 @@ class Fitting:
     stepper: Stepper
     history: list[dict] = field(default_factory=list)
     best: tuple = (math.inf, -1, None)  # validation loss, epoch, state dict
+    best_val: tuple | None = None  # the best epoch's validation pass: (cut, model key, probabilities)
     trained: set[str] = field(default_factory=set)  # tensors that received a gradient (or were probed)
     first_loss: float | None = None
     inputs: Inputs | None = None
@@ -155,17 +157,41 @@ def choose_inputs(run: Fitting, phases: list[Phase], p: int, cut: int, probe: bo
     """The epoch's inputs: the pooled features for a probe (under BatchNorm statistics refreshed on
     the training images when phase `p` asks and a later phase normalises with batch statistics), else
     the output of the frozen prefix up to `cut`; kept from the last epoch when that is the same."""
-    settings, table, train_idx = run.settings, run.table, run.train_idx
+    settings, table = run.settings, run.table
     if probe and phases[p].refresh_bn and any((q.bn or settings.bn_statistics) == "update"
                                               for q in phases[p + 1:] if q.epochs):
-        refresh_bn_statistics(run.model, Inputs(table, run.fwd, 0, settings, run.rt), train_idx, settings.batch_size)
-        # the pooled features under statistics of these training images: cached under their own key,
-        # shared by the candidates of a learning-rate choice (the refresh is deterministic)
-        refreshed = hashlib.sha1(np.asarray(train_idx, np.int64).tobytes()).hexdigest()[:16]
-        run.inputs = Inputs(table, run.fwd, POOLED, settings, dataclasses.replace(
-            run.rt, model_key=(*run.rt.model_key, "bn refreshed on", refreshed, settings.batch_size)))
+        run.inputs = Inputs(table, run.fwd, POOLED, settings, refresh_statistics(run))
     elif run.inputs is None or run.inputs.cut != (POOLED if probe else cut):
         run.inputs = Inputs(table, run.fwd, POOLED if probe else cut, settings, run.rt)
+
+
+def refresh_statistics(run: Fitting) -> Runtime:
+    """Re-estimate the BatchNorm statistics on the training images (`refresh_bn_statistics`) and
+    return the runtime under which features of the refreshed model are cached. The refresh is a
+    pure function of the start weights, the images and the settings below, so while nothing has
+    trained yet (LP-FT's first phase) its statistics are cached too: the candidates of a
+    learning-rate choice on one fold pay the pass over every view of the training images once and
+    load its result bit for bit. After any training the weights are the fit's own: nothing is shared."""
+    settings, table, train_idx, rt = run.settings, run.table, run.train_idx, run.rt
+    if run.trained or rt.cache is None:
+        refresh_bn_statistics(run.model, Inputs(table, run.fwd, 0, settings, rt), train_idx, settings.batch_size)
+        return dataclasses.replace(rt, cache=None)
+    images = hashlib.sha1(np.asarray(train_idx, np.int64).tobytes()).hexdigest()[:16]
+    key = (*rt.model_key, "bn refreshed on", images, settings.batch_size)
+
+    def refresh() -> dict[str, torch.Tensor]:
+        refresh_bn_statistics(run.model, Inputs(table, run.fwd, 0, settings, rt), train_idx, settings.batch_size)
+        return {k: v.detach().clone() for k, v in run.model.state_dict().items() if is_statistic(k)}
+
+    statistics = rt.cache.get((*key, table.fingerprint(), settings.views, settings.augment, str(rt.amp_dtype),
+                               settings.amp, "statistics"), refresh)
+    run.model.load_state_dict(statistics, strict=False)
+    return dataclasses.replace(rt, model_key=key)  # the refreshed model's features, under their own key
+
+
+def is_statistic(name: str) -> bool:
+    """A BatchNorm buffer that `refresh_bn_statistics` sets."""
+    return name.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
 
 def train_epoch(run: Fitting, phase: Phase, e: int, epoch: int, scale: dict[str, float], bn: str) -> None:
@@ -213,16 +239,16 @@ def train_step(run: Fitting, idx: np.ndarray, phase: Phase, e: int, epoch: int, 
     return loss
 
 
-def validate_epoch(run: Fitting, chain, scale: dict[str, float], bn: str, probe: bool) -> float:
+def validate_epoch(run: Fitting, chain, scale: dict[str, float], bn: str, probe: bool) -> tuple[float, np.ndarray]:
     """The validation loss and balanced accuracy of the epoch just trained, with how it was trained,
-    added to its history row; returns the validation loss."""
+    added to its history row; returns the validation loss and the predicted probabilities."""
     inputs = run.inputs
-    val_loss, val_bacc = evaluate(run.fwd, inputs, run.table, run.val_idx, run.rt, run.weight)
+    val_loss, val_bacc, probs = evaluate(run.fwd, inputs, run.table, run.val_idx, run.rt, run.weight)
     run.history[-1].update({"val_loss": val_loss, "val_balanced_accuracy": val_bacc, "cut": inputs.cut, "bn": bn,
                             "precision": str(inputs.dtype).removeprefix("torch.") if inputs.dtype else "float32",
                             "compiled": run.compiled and not probe,
                             "trainable_blocks": sum(1 for b in chain if any(scale[n] > 0 for n in b.param_names))})
-    return val_loss
+    return val_loss, probs
 
 
 def finish_fit(run: Fitting, bn: str) -> "FitResult":
@@ -239,9 +265,12 @@ def finish_fit(run: Fitting, bn: str) -> "FitResult":
         trained = (trained & {n for n, _ in model.named_parameters()}) | changed
         fwd = Forward(model, feature_chain(model, image_size=min(64, table.image_size)) if settings.cache else None)
     names = {n for n, _ in model.named_parameters()}
-    return FitResult(model, run.history, run.best[1], time.perf_counter() - run.t0, fwd, settings, run.rt,
-                     frozenset(names - trained), fraction,
-                     (run.rt.cache.hits if run.rt.cache else 0) - run.hits_before, bn)
+    result = FitResult(model, run.history, run.best[1], time.perf_counter() - run.t0, fwd, settings, run.rt,
+                       frozenset(names - trained), fraction,
+                       (run.rt.cache.hits if run.rt.cache else 0) - run.hits_before, bn)
+    if run.best[2] is not None and not changed and run.best_val[:2] == (result.cut(), run.rt.model_key):
+        result.known = (table, run.val_idx, run.best_val[2])  # the same weights, inputs and code path
+    return result
 
 
 @dataclass
@@ -259,18 +288,27 @@ class FitResult:
     # bit-identical to the start weights (and their BatchNorm statistics unless update_all)
     never_trained: frozenset[str]
     trainable_fraction: float  # share of the parameters (by count) that received a gradient
-    cache_hits: int = 0  # frozen-prefix outputs this fit found in the cache (computed by an earlier fit)
+    cache_hits: int = 0  # cache entries (frozen-prefix outputs, refreshed statistics) an earlier fit computed
     bn_statistics: str = "update"  # as applied in the last phase
+    # (table, idx, probabilities) the best epoch's validation pass computed with these very weights,
+    # from the same cut: asked again (a choice's inner scores, the stored inner_val predictions), they
+    # are returned, not recomputed
+    known: tuple | None = field(default=None, repr=False)
     _inputs: dict = field(default_factory=dict, repr=False)
+
+    def cut(self) -> int:
+        """Where prediction starts: the deepest prefix that never trained (cached where allowed)."""
+        return self.forward.cut(self.never_trained, self.settings.cache and self.bn_statistics != "update_all")
 
     def inputs(self, table: ImageTable) -> Inputs:
         key = table.fingerprint()
         if key not in self._inputs:
-            cut = self.forward.cut(self.never_trained, self.settings.cache and self.bn_statistics != "update_all")
-            self._inputs = {key: Inputs(table, self.forward, cut, self.settings, self.rt)}
+            self._inputs = {key: Inputs(table, self.forward, self.cut(), self.settings, self.rt)}
         return self._inputs[key]
 
     def predict_proba(self, table: ImageTable, idx: np.ndarray) -> np.ndarray:
+        if self.known is not None and table is self.known[0] and np.array_equal(idx, self.known[1]):
+            return self.known[2].copy()
         return predict_proba(self.forward, self.inputs(table), idx, self.rt)
 
     def features(self, table: ImageTable, idx: np.ndarray) -> np.ndarray:
@@ -405,16 +443,16 @@ def refresh_bn_statistics(model: nn.Module, images: "Inputs", idx: np.ndarray, b
 
 @torch.no_grad()
 def evaluate(fwd: Forward, inputs: Inputs, table: ImageTable, idx: np.ndarray, rt: Runtime,
-             weight: torch.Tensor | None) -> tuple[float, float]:
-    """Validation loss and balanced accuracy (view 0, eval mode)."""
+             weight: torch.Tensor | None) -> tuple[float, float, np.ndarray | None]:
+    """Validation loss, balanced accuracy and the probabilities (view 0, eval mode)."""
     if len(idx) == 0:
-        return math.nan, math.nan
+        return math.nan, math.nan, None
     probs = predict_proba(fwd, inputs, idx, rt)
     y = table.labels[idx]
     p = torch.as_tensor(probs)
     loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), torch.as_tensor(y),
                       weight=None if weight is None else weight.cpu())
-    return float(loss), balanced_accuracy(y, probs)
+    return float(loss), balanced_accuracy(y, probs), probs
 
 
 @torch.no_grad()
