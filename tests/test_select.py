@@ -96,7 +96,10 @@ def test_a_choice_is_made_without_the_test_fold(tmp_path):
     rt = Runtime(torch.device(DEVICE), None, model_key(cell))
     result = run_cell(cell, data, settings, rt)
     choice = result.info["choice"]
-    assert set(choice["scores"]) == {"full_ft lr=1e-09", "full_ft lr=0.03"}
+    assert set(choice["scores"]) == {"full_ft lr=1e-09", "full_ft lr=0.03"} == set(choice["histories"])
+    for rows in choice["histories"].values():  # each candidate's epochs, early stopping included
+        assert [h["epoch"] for h in rows] == list(range(len(rows))) and 1 <= len(rows) <= 4
+        assert all(np.isfinite(h["val_loss"]) and "val_balanced_accuracy" in h for h in rows)
     assert choice["picked"] == max(choice["scores"], key=lambda k: (choice["scores"][k], -choice["losses"][k]))
     # What each candidate would score on the test fold: a choice made there would pick the other one.
     train_idx = data.splits(2, 0)[0][0]
@@ -236,6 +239,13 @@ def test_successive_halving_trains_less_and_its_survivor_exactly_as_alone(tmp_pa
     assert halving["epochs_trained"] <= 2 + 2 + 6 < 18
     picked = result.info["choice"]["picked"]
     assert picked not in halving["stopped_after_epochs"] and list(result.info["choice"]["scores"]) == [picked]
+    # every candidate's epochs are recorded, so the rung's ranking can be read back from the record
+    histories = result.info["choice"]["histories"]
+    assert {k: len(v) for k, v in histories.items() if k != picked} == halving["stopped_after_epochs"]
+    at_rung = {k: max((h["val_balanced_accuracy"], -h["val_loss"]) for h in rows[:2]) for k, rows in histories.items()}
+    assert max(at_rung, key=at_rung.get) == picked
+    assert all(a["elapsed_seconds"] < b["elapsed_seconds"]
+               for rows in histories.values() for a, b in zip(rows, rows[1:]))
     # the survivor alone, without halving and without the other candidates in between
     cand = next(c for c in candidates(cell["config"]["strategy"], cell["config"]["train"]["lr"]) if c.key() == picked)
     fit_idx, val_idx = data.fit_val(2, 0, 0, settings.val_fraction)

@@ -229,7 +229,7 @@ def halve(cands: list[Candidate], c: dict, table: ImageTable, fit_idx: np.ndarra
     all E epochs, so a survivor's training is exactly the one it gets alone), the best 1/ETA by
     the best epoch's validation balanced accuracy (ties: lower loss) continue to E/ETA^(s-1), and so
     on to E. Returns ({key: (candidate, FitResult)} of the candidates trained to the end, record)."""
-    runs = [Paused(cand, c, table, fit_idx, val_idx, settings, rt) for cand in cands]
+    runs = everyone = [Paused(cand, c, table, fit_idx, val_idx, settings, rt) for cand in cands]
     rungs = halving_rungs(len(runs), settings.epochs)
     stopped: dict[str, int] = {}
     for budget, keep in rungs:
@@ -244,8 +244,16 @@ def halve(cands: list[Candidate], c: dict, table: ImageTable, fit_idx: np.ndarra
         r.advance(10**9)
     record = {"halving": {"eta": ETA, "rungs": len(rungs), "stopped_after_epochs": stopped,
                           "epochs_trained": sum(stopped.values()) + sum(len(r.rows) for r in runs),
-                          "epochs_without_halving": len(cands) * settings.epochs}}
+                          "epochs_without_halving": len(cands) * settings.epochs},
+              "histories": {r.cand.key(): epoch_rows(r.rows) for r in everyone}}
     return {r.cand.key(): (r.cand, r.result) for r in runs}, record
+
+
+def epoch_rows(history: list[dict]) -> list[dict]:
+    """A candidate's epochs as a choice records them: what it scored on the inner validation split
+    after each evaluated epoch and when, so a choice can be read (and its halving replayed) epoch by epoch."""
+    keys = ("epoch", "train_loss", "val_loss", "val_balanced_accuracy", "elapsed_seconds")
+    return [{k: h[k] for k in keys if k in h} for h in history]
 
 
 def inner_score(result: FitResult, table: ImageTable, idx: np.ndarray, settings: TrainSettings,
@@ -284,6 +292,7 @@ def train_cell(c: dict, table: ImageTable, groups: np.ndarray | None, train_idx:
     else:
         for cand in cands:
             results[cand.key()] = (cand, fit_candidate(cand, c, table, fit_idx, val_idx, settings, rt))
+        extra = {"histories": {key: epoch_rows(result.history) for key, (_, result) in results.items()}}
     for key, (cand, result) in results.items():
         scores[key] = inner_score(result, table, val_idx, settings, rt)
     picked = best_of(scores)

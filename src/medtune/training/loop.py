@@ -245,6 +245,7 @@ def validate_epoch(run: Fitting, chain, scale: dict[str, float], bn: str, probe:
     inputs = run.inputs
     val_loss, val_bacc, probs = evaluate(run.fwd, inputs, run.table, run.val_idx, run.rt, run.weight)
     run.history[-1].update({"val_loss": val_loss, "val_balanced_accuracy": val_bacc, "cut": inputs.cut, "bn": bn,
+                            "elapsed_seconds": round(time.perf_counter() - run.t0, 3),  # since the fit started
                             "precision": str(inputs.dtype).removeprefix("torch.") if inputs.dtype else "float32",
                             "compiled": run.compiled and not probe,
                             "trainable_blocks": sum(1 for b in chain if any(scale[n] > 0 for n in b.param_names))})
