@@ -202,13 +202,13 @@ class Paused:
         return best["val_balanced_accuracy"], -best["val_loss"]
 
 
-def halving_rungs(n_candidates: int, epochs: int) -> list[tuple[int, int]]:
+def halving_rungs(n_candidates: int, epochs: int, eta: int = ETA) -> list[tuple[int, int]]:
     """The successive-halving schedule: per rung, (epochs every running candidate has trained when it
     is ranked, how many candidates go on). The survivors then train to `epochs`."""
     n, out = n_candidates, []
-    for i in range(max(1, math.ceil(math.log(n_candidates, ETA) - 1e-9)), 0, -1):
-        n = max(1, math.ceil(n / ETA))
-        out.append((max(1, math.ceil(epochs / ETA ** i)), n))
+    for i in range(max(1, math.ceil(math.log(n_candidates, eta) - 1e-9)), 0, -1):
+        n = max(1, math.ceil(n / eta))
+        out.append((max(1, math.ceil(epochs / eta ** i)), n))
     return out
 
 
