@@ -36,7 +36,7 @@ import numpy as np
 from medtune.config import RacingConfig
 from medtune.evaluation.inner import Score, inner_scores
 from medtune.evaluation.store import Store
-from medtune.grid.racing import prune
+from medtune.grid.racing import leaders, prune
 from medtune.grid.select import ETA, halving_rungs
 
 
@@ -144,6 +144,9 @@ def check_against(c_path: Path, m, cells: dict, picks: dict, pruned: dict, name:
         infos = {cid: json.loads(info) for cid, info in
                  store.conn.execute("SELECT cell_id, info_json FROM cells WHERE status='done'")}
         c_pruned = {name_of(r) for r in cm.itertuples() if r.pruned}
+        lead = leaders(store, RacingConfig().metric, cm)
+    first = cm.groupby("group").first()
+    c_leads = sorted(f"{first.loc[g].backbone} · {first.loc[g].strategy}" for g in lead.values())
     group_of = {name_of(r): r.group for r in m.itertuples()}
     same = differ = 0
     for r in cm.itertuples():
@@ -154,7 +157,7 @@ def check_against(c_path: Path, m, cells: dict, picks: dict, pruned: dict, name:
     replayed = {name[g] for g in pruned}
     print(f"(c) as run: halving picks as replayed in {same} of {same + differ} cells; pruned "
           f"{sorted(c_pruned) or 'nothing'} (replayed: {sorted(replayed) or 'nothing'}); "
-          f"{cm['seconds'].sum():.0f} cell-seconds (replayed {c_total:.0f})")
+          f"{cm['seconds'].sum():.0f} cell-seconds (replayed {c_total:.0f}); recommends {', '.join(c_leads)}")
 
 
 def name_of(r) -> str:
