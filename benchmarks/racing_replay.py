@@ -72,10 +72,14 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, required=True, help="racing.py's --keep folder holding b_no_racing.sqlite")
     ap.add_argument("--eta", type=int, default=ETA, help=f"halving rate to replay (medtune's: {ETA})")
     args = ap.parse_args()
+    b_path = args.keep / "b_no_racing.sqlite"
+    if not (args.keep / "settings.json").is_file() or not b_path.is_file():
+        ap.error(f"{args.keep} holds no way (b) of racing.py (settings.json and b_no_racing.sqlite); run "
+                 f"`python benchmarks/racing.py --grid user --keep {args.keep} --ways b` first")
     settings = json.loads((args.keep / "settings.json").read_text())
     epochs = settings["epochs"]
     racing = RacingConfig()
-    with Store(str(args.keep / "b_no_racing.sqlite")) as store:
+    with Store(str(b_path)) as store:
         m = store.metrics()
         infos = {cid: json.loads(info) for cid, info in
                  store.conn.execute("SELECT cell_id, info_json FROM cells WHERE status='done'")}

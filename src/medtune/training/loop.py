@@ -173,16 +173,16 @@ def refresh_statistics(run: Fitting) -> Runtime:
     learning-rate choice on one fold pay the pass over every view of the training images once and
     load its result bit for bit. After any training the weights are the fit's own: nothing is shared."""
     settings, table, train_idx, rt = run.settings, run.table, run.train_idx, run.rt
-    if run.trained or rt.cache is None:
-        refresh_bn_statistics(run.model, Inputs(table, run.fwd, 0, settings, rt), train_idx, settings.batch_size)
-        return dataclasses.replace(rt, cache=None)
-    images = hashlib.sha1(np.asarray(train_idx, np.int64).tobytes()).hexdigest()[:16]
-    key = (*rt.model_key, "bn refreshed on", images, settings.batch_size)
 
     def refresh() -> dict[str, torch.Tensor]:
         refresh_bn_statistics(run.model, Inputs(table, run.fwd, 0, settings, rt), train_idx, settings.batch_size)
         return {k: v.detach().clone() for k, v in run.model.state_dict().items() if is_statistic(k)}
 
+    if run.trained or rt.cache is None:
+        refresh()
+        return dataclasses.replace(rt, cache=None)
+    images = hashlib.sha1(np.asarray(train_idx, np.int64).tobytes()).hexdigest()[:16]
+    key = (*rt.model_key, "bn refreshed on", images, settings.batch_size)
     statistics = rt.cache.get((*key, table.fingerprint(), settings.views, settings.augment, str(rt.amp_dtype),
                                settings.amp, "statistics"), refresh)
     run.model.load_state_dict(statistics, strict=False)
