@@ -263,8 +263,10 @@ def reference_grid(prepared, size, folds, epochs, views) -> dict:
                 set_trainable(model, "head")
                 plain_fit = DataLoader(Images([paths[i] for i in fit_idx], labels[fit_idx], size, False, mean, std),
                                        batch_size=32, num_workers=2)
+                groups = None if prepared.groups is None else prepared.groups[fit_idx]  # as medtune's cell
                 svm = create_head("svm").fit(ref_predict(model, plain_fit, True), labels[fit_idx],
-                                             ref_predict(model, val_l, True), labels[val_idx], len(names))
+                                             ref_predict(model, val_l, True), labels[val_idx], len(names),
+                                             groups=groups)
                 probs = full_proba(svm, ref_predict(model, test_l, True), len(names))
             else:
                 # the same learning rates as medtune: 1e-3, LP-FT's FT phase at 0.1x (ft_lr_scale)

@@ -148,12 +148,14 @@ def measure(raw: dict, clock: WallClock) -> dict:
     with Store(raw["store"]) as s:
         m = s.metrics()
         lead = leaders(s, "balanced_accuracy").get("busi")
+        versions = s.results_versions()  # a way split over sessions may span code versions: say which
     rows = m.groupby("group").agg(backbone=("backbone", "first"), strategy=("strategy", "first"),
                                   head=("head", "first"), bacc=("balanced_accuracy", "mean"),
                                   sd=("balanced_accuracy", "std"), folds=("fold", "count"),
                                   seconds=("seconds", "sum"), pruned=("pruned", "first"))
     best = rows.loc[lead]
     return {"wall_seconds": wall, "invocations": len(invocations), "cell_seconds": float(m["seconds"].sum()),
+            "results_versions": {str(v): n for v, n in versions.items()},
             "cells_run_last_invocation": int(summary.done),
             "pruned": list(summary.pruned.values()),
             "recommended": f"{best.backbone} · {best.strategy} · {best['head']}", "recommended_bacc": float(best.bacc),

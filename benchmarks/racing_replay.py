@@ -7,8 +7,9 @@ seconds since its fit started). Successive halving ranks candidates by exactly t
 inner-validation scores, which are the picked candidate's. So (c)'s decisions can be replayed from
 (b)'s record without training anything:
 
-- each cell's halving: the rungs of `select.halving_rungs`, the candidates ranked by their best
-  epoch so far (`select.Paused.score`), the survivor picked as `select.best_of` picks;
+- each cell's halving: the rungs of `select.halving_rungs` in epochs at the candidate's own rate
+  (`select.rate_epochs`: LP-FT's probe does not count, results version 9), the candidates ranked by
+  their best epoch so far (`select.Paused.score`), the survivor picked as `select.best_of` picks;
 - the race: the rounds of `racing.race`, each candidate's inner score being its halving pick's
   (`choice.scores` in (b)'s record), pruned by `racing.prune` with racing's defaults;
 - the recommendation: the inner-validation leader among the candidates not pruned (`racing.leaders`);
@@ -22,6 +23,7 @@ and the forecast says in how many folds that happens.
 
     python benchmarks/racing_replay.py --keep /work/racing_user            # while or after (b) runs
     python benchmarks/racing_replay.py --keep /work/racing_user --eta 4    # another halving rate
+    python benchmarks/racing_replay.py --keep /work/racing_user --confidence 0.8   # a weaker race (what-if)
 """
 
 from __future__ import annotations
@@ -46,31 +48,57 @@ def best_so_far(rows: list[dict]) -> tuple[float, float]:
     return best["val_balanced_accuracy"], -best["val_loss"]
 
 
+def is_probe(row: dict) -> bool:
+    """`select.is_probe` on a recorded row: marked `probe` since results version 9; in older records the
+    probe's row is the one without a training loss."""
+    return row.get("probe") is True or row.get("train_loss") is None
+
+
+def upto(rows: list[dict], n: int) -> list[dict]:
+    """A candidate's rows through its n-th epoch at its own rate (`select.rate_epochs`): what
+    `Paused.advance(n)` has evaluated."""
+    out, trained = [], 0
+    for r in rows:
+        if trained == n and not is_probe(r):
+            break
+        out.append(r)
+        trained += not is_probe(r)
+    return out
+
+
+def rate_epochs(rows: list[dict]) -> int:
+    return sum(1 for r in rows if not is_probe(r))
+
+
 def replay_halving(choice: dict, epochs: int, eta: int) -> tuple[str, dict[str, int]]:
-    """(the pick, {candidate: epochs it trains}) of a halved choice, from (b)'s recorded epochs."""
+    """(the pick, {candidate: epochs it trains at its rate}) of a halved choice, from (b)'s recorded epochs."""
     histories = choice["histories"]
     running = list(histories)  # the candidates in their listed order, as halve() starts them
-    trained = {k: epochs for k in running}
+    trained = {k: rate_epochs(histories[k]) for k in running}
     for budget, keep in halving_rungs(len(running), epochs, eta):
-        ranked = sorted(running, key=lambda k: best_so_far(histories[k][:budget]), reverse=True)
+        ranked = sorted(running, key=lambda k: best_so_far(upto(histories[k], budget)), reverse=True)
         for k in ranked[keep:]:
-            trained[k] = min(budget, len(histories[k]))
+            trained[k] = min(budget, rate_epochs(histories[k]))
         running = ranked[:keep]
-    for k in running:
-        trained[k] = len(histories[k])
     scores, losses = choice["scores"], choice["losses"]
     pick = max(running, key=lambda k: (scores[k], -losses[k]))  # select.best_of over the survivors
     return pick, trained
 
 
 def seconds_until(rows: list[dict], epochs: int) -> float:
-    return rows[epochs - 1]["elapsed_seconds"] if epochs else 0.0
+    """Seconds since the fit started when its `epochs`-th epoch at its own rate was evaluated."""
+    done = upto(rows, epochs)
+    return done[-1]["elapsed_seconds"] if done else 0.0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", type=Path, required=True, help="racing.py's --keep folder holding b_no_racing.sqlite")
     ap.add_argument("--eta", type=int, default=ETA, help=f"halving rate to replay (medtune's: {ETA})")
+    ap.add_argument("--confidence", type=float, default=RacingConfig().confidence,
+                    help="racing's confidence to replay (medtune's default: %(default)s); a what-if, not a setting")
+    ap.add_argument("--min-folds", type=int, default=RacingConfig().min_folds,
+                    help="racing's min_folds to replay (medtune's default: %(default)s)")
     args = ap.parse_args()
     b_path = args.keep / "b_no_racing.sqlite"
     if not (args.keep / "settings.json").is_file() or not b_path.is_file():
@@ -78,8 +106,8 @@ def main() -> None:
                  f"`python benchmarks/racing.py --grid user --keep {args.keep} --ways b` first")
     settings = json.loads((args.keep / "settings.json").read_text())
     epochs = settings["epochs"]
-    racing = RacingConfig()
-    with Store(str(b_path)) as store:
+    racing = RacingConfig(confidence=args.confidence, min_folds=args.min_folds)
+    with Store(str(b_path), read_only=True) as store:  # never migrate a store it only reads
         m = store.metrics()
         infos = {cid: json.loads(info) for cid, info in
                  store.conn.execute("SELECT cell_id, info_json FROM cells WHERE status='done'")}
@@ -95,7 +123,7 @@ def main() -> None:
         pick, trained = replay_halving(choice, epochs, args.eta)
         picks[(r.group, r.seed, r.fold)] = pick
         hist = choice["histories"]
-        outside = r.seconds - sum(seconds_until(h, len(h)) for h in hist.values())
+        outside = r.seconds - sum(h[-1]["elapsed_seconds"] for h in hist.values())
         c_seconds = outside + sum(seconds_until(hist[k], n) for k, n in trained.items())
         score = Score(float(choice["scores"][pick]), b_score.n_val, b_score.n_fit)
         cells[r.cell_id] = (r.group, (r.seed, r.fold), score, r.seconds, c_seconds, pick == choice["picked"])
@@ -126,10 +154,16 @@ def main() -> None:
     differ = sum(1 for (g, _), (*_, same) in by.items() if g == c_lead and not same)
     print(f"(b) {len(cells)} cells of {len(groups)} candidates x {len(rounds)} rounds"
           f"{'' if complete else ' (incomplete: a forecast of the rounds done so far)'}: {b_total:.0f} cell-seconds")
-    print(f"(c) replayed with halving eta {args.eta} and racing's defaults: {c_total:.0f} cell-seconds, "
+    print(f"(c) replayed with halving eta {args.eta} and racing at confidence {racing.confidence:g}, min_folds "
+          f"{racing.min_folds}: {c_total:.0f} cell-seconds, "
           f"{c_total / b_total:.2f} of (b)'s")
-    for g, n in sorted(pruned.items(), key=lambda kv: kv[1]):
-        print(f"  pruned after round {n}: {name[g]} (inner {mean(g):.3f})")
+    print(f"  {'candidate':<48} {'folds':>5} {'inner (b)':>9} {'inner (c)':>9} {'s (b)':>7} {'s (c)':>7}  race")
+    for g in sorted(groups, key=lambda g: -b_inner[g]):
+        mine = [(rk, v) for (g2, rk), v in by.items() if g2 == g]
+        sb = sum(cb for _, (_, cb, _, _) in mine)
+        sc = sum(cc for rk, (_, _, cc, _) in mine if g not in pruned or rk in rounds[:pruned[g]])
+        race = f"pruned after round {pruned[g]}" if g in pruned else ""
+        print(f"  {name[g]:<48} {len(mine):>5} {b_inner[g]:>9.3f} {mean(g):>9.3f} {sb:>7.0f} {sc:>7.0f}  {race}")
     c_path = args.keep / "c_racing.sqlite"
     if c_path.exists():  # (c) was run: how well the replay foretold it
         check_against(c_path, m, cells, picks, pruned, name, c_total)
@@ -143,7 +177,7 @@ def check_against(c_path: Path, m, cells: dict, picks: dict, pruned: dict, name:
     """Compare the replay with (c) as it ran: the halving picks, the pruned candidates, the cell-seconds.
     The group keys of (b) and (c) differ (halving is part of a cell), so cells pair by backbone, strategy,
     head, seed and fold."""
-    with Store(str(c_path)) as store:
+    with Store(str(c_path), read_only=True) as store:
         cm = store.metrics()
         infos = {cid: json.loads(info) for cid, info in
                  store.conn.execute("SELECT cell_id, info_json FROM cells WHERE status='done'")}

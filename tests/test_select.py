@@ -254,6 +254,36 @@ def test_successive_halving_trains_less_and_its_survivor_exactly_as_alone(tmp_pa
     np.testing.assert_allclose(alone.predict_proba(table, test_idx), result.predictions[3], atol=1e-6)
 
 
+def test_halving_ranks_lp_ft_rates_after_an_epoch_at_their_own_rate(tmp_path):
+    """LP-FT's first evaluated epoch is its probe, fitted to convergence without a learning rate, so
+    every candidate of a rate choice scores the same there. Halving counted it as the first rung's epoch:
+    the candidates tied and the first-listed rates went on unseen (on BUSI's user-scale grid, 1e-4 and
+    3e-4 in every fold, where the full choice took 1e-3 or 3e-3). A rung counts the epochs a candidate
+    has trained at its own rate; the probe's row is marked in the record."""
+    from medtune.grid.cells import prepare
+
+    raw = smoke_raw(tmp_path, epochs=3, patience=3, val_fraction=0.3, views=1)
+    raw["backbones"][0]["image_size"] = 32
+    raw["strategies"] = [{"name": "lp_ft", "lr": {"choose": [1e-4, 1e-3, 1e-2]}}]
+    raw["datasets"][0]["options"]["n_patients"] = 24
+    cfg = load_config(raw={**raw, "halving": True})
+    data = prepare(cfg.datasets[0], 32, 2)
+    cell = next(c for c in expand(cfg, "run", {"syn@32": data.table.fingerprint()}) if c["fold"] == 0)
+    result = run_cell(cell, data, settings_from(cfg), Runtime(torch.device(DEVICE), None, model_key(cell)))
+    choice = result.info["choice"]
+    histories, halving = choice["histories"], choice["halving"]
+    # one rung (the first third of 3 epochs), one survivor; each stopped rate trained one epoch at its rate
+    assert halving["stopped_after_epochs"] == {k: 1 for k in histories if k != choice["picked"]}
+    for k, rows in histories.items():
+        assert rows[0].get("probe") is True and all("probe" not in r for r in rows[1:])
+        assert len(rows) == 1 + (3 if k == choice["picked"] else 1)
+    # the probe is one fit shared by the rates; the rung ranks the rates on the epoch after it
+    assert len({json.dumps(rows[0]["val_loss"]) for rows in histories.values()}) == 1
+    at_rung = {k: max((h["val_balanced_accuracy"], -h["val_loss"]) for h in rows[:2]) for k, rows in histories.items()}
+    assert max(at_rung, key=at_rung.get) == choice["picked"]
+    assert halving["epochs_trained"] == 1 + 1 + 3 and halving["epochs_without_halving"] == 9
+
+
 def test_a_choice_pinned_at_its_lists_end_is_shown_with_what_to_try(tmp_path, capsys):
     """BUSI's 224 px grid chose lr 1e-3, the top of [1e-4, 3e-4, 1e-3], in every fold for 6 of 13 strategies
     and auto_depth: those rows measured the list, not the method. Planted picks: the top in 4 of 5 folds is

@@ -10,6 +10,6 @@ What each version changed: docs/report.md, "Results version".
 
 __version__ = "0.1.0"  # the package version (pyproject.toml); here so modules need not import the package
 
-RESULTS_VERSION = 8
+RESULTS_VERSION = 9
 
 UNVERSIONED = 1  # what a cell without a recorded version counts as

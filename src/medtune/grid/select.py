@@ -181,13 +181,14 @@ class Paused:
                     torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
     def advance(self, until: int) -> None:
-        """Train until `until` epochs have been evaluated, or to the end (early stopping included)."""
+        """Train until `until` epochs at the candidate's own rate have been evaluated (`rate_epochs`), or
+        to the end (early stopping included)."""
         torch.set_rng_state(self.rng[0])
         np.random.set_state(self.rng[1])
         if self.rng[2] is not None:
             torch.cuda.set_rng_state_all(self.rng[2])
         try:
-            while self.result is None and len(self.rows) < until:
+            while self.result is None and rate_epochs(self.rows) < until:
                 try:
                     self.rows.append(next(self.epochs))
                 except StopIteration as done:
@@ -202,9 +203,22 @@ class Paused:
         return best["val_balanced_accuracy"], -best["val_loss"]
 
 
+def is_probe(row: dict) -> bool:
+    """A history row of a probe fitted to convergence (models/probe.py, `probe_C`): it has no learning
+    rate, so every candidate of a rate choice fits it alike from the same start."""
+    return "probe_C" in row
+
+
+def rate_epochs(rows: list[dict]) -> int:
+    """How many of a candidate's evaluated epochs trained at its own rate: halving's unit. A probe
+    epoch (LP-FT's first phase, gradual unfreezing's head-only start) is the same for every rate, so a
+    rung that counted it would rank ties, and the first-listed rates would go on unseen."""
+    return sum(1 for r in rows if not is_probe(r))
+
+
 def halving_rungs(n_candidates: int, epochs: int, eta: int = ETA) -> list[tuple[int, int]]:
-    """The successive-halving schedule: per rung, (epochs every running candidate has trained when it
-    is ranked, how many candidates go on). The survivors then train to `epochs`."""
+    """The successive-halving schedule: per rung, (epochs every running candidate has trained at its own
+    rate when it is ranked, how many candidates go on). The survivors then train to `epochs`."""
     n, out = n_candidates, []
     for i in range(max(1, math.ceil(math.log(n_candidates, eta) - 1e-9)), 0, -1):
         n = max(1, math.ceil(n / eta))
@@ -225,8 +239,9 @@ def halving_epochs(n_candidates: int, epochs: int) -> int:
 def halve(cands: list[Candidate], c: dict, table: ImageTable, fit_idx: np.ndarray, val_idx: np.ndarray,
           settings: TrainSettings, rt: Runtime) -> tuple[dict, dict]:
     """Successive halving (Jamieson & Talwalkar 2016) of a choice on the inner validation split:
-    every candidate trains the first E/ETA^s epochs of its full schedule (warm-up and cosine over
-    all E epochs, so a survivor's training is exactly the one it gets alone), the best 1/ETA by
+    every candidate trains the first E/ETA^s epochs of its full schedule at its own rate (a probe
+    fitted first, as LP-FT's, is the same for every rate and does not count: `rate_epochs`; warm-up
+    and cosine run over all E epochs, so a survivor's training is exactly the one it gets alone), the best 1/ETA by
     the best epoch's validation balanced accuracy (ties: lower loss) continue to E/ETA^(s-1), and so
     on to E. Returns ({key: (candidate, FitResult)} of the candidates trained to the end, record)."""
     runs = everyone = [Paused(cand, c, table, fit_idx, val_idx, settings, rt) for cand in cands]
@@ -237,13 +252,13 @@ def halve(cands: list[Candidate], c: dict, table: ImageTable, fit_idx: np.ndarra
             r.advance(budget)
         ranked = sorted(runs, key=lambda r: r.score(), reverse=True)
         for r in ranked[keep:]:
-            stopped[r.cand.key()] = len(r.rows)
+            stopped[r.cand.key()] = rate_epochs(r.rows)
             r.epochs.close()
         runs = ranked[:keep]
     for r in runs:
         r.advance(10**9)
     record = {"halving": {"eta": ETA, "rungs": len(rungs), "stopped_after_epochs": stopped,
-                          "epochs_trained": sum(stopped.values()) + sum(len(r.rows) for r in runs),
+                          "epochs_trained": sum(stopped.values()) + sum(rate_epochs(r.rows) for r in runs),
                           "epochs_without_halving": len(cands) * settings.epochs},
               "histories": {r.cand.key(): epoch_rows(r.rows) for r in everyone}}
     return {r.cand.key(): (r.cand, r.result) for r in runs}, record
@@ -251,9 +266,10 @@ def halve(cands: list[Candidate], c: dict, table: ImageTable, fit_idx: np.ndarra
 
 def epoch_rows(history: list[dict]) -> list[dict]:
     """A candidate's epochs as a choice records them: what it scored on the inner validation split
-    after each evaluated epoch and when, so a choice can be read (and its halving replayed) epoch by epoch."""
+    after each evaluated epoch and when, so a choice can be read (and its halving replayed) epoch by epoch;
+    a probe's row says so (`probe`: not one of halving's epochs)."""
     keys = ("epoch", "train_loss", "val_loss", "val_balanced_accuracy", "elapsed_seconds")
-    return [{k: h[k] for k in keys if k in h} for h in history]
+    return [{**{k: h[k] for k in keys if k in h}, **({"probe": True} if is_probe(h) else {})} for h in history]
 
 
 def inner_score(result: FitResult, table: ImageTable, idx: np.ndarray, settings: TrainSettings,
