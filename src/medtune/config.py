@@ -287,9 +287,9 @@ class ExperimentConfig(Strict):
                                         "inner validation splits show cannot win (`racing: on`, or a mapping of "
                                         "confidence, min_folds, margin, metric); off by default")
     halving: bool = Field(False, description="successive halving of each `{choose: [...]}` on the inner split: every "
-                          "candidate trains the first third of its schedule, the best third continues (eta 3), so a "
-                          "3-value choice costs about 1.7 full fits instead of 3; the survivor is trained exactly as "
-                          "alone")
+                          "candidate trains the first third of its schedule at its own rate (LP-FT's probe, the same "
+                          "for every rate, does not count), the best third continues (eta 3), so a 3-value choice "
+                          "costs about 1.7 full fits instead of 3; the survivor is trained exactly as alone")
     keep_best: bool = Field(True, description="after the grid, save the deployable model of the best cell group "
                                                 "(weights, preprocessing, feature head, MODEL_CARD.md) to "
                                                 "<store>.models/best/ for predict/export")
