@@ -12,7 +12,8 @@ inner-validation scores, which are the picked candidate's. So (c)'s decisions ca
   their best epoch so far (`select.Paused.score`), the survivor picked as `select.best_of` picks;
 - the race: the rounds of `racing.race`, each candidate's inner score being its halving pick's
   (`choice.scores` in (b)'s record), pruned by `racing.prune` with racing's defaults;
-- the recommendation: the inner-validation leader among the candidates not pruned (`racing.leaders`);
+- the recommendation: the inner-validation leader among the candidates not pruned (`headline.inner_leader`,
+  the verdict's rule: an exact tie to fewer trained parameters, then to the first by name);
 - the cost: a stopped candidate's seconds up to its last epoch, a survivor's whole fit, plus the
   cell's time outside the candidates' fits as (b) measured it.
 
@@ -38,6 +39,7 @@ import numpy as np
 from medtune.config import RacingConfig
 from medtune.evaluation.inner import Score, inner_scores
 from medtune.evaluation.store import Store
+from medtune.evaluation.headline import inner_leader
 from medtune.grid.racing import leaders, prune
 from medtune.grid.select import ETA, halving_rungs
 
@@ -129,6 +131,9 @@ def main() -> None:
         cells[r.cell_id] = (r.group, (r.seed, r.fold), score, r.seconds, c_seconds, pick == choice["picked"])
     first = m.groupby("group").first()
     name = {g: f"{r.backbone} · {r.strategy}" for g, r in first.iterrows()}
+    names = {g: f"{r.dataset} {r.backbone} {r.strategy} {r['head']}" for g, r in first.iterrows()}  # racing.candidate
+    shares = m.assign(share=m["cell_id"].map(lambda c: infos[c].get("trainable_fraction", np.nan))
+                      ).groupby("group")["share"].mean()  # headline.inner_leader's tie-break
     groups = sorted({g for g, *_ in cells.values()})
     rounds = sorted({rk for _, rk, *_ in cells.values()})
     complete = all(sum(1 for g2, *_ in cells.values() if g2 == g) == len(rounds) for g in groups)
@@ -143,14 +148,17 @@ def main() -> None:
         if i + 1 < racing.min_folds or i + 1 == len(rounds):
             continue
         active = {g: s for g, s in scores.items() if g not in pruned}
-        for g in prune(active, looks, racing.confidence, racing.margin, racing.metric):
+        for g in prune(active, looks, racing.confidence, racing.margin, racing.metric, names):
             pruned[g] = i + 1
     b_total = sum(cb for _, cb, _, _ in by.values())
     c_total = sum(cc for (g, rk), (_, _, cc, _) in by.items() if g not in pruned or rk in rounds[:pruned[g]])
     mean = lambda g: float(np.mean([s.value for s in scores[g].values()]))  # noqa: E731
     b_inner = {g: float(np.mean([measured[cid].value for cid, (g2, *_) in cells.items() if g2 == g])) for g in groups}
-    b_lead = max(groups, key=lambda g: (b_inner[g], g))
-    c_lead = max((g for g in groups if g not in pruned), key=lambda g: (mean(g), g))
+    frame = first.loc[groups].reset_index()[["group", "backbone", "strategy", "head"]]
+    frame["share"] = frame["group"].map(shares)
+    b_lead = inner_leader(frame.assign(inner=[b_inner[g] for g in frame["group"]]))
+    running = frame[~frame["group"].isin(list(pruned))]
+    c_lead = inner_leader(running.assign(inner=[mean(g) for g in running["group"]]))
     differ = sum(1 for (g, _), (*_, same) in by.items() if g == c_lead and not same)
     print(f"(b) {len(cells)} cells of {len(groups)} candidates x {len(rounds)} rounds"
           f"{'' if complete else ' (incomplete: a forecast of the rounds done so far)'}: {b_total:.0f} cell-seconds")

@@ -118,6 +118,19 @@ def test_a_near_tie_is_never_pruned():
     assert prune(gap, 3, 0.95, 0.01) == {}
 
 
+def test_an_exact_tie_for_the_lead_goes_to_the_first_candidate_by_name():
+    """Two candidates tie for the lead; the one a third is compared with decides whether it is pruned
+    (against the steady leader the gap is certain, against the noisy one it is not). The tie went to
+    the larger group key, a hash that changes with the results version; it goes to the candidate
+    first by name."""
+    steady = {(0, i): Score(0.9, 40, 200) for i in range(4)}
+    noisy = {(0, i): Score(v, 40, 200) for i, v in enumerate([0.95, 0.85, 0.95, 0.85])}
+    worse = {(0, i): Score(0.8, 40, 200) for i in range(4)}
+    scores = {"y": steady, "x": noisy, "w": worse}
+    assert list(prune(scores, 2, 0.95, 0.01, names={"y": "a_net", "x": "b_net", "w": "c_net"})) == ["w"]
+    assert prune(scores, 2, 0.95, 0.01, names={"y": "b_net", "x": "a_net", "w": "c_net"}) == {}
+
+
 def test_the_same_gap_on_two_folds_is_not_certainty():
     """Balanced accuracy on n validation images moves in steps of about 1/n, so two folds can show
     the very same gap: a sample variance of 0 on one degree of freedom, and the t-test was then
@@ -213,9 +226,9 @@ def test_the_report_headlines_the_race_leader_and_lists_the_pruned(tmp_path):
 def test_without_racing_the_headline_and_deployed_group_are_the_inner_validation_leader(tmp_path):
     """No racing, no primary, no auto_depth: the headline is still chosen on the cells' inner
     validation splits, not on the test folds, which are planted to favour another candidate; the
-    group keep_best deploys is the same one (bundle.deployed_group). Without any inner-validation
+    group keep_best deploys is the same one (bundle.deployed), as is racing.leaders'. Without any inner-validation
     predictions the headline falls back to the test folds' best and says it is optimistic."""
-    from medtune.deploy.bundle import deployed_group
+    from medtune.deploy.bundle import deployed
     from medtune.evaluation.evidence import group_table, read_evidence
     from medtune.grid.racing import leaders
     from planted import plant_run
@@ -228,8 +241,8 @@ def test_without_racing_the_headline_and_deployed_group_are_the_inner_validation
     t = favour_on_test_folds(store, "close")
     assert t.loc["good", "headline"] and t.loc["good", "headline_how"] == "inner"
     assert t.loc["close", "best_on_test_folds"] and not t.loc["close", "headline"]
-    m = store.metrics()
-    assert deployed_group(m, None, leaders(store, "balanced_accuracy").get("syn"))[0] == t.loc["good", "group"]
+    assert deployed(store.path)[0]["syn"].group == t.loc["good", "group"]
+    assert leaders(store, "balanced_accuracy") == {"syn": t.loc["good", "group"]}
     store.conn.execute("DELETE FROM extra_predictions")
     store.conn.commit()
     t = group_table(read_evidence(store.path), n_boot=20).set_index("strategy")

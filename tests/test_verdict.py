@@ -179,6 +179,25 @@ def test_one_se_on_a_frame_without_spread_keeps_the_leader():
         choose(cells, "best")
 
 
+def test_an_exact_tie_on_the_inner_splits_goes_to_fewer_parameters_then_to_the_name():
+    """Inner scores move in steps of 1/n on n validation images, so two groups can tie exactly; their
+    means may then differ in the last bit only by the order the folds were summed in. Such a tie went
+    to the larger group key, a hash of the configuration that changes with every results version. It
+    goes to the group training the fewer parameters (as the one-SE rule would), then to the first by
+    backbone, variant, strategy and head."""
+    from medtune.evaluation.headline import choose
+
+    base = dict(head="softmax", variant="", pruned="", balanced_accuracy=0.8, backbone="x")
+    rows = [{**base, "group": "zzz", "strategy": "full_ft", "inner": v, "share": 1.0} for v in (0.3, 0.2, 0.1)]
+    rows += [{**base, "group": "aaa", "strategy": "linear_probe", "inner": v, "share": 0.01} for v in (0.1, 0.2, 0.3)]
+    cells = pd.DataFrame(rows)  # zzz's mean is 0.20000000000000004, aaa's 0.19999999999999998: a tie
+    assert choose(cells)[2] == "aaa"
+    assert choose(cells.assign(inner=0.85))[2] == "aaa"  # a bit-exact tie: the fewer parameters
+    same = cells.assign(inner=0.85, share=0.5, backbone=["b_net"] * 3 + ["a_net"] * 3)
+    assert choose(same)[2] == "aaa"  # equal shares too: the name, a_net before b_net
+    assert choose(same.assign(backbone=["a_net"] * 3 + ["b_net"] * 3))[2] == "zzz"
+
+
 def test_depth_said_in_words_both_ways(tmp_path):
     """Equal test-fold skill: no detectable difference. full_ft far better on every fold: fine-tuning
     beyond the probe gains, with its interval."""

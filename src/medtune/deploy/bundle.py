@@ -319,14 +319,6 @@ def export(path: str | Path, fmt: str, fold: int | None = None) -> Path:
     return out
 
 
-def deployed_group(sub, primary: str | None, inner_leader: str | None = None) -> tuple[str, str]:
-    """The group the old headline rule picks for a metrics frame (`headline.headline_group`); kept for
-    callers without a store. keep_best itself deploys `verdict.verdicts(...)[data set].group`."""
-    from medtune.evaluation.headline import headline_group
-
-    return headline_group(sub, primary, inner_leader=inner_leader)
-
-
 def deployed(store_path: str | Path) -> tuple[dict, object]:
     """({data set: Verdict}, Evidence) of a store: the one decision of what to deploy (evaluation/verdict.py)."""
     from medtune.evaluation.evidence import read_evidence
@@ -336,11 +328,9 @@ def deployed(store_path: str | Path) -> tuple[dict, object]:
     return verdicts(ev), ev
 
 
-def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device, store,
-              primary: str | None = None, inner_leaders: dict[str, str] | None = None) -> list[Path]:
+def keep_best(cells: list[dict], prepared: dict, settings, device: torch.device, store) -> list[Path]:
     """After the grid: per data set, save every fold model (first seed) of the verdict's recommended
-    group (`deployed`: evaluation/verdict.py, the rule `recommend:` the store's config names; `primary` and
-    `inner_leaders` are read from the store the same way and kept only for the call's shape) as one
+    group (`deployed`: evaluation/verdict.py, the rule `recommend:` the store's config names) as one
     bundle with its MODEL_CARD.md, the rule used and the training priors, plus a Grad-CAM gallery of
     fold 0's test fold. The local grid keeps each cell's model (`save_fold_model`), so the bundle's
     networks are the very models whose out-of-fold predictions are in the store; a fold model that

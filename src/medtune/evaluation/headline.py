@@ -6,7 +6,8 @@ headline is therefore, per data set, (1) the strategy the config declared `prima
 run, else (2) `auto_depth`, whose depth was chosen on inner folds of each outer training fold,
 each reported with its outer-fold estimate, else (3) the inner-validation leader: the best mean
 score on the cells' inner validation splits (every cell stores its predictions there; under
-`racing:`, among the candidates the race kept). Only when no cell has an inner validation split
+`racing:`, among the candidates the race kept; an exact tie to the group training fewer parameters,
+then to the first by name: inner_leader). Only when no cell has an inner validation split
 (`train.val_fraction: 0`) does the headline fall back to (4) the best row on the test folds, and
 then it says so; a candidate racing stopped early (fewer folds) is never that row. `keep_best`
 uses the same rule for the deployed model, so the model a clinic gets is the one the headline
@@ -77,8 +78,36 @@ def headline_group(cells: pd.DataFrame, primary: str | None = None, metric: str 
     if inner_leader is not None and inner_leader in set(groups["group"]):
         return inner_leader, INNER
     whole = cells[cells["pruned"] == ""] if "pruned" in cells.columns else cells
-    means = (whole if not whole.empty else cells).groupby("group")[metric].mean()
-    return str(means.idxmax()), OPTIMISTIC
+    means = (whole if not whole.empty else cells).groupby("group")[metric].mean().dropna()
+    names = name_order(cells)
+    return str(min(means.index, key=lambda g: (-round(float(means[g]), TIE), names[str(g)]))), OPTIMISTIC
+
+
+TIE = 12  # decimals: means that agree to 12 places tie (the order folds are summed in moves the last bit)
+
+
+def name_order(cells: pd.DataFrame) -> dict[str, tuple]:
+    """{group: a readable sort key}: backbone, variant, strategy and head, then the key itself. Where
+    scores tie, medtune takes the first group by this order, never by the key alone (a hash of the
+    configuration, which changes with every results version)."""
+    first = cells.drop_duplicates("group").set_index("group")
+    cols = [c for c in ("backbone", "variant", "strategy", "head") if c in first.columns]
+    return {str(g): tuple(str(first.at[g, c]) for c in cols) + (str(g),) for g in first.index}
+
+
+def inner_leader(cells: pd.DataFrame) -> str | None:
+    """The group with the best mean inner-validation score (`inner`) among ONE data set's cells, None
+    when none has one. Scores on n validation images move in steps of 1/n, so two groups can tie
+    exactly; a tie goes to the group training the fewer parameters (`share`, where known), then to the
+    first by name (name_order)."""
+    means = cells.groupby("group")["inner"].mean().dropna() if "inner" in cells else pd.Series(dtype=float)
+    if not len(means):
+        return None
+    share = cells.groupby("group")["share"].mean() if "share" in cells else pd.Series(dtype=float)
+    names = name_order(cells)
+    cost = {g: float(share.get(g, np.nan)) for g in means.index}
+    return str(min(means.index, key=lambda g: (-round(float(means[g]), TIE),
+                                               cost[g] if np.isfinite(cost[g]) else np.inf, names[str(g)])))
 
 
 def one_se_group(cells: pd.DataFrame, leader: str) -> str:
@@ -86,7 +115,7 @@ def one_se_group(cells: pd.DataFrame, leader: str) -> str:
     `group`, `inner` (the cell's inner-validation score) and `share` (its trainable share of the
     network's parameters). The leader's standard error is sd / sqrt(n) over its folds (and seeds); with
     fewer than two scored folds there is no error to allow and the leader stays. Ties in share go to the
-    higher inner mean, then to the key (no score from a test fold enters)."""
+    higher inner mean, then to the first by name (no score from a test fold enters)."""
     scored = cells.dropna(subset=["inner"])
     lead = scored.loc[scored["group"] == leader, "inner"]
     if len(lead) < 2:
@@ -97,7 +126,8 @@ def one_se_group(cells: pd.DataFrame, leader: str) -> str:
     near = [g for g in means.index if means[g] >= means[leader] - se and np.isfinite(share.get(g, np.nan))]
     if leader not in near:
         return leader
-    return str(min(near, key=lambda g: (share[g], -means[g], g)))
+    names = name_order(cells)
+    return str(min(near, key=lambda g: (share[g], -round(float(means[g]), TIE), names[str(g)])))
 
 
 def unfinished(cells: pd.DataFrame) -> dict[str, tuple[int, int]]:
@@ -127,8 +157,7 @@ def choose(cells: pd.DataFrame, rule: str = "leader", primary: str | None = None
     if len(late) < cells["group"].nunique():
         cells = cells[~cells["group"].isin(late)]
     whole = cells[cells["pruned"] == ""] if "pruned" in cells.columns else cells
-    means = whole.groupby("group")["inner"].mean().dropna() if "inner" in whole else pd.Series(dtype=float)
-    leader = str(max(means.index, key=lambda g: (means[g], g))) if len(means) else None
+    leader = inner_leader(whole)
     group, how = headline_group(cells, primary, metric, leader)
     if how == INNER and rule == "one_se":
         group, how = one_se_group(whole, leader), ONE_SE

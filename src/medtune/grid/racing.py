@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from medtune.evaluation.headline import TIE, choose
 from medtune.evaluation.inner import Score, inner_scores
 from medtune.evaluation.metrics import corrected_ttest, holm
 from medtune.data.subsets import is_full, size_label, size_of
@@ -53,14 +54,16 @@ def round_key(cell: dict) -> tuple[int, int]:
 
 
 def prune(scores: dict[str, dict[tuple, Score]], looks: int, confidence: float, margin: float,
-          metric: str = "balanced_accuracy") -> dict[str, str]:
+          metric: str = "balanced_accuracy", names: dict[str, str] | None = None) -> dict[str, str]:
     """{candidate: reason} for the candidates to stop now. `scores` = {candidate: {round: Score}}
-    over the rounds done so far; `looks` = how many rounds may prune in the whole race."""
+    over the rounds done so far; `looks` = how many rounds may prune in the whole race. An exact tie
+    for the lead goes to the candidate first by `names` ({candidate: readable name}; the key itself
+    where none is given)."""
     means = {g: np.mean([s.value for s in r.values()]) for g, r in scores.items()
              if r and all(np.isfinite(s.value) for s in r.values())}
     if len(means) < 2:
         return {}
-    leader = max(means, key=lambda g: (means[g], g))
+    leader = min(means, key=lambda g: (-round(float(means[g]), TIE), (names or {}).get(g, g), g))
     tested, pvalues = [], []
     for g in means:
         if g == leader:
@@ -89,21 +92,24 @@ def prune(scores: dict[str, dict[tuple, Score]], looks: int, confidence: float, 
 
 def leaders(store: Store, metric: str, m: pd.DataFrame | None = None) -> dict[str, str]:
     """{data set: group key} of the inner-validation leader: the best mean inner-validation `metric`
-    among the groups racing did not stop (all groups without racing). The headline and the deployed
-    model when no `primary` or auto_depth decides (evaluation/headline.py); a data set whose cells hold no
-    inner-validation predictions (`val_fraction: 0`) has none. `m`: the store's `metrics()`, when
-    the caller has read it already."""
+    among the groups racing did not stop (all groups without racing), by headline.choose, the rule the
+    verdict follows (unfinished groups left out, a tie to fewer parameters, then the name). The headline
+    and the deployed model when no `primary`, auto_depth or `recommend: one_se` decides; a data set whose
+    cells hold no inner-validation predictions (`val_fraction: 0`) has none. `m`: the store's `metrics()`
+    (or a frame like it: benchmarks/racing_replay.py's replayed race), when the caller has read it."""
     m = at_size(store.metrics() if m is None else m)  # the full training size, where the verdict is made
     if m.empty:
         return {}
-    m = m[m["pruned"] == ""]
     got = inner_scores(store, m["cell_id"], metric)
-    m = m.assign(inner=m["cell_id"].map(lambda c: got[c].value if c in got else math.nan))
+    share = dict(store.conn.execute("SELECT cell_id, json_extract(info_json, '$.trainable_fraction') FROM cells "
+                                    "WHERE status='done'"))
+    m = m.assign(inner=m["cell_id"].map(lambda c: got[c].value if c in got else math.nan),
+                 share=m["cell_id"].map(lambda c: math.nan if share.get(c) is None else share[c]))
     out = {}
     for ds, sub in m.groupby("dataset", sort=False):
-        means = sub.groupby("group")["inner"].mean().dropna()
-        if len(means):
-            out[ds] = str(max(means.index, key=lambda g: (means[g], g)))
+        leader = choose(sub)[2]  # the verdict's own rule (headline.choose), its tie-break included
+        if leader is not None:
+            out[ds] = leader
     return out
 
 
@@ -119,6 +125,7 @@ def race(cells: list[dict], store: Store, run_round: Callable[[list[dict], str],
         by_dataset[c["dataset"] if is_full(size) else f"{c['dataset']} at {size_label(size)}"].append(c)
     for dataset, dcells in by_dataset.items():
         group_of = {c["cell_id"]: group_key(c["config"]) for c in dcells}
+        names = {group_of[c["cell_id"]]: candidate(c) for c in dcells}
         rounds = sorted({round_key(c) for c in dcells})
         looks = max(len(rounds) - settings.min_folds, 0)  # rounds after which pruning can still save a fold
         out: dict[str, str] = {}
@@ -136,7 +143,8 @@ def race(cells: list[dict], store: Store, run_round: Callable[[list[dict], str],
             if i + 1 < settings.min_folds or i + 1 == len(rounds):
                 continue
             active = {g: s for g, s in scores.items() if g not in out}
-            for g, why in prune(active, looks, settings.confidence, settings.margin, settings.metric).items():
+            for g, why in prune(active, looks, settings.confidence, settings.margin, settings.metric,
+                                names).items():
                 out[g] = f"{why}; stopped after round {i + 1} of {len(rounds)}"
         done = store.done_ids()
         for c in dcells:  # the folds a pruned candidate did not run, recorded as such

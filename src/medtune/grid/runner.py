@@ -208,13 +208,9 @@ def _run_grid(cfg: ExperimentConfig, store: Store, cells: list[Cell], todo: list
     if cfg.keep_best:
         from medtune.deploy.bundle import keep_best
 
-        from medtune.grid.racing import leaders as inner_leaders
-
         # one sharing process at a time: the next finds the bundle written and keeps it
         with guarded(store.path, "saving the best model"), store.exclusive("__keep_best__"):
-            leaders = inner_leaders(store, cfg.racing.metric if cfg.racing is not None else "balanced_accuracy")
-            summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store,
-                                                              primary=cfg.primary, inner_leaders=leaders)]
+            summary.best_models = [str(p) for p in keep_best(cells, prepared, settings, device, store)]
     if cfg.tracking == "mlflow" and cfg.keep_best:  # the saved models, as artifacts of their cells' runs
         from medtune.report.tracking import track_store
 
