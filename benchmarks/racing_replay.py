@@ -41,7 +41,7 @@ from medtune.evaluation.inner import Score, inner_scores
 from medtune.evaluation.store import Store
 from medtune.evaluation.headline import inner_leader
 from medtune.grid.racing import leaders, prune
-from medtune.grid.select import ETA, halving_rungs
+from medtune.grid.select import ETA, halving_rungs, is_probe, rate_epochs
 
 
 def best_so_far(rows: list[dict]) -> tuple[float, float]:
@@ -50,10 +50,10 @@ def best_so_far(rows: list[dict]) -> tuple[float, float]:
     return best["val_balanced_accuracy"], -best["val_loss"]
 
 
-def is_probe(row: dict) -> bool:
-    """`select.is_probe` on a recorded row: marked `probe` since results version 9; in older records the
-    probe's row is the one without a training loss."""
-    return row.get("probe") is True or row.get("train_loss") is None
+def marked(rows: list[dict]) -> list[dict]:
+    """A recorded history with its probe row marked as results version 9 records it (`select.epoch_rows`):
+    in older records the probe's row is the one without a training loss."""
+    return [{**r, "probe": True} if r.get("train_loss") is None else r for r in rows]
 
 
 def upto(rows: list[dict], n: int) -> list[dict]:
@@ -68,13 +68,9 @@ def upto(rows: list[dict], n: int) -> list[dict]:
     return out
 
 
-def rate_epochs(rows: list[dict]) -> int:
-    return sum(1 for r in rows if not is_probe(r))
-
-
 def replay_halving(choice: dict, epochs: int, eta: int) -> tuple[str, dict[str, int]]:
     """(the pick, {candidate: epochs it trains at its rate}) of a halved choice, from (b)'s recorded epochs."""
-    histories = choice["histories"]
+    histories = {k: marked(h) for k, h in choice["histories"].items()}
     running = list(histories)  # the candidates in their listed order, as halve() starts them
     trained = {k: rate_epochs(histories[k]) for k in running}
     for budget, keep in halving_rungs(len(running), epochs, eta):
@@ -89,7 +85,7 @@ def replay_halving(choice: dict, epochs: int, eta: int) -> tuple[str, dict[str, 
 
 def seconds_until(rows: list[dict], epochs: int) -> float:
     """Seconds since the fit started when its `epochs`-th epoch at its own rate was evaluated."""
-    done = upto(rows, epochs)
+    done = upto(marked(rows), epochs)
     return done[-1]["elapsed_seconds"] if done else 0.0
 
 

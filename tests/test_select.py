@@ -261,6 +261,7 @@ def test_halving_ranks_lp_ft_rates_after_an_epoch_at_their_own_rate(tmp_path):
     3e-4 in every fold, where the full choice took 1e-3 or 3e-3). A rung counts the epochs a candidate
     has trained at its own rate; the probe's row is marked in the record."""
     from medtune.grid.cells import prepare
+    from medtune.grid.select import rate_epochs
 
     raw = smoke_raw(tmp_path, epochs=3, patience=3, val_fraction=0.3, views=1)
     raw["backbones"][0]["image_size"] = 32
@@ -277,6 +278,7 @@ def test_halving_ranks_lp_ft_rates_after_an_epoch_at_their_own_rate(tmp_path):
     for k, rows in histories.items():
         assert rows[0].get("probe") is True and all("probe" not in r for r in rows[1:])
         assert len(rows) == 1 + (3 if k == choice["picked"] else 1)
+        assert rate_epochs(rows) == len(rows) - 1  # the record is read in halving's unit (racing_replay)
     # the probe is one fit shared by the rates; the rung ranks the rates on the epoch after it
     assert len({json.dumps(rows[0]["val_loss"]) for rows in histories.values()}) == 1
     at_rung = {k: max((h["val_balanced_accuracy"], -h["val_loss"]) for h in rows[:2]) for k, rows in histories.items()}

@@ -204,9 +204,10 @@ class Paused:
 
 
 def is_probe(row: dict) -> bool:
-    """A history row of a probe fitted to convergence (models/probe.py, `probe_C`): it has no learning
-    rate, so every candidate of a rate choice fits it alike from the same start."""
-    return "probe_C" in row
+    """A history row of a probe fitted to convergence (models/probe.py, `probe_C`; a choice's recorded
+    row says `probe`: epoch_rows): it has no learning rate, so every candidate of a rate choice fits it
+    alike from the same start."""
+    return "probe_C" in row or row.get("probe") is True
 
 
 def rate_epochs(rows: list[dict]) -> int:
