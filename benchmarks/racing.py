@@ -14,8 +14,8 @@
 Strategies (issue 19): linear_probe, the SVM head on frozen features, partial_ft(blocks=2), lp_ft,
 full_ft and l2_sp; Lite0 on BUSI. For each way it prints and stores the training seconds summed
 over cells ("cell-seconds"), the wall clock, the recommended strategy (the leader on inner
-validation scores, racing.leaders, for both ways: no test fold takes part) and that strategy's
-outer estimate (mean balanced accuracy over the outer test folds, with the fold sd).
+validation scores, read_evidence's `inner_leaders`, the verdict's rule, for both ways: no test fold
+takes part) and that strategy's outer estimate (mean balanced accuracy over the outer test folds, with the fold sd).
 
     python benchmarks/racing.py                      # 224 px, 5 folds, 4 epochs, all of BUSI (hours here)
     python benchmarks/racing.py --every 10 --epochs 3  # every 10th image of each class (minutes)
@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 import medtune
-from medtune.grid.racing import leaders
+from medtune.evaluation.evidence import read_evidence
 from medtune.evaluation.store import Store
 
 ROOT = Path(__file__).resolve().parent
@@ -147,8 +147,8 @@ def measure(raw: dict, clock: WallClock) -> dict:
     wall = sum(invocations)
     with Store(raw["store"]) as s:
         m = s.metrics()
-        lead = leaders(s, "balanced_accuracy").get("busi")
         versions = s.results_versions()  # a way split over sessions may span code versions: say which
+    lead = read_evidence(raw["store"]).inner_leaders.get("busi")
     rows = m.groupby("group").agg(backbone=("backbone", "first"), strategy=("strategy", "first"),
                                   head=("head", "first"), bacc=("balanced_accuracy", "mean"),
                                   sd=("balanced_accuracy", "std"), folds=("fold", "count"),

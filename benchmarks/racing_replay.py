@@ -40,7 +40,8 @@ from medtune.config import RacingConfig
 from medtune.evaluation.inner import Score, inner_scores
 from medtune.evaluation.store import Store
 from medtune.evaluation.headline import inner_leader
-from medtune.grid.racing import leaders, prune
+from medtune.evaluation.evidence import read_evidence
+from medtune.grid.racing import prune
 from medtune.grid.select import ETA, halving_rungs, is_probe, rate_epochs
 
 
@@ -186,7 +187,7 @@ def check_against(c_path: Path, m, cells: dict, picks: dict, pruned: dict, name:
         infos = {cid: json.loads(info) for cid, info in
                  store.conn.execute("SELECT cell_id, info_json FROM cells WHERE status='done'")}
         c_pruned = {name_of(r) for r in cm.itertuples() if r.pruned}
-        lead = leaders(store, RacingConfig().metric, cm)
+    lead = read_evidence(c_path).inner_leaders
     first = cm.groupby("group").first()
     c_leads = sorted(f"{first.loc[g].backbone} · {first.loc[g].strategy}" for g in lead.values())
     group_of = {name_of(r): r.group for r in m.itertuples()}

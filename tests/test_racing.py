@@ -230,7 +230,6 @@ def test_without_racing_the_headline_and_deployed_group_are_the_inner_validation
     predictions the headline falls back to the test folds' best and says it is optimistic."""
     from medtune.deploy.bundle import deployed
     from medtune.evaluation.evidence import group_table, read_evidence
-    from medtune.grid.racing import leaders
     from planted import plant_run
 
     skills = {"good": [0.90, 0.875, 0.925, 0.90, 0.875], "close": [0.875, 0.85, 0.85, 0.875, 0.85]}
@@ -242,7 +241,7 @@ def test_without_racing_the_headline_and_deployed_group_are_the_inner_validation
     assert t.loc["good", "headline"] and t.loc["good", "headline_how"] == "inner"
     assert t.loc["close", "best_on_test_folds"] and not t.loc["close", "headline"]
     assert deployed(store.path)[0]["syn"].group == t.loc["good", "group"]
-    assert leaders(store, "balanced_accuracy") == {"syn": t.loc["good", "group"]}
+    assert read_evidence(store.path).inner_leaders == {"syn": t.loc["good", "group"]}
     store.conn.execute("DELETE FROM extra_predictions")
     store.conn.commit()
     t = group_table(read_evidence(store.path), n_boot=20).set_index("strategy")
@@ -274,8 +273,8 @@ def test_each_training_set_size_is_its_own_race(tmp_path):
 def test_the_inner_leader_is_the_full_sizes(tmp_path):
     """The recommendation (and the deployed model) is made at the full training size: a small size's
     inner-validation score, on fewer fit images, never names the leader."""
+    from medtune.evaluation.evidence import read_evidence
     from medtune.evaluation.store import group_key
-    from medtune.grid.racing import leaders
 
     small = {"a": [0.95] * 5, "b": [0.6] * 5}
     full = {"a": [0.8] * 5, "b": [0.9] * 5}
@@ -287,4 +286,4 @@ def test_the_inner_leader_is_the_full_sizes(tmp_path):
     for c in cells:
         trainer(store, small if "train_size" in c["config"] else full, log)([c])
     b_full = next(c for c in cells if c["strategy"] == "b" and "train_size" not in c["config"])
-    assert leaders(store, "balanced_accuracy") == {"syn": group_key(b_full["config"])}
+    assert read_evidence(store.path).inner_leaders == {"syn": group_key(b_full["config"])}

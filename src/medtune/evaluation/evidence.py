@@ -39,7 +39,7 @@ class Evidence:
     runs: pd.DataFrame
     store: Path
     version_note: str | None = None
-    inner_leaders: dict = field(default_factory=dict)  # {data set: group}: the inner-validation leader (racing.leaders)
+    inner_leaders: dict = field(default_factory=dict)  # {data set: group}: inner-validation leader (choices)
     inner: dict = field(default_factory=dict)  # {cell id: inner-validation score}: what the recommendation is chosen on
     priors: dict = field(default_factory=dict)  # {cell id: training-fold class frequencies} of class-weighted cells
     memo: dict = field(default_factory=dict, repr=False)  # what is computed once per read (verdict.verdicts)

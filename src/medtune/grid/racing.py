@@ -29,18 +29,16 @@ stored with status `pruned` and the reason; a rerun with `racing: off` runs them
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 
-from medtune.evaluation.headline import TIE, choose
+from medtune.evaluation.headline import TIE
 from medtune.evaluation.inner import Score, inner_scores
 from medtune.evaluation.metrics import corrected_ttest, holm
 from medtune.data.subsets import is_full, size_label, size_of
-from medtune.evaluation.store import Store, at_size, group_key
+from medtune.evaluation.store import Store, group_key
 
 PRUNED = "pruned"
 
@@ -88,29 +86,6 @@ def prune(scores: dict[str, dict[tuple, Score]], looks: int, confidence: float, 
                 f"(one-sided corrected t-test against a margin of {margin:g}: Holm p {p:.3g} < {alpha:.3g}, "
                 f"i.e. {1 - confidence:g} over {looks} look(s))")
             for (g, diff, n), p in zip(tested, adjusted) if p < alpha}
-
-
-def leaders(store: Store, metric: str, m: pd.DataFrame | None = None) -> dict[str, str]:
-    """{data set: group key} of the inner-validation leader: the best mean inner-validation `metric`
-    among the groups racing did not stop (all groups without racing), by headline.choose, the rule the
-    verdict follows (unfinished groups left out, a tie to fewer parameters, then the name). The headline
-    and the deployed model when no `primary`, auto_depth or `recommend: one_se` decides; a data set whose
-    cells hold no inner-validation predictions (`val_fraction: 0`) has none. `m`: the store's `metrics()`
-    (or a frame like it: benchmarks/racing_replay.py's replayed race), when the caller has read it."""
-    m = at_size(store.metrics() if m is None else m)  # the full training size, where the verdict is made
-    if m.empty:
-        return {}
-    got = inner_scores(store, m["cell_id"], metric)
-    share = dict(store.conn.execute("SELECT cell_id, json_extract(info_json, '$.trainable_fraction') FROM cells "
-                                    "WHERE status='done'"))
-    m = m.assign(inner=m["cell_id"].map(lambda c: got[c].value if c in got else math.nan),
-                 share=m["cell_id"].map(lambda c: math.nan if share.get(c) is None else share[c]))
-    out = {}
-    for ds, sub in m.groupby("dataset", sort=False):
-        leader = choose(sub)[2]  # the verdict's own rule (headline.choose), its tie-break included
-        if leader is not None:
-            out[ds] = leader
-    return out
 
 
 def race(cells: list[dict], store: Store, run_round: Callable[[list[dict], str], None], settings) -> dict[str, str]:
