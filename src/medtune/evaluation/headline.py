@@ -62,7 +62,7 @@ def headline_group(cells: pd.DataFrame, primary: str | None = None, metric: str 
                    inner_leader: str | None = None) -> tuple[str, str]:
     """(group key, how) for ONE data set's done cells (rows of `Store.metrics()`, with `group`,
     `strategy`, `backbone`, `head`, `variant`, `metric` and, from a raced store, `pruned` columns).
-    `inner_leader`: the group with the best mean inner-validation score (`inner_leader`, as evidence.choices finds it).
+    `inner_leader`: the group with the best mean inner-validation score (headline.inner_leader via evidence.choices).
     `how` is PRIMARY, NESTED, INNER or OPTIMISTIC (see HOW). A `primary` that matches no strategy
     of the data set is ignored here; the report says so."""
     if cells.empty:
